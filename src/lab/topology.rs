@@ -1,0 +1,1 @@
+//! Creates and removes a lab's namespaces, underlay bridge and veths. (Being written.)

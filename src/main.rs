@@ -1,0 +1,34 @@
+//! The `veilnet` binary: agent, lab and operator commands.
+
+use clap::{Parser, Subcommand};
+use veilnet::lab;
+use veilnet::logging::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "veilnet",
+    version,
+    about = "Encrypted, isolated pod networking for Kubernetes"
+)]
+struct Cli {
+    /// Log format (logs go to stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "VEILNET_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole multi-node cluster in network namespaces on this machine.
+    #[command(subcommand)]
+    Lab(lab::cli::LabCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, "info");
+    match cli.command {
+        Command::Lab(cmd) => lab::cli::run(cmd),
+    }
+}
