@@ -1,7 +1,7 @@
 # Shared by scripts/*.sh: package installation and toolchain checks. Source it, don't run it.
 
 # System packages veilnet's lab, tests and demo need, from Debian's archive.
-VEILNET_APT_PACKAGES=(iproute2 nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod)
+VEILNET_APT_PACKAGES=(iproute2 iputils-ping nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod)
 
 die() { echo "error: $*" >&2; exit 1; }
 

@@ -14,6 +14,9 @@ struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "VEILNET_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Marks a lab daemon's command line so `veilnet lab` can find it again (set by `lab up`).
+    #[arg(long, global = true, hide = true)]
+    lab_role: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,7 +30,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    logging::init(cli.log_format, "info");
+    // Daemons log what they do; one-shot commands report errors themselves and stay quiet.
+    let default_level = match &cli.command {
+        Command::Lab(cmd) if cmd.is_daemon() => "info",
+        _ => "warn,kube_client=off",
+    };
+    logging::init(cli.log_format, default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
     }

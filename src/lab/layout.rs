@@ -152,6 +152,10 @@ impl NodeLayout {
     pub fn pod_netns_prefix(&self) -> String {
         format!("{}.p-", self.netns)
     }
+    /// The namespace of the pod with this UID on this node.
+    pub fn pod_netns(&self, pod_uid: &str) -> String {
+        pod_netns_name(&self.pod_netns_prefix(), pod_uid)
+    }
 }
 
 impl LabLayout {
@@ -218,6 +222,18 @@ impl LabLayout {
             .ok()?
             .nth(index)
     }
+}
+
+/// A pod's namespace name: the node's prefix and the first 12 hex digits of the pod UID. Shared by
+/// the kubelet (which creates it) and `lab exec` (which enters it).
+pub fn pod_netns_name(prefix: &str, pod_uid: &str) -> String {
+    let hex: String = pod_uid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(12)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("{prefix}{hex}")
 }
 
 fn nth_host(net: Ipv4Net, n: u32) -> Ipv4Addr {

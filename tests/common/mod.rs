@@ -1,0 +1,235 @@
+//! Helpers for the netns integration tests: a lab guard that always tears down, the veilnet binary,
+//! and a snapshot of the root namespace to prove it is untouched.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn veilnet() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_veilnet"))
+}
+
+/// Runs a command and returns its output; panics with stdout+stderr when it fails.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the netns integration tests need root (run ./scripts/test.sh as root)"
+    );
+}
+
+/// A unique lab name per test, so tests can run in parallel: `vt<pid><n>`.
+pub fn unique_name(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let name = format!("vt{}{}{}", tag, std::process::id() % 100_000, n);
+    name.chars().take(24).collect()
+}
+
+/// A lab that is torn down when the guard drops, whether the test passed or panicked.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    /// `veilnet lab up --name <unique> ARGS`; panics (after tearing down) if it fails.
+    pub fn up(tag: &str, args: &[&str]) -> Lab {
+        require_root();
+        let lab = Lab {
+            name: unique_name(tag),
+        };
+        let out = veilnet()
+            .args(["lab", "up", "--name", &lab.name])
+            .args(args)
+            .output()
+            .expect("spawn veilnet lab up");
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}\n{}",
+            text(&out),
+            lab.logs()
+        );
+        lab
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        veilnet()
+            .args(["lab", "kubectl", "--name", &self.name, "--"])
+            .args(args)
+            .output()
+            .expect("spawn kubectl")
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn kubectl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = args.to_vec();
+        full.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl_ok(&full)).expect("kubectl json")
+    }
+
+    /// Applies a manifest given as text.
+    pub fn apply(&self, manifest: &str) {
+        use std::io::Write;
+        let mut child = veilnet()
+            .args([
+                "lab", "kubectl", "--name", &self.name, "--", "apply", "-f", "-",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn kubectl apply");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "apply failed:\n{}", text(&out));
+    }
+
+    pub fn exec(&self, pod: &str, cmd: &[&str]) -> Output {
+        veilnet()
+            .args(["lab", "exec", "--name", &self.name, pod, "--"])
+            .args(cmd)
+            .output()
+            .expect("spawn lab exec")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = ok(veilnet().args(["lab", "status", "--name", &self.name, "--json"]));
+        serde_json::from_str(&out).expect("status json")
+    }
+
+    /// Waits until the pod is Running with an IP; returns the IP.
+    pub fn wait_pod_ip(&self, ns_name: &str, timeout: Duration) -> String {
+        let (ns, name) = ns_name.split_once('/').unwrap_or(("default", ns_name));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.kubectl(&["get", "pod", "-n", ns, name, "-o", "json"]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let phase = v["status"]["phase"].as_str().unwrap_or("");
+                if let (Some(ip), "Running") = (v["status"]["podIP"].as_str(), phase) {
+                    return ip.to_string();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pod {ns_name} not Running with an IP after {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The tail of every log of the lab, for failure messages.
+    pub fn logs(&self) -> String {
+        let dir = std::path::Path::new("/var/lib/veilnet-lab")
+            .join(&self.name)
+            .join("logs");
+        let mut all = String::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                all.push_str(&format!("=== {}\n", e.path().display()));
+                for l in tail.into_iter().rev() {
+                    all.push_str(l);
+                    all.push('\n');
+                }
+            }
+        }
+        all
+    }
+
+    pub fn down(&self) {
+        let _ = veilnet()
+            .args(["lab", "down", "--name", &self.name])
+            .output();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// The root namespace's links, addresses, routes, neighbours and nft ruleset, as text.
+pub fn root_netns_snapshot() -> String {
+    let mut s = String::new();
+    for args in [
+        vec!["-o", "link", "show"],
+        vec!["-o", "addr", "show"],
+        vec!["route", "show", "table", "all"],
+        vec!["-6", "route", "show", "table", "all"],
+    ] {
+        let out = Command::new("ip").args(&args).output().expect("ip");
+        s.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    if let Ok(out) = Command::new("nft").args(["list", "ruleset"]).output() {
+        s.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    s
+}
+
+/// Namespaces whose name starts with `<lab>.`.
+pub fn lab_netns(name: &str) -> Vec<String> {
+    let prefix = format!("{name}.");
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes whose command line mentions the lab (daemons carry `--lab-role` and the lab paths).
+pub fn lab_processes(name: &str) -> Vec<i32> {
+    let needle = format!("/veilnet-lab/{name}/");
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
