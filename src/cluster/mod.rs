@@ -1,0 +1,6 @@
+//! The Kubernetes side of the agent: where cluster state comes from and what the agent writes back.
+//!
+//! - `podcidr`: pod CIDR ownership: the Node's `spec.podCIDR(s)`, or veilnet's shared allocation
+//!   record (one ConfigMap updated with optimistic concurrency).
+
+pub mod podcidr;
