@@ -3,6 +3,7 @@
 //! The crate is split by concern: `lab` is the netns test bed (API stand-in, kubelet, topology),
 //! `netns` the shared namespace helpers, `logging` the tracing setup shared by every daemon.
 
+pub mod agent;
 pub mod cluster;
 pub mod lab;
 pub mod logging;

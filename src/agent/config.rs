@@ -1,0 +1,308 @@
+//! The agent's configuration: command-line flags and environment variables over an optional JSON
+//! config file over defaults. Resolved once at start into an [`AgentConfig`] that is validated as a
+//! whole, so a bad value fails the start with a message naming it instead of failing later.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// `veilnet agent` flags. Every flag also reads an environment variable, and every setting can come
+/// from the config file (`--config`, JSON, keys in camelCase as in [`FileConfig`]).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Name of this node's Node object.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Kubeconfig to use; in-cluster configuration when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// JSON config file (e.g. mounted from the veilnet ConfigMap).
+    #[arg(long, env = "VEILNET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Namespace holding veilnet's own objects (the pod CIDR allocation record).
+    #[arg(long, env = "VEILNET_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Cluster pod CIDR, used when Nodes have no spec.podCIDR.
+    #[arg(long, env = "VEILNET_CLUSTER_CIDR")]
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// Prefix length of each node's pod CIDR when veilnet allocates it.
+    #[arg(long, env = "VEILNET_NODE_CIDR_PREFIX")]
+    pub node_cidr_prefix: Option<u8>,
+    /// Persistent state (keys, IPAM).
+    #[arg(long, env = "VEILNET_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Runtime files (node state for the CNI plugin, sockets).
+    #[arg(long, env = "VEILNET_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Where the CNI network configuration is installed.
+    #[arg(long, env = "VEILNET_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where the CNI plugin binary lives.
+    #[arg(long, env = "VEILNET_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// VXLAN network identifier.
+    #[arg(long, env = "VEILNET_VXLAN_VNI")]
+    pub vxlan_vni: Option<u32>,
+    /// VXLAN UDP port.
+    #[arg(long, env = "VEILNET_VXLAN_PORT")]
+    pub vxlan_port: Option<u16>,
+    /// This node's underlay address (default: the Node's InternalIP).
+    #[arg(long, env = "VEILNET_UNDERLAY_IP")]
+    pub underlay_ip: Option<IpAddr>,
+    /// Pod MTU override (default: derived from the underlay route's MTU).
+    #[arg(long, env = "VEILNET_MTU")]
+    pub mtu: Option<u32>,
+    /// Full resync period, e.g. 30s.
+    #[arg(long, env = "VEILNET_RESYNC", value_parser = crate::lab::agnhost::parse_duration)]
+    pub resync: Option<Duration>,
+    /// Address of the health and metrics endpoint.
+    #[arg(long, env = "VEILNET_HEALTH_ADDR")]
+    pub health_addr: Option<SocketAddr>,
+}
+
+/// The config file's shape; every key optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileConfig {
+    pub namespace: Option<String>,
+    pub cluster_cidr: Option<Ipv4Net>,
+    pub node_cidr_prefix: Option<u8>,
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<PathBuf>,
+    pub vxlan_vni: Option<u32>,
+    pub vxlan_port: Option<u16>,
+    pub mtu: Option<u32>,
+    pub resync_seconds: Option<u64>,
+    pub health_addr: Option<SocketAddr>,
+}
+
+/// The resolved, validated configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    pub cluster_cidr: Ipv4Net,
+    pub node_cidr_prefix: u8,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub vxlan_vni: u32,
+    pub vxlan_port: u16,
+    pub underlay_ip: Option<IpAddr>,
+    pub mtu: Option<u32>,
+    pub resync: Duration,
+    pub health_addr: SocketAddr,
+}
+
+pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
+pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// Linux's default VXLAN port (Flannel's too), not IANA's 4789, to coexist with other VTEPs.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:9891";
+
+impl AgentConfig {
+    pub fn resolve(args: &AgentArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let node_name = args
+            .node_name
+            .clone()
+            .ok_or_else(|| ConfigError::Invalid("--node-name (or NODE_NAME) is required".into()))?;
+        let cfg = AgentConfig {
+            node_name,
+            kubeconfig: args.kubeconfig.clone(),
+            namespace: args
+                .namespace
+                .clone()
+                .or(file.namespace)
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            cluster_cidr: args
+                .cluster_cidr
+                .or(file.cluster_cidr)
+                .unwrap_or_else(|| DEFAULT_CLUSTER_CIDR.parse().expect("valid default CIDR")),
+            node_cidr_prefix: args
+                .node_cidr_prefix
+                .or(file.node_cidr_prefix)
+                .unwrap_or(24),
+            state_dir: args
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/veilnet".into()),
+            run_dir: args
+                .run_dir
+                .clone()
+                .or(file.run_dir)
+                .unwrap_or_else(|| "/run/veilnet".into()),
+            cni_conf_dir: args
+                .cni_conf_dir
+                .clone()
+                .or(file.cni_conf_dir)
+                .unwrap_or_else(|| "/etc/cni/net.d".into()),
+            cni_bin_dir: args
+                .cni_bin_dir
+                .clone()
+                .or(file.cni_bin_dir)
+                .unwrap_or_else(|| "/opt/cni/bin".into()),
+            vxlan_vni: args.vxlan_vni.or(file.vxlan_vni).unwrap_or(1),
+            vxlan_port: args
+                .vxlan_port
+                .or(file.vxlan_port)
+                .unwrap_or(DEFAULT_VXLAN_PORT),
+            underlay_ip: args.underlay_ip,
+            mtu: args.mtu.or(file.mtu),
+            resync: args
+                .resync
+                .or(file.resync_seconds.map(Duration::from_secs))
+                .unwrap_or(Duration::from_secs(30)),
+            health_addr: args
+                .health_addr
+                .or(file.health_addr)
+                .unwrap_or_else(|| DEFAULT_HEALTH_ADDR.parse().expect("valid default address")),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.node_name.is_empty() || self.node_name.len() > 253 {
+            return bad(format!(
+                "node name {:?} is not a valid Node name",
+                self.node_name
+            ));
+        }
+        let cluster_prefix = self.cluster_cidr.prefix_len();
+        if self.node_cidr_prefix <= cluster_prefix || self.node_cidr_prefix > 30 {
+            return bad(format!(
+                "node CIDR prefix /{} must be longer than the cluster CIDR's /{cluster_prefix} and at most /30",
+                self.node_cidr_prefix
+            ));
+        }
+        if self.vxlan_vni == 0 || self.vxlan_vni >= 1 << 24 {
+            return bad(format!(
+                "VXLAN VNI {} must be in 1..16777215",
+                self.vxlan_vni
+            ));
+        }
+        if self.vxlan_port == 0 {
+            return bad("VXLAN port must not be 0".into());
+        }
+        if let Some(mtu) = self.mtu {
+            if !(576..=65535).contains(&mtu) {
+                return bad(format!("MTU {mtu} must be in 576..65535"));
+            }
+        }
+        if self.resync < Duration::from_secs(1) {
+            return bad("resync period must be at least 1s".into());
+        }
+        Ok(())
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> AgentArgs {
+        AgentArgs {
+            node_name: Some("node-1".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = AgentConfig::resolve(&args()).unwrap();
+        assert_eq!(c.namespace, "veilnet-system");
+        assert_eq!(c.cluster_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(
+            (c.vxlan_vni, c.vxlan_port, c.node_cidr_prefix),
+            (1, 8472, 24)
+        );
+        assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"clusterCidr": "10.50.0.0/16", "vxlanVni": 7, "mtu": 1400}"#,
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        a.vxlan_vni = Some(9);
+        let c = AgentConfig::resolve(&a).unwrap();
+        assert_eq!(c.cluster_cidr.to_string(), "10.50.0.0/16");
+        assert_eq!(c.vxlan_vni, 9);
+        assert_eq!(c.mtu, Some(1400));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let mut a = args();
+        a.node_name = None;
+        assert!(AgentConfig::resolve(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("--node-name"));
+        let mut a = args();
+        a.node_cidr_prefix = Some(8);
+        assert!(AgentConfig::resolve(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("prefix"));
+        let mut a = args();
+        a.vxlan_vni = Some(1 << 24);
+        assert!(AgentConfig::resolve(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("VNI"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"clusterCIDR": "10.50.0.0/16"}"#).unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let err = AgentConfig::resolve(&a).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}
