@@ -3,6 +3,8 @@
 //! The crate is split by concern: `lab` is the netns test bed (API stand-in, kubelet, topology),
 //! `netns` the shared namespace helpers, `logging` the tracing setup shared by every daemon.
 
+pub mod kernel;
 pub mod lab;
 pub mod logging;
+pub mod model;
 pub mod netns;
