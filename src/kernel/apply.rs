@@ -244,6 +244,7 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
     // Devices whose kernel objects are all about to disappear (or never existed).
     let mut fresh: BTreeSet<String> = BTreeSet::new();
     let mut index_to_name: BTreeMap<u32, String> = BTreeMap::new();
+    let mut neigh_flushed: BTreeSet<String> = BTreeSet::new();
 
     for want in &wanted {
         let spec = want.spec();
@@ -273,6 +274,11 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
         index_to_name.insert(link.index, link.name.clone());
         let mtu = (link.mtu != spec.mtu).then_some(spec.mtu);
         let mac = (link.mac != Some(spec.mac)).then_some(spec.mac);
+        if mac.is_some() {
+            // The kernel flushes a device's neighbour table, permanent entries included, when
+            // its MAC changes: whatever the dump showed will be gone.
+            neigh_flushed.insert(spec.name.clone());
+        }
         if mtu.is_some() || mac.is_some() || !link.up {
             sets.push(Op::SetLink {
                 name: spec.name.clone(),
@@ -351,7 +357,7 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
 
     // Neighbours: permanent ones on the VXLAN device, keyed by address.
     let mut have_neigh: BTreeMap<IpAddr, NeighSpec> = BTreeMap::new();
-    if vxlan_alive {
+    if vxlan_alive && !neigh_flushed.contains(vxlan_name) {
         for n in &actual.neighbours {
             if !n.permanent || managed_name(n.index) != Some(vxlan_name) {
                 continue;
@@ -872,10 +878,30 @@ mod tests {
                 ),
                 "del address 10.99.0.1/24 dev veilbr0".to_string(),
                 "add address 10.244.1.1/24 dev veilbr0".to_string(),
+                // The MAC change flushes the VXLAN device's neighbours.
+                "replace neigh 10.244.2.0 lladdr 02:00:00:00:00:0b dev veilvx1".to_string(),
+                "replace neigh 10.244.3.0 lladdr 02:00:00:00:00:0c dev veilvx1".to_string(),
             ]
         );
         assert_eq!(k.index_of("veilvx1"), Some(vx));
         assert!(report.recreated_links.is_empty());
+    }
+
+    #[test]
+    fn mac_change_rewrites_neighbours_the_kernel_will_flush() {
+        let mut k = kernel();
+        let desired = two_peers();
+        run(apply(&mut k, &desired)).unwrap();
+        let vx = k.index_of("veilvx1").unwrap();
+        k.tamper_link(vx, |l| l.mac = Some("02:99:99:99:99:99".parse().unwrap()));
+        let report = run(apply(&mut k, &desired)).unwrap();
+        let neighs = report
+            .ops
+            .iter()
+            .filter(|o| matches!(o, Op::ReplaceNeigh(_)))
+            .count();
+        assert_eq!(neighs, 2, "{:?}", report.ops);
+        assert!(matches!(report.ops[0], Op::SetLink { mac: Some(_), .. }));
     }
 
     #[test]

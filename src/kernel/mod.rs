@@ -78,7 +78,8 @@ pub enum KernelError {
     Netlink {
         op: &'static str,
         target: String,
-        source: rtnetlink::Error,
+        // Boxed: the error can carry a whole netlink message.
+        source: Box<rtnetlink::Error>,
     },
     #[error("opening a netlink socket: {source}")]
     Connect { source: std::io::Error },

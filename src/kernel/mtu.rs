@@ -81,7 +81,7 @@ pub async fn underlay_for(kernel: &NetlinkKernel, dst: IpAddr) -> Result<Underla
             other => KernelError::Netlink {
                 op: "route_get",
                 target: dst.to_string(),
-                source: other,
+                source: Box::new(other),
             },
         })?;
     let route = answer.first().ok_or(KernelError::NoRoute { dst })?;

@@ -44,7 +44,7 @@ fn nl_error(op: &'static str, target: impl ToString, e: rtnetlink::Error) -> Ker
         _ => KernelError::Netlink {
             op,
             target: target.to_string(),
-            source: e,
+            source: Box::new(e),
         },
     }
 }
@@ -194,6 +194,15 @@ fn neigh_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
     msg.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
         NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        // AF_BRIDGE (FDB) messages carry the VXLAN remote as raw bytes; the length tells the
+        // family.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     })
 }
