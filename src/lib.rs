@@ -1,10 +1,17 @@
 //! veilnet: encrypted, isolated pod networking for Kubernetes.
 //!
-//! The crate is split by concern: `lab` is the netns test bed (API stand-in, kubelet, topology),
-//! `netns` the shared namespace helpers, `logging` the tracing setup shared by every daemon.
+//! Split by concern:
+//! - `model`: pure planners (annotations, overlay plan, MTU) — no I/O, unit-tested without root.
+//! - `kernel`: appliers over netlink that diff the kernel against a plan and apply the difference.
+//! - `cluster`: the Kubernetes side (pod CIDR ownership, publishing this node's annotations).
+//! - `agent`: the per-node daemon wiring it together.
+//! - `lab`: the netns test bed (API stand-in, kubelet, topology); `netns`: namespace helpers;
+//!   `logging`: the tracing setup shared by every daemon.
 
 pub mod agent;
 pub mod cluster;
+pub mod kernel;
 pub mod lab;
 pub mod logging;
+pub mod model;
 pub mod netns;

@@ -1,0 +1,1557 @@
+//! The overlay planner: from this node's settings and the cluster's view of its peers to the
+//! exact set of links, addresses, routes, neighbours and FDB entries the node should have.
+//!
+//! The layout follows Flannel's VXLAN backend: a bridge holding each pod CIDR's gateway address,
+//! one VXLAN device with learning off, and per peer one onlink route per pod CIDR via the CIDR's
+//! network address, one permanent neighbour entry for that address pointing at the peer's VTEP
+//! MAC, and one permanent FDB entry sending that MAC to the peer's underlay address. No multicast,
+//! no L2/L3-miss upcalls: everything is static and computed here.
+//!
+//! Peer data comes from Node objects anyone with node-write access can edit, so every peer is
+//! validated and a bad peer is *rejected with a reason* instead of producing a wrong route. Cross-
+//! peer conflicts (overlapping CIDRs, shared MACs or underlay IPs) reject every party: the planner
+//! cannot know which claim is the true one, and the result must not depend on input order.
+//!
+//! Routes carry their device name, so a later per-peer transport choice (WireGuard or VXLAN) only
+//! changes which device a peer's routes name; the applier manages routes on every veilnet device.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use super::annotations::{self, AnnotationError, MAX_VNI};
+use super::mac::{derive_bridge_mac, derive_vtep_mac, MacAddr};
+use super::mtu::{self, Encapsulation, MtuError, UnderlayFamily};
+
+/// Flannel's and the kernel's customary VNI for a single overlay.
+pub const DEFAULT_VNI: u32 = 1;
+/// The Linux kernel's historical VXLAN port (not IANA's 4789), as Flannel uses.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// The pod bridge.
+pub const DEFAULT_BRIDGE_NAME: &str = "veilbr0";
+/// VXLAN devices are named `veilvx<vni>`; the longest VNI still fits IFNAMSIZ.
+pub const VXLAN_NAME_PREFIX: &str = "veilvx";
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// Smallest pod CIDRs we accept (prefix at most /30 or /126): the bridge takes the first host
+/// address as gateway and the network address is the VTEP's, so a CIDR needs room for pods.
+const MAX_V4_POD_PREFIX: u8 = 30;
+const MAX_V6_POD_PREFIX: u8 = 126;
+
+/// VXLAN settings of this node. Every node of a cluster must use the same VNI and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    pub port: u16,
+    pub bridge_name: String,
+    /// `None` means `veilvx<vni>`.
+    pub vxlan_name: Option<String>,
+}
+
+impl Default for VxlanConfig {
+    fn default() -> Self {
+        VxlanConfig {
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+            bridge_name: DEFAULT_BRIDGE_NAME.to_string(),
+            vxlan_name: None,
+        }
+    }
+}
+
+impl VxlanConfig {
+    pub fn vxlan_device_name(&self) -> String {
+        self.vxlan_name
+            .clone()
+            .unwrap_or_else(|| format!("{VXLAN_NAME_PREFIX}{}", self.vni))
+    }
+}
+
+/// This node, as its own agent knows it (trusted, already typed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfNode {
+    pub name: String,
+    /// The address peers reach us on; the VXLAN device's `local`.
+    pub underlay_ip: IpAddr,
+    /// The interface carrying `underlay_ip` (see `kernel::mtu::underlay_for`).
+    pub underlay_dev: String,
+    /// From `spec.podCIDRs` or the allocation record.
+    pub pod_cidrs: Vec<IpNet>,
+    /// `None` derives it from the node name (stable across restarts).
+    pub vtep_mac: Option<MacAddr>,
+}
+
+/// A peer as the cluster describes it: raw strings, validated by [`plan_overlay`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerNode {
+    pub name: String,
+    /// [`annotations::UNDERLAY_IP`].
+    pub underlay_ip: Option<String>,
+    /// [`annotations::VTEP_MAC`].
+    pub vtep_mac: Option<String>,
+    /// [`annotations::VXLAN_VNI`]; absent means "same as ours".
+    pub vxlan_vni: Option<String>,
+    /// `spec.podCIDRs` or the allocation record (never the informational annotation).
+    pub pod_cidrs: Vec<String>,
+}
+
+impl PeerNode {
+    /// Picks the overlay annotations out of a Node's annotation map.
+    pub fn from_annotations(
+        name: &str,
+        annotations: &BTreeMap<String, String>,
+        pod_cidrs: Vec<String>,
+    ) -> PeerNode {
+        PeerNode {
+            name: name.to_string(),
+            underlay_ip: annotations.get(annotations::UNDERLAY_IP).cloned(),
+            vtep_mac: annotations.get(annotations::VTEP_MAC).cloned(),
+            vxlan_vni: annotations.get(annotations::VXLAN_VNI).cloned(),
+            pod_cidrs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayInput {
+    pub node: SelfNode,
+    pub vxlan: VxlanConfig,
+    /// MTU of the path to the peers (see `kernel::mtu::underlay_for`).
+    pub underlay_mtu: u32,
+    pub peers: Vec<PeerNode>,
+}
+
+/// Settings every veilnet link has.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LinkSpec {
+    pub name: String,
+    pub mtu: u32,
+    pub mac: MacAddr,
+    /// Exactly the addresses the link must carry (IPv6 link-local ones are the kernel's).
+    pub addresses: BTreeSet<IpNet>,
+}
+
+/// The VXLAN device. `vni`, `port`, `local`, `underlay_dev` and `learning` are fixed at creation:
+/// changing one means recreating the device.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VxlanSpec {
+    pub link: LinkSpec,
+    pub vni: u32,
+    pub port: u16,
+    pub local: IpAddr,
+    pub underlay_dev: String,
+    pub learning: bool,
+}
+
+/// `dst via <via> dev <dev> [onlink]` in the main table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteSpec {
+    pub dst: IpNet,
+    pub via: Option<IpAddr>,
+    pub dev: String,
+    pub onlink: bool,
+}
+
+/// A permanent neighbour (ARP/NDP) entry `ip lladdr mac dev dev`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NeighSpec {
+    pub dev: String,
+    pub ip: IpAddr,
+    pub mac: MacAddr,
+}
+
+/// A permanent VXLAN FDB entry `mac dst dst dev dev self`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FdbSpec {
+    pub dev: String,
+    pub mac: MacAddr,
+    pub dst: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedPeer {
+    pub node: String,
+    pub reason: RejectReason,
+}
+
+/// Why a peer got no routes. The first fault found (in a fixed order) is reported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("node has an empty name")]
+    EmptyName,
+    #[error("peer has this node's own name")]
+    OwnName,
+    #[error("node name appears more than once")]
+    DuplicateName,
+    #[error("missing annotation {key}", key = annotations::UNDERLAY_IP)]
+    MissingUnderlayIp,
+    #[error("bad annotation {key}: {0}", key = annotations::UNDERLAY_IP)]
+    InvalidUnderlayIp(AnnotationError),
+    #[error("underlay address {peer} is not in the same family as ours ({ours})")]
+    UnderlayFamilyMismatch { peer: IpAddr, ours: IpAddr },
+    #[error("underlay address {ip} is this node's own")]
+    UnderlayIpIsOurs { ip: IpAddr },
+    #[error("missing annotation {key}", key = annotations::VTEP_MAC)]
+    MissingVtepMac,
+    #[error("bad annotation {key}: {0}", key = annotations::VTEP_MAC)]
+    InvalidVtepMac(AnnotationError),
+    #[error("VTEP MAC {mac} is this node's own")]
+    VtepMacIsOurs { mac: MacAddr },
+    #[error("bad annotation {key}: {0}", key = annotations::VXLAN_VNI)]
+    InvalidVni(AnnotationError),
+    #[error("VXLAN VNI {peer} differs from ours ({ours})")]
+    VniMismatch { peer: u32, ours: u32 },
+    #[error("no pod CIDR assigned")]
+    NoPodCidr,
+    #[error("bad pod CIDR: {0}")]
+    InvalidPodCidr(AnnotationError),
+    #[error("pod CIDR {cidr} is too small to route (longest prefix /{MAX_V4_POD_PREFIX} or /{MAX_V6_POD_PREFIX})")]
+    PodCidrTooSmall { cidr: IpNet },
+    #[error("pod CIDR {cidr} overlaps this node's pod CIDR {ours}")]
+    OverlapsOurPodCidr { cidr: IpNet, ours: IpNet },
+    #[error("pod CIDR {cidr} overlaps {other_cidr} of node {other_node}")]
+    OverlapsPeer {
+        cidr: IpNet,
+        other_node: String,
+        other_cidr: IpNet,
+    },
+    #[error("pod CIDR {cidr} contains the underlay address {ip} (tunnel traffic would loop)")]
+    ContainsUnderlayIp { cidr: IpNet, ip: IpAddr },
+    #[error("VTEP MAC {mac} is also claimed by node {other_node}")]
+    DuplicateVtepMac { mac: MacAddr, other_node: String },
+    #[error("underlay address {ip} is also claimed by node {other_node}")]
+    DuplicateUnderlayIp { ip: IpAddr, other_node: String },
+}
+
+/// Problems with this node's own settings: nothing can be planned until they are fixed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverlayError {
+    #[error("node {node} has no pod CIDR")]
+    NoPodCidr { node: String },
+    #[error("own pod CIDR {cidr} has host bits set")]
+    PodCidrNotCanonical { cidr: IpNet },
+    #[error("own pod CIDR {cidr} is too small (longest prefix /{MAX_V4_POD_PREFIX} or /{MAX_V6_POD_PREFIX})")]
+    PodCidrTooSmall { cidr: IpNet },
+    #[error("own pod CIDRs {a} and {b} overlap")]
+    PodCidrsOverlap { a: IpNet, b: IpNet },
+    #[error("own pod CIDR {cidr} contains the underlay address {ip}")]
+    PodCidrContainsUnderlay { cidr: IpNet, ip: IpAddr },
+    #[error("own underlay address {ip} is not a unicast address")]
+    BadUnderlayIp { ip: IpAddr },
+    #[error("underlay device name is empty")]
+    NoUnderlayDevice,
+    #[error("own VTEP MAC {mac} is not a unicast address")]
+    BadVtepMac { mac: MacAddr },
+    #[error("VNI {vni} is outside 1..={MAX_VNI}")]
+    BadVni { vni: u32 },
+    #[error("VXLAN port 0 is not usable")]
+    BadPort,
+    #[error("interface name {name:?} is invalid: {reason}")]
+    BadDeviceName { name: String, reason: &'static str },
+    #[error("bridge and VXLAN device are both named {name:?}")]
+    DeviceNameClash { name: String },
+    #[error(transparent)]
+    Mtu(#[from] MtuError),
+}
+
+/// Everything the node's overlay should be. Sets are ordered so diffs and logs are stable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredOverlay {
+    pub bridge: LinkSpec,
+    pub vxlan: VxlanSpec,
+    pub routes: BTreeSet<RouteSpec>,
+    pub neighbours: BTreeSet<NeighSpec>,
+    pub fdb: BTreeSet<FdbSpec>,
+    /// The MTU pods' interfaces must use (hand it to the CNI plugin).
+    pub pod_mtu: u32,
+    /// Peers that got routes, sorted by name.
+    pub accepted: Vec<String>,
+    /// Peers that did not, sorted by name.
+    pub rejected: Vec<RejectedPeer>,
+}
+
+impl DesiredOverlay {
+    /// Names of every device veilnet owns on this node: only routes, neighbours and FDB entries
+    /// on these are ever touched by the applier.
+    pub fn managed_devices(&self) -> BTreeSet<String> {
+        [self.bridge.name.clone(), self.vxlan.link.name.clone()]
+            .into_iter()
+            .collect()
+    }
+}
+
+/// Validates an interface name the way the kernel's `dev_valid_name` does.
+pub fn validate_ifname(name: &str) -> Result<(), OverlayError> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > MAX_IFNAME_LEN {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("reserved name")
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("contains '/', ':', whitespace or control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(OverlayError::BadDeviceName {
+            name: name.to_string(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn max_pod_prefix(net: &IpNet) -> u8 {
+    match net {
+        IpNet::V4(_) => MAX_V4_POD_PREFIX,
+        IpNet::V6(_) => MAX_V6_POD_PREFIX,
+    }
+}
+
+/// The first host address of a CIDR: the pods' gateway on the bridge.
+pub fn gateway_address(cidr: &IpNet) -> IpAddr {
+    match cidr.network() {
+        IpAddr::V4(net) => IpAddr::V4(Ipv4Addr::from(u32::from(net).wrapping_add(1))),
+        IpAddr::V6(net) => IpAddr::V6(Ipv6Addr::from(u128::from(net).wrapping_add(1))),
+    }
+}
+
+/// The address of a CIDR's network itself as a host route (`/32` or `/128`): what the VTEP carries
+/// and what peers use as the next hop for that CIDR.
+fn network_host(cidr: &IpNet) -> IpNet {
+    let addr = cidr.network();
+    let full = match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    // A full-length prefix is always valid for its family.
+    IpNet::new(addr, full).unwrap_or(*cidr)
+}
+
+fn with_prefix(addr: IpAddr, prefix: u8) -> IpNet {
+    // `prefix` always comes from a CIDR of the same family, so this cannot fail; fall back to a
+    // host route rather than panic if it ever did.
+    IpNet::new(addr, prefix).unwrap_or_else(|_| IpNet::from(addr))
+}
+
+fn validate_self(input: &OverlayInput) -> Result<(MacAddr, u32), OverlayError> {
+    let node = &input.node;
+    let cfg = &input.vxlan;
+    if node.pod_cidrs.is_empty() {
+        return Err(OverlayError::NoPodCidr {
+            node: node.name.clone(),
+        });
+    }
+    if annotations::parse_underlay_ip(&node.underlay_ip.to_string()).is_err() {
+        return Err(OverlayError::BadUnderlayIp {
+            ip: node.underlay_ip,
+        });
+    }
+    if node.underlay_dev.is_empty() {
+        return Err(OverlayError::NoUnderlayDevice);
+    }
+    validate_ifname(&node.underlay_dev)?;
+    for (i, cidr) in node.pod_cidrs.iter().enumerate() {
+        if cidr.trunc() != *cidr {
+            return Err(OverlayError::PodCidrNotCanonical { cidr: *cidr });
+        }
+        if cidr.prefix_len() > max_pod_prefix(cidr) {
+            return Err(OverlayError::PodCidrTooSmall { cidr: *cidr });
+        }
+        if cidr.contains(&node.underlay_ip) {
+            return Err(OverlayError::PodCidrContainsUnderlay {
+                cidr: *cidr,
+                ip: node.underlay_ip,
+            });
+        }
+        for other in &node.pod_cidrs[i + 1..] {
+            if cidr.contains(other) || other.contains(cidr) {
+                return Err(OverlayError::PodCidrsOverlap {
+                    a: *cidr,
+                    b: *other,
+                });
+            }
+        }
+    }
+    if !(1..=MAX_VNI).contains(&cfg.vni) {
+        return Err(OverlayError::BadVni { vni: cfg.vni });
+    }
+    if cfg.port == 0 {
+        return Err(OverlayError::BadPort);
+    }
+    let vxlan_name = cfg.vxlan_device_name();
+    validate_ifname(&cfg.bridge_name)?;
+    validate_ifname(&vxlan_name)?;
+    if cfg.bridge_name == vxlan_name {
+        return Err(OverlayError::DeviceNameClash { name: vxlan_name });
+    }
+    let mac = node.vtep_mac.unwrap_or_else(|| derive_vtep_mac(&node.name));
+    if !mac.is_usable_unicast() {
+        return Err(OverlayError::BadVtepMac { mac });
+    }
+    let pod_mtu = mtu::pod_mtu(
+        input.underlay_mtu,
+        UnderlayFamily::of(node.underlay_ip),
+        &[Encapsulation::Vxlan],
+    )?;
+    Ok((mac, pod_mtu))
+}
+
+/// A peer on its way through validation: what parsed, and the first fault found.
+struct Candidate<'a> {
+    peer: &'a PeerNode,
+    underlay: Option<IpAddr>,
+    mac: Option<MacAddr>,
+    cidrs: Vec<IpNet>,
+    reason: Option<RejectReason>,
+}
+
+impl Candidate<'_> {
+    fn reject(&mut self, reason: RejectReason) {
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+    }
+}
+
+fn parse_peer<'a>(
+    peer: &'a PeerNode,
+    node: &SelfNode,
+    our_mac: MacAddr,
+    vni: u32,
+) -> Candidate<'a> {
+    let mut c = Candidate {
+        peer,
+        underlay: None,
+        mac: None,
+        cidrs: Vec::new(),
+        reason: None,
+    };
+    match peer
+        .underlay_ip
+        .as_deref()
+        .map(annotations::parse_underlay_ip)
+    {
+        None => c.reject(RejectReason::MissingUnderlayIp),
+        Some(Err(e)) => c.reject(RejectReason::InvalidUnderlayIp(e)),
+        Some(Ok(ip)) => {
+            c.underlay = Some(ip);
+            if UnderlayFamily::of(ip) != UnderlayFamily::of(node.underlay_ip) {
+                c.reject(RejectReason::UnderlayFamilyMismatch {
+                    peer: ip,
+                    ours: node.underlay_ip,
+                });
+            } else if ip == node.underlay_ip {
+                c.reject(RejectReason::UnderlayIpIsOurs { ip });
+            }
+        }
+    }
+    match peer.vtep_mac.as_deref().map(annotations::parse_vtep_mac) {
+        None => c.reject(RejectReason::MissingVtepMac),
+        Some(Err(e)) => c.reject(RejectReason::InvalidVtepMac(e)),
+        Some(Ok(mac)) => {
+            c.mac = Some(mac);
+            if mac == our_mac {
+                c.reject(RejectReason::VtepMacIsOurs { mac });
+            }
+        }
+    }
+    if let Some(raw) = &peer.vxlan_vni {
+        match annotations::parse_vni(raw) {
+            Err(e) => c.reject(RejectReason::InvalidVni(e)),
+            Ok(peer_vni) if peer_vni != vni => c.reject(RejectReason::VniMismatch {
+                peer: peer_vni,
+                ours: vni,
+            }),
+            Ok(_) => {}
+        }
+    }
+    if peer.pod_cidrs.is_empty() {
+        c.reject(RejectReason::NoPodCidr);
+    }
+    let mut cidrs = BTreeSet::new();
+    let mut all_parsed = true;
+    for raw in &peer.pod_cidrs {
+        match annotations::parse_cidr(raw) {
+            Err(e) => {
+                all_parsed = false;
+                c.reject(RejectReason::InvalidPodCidr(e));
+            }
+            Ok(cidr) => {
+                if cidr.prefix_len() > max_pod_prefix(&cidr) {
+                    c.reject(RejectReason::PodCidrTooSmall { cidr });
+                }
+                cidrs.insert(cidr);
+            }
+        }
+    }
+    // A peer with any unparsable CIDR takes no part in overlap checks: its claims are unknown.
+    if all_parsed {
+        c.cidrs = cidrs.into_iter().collect();
+    }
+    c
+}
+
+/// Which side of a CIDR claim: this node or the candidate at an index.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Us,
+    Peer(usize),
+}
+
+/// Finds every overlapping pair of CIDRs among ours and the candidates' and rejects each peer
+/// involved. CIDRs are nested or disjoint, so a sweep in address order with a stack of the
+/// enclosing CIDRs finds every overlap in O(n log n).
+fn reject_overlaps(candidates: &mut [Candidate<'_>], ours: &[IpNet]) {
+    let mut claims: Vec<(IpNet, Owner)> = ours.iter().map(|c| (*c, Owner::Us)).collect();
+    for (i, c) in candidates.iter().enumerate() {
+        claims.extend(c.cidrs.iter().map(|cidr| (*cidr, Owner::Peer(i))));
+    }
+    // Larger (enclosing) CIDRs first among equal starts, so they are on the stack before their
+    // subnets; ties (identical CIDRs) order ours first, then by candidate index (= name order).
+    claims.sort_by(|(a, oa), (b, ob)| {
+        let rank = |o: &Owner| match o {
+            Owner::Us => 0,
+            Owner::Peer(i) => i + 1,
+        };
+        (a.network(), a.prefix_len(), rank(oa)).cmp(&(b.network(), b.prefix_len(), rank(ob)))
+    });
+    let mut stack: Vec<(IpNet, Owner)> = Vec::new();
+    let mut conflicts: Vec<(IpNet, Owner, IpNet, Owner)> = Vec::new();
+    for (cidr, owner) in claims {
+        while let Some((top, _)) = stack.last() {
+            if top.contains(&cidr) {
+                break;
+            }
+            stack.pop();
+        }
+        for (outer, outer_owner) in &stack {
+            if *outer_owner != owner {
+                conflicts.push((*outer, *outer_owner, cidr, owner));
+            }
+        }
+        stack.push((cidr, owner));
+    }
+    // Report the first conflict per peer: with ours before any peer's, then in address order.
+    conflicts.sort_by_key(|(a, oa, b, ob)| (*oa != Owner::Us && *ob != Owner::Us, *a, *b));
+    for (a, oa, b, ob) in conflicts {
+        for ((cidr, owner), (other_cidr, other_owner)) in [((a, oa), (b, ob)), ((b, ob), (a, oa))] {
+            let Owner::Peer(i) = owner else { continue };
+            let reason = match other_owner {
+                Owner::Us => RejectReason::OverlapsOurPodCidr {
+                    cidr,
+                    ours: other_cidr,
+                },
+                Owner::Peer(j) => RejectReason::OverlapsPeer {
+                    cidr,
+                    other_node: candidates[j].peer.name.clone(),
+                    other_cidr,
+                },
+            };
+            candidates[i].reject(reason);
+        }
+    }
+}
+
+/// Rejects every peer whose CIDR covers an underlay address (ours or any peer's): the route would
+/// pull the encapsulated packets for that address back into the tunnel.
+fn reject_underlay_capture(candidates: &mut [Candidate<'_>], our_underlay: IpAddr) {
+    let underlays: BTreeSet<IpAddr> = candidates
+        .iter()
+        .filter_map(|c| c.underlay)
+        .chain(std::iter::once(our_underlay))
+        .collect();
+    for c in candidates.iter_mut() {
+        let hit = c.cidrs.iter().find_map(|cidr| {
+            underlays
+                .range(cidr.network()..=cidr.broadcast())
+                .next()
+                .map(|ip| (*cidr, *ip))
+        });
+        if let Some((cidr, ip)) = hit {
+            c.reject(RejectReason::ContainsUnderlayIp { cidr, ip });
+        }
+    }
+}
+
+/// Rejects every peer sharing a key (VTEP MAC, underlay IP) with another peer.
+fn reject_shared<K: Ord + Copy>(
+    candidates: &mut [Candidate<'_>],
+    key: impl Fn(&Candidate<'_>) -> Option<K>,
+    reason: impl Fn(K, String) -> RejectReason,
+) {
+    let mut holders: BTreeMap<K, Vec<usize>> = BTreeMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        if let Some(k) = key(c) {
+            holders.entry(k).or_default().push(i);
+        }
+    }
+    for (k, idx) in holders {
+        if idx.len() < 2 {
+            continue;
+        }
+        for &i in &idx {
+            // Name the first other holder (candidates are sorted by name).
+            let other = idx.iter().find(|&&j| j != i).copied().unwrap_or(i);
+            let other_node = candidates[other].peer.name.clone();
+            candidates[i].reject(reason(k, other_node));
+        }
+    }
+}
+
+/// Computes the node's desired overlay. Fails only on this node's own settings; bad peers end up
+/// in [`DesiredOverlay::rejected`].
+pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError> {
+    let (our_mac, pod_mtu) = validate_self(input)?;
+    let node = &input.node;
+    let cfg = &input.vxlan;
+    let vxlan_name = cfg.vxlan_device_name();
+
+    let mut name_counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &input.peers {
+        *name_counts.entry(p.name.as_str()).or_default() += 1;
+    }
+    let mut rejected = Vec::new();
+    let mut candidates = Vec::new();
+    for peer in &input.peers {
+        let name_fault = if peer.name.is_empty() {
+            Some(RejectReason::EmptyName)
+        } else if peer.name == node.name {
+            Some(RejectReason::OwnName)
+        } else if name_counts.get(peer.name.as_str()).copied().unwrap_or(0) > 1 {
+            Some(RejectReason::DuplicateName)
+        } else {
+            None
+        };
+        match name_fault {
+            // Without a trustworthy identity the entry takes no part in conflict checks.
+            Some(reason) => rejected.push(RejectedPeer {
+                node: peer.name.clone(),
+                reason,
+            }),
+            None => candidates.push(parse_peer(peer, node, our_mac, cfg.vni)),
+        }
+    }
+    candidates.sort_by(|a, b| a.peer.name.cmp(&b.peer.name));
+
+    reject_shared(
+        &mut candidates,
+        |c| c.mac,
+        |mac, other_node| RejectReason::DuplicateVtepMac { mac, other_node },
+    );
+    reject_shared(
+        &mut candidates,
+        |c| c.underlay,
+        |ip, other_node| RejectReason::DuplicateUnderlayIp { ip, other_node },
+    );
+    reject_overlaps(&mut candidates, &node.pod_cidrs);
+    reject_underlay_capture(&mut candidates, node.underlay_ip);
+
+    let mut routes = BTreeSet::new();
+    let mut neighbours = BTreeSet::new();
+    let mut fdb = BTreeSet::new();
+    let mut accepted = Vec::new();
+    for c in candidates {
+        let (Some(underlay), Some(mac), None) = (c.underlay, c.mac, &c.reason) else {
+            rejected.push(RejectedPeer {
+                node: c.peer.name.clone(),
+                // Every path that leaves underlay or mac unset records a reason; the fallback
+                // only guards against a future edit breaking that.
+                reason: c.reason.unwrap_or(RejectReason::MissingUnderlayIp),
+            });
+            continue;
+        };
+        for cidr in &c.cidrs {
+            let next_hop = cidr.network();
+            routes.insert(RouteSpec {
+                dst: *cidr,
+                via: Some(next_hop),
+                dev: vxlan_name.clone(),
+                onlink: true,
+            });
+            neighbours.insert(NeighSpec {
+                dev: vxlan_name.clone(),
+                ip: next_hop,
+                mac,
+            });
+        }
+        fdb.insert(FdbSpec {
+            dev: vxlan_name.clone(),
+            mac,
+            dst: underlay,
+        });
+        accepted.push(c.peer.name.clone());
+    }
+    rejected.sort_by(|a, b| a.node.cmp(&b.node));
+
+    let bridge = LinkSpec {
+        name: cfg.bridge_name.clone(),
+        mtu: pod_mtu,
+        mac: derive_bridge_mac(&node.name),
+        addresses: node
+            .pod_cidrs
+            .iter()
+            .map(|c| with_prefix(gateway_address(c), c.prefix_len()))
+            .collect(),
+    };
+    let vxlan = VxlanSpec {
+        link: LinkSpec {
+            name: vxlan_name,
+            mtu: pod_mtu,
+            mac: our_mac,
+            addresses: node.pod_cidrs.iter().map(network_host).collect(),
+        },
+        vni: cfg.vni,
+        port: cfg.port,
+        local: node.underlay_ip,
+        underlay_dev: node.underlay_dev.clone(),
+        learning: false,
+    };
+    Ok(DesiredOverlay {
+        bridge,
+        vxlan,
+        routes,
+        neighbours,
+        fdb,
+        pod_mtu,
+        accepted,
+        rejected,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> SelfNode {
+        SelfNode {
+            name: "node-a".into(),
+            underlay_ip: "192.168.50.1".parse().unwrap(),
+            underlay_dev: "eth0".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            vtep_mac: None,
+        }
+    }
+
+    fn peer(name: &str, ip: &str, mac: &str, cidrs: &[&str]) -> PeerNode {
+        PeerNode {
+            name: name.into(),
+            underlay_ip: Some(ip.into()),
+            vtep_mac: Some(mac.into()),
+            vxlan_vni: None,
+            pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn good_b() -> PeerNode {
+        peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24"],
+        )
+    }
+
+    fn good_c() -> PeerNode {
+        peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.3.0/24"],
+        )
+    }
+
+    fn input(peers: Vec<PeerNode>) -> OverlayInput {
+        OverlayInput {
+            node: me(),
+            vxlan: VxlanConfig::default(),
+            underlay_mtu: 1500,
+            peers,
+        }
+    }
+
+    fn plan(peers: Vec<PeerNode>) -> DesiredOverlay {
+        plan_overlay(&input(peers)).unwrap()
+    }
+
+    fn reason_of(d: &DesiredOverlay, node: &str) -> RejectReason {
+        d.rejected
+            .iter()
+            .find(|r| r.node == node)
+            .unwrap_or_else(|| panic!("{node} not rejected: {:?}", d.rejected))
+            .reason
+            .clone()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn mac(s: &str) -> MacAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn own_links_follow_flannel_layout() {
+        let d = plan(vec![]);
+        assert_eq!(d.bridge.name, "veilbr0");
+        assert_eq!(d.bridge.mtu, 1450);
+        assert_eq!(d.bridge.addresses, [net("10.244.1.1/24")].into());
+        assert_eq!(d.bridge.mac, derive_bridge_mac("node-a"));
+        assert_eq!(d.vxlan.link.name, "veilvx1");
+        assert_eq!(d.vxlan.link.mtu, 1450);
+        assert_eq!(d.vxlan.link.addresses, [net("10.244.1.0/32")].into());
+        assert_eq!(d.vxlan.link.mac, derive_vtep_mac("node-a"));
+        assert_eq!(d.vxlan.vni, 1);
+        assert_eq!(d.vxlan.port, 8472);
+        assert_eq!(d.vxlan.local, ip("192.168.50.1"));
+        assert_eq!(d.vxlan.underlay_dev, "eth0");
+        assert!(!d.vxlan.learning);
+        assert_eq!(d.pod_mtu, 1450);
+        assert!(d.routes.is_empty() && d.neighbours.is_empty() && d.fdb.is_empty());
+        assert_eq!(
+            d.managed_devices(),
+            ["veilbr0".to_string(), "veilvx1".to_string()].into()
+        );
+    }
+
+    #[test]
+    fn valid_peer_gets_route_neighbour_and_fdb() {
+        let d = plan(vec![good_b()]);
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        assert_eq!(d.accepted, vec!["node-b".to_string()]);
+        assert_eq!(
+            d.routes,
+            [RouteSpec {
+                dst: net("10.244.2.0/24"),
+                via: Some(ip("10.244.2.0")),
+                dev: "veilvx1".into(),
+                onlink: true,
+            }]
+            .into()
+        );
+        assert_eq!(
+            d.neighbours,
+            [NeighSpec {
+                dev: "veilvx1".into(),
+                ip: ip("10.244.2.0"),
+                mac: mac("02:00:00:00:00:0b"),
+            }]
+            .into()
+        );
+        assert_eq!(
+            d.fdb,
+            [FdbSpec {
+                dev: "veilvx1".into(),
+                mac: mac("02:00:00:00:00:0b"),
+                dst: ip("192.168.50.2"),
+            }]
+            .into()
+        );
+    }
+
+    #[test]
+    fn dual_stack_peer_gets_a_route_and_neighbour_per_cidr_but_one_fdb() {
+        let mut input = input(vec![peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24", "fd00:10:244:2::/64"],
+        )]);
+        input.node.pod_cidrs.push(net("fd00:10:244:1::/64"));
+        let d = plan_overlay(&input).unwrap();
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        assert_eq!(d.routes.len(), 2);
+        assert_eq!(d.neighbours.len(), 2);
+        assert_eq!(d.fdb.len(), 1);
+        assert!(d.neighbours.iter().any(|n| n.ip == ip("fd00:10:244:2::")));
+        assert_eq!(
+            d.bridge.addresses,
+            [net("10.244.1.1/24"), net("fd00:10:244:1::1/64")].into()
+        );
+        assert_eq!(
+            d.vxlan.link.addresses,
+            [net("10.244.1.0/32"), net("fd00:10:244:1::/128")].into()
+        );
+    }
+
+    #[test]
+    fn peer_with_missing_or_bad_annotations_is_rejected() {
+        let mut no_ip = good_b();
+        no_ip.underlay_ip = None;
+        let mut bad_ip = good_c();
+        bad_ip.underlay_ip = Some("300.1.1.1".into());
+        let mut no_mac = peer("node-d", "192.168.50.4", "x", &["10.244.4.0/24"]);
+        no_mac.vtep_mac = None;
+        let bad_mac = peer(
+            "node-e",
+            "192.168.50.5",
+            "02:00:00:00:00",
+            &["10.244.5.0/24"],
+        );
+        let mcast_mac = peer(
+            "node-f",
+            "192.168.50.6",
+            "01:00:00:00:00:0f",
+            &["10.244.6.0/24"],
+        );
+        let d = plan(vec![no_ip, bad_ip, no_mac, bad_mac, mcast_mac]);
+        assert!(d.accepted.is_empty());
+        assert!(d.routes.is_empty() && d.neighbours.is_empty() && d.fdb.is_empty());
+        assert_eq!(reason_of(&d, "node-b"), RejectReason::MissingUnderlayIp);
+        assert!(matches!(
+            reason_of(&d, "node-c"),
+            RejectReason::InvalidUnderlayIp(_)
+        ));
+        assert_eq!(reason_of(&d, "node-d"), RejectReason::MissingVtepMac);
+        assert!(matches!(
+            reason_of(&d, "node-e"),
+            RejectReason::InvalidVtepMac(_)
+        ));
+        assert!(matches!(
+            reason_of(&d, "node-f"),
+            RejectReason::InvalidVtepMac(_)
+        ));
+        let names: Vec<_> = d.rejected.iter().map(|r| r.node.as_str()).collect();
+        assert_eq!(names, ["node-b", "node-c", "node-d", "node-e", "node-f"]);
+    }
+
+    #[test]
+    fn peer_with_missing_or_invalid_cidrs_is_rejected() {
+        let none = peer("node-b", "192.168.50.2", "02:00:00:00:00:0b", &[]);
+        let garbage = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.3.0"],
+        );
+        let host_bits = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.244.4.9/24"],
+        );
+        let one_bad = peer(
+            "node-e",
+            "192.168.50.5",
+            "02:00:00:00:00:0e",
+            &["10.244.5.0/24", "nope"],
+        );
+        let tiny = peer(
+            "node-f",
+            "192.168.50.6",
+            "02:00:00:00:00:0f",
+            &["10.244.6.0/31"],
+        );
+        let d = plan(vec![
+            none,
+            garbage,
+            host_bits,
+            one_bad,
+            tiny,
+            good_c_renamed(),
+        ]);
+        assert_eq!(reason_of(&d, "node-b"), RejectReason::NoPodCidr);
+        assert!(matches!(
+            reason_of(&d, "node-c"),
+            RejectReason::InvalidPodCidr(_)
+        ));
+        assert!(matches!(
+            reason_of(&d, "node-d"),
+            RejectReason::InvalidPodCidr(_)
+        ));
+        assert!(matches!(
+            reason_of(&d, "node-e"),
+            RejectReason::InvalidPodCidr(_)
+        ));
+        assert!(matches!(
+            reason_of(&d, "node-f"),
+            RejectReason::PodCidrTooSmall { .. }
+        ));
+        // The one good peer is unaffected, and the half-valid peer contributes nothing.
+        assert_eq!(d.accepted, vec!["node-z".to_string()]);
+        assert!(d.routes.iter().all(|r| r.dst == net("10.244.3.0/24")));
+    }
+
+    fn good_c_renamed() -> PeerNode {
+        peer(
+            "node-z",
+            "192.168.50.26",
+            "02:00:00:00:00:1a",
+            &["10.244.3.0/24"],
+        )
+    }
+
+    #[test]
+    fn own_name_empty_name_and_duplicate_names_are_rejected() {
+        let mut own = good_b();
+        own.name = "node-a".into();
+        let mut empty = good_c();
+        empty.name = String::new();
+        let dup1 = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.244.4.0/24"],
+        );
+        let dup2 = peer(
+            "node-d",
+            "192.168.50.5",
+            "02:00:00:00:00:0e",
+            &["10.244.5.0/24"],
+        );
+        let d = plan(vec![own, empty, dup1, dup2]);
+        assert!(d.accepted.is_empty());
+        assert_eq!(reason_of(&d, "node-a"), RejectReason::OwnName);
+        assert_eq!(reason_of(&d, ""), RejectReason::EmptyName);
+        let dups: Vec<_> = d.rejected.iter().filter(|r| r.node == "node-d").collect();
+        assert_eq!(dups.len(), 2);
+        assert!(dups.iter().all(|r| r.reason == RejectReason::DuplicateName));
+    }
+
+    #[test]
+    fn cidr_overlapping_ours_is_rejected() {
+        let same = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.1.0/24"],
+        );
+        let wider = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.0.0/16"],
+        );
+        let inside = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.244.1.128/25"],
+        );
+        let d = plan(vec![same, wider, inside]);
+        assert!(d.accepted.is_empty());
+        assert!(d.routes.is_empty());
+        assert_eq!(
+            reason_of(&d, "node-b"),
+            RejectReason::OverlapsOurPodCidr {
+                cidr: net("10.244.1.0/24"),
+                ours: net("10.244.1.0/24")
+            }
+        );
+        assert_eq!(
+            reason_of(&d, "node-c"),
+            RejectReason::OverlapsOurPodCidr {
+                cidr: net("10.244.0.0/16"),
+                ours: net("10.244.1.0/24")
+            }
+        );
+        assert!(matches!(
+            reason_of(&d, "node-d"),
+            RejectReason::OverlapsOurPodCidr { .. }
+        ));
+    }
+
+    #[test]
+    fn overlapping_peers_are_both_rejected_in_any_order() {
+        let b = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24"],
+        );
+        let c = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.2.0/23"],
+        );
+        let d_ok = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.244.4.0/24"],
+        );
+        let forward = plan(vec![b.clone(), c.clone(), d_ok.clone()]);
+        let backward = plan(vec![d_ok, c, b]);
+        assert_eq!(forward, backward);
+        assert_eq!(forward.accepted, vec!["node-d".to_string()]);
+        assert_eq!(
+            reason_of(&forward, "node-b"),
+            RejectReason::OverlapsPeer {
+                cidr: net("10.244.2.0/24"),
+                other_node: "node-c".into(),
+                other_cidr: net("10.244.2.0/23"),
+            }
+        );
+        assert_eq!(
+            reason_of(&forward, "node-c"),
+            RejectReason::OverlapsPeer {
+                cidr: net("10.244.2.0/23"),
+                other_node: "node-b".into(),
+                other_cidr: net("10.244.2.0/24"),
+            }
+        );
+        assert!(forward.routes.iter().all(|r| r.dst == net("10.244.4.0/24")));
+    }
+
+    #[test]
+    fn nested_overlaps_reject_every_party() {
+        // A /16 enclosing two disjoint /24s: all three conflict, even though the /24s don't
+        // overlap each other (a naive neighbour-only sweep would miss one of them).
+        let big = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.10.0.0/16"],
+        );
+        let s1 = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.10.1.0/24"],
+        );
+        let s2 = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.10.2.0/24"],
+        );
+        let d = plan(vec![big, s1, s2]);
+        assert!(d.accepted.is_empty(), "{:?}", d.accepted);
+        assert_eq!(d.rejected.len(), 3);
+    }
+
+    #[test]
+    fn identical_cidrs_conflict_but_families_do_not() {
+        let b = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24"],
+        );
+        let c = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.2.0/24"],
+        );
+        let v6 = peer(
+            "node-d",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["fd00::/64"],
+        );
+        let d = plan(vec![b, c, v6]);
+        assert_eq!(d.accepted, vec!["node-d".to_string()]);
+        assert!(matches!(
+            reason_of(&d, "node-b"),
+            RejectReason::OverlapsPeer { .. }
+        ));
+        assert!(matches!(
+            reason_of(&d, "node-c"),
+            RejectReason::OverlapsPeer { .. }
+        ));
+    }
+
+    #[test]
+    fn a_peer_repeating_its_own_cidr_is_fine() {
+        let b = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24", "10.244.2.0/24"],
+        );
+        let d = plan(vec![b]);
+        assert_eq!(d.accepted, vec!["node-b".to_string()]);
+        assert_eq!(d.routes.len(), 1);
+    }
+
+    #[test]
+    fn a_rejected_peers_valid_cidr_still_blocks_a_conflicting_one() {
+        // node-b has no MAC yet but its CIDR is real: node-c's overlapping claim is suspect too.
+        let mut b = good_b();
+        b.vtep_mac = None;
+        let c = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.2.0/24"],
+        );
+        let d = plan(vec![b, c]);
+        assert!(d.accepted.is_empty());
+        assert_eq!(reason_of(&d, "node-b"), RejectReason::MissingVtepMac);
+        assert!(matches!(
+            reason_of(&d, "node-c"),
+            RejectReason::OverlapsPeer { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicate_vtep_mac_or_underlay_rejects_both() {
+        let b = good_b();
+        let mut c = good_c();
+        c.vtep_mac = b.vtep_mac.clone();
+        let e = peer(
+            "node-e",
+            "192.168.50.9",
+            "02:00:00:00:00:0e",
+            &["10.244.5.0/24"],
+        );
+        let f = peer(
+            "node-f",
+            "192.168.50.9",
+            "02:00:00:00:00:0f",
+            &["10.244.6.0/24"],
+        );
+        let g = peer(
+            "node-g",
+            "192.168.50.7",
+            "02:00:00:00:00:07",
+            &["10.244.7.0/24"],
+        );
+        let d = plan(vec![b, c, e, f, g]);
+        assert_eq!(d.accepted, vec!["node-g".to_string()]);
+        assert_eq!(
+            reason_of(&d, "node-b"),
+            RejectReason::DuplicateVtepMac {
+                mac: mac("02:00:00:00:00:0b"),
+                other_node: "node-c".into()
+            }
+        );
+        assert_eq!(
+            reason_of(&d, "node-c"),
+            RejectReason::DuplicateVtepMac {
+                mac: mac("02:00:00:00:00:0b"),
+                other_node: "node-b".into()
+            }
+        );
+        assert_eq!(
+            reason_of(&d, "node-e"),
+            RejectReason::DuplicateUnderlayIp {
+                ip: ip("192.168.50.9"),
+                other_node: "node-f".into()
+            }
+        );
+        assert!(matches!(
+            reason_of(&d, "node-f"),
+            RejectReason::DuplicateUnderlayIp { .. }
+        ));
+    }
+
+    #[test]
+    fn our_own_mac_or_underlay_in_a_peer_is_rejected() {
+        let ours = derive_vtep_mac("node-a").to_string();
+        let b = peer("node-b", "192.168.50.2", &ours, &["10.244.2.0/24"]);
+        let c = peer(
+            "node-c",
+            "192.168.50.1",
+            "02:00:00:00:00:0c",
+            &["10.244.3.0/24"],
+        );
+        let d = plan(vec![b, c]);
+        assert!(matches!(
+            reason_of(&d, "node-b"),
+            RejectReason::VtepMacIsOurs { .. }
+        ));
+        assert_eq!(
+            reason_of(&d, "node-c"),
+            RejectReason::UnderlayIpIsOurs {
+                ip: ip("192.168.50.1")
+            }
+        );
+    }
+
+    #[test]
+    fn underlay_family_must_match() {
+        let b = peer("node-b", "fd00::2", "02:00:00:00:00:0b", &["10.244.2.0/24"]);
+        let d = plan(vec![b]);
+        assert!(matches!(
+            reason_of(&d, "node-b"),
+            RejectReason::UnderlayFamilyMismatch { .. }
+        ));
+    }
+
+    #[test]
+    fn vni_mismatch_or_garbage_is_rejected_absent_is_fine() {
+        let mut b = good_b();
+        b.vxlan_vni = Some("2".into());
+        let mut c = good_c();
+        c.vxlan_vni = Some("zero".into());
+        let mut e = peer(
+            "node-e",
+            "192.168.50.5",
+            "02:00:00:00:00:0e",
+            &["10.244.5.0/24"],
+        );
+        e.vxlan_vni = Some("1".into());
+        let f = peer(
+            "node-f",
+            "192.168.50.6",
+            "02:00:00:00:00:0f",
+            &["10.244.6.0/24"],
+        );
+        let d = plan(vec![b, c, e, f]);
+        assert_eq!(
+            reason_of(&d, "node-b"),
+            RejectReason::VniMismatch { peer: 2, ours: 1 }
+        );
+        assert!(matches!(
+            reason_of(&d, "node-c"),
+            RejectReason::InvalidVni(_)
+        ));
+        assert_eq!(d.accepted, vec!["node-e".to_string(), "node-f".to_string()]);
+    }
+
+    #[test]
+    fn cidr_covering_an_underlay_address_is_rejected() {
+        // Would route the tunnel's own packets to 192.168.50.x into the tunnel.
+        let b = peer(
+            "node-b",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["192.168.50.0/24"],
+        );
+        let c = peer(
+            "node-c",
+            "10.9.0.1",
+            "02:00:00:00:00:0c",
+            &["10.244.3.0/24"],
+        );
+        let e = peer(
+            "node-e",
+            "192.168.50.5",
+            "02:00:00:00:00:0e",
+            &["10.9.0.0/16"],
+        );
+        let d = plan(vec![b, c, e]);
+        assert_eq!(
+            reason_of(&d, "node-b"),
+            RejectReason::ContainsUnderlayIp {
+                cidr: net("192.168.50.0/24"),
+                ip: ip("192.168.50.1"),
+            }
+        );
+        assert_eq!(
+            reason_of(&d, "node-e"),
+            RejectReason::ContainsUnderlayIp {
+                cidr: net("10.9.0.0/16"),
+                ip: ip("10.9.0.1"),
+            }
+        );
+        assert_eq!(d.accepted, vec!["node-c".to_string()]);
+    }
+
+    #[test]
+    fn first_fault_is_reported() {
+        let mut b = peer("node-b", "bad", "bad", &["bad"]);
+        b.vxlan_vni = Some("bad".into());
+        let d = plan(vec![b]);
+        assert!(matches!(
+            reason_of(&d, "node-b"),
+            RejectReason::InvalidUnderlayIp(_)
+        ));
+        let msg = reason_of(&d, "node-b").to_string();
+        assert!(msg.contains(annotations::UNDERLAY_IP), "{msg}");
+    }
+
+    #[test]
+    fn output_is_independent_of_peer_order() {
+        let peers = vec![
+            good_b(),
+            good_c(),
+            peer(
+                "node-d",
+                "192.168.50.4",
+                "02:00:00:00:00:0d",
+                &["10.244.3.0/24"],
+            ),
+            peer(
+                "node-e",
+                "192.168.50.2",
+                "02:00:00:00:00:0e",
+                &["10.244.5.0/24"],
+            ),
+            peer(
+                "node-f",
+                "192.168.50.6",
+                "02:00:00:00:00:0f",
+                &["10.244.6.0/24"],
+            ),
+        ];
+        let reference = plan(peers.clone());
+        let mut rotated = peers.clone();
+        for _ in 0..peers.len() {
+            rotated.rotate_left(1);
+            assert_eq!(plan(rotated.clone()), reference);
+        }
+        let mut reversed = peers;
+        reversed.reverse();
+        assert_eq!(plan(reversed), reference);
+        assert_eq!(reference.accepted, vec!["node-f".to_string()]);
+    }
+
+    #[test]
+    fn no_accepted_route_ever_overlaps_another_or_ours() {
+        // A deterministic pseudo-random mess of peers: whatever gets accepted must be sane.
+        let mut peers = Vec::new();
+        let mut seed: u32 = 12345;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            seed >> 8
+        };
+        for i in 0..200 {
+            let third = next() % 256;
+            let prefix = [20, 23, 24, 24, 24, 25][(next() % 6) as usize];
+            let cidr = net(&format!("10.{}.{third}.0/{prefix}", 240 + next() % 8)).trunc();
+            peers.push(peer(
+                &format!("n{i}"),
+                &format!("192.168.{}.{}", next() % 4, 1 + next() % 200),
+                &format!("02:00:00:00:{:02x}:{:02x}", next() % 4, next() % 256),
+                &[&cidr.to_string()],
+            ));
+        }
+        let d = plan(peers);
+        eprintln!(
+            "accepted {} rejected {}",
+            d.accepted.len(),
+            d.rejected.len()
+        );
+        // Both outcomes must actually occur for this test to mean anything.
+        assert!(d.accepted.len() > 50, "{}", d.accepted.len());
+        assert!(d.rejected.len() > 10, "{}", d.rejected.len());
+        assert_eq!(d.accepted.len() + d.rejected.len(), 200);
+        let dsts: Vec<IpNet> = d.routes.iter().map(|r| r.dst).collect();
+        for (i, a) in dsts.iter().enumerate() {
+            assert!(!a.contains(&net("10.244.1.0/24")) && !net("10.244.1.0/24").contains(a));
+            for b in &dsts[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} overlaps {b}");
+            }
+        }
+        let macs: BTreeSet<_> = d.fdb.iter().map(|f| f.mac).collect();
+        let dsts: BTreeSet<_> = d.fdb.iter().map(|f| f.dst).collect();
+        assert_eq!(macs.len(), d.fdb.len());
+        assert_eq!(dsts.len(), d.fdb.len());
+    }
+
+    #[test]
+    fn own_settings_are_validated() {
+        let err = |f: &dyn Fn(&mut OverlayInput)| {
+            let mut i = input(vec![]);
+            f(&mut i);
+            plan_overlay(&i).unwrap_err()
+        };
+        assert!(matches!(
+            err(&|i| i.node.pod_cidrs.clear()),
+            OverlayError::NoPodCidr { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.pod_cidrs = vec![net("10.244.1.5/24")]),
+            OverlayError::PodCidrNotCanonical { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.pod_cidrs = vec![net("10.244.1.0/31")]),
+            OverlayError::PodCidrTooSmall { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.pod_cidrs = vec![net("10.244.0.0/16"), net("10.244.1.0/24")]),
+            OverlayError::PodCidrsOverlap { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.pod_cidrs = vec![net("192.168.0.0/16")]),
+            OverlayError::PodCidrContainsUnderlay { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.underlay_ip = ip("0.0.0.0")),
+            OverlayError::BadUnderlayIp { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.node.underlay_dev.clear()),
+            OverlayError::NoUnderlayDevice
+        ));
+        assert!(matches!(
+            err(&|i| i.node.vtep_mac = Some(mac("01:00:00:00:00:01"))),
+            OverlayError::BadVtepMac { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.vxlan.vni = 0),
+            OverlayError::BadVni { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.vxlan.vni = MAX_VNI + 1),
+            OverlayError::BadVni { .. }
+        ));
+        assert!(matches!(err(&|i| i.vxlan.port = 0), OverlayError::BadPort));
+        assert!(matches!(
+            err(&|i| i.vxlan.bridge_name = "a-very-long-bridge-name".into()),
+            OverlayError::BadDeviceName { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.vxlan.vxlan_name = Some("bad/name".into())),
+            OverlayError::BadDeviceName { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.vxlan.vxlan_name = Some("veilbr0".into())),
+            OverlayError::DeviceNameClash { .. }
+        ));
+        assert!(matches!(
+            err(&|i| i.underlay_mtu = 1300),
+            OverlayError::Mtu(_)
+        ));
+    }
+
+    #[test]
+    fn largest_vni_name_fits_ifnamsiz_and_v6_underlay_costs_more() {
+        let mut i = input(vec![]);
+        i.vxlan.vni = MAX_VNI;
+        let d = plan_overlay(&i).unwrap();
+        assert_eq!(d.vxlan.link.name, "veilvx16777215");
+        assert!(d.vxlan.link.name.len() <= MAX_IFNAME_LEN);
+
+        let mut i = input(vec![]);
+        i.node.underlay_ip = ip("fd00:50::1");
+        assert_eq!(plan_overlay(&i).unwrap().pod_mtu, 1430);
+    }
+
+    #[test]
+    fn explicit_vtep_mac_wins_over_derived() {
+        let mut i = input(vec![]);
+        i.node.vtep_mac = Some(mac("02:11:22:33:44:55"));
+        assert_eq!(
+            plan_overlay(&i).unwrap().vxlan.link.mac,
+            mac("02:11:22:33:44:55")
+        );
+    }
+
+    #[test]
+    fn peer_from_annotations() {
+        let mut ann = BTreeMap::new();
+        ann.insert(
+            annotations::UNDERLAY_IP.to_string(),
+            "192.168.50.2".to_string(),
+        );
+        ann.insert(
+            annotations::VTEP_MAC.to_string(),
+            "02:00:00:00:00:0b".to_string(),
+        );
+        ann.insert("other/key".to_string(), "x".to_string());
+        let p = PeerNode::from_annotations("node-b", &ann, vec!["10.244.2.0/24".into()]);
+        assert_eq!(p, good_b());
+    }
+
+    #[test]
+    fn gateway_is_first_host() {
+        assert_eq!(gateway_address(&net("10.244.1.0/24")), ip("10.244.1.1"));
+        assert_eq!(gateway_address(&net("fd00::/64")), ip("fd00::1"));
+    }
+}

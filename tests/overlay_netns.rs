@@ -1,0 +1,567 @@
+//! Root tests of the overlay applier against real kernels in throwaway namespaces.
+//!
+//! Each test builds its own mini cluster: an "underlay" namespace with a bridge, two "node"
+//! namespaces wired to it by veths, and one "pod" namespace per node on the node's pod bridge.
+//! The agent code runs inside the node namespaces exactly as in production: a netlink
+//! connection opened on a thread that entered the namespace. Everything is removed on drop,
+//! also when an assertion fails.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use veilnet::kernel::mtu::{underlay_for, Underlay};
+use veilnet::kernel::{
+    apply, sysctl, ApplyError, ApplyReport, NetlinkKernel, ObservedLink, ObservedRoute,
+    OverlayKernel, VEILNET_ROUTE_PROTOCOL,
+};
+use veilnet::model::mac::derive_vtep_mac;
+use veilnet::model::overlay::{
+    plan_overlay, DesiredOverlay, OverlayInput, PeerNode, SelfNode, VxlanConfig,
+};
+use veilnet::netns;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs `ip` (or another tool) and panics with its stderr on failure.
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sh_ok(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The namespaces of one test; deleted (with anything left running in them) on drop.
+struct Lab {
+    underlay: String,
+    nodes: [String; 2],
+    pods: [String; 2],
+}
+
+const UNDERLAY_IPS: [&str; 2] = ["192.168.77.1", "192.168.77.2"];
+const POD_CIDRS: [&str; 2] = ["10.244.1.0/24", "10.244.2.0/24"];
+const POD_IPS: [&str; 2] = ["10.244.1.2", "10.244.2.2"];
+const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let base = format!("veilov-{}-{n}-{tag}", std::process::id());
+        let lab = Lab {
+            underlay: format!("{base}-u"),
+            nodes: [format!("{base}-a"), format!("{base}-b")],
+            pods: [format!("{base}-pa"), format!("{base}-pb")],
+        };
+        for ns in lab.all() {
+            netns::add(ns).unwrap();
+        }
+        let u = lab.underlay.as_str();
+        sh(&["ip", "-n", u, "link", "add", "ubr", "type", "bridge"]);
+        sh(&["ip", "-n", u, "link", "set", "ubr", "up"]);
+        for (i, node) in lab.nodes.iter().enumerate() {
+            let node = node.as_str();
+            let port = format!("u{i}");
+            sh(&[
+                "ip", "-n", u, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", node,
+            ]);
+            sh(&["ip", "-n", u, "link", "set", &port, "master", "ubr", "up"]);
+            let addr = format!("{}/24", UNDERLAY_IPS[i]);
+            sh(&["ip", "-n", node, "addr", "add", &addr, "dev", "eth0"]);
+            sh(&["ip", "-n", node, "link", "set", "eth0", "up"]);
+            // The pod's veth; its node end joins the pod bridge once the agent created it.
+            let pod = lab.pods[i].as_str();
+            sh(&[
+                "ip", "-n", node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0",
+                "netns", pod,
+            ]);
+        }
+        lab
+    }
+
+    fn all(&self) -> Vec<&str> {
+        let mut v = vec![self.underlay.as_str()];
+        v.extend(self.nodes.iter().map(String::as_str));
+        v.extend(self.pods.iter().map(String::as_str));
+        v
+    }
+
+    /// Plugs node `i`'s pod into its bridge, the way a CNI plugin would.
+    fn attach_pod(&self, i: usize, desired: &DesiredOverlay) {
+        let node = self.nodes[i].as_str();
+        let pod = self.pods[i].as_str();
+        let mtu = desired.pod_mtu.to_string();
+        let gw = veilnet::model::overlay::gateway_address(&POD_CIDRS[i].parse().unwrap());
+        sh(&["ip", "-n", node, "link", "set", "vpod", "mtu", &mtu]);
+        sh(&[
+            "ip",
+            "-n",
+            node,
+            "link",
+            "set",
+            "vpod",
+            "master",
+            &desired.bridge.name,
+            "up",
+        ]);
+        sh(&["ip", "-n", pod, "link", "set", "eth0", "mtu", &mtu]);
+        sh(&[
+            "ip",
+            "-n",
+            pod,
+            "addr",
+            "add",
+            &format!("{}/24", POD_IPS[i]),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            &gw.to_string(),
+        ]);
+    }
+
+    /// True if pod `from` gets an answer from pod `to` with `size`-byte payloads, DF set.
+    fn ping(&self, from: usize, to: usize, size: u32) -> bool {
+        sh_ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.pods[from],
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size.to_string(),
+            POD_IPS[to],
+        ])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.all() {
+            for pid in netns::pids(ns).unwrap_or_default() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Err(e) = netns::delete(ns) {
+                eprintln!("cleanup of {ns} failed: {e}");
+            }
+        }
+    }
+}
+
+/// Runs an async closure over a fresh netlink connection inside `ns`, on a current-thread
+/// runtime built on the namespace's own thread.
+fn in_ns<T, F, Fut>(ns: &str, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(NetlinkKernel) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    netns::run_in(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move { f(NetlinkKernel::connect().unwrap()).await })
+    })
+    .unwrap()
+}
+
+fn apply_in(ns: &str, desired: &DesiredOverlay) -> Result<ApplyReport, ApplyError> {
+    let desired = desired.clone();
+    in_ns(
+        ns,
+        move |mut k| async move { apply(&mut k, &desired).await },
+    )
+}
+
+fn links_in(ns: &str) -> Vec<ObservedLink> {
+    in_ns(ns, |mut k| async move { k.dump_links().await.unwrap() })
+}
+
+fn routes_in(ns: &str) -> Vec<ObservedRoute> {
+    in_ns(ns, |mut k| async move { k.dump_routes().await.unwrap() })
+}
+
+fn underlay_in(ns: &str, dst: &str) -> Underlay {
+    let dst: IpAddr = dst.parse().unwrap();
+    in_ns(
+        ns,
+        move |k| async move { underlay_for(&k, dst).await.unwrap() },
+    )
+}
+
+fn index_of(links: &[ObservedLink], name: &str) -> u32 {
+    links
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no link {name}"))
+        .index
+}
+
+/// Node `i`'s desired overlay, with `peers` (indexes) as the cluster's other nodes.
+fn desired_for(lab: &Lab, i: usize, peers: &[usize]) -> DesiredOverlay {
+    let underlay = underlay_in(&lab.nodes[i], UNDERLAY_IPS[1 - i]);
+    assert_eq!(underlay.dev, "eth0");
+    let input = OverlayInput {
+        node: SelfNode {
+            name: NODE_NAMES[i].into(),
+            underlay_ip: underlay.source.unwrap(),
+            underlay_dev: underlay.dev.clone(),
+            pod_cidrs: vec![POD_CIDRS[i].parse().unwrap()],
+            vtep_mac: None,
+        },
+        vxlan: VxlanConfig::default(),
+        underlay_mtu: underlay.mtu(),
+        peers: peers
+            .iter()
+            .map(|&p| PeerNode {
+                name: NODE_NAMES[p].into(),
+                underlay_ip: Some(UNDERLAY_IPS[p].into()),
+                vtep_mac: Some(derive_vtep_mac(NODE_NAMES[p]).to_string()),
+                vxlan_vni: Some("1".into()),
+                pod_cidrs: vec![POD_CIDRS[p].into()],
+            })
+            .collect(),
+    };
+    let desired = plan_overlay(&input).unwrap();
+    assert!(desired.rejected.is_empty(), "{:?}", desired.rejected);
+    desired
+}
+
+/// Two nodes programmed for each other, forwarding on, pods attached.
+fn converge(lab: &Lab) -> [DesiredOverlay; 2] {
+    let desired = [desired_for(lab, 0, &[1]), desired_for(lab, 1, &[0])];
+    for (i, (node, want)) in lab.nodes.iter().zip(&desired).enumerate() {
+        let report = apply_in(node, want).unwrap();
+        assert_eq!(report.writes(), 7, "{:?}", report.ops);
+        sysctl::enable_forwarding(Some(node), false).unwrap();
+        lab.attach_pod(i, want);
+    }
+    desired
+}
+
+#[test]
+fn pods_talk_across_vxlan_and_reapply_is_a_no_op() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let host_forwarding = sysctl::read(None, sysctl::IPV4_FORWARD).unwrap();
+    let lab = Lab::new("ping");
+    let desired = converge(&lab);
+    // The sysctl went to the node namespace only.
+    assert_eq!(
+        sysctl::read(Some(&lab.nodes[0]), sysctl::IPV4_FORWARD).unwrap(),
+        "1"
+    );
+    assert_eq!(
+        sysctl::read(None, sysctl::IPV4_FORWARD).unwrap(),
+        host_forwarding
+    );
+
+    assert_eq!(desired[0].pod_mtu, 1450);
+    assert!(lab.ping(0, 1, 56), "pod a → pod b");
+    assert!(lab.ping(1, 0, 56), "pod b → pod a");
+    // A full-size packet with DF fits: the pod MTU accounts for the VXLAN overhead.
+    assert!(lab.ping(0, 1, desired[0].pod_mtu - 28), "full-MTU ping");
+    assert!(
+        !lab.ping(0, 1, desired[0].pod_mtu - 27),
+        "oversize DF ping must fail"
+    );
+
+    // What the kernel holds is what the planner said, in the kernel's own words.
+    let vx = &desired[0].vxlan.link.name;
+    let routes = sh(&["ip", "-n", &lab.nodes[0], "route", "show", "dev", vx]);
+    assert!(routes.contains("10.244.2.0/24 via 10.244.2.0"), "{routes}");
+    assert!(routes.contains("onlink"), "{routes}");
+    let mac_b = derive_vtep_mac("node-b").to_string();
+    let neigh = sh(&["ip", "-n", &lab.nodes[0], "neigh", "show", "dev", vx]);
+    assert!(
+        neigh.contains(&format!("10.244.2.0 lladdr {mac_b} PERMANENT")),
+        "{neigh}"
+    );
+    let fdb = sh(&["bridge", "-n", &lab.nodes[0], "fdb", "show", "dev", vx]);
+    assert!(
+        fdb.contains(&format!("{mac_b} dst 192.168.77.2 self permanent")),
+        "{fdb}"
+    );
+    let details = sh(&["ip", "-n", &lab.nodes[0], "-d", "link", "show", vx]);
+    assert!(details.contains("vxlan id 1"), "{details}");
+    assert!(details.contains("dstport 8472"), "{details}");
+    assert!(details.contains("nolearning"), "{details}");
+
+    // Re-applying (as after an agent restart) writes nothing and keeps every ifindex.
+    for (node, want) in lab.nodes.iter().zip(&desired) {
+        let before = links_in(node);
+        let report = apply_in(node, want).unwrap();
+        assert!(report.ops.is_empty(), "{:?}", report.ops);
+        let after = links_in(node);
+        for name in ["veilbr0", "veilvx1", "eth0"] {
+            assert_eq!(index_of(&before, name), index_of(&after, name), "{name}");
+        }
+    }
+    assert!(lab.ping(0, 1, 56));
+}
+
+#[test]
+fn removing_a_peer_removes_only_its_entries() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::new("rm");
+    let desired = converge(&lab);
+    let a = lab.nodes[0].as_str();
+    assert!(lab.ping(0, 1, 56));
+
+    // Things that are not ours: a foreign link with a route, and an admin's route on our bridge.
+    sh(&[
+        "ip",
+        "-n",
+        a,
+        "link",
+        "add",
+        "veiltestd",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "veiltestp",
+    ]);
+    sh(&["ip", "-n", a, "link", "set", "veiltestd", "up"]);
+    sh(&["ip", "-n", a, "link", "set", "veiltestp", "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        a,
+        "route",
+        "add",
+        "203.0.113.0/24",
+        "dev",
+        "veiltestd",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        a,
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "dev",
+        "veilbr0",
+    ]);
+    let links_before = links_in(a);
+
+    let alone = desired_for(&lab, 0, &[]);
+    let report = apply_in(a, &alone).unwrap();
+    let ops: Vec<String> = report.ops.iter().map(ToString::to_string).collect();
+    assert_eq!(ops.len(), 3, "{ops:?}");
+    assert!(ops[0].starts_with("del route 10.244.2.0/24"), "{ops:?}");
+    assert!(ops[1].starts_with("del neigh 10.244.2.0"), "{ops:?}");
+    assert!(ops[2].starts_with("del fdb"), "{ops:?}");
+
+    let vx = desired[0].vxlan.link.name.as_str();
+    assert_eq!(
+        sh(&["ip", "-n", a, "route", "show", "10.244.2.0/24"]).trim(),
+        ""
+    );
+    assert!(!sh(&["ip", "-n", a, "neigh", "show", "dev", vx]).contains("10.244.2.0"));
+    let mac_b = derive_vtep_mac("node-b").to_string();
+    assert!(!sh(&["bridge", "-n", a, "fdb", "show", "dev", vx]).contains(&mac_b));
+    assert!(!lab.ping(0, 1, 56), "no route to node b's pods any more");
+
+    // Nothing else changed.
+    let links_after = links_in(a);
+    for name in ["veilbr0", "veilvx1", "eth0", "veiltestd", "vpod"] {
+        assert_eq!(
+            index_of(&links_before, name),
+            index_of(&links_after, name),
+            "{name}"
+        );
+    }
+    let routes = routes_in(a);
+    let has = |dst: &str| routes.iter().any(|r| r.dst.to_string() == dst);
+    assert!(has("203.0.113.0/24") && has("198.51.100.0/24") && has("10.244.1.0/24"));
+    assert!(routes
+        .iter()
+        .all(|r| r.protocol != VEILNET_ROUTE_PROTOCOL || r.dst.to_string() != "10.244.2.0/24"));
+    assert!(apply_in(a, &alone).unwrap().ops.is_empty());
+
+    // And the peer comes back with exactly its three entries.
+    let report = apply_in(a, &desired[0]).unwrap();
+    assert_eq!(report.writes(), 3, "{:?}", report.ops);
+    assert!(lab.ping(0, 1, 56));
+}
+
+#[test]
+fn drift_is_repaired_in_place_and_incompatible_vxlan_is_replaced() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::new("drift");
+    let desired = converge(&lab);
+    let a = lab.nodes[0].as_str();
+    let before = links_in(a);
+
+    // Someone lowers the MTU, downs the VXLAN device and deletes our route.
+    sh(&["ip", "-n", a, "route", "del", "10.244.2.0/24"]);
+    sh(&["ip", "-n", a, "link", "set", "veilvx1", "mtu", "1300"]);
+    sh(&["ip", "-n", a, "link", "set", "veilvx1", "down"]);
+    let report = apply_in(a, &desired[0]).unwrap();
+    let ops: Vec<String> = report.ops.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        ops,
+        [
+            "set link veilvx1 mtu 1450 up".to_string(),
+            // Taking a device down flushes even its permanent neighbours (FDB entries survive).
+            format!(
+                "replace neigh 10.244.2.0 lladdr {} dev veilvx1",
+                derive_vtep_mac("node-b")
+            ),
+            "replace route 10.244.2.0/24 via 10.244.2.0 dev veilvx1 onlink".to_string(),
+        ]
+    );
+    assert_eq!(
+        index_of(&before, "veilvx1"),
+        index_of(&links_in(a), "veilvx1")
+    );
+    assert!(lab.ping(0, 1, 56));
+
+    // A changed VTEP MAC is restored in place, without recreating the device.
+    sh(&[
+        "ip",
+        "-n",
+        a,
+        "link",
+        "set",
+        "veilvx1",
+        "address",
+        "02:12:34:56:78:9a",
+    ]);
+    let report = apply_in(a, &desired[0]).unwrap();
+    let ops: Vec<String> = report.ops.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        ops,
+        [
+            format!("set link veilvx1 address {}", desired[0].vxlan.link.mac),
+            // A MAC change flushes the device's neighbours, so they are written again.
+            format!(
+                "replace neigh 10.244.2.0 lladdr {} dev veilvx1",
+                derive_vtep_mac("node-b")
+            ),
+        ]
+    );
+    assert_eq!(
+        index_of(&before, "veilvx1"),
+        index_of(&links_in(a), "veilvx1")
+    );
+    assert!(lab.ping(0, 1, 56));
+
+    // A different VNI cannot be changed in place: the device is replaced, then fully
+    // reprogrammed, and a further run is quiet again.
+    let mut other_vni = desired[0].clone();
+    other_vni.vxlan.vni = 2;
+    let report = apply_in(a, &other_vni).unwrap();
+    assert_eq!(report.recreated_links, vec!["veilvx1".to_string()]);
+    assert_ne!(
+        index_of(&before, "veilvx1"),
+        index_of(&links_in(a), "veilvx1")
+    );
+    let details = sh(&["ip", "-n", a, "-d", "link", "show", "veilvx1"]);
+    assert!(details.contains("vxlan id 2"), "{details}");
+    assert!(apply_in(a, &other_vni).unwrap().ops.is_empty());
+    // Back to the real VNI so the pods can talk again.
+    apply_in(a, &desired[0]).unwrap();
+    assert!(lab.ping(0, 1, 56));
+}
+
+#[test]
+fn underlay_mtu_honours_route_metric_and_connect_in_works() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::new("mtu");
+    let a = lab.nodes[0].clone();
+    sh(&["ip", "-n", &a, "link", "set", "eth0", "mtu", "1400"]);
+    sh(&[
+        "ip",
+        "-n",
+        &a,
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "via",
+        "192.168.77.2",
+        "mtu",
+        "1300",
+    ]);
+
+    let direct = underlay_in(&a, "192.168.77.2");
+    assert_eq!(direct.dev, "eth0");
+    assert_eq!(direct.device_mtu, 1400);
+    assert_eq!(direct.route_mtu, None);
+    assert_eq!(direct.mtu(), 1400);
+    assert_eq!(direct.source, Some("192.168.77.1".parse().unwrap()));
+
+    let via_metric = underlay_in(&a, "10.99.3.4");
+    assert_eq!(via_metric.route_mtu, Some(1300));
+    assert_eq!(via_metric.mtu(), 1300);
+
+    // connect_in from an ordinary multi-threaded runtime outside the namespace.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = rt.block_on(async {
+        let mut k = NetlinkKernel::connect_in(&a).unwrap();
+        let unreachable = underlay_for(&k, "172.31.0.1".parse().unwrap()).await;
+        (k.dump_links().await.unwrap(), unreachable)
+    });
+    let names: Vec<&str> = seen.0.iter().map(|l| l.name.as_str()).collect();
+    assert!(
+        names.contains(&"eth0") && names.contains(&"vpod"),
+        "{names:?}"
+    );
+    assert!(
+        matches!(seen.1, Err(veilnet::kernel::KernelError::NoRoute { .. })),
+        "{:?}",
+        seen.1
+    );
+}
