@@ -63,7 +63,9 @@ pub enum ConfigError {
     #[error("cannot decode network configuration: {detail}")]
     Decode { detail: String },
     /// Code 1.
-    #[error("CNI version {version:?} is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)")]
+    #[error(
+        "CNI version {version:?} is not supported (supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0)"
+    )]
     Version { version: String },
     /// Code 7.
     #[error("required key {key:?} is missing")]
@@ -269,9 +271,7 @@ fn standalone(obj: &Map<String, Value>) -> Result<StandaloneNet> {
 
 fn attachments(v: &Value) -> Result<Vec<Attachment>> {
     const KEY: &str = VALID_ATTACHMENTS_KEY;
-    let items = v
-        .as_array()
-        .ok_or_else(|| wrong_type(KEY, "an array", v))?;
+    let items = v.as_array().ok_or_else(|| wrong_type(KEY, "an array", v))?;
     items
         .iter()
         .map(|item| {

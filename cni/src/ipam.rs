@@ -224,13 +224,12 @@ impl IpamStore {
             .truncate(false)
             .open(&path)
             .map_err(io_err("open lock file", &path))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            IpamError::Io {
+        let lock =
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| IpamError::Io {
                 op: "flock",
                 path: path.clone(),
                 source: errno.into(),
-            }
-        })?;
+            })?;
         Ok(Locked {
             dir: &self.dir,
             _lock: lock,
@@ -266,11 +265,7 @@ impl IpamStore {
         let locked = self.lock()?;
         let scan = locked.scan()?;
         let mut released = Vec::new();
-        for record in scan
-            .records
-            .iter()
-            .filter(|r| &r.attachment == attachment)
-        {
+        for record in scan.records.iter().filter(|r| &r.attachment == attachment) {
             locked.remove(record.ip)?;
             released.push(record.ip);
         }
@@ -295,7 +290,10 @@ impl IpamStore {
     pub fn used(&self, pool: &Pool) -> Result<u32> {
         let locked = self.lock()?;
         let reserved = locked.scan()?.reserved();
-        Ok(reserved.iter().filter(|ip| pool.is_assignable(**ip)).count() as u32)
+        Ok(reserved
+            .iter()
+            .filter(|ip| pool.is_assignable(**ip))
+            .count() as u32)
     }
 
     /// Releases every record whose attachment is not in `valid`, plus corrupt records and
@@ -400,9 +398,7 @@ impl Locked<'_> {
     /// comes back empty is treated as corrupt (reserved until GC), never as free.
     fn write_atomic(&self, name: &str, body: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
-        let tmp = self
-            .dir
-            .join(format!(".tmp.{name}.{}", std::process::id()));
+        let tmp = self.dir.join(format!(".tmp.{name}.{}", std::process::id()));
         let written = (|| {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -572,8 +568,7 @@ mod tests {
         assert_eq!(store.allocate(&p, &a1).unwrap().ip, ip("10.0.0.4"));
         assert_eq!(store.lookup(&att("b")).unwrap(), Some(ip("10.0.0.3")));
         assert_eq!(store.used(&p).unwrap(), 3);
-        let on_disk =
-            fs::read_to_string(dir.path().join("ipam/net/10.0.0.2")).unwrap();
+        let on_disk = fs::read_to_string(dir.path().join("ipam/net/10.0.0.2")).unwrap();
         assert_eq!(on_disk, "a\neth0\n");
     }
 
@@ -631,7 +626,10 @@ mod tests {
         assert!(report.released.is_empty());
         let mut removed = report.removed_corrupt.clone();
         removed.sort();
-        assert_eq!(removed, vec![ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")]);
+        assert_eq!(
+            removed,
+            vec![ip("10.0.0.2"), ip("10.0.0.3"), ip("10.0.0.4")]
+        );
         assert!(!store.dir().join(".tmp.10.0.0.6.123").exists());
         assert!(store.dir().join("not-an-ip").exists());
         assert_eq!(store.used(&p).unwrap(), 1);

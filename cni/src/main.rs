@@ -13,7 +13,7 @@ fn main() {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         veilnet_cni::run(get_env, stdin)
     }))
-        .unwrap_or_else(|_| Outcome::internal_error("veilnet-cni panicked; see stderr"));
+    .unwrap_or_else(|_| Outcome::internal_error("veilnet-cni panicked; see stderr"));
     let mut stdout = std::io::stdout().lock();
     if !outcome.stdout.is_empty() {
         let _ = writeln!(stdout, "{}", outcome.stdout);

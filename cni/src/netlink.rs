@@ -9,8 +9,8 @@ use std::os::fd::RawFd;
 
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
@@ -177,10 +177,7 @@ impl Netlink {
         packet.serialize(&mut out);
         self.socket
             .send(&out, 0)
-            .map_err(|source| NetlinkError::Socket {
-                op: "send",
-                source,
-            })?;
+            .map_err(|source| NetlinkError::Socket { op: "send", source })?;
 
         let protocol = |detail: String| NetlinkError::Protocol {
             op: op.to_string(),
@@ -191,10 +188,7 @@ impl Netlink {
             let size = self
                 .socket
                 .recv(&mut &mut self.buffer[..], 0)
-                .map_err(|source| NetlinkError::Socket {
-                    op: "recv",
-                    source,
-                })?;
+                .map_err(|source| NetlinkError::Socket { op: "recv", source })?;
             let mut offset = 0;
             while offset < size {
                 let chunk = &self.buffer[offset..size];
@@ -265,7 +259,9 @@ impl Netlink {
             m.attributes.push(LinkAttribute::Mtu(mtu));
         }
         m.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
         self.request(
             &format!("create bridge {name}"),
             RouteNetlinkMessage::NewLink(m),
@@ -274,12 +270,12 @@ impl Netlink {
         .map(drop)
     }
 
-    /// Creates a veth pair, both ends up, the peer directly in its namespace and the host end
-    /// attached to its bridge: one request, so there is never a half-configured pair to undo.
+    /// Creates a veth pair in one request: the host end up and attached to its bridge, the peer
+    /// (still down) directly in its namespace, so there is never a half-placed pair to undo.
     pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+        // The peer is brought up afterwards through the pod's socket: recent kernels refuse
+        // IFF_UP on a veth peer at creation (ENOTCONN).
         let mut peer = LinkMessage::default();
-        peer.header.flags = LinkFlags::Up;
-        peer.header.change_mask = LinkFlags::Up;
         peer.attributes
             .push(LinkAttribute::IfName(spec.peer_name.to_string()));
         peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
@@ -405,7 +401,9 @@ impl Netlink {
         m.header.kind = RouteType::Unicast;
         if dst.prefix_len() > 0 {
             m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::Inet(dst.network())));
+                .push(RouteAttribute::Destination(RouteAddress::Inet(
+                    dst.network(),
+                )));
         }
         if let Some(gw) = gateway {
             m.attributes

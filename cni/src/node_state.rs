@@ -190,10 +190,7 @@ mod tests {
                 "fd00:10::/64".parse().unwrap(),
                 "10.244.1.0/24".parse().unwrap(),
             ],
-            gateways: vec![
-                "fd00:10::1".parse().unwrap(),
-                "10.244.1.1".parse().unwrap(),
-            ],
+            gateways: vec!["fd00:10::1".parse().unwrap(), "10.244.1.1".parse().unwrap()],
             bridge: "veilbr0".into(),
             mtu: 1420,
             ready: true,

@@ -24,10 +24,7 @@ pub enum SandboxError {
     #[error("cannot enter network namespace {path}: {source}")]
     Enter { path: PathBuf, source: nix::Error },
     #[error("netlink in network namespace {path}: {source}")]
-    Netlink {
-        path: PathBuf,
-        source: NetlinkError,
-    },
+    Netlink { path: PathBuf, source: NetlinkError },
     #[error("thread entering network namespace {path} failed: {reason}")]
     Thread { path: PathBuf, reason: String },
 }
@@ -74,16 +71,16 @@ impl PodNetns {
             let worker = std::thread::Builder::new()
                 .name("veilnet-cni-netns".into())
                 .spawn_scoped(scope, || {
-                setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| {
-                    SandboxError::Enter {
+                    setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        SandboxError::Enter {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                    Netlink::open().map_err(|source| SandboxError::Netlink {
                         path: path.clone(),
                         source,
-                    }
-                })?;
-                Netlink::open().map_err(|source| SandboxError::Netlink {
-                    path: path.clone(),
-                    source,
-                })
+                    })
                 })
                 .map_err(|e| SandboxError::Thread {
                     path: path.clone(),

@@ -347,8 +347,8 @@ mod tests {
 
     #[test]
     fn result_1_1_0_shape() {
-        let v: Value = serde_json::from_str(&sample().for_version(CniVersion::V1_1_0).to_json())
-            .unwrap();
+        let v: Value =
+            serde_json::from_str(&sample().for_version(CniVersion::V1_1_0).to_json()).unwrap();
         assert_eq!(
             v,
             json!({
@@ -366,8 +366,8 @@ mod tests {
 
     #[test]
     fn result_1_0_0_has_no_1_1_fields() {
-        let v: Value = serde_json::from_str(&sample().for_version(CniVersion::V1_0_0).to_json())
-            .unwrap();
+        let v: Value =
+            serde_json::from_str(&sample().for_version(CniVersion::V1_0_0).to_json()).unwrap();
         assert_eq!(v["cniVersion"], "1.0.0");
         assert!(v["interfaces"][0].get("mtu").is_none());
         assert!(v["ips"][0].get("version").is_none());
@@ -376,8 +376,8 @@ mod tests {
 
     #[test]
     fn result_0_x_has_ip_version() {
-        let v: Value = serde_json::from_str(&sample().for_version(CniVersion::V0_4_0).to_json())
-            .unwrap();
+        let v: Value =
+            serde_json::from_str(&sample().for_version(CniVersion::V0_4_0).to_json()).unwrap();
         assert_eq!(v["ips"][0]["version"], "4");
         assert_eq!(v["cniVersion"], "0.4.0");
     }
@@ -386,7 +386,10 @@ mod tests {
     fn prev_result_round_trips_from_0_x() {
         let text = sample().for_version(CniVersion::V0_3_1).to_json();
         let back: SuccessResult = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.ips[0].address, "10.250.0.2/24".parse::<IpNet>().unwrap());
+        assert_eq!(
+            back.ips[0].address,
+            "10.250.0.2/24".parse::<IpNet>().unwrap()
+        );
         let again = back.for_version(CniVersion::V1_1_0);
         assert_eq!(again.ips[0].version, None);
     }

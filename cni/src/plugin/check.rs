@@ -117,7 +117,9 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
             .iter()
             .any(|r| r.dst == dst.trunc() && r.gateway == Some(gw) && r.oif == Some(link.index));
         if !present {
-            return Err(failed(format!("route {dst} via {gw} is missing in {netns}")));
+            return Err(failed(format!(
+                "route {dst} via {gw} is missing in {netns}"
+            )));
         }
     }
 

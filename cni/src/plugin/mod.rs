@@ -116,10 +116,9 @@ impl PluginError {
             },
             PluginError::CommandNotInVersion { .. } => "incompatible CNI version".into(),
             PluginError::NotAvailable(_) => "plugin not available".into(),
-            PluginError::Several(errors) => errors
-                .first()
-                .map(PluginError::summary)
-                .unwrap_or_default(),
+            PluginError::Several(errors) => {
+                errors.first().map(PluginError::summary).unwrap_or_default()
+            }
             other => match other.code() {
                 ErrorCode::UnknownContainer => "container network namespace not found".into(),
                 ErrorCode::TryAgainLater => "node network not ready, try again later".into(),
@@ -371,8 +370,14 @@ mod tests {
     fn config_errors_map_to_codes() {
         let cases = [
             (json!({"cniVersion": "0.2.0", "name": "n", "type": "t"}), 1),
-            (json!({"cniVersion": "1.1.0", "name": "n", "type": "t", "subnet": "fd00::/64"}), 2),
-            (json!({"cniVersion": "1.1.0", "name": "n", "type": "t", "mtu": "x", "subnet": "10.0.0.0/24"}), 7),
+            (
+                json!({"cniVersion": "1.1.0", "name": "n", "type": "t", "subnet": "fd00::/64"}),
+                2,
+            ),
+            (
+                json!({"cniVersion": "1.1.0", "name": "n", "type": "t", "mtu": "x", "subnet": "10.0.0.0/24"}),
+                7,
+            ),
             (json!({"cniVersion": "1.1.0", "type": "t"}), 7),
         ];
         for (conf, code) in cases {
@@ -386,7 +391,8 @@ mod tests {
 
     #[test]
     fn status_and_gc_need_1_1_0() {
-        let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "subnet": "10.0.0.0/24"});
+        let conf =
+            json!({"cniVersion": "1.0.0", "name": "n", "type": "t", "subnet": "10.0.0.0/24"});
         let out = run(status_env(), Ok(conf.to_string().into_bytes()));
         assert_eq!(json_of(&out)["code"], 1);
         let gc_env = env(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")]);
@@ -396,7 +402,8 @@ mod tests {
 
     #[test]
     fn check_needs_0_4_0() {
-        let conf = json!({"cniVersion": "0.3.1", "name": "n", "type": "t", "subnet": "10.0.0.0/24"});
+        let conf =
+            json!({"cniVersion": "0.3.1", "name": "n", "type": "t", "subnet": "10.0.0.0/24"});
         let check_env = env(&[
             ("CNI_COMMAND", "CHECK"),
             ("CNI_CONTAINERID", "c1"),
@@ -451,11 +458,9 @@ mod tests {
         .into_bytes();
         assert_eq!(run(status_env(), Ok(conf.clone())).exit_code, 0);
         let store = crate::ipam::IpamStore::new(dir.path(), "tiny");
-        let pool = crate::ipam::Pool::new(
-            "10.9.0.0/30".parse().unwrap(),
-            "10.9.0.1".parse().unwrap(),
-        )
-        .unwrap();
+        let pool =
+            crate::ipam::Pool::new("10.9.0.0/30".parse().unwrap(), "10.9.0.1".parse().unwrap())
+                .unwrap();
         store
             .allocate(
                 &pool,
@@ -479,6 +484,9 @@ mod tests {
         let out = run(gc_env, Ok(conf.to_string().into_bytes()));
         let v = json_of(&out);
         assert_eq!(v["code"], 7);
-        assert!(v["msg"].as_str().unwrap().contains("cni.dev/valid-attachments"));
+        assert!(v["msg"]
+            .as_str()
+            .unwrap()
+            .contains("cni.dev/valid-attachments"));
     }
 }
