@@ -206,6 +206,16 @@ fn standalone(obj: &Map<String, Value>) -> Result<StandaloneNet> {
             reason: format!("host bits are set; did you mean {}?", subnet.trunc()),
         });
     }
+    if subnet.prefix_len() < crate::ipam::MIN_PREFIX_LEN {
+        return Err(ConfigError::Invalid {
+            key: "subnet",
+            value: subnet_text.to_string(),
+            reason: format!(
+                "too large for one node (at least /{})",
+                crate::ipam::MIN_PREFIX_LEN
+            ),
+        });
+    }
     if subnet.prefix_len() > 30 {
         return Err(ConfigError::Invalid {
             key: "subnet",
@@ -505,6 +515,10 @@ mod tests {
         ));
         assert!(matches!(
             err_with("subnet", json!("10.250.0.7/24")),
+            ConfigError::Invalid { key: "subnet", .. }
+        ));
+        assert!(matches!(
+            err_with("subnet", json!("10.0.0.0/4")),
             ConfigError::Invalid { key: "subnet", .. }
         ));
         assert!(matches!(

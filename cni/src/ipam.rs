@@ -23,6 +23,9 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::env::Attachment;
 
+/// The largest pool we manage: every allocation scans the records, so keep pools node-sized.
+pub const MIN_PREFIX_LEN: u8 = 8;
+
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_FILE: &str = "last_reserved_ip";
 
@@ -38,6 +41,8 @@ pub enum IpamError {
     Exhausted { subnet: Ipv4Net, capacity: u32 },
     #[error("pod network {subnet} with gateway {gateway} leaves no address for pods")]
     PoolTooSmall { subnet: Ipv4Net, gateway: Ipv4Addr },
+    #[error("pod network {subnet} is larger than /{MIN_PREFIX_LEN}")]
+    PoolTooLarge { subnet: Ipv4Net },
 }
 
 type Result<T> = std::result::Result<T, IpamError>;
@@ -60,6 +65,9 @@ impl Pool {
             subnet: subnet.trunc(),
             gateway,
         };
+        if subnet.prefix_len() < MIN_PREFIX_LEN {
+            return Err(IpamError::PoolTooLarge { subnet });
+        }
         if pool.capacity() == 0 {
             return Err(IpamError::PoolTooSmall { subnet, gateway });
         }
@@ -120,7 +128,7 @@ impl Pool {
         last: Option<Ipv4Addr>,
     ) -> Option<Ipv4Addr> {
         let (first, end) = self.host_bounds()?;
-        let hosts = end - first + 1;
+        let hosts = u64::from(end - first) + 1;
         let start = match last {
             Some(ip) if self.is_host(ip) => {
                 let n = u32::from(ip);
@@ -132,8 +140,11 @@ impl Pool {
             }
             _ => first,
         };
+        // u64: offset + step may exceed u32 for large pools.
+        let offset = u64::from(start - first);
         (0..hosts)
-            .map(|step| first + (start - first + step) % hosts)
+            .map(|step| first as u64 + (offset + step) % hosts)
+            .filter_map(|n| u32::try_from(n).ok())
             .map(Ipv4Addr::from)
             .find(|ip| *ip != self.gateway && !reserved.contains(ip))
     }
@@ -484,6 +495,16 @@ mod tests {
         assert!(!p.is_assignable(ip("10.0.0.255")));
         assert!(!p.is_assignable(ip("10.0.1.2")));
         assert_eq!(pool("10.0.0.0/30", "10.0.0.1").capacity(), 1);
+        assert!(matches!(
+            Pool::new("10.0.0.0/7".parse().unwrap(), ip("10.0.0.1")),
+            Err(IpamError::PoolTooLarge { .. })
+        ));
+        let big = pool("10.0.0.0/8", "10.0.0.1");
+        assert_eq!(big.capacity(), (1 << 24) - 3);
+        assert_eq!(
+            big.next_free(&HashSet::new(), Some(ip("10.255.255.254"))),
+            Some(ip("10.0.0.2"))
+        );
         assert!(matches!(
             Pool::new("10.0.0.0/31".parse().unwrap(), ip("10.0.0.0")),
             Err(IpamError::PoolTooSmall { .. })

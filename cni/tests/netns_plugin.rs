@@ -399,12 +399,13 @@ fn agent_mode_status_and_add() {
     add().run().err(11);
 
     node_state(true).write_atomic(&path).unwrap();
-    assert_eq!(status().ok(), Value::Null);
-    // The agent owns the bridge: until it exists, ADD asks to retry.
+    // The agent owns the bridge: until it exists, STATUS says no and ADD asks to retry.
+    status().err(50);
     add().run().err(11);
     node.ip(&["link", "add", "veilbr0", "type", "bridge"]);
     node.ip(&["addr", "add", "10.244.1.1/24", "dev", "veilbr0"]);
     node.ip(&["link", "set", "veilbr0", "up"]);
+    assert_eq!(status().ok(), Value::Null);
 
     let result = add().run().ok();
     assert_eq!(result["ips"][0]["address"], "10.244.1.2/24");
