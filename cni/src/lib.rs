@@ -14,4 +14,4 @@ pub mod sandbox;
 pub mod spec;
 
 pub use node_state::{NodeState, NodeStateError, NODE_STATE_FILE, NODE_STATE_VERSION};
-pub use plugin::{host_veth_name, run, Outcome, PluginError};
+pub use plugin::{host_veth_name, run, Outcome, PluginError, HOST_VETH_PREFIX};

@@ -185,10 +185,11 @@ impl Netlink {
         };
         let mut replies = Vec::new();
         loop {
-            let size = self
-                .socket
-                .recv(&mut &mut self.buffer[..], 0)
-                .map_err(|source| NetlinkError::Socket { op: "recv", source })?;
+            let size = match self.socket.recv(&mut &mut self.buffer[..], 0) {
+                Ok(size) => size,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(NetlinkError::Socket { op: "recv", source }),
+            };
             let mut offset = 0;
             while offset < size {
                 let chunk = &self.buffer[offset..size];

@@ -184,6 +184,9 @@ impl Outcome {
     }
 }
 
+/// Every host-side pod veth starts with this (the agent can recognise them by it).
+pub const HOST_VETH_PREFIX: &str = "veil";
+
 /// The interface name of the host end of an attachment's veth: `veil` + 11 hex digits of a
 /// stable hash (FNV-1a) of container id and interface name, 15 characters in all. Deterministic,
 /// so DEL and GC find it without any state.
@@ -196,7 +199,7 @@ pub fn host_veth_name(attachment: &Attachment) -> String {
         .chain(std::iter::once(0))
         .chain(attachment.ifname.bytes());
     let hash = bytes.fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
-    format!("veil{:011x}", hash >> 20)
+    format!("{HOST_VETH_PREFIX}{:011x}", hash >> 20)
 }
 
 /// Runs one plugin invocation: `get_env` reads the `CNI_*` variables, `stdin` is what the
@@ -480,6 +483,47 @@ mod tests {
             )
             .unwrap();
         assert_eq!(json_of(&run(status_env(), Ok(conf)))["code"], 50);
+    }
+
+    /// Hostile input must give a well-formed error result, never a panic. Every input here is
+    /// rejected before any kernel or disk access, so ADD is safe to run in the test's netns.
+    #[test]
+    fn garbage_never_panics() {
+        let deep = "[".repeat(10_000);
+        let inputs: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"\0\0\0".to_vec(),
+            b"\xff\xfe{".to_vec(),
+            deep.into_bytes(),
+            br#"{"cniVersion": 1.1}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "", "type": "t"}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "n", "type": "t", "subnet": "0.0.0.0/0"}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "n", "type": "t", "subnet": "10.0.0.0/24", "mtu": 18446744073709551616}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "n", "type": "t", "subnet": "10.0.0.0/24", "gateway": "10.0.0.0"}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "n", "type": "t", "prevResult": {"ips": [{"address": 5}]}}"#.to_vec(),
+            br#"{"cniVersion": "1.1.0", "name": "n", "type": "t", "dns": {"nameservers": "x"}}"#.to_vec(),
+            "{\"cniVersion\": \"1.1.0\", \"name\": \"\u{1F600}/x\", \"type\": \"t\"}".as_bytes().to_vec(),
+        ];
+        for input in inputs {
+            for command in ["ADD", "STATUS", "VERSION"] {
+                let out = run(
+                    env(&[
+                        ("CNI_COMMAND", command),
+                        ("CNI_CONTAINERID", "c"),
+                        ("CNI_IFNAME", "eth0"),
+                        ("CNI_NETNS", "/run/netns/veilnet-cni-unit-none"),
+                    ]),
+                    Ok(input.clone()),
+                );
+                if command == "VERSION" && out.exit_code == 0 {
+                    continue; // VERSION only needs cniVersion (or nothing)
+                }
+                assert_eq!(out.exit_code, 1, "{command} {input:?}: {out:?}");
+                let v = json_of(&out);
+                assert!(v["code"].as_u64().is_some(), "{v}");
+                assert!(v["msg"].is_string() && v["details"].is_string(), "{v}");
+            }
+        }
     }
 
     #[test]
