@@ -1,0 +1,514 @@
+//! A small synchronous rtnetlink client over `netlink-sys`: exactly the verbs the plugin needs
+//! (links, IPv4 addresses and routes), with errno classified in one place ([`classify`]).
+//!
+//! A socket belongs to the network namespace it was opened in, for its whole life; see
+//! [`crate::sandbox`] for opening one inside a pod's namespace.
+
+use std::net::Ipv4Addr;
+use std::os::fd::RawFd;
+
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+/// Large enough for any single datagram the kernel sends for our requests (dumps are capped at
+/// 32 KiB per datagram).
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// The errno classes callers react to; everything else is a plain failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrnoKind {
+    /// `EEXIST`: the object is already there.
+    AlreadyExists,
+    /// `ENOENT`, `ENODEV`, `ESRCH`, `EADDRNOTAVAIL`: the object (or what it refers to) is absent.
+    NotFound,
+    Other,
+}
+
+/// The single place that interprets kernel errnos.
+pub fn classify(errno: i32) -> ErrnoKind {
+    match errno {
+        libc::EEXIST => ErrnoKind::AlreadyExists,
+        libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::EADDRNOTAVAIL => ErrnoKind::NotFound,
+        _ => ErrnoKind::Other,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket {op}: {source}")]
+    Socket {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{op}: {source}")]
+    Kernel {
+        op: String,
+        kind: ErrnoKind,
+        source: std::io::Error,
+    },
+    #[error("{op}: unexpected netlink reply: {detail}")]
+    Protocol { op: String, detail: String },
+}
+
+impl NetlinkError {
+    pub fn kind(&self) -> ErrnoKind {
+        match self {
+            NetlinkError::Kernel { kind, .. } => *kind,
+            _ => ErrnoKind::Other,
+        }
+    }
+
+    pub fn is_already_exists(&self) -> bool {
+        self.kind() == ErrnoKind::AlreadyExists
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind() == ErrnoKind::NotFound
+    }
+}
+
+pub type Result<T> = std::result::Result<T, NetlinkError>;
+
+/// What we read back about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Vec<u8>,
+    pub up: bool,
+    /// Index of the bridge (or other controller) the link is attached to.
+    pub controller: Option<u32>,
+    /// `IFLA_INFO_KIND`, e.g. "bridge" or "veth".
+    pub kind: Option<String>,
+}
+
+impl Link {
+    /// `aa:bb:cc:dd:ee:ff`, as CNI results spell MACs.
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// One IPv4 route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteV4 {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+/// A veth pair whose peer is created directly inside another namespace.
+#[derive(Debug, Clone)]
+pub struct VethSpec<'a> {
+    pub host_name: &'a str,
+    pub peer_name: &'a str,
+    pub mtu: u32,
+    /// An open fd of the peer's network namespace.
+    pub peer_netns_fd: RawFd,
+    /// Bridge to attach the host end to.
+    pub controller: Option<u32>,
+}
+
+/// A route socket bound to the namespace it was created in.
+pub struct Netlink {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+impl Netlink {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<Netlink> {
+        let sock_err = |op| move |source| NetlinkError::Socket { op, source };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(sock_err("open"))?;
+        // Let the kernel filter dumps by the header fields we set (e.g. address by ifindex).
+        socket
+            .set_netlink_get_strict_chk(true)
+            .map_err(sock_err("set strict check"))?;
+        socket
+            .bind(&SocketAddr::new(0, 0))
+            .map_err(sock_err("bind"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(sock_err("connect"))?;
+        Ok(Netlink {
+            socket,
+            sequence: 0,
+            buffer: vec![0; RECV_BUFFER],
+        })
+    }
+
+    /// Sends one request and collects the replies: up to the ACK for writes and single gets,
+    /// up to `NLMSG_DONE` for dumps.
+    fn request(
+        &mut self,
+        op: &str,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        self.sequence = self.sequence.wrapping_add(1);
+        header.sequence_number = self.sequence;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        packet.finalize();
+        let mut out = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket
+            .send(&out, 0)
+            .map_err(|source| NetlinkError::Socket { op: "send", source })?;
+
+        let protocol = |detail: String| NetlinkError::Protocol {
+            op: op.to_string(),
+            detail,
+        };
+        let mut replies = Vec::new();
+        loop {
+            let size = match self.socket.recv(&mut &mut self.buffer[..], 0) {
+                Ok(size) => size,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(NetlinkError::Socket { op: "recv", source }),
+            };
+            let mut offset = 0;
+            while offset < size {
+                let chunk = &self.buffer[offset..size];
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(chunk)
+                    .map_err(|e| protocol(e.to_string()))?;
+                let length = reply.header.length as usize;
+                if length == 0 || length > chunk.len() {
+                    return Err(protocol(format!("bad message length {length}")));
+                }
+                // Netlink messages are 4-byte aligned within a datagram.
+                offset += (length + 3) & !3;
+                if reply.header.sequence_number != self.sequence {
+                    continue; // a leftover from an earlier, abandoned request
+                }
+                match reply.payload {
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(replies),
+                        Some(code) => {
+                            let errno = code.get().abs();
+                            return Err(NetlinkError::Kernel {
+                                op: op.to_string(),
+                                kind: classify(errno),
+                                source: std::io::Error::from_raw_os_error(errno),
+                            });
+                        }
+                    },
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(protocol("receive buffer overrun".into()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn get_link(&mut self, op: String, message: LinkMessage) -> Result<Option<Link>> {
+        match self.request(&op, RouteNetlinkMessage::GetLink(message), 0) {
+            Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(parse_link(link)),
+                _ => None,
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.get_link(format!("get link {name}"), m)
+    }
+
+    pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        self.get_link(format!("get link #{index}"), m)
+    }
+
+    /// Creates a bridge, up. `EEXIST` comes back as an error for the caller to judge.
+    pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        if let Some(mtu) = mtu {
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Bridge,
+            )]));
+        self.request(
+            &format!("create bridge {name}"),
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Creates a veth pair in one request: the host end up and attached to its bridge, the peer
+    /// (still down) directly in its namespace, so there is never a half-placed pair to undo.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+        // The peer is brought up afterwards through the pod's socket: recent kernels refuse
+        // IFF_UP on a veth peer at creation (ENOTCONN).
+        let mut peer = LinkMessage::default();
+        peer.attributes
+            .push(LinkAttribute::IfName(spec.peer_name.to_string()));
+        peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        peer.attributes
+            .push(LinkAttribute::NetNsFd(spec.peer_netns_fd));
+
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes
+            .push(LinkAttribute::IfName(spec.host_name.to_string()));
+        m.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        if let Some(controller) = spec.controller {
+            m.attributes.push(LinkAttribute::Controller(controller));
+        }
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+        ]));
+        self.request(
+            &format!("create veth {} <-> {}", spec.host_name, spec.peer_name),
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Deletes a link by name. Returns false when it did not exist.
+    pub fn delete_link_by_name(&mut self, name: &str) -> Result<bool> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(
+            &format!("delete link {name}"),
+            RouteNetlinkMessage::DelLink(m),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn set_up(&mut self, index: u32) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        self.request(
+            &format!("set link #{index} up"),
+            RouteNetlinkMessage::SetLink(m),
+            0,
+        )
+        .map(drop)
+    }
+
+    /// Adds `addr` (host bits = the address) to the link. `EEXIST` is returned to the caller.
+    pub fn add_address(&mut self, index: u32, addr: Ipv4Net) -> Result<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.prefix_len = addr.prefix_len();
+        m.header.scope = AddressScope::Universe;
+        m.header.index = index;
+        m.attributes
+            .push(AddressAttribute::Local(addr.addr().into()));
+        m.attributes
+            .push(AddressAttribute::Address(addr.addr().into()));
+        if addr.prefix_len() < 31 {
+            m.attributes
+                .push(AddressAttribute::Broadcast(addr.broadcast()));
+        }
+        self.request(
+            &format!("add address {addr} to link #{index}"),
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// IPv4 addresses on the link.
+    pub fn addresses_v4(&mut self, index: u32) -> Result<Vec<Ipv4Net>> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.index = index;
+        let replies = self.request(
+            &format!("list addresses of link #{index}"),
+            RouteNetlinkMessage::GetAddress(m),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                    let prefix = a.header.prefix_len;
+                    a.attributes.into_iter().find_map(|attr| match attr {
+                        AddressAttribute::Local(std::net::IpAddr::V4(ip)) => {
+                            Ipv4Net::new(ip, prefix).ok()
+                        }
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Adds a main-table route to `dst` via `gateway` out of `oif`. `EEXIST` goes to the caller.
+    pub fn add_route_v4(
+        &mut self,
+        dst: Ipv4Net,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> Result<()> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = dst.prefix_len();
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        m.header.kind = RouteType::Unicast;
+        if dst.prefix_len() > 0 {
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(
+                    dst.network(),
+                )));
+        }
+        if let Some(gw) = gateway {
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        }
+        m.attributes.push(RouteAttribute::Oif(oif));
+        let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
+        self.request(
+            &format!("add route {dst}{via} dev #{oif}"),
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Unicast IPv4 routes of the main table.
+    pub fn routes_v4(&mut self) -> Result<Vec<RouteV4>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        let replies = self.request(
+            "list IPv4 routes",
+            RouteNetlinkMessage::GetRoute(m),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(route) => parse_route(route),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+fn parse_link(message: LinkMessage) -> Link {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        mtu: 0,
+        mac: Vec::new(),
+        up: message.header.flags.contains(LinkFlags::Up),
+        controller: None,
+        kind: None,
+    };
+    for attr in message.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name = name,
+            LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+            LinkAttribute::Address(mac) => link.mac = mac,
+            LinkAttribute::Controller(index) => link.controller = Some(index),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        link.kind = Some(kind.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn parse_route(route: RouteMessage) -> Option<RouteV4> {
+    let mut table = u32::from(route.header.table);
+    let mut dst_ip = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    if route.header.kind != RouteType::Unicast {
+        return None;
+    }
+    for attr in route.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = t,
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst_ip = ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(ip),
+            RouteAttribute::Oif(index) => oif = Some(index),
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let dst = Ipv4Net::new(dst_ip, route.header.destination_prefix_length).ok()?;
+    Some(RouteV4 { dst, gateway, oif })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_classes() {
+        assert_eq!(classify(libc::EEXIST), ErrnoKind::AlreadyExists);
+        assert_eq!(classify(libc::ENODEV), ErrnoKind::NotFound);
+        assert_eq!(classify(libc::ENOENT), ErrnoKind::NotFound);
+        assert_eq!(classify(libc::EPERM), ErrnoKind::Other);
+    }
+
+    #[test]
+    fn mac_format() {
+        assert_eq!(
+            format_mac(&[0x02, 0xab, 0, 1, 0x10, 0xff]),
+            "02:ab:00:01:10:ff"
+        );
+    }
+}

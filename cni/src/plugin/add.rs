@@ -1,0 +1,211 @@
+//! ADD: a veth pair from the bridge into the pod, an address from IPAM, the default route.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::guard::{LeaseGuard, LinkGuard};
+use super::network::{self, with_prefix};
+use super::{host_veth_name, PluginError, Result};
+use crate::config::NetConf;
+use crate::env::Target;
+use crate::ipam::{IpamStore, Pool};
+use crate::netlink::{Netlink, VethSpec};
+use crate::sandbox::PodNetns;
+use crate::spec::{Interface, IpConfig, Route, SuccessResult};
+
+pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
+    let ifname = &target.attachment.ifname;
+    let params = network::params(conf)?;
+    let pod_ns = PodNetns::open(&target.netns)?;
+    let mut host = Netlink::open()?;
+    let prepared = network::prepare(&params, &mut host)?;
+    let mut pod = pod_ns.netlink()?;
+    // The spec: ADD must fail if the interface already exists in the container.
+    if pod.link_by_name(ifname)?.is_some() {
+        return Err(PluginError::InterfaceExists {
+            ifname: ifname.clone(),
+            netns: target.netns.clone(),
+        });
+    }
+
+    let store = IpamStore::new(&conf.state_dir, &conf.name);
+    let pool = Pool::new(params.subnet, params.gateway)?;
+    let allocation = store.allocate(&pool, &target.attachment)?;
+    let lease = LeaseGuard::new(&store, &target.attachment);
+
+    let host_name = host_veth_name(&target.attachment);
+    let spec = VethSpec {
+        host_name: &host_name,
+        peer_name: ifname,
+        mtu: prepared.mtu,
+        peer_netns_fd: pod_ns.fd(),
+        controller: Some(prepared.bridge.index),
+    };
+    match host.create_veth(&spec) {
+        Ok(()) => {}
+        Err(e) if e.is_already_exists() => {
+            // The pod has no `ifname` (checked above), so the clash is on the host name, which
+            // only this attachment uses: a leftover of an earlier, interrupted ADD. Replace it.
+            if !host.delete_link_by_name(&host_name)? {
+                return Err(PluginError::InterfaceExists {
+                    ifname: ifname.clone(),
+                    netns: target.netns.clone(),
+                });
+            }
+            host.create_veth(&spec)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let veth = LinkGuard::new(&host_name);
+
+    let vanished = |what: String| PluginError::Vanished { what };
+    let host_link = host
+        .link_by_name(&host_name)?
+        .ok_or_else(|| vanished(format!("host veth {host_name}")))?;
+    let pod_link = pod
+        .link_by_name(ifname)?
+        .ok_or_else(|| vanished(format!("{ifname} in {}", target.netns.display())))?;
+    if !pod_link.up {
+        pod.set_up(pod_link.index)?;
+    }
+    let address = with_prefix(allocation.ip, params.subnet);
+    pod.add_address(pod_link.index, address)?;
+    pod.add_route_v4(Ipv4Net::default(), Some(params.gateway), pod_link.index)?;
+
+    veth.commit();
+    lease.commit();
+
+    let attached = Attached {
+        host: Interface {
+            name: host_name,
+            mac: host_link.mac_string(),
+            mtu: Some(host_link.mtu),
+            ..Interface::default()
+        },
+        pod: Interface {
+            name: ifname.clone(),
+            mac: pod_link.mac_string(),
+            mtu: Some(pod_link.mtu),
+            sandbox: target.netns.to_string_lossy().into_owned(),
+            ..Interface::default()
+        },
+        address,
+        gateway: params.gateway,
+    };
+    Ok(build_result(conf, attached))
+}
+
+/// What ADD created, for the result.
+struct Attached {
+    host: Interface,
+    pod: Interface,
+    address: Ipv4Net,
+    gateway: Ipv4Addr,
+}
+
+/// The ADD result: `prevResult` (if a previous plugin in the chain produced one) with our
+/// interfaces, address and route appended, in the caller's spec version.
+fn build_result(conf: &NetConf, attached: Attached) -> SuccessResult {
+    let mut result = conf
+        .prev_result
+        .clone()
+        .unwrap_or_else(|| SuccessResult::empty(conf.cni_version));
+    let pod_index = result.interfaces.len() + 1;
+    result.interfaces.push(attached.host);
+    result.interfaces.push(attached.pod);
+    let gateway = IpAddr::V4(attached.gateway);
+    result.ips.push(IpConfig {
+        address: IpNet::V4(attached.address),
+        gateway: Some(gateway),
+        interface: Some(pod_index),
+        version: None,
+    });
+    result
+        .routes
+        .push(Route::via(IpNet::V4(Ipv4Net::default()), Some(gateway)));
+    if result.dns == Default::default() {
+        result.dns = conf.dns.clone();
+    }
+    result.for_version(conf.cni_version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use serde_json::json;
+
+    fn attached() -> Attached {
+        Attached {
+            host: Interface {
+                name: "veil0123456789a".into(),
+                mac: "aa:aa:aa:aa:aa:aa".into(),
+                mtu: Some(1400),
+                ..Interface::default()
+            },
+            pod: Interface {
+                name: "eth0".into(),
+                mac: "bb:bb:bb:bb:bb:bb".into(),
+                mtu: Some(1400),
+                sandbox: "/run/netns/p".into(),
+                ..Interface::default()
+            },
+            address: "10.1.0.5/24".parse().unwrap(),
+            gateway: "10.1.0.1".parse().unwrap(),
+        }
+    }
+
+    fn conf(extra: serde_json::Value) -> NetConf {
+        let mut v = json!({"cniVersion": "1.1.0", "name": "n", "type": "veilnet-cni",
+                           "subnet": "10.1.0.0/24"});
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        config::parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn fresh_result() {
+        let r = build_result(
+            &conf(json!({"dns": {"nameservers": ["10.96.0.10"]}})),
+            attached(),
+        );
+        assert_eq!(r.interfaces.len(), 2);
+        assert_eq!(r.ips[0].interface, Some(1));
+        assert_eq!(r.ips[0].address.to_string(), "10.1.0.5/24");
+        assert_eq!(r.routes[0].dst.to_string(), "0.0.0.0/0");
+        assert_eq!(r.dns.nameservers, vec!["10.96.0.10".to_string()]);
+    }
+
+    #[test]
+    fn appends_to_prev_result() {
+        let prev = json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [{"name": "lo0"}],
+            "ips": [{"address": "192.0.2.9/32", "interface": 0}],
+            "dns": {"nameservers": ["192.0.2.53"]}
+        });
+        let r = build_result(
+            &conf(json!({"prevResult": prev,
+                                          "dns": {"nameservers": ["10.96.0.10"]}})),
+            attached(),
+        );
+        assert_eq!(r.interfaces.len(), 3);
+        assert_eq!(r.interfaces[0].name, "lo0");
+        assert_eq!(r.ips.len(), 2);
+        assert_eq!(r.ips[0].interface, Some(0));
+        // Our address points at our pod interface, after the previous ones.
+        assert_eq!(r.ips[1].interface, Some(2));
+        // A previous plugin's DNS wins over ours.
+        assert_eq!(r.dns.nameservers, vec!["192.0.2.53".to_string()]);
+    }
+
+    #[test]
+    fn rendered_in_the_callers_version() {
+        let r = build_result(&conf(json!({"cniVersion": "0.4.0"})), attached());
+        assert_eq!(r.cni_version, "0.4.0");
+        assert_eq!(r.ips[0].version.as_deref(), Some("4"));
+        assert_eq!(r.interfaces[1].mtu, None);
+    }
+}
