@@ -1,7 +1,7 @@
 //! The `veilnet` binary: agent, lab and operator commands.
 
 use clap::{Parser, Subcommand};
-use veilnet::lab;
+use veilnet::{agent, lab};
 use veilnet::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -23,6 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
+    Agent(agent::AgentArgs),
     /// Run a whole multi-node cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
@@ -32,11 +34,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Daemons log what they do; one-shot commands report errors themselves and stay quiet.
     let default_level = match &cli.command {
+        Command::Agent(_) => "info",
         Command::Lab(cmd) if cmd.is_daemon() => "info",
         _ => "warn,kube_client=off",
     };
     logging::init(cli.log_format, default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
+        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(agent::run(args))
+            .map_err(Into::into),
     }
 }

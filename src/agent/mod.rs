@@ -1,10 +1,178 @@
 //! The per-node agent (`veilnet agent`): watches the cluster, plans the node's dataplane and applies
-//! it. (The reconcile loop is being wired; see issue 3.)
+//! it.
 //!
 //! - `config`: flags, environment and config file, resolved and validated once.
+//! - `underlay`: the interface carrying this node's address.
 //! - `watch`: reflectors feeding the planners.
+//! - `reconcile`: the overlay loop (plan → apply → CNI hand-off).
+//! - `cni_config`: the node state file and conflist for `veilnet-cni`.
 //! - `events`: Kubernetes Events for what the agent refuses.
+//!
+//! On SIGTERM the agent exits and leaves the dataplane in place, so pod traffic keeps flowing while
+//! it is upgraded or restarted; the next agent adopts the existing links without recreating them.
 
+pub mod cni_config;
 pub mod config;
 pub mod events;
+pub mod reconcile;
+pub mod underlay;
 pub mod watch;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::runtime::watcher;
+use kube::Api;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use crate::cluster::podcidr;
+use crate::kernel::netlink::NetlinkKernel;
+use crate::kernel::{sysctl, KernelError};
+pub use config::{AgentArgs, AgentConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("kubernetes client: {0}")]
+    Client(String),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("kernel: {0}")]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Underlay(#[from] underlay::UnderlayError),
+    #[error(transparent)]
+    PodCidr(#[from] podcidr::PodCidrError),
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Identifies the agent in Events.
+pub const COMPONENT: &str = "veilnet-agent";
+
+async fn client(cfg: &AgentConfig) -> Result<kube::Client, AgentError> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| AgentError::Client(format!("reading {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| AgentError::Client(e.to_string()))?
+        }
+        None => kube::Config::infer().await.map_err(|e| AgentError::Client(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(AgentError::Kube)
+}
+
+/// Waits for this node's Node object and returns it (the kubelet registers it).
+async fn own_node(api: &Api<Node>, name: &str) -> Result<Node, AgentError> {
+    let mut logged = false;
+    loop {
+        match api.get_opt(name).await {
+            Ok(Some(node)) => return Ok(node),
+            Ok(None) if !logged => {
+                tracing::info!(node = name, "waiting for this node's Node object");
+                logged = true;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(node = name, error = %e, "cannot read this node's Node object yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn internal_ip(node: &Node) -> Option<IpAddr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .find(IpAddr::is_ipv4)
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let cfg = AgentConfig::resolve(&args)?;
+    tracing::info!(node = %cfg.node_name, cluster_cidr = %cfg.cluster_cidr, "veilnet agent starting");
+    let client = client(&cfg).await?;
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let mut kernel = NetlinkKernel::connect()?;
+    sysctl::enable_forwarding(None, false)?;
+
+    // Who we are: the underlay address (flag, else the Node's InternalIP) and its interface.
+    let mut node = own_node(&nodes_api, &cfg.node_name).await?;
+    let ip = loop {
+        if let Some(ip) = cfg.underlay_ip.or_else(|| internal_ip(&node)) {
+            break ip;
+        }
+        tracing::info!("waiting for the Node's InternalIP (or pass --underlay-ip)");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        node = own_node(&nodes_api, &cfg.node_name).await?;
+    };
+    let underlay = underlay::find(&mut kernel, ip).await?;
+    tracing::info!(ip = %underlay.ip, dev = %underlay.dev, mtu = underlay.mtu, "underlay");
+
+    // Our pod CIDR: assigned by the cluster, else allocated from veilnet's shared record.
+    let spec = podcidr::spec_cidrs(&node);
+    let (pod_cidrs, allocated): (Vec<IpNet>, bool) = if spec.is_empty() {
+        let cidr =
+            podcidr::ensure_allocated(client.clone(), &cfg.namespace, &cfg.node_name, cfg.cluster_cidr, cfg.node_cidr_prefix)
+                .await?;
+        tracing::info!(%cidr, record = podcidr::RECORD_NAME, "pod CIDR allocated");
+        (vec![IpNet::V4(cidr)], true)
+    } else {
+        tracing::info!(cidrs = ?spec, "pod CIDR from the Node's spec");
+        (spec.into_iter().map(IpNet::V4).collect(), false)
+    };
+
+    let notify = Arc::new(Notify::new());
+    let (nodes, nodes_task) = watch::spawn_reflector(nodes_api, watcher::Config::default(), notify.clone());
+    let (records, records_task) = watch::spawn_reflector(
+        Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", podcidr::RECORD_NAME)),
+        notify.clone(),
+    );
+    let _ = nodes.wait_until_ready().await;
+    let _ = records.wait_until_ready().await;
+
+    let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
+    let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);
+    let resync = cfg.resync;
+    let mut rec = reconcile::Reconciler::new(cfg, client, kernel, events, nodes, records, me);
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut ticker = tokio::time::interval(resync);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
+    loop {
+        if let Err(e) = rec.reconcile().await {
+            failures += 1;
+            tracing::error!(error = %e, failures, "reconcile failed; retrying");
+        } else {
+            failures = 0;
+        }
+        // After a failure, retry soon (bounded backoff) even without a cluster change.
+        let retry = Duration::from_millis(200 * u64::from(failures.min(25)));
+        tokio::select! {
+            _ = notify.notified() => {
+                // Coalesce a burst of watch events into one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = ticker.tick() => rec.release_deleted().await,
+            _ = tokio::time::sleep(retry), if failures > 0 => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("shutting down; the dataplane stays in place");
+    nodes_task.abort();
+    records_task.abort();
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The overlay reconcile loop: cluster state → `plan_overlay` → `kernel::apply` → CNI hand-off.
+//!
+//! Every pass plans from the reflectors' complete current state, so it is safe to run at any time
+//! and any number of times; a pass with nothing to change writes nothing (no netlink write, no API
+//! write, no file write).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::runtime::reflector::Store;
+
+use super::cni_config;
+use super::config::AgentConfig;
+use super::events::{EventSink, EventType};
+use super::underlay::UnderlayDevice;
+use crate::cluster::podcidr::{self, AllocationRecord};
+use crate::cluster::publish;
+use crate::kernel::apply::{apply, ApplyError};
+use crate::kernel::netlink::NetlinkKernel;
+use crate::model::annotations;
+use crate::model::mac::{derive_vtep_mac, MacAddr};
+use crate::model::overlay::{plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("this node's own overlay settings are invalid: {0}")]
+    Plan(#[from] OverlayError),
+    #[error("programming the kernel: {0}")]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
+    #[error(transparent)]
+    Cni(#[from] cni_config::CniConfigError),
+}
+
+/// What the agent decided about itself at start; fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct SelfInfo {
+    pub underlay: UnderlayDevice,
+    pub pod_cidrs: Vec<IpNet>,
+    pub vtep_mac: MacAddr,
+    /// True when the pod CIDR came from veilnet's allocation record (not `spec.podCIDR`).
+    pub allocated: bool,
+}
+
+impl SelfInfo {
+    pub fn new(node: &str, underlay: UnderlayDevice, pod_cidrs: Vec<IpNet>, allocated: bool) -> Self {
+        Self { underlay, pod_cidrs, vtep_mac: derive_vtep_mac(node), allocated }
+    }
+}
+
+pub struct Reconciler {
+    pub cfg: AgentConfig,
+    pub client: kube::Client,
+    pub kernel: NetlinkKernel,
+    pub events: EventSink,
+    pub nodes: Store<Node>,
+    pub records: Store<ConfigMap>,
+    pub me: SelfInfo,
+    /// Peer → reason of the last pass, so a refusal is logged when it starts or changes, not on
+    /// every pass.
+    rejected: BTreeMap<String, String>,
+    pub dataplane_ready: bool,
+}
+
+/// The annotations this node publishes (pure).
+pub fn own_annotations(cfg: &AgentConfig, me: &SelfInfo) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (annotations::VTEP_MAC.to_string(), me.vtep_mac.to_string()),
+        (annotations::UNDERLAY_IP.to_string(), me.underlay.ip.to_string()),
+        (annotations::POD_CIDRS.to_string(), annotations::format_cidr_list(&me.pod_cidrs)),
+        (annotations::VXLAN_VNI.to_string(), cfg.vxlan_vni.to_string()),
+    ])
+}
+
+/// The planner's input from the cluster state (pure). A peer's pod CIDRs come from its
+/// `spec.podCIDR(s)`, else from the allocation record: never from what the peer claims.
+pub fn overlay_input(
+    cfg: &AgentConfig,
+    me: &SelfInfo,
+    nodes: &[std::sync::Arc<Node>],
+    record: &AllocationRecord,
+) -> OverlayInput {
+    let peers = nodes
+        .iter()
+        .filter_map(|n| {
+            let name = n.metadata.name.as_deref()?;
+            if name == cfg.node_name {
+                return None;
+            }
+            let mut cidrs: Vec<String> = podcidr::spec_cidrs(n).iter().map(|c| c.to_string()).collect();
+            if cidrs.is_empty() {
+                cidrs.extend(record.cidrs.get(name).map(|c| c.to_string()));
+            }
+            let empty = BTreeMap::new();
+            let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            Some(PeerNode::from_annotations(name, anns, cidrs))
+        })
+        .collect();
+    OverlayInput {
+        node: SelfNode {
+            name: cfg.node_name.clone(),
+            underlay_ip: me.underlay.ip,
+            underlay_dev: me.underlay.dev.clone(),
+            pod_cidrs: me.pod_cidrs.clone(),
+            vtep_mac: Some(me.vtep_mac),
+        },
+        vxlan: VxlanConfig { vni: cfg.vxlan_vni, port: cfg.vxlan_port, ..VxlanConfig::default() },
+        underlay_mtu: me.underlay.mtu,
+        peers,
+    }
+}
+
+impl Reconciler {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: AgentConfig,
+        client: kube::Client,
+        kernel: NetlinkKernel,
+        events: EventSink,
+        nodes: Store<Node>,
+        records: Store<ConfigMap>,
+        me: SelfInfo,
+    ) -> Self {
+        Self { cfg, client, kernel, events, nodes, records, me, rejected: BTreeMap::new(), dataplane_ready: false }
+    }
+
+    fn record(&self) -> AllocationRecord {
+        self.records
+            .state()
+            .iter()
+            .find(|cm| cm.metadata.name.as_deref() == Some(podcidr::RECORD_NAME))
+            .map(|cm| AllocationRecord::from_data(cm.data.as_ref()))
+            .unwrap_or_default()
+    }
+
+    /// One pass. Returns the number of kernel writes.
+    pub async fn reconcile(&mut self) -> Result<usize, ReconcileError> {
+        let started = Instant::now();
+        let nodes = self.nodes.state();
+        // Our own annotations: re-published if anyone changed or removed them.
+        let own = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
+        let desired_annotations = own_annotations(&self.cfg, &self.me);
+        let changes = publish::diff(
+            own.and_then(|n| n.metadata.annotations.as_ref()),
+            &desired_annotations,
+            &desired_annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+        );
+        if !changes.is_empty() && own.is_some() {
+            tracing::info!(changes = ?changes, "publishing this node's annotations");
+            publish::publish(self.client.clone(), &self.cfg.node_name, &changes).await?;
+        }
+
+        let input = overlay_input(&self.cfg, &self.me, &nodes, &self.record());
+        let desired = plan_overlay(&input)?;
+        self.report_rejections(&desired.rejected).await;
+
+        let report = apply(&mut self.kernel, &desired).await?;
+        let writes = report.writes();
+        if writes > 0 {
+            tracing::info!(writes, peers = desired.accepted.len(), took_ms = started.elapsed().as_millis() as u64, "dataplane updated");
+        } else {
+            tracing::debug!(peers = desired.accepted.len(), "dataplane already up to date");
+        }
+
+        let state = cni_config::node_state(&self.cfg.node_name, &self.me.pod_cidrs, &desired, self.cfg.mtu);
+        if cni_config::install(&state, &self.cfg.run_dir, &self.cfg.state_dir, &self.cfg.cni_conf_dir)? {
+            tracing::info!(mtu = state.mtu, conf_dir = %self.cfg.cni_conf_dir.display(), "CNI configuration installed");
+        }
+        self.dataplane_ready = true;
+        Ok(writes)
+    }
+
+    async fn report_rejections(&mut self, rejected: &[crate::model::overlay::RejectedPeer]) {
+        let now: BTreeMap<String, String> =
+            rejected.iter().map(|r| (r.node.clone(), r.reason.to_string())).collect();
+        for (node, reason) in &now {
+            if self.rejected.get(node) != Some(reason) {
+                tracing::warn!(peer = %node, %reason, "peer ignored: it gets no routes from this node");
+                let msg = format!("node {} ignores this node as a peer: {reason}", self.cfg.node_name);
+                self.events.node_event(node, EventType::Warning, "VeilnetPeerRejected", &msg).await;
+            }
+        }
+        for node in self.rejected.keys() {
+            if !now.contains_key(node) {
+                tracing::info!(peer = %node, "peer accepted again");
+            }
+        }
+        self.rejected = now;
+    }
+
+    /// Releases the pod CIDRs of deleted nodes (only meaningful when veilnet allocates them).
+    pub async fn release_deleted(&self) {
+        if !self.me.allocated {
+            return;
+        }
+        match podcidr::release_deleted(self.client.clone(), &self.cfg.namespace).await {
+            Ok(released) if !released.is_empty() => {
+                tracing::info!(nodes = ?released, "released the pod CIDRs of deleted nodes")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes"),
+        }
+    }
+}
