@@ -1,8 +1,8 @@
 //! The `veilnet` binary: agent, lab and operator commands.
 
 use clap::{Parser, Subcommand};
-use veilnet::{agent, lab};
 use veilnet::logging::{self, LogFormat};
+use veilnet::{agent, lab};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -18,13 +18,21 @@ pub const NETWORK_NAME: &str = "veilnet";
 #[derive(Debug, thiserror::Error)]
 pub enum CniConfigError {
     #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing the node state: {0}")]
     NodeState(#[from] veilnet_cni::NodeStateError),
 }
 
 /// The node state for `desired` (pure).
-pub fn node_state(node: &str, pod_cidrs: &[IpNet], desired: &DesiredOverlay, mtu_override: Option<u32>) -> NodeState {
+pub fn node_state(
+    node: &str,
+    pod_cidrs: &[IpNet],
+    desired: &DesiredOverlay,
+    mtu_override: Option<u32>,
+) -> NodeState {
     NodeState {
         version: veilnet_cni::NODE_STATE_VERSION,
         node_name: node.to_string(),
@@ -54,7 +62,10 @@ pub fn write_if_changed(path: &Path, content: &[u8]) -> Result<bool, CniConfigEr
     if std::fs::read(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
-    let err = |source| CniConfigError::Write { path: path.to_path_buf(), source };
+    let err = |source| CniConfigError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -78,7 +89,8 @@ pub fn install(
         state.write_atomic(&path)?;
         changed = true;
     }
-    let conf = serde_json::to_vec_pretty(&conflist(run_dir, state_dir)).expect("json value serialises");
+    let conf =
+        serde_json::to_vec_pretty(&conflist(run_dir, state_dir)).expect("json value serialises");
     changed |= write_if_changed(&cni_conf_dir.join(CONFLIST_NAME), &conf)?;
     Ok(changed)
 }

@@ -64,7 +64,9 @@ async fn client(cfg: &AgentConfig) -> Result<kube::Client, AgentError> {
                 .await
                 .map_err(|e| AgentError::Client(e.to_string()))?
         }
-        None => kube::Config::infer().await.map_err(|e| AgentError::Client(e.to_string()))?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| AgentError::Client(e.to_string()))?,
     };
     kube::Client::try_from(config).map_err(AgentError::Kube)
 }
@@ -80,7 +82,9 @@ async fn own_node(api: &Api<Node>, name: &str) -> Result<Node, AgentError> {
                 logged = true;
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(node = name, error = %e, "cannot read this node's Node object yet"),
+            Err(e) => {
+                tracing::warn!(node = name, error = %e, "cannot read this node's Node object yet")
+            }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -121,9 +125,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     // Our pod CIDR: assigned by the cluster, else allocated from veilnet's shared record.
     let spec = podcidr::spec_cidrs(&node);
     let (pod_cidrs, allocated): (Vec<IpNet>, bool) = if spec.is_empty() {
-        let cidr =
-            podcidr::ensure_allocated(client.clone(), &cfg.namespace, &cfg.node_name, cfg.cluster_cidr, cfg.node_cidr_prefix)
-                .await?;
+        let cidr = podcidr::ensure_allocated(
+            client.clone(),
+            &cfg.namespace,
+            &cfg.node_name,
+            cfg.cluster_cidr,
+            cfg.node_cidr_prefix,
+        )
+        .await?;
         tracing::info!(%cidr, record = podcidr::RECORD_NAME, "pod CIDR allocated");
         (vec![IpNet::V4(cidr)], true)
     } else {
@@ -132,7 +141,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
 
     let notify = Arc::new(Notify::new());
-    let (nodes, nodes_task) = watch::spawn_reflector(nodes_api, watcher::Config::default(), notify.clone());
+    let (nodes, nodes_task) =
+        watch::spawn_reflector(nodes_api, watcher::Config::default(), notify.clone());
     let (records, records_task) = watch::spawn_reflector(
         Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", podcidr::RECORD_NAME)),

@@ -21,7 +21,9 @@ use crate::kernel::apply::{apply, ApplyError};
 use crate::kernel::netlink::NetlinkKernel;
 use crate::model::annotations;
 use crate::model::mac::{derive_vtep_mac, MacAddr};
-use crate::model::overlay::{plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig};
+use crate::model::overlay::{
+    plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -46,8 +48,18 @@ pub struct SelfInfo {
 }
 
 impl SelfInfo {
-    pub fn new(node: &str, underlay: UnderlayDevice, pod_cidrs: Vec<IpNet>, allocated: bool) -> Self {
-        Self { underlay, pod_cidrs, vtep_mac: derive_vtep_mac(node), allocated }
+    pub fn new(
+        node: &str,
+        underlay: UnderlayDevice,
+        pod_cidrs: Vec<IpNet>,
+        allocated: bool,
+    ) -> Self {
+        Self {
+            underlay,
+            pod_cidrs,
+            vtep_mac: derive_vtep_mac(node),
+            allocated,
+        }
     }
 }
 
@@ -69,9 +81,18 @@ pub struct Reconciler {
 pub fn own_annotations(cfg: &AgentConfig, me: &SelfInfo) -> BTreeMap<String, String> {
     BTreeMap::from([
         (annotations::VTEP_MAC.to_string(), me.vtep_mac.to_string()),
-        (annotations::UNDERLAY_IP.to_string(), me.underlay.ip.to_string()),
-        (annotations::POD_CIDRS.to_string(), annotations::format_cidr_list(&me.pod_cidrs)),
-        (annotations::VXLAN_VNI.to_string(), cfg.vxlan_vni.to_string()),
+        (
+            annotations::UNDERLAY_IP.to_string(),
+            me.underlay.ip.to_string(),
+        ),
+        (
+            annotations::POD_CIDRS.to_string(),
+            annotations::format_cidr_list(&me.pod_cidrs),
+        ),
+        (
+            annotations::VXLAN_VNI.to_string(),
+            cfg.vxlan_vni.to_string(),
+        ),
     ])
 }
 
@@ -90,7 +111,10 @@ pub fn overlay_input(
             if name == cfg.node_name {
                 return None;
             }
-            let mut cidrs: Vec<String> = podcidr::spec_cidrs(n).iter().map(|c| c.to_string()).collect();
+            let mut cidrs: Vec<String> = podcidr::spec_cidrs(n)
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
             if cidrs.is_empty() {
                 cidrs.extend(record.cidrs.get(name).map(|c| c.to_string()));
             }
@@ -107,7 +131,11 @@ pub fn overlay_input(
             pod_cidrs: me.pod_cidrs.clone(),
             vtep_mac: Some(me.vtep_mac),
         },
-        vxlan: VxlanConfig { vni: cfg.vxlan_vni, port: cfg.vxlan_port, ..VxlanConfig::default() },
+        vxlan: VxlanConfig {
+            vni: cfg.vxlan_vni,
+            port: cfg.vxlan_port,
+            ..VxlanConfig::default()
+        },
         underlay_mtu: me.underlay.mtu,
         peers,
     }
@@ -124,7 +152,17 @@ impl Reconciler {
         records: Store<ConfigMap>,
         me: SelfInfo,
     ) -> Self {
-        Self { cfg, client, kernel, events, nodes, records, me, rejected: BTreeMap::new(), dataplane_ready: false }
+        Self {
+            cfg,
+            client,
+            kernel,
+            events,
+            nodes,
+            records,
+            me,
+            rejected: BTreeMap::new(),
+            dataplane_ready: false,
+        }
     }
 
     fn record(&self) -> AllocationRecord {
@@ -141,12 +179,17 @@ impl Reconciler {
         let started = Instant::now();
         let nodes = self.nodes.state();
         // Our own annotations: re-published if anyone changed or removed them.
-        let own = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
+        let own = nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
         let desired_annotations = own_annotations(&self.cfg, &self.me);
         let changes = publish::diff(
             own.and_then(|n| n.metadata.annotations.as_ref()),
             &desired_annotations,
-            &desired_annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+            &desired_annotations
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         );
         if !changes.is_empty() && own.is_some() {
             tracing::info!(changes = ?changes, "publishing this node's annotations");
@@ -160,13 +203,31 @@ impl Reconciler {
         let report = apply(&mut self.kernel, &desired).await?;
         let writes = report.writes();
         if writes > 0 {
-            tracing::info!(writes, peers = desired.accepted.len(), took_ms = started.elapsed().as_millis() as u64, "dataplane updated");
+            tracing::info!(
+                writes,
+                peers = desired.accepted.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "dataplane updated"
+            );
         } else {
-            tracing::debug!(peers = desired.accepted.len(), "dataplane already up to date");
+            tracing::debug!(
+                peers = desired.accepted.len(),
+                "dataplane already up to date"
+            );
         }
 
-        let state = cni_config::node_state(&self.cfg.node_name, &self.me.pod_cidrs, &desired, self.cfg.mtu);
-        if cni_config::install(&state, &self.cfg.run_dir, &self.cfg.state_dir, &self.cfg.cni_conf_dir)? {
+        let state = cni_config::node_state(
+            &self.cfg.node_name,
+            &self.me.pod_cidrs,
+            &desired,
+            self.cfg.mtu,
+        );
+        if cni_config::install(
+            &state,
+            &self.cfg.run_dir,
+            &self.cfg.state_dir,
+            &self.cfg.cni_conf_dir,
+        )? {
             tracing::info!(mtu = state.mtu, conf_dir = %self.cfg.cni_conf_dir.display(), "CNI configuration installed");
         }
         self.dataplane_ready = true;
@@ -174,13 +235,20 @@ impl Reconciler {
     }
 
     async fn report_rejections(&mut self, rejected: &[crate::model::overlay::RejectedPeer]) {
-        let now: BTreeMap<String, String> =
-            rejected.iter().map(|r| (r.node.clone(), r.reason.to_string())).collect();
+        let now: BTreeMap<String, String> = rejected
+            .iter()
+            .map(|r| (r.node.clone(), r.reason.to_string()))
+            .collect();
         for (node, reason) in &now {
             if self.rejected.get(node) != Some(reason) {
                 tracing::warn!(peer = %node, %reason, "peer ignored: it gets no routes from this node");
-                let msg = format!("node {} ignores this node as a peer: {reason}", self.cfg.node_name);
-                self.events.node_event(node, EventType::Warning, "VeilnetPeerRejected", &msg).await;
+                let msg = format!(
+                    "node {} ignores this node as a peer: {reason}",
+                    self.cfg.node_name
+                );
+                self.events
+                    .node_event(node, EventType::Warning, "VeilnetPeerRejected", &msg)
+                    .await;
             }
         }
         for node in self.rejected.keys() {
@@ -201,7 +269,9 @@ impl Reconciler {
                 tracing::info!(nodes = ?released, "released the pod CIDRs of deleted nodes")
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes")
+            }
         }
     }
 }

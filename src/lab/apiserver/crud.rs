@@ -258,13 +258,28 @@ fn update_existing(
     }
 
     let mut new = if status_only {
-        // The status subresource changes only .status.
-        let mut n = (*old).clone();
-        match candidate.get("status") {
-            Some(s) => n["status"] = s.clone(),
+        // The status subresource resets what the real server's status strategies reset (their
+        // `GetResetFields`): the spec, and for pods deletionTimestamp and ownerReferences. Labels
+        // and annotations written through `/status` are kept: Flannel, and veilnet, publish node
+        // annotations this way so their RBAC needs only `nodes/status`.
+        let mut n = candidate;
+        match old.get("spec") {
+            Some(s) => n["spec"] = s.clone(),
             None => {
                 if let Some(m) = n.as_object_mut() {
-                    m.remove("status");
+                    m.remove("spec");
+                }
+            }
+        }
+        if d.plural == "pods" {
+            for key in ["deletionTimestamp", "ownerReferences"] {
+                match old["metadata"].get(key) {
+                    Some(v) => n["metadata"][key] = v.clone(),
+                    None => {
+                        if let Some(m) = n["metadata"].as_object_mut() {
+                            m.remove(key);
+                        }
+                    }
                 }
             }
         }

@@ -404,14 +404,19 @@ async fn pod_defaults_status_subresource_and_generation() {
     assert_eq!(p.status.as_ref().unwrap().phase.as_deref(), Some("Pending"));
     assert_eq!(p.metadata.generation, Some(1));
 
-    // /status changes only status.
-    let patch = json!({ "status": { "phase": "Running", "podIP": "10.0.0.5" }, "metadata": { "labels": { "x": "y" } } });
+    // /status ignores spec changes but keeps status and label/annotation changes (as the real
+    // server's status strategies do).
+    let patch = json!({ "status": { "phase": "Running", "podIP": "10.0.0.5" }, "metadata": { "labels": { "s": "t" } }, "spec": { "restartPolicy": "Never" } });
     let s = pods
         .patch_status("web", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .unwrap();
     assert_eq!(s.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
-    assert!(s.metadata.labels.as_ref().unwrap().get("x").is_none());
+    assert_eq!(s.metadata.labels.as_ref().unwrap()["s"], "t");
+    assert_eq!(
+        s.spec.as_ref().unwrap().restart_policy.as_deref(),
+        Some("Always")
+    );
     // The main resource ignores status.
     let patch = json!({ "status": { "phase": "Failed" }, "metadata": { "labels": { "x": "y" } } });
     let m = pods
