@@ -96,6 +96,10 @@ pub fn own_annotations(cfg: &AgentConfig, me: &SelfInfo) -> BTreeMap<String, Str
     ])
 }
 
+fn has_veilnet_annotations(anns: &BTreeMap<String, String>) -> bool {
+    anns.keys().any(|k| k.starts_with(annotations::PREFIX))
+}
+
 /// The planner's input from the cluster state (pure). A peer's pod CIDRs come from its
 /// `spec.podCIDR(s)`, else from the allocation record: never from what the peer claims.
 pub fn overlay_input(
@@ -120,6 +124,11 @@ pub fn overlay_input(
             }
             let empty = BTreeMap::new();
             let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            if !has_veilnet_annotations(anns) {
+                // Its agent has not started yet (or it runs no veilnet): not a fault to report.
+                tracing::debug!(peer = name, "peer has not published its overlay data yet");
+                return None;
+            }
             Some(PeerNode::from_annotations(name, anns, cidrs))
         })
         .collect();
@@ -273,5 +282,122 @@ impl Reconciler {
                 tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::agent::config::AgentArgs;
+
+    fn cfg() -> AgentConfig {
+        AgentConfig::resolve(&AgentArgs {
+            node_name: Some("n1".into()),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn me() -> SelfInfo {
+        SelfInfo::new(
+            "n1",
+            UnderlayDevice {
+                ip: "172.30.0.11".parse().unwrap(),
+                dev: "eth0".into(),
+                mtu: 1500,
+            },
+            vec!["10.244.1.0/24".parse().unwrap()],
+            false,
+        )
+    }
+
+    fn node(name: &str, spec_cidr: Option<&str>, anns: &[(&str, &str)]) -> Arc<Node> {
+        let annotations: BTreeMap<String, String> = anns
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "annotations": annotations},
+                "spec": {"podCIDR": spec_cidr},
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn good_anns(ip: &str, mac: &str, claimed: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (annotations::UNDERLAY_IP, ip.to_string()),
+            (annotations::VTEP_MAC, mac.to_string()),
+            (annotations::POD_CIDRS, claimed.to_string()),
+        ]
+    }
+
+    fn node_owned(name: &str, spec: Option<&str>, anns: Vec<(&'static str, String)>) -> Arc<Node> {
+        let refs: Vec<(&str, &str)> = anns.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        node(name, spec, &refs)
+    }
+
+    #[test]
+    fn peer_cidrs_come_from_the_cluster_never_from_the_claim() {
+        let record = AllocationRecord::from_data(Some(&BTreeMap::from([(
+            "n3".to_string(),
+            "10.244.3.0/24".to_string(),
+        )])));
+        let nodes = vec![
+            node_owned(
+                "n1",
+                Some("10.244.1.0/24"),
+                good_anns("172.30.0.11", "06:00:00:00:00:01", "10.244.1.0/24"),
+            ),
+            // Spec wins over the (lying) annotation.
+            node_owned(
+                "n2",
+                Some("10.244.2.0/24"),
+                good_anns("172.30.0.12", "06:00:00:00:00:02", "10.244.1.0/24"),
+            ),
+            // No spec: the allocation record.
+            node_owned(
+                "n3",
+                None,
+                good_anns("172.30.0.13", "06:00:00:00:00:03", "10.244.99.0/24"),
+            ),
+            // Neither: no CIDR at all, whatever it claims.
+            node_owned(
+                "n4",
+                None,
+                good_anns("172.30.0.14", "06:00:00:00:00:04", "10.244.4.0/24"),
+            ),
+            // No veilnet annotations yet: not a peer (its agent has not started).
+            node("n5", Some("10.244.5.0/24"), &[]),
+        ];
+        let input = overlay_input(&cfg(), &me(), &nodes, &record);
+        let peers: BTreeMap<&str, &Vec<String>> = input
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), &p.pod_cidrs))
+            .collect();
+        assert_eq!(peers.len(), 3, "{peers:?}");
+        assert_eq!(peers["n2"], &vec!["10.244.2.0/24".to_string()]);
+        assert_eq!(peers["n3"], &vec!["10.244.3.0/24".to_string()]);
+        assert!(peers["n4"].is_empty());
+
+        let desired = plan_overlay(&input).unwrap();
+        assert_eq!(desired.accepted, vec!["n2".to_string(), "n3".to_string()]);
+        assert_eq!(desired.rejected.len(), 1);
+        assert_eq!(desired.rejected[0].node, "n4");
+        let dsts: Vec<String> = desired.routes.iter().map(|r| r.dst.to_string()).collect();
+        assert_eq!(dsts, vec!["10.244.2.0/24", "10.244.3.0/24"]);
+    }
+
+    #[test]
+    fn own_annotations_describe_this_node() {
+        let a = own_annotations(&cfg(), &me());
+        assert_eq!(a[annotations::UNDERLAY_IP], "172.30.0.11");
+        assert_eq!(a[annotations::POD_CIDRS], "10.244.1.0/24");
+        assert_eq!(a[annotations::VXLAN_VNI], "1");
+        assert_eq!(a[annotations::VTEP_MAC], derive_vtep_mac("n1").to_string());
     }
 }

@@ -21,6 +21,8 @@ use crate::netns;
 
 /// Name of the lab when `--name` is not given.
 pub const DEFAULT_LAB: &str = "veilnet";
+/// veilnet's own namespace (the install manifest creates it on a real cluster).
+pub const VEILNET_NAMESPACE: &str = "veilnet-system";
 /// Debian's containernetworking-plugins.
 pub const REFERENCE_CNI_DIR: &str = "/usr/lib/cni";
 
@@ -86,7 +88,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 24)]
     pub node_cidr_prefix: u8,
     /// CNI plugin chain of the kubelets.
-    #[arg(long, value_enum, default_value_t = CniMode::Reference)]
+    #[arg(long, value_enum, default_value_t = CniMode::Veilnet)]
     pub cni: CniMode,
     /// Who sets the Nodes' pod CIDRs.
     #[arg(long, value_enum, default_value_t = PodCidrMode::Assigned)]
@@ -186,7 +188,11 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     if lab.spec.cni == CniMode::Reference && !Path::new(REFERENCE_CNI_DIR).join("bridge").exists() {
         bail!("--cni reference needs Debian's containernetworking-plugins in {REFERENCE_CNI_DIR} (apt install containernetworking-plugins)");
     }
-    let total = 5;
+    let total = if lab.spec.cni == CniMode::Veilnet {
+        6
+    } else {
+        5
+    };
     step(
         1,
         total,
@@ -228,6 +234,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
 
     step(3, total, "Node objects");
     register_nodes(&lab)?;
+    if lab.spec.cni == CniMode::Veilnet {
+        // What `kubectl apply -f manifests/veilnet.yaml` creates on a real cluster.
+        create_namespace(&lab, VEILNET_NAMESPACE)?;
+    }
 
     step(
         4,
@@ -246,7 +256,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .ensure_started()?;
     }
 
-    step(5, total, "waiting for every node to be Ready");
+    if lab.spec.cni == CniMode::Veilnet {
+        step(5, total, "veilnet agents");
+        for node in lab.nodes() {
+            Daemon {
+                role: format!("agent-{}", node.name),
+                netns: node.netns.clone(),
+                args: agent_args(&lab, &node),
+                pid_dir: &pid_dir,
+                log_dir: &log_dir,
+            }
+            .ensure_started()?;
+        }
+    }
+
+    step(total, total, "waiting for every node to be Ready");
     wait_nodes_ready(&lab, args.timeout)?;
     eprintln!(
         "lab {:?} is up in {:.1}s: `veilnet lab status{}` and `veilnet lab kubectl{} -- get nodes`",
@@ -341,6 +365,39 @@ fn register_nodes(lab: &LabLayout) -> anyhow::Result<()> {
     })?
 }
 
+fn create_namespace(lab: &LabLayout, name: &'static str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    with_client(lab, move |client| async move {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match Api::<Namespace>::all(client)
+            .create(&PostParams::default(), &ns)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context(format!("creating namespace {name}"))),
+        }
+    })?
+}
+
+/// The `veilnet-cni` binary built beside this `veilnet` binary.
+fn cni_plugin_binary() -> anyhow::Result<std::path::PathBuf> {
+    let plugin = std::env::current_exe()?.with_file_name("veilnet-cni");
+    if !plugin.exists() {
+        bail!(
+            "{} not found: build the whole workspace (cargo build --workspace) so the CNI plugin sits beside veilnet",
+            plugin.display()
+        );
+    }
+    Ok(plugin)
+}
+
 fn prepare_node(lab: &LabLayout, node: &NodeLayout) -> anyhow::Result<()> {
     for dir in [
         node.cni_conf_dir(),
@@ -350,6 +407,15 @@ fn prepare_node(lab: &LabLayout, node: &NodeLayout) -> anyhow::Result<()> {
         node.kubelet_dir(),
     ] {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if lab.spec.cni == CniMode::Veilnet {
+        // The DaemonSet's init container does this on a real node. Copy to a temporary name and
+        // rename, so a kubelet never executes a half-written plugin.
+        let dst = node.cni_bin_dir().join("veilnet-cni");
+        let tmp = node.cni_bin_dir().join(".veilnet-cni.tmp");
+        std::fs::copy(cni_plugin_binary()?, &tmp)
+            .with_context(|| format!("installing {}", dst.display()))?;
+        std::fs::rename(&tmp, &dst).with_context(|| format!("installing {}", dst.display()))?;
     }
     if lab.spec.cni == CniMode::Reference {
         let subnet = lab
@@ -410,6 +476,36 @@ fn kubelet_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         args.extend(["--cni-bin-dir".into(), REFERENCE_CNI_DIR.into()]);
     }
     args
+}
+
+fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    vec![
+        "agent".to_string(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--kubeconfig".into(),
+        path(lab.kubeconfig()),
+        "--namespace".into(),
+        VEILNET_NAMESPACE.into(),
+        "--cluster-cidr".into(),
+        lab.spec.cluster_cidr.to_string(),
+        "--node-cidr-prefix".into(),
+        lab.spec.node_cidr_prefix.to_string(),
+        "--state-dir".into(),
+        path(node.state_dir()),
+        "--run-dir".into(),
+        path(node.run_dir()),
+        "--cni-conf-dir".into(),
+        path(node.cni_conf_dir()),
+        "--cni-bin-dir".into(),
+        path(node.cni_bin_dir()),
+        "--underlay-ip".into(),
+        node.ip.to_string(),
+        // Nothing else listens in a lab node, but keep the port distinct from a real node's.
+        "--health-addr".into(),
+        format!("{}:9891", node.ip),
+    ]
 }
 
 fn node_ready(node: &Node) -> bool {
