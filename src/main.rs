@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Run a whole multi-node cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(agent::run(args))
+            .block_on(agent::run(*args))
             .map_err(Into::into),
     }
 }
