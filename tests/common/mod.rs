@@ -233,3 +233,111 @@ pub fn lab_processes(name: &str) -> Vec<i32> {
     }
     pids
 }
+
+/// A pod manifest pinned to `node`, running `command` (the lab kubelet ignores the image).
+pub fn pod_manifest(
+    ns: &str,
+    name: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+    command: &[&str],
+) -> String {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "veilnet/agnhost", "command": command}],
+        }
+    })
+    .to_string()
+}
+
+/// The agnhost server command used by most tests: TCP 80,81 and UDP 80,81.
+pub const SERVE: &[&str] = &[
+    "veilnet", "lab", "agnhost", "serve", "--tcp", "80,81", "--udp", "80,81",
+];
+
+impl Lab {
+    /// Probes `target` from `pod` with agnhost connect; returns the exit code.
+    pub fn connect(&self, pod: &str, target: &str, proto: &str, timeout: &str) -> Option<i32> {
+        self.exec(
+            pod,
+            &[
+                "veilnet",
+                "lab",
+                "agnhost",
+                "connect",
+                target,
+                "--protocol",
+                proto,
+                "--timeout",
+                timeout,
+            ],
+        )
+        .status
+        .code()
+    }
+
+    /// The pid of one of the lab's daemons (`apiserver`, `kubelet-node-1`, `agent-node-2` …).
+    pub fn daemon_pid(&self, role: &str) -> Option<i32> {
+        let text = std::fs::read_to_string(format!(
+            "/var/lib/veilnet-lab/{}/pids/{role}.pid",
+            self.name
+        ))
+        .ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(pid)
+    }
+
+    /// Kills one daemon (SIGKILL, as a crash would) and waits for it to be gone.
+    pub fn kill_daemon(&self, role: &str) {
+        let pid = self
+            .daemon_pid(role)
+            .unwrap_or_else(|| panic!("{role} is not running"));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| !c.is_empty())
+                .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "{role} did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn node_netns(&self, index: usize) -> String {
+        format!("{}.n{index}", self.name)
+    }
+
+    /// `ip -n <node netns> ARGS` output.
+    pub fn ip(&self, node: usize, args: &[&str]) -> String {
+        let ns = self.node_netns(node);
+        let mut full = vec!["-n", ns.as_str()];
+        full.extend_from_slice(args);
+        ok(Command::new("ip").args(&full))
+    }
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,373 @@
+//! The plaintext overlay in the lab, as a user checks it: pods on every node reach each other, the
+//! agent allocates distinct CIDRs, survives restarts without touching the dataplane, forgets deleted
+//! nodes, ignores malformed peers, and sizes the MTU right. Needs root.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `jobs` on a few threads (each job spawns processes; keep the 2-core machine responsive).
+fn parallel<T: Send>(jobs: Vec<T>, threads: usize, f: impl Fn(&T) + Sync) {
+    let queue = Mutex::new(jobs);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let Some(job) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                f(&job);
+            });
+        }
+    });
+}
+
+#[test]
+fn every_pod_reaches_every_other_pod_across_three_nodes() {
+    let lab = Lab::up("ov", &["--nodes", "3"]);
+    let mut pods = Vec::new();
+    for node in 1..=3 {
+        for i in 1..=2 {
+            let name = format!("p{node}{i}");
+            lab.apply(&pod_manifest(
+                "default",
+                &name,
+                &format!("node-{node}"),
+                &[("app", "x")],
+                SERVE,
+            ));
+            pods.push(name);
+        }
+    }
+    let ips: Vec<(String, String)> = pods
+        .iter()
+        .map(|p| {
+            (
+                p.clone(),
+                lab.wait_pod_ip(&format!("default/{p}"), Duration::from_secs(60)),
+            )
+        })
+        .collect();
+    // Each node's pods are in that node's CIDR, and all IPs are distinct.
+    assert_eq!(
+        ips.iter().map(|(_, ip)| ip).collect::<BTreeSet<_>>().len(),
+        6
+    );
+
+    let mut jobs = Vec::new();
+    for (src, _) in &ips {
+        for (dst, ip) in &ips {
+            if src != dst {
+                jobs.push((src.clone(), dst.clone(), ip.clone()));
+            }
+        }
+    }
+    let failures = Mutex::new(Vec::new());
+    parallel(jobs, 6, |(src, dst, ip)| {
+        let pod = format!("default/{src}");
+        for (proto, port) in [("tcp", "80"), ("udp", "81")] {
+            let code = lab.connect(&pod, &format!("{ip}:{port}"), proto, "3s");
+            if code != Some(0) {
+                failures
+                    .lock()
+                    .unwrap()
+                    .push(format!("{src} -> {dst} {proto}/{port}: exit {code:?}"));
+            }
+        }
+        let ping = lab.exec(&pod, &["ping", "-c1", "-W2", ip]);
+        if !ping.status.success() {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{src} -> {dst} ping"));
+        }
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} probes failed:\n{}\n{}",
+        failures.len(),
+        failures.join("\n"),
+        lab.logs()
+    );
+}
+
+#[test]
+fn agents_allocate_distinct_cidrs_when_nodes_have_none() {
+    let lab = Lab::up("alloc", &["--nodes", "5", "--pod-cidrs", "agent"]);
+    let mut cidrs = BTreeSet::new();
+    eventually(
+        Duration::from_secs(30),
+        "5 nodes publish a pod CIDR",
+        || {
+            let nodes = lab.kubectl_json(&["get", "nodes"]);
+            cidrs = nodes["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|n| {
+                    n["metadata"]["annotations"]["veilnet.io/pod-cidrs"]
+                        .as_str()
+                        .map(String::from)
+                })
+                .collect();
+            cidrs.len() == 5
+        },
+    );
+    for n in &nodes_without_spec(&lab) {
+        assert!(
+            n.is_empty(),
+            "the lab must leave spec.podCIDR empty in agent mode: {n}"
+        );
+    }
+    // The shared record agrees, one entry per node.
+    let record = lab.kubectl_json(&[
+        "get",
+        "configmap",
+        "-n",
+        "veilnet-system",
+        "veilnet-pod-cidrs",
+    ]);
+    let data = record["data"].as_object().unwrap();
+    assert_eq!(data.len(), 5, "{record:#}");
+    let recorded: BTreeSet<String> = data
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(recorded, cidrs);
+
+    // And traffic flows with them.
+    lab.apply(&pod_manifest("default", "a", "node-1", &[], SERVE));
+    lab.apply(&pod_manifest("default", "b", "node-5", &[], SERVE));
+    let ip = lab.wait_pod_ip("default/a", Duration::from_secs(60));
+    lab.wait_pod_ip("default/b", Duration::from_secs(60));
+    assert_eq!(
+        lab.connect("default/b", &format!("{ip}:80"), "tcp", "3s"),
+        Some(0),
+        "{}",
+        lab.logs()
+    );
+}
+
+fn nodes_without_spec(lab: &Lab) -> Vec<String> {
+    lab.kubectl_json(&["get", "nodes"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["spec"]["podCIDR"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// ifindex and name of veilnet's links in a node.
+fn veilnet_links(lab: &Lab, node: usize) -> Vec<String> {
+    lab.ip(node, &["-o", "link", "show"])
+        .lines()
+        .filter(|l| l.contains("veilbr0") || l.contains("veilvx"))
+        .map(|l| l.split(':').take(2).collect::<Vec<_>>().join(":"))
+        .collect()
+}
+
+#[test]
+fn agent_restart_keeps_links_and_flows() {
+    let lab = Lab::up("rs", &["--nodes", "2"]);
+    lab.apply(&pod_manifest(
+        "default",
+        "server",
+        "node-1",
+        &[],
+        &["iperf3", "-s", "-p", "5201"],
+    ));
+    lab.apply(&pod_manifest("default", "client", "node-2", &[], SERVE));
+    let ip = lab.wait_pod_ip("default/server", Duration::from_secs(60));
+    lab.wait_pod_ip("default/client", Duration::from_secs(60));
+    let links_before = (veilnet_links(&lab, 1), veilnet_links(&lab, 2));
+    assert_eq!(links_before.0.len(), 2, "{links_before:?}");
+
+    // A 6-second TCP stream from node-2 to node-1, bandwidth-limited to keep the machine calm.
+    let stream = lab_exec_spawn(
+        &lab,
+        "default/client",
+        &["iperf3", "-c", &ip, "-t", "6", "-b", "50M"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    lab.kill_daemon("agent-node-1");
+    lab.kill_daemon("agent-node-2");
+    // `lab up` again restarts what is not running (and only that).
+    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    assert!(lab.daemon_pid("agent-node-1").is_some());
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the stream broke across the agent restart:\n{}\n{}",
+        text(&out),
+        lab.logs()
+    );
+    assert_eq!(
+        (veilnet_links(&lab, 1), veilnet_links(&lab, 2)),
+        links_before,
+        "a link was recreated"
+    );
+}
+
+fn lab_exec_spawn(lab: &Lab, pod: &str, cmd: &[&str]) -> std::process::Child {
+    veilnet()
+        .args(["lab", "exec", "--name", &lab.name, pod, "--"])
+        .args(cmd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_deleted_node_disappears_from_its_peers() {
+    let lab = Lab::up("del", &["--nodes", "3"]);
+    let routes_to_n3 = |lab: &Lab| lab.ip(1, &["route", "show", "10.244.3.0/24"]);
+    let fdb_to_n3 =
+        |lab: &Lab| {
+            ok(Command::new("bridge").args([
+                "-n",
+                &lab.node_netns(1),
+                "fdb",
+                "show",
+                "dev",
+                "veilvx1",
+            ]))
+            .lines()
+            .filter(|l| l.contains("172.30.0.13"))
+            .count()
+        };
+    eventually(Duration::from_secs(20), "node-1 routes to node-3", || {
+        !routes_to_n3(&lab).is_empty()
+    });
+    assert_eq!(fdb_to_n3(&lab), 1);
+    assert!(lab
+        .ip(1, &["neigh", "show", "dev", "veilvx1"])
+        .contains("10.244.3.0"));
+
+    // Node-3 goes away for good: its kubelet and agent stop, then its Node object is deleted
+    // (a running kubelet would register it again, as a real one does).
+    lab.kill_daemon("kubelet-node-3");
+    lab.kill_daemon("agent-node-3");
+    lab.kubectl_ok(&["delete", "node", "node-3"]);
+    eventually(
+        Duration::from_secs(10),
+        "node-3's route, FDB and neighbour entries vanish",
+        || {
+            routes_to_n3(&lab).is_empty()
+                && fdb_to_n3(&lab) == 0
+                && !lab
+                    .ip(1, &["neigh", "show", "dev", "veilvx1"])
+                    .contains("10.244.3.0")
+        },
+    );
+    // Node-2's entries are still there.
+    assert!(!lab.ip(1, &["route", "show", "10.244.2.0/24"]).is_empty());
+}
+
+#[test]
+fn malformed_and_lying_peers_are_ignored() {
+    let lab = Lab::up("bad", &["--nodes", "2"]);
+    eventually(Duration::from_secs(20), "node-1 routes to node-2", || {
+        !lab.ip(1, &["route", "show", "10.244.2.0/24"]).is_empty()
+    });
+    let rogue = |name: &str, cidr: &str, anns: serde_json::Value| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": anns},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        })
+        .to_string()
+    };
+    // Garbage in every field.
+    lab.apply(&rogue(
+        "rogue-garbage",
+        "10.244.50.0/24",
+        serde_json::json!({"veilnet.io/underlay-ip": "300.1.2.3", "veilnet.io/vtep-mac": "zz:zz", "veilnet.io/vxlan-vni": "-1"}),
+    ));
+    // Well-formed, but claims node-1's pod CIDR in its annotation while the cluster gave it another.
+    lab.apply(&rogue(
+        "rogue-liar",
+        "10.244.60.0/24",
+        serde_json::json!({"veilnet.io/underlay-ip": "172.30.0.99", "veilnet.io/vtep-mac": "06:00:00:00:00:99",
+                           "veilnet.io/pod-cidrs": "10.244.1.0/24"}),
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "node-2 accepts the liar only for its own CIDR",
+        || !lab.ip(2, &["route", "show", "10.244.60.0/24"]).is_empty(),
+    );
+    // Node-1's CIDR is still routed to node-1 only; the garbage node gets nothing.
+    let to_n1 = lab.ip(2, &["route", "show", "10.244.1.0/24"]);
+    assert!(to_n1.contains("via 10.244.1.0"), "{to_n1}");
+    assert!(lab.ip(2, &["route", "show", "10.244.50.0/24"]).is_empty());
+    // Both agents are alive and said why.
+    assert!(lab.daemon_pid("agent-node-1").is_some() && lab.daemon_pid("agent-node-2").is_some());
+    let log = std::fs::read_to_string(format!(
+        "/var/lib/veilnet-lab/{}/logs/agent-node-2.log",
+        lab.name
+    ))
+    .unwrap();
+    assert!(
+        log.contains("rogue-garbage") && log.contains("peer ignored"),
+        "{log}"
+    );
+    // And a Warning event is on the garbage node.
+    let events = lab.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        "default",
+        "--field-selector",
+        "involvedObject.name=rogue-garbage",
+    ]);
+    assert!(events.contains("VeilnetPeerRejected"), "{events}");
+}
+
+#[test]
+fn full_size_packets_cross_at_the_computed_pod_mtu() {
+    for (underlay, pod_mtu) in [(9000u32, 8950u32), (1400, 1350)] {
+        let lab = Lab::up(
+            "mtu",
+            &["--nodes", "2", "--underlay-mtu", &underlay.to_string()],
+        );
+        lab.apply(&pod_manifest("default", "a", "node-1", &[], SERVE));
+        lab.apply(&pod_manifest("default", "b", "node-2", &[], SERVE));
+        let ip = lab.wait_pod_ip("default/a", Duration::from_secs(60));
+        lab.wait_pod_ip("default/b", Duration::from_secs(60));
+        let link = String::from_utf8_lossy(
+            &lab.exec("default/b", &["ip", "link", "show", "eth0"])
+                .stdout,
+        )
+        .to_string();
+        assert!(link.contains(&format!("mtu {pod_mtu}")), "{link}");
+        let size = (pod_mtu - 28).to_string();
+        let ping = lab.exec(
+            "default/b",
+            &["ping", "-c2", "-W2", "-M", "do", "-s", &size, &ip],
+        );
+        assert!(
+            ping.status.success(),
+            "DF ping of {size} bytes at underlay {underlay}:\n{}",
+            text(&ping)
+        );
+        let too_big = lab.exec(
+            "default/b",
+            &[
+                "ping",
+                "-c1",
+                "-W1",
+                "-M",
+                "do",
+                "-s",
+                &(pod_mtu - 27).to_string(),
+                &ip,
+            ],
+        );
+        assert!(!too_big.status.success());
+    }
+}
