@@ -9,6 +9,7 @@
 //!   `logging`: the tracing setup shared by every daemon.
 
 pub mod agent;
+pub mod bench;
 pub mod cluster;
 pub mod kernel;
 pub mod lab;

@@ -25,9 +25,18 @@ struct Cli {
 enum Command {
     /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
     Agent(Box<agent::AgentArgs>),
+    /// Benchmarks (used by scripts/bench-*.sh).
+    #[command(subcommand, hide = true)]
+    Bench(BenchCommand),
     /// Run a whole multi-node cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// CNI ADD/DEL latency: veilnet-cni vs the reference bridge + host-local plugins.
+    Cni(veilnet::bench::cni::CniBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     logging::init(cli.log_format, default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
+        Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
