@@ -718,16 +718,32 @@ impl CniRuntime {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| {
-            fail(PluginCallError::Spawn {
-                path: path.clone(),
-                source,
-            })
-        })?;
+        // A plugin binary just written (an install or upgrade racing us) can be "text file
+        // busy" for a moment; libcni retries the same way.
+        let mut attempts = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempts < 5 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(source) => {
+                    return Err(fail(PluginCallError::Spawn {
+                        path: path.clone(),
+                        source,
+                    }))
+                }
+            }
+        };
         let run = async {
             if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(&input).await?;
-                drop(stdin);
+                // A plugin may exit without reading its config (e.g. on a usage error): its
+                // output, not the broken pipe, says what went wrong.
+                match stdin.write_all(&input).await {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e),
+                    _ => drop(stdin),
+                }
             }
             child.wait_with_output().await
         };
@@ -929,4 +945,241 @@ pub fn parse_bits_quantity(q: &str) -> Option<u64> {
         _ => return None,
     };
     num.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIST: &str = r#"{
+        "cniVersion": "1.0.0",
+        "name": "labnet",
+        "plugins": [
+            {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}},
+            {"type": "portmap", "capabilities": {"portMappings": true, "bandwidth": false},
+             "runtimeConfig": {"stale": 1}},
+            {"type": "tuning", "prevResult": {"bogus": true}}
+        ]
+    }"#;
+
+    fn list() -> NetworkConfigList {
+        parse_conflist(LIST.as_bytes(), "test").unwrap()
+    }
+
+    #[test]
+    fn config_file_selection_is_lexical_over_cni_extensions() {
+        let names = [
+            "99-b.conflist",
+            "10-a.conf",
+            "00-readme.txt",
+            "05-x.json",
+            "01-dir.conf.bak",
+        ];
+        assert_eq!(select_config_file(&names).as_deref(), Some("05-x.json"));
+        assert_eq!(select_config_file(&["a.txt"]), None);
+        // Byte order, as Go's sort.Strings: upper case before lower case.
+        assert_eq!(
+            select_config_file(&["b.conf", "B.conf"]).as_deref(),
+            Some("B.conf")
+        );
+    }
+
+    #[test]
+    fn conflist_parsing() {
+        let l = list();
+        assert_eq!(l.name, "labnet");
+        assert_eq!(l.cni_version, "1.0.0");
+        assert_eq!(l.plugins.len(), 3);
+        assert_eq!(
+            l.plugins[1].capabilities(),
+            vec!["portMappings".to_string()]
+        );
+        assert!(!l.supports_status());
+        for bad in [
+            r#"{"cniVersion":"1.0.0","name":"x","plugins":[]}"#,
+            r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"ipam":{}}]}"#,
+            r#"{"cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#,
+            r#"{"name":"x","plugins":[{"type":"bridge"}]}"#,
+            r#"{"cniVersion":"1.0.0","name":"x","plugins":[{"type":"../evil"}]}"#,
+            r#"not json"#,
+        ] {
+            assert!(parse_conflist(bad.as_bytes(), "t").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn conf_is_wrapped_into_a_list_and_cni_versions_pick_the_highest_supported() {
+        let l = parse_conf(
+            br#"{"cniVersion":"0.4.0","name":"single","type":"bridge","bridge":"br9"}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(l.name, "single");
+        assert_eq!(l.cni_version, "0.4.0");
+        assert_eq!(l.plugins[0].plugin_type, "bridge");
+        assert_eq!(l.plugins[0].raw["bridge"], "br9");
+        assert!(parse_conf(br#"{"cniVersion":"0.4.0","name":"x"}"#, "t").is_err());
+
+        let l = parse_conflist(
+            br#"{"cniVersion":"1.0.0","cniVersions":["0.4.0","1.1.0","9.9.9"],"name":"n","plugins":[{"type":"a"}]}"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(l.cni_version, "1.1.0");
+        assert!(l.supports_status() && l.supports_gc());
+    }
+
+    #[test]
+    fn load_default_config_from_a_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_default_config(dir.path()),
+            Err(CniError::NoConfig { .. })
+        ));
+        std::fs::write(dir.path().join("20-b.conflist"), LIST).unwrap();
+        std::fs::write(dir.path().join("README"), "x").unwrap();
+        assert_eq!(load_default_config(dir.path()).unwrap().name, "labnet");
+        // The first file wins even when it is broken (as in containerd): not ready.
+        std::fs::write(dir.path().join("10-a.conf"), "{broken").unwrap();
+        assert!(matches!(
+            load_default_config(dir.path()),
+            Err(CniError::InvalidConfig { .. })
+        ));
+    }
+
+    #[test]
+    fn stdin_injects_name_version_prev_result_and_declared_capabilities_only() {
+        let l = list();
+        let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.2/24"}]});
+        let mut caps = Map::new();
+        caps.insert("portMappings".into(), json!([{"hostPort": 80}]));
+        caps.insert("bandwidth".into(), json!({"ingressRate": 1}));
+
+        let first = plugin_stdin(&l, &l.plugins[0], Command::Add, None, &caps);
+        assert_eq!(first["name"], "labnet");
+        assert_eq!(first["cniVersion"], "1.0.0");
+        assert!(first.get("prevResult").is_none());
+        assert!(first.get("runtimeConfig").is_none());
+        assert_eq!(first["ipam"]["type"], "host-local");
+
+        let second = plugin_stdin(&l, &l.plugins[1], Command::Add, Some(&prev), &caps);
+        assert_eq!(second["prevResult"], prev);
+        assert_eq!(
+            second["runtimeConfig"],
+            json!({"portMappings": [{"hostPort": 80}]})
+        );
+
+        // A prevResult in the file is replaced; nothing is sent when there is none.
+        let third = plugin_stdin(&l, &l.plugins[2], Command::Add, None, &caps);
+        assert!(third.get("prevResult").is_none());
+
+        let del = plugin_stdin(&l, &l.plugins[0], Command::Del, Some(&prev), &caps);
+        assert_eq!(del["prevResult"], prev);
+
+        // 0.3.x: no prevResult for DEL.
+        let old = parse_conflist(
+            br#"{"cniVersion":"0.3.1","name":"o","plugins":[{"type":"bridge"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let del = plugin_stdin(&old, &old.plugins[0], Command::Del, Some(&prev), &caps);
+        assert!(del.get("prevResult").is_none());
+    }
+
+    #[test]
+    fn env_and_cni_args() {
+        let rt = RuntimeConf {
+            container_id: "abc".into(),
+            netns: "/run/netns/p".into(),
+            ifname: "eth0".into(),
+            args: kubernetes_cni_args("default", "web-0", "abc", "u-1"),
+            capability_args: Map::new(),
+        };
+        let env: std::collections::BTreeMap<_, _> = plugin_env(Command::Add, Some(&rt), "/a:/b")
+            .into_iter()
+            .collect();
+        assert_eq!(env["CNI_COMMAND"], "ADD");
+        assert_eq!(env["CNI_CONTAINERID"], "abc");
+        assert_eq!(env["CNI_NETNS"], "/run/netns/p");
+        assert_eq!(env["CNI_IFNAME"], "eth0");
+        assert_eq!(env["CNI_PATH"], "/a:/b");
+        assert_eq!(
+            env["CNI_ARGS"],
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1"
+        );
+        let status: std::collections::BTreeMap<_, _> = plugin_env(Command::Status, None, "/a")
+            .into_iter()
+            .collect();
+        assert_eq!(status.len(), 2);
+        assert_eq!(status["CNI_COMMAND"], "STATUS");
+    }
+
+    #[test]
+    fn results_and_errors() {
+        let r = parse_result(
+            br#"{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}],
+                 "ips":[{"address":"fd00::5/64","interface":0},{"address":"10.1.0.5/24","gateway":"10.1.0.1"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.ips.len(), 2);
+        assert_eq!(r.ips[1].gateway, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(
+            r.pod_ips(),
+            vec![
+                "10.1.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        let old = parse_result(
+            br#"{"cniVersion":"0.4.0","ips":[{"version":"4","address":"10.2.0.9/16"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.pod_ips(), vec!["10.2.0.9".parse::<IpAddr>().unwrap()]);
+        assert!(parse_result(br#"{"cniVersion":"7.0.0"}"#).is_err());
+        assert!(parse_result(br#"{"ips":[{"address":"nope"}]}"#).is_err());
+
+        let e = parse_failure(
+            "exit status: 1",
+            br#"{"cniVersion":"1.0.0","code":11,"msg":"no IP addresses available","details":"range 10.1.0.0/30"}"#,
+            b"",
+        );
+        assert_eq!(
+            e.to_string(),
+            "no IP addresses available; range 10.1.0.0/30"
+        );
+        assert!(matches!(e, PluginCallError::Reported { code: 11, .. }));
+        let e = parse_failure("exit status: 2", b"", b"panic: boom\n");
+        assert!(e.to_string().contains("panic: boom"));
+        let wrapped = CniError::Plugin {
+            plugin: "bridge".into(),
+            op: "add",
+            source: parse_failure("x", br#"{"code":7,"msg":"bad"}"#, b""),
+        };
+        assert_eq!(
+            wrapped.to_string(),
+            r#"plugin type="bridge" failed (add): bad"#
+        );
+    }
+
+    #[test]
+    fn capability_args_from_pod() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": {"kubernetes.io/ingress-bandwidth": "10M"}},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"containerPort": 80, "hostPort": 8080},
+                {"containerPort": 53, "protocol": "UDP"}
+            ]}]}
+        }))
+        .unwrap();
+        let caps = capability_args_for_pod(&pod);
+        assert_eq!(
+            caps["portMappings"],
+            json!([{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}])
+        );
+        assert_eq!(caps["bandwidth"]["ingressRate"], 10_000_000);
+        assert!(caps["bandwidth"].get("egressRate").is_none());
+        assert_eq!(parse_bits_quantity("1Gi"), Some(1 << 30));
+        assert_eq!(parse_bits_quantity("1.5M"), None);
+    }
 }

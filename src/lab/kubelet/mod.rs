@@ -21,6 +21,9 @@ pub mod probes;
 pub mod sandbox;
 pub mod status;
 
+#[cfg(test)]
+mod exec_tests;
+
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;

@@ -284,6 +284,8 @@ impl<A: PodApi> PodWorker<A> {
     pub async fn run(mut self) -> WorkerExit {
         self.adopt().await;
         let mut network = self.ctx.network.clone();
+        // Once the readiness publisher is gone there is nothing left to wait for on it.
+        let mut network_alive = true;
         loop {
             let pod = self.pod_rx.borrow_and_update().clone();
             match pod {
@@ -302,7 +304,7 @@ impl<A: PodApi> PodWorker<A> {
                     }
                 }
                 Some(exit) = self.exits_rx.recv() => self.handle_exit(exit),
-                _ = network.changed() => {}
+                changed = network.changed(), if network_alive => network_alive = changed.is_ok(),
                 _ = tokio::time::sleep(SYNC_TICK) => {}
             }
         }

@@ -267,12 +267,25 @@ impl Sandboxes {
                 Ok(record)
             }
             Err(source) => {
+                let mut undone = true;
                 if let Err(e) = self.cni.del_network_list(list, &rt).await {
                     tracing::warn!(pod = %key, error = %e, "DEL after failed ADD failed");
+                    undone = false;
                 }
                 let ns = record.netns.clone();
-                if let Ok(Err(e)) = blocking(move || netns::delete(&ns)).await {
-                    tracing::warn!(pod = %key, error = %e, "removing netns after failed ADD failed");
+                match blocking(move || netns::delete(&ns)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(pod = %key, error = %e, "removing netns after failed ADD failed");
+                        undone = false;
+                    }
+                    Err(_) => undone = false,
+                }
+                // Fully undone: nothing is left to tear down. Otherwise the record stays, and the
+                // pod's teardown retries the DEL (a pod then stays Terminating, as with a real
+                // runtime whose DEL fails).
+                if undone {
+                    let _ = std::fs::remove_file(self.pod_dir(key).join(RECORD_FILE));
                 }
                 Err(SandboxError::SetupNetwork {
                     sandbox_id: record.sandbox_id,
