@@ -278,8 +278,13 @@ pub struct Spawned {
     pub start_ticks: u64,
 }
 
-/// Starts the container's process inside `netns`, in its own process group.
-pub fn spawn(launch: &Launch, netns_name: &str, log: &Path) -> Result<Spawned, ContainerError> {
+/// Starts the container's process inside `netns` (None: the kubelet's own, for host-network
+/// pods), in its own process group.
+pub fn spawn(
+    launch: &Launch,
+    netns_name: Option<&str>,
+    log: &Path,
+) -> Result<Spawned, ContainerError> {
     let container = launch.container.clone();
     let open_log = || {
         OpenOptions::new()
@@ -305,10 +310,12 @@ pub fn spawn(launch: &Launch, netns_name: &str, log: &Path) -> Result<Spawned, C
         cmd.current_dir(dir);
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    netns::command_in(netns_name, &mut cmd).map_err(|source| ContainerError::Netns {
-        container: container.clone(),
-        source,
-    })?;
+    if let Some(name) = netns_name {
+        netns::command_in(name, &mut cmd).map_err(|source| ContainerError::Netns {
+            container: container.clone(),
+            source,
+        })?;
+    }
     let mut cmd = tokio::process::Command::from(cmd);
     // The process must outlive a kubelet restart.
     cmd.kill_on_drop(false);

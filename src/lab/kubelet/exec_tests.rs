@@ -17,7 +17,7 @@ use super::pods::{EventRecord, NetworkState, NodeContext, PodApi, PodApiError, P
 use super::sandbox::{self, PodKey, SandboxError, Sandboxes};
 use crate::netns;
 
-const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+pub(super) const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 fn write_script(path: &Path, body: &str) {
     use std::os::unix::fs::PermissionsExt;
@@ -94,7 +94,7 @@ fn runtime_conf() -> RuntimeConf {
     }
 }
 
-fn current_thread_rt() -> tokio::runtime::Runtime {
+pub(super) fn current_thread_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -302,7 +302,7 @@ fn status_and_gc_for_cni_1_1() {
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-fn can_run_root_tests() -> bool {
+pub(super) fn can_run_root_tests() -> bool {
     let ok = nix::unistd::getuid().is_root()
         && Path::new(REFERENCE_PLUGINS).join("bridge").exists()
         && Path::new(REFERENCE_PLUGINS).join("host-local").exists();
@@ -313,14 +313,14 @@ fn can_run_root_tests() -> bool {
 }
 
 /// A "node" namespace plus everything created under its prefix; removed on drop.
-struct NodeNs {
-    name: String,
-    pod_prefix: String,
-    bridge: String,
+pub(super) struct NodeNs {
+    pub(super) name: String,
+    pub(super) pod_prefix: String,
+    pub(super) bridge: String,
 }
 
 impl NodeNs {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let id = std::process::id();
         let name = format!("veiltest-kl-{id}-{n}");
@@ -349,7 +349,7 @@ impl Drop for NodeNs {
     }
 }
 
-fn bridge_conflist(bridge: &str, data_dir: &Path, subnet: &str) -> Vec<u8> {
+pub(super) fn bridge_conflist(bridge: &str, data_dir: &Path, subnet: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "cniVersion": "1.0.0",
         "name": "veiltest",

@@ -23,6 +23,8 @@ pub mod status;
 
 #[cfg(test)]
 mod exec_tests;
+#[cfg(test)]
+mod run_tests;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -372,13 +374,24 @@ impl<A: PodApi> PodManager<A> {
         let records = self.ctx.sandboxes.discover();
         let netns: HashSet<String> = records.iter().map(|r| r.netns.clone()).collect();
         let ids: HashSet<String> = records.iter().map(|r| r.sandbox_id.clone()).collect();
+        // A pod may be created meanwhile (its record comes before its namespace and its cache
+        // entry): each stray is re-checked against the records right before removal.
+        let owned_now = |pred: &dyn Fn(&sandbox::SandboxRecord) -> bool| {
+            self.ctx.sandboxes.discover().iter().any(pred)
+        };
         for cached in self.ctx.sandboxes.stray_attachments(&ids) {
+            if owned_now(&|r| r.sandbox_id == cached.container_id) {
+                continue;
+            }
             tracing::info!(container_id = %cached.container_id, "DEL of an attachment no pod owns");
             if let Err(e) = self.ctx.sandboxes.remove_stray_attachment(&cached).await {
                 tracing::warn!(error = %e, "stray attachment cleanup failed");
             }
         }
         for name in self.ctx.sandboxes.stray_netns(&netns) {
+            if owned_now(&|r| r.netns == name) {
+                continue;
+            }
             tracing::info!(netns = %name, "removing a namespace no pod owns");
             if let Err(e) = self.ctx.sandboxes.remove_stray_netns(name).await {
                 tracing::warn!(error = %e, "stray netns cleanup failed");
@@ -418,6 +431,25 @@ impl<A: PodApi> PodManager<A> {
 
 /// Runs the kubelet until SIGTERM/SIGINT.
 pub async fn run(args: KubeletArgs) -> Result<(), KubeletError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(KubeletError::Signal)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(KubeletError::Signal)?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    run_until(args, stop).await
+}
+
+/// Runs the kubelet until `stop` completes; pods are left running for the next kubelet.
+pub async fn run_until(
+    args: KubeletArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), KubeletError> {
+    let mut stop = std::pin::pin!(stop);
     std::fs::create_dir_all(&args.kubelet_dir).map_err(|source| KubeletError::Dir {
         path: args.kubelet_dir.clone(),
         source,
@@ -492,17 +524,11 @@ pub async fn run(args: KubeletArgs) -> Result<(), KubeletError> {
         }
     });
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(KubeletError::Signal)?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(KubeletError::Signal)?;
-
     tracing::info!(node = %args.node_name, "waiting for the first pod list");
     // None: interrupted before the first list.
     let first_list = tokio::select! {
         r = store.wait_until_ready() => Some(r.is_ok()),
-        _ = sigterm.recv() => None,
-        _ = sigint.recv() => None,
+        _ = &mut stop => None,
     };
     let ready = first_list == Some(true);
     if ready {
@@ -523,8 +549,7 @@ pub async fn run(args: KubeletArgs) -> Result<(), KubeletError> {
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = gc_tick.tick() => manager.collect_garbage(&uids(&store)).await,
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
+                _ = &mut stop => break,
             }
             manager.reconcile(&store.state());
         }

@@ -23,7 +23,6 @@ use super::containers::{self, ContainerRecord, EnvContext};
 use super::probes::{self, ProbeSpec, ProbeState};
 use super::sandbox::{PodKey, SandboxRecord, Sandboxes};
 use super::status::{self, ContainerView, PodView, RuntimeState, Termination};
-use crate::netns;
 
 /// How often a worker re-evaluates its pod without other triggers.
 const SYNC_TICK: Duration = Duration::from_secs(1);
@@ -313,8 +312,7 @@ impl<A: PodApi> PodWorker<A> {
     /// Takes over what a previous kubelet left: the sandbox and the container processes.
     async fn adopt(&mut self) {
         if let Some(record) = self.ctx.sandboxes.read_record(&self.key) {
-            let usable = record.network.is_some() && netns::exists(&record.netns);
-            if usable {
+            if record.usable() {
                 tracing::info!(pod = %self.key, netns = %record.netns, "adopting sandbox");
                 let config = self.ctx.network.borrow().config.clone();
                 if let Some(list) = config {
@@ -446,6 +444,15 @@ impl<A: PodApi> PodWorker<A> {
                 .entry(c.name.clone())
                 .or_insert_with(|| ContainerSlot::new(&c.name, ""));
             slot.image = c.image.clone().unwrap_or_default();
+            // A process adopted from a previous kubelet gets its readiness probe back.
+            if slot.adopted && slot.running() && slot.probe.is_none() {
+                if let Some(Ok(spec)) = c.readiness_probe.as_ref().map(|p| probes::probe_spec(p, c))
+                {
+                    let state = ProbeState::new(&spec, Instant::now());
+                    slot.probe = Some((spec, state));
+                    slot.env = vec![("PATH".into(), self.ctx.path.clone())];
+                }
+            }
         }
         if !self.warned {
             self.warned = true;
@@ -479,7 +486,7 @@ impl<A: PodApi> PodWorker<A> {
         if !self.terminal && failure.is_none() {
             self.ensure_sandbox(pod).await;
             if let Some(sandbox) = self.sandbox.clone() {
-                if !netns::exists(&sandbox.netns) {
+                if !sandbox.usable() {
                     tracing::warn!(pod = %self.key, netns = %sandbox.netns, "sandbox netns vanished, recreating");
                     self.event(EventRecord::normal(
                         "SandboxChanged",
@@ -554,6 +561,21 @@ impl<A: PodApi> PodWorker<A> {
 
     async fn ensure_sandbox(&mut self, pod: &Pod) {
         if self.sandbox.is_some() || Instant::now() < self.sandbox_next {
+            return;
+        }
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if host_network {
+            match self.ctx.sandboxes.create_host(&self.key, self.ctx.node_ip) {
+                Ok(record) => self.sandbox = Some(record),
+                Err(e) => {
+                    tracing::warn!(pod = %self.key, error = %e, "host-network sandbox failed");
+                    self.sandbox_next = Instant::now() + SANDBOX_BACKOFF_MAX;
+                }
+            }
             return;
         }
         let network = self.ctx.network.borrow().clone();
@@ -656,7 +678,7 @@ impl<A: PodApi> PodWorker<A> {
                     &self.key,
                     &self.exits_tx,
                     &dir,
-                    &sandbox.netns,
+                    sandbox.netns_name(),
                     pod,
                     spec,
                     slot,
@@ -668,7 +690,8 @@ impl<A: PodApi> PodWorker<A> {
             // Running: readiness probe when due.
             if let Some((spec_p, state)) = &mut slot.probe {
                 if now >= state.next_at {
-                    let ok = probes::run_probe(spec_p, pod_ip, &sandbox.netns, &slot.env).await;
+                    let ok =
+                        probes::run_probe(spec_p, pod_ip, sandbox.netns_name(), &slot.env).await;
                     state.record(ok, spec_p, Instant::now());
                 }
             }
@@ -681,7 +704,7 @@ impl<A: PodApi> PodWorker<A> {
         key: &PodKey,
         exits_tx: &mpsc::UnboundedSender<Exit>,
         dir: &std::path::Path,
-        netns_name: &str,
+        netns_name: Option<&str>,
         pod: &Pod,
         spec: &Container,
         slot: &mut ContainerSlot,

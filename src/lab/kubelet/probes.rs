@@ -156,7 +156,7 @@ impl ProbeState {
 pub async fn run_probe(
     spec: &ProbeSpec,
     pod_ip: Option<IpAddr>,
-    netns_name: &str,
+    netns_name: Option<&str>,
     env: &[(String, String)],
 ) -> bool {
     let attempt = async {
@@ -183,7 +183,7 @@ pub async fn run_probe(
         .unwrap_or(false)
 }
 
-async fn exec_probe(cmd: &[String], netns_name: &str, env: &[(String, String)]) -> bool {
+async fn exec_probe(cmd: &[String], netns_name: Option<&str>, env: &[(String, String)]) -> bool {
     let path = env
         .iter()
         .find(|(k, _)| k == "PATH")
@@ -200,8 +200,10 @@ async fn exec_probe(cmd: &[String], netns_name: &str, env: &[(String, String)]) 
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    if netns::command_in(netns_name, &mut std_cmd).is_err() {
-        return false;
+    if let Some(name) = netns_name {
+        if netns::command_in(name, &mut std_cmd).is_err() {
+            return false;
+        }
     }
     let mut cmd = tokio::process::Command::from(std_cmd);
     cmd.kill_on_drop(true);

@@ -153,9 +153,22 @@ pub struct SandboxRecord {
     pub network: Option<String>,
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// `hostNetwork: true`: no namespace, no CNI; the pod uses the node's network.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 impl SandboxRecord {
+    /// The namespace containers run in; None for host-network pods (the kubelet's own).
+    pub fn netns_name(&self) -> Option<&str> {
+        (!self.host_network).then_some(self.netns.as_str())
+    }
+
+    /// True if the sandbox can be used as it is (after a restart, or while running).
+    pub fn usable(&self) -> bool {
+        self.host_network || (self.network.is_some() && netns::exists(&self.netns))
+    }
+
     pub fn netns_path(&self) -> String {
         netns::path(&self.netns).display().to_string()
     }
@@ -218,7 +231,25 @@ impl Sandboxes {
             ifname: POD_IFNAME.into(),
             network: None,
             ips: Vec::new(),
+            host_network: false,
         }
+    }
+
+    /// The "sandbox" of a host-network pod: just a record, so that it is adopted and cleaned up
+    /// like any other. Needs no network readiness (CNI daemons run this way).
+    pub fn create_host(
+        &self,
+        key: &PodKey,
+        node_ip: IpAddr,
+    ) -> Result<SandboxRecord, SandboxError> {
+        let record = SandboxRecord {
+            netns: String::new(),
+            ips: vec![node_ip],
+            host_network: true,
+            ..self.plan(key)
+        };
+        self.write_record(&record)?;
+        Ok(record)
     }
 
     pub fn write_record(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
@@ -302,6 +333,9 @@ impl Sandboxes {
         list: &NetworkConfigList,
         capability_args: Map<String, Value>,
     ) -> Result<(), SandboxError> {
+        if record.host_network {
+            return Ok(());
+        }
         let list = self
             .attachment_config(record)
             .unwrap_or_else(|| list.clone());
@@ -332,6 +366,9 @@ impl Sandboxes {
         record: &SandboxRecord,
         current: Option<&NetworkConfigList>,
     ) -> Result<(), SandboxError> {
+        if record.host_network {
+            return Ok(());
+        }
         let ns = record.netns.clone();
         blocking(move || kill_netns_processes(&ns)).await?;
         let cached = self
