@@ -802,3 +802,128 @@ fn pod_worker_reports_cni_errors_as_a_real_kubelet() {
         .unwrap()
         .any(|_| true));
 }
+
+#[test]
+fn host_network_pods_run_without_cni_even_when_the_network_is_not_ready() {
+    if !can_run_root_tests() {
+        return;
+    }
+    let node = NodeNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let list = cni::parse_conflist(
+        &bridge_conflist(&node.bridge, tmp.path(), "10.250.5.0/24"),
+        "t",
+    )
+    .unwrap();
+    let (ctx, network) = node_context(&node, tmp.path(), list);
+    network.send_replace(NetworkState {
+        ready: false,
+        config: None,
+        message: "cni plugin not initialized".into(),
+    });
+    let api = Arc::new(FakeApi::default());
+    let uid = "cccccccc-1111-4222-8333-444455556666";
+    let mut pod = test_pod(
+        uid,
+        json!([{"name": "agent", "command": ["sleep", "300"]}]),
+        "Always",
+        "node-1",
+    );
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    let (api2, node_name) = (api.clone(), node.name.clone());
+    netns::run_in(&node.name, move || {
+        current_thread_rt().block_on(async move {
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(pod.clone())));
+            let worker = PodWorker::new(ctx, api2.clone(), PodKey::from_pod(&pod).unwrap(), rx);
+            let handle = tokio::spawn(worker.run());
+            wait_for("a running host-network pod", 10, || {
+                api2.last_status()["phase"] == "Running"
+            })
+            .await;
+            let s = api2.last_status();
+            assert_eq!(s["podIP"], "172.30.0.11");
+            let pid: i32 = s["containerStatuses"][0]["containerID"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("veilnet-lab://")
+                .parse()
+                .unwrap();
+            assert!(netns::pids(&node_name).unwrap().contains(&pid));
+            tx.send(None).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(!super::containers::group_alive(pid));
+        })
+    })
+    .unwrap();
+    assert!(!netns::list()
+        .iter()
+        .any(|n| n.starts_with(&node.pod_prefix)));
+}
+
+#[test]
+fn completed_pods_succeed_and_release_their_address() {
+    if !can_run_root_tests() {
+        return;
+    }
+    let node = NodeNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let ipam_dir = tmp.path().join("ipam");
+    let list = cni::parse_conflist(
+        &bridge_conflist(&node.bridge, &ipam_dir, "10.250.6.0/24"),
+        "t",
+    )
+    .unwrap();
+    let (ctx, _network) = node_context(&node, tmp.path(), list);
+    let api = Arc::new(FakeApi::default());
+    let uid = "dddddddd-1111-4222-8333-444455556666";
+    let pod = test_pod(
+        uid,
+        json!([{"name": "job", "command": ["true"]}]),
+        "Never",
+        "node-1",
+    );
+    let api2 = api.clone();
+    let pod_ns = sandbox::netns_name(&node.pod_prefix, uid);
+    let pod_ns2 = pod_ns.clone();
+    netns::run_in(&node.name, move || {
+        current_thread_rt().block_on(async move {
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(pod.clone())));
+            let worker = PodWorker::new(ctx, api2.clone(), PodKey::from_pod(&pod).unwrap(), rx);
+            let handle = tokio::spawn(worker.run());
+            wait_for("Succeeded", 10, || {
+                api2.last_status()["phase"] == "Succeeded"
+            })
+            .await;
+            wait_for("network released", 10, || !netns::exists(&pod_ns2)).await;
+            let s = api2.last_status();
+            assert!(s["podIP"].as_str().unwrap().starts_with("10.250.6."), "{s}");
+            let term = &s["containerStatuses"][0]["state"]["terminated"];
+            assert_eq!(term["exitCode"], 0);
+            assert_eq!(term["reason"], "Completed");
+            assert_eq!(s["containerStatuses"][0]["restartCount"], 0);
+            // Nothing restarts.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(
+                api2.last_status()["containerStatuses"][0]["restartCount"],
+                0
+            );
+            tx.send(None).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .unwrap()
+                .unwrap();
+        })
+    })
+    .unwrap();
+    assert!(std::fs::read_dir(ipam_dir.join("veiltest"))
+        .unwrap()
+        .all(|e| {
+            !e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("10.250.6.")
+        }));
+}
