@@ -927,3 +927,85 @@ fn completed_pods_succeed_and_release_their_address() {
                 .starts_with("10.250.6.")
         }));
 }
+
+#[test]
+fn probes_reach_the_pod_and_failed_liveness_restarts() {
+    if !can_run_root_tests() || !Path::new("/usr/bin/python3").exists() {
+        return;
+    }
+    let node = NodeNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let list = cni::parse_conflist(
+        &bridge_conflist(&node.bridge, &tmp.path().join("ipam"), "10.250.7.0/24"),
+        "t",
+    )
+    .unwrap();
+    let (ctx, _network) = node_context(&node, tmp.path(), list);
+    let api = Arc::new(FakeApi::default());
+    let uid = "eeeeeeee-1111-4222-8333-444455556666";
+    let pod = test_pod(
+        uid,
+        json!([
+            {"name": "web", "command": ["/usr/bin/python3", "-m", "http.server", "8080"],
+             "ports": [{"name": "http", "containerPort": 8080}],
+             "readinessProbe": {"httpGet": {"port": "http", "path": "/"}, "periodSeconds": 1},
+             "livenessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "initialDelaySeconds": 3}},
+            {"name": "closed", "command": ["sleep", "300"],
+             "readinessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1}},
+            {"name": "dying", "command": ["sleep", "300"],
+             "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}}
+        ]),
+        "Always",
+        "node-1",
+    );
+    let api2 = api.clone();
+    netns::run_in(&node.name, move || {
+        current_thread_rt().block_on(async move {
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(pod.clone())));
+            let worker = PodWorker::new(ctx, api2.clone(), PodKey::from_pod(&pod).unwrap(), rx);
+            let handle = tokio::spawn(worker.run());
+            let container = |name: &str| {
+                api2.last_status()["containerStatuses"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["name"] == name).cloned())
+                    .unwrap_or(Value::Null)
+            };
+            wait_for("web ready through its HTTP probe", 20, || {
+                container("web")["ready"] == true
+            })
+            .await;
+            wait_for("dying restarted by its liveness probe", 20, || {
+                container("dying")["restartCount"].as_i64().unwrap_or(0) >= 1
+            })
+            .await;
+            // Past the liveness delay, the live web server is not restarted.
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert_eq!(container("web")["restartCount"], 0);
+            assert_eq!(container("web")["ready"], true);
+            assert_eq!(container("closed")["ready"], false);
+            assert_eq!(container("closed")["restartCount"], 0);
+            let s = api2.last_status();
+            let ready = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Ready")
+                .unwrap()
+                .clone();
+            assert_eq!(ready["status"], "False");
+            let events = api2.events.lock().unwrap().clone();
+            assert!(events.iter().any(
+                |e| e.reason == "Killing" && e.message.contains("dying failed liveness probe")
+            ));
+            assert!(events
+                .iter()
+                .any(|e| e.reason == "Unhealthy" && e.message == "Readiness probe failed"));
+            tx.send(None).unwrap();
+            tokio::time::timeout(Duration::from_secs(15), handle)
+                .await
+                .unwrap()
+                .unwrap();
+        })
+    })
+    .unwrap();
+}

@@ -128,6 +128,7 @@ struct ContainerSlot {
     /// Consecutive restarts for the backoff (reset after a long run).
     backoff_step: u32,
     probe: Option<(ProbeSpec, ProbeState)>,
+    liveness: Option<(ProbeSpec, ProbeState)>,
     env: Vec<(String, String)>,
 }
 
@@ -151,6 +152,7 @@ impl ContainerSlot {
             next_start: Instant::now(),
             backoff_step: 0,
             probe: None,
+            liveness: None,
             env: Vec::new(),
         }
     }
@@ -175,7 +177,7 @@ impl ContainerSlot {
 
     fn view(&self) -> ContainerView {
         let ready = match &self.probe {
-            Some((_, st)) => st.ready,
+            Some((_, st)) => st.passing,
             None => true,
         };
         ContainerView {
@@ -204,6 +206,25 @@ fn restart_policy(pod: &Pod) -> String {
         .as_ref()
         .and_then(|s| s.restart_policy.clone())
         .unwrap_or_else(|| "Always".into())
+}
+
+/// A container's probe with a fresh state; unsupported probes are ignored with a warning.
+fn probe_for(
+    container: &Container,
+    probe: Option<&k8s_openapi::api::core::v1::Probe>,
+    liveness: bool,
+    key: &PodKey,
+) -> Option<(ProbeSpec, ProbeState)> {
+    match probes::probe_spec(probe?, container) {
+        Ok(spec) => {
+            let state = ProbeState::new(&spec, Instant::now(), liveness);
+            Some((spec, state))
+        }
+        Err(reason) => {
+            tracing::warn!(pod = %key, container = %container.name, liveness, "probe ignored: {reason}");
+            None
+        }
+    }
 }
 
 /// The termination grace period of a deleted pod, capped for the lab.
@@ -444,14 +465,11 @@ impl<A: PodApi> PodWorker<A> {
                 .entry(c.name.clone())
                 .or_insert_with(|| ContainerSlot::new(&c.name, ""));
             slot.image = c.image.clone().unwrap_or_default();
-            // A process adopted from a previous kubelet gets its readiness probe back.
-            if slot.adopted && slot.running() && slot.probe.is_none() {
-                if let Some(Ok(spec)) = c.readiness_probe.as_ref().map(|p| probes::probe_spec(p, c))
-                {
-                    let state = ProbeState::new(&spec, Instant::now());
-                    slot.probe = Some((spec, state));
-                    slot.env = vec![("PATH".into(), self.ctx.path.clone())];
-                }
+            // A process adopted from a previous kubelet gets its probes back.
+            if slot.adopted && slot.running() && slot.env.is_empty() {
+                slot.env = vec![("PATH".into(), self.ctx.path.clone())];
+                slot.probe = probe_for(c, c.readiness_probe.as_ref(), false, &self.key);
+                slot.liveness = probe_for(c, c.liveness_probe.as_ref(), true, &self.key);
             }
         }
         if !self.warned {
@@ -687,13 +705,56 @@ impl<A: PodApi> PodWorker<A> {
                 .await;
                 continue;
             }
-            // Running: readiness probe when due.
+            // Running: probes when due.
             if let Some((spec_p, state)) = &mut slot.probe {
                 if now >= state.next_at {
                     let ok =
                         probes::run_probe(spec_p, pod_ip, sandbox.netns_name(), &slot.env).await;
                     state.record(ok, spec_p, Instant::now());
+                    if !ok {
+                        let event = EventRecord::warning("Unhealthy", "Readiness probe failed");
+                        let _ = self.api.record_event(&self.key, event).await;
+                    }
                 }
+            }
+            let mut kill = false;
+            if let Some((spec_p, state)) = &mut slot.liveness {
+                if now >= state.next_at {
+                    let ok =
+                        probes::run_probe(spec_p, pod_ip, sandbox.netns_name(), &slot.env).await;
+                    state.record(ok, spec_p, Instant::now());
+                    if !ok {
+                        let event = EventRecord::warning("Unhealthy", "Liveness probe failed");
+                        let _ = self.api.record_event(&self.key, event).await;
+                    }
+                    kill = !state.passing;
+                }
+            }
+            if kill {
+                // As the kubelet: stop it with the pod's grace period; the exit then restarts
+                // it per restartPolicy.
+                slot.liveness = None;
+                let message = format!(
+                    "Container {} failed liveness probe, will be restarted",
+                    spec.name
+                );
+                let _ = self
+                    .api
+                    .record_event(&self.key, EventRecord::normal("Killing", message))
+                    .await;
+                let grace = grace_period(Some(pod), self.ctx.max_grace);
+                let record = ContainerRecord {
+                    pid: slot.pid,
+                    start_ticks: slot.start_ticks,
+                    ..Default::default()
+                };
+                containers::signal_group(record.pid, Signal::SIGTERM);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if containers::record_alive(&record) {
+                        containers::signal_group(record.pid, Signal::SIGKILL);
+                    }
+                });
             }
         }
     }
@@ -766,16 +827,8 @@ impl<A: PodApi> PodWorker<A> {
         slot.generation = slot.generation.wrapping_add(1);
         slot.state = RuntimeState::Running { started_at: now };
         slot.env = launch.env.clone();
-        slot.probe = spec.readiness_probe.as_ref().and_then(|p| match probes::probe_spec(p, spec) {
-            Ok(s) => {
-                let st = ProbeState::new(&s, Instant::now());
-                Some((s, st))
-            }
-            Err(reason) => {
-                tracing::warn!(pod = %key, container = %spec.name, "readiness probe ignored: {reason}");
-                None
-            }
-        });
+        slot.probe = probe_for(spec, spec.readiness_probe.as_ref(), false, key);
+        slot.liveness = probe_for(spec, spec.liveness_probe.as_ref(), true, key);
         containers::write_record(dir, &spec.name, &slot.record());
         tracing::info!(pod = %key, container = %spec.name, pid = spawned.pid, "container started");
         let tx = exits_tx.clone();

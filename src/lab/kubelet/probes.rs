@@ -1,6 +1,7 @@
-//! Readiness probes. `tcpSocket` and `httpGet` connect from the kubelet (in the node's namespace)
+//! Readiness and liveness probes. `tcpSocket` and `httpGet` connect from the kubelet (in the node's namespace)
 //! to the pod IP, as a real kubelet does, so they also exercise node-to-pod connectivity; `exec`
-//! runs the command inside the pod's namespace. Without a probe a running container is ready.
+//! runs the command inside the pod's namespace. Without a readiness probe a running container is
+//! ready; a failing liveness probe gets the container killed (and restarted per policy).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -113,20 +114,22 @@ pub fn probe_spec(probe: &Probe, container: &Container) -> Result<ProbeSpec, Str
     })
 }
 
-/// Result history of one container's readiness probe.
+/// Result history of one container's probe.
 #[derive(Clone, Debug)]
 pub struct ProbeState {
-    pub ready: bool,
+    /// Readiness: ready; liveness: alive.
+    pub passing: bool,
     successes: u32,
     failures: u32,
     pub next_at: Instant,
 }
 
 impl ProbeState {
-    /// A fresh container: not ready until the first success, first probe after the delay.
-    pub fn new(spec: &ProbeSpec, started: Instant) -> Self {
+    /// A fresh container's probe, first run after the delay. A readiness probe starts failing
+    /// (not ready until the first success), a liveness probe passing.
+    pub fn new(spec: &ProbeSpec, started: Instant, initially_passing: bool) -> Self {
         Self {
-            ready: false,
+            passing: initially_passing,
             successes: 0,
             failures: 0,
             next_at: started + spec.initial_delay,
@@ -139,13 +142,13 @@ impl ProbeState {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
             if self.successes >= spec.success_threshold {
-                self.ready = true;
+                self.passing = true;
             }
         } else {
             self.successes = 0;
             self.failures = self.failures.saturating_add(1);
             if self.failures >= spec.failure_threshold {
-                self.ready = false;
+                self.passing = false;
             }
         }
         self.next_at = now + spec.period;
@@ -305,15 +308,16 @@ mod tests {
             failure_threshold: 2,
         };
         let now = Instant::now();
-        let mut st = ProbeState::new(&spec, now);
+        let mut st = ProbeState::new(&spec, now, false);
         st.record(true, &spec, now);
-        assert!(!st.ready);
+        assert!(!st.passing);
         st.record(true, &spec, now);
-        assert!(st.ready);
+        assert!(st.passing);
         st.record(false, &spec, now);
-        assert!(st.ready);
+        assert!(st.passing);
         st.record(false, &spec, now);
-        assert!(!st.ready);
+        assert!(!st.passing);
+        assert!(ProbeState::new(&spec, now, true).passing);
     }
 
     #[test]
