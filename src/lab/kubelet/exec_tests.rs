@@ -1009,3 +1009,116 @@ fn probes_reach_the_pod_and_failed_liveness_restarts() {
     })
     .unwrap();
 }
+
+#[test]
+fn init_containers_run_in_order_before_the_containers() {
+    if !can_run_root_tests() {
+        return;
+    }
+    let node = NodeNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let list = cni::parse_conflist(
+        &bridge_conflist(&node.bridge, &tmp.path().join("ipam"), "10.250.8.0/24"),
+        "t",
+    )
+    .unwrap();
+    let (ctx, _network) = node_context(&node, tmp.path(), list);
+    let marker = tmp.path().join("setup-ran");
+    let marker_s = marker.display().to_string();
+    let good = test_pod(
+        "f0f0f0f0-1111-4222-8333-444455556666",
+        json!([{"name": "app", "command": ["sleep", "300"]}]),
+        "Always",
+        "node-1",
+    );
+    let mut good = good;
+    good.spec.as_mut().unwrap().init_containers = Some(
+        serde_json::from_value(json!([
+            {"name": "setup", "command": ["sh", "-c", format!("sleep 1; touch {marker_s}")]},
+            {"name": "check", "command": ["test", "-f", marker_s]}
+        ]))
+        .unwrap(),
+    );
+    let mut bad = test_pod(
+        "f1f1f1f1-1111-4222-8333-444455556666",
+        json!([{"name": "app", "command": ["sleep", "300"]}]),
+        "Never",
+        "node-1",
+    );
+    bad.metadata.name = Some("bad".into());
+    bad.spec.as_mut().unwrap().init_containers =
+        Some(serde_json::from_value(json!([{"name": "fails", "command": ["false"]}])).unwrap());
+    netns::run_in(&node.name, move || {
+        current_thread_rt().block_on(async move {
+            let api = Arc::new(FakeApi::default());
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(good.clone())));
+            let worker = PodWorker::new(
+                ctx.clone(),
+                api.clone(),
+                PodKey::from_pod(&good).unwrap(),
+                rx,
+            );
+            let handle = tokio::spawn(worker.run());
+            wait_for("initializing", 10, || {
+                let s = api.last_status();
+                s["phase"] == "Pending"
+                    && s["containerStatuses"][0]["state"]["waiting"]["reason"] == "PodInitializing"
+                    && s["initContainerStatuses"][0]["state"]["running"].is_object()
+            })
+            .await;
+            let s = api.last_status();
+            let init = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Initialized")
+                .unwrap()
+                .clone();
+            assert_eq!(init["status"], "False");
+            assert_eq!(init["reason"], "ContainersNotInitialized");
+            wait_for("running", 15, || api.last_status()["phase"] == "Running").await;
+            let s = api.last_status();
+            let inits = s["initContainerStatuses"].as_array().unwrap();
+            assert_eq!(inits[0]["name"], "setup");
+            assert_eq!(inits[1]["name"], "check");
+            for i in inits {
+                assert_eq!(i["state"]["terminated"]["exitCode"], 0, "{i}");
+                assert_eq!(i["restartCount"], 0, "{i}");
+            }
+            let init = s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "Initialized")
+                .unwrap()
+                .clone();
+            assert_eq!(init["status"], "True");
+            tx.send(None).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .unwrap()
+                .unwrap();
+
+            let api = Arc::new(FakeApi::default());
+            let (tx, rx) = tokio::sync::watch::channel(Some(Arc::new(bad.clone())));
+            let worker = PodWorker::new(ctx, api.clone(), PodKey::from_pod(&bad).unwrap(), rx);
+            let handle = tokio::spawn(worker.run());
+            wait_for("failed", 10, || api.last_status()["phase"] == "Failed").await;
+            let s = api.last_status();
+            assert_eq!(
+                s["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+                1
+            );
+            assert_eq!(
+                s["containerStatuses"][0]["state"]["waiting"]["reason"],
+                "PodInitializing"
+            );
+            tx.send(None).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), handle)
+                .await
+                .unwrap()
+                .unwrap();
+        })
+    })
+    .unwrap();
+}

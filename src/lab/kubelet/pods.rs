@@ -22,7 +22,7 @@ use super::cni::{self, NetworkConfigList};
 use super::containers::{self, ContainerRecord, EnvContext};
 use super::probes::{self, ProbeSpec, ProbeState};
 use super::sandbox::{PodKey, SandboxRecord, Sandboxes};
-use super::status::{self, ContainerView, PodView, RuntimeState, Termination};
+use super::status::{self, ContainerView, InitProgress, PodView, RuntimeState, Termination};
 
 /// How often a worker re-evaluates its pod without other triggers.
 const SYNC_TICK: Duration = Duration::from_secs(1);
@@ -201,6 +201,32 @@ fn should_restart(policy: &str, exit_code: i32) -> bool {
     }
 }
 
+/// A sidecar: an init container with `restartPolicy: Always`, running next to the containers.
+fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
+}
+
+/// The restart policy of an init container: sidecars always, others until they succeed (never
+/// for a `Never` pod).
+fn init_policy<'a>(c: &Container, pod_policy: &'a str) -> &'a str {
+    if is_sidecar(c) {
+        "Always"
+    } else if pod_policy == "Never" {
+        "Never"
+    } else {
+        "OnFailure"
+    }
+}
+
+/// True when `c` no longer holds up the next init container.
+fn init_done(c: &Container, slot: &ContainerSlot) -> bool {
+    if is_sidecar(c) {
+        slot.running()
+    } else {
+        matches!(&slot.state, RuntimeState::Terminated(t) if t.exit_code == 0)
+    }
+}
+
 fn restart_policy(pod: &Pod) -> String {
     pod.spec
         .as_ref()
@@ -257,7 +283,8 @@ pub struct PodWorker<A: PodApi> {
     terminal: bool,
     last_sent: Option<PodStatus>,
     rv_at_send: Option<String>,
-    warned: bool,
+    /// The init containers are through (never goes back, as in the kubelet).
+    initialized: bool,
 }
 
 /// How a worker ended.
@@ -291,7 +318,7 @@ impl<A: PodApi> PodWorker<A> {
             terminal: false,
             last_sent: None,
             rv_at_send: None,
-            warned: false,
+            initialized: false,
         }
     }
 
@@ -459,7 +486,12 @@ impl<A: PodApi> PodWorker<A> {
             .as_ref()
             .map(|s| s.containers.clone())
             .unwrap_or_default();
-        for c in &specs {
+        let inits: Vec<Container> = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default();
+        for c in specs.iter().chain(&inits) {
             let slot = self
                 .slots
                 .entry(c.name.clone())
@@ -470,21 +502,6 @@ impl<A: PodApi> PodWorker<A> {
                 slot.env = vec![("PATH".into(), self.ctx.path.clone())];
                 slot.probe = probe_for(c, c.readiness_probe.as_ref(), false, &self.key);
                 slot.liveness = probe_for(c, c.liveness_probe.as_ref(), true, &self.key);
-            }
-        }
-        if !self.warned {
-            self.warned = true;
-            let has_init = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.init_containers.as_ref())
-                .is_some_and(|i| !i.is_empty());
-            if has_init {
-                self.event(EventRecord::warning(
-                    "InitContainersIgnored",
-                    "the lab kubelet does not run initContainers; starting the containers",
-                ))
-                .await;
             }
         }
         self.poll_adopted();
@@ -499,7 +516,7 @@ impl<A: PodApi> PodWorker<A> {
 
         // Before touching the sandbox: a pod that finished (e.g. seen again after a restart)
         // must not get a new one.
-        self.finish_if_terminal(&specs, &policy, failure.is_some())
+        self.finish_if_terminal(&specs, &inits, &policy, failure.is_some())
             .await;
         if !self.terminal && failure.is_none() {
             self.ensure_sandbox(pod).await;
@@ -514,14 +531,18 @@ impl<A: PodApi> PodWorker<A> {
                     self.stop_containers(Duration::ZERO).await;
                     self.release_sandbox().await;
                 } else {
-                    self.sync_containers(pod, &specs, &sandbox, &policy).await;
+                    self.sync_all(pod, &specs, &inits, &sandbox, &policy).await;
                 }
             }
         }
 
-        let views = self
-            .finish_if_terminal(&specs, &policy, failure.is_some())
+        let (views, init) = self
+            .finish_if_terminal(&specs, &inits, &policy, failure.is_some())
             .await;
+        let init_views: Vec<ContainerView> = inits
+            .iter()
+            .filter_map(|c| self.slots.get(&c.name).map(ContainerSlot::view))
+            .collect();
         let view = PodView {
             restart_policy: policy,
             sandbox_ready: self.sandbox.is_some(),
@@ -533,24 +554,95 @@ impl<A: PodApi> PodWorker<A> {
                 .unwrap_or_default(),
             host_ip: self.ctx.node_ip.to_string(),
             containers: views,
+            init_containers: init_views,
+            init,
             failure,
         };
         self.report(pod, &view).await;
     }
 
+    /// Runs the init containers one after the other (sidecars, `restartPolicy: Always`, only
+    /// need to be running), then the containers.
+    async fn sync_all(
+        &mut self,
+        pod: &Pod,
+        specs: &[Container],
+        inits: &[Container],
+        sandbox: &SandboxRecord,
+        policy: &str,
+    ) {
+        if !self.initialized {
+            for c in inits {
+                self.sync_containers(pod, &[(c, init_policy(c, policy))], sandbox)
+                    .await;
+                if !self.slots.get(&c.name).is_some_and(|s| init_done(c, s)) {
+                    break;
+                }
+            }
+            self.initialized = self.init_progress(inits, policy) == InitProgress::Done;
+        } else {
+            let sidecars: Vec<(&Container, &str)> = inits
+                .iter()
+                .filter(|c| is_sidecar(c))
+                .map(|c| (c, "Always"))
+                .collect();
+            self.sync_containers(pod, &sidecars, sandbox).await;
+        }
+        if self.initialized {
+            let main: Vec<(&Container, &str)> = specs.iter().map(|c| (c, policy)).collect();
+            self.sync_containers(pod, &main, sandbox).await;
+        }
+    }
+
+    /// Where the init containers are (sticky once done, as in the kubelet).
+    fn init_progress(&self, inits: &[Container], policy: &str) -> InitProgress {
+        if self.initialized {
+            return InitProgress::Done;
+        }
+        for c in inits {
+            let Some(slot) = self.slots.get(&c.name) else {
+                return InitProgress::Pending;
+            };
+            if init_done(c, slot) {
+                continue;
+            }
+            return match &slot.state {
+                RuntimeState::Terminated(t) if t.exit_code != 0 && policy == "Never" => {
+                    InitProgress::Failed
+                }
+                _ => InitProgress::Pending,
+            };
+        }
+        InitProgress::Done
+    }
+
     /// Marks the pod finished when its phase became terminal: processes left in the group are
-    /// killed and the network is released. Returns the container views.
+    /// killed and the network is released. Returns the container views and the init progress.
     async fn finish_if_terminal(
         &mut self,
         specs: &[Container],
+        inits: &[Container],
         policy: &str,
         failed_spec: bool,
-    ) -> Vec<ContainerView> {
+    ) -> (Vec<ContainerView>, InitProgress) {
+        let init = self.init_progress(inits, policy);
         let views: Vec<ContainerView> = specs
             .iter()
             .filter_map(|c| self.slots.get(&c.name).map(ContainerSlot::view))
+            .map(|mut v| {
+                // Not started because the init containers are not through yet.
+                let fresh = v.last_termination.is_none()
+                    && matches!(&v.state, RuntimeState::Waiting { reason, .. } if reason == "ContainerCreating");
+                if init != InitProgress::Done && fresh {
+                    v.state = RuntimeState::Waiting {
+                        reason: "PodInitializing".into(),
+                        message: None,
+                    };
+                }
+                v
+            })
             .collect();
-        let phase = status::pod_phase(policy, &views);
+        let phase = status::pod_phase(policy, init, &views);
         if !self.terminal && status::is_terminal(phase) && !failed_spec {
             tracing::info!(pod = %self.key, phase, "pod finished, releasing its network");
             self.terminal = true;
@@ -560,7 +652,7 @@ impl<A: PodApi> PodWorker<A> {
             // An earlier release failed: retry.
             self.release_sandbox().await;
         }
-        views
+        (views, init)
     }
 
     /// A finished pod keeps reporting the IPs it had (as a real kubelet does).
@@ -634,12 +726,12 @@ impl<A: PodApi> PodWorker<A> {
         }
     }
 
+    /// Starts, restarts and probes `containers`, each with its restart policy.
     async fn sync_containers(
         &mut self,
         pod: &Pod,
-        specs: &[Container],
+        containers: &[(&Container, &str)],
         sandbox: &SandboxRecord,
-        policy: &str,
     ) {
         let now = Instant::now();
         let pod_ip = sandbox.ips.first().copied();
@@ -650,7 +742,7 @@ impl<A: PodApi> PodWorker<A> {
             path: self.ctx.path.clone(),
         };
         let dir = self.pod_dir();
-        for spec in specs {
+        for &(spec, policy) in containers {
             let Some(slot) = self.slots.get_mut(&spec.name) else {
                 continue;
             };

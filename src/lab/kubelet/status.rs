@@ -64,12 +64,34 @@ pub struct PodView {
     pub pod_ips: Vec<IpAddr>,
     pub host_ip: String,
     pub containers: Vec<ContainerView>,
+    pub init_containers: Vec<ContainerView>,
+    pub init: InitProgress,
     /// Pod-level failure to show (e.g. an invalid spec), with its reason.
     pub failure: Option<(String, String)>,
 }
 
-/// The pod phase (kubelet `getPhase`, without init containers).
-pub fn pod_phase(restart_policy: &str, containers: &[ContainerView]) -> &'static str {
+/// Where the init containers are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitProgress {
+    /// All completed (or there are none): the containers run.
+    Done,
+    /// Still running through them.
+    Pending,
+    /// One failed and will not be retried (`restartPolicy: Never`).
+    Failed,
+}
+
+/// The pod phase (kubelet `getPhase`).
+pub fn pod_phase(
+    restart_policy: &str,
+    init: InitProgress,
+    containers: &[ContainerView],
+) -> &'static str {
+    match init {
+        InitProgress::Failed => return "Failed",
+        InitProgress::Pending => return "Pending",
+        InitProgress::Done => {}
+    }
     if containers.is_empty() {
         return "Pending";
     }
@@ -239,7 +261,7 @@ pub fn build_status(
         {
             "Pending"
         }
-        _ => pod_phase(&view.restart_policy, &view.containers),
+        _ => pod_phase(&view.restart_policy, view.init, &view.containers),
     };
     let unready: Vec<&str> = containers
         .iter()
@@ -269,14 +291,32 @@ pub fn build_status(
             &now,
             prev_cond("PodReadyToStartContainers"),
         ),
-        condition(
-            "Initialized",
-            true,
-            None,
-            None,
-            &now,
-            prev_cond("Initialized"),
-        ),
+        {
+            let incomplete: Vec<&str> = view
+                .init_containers
+                .iter()
+                .filter(|c| match &c.state {
+                    RuntimeState::Terminated(t) => t.exit_code != 0,
+                    RuntimeState::Running { .. } => !c.ready,
+                    RuntimeState::Waiting { .. } => true,
+                })
+                .map(|c| c.name.as_str())
+                .collect();
+            let done = view.init == InitProgress::Done;
+            condition(
+                "Initialized",
+                done,
+                (!done).then_some("ContainersNotInitialized"),
+                (!done).then(|| {
+                    format!(
+                        "containers with incomplete status: [{}]",
+                        incomplete.join(" ")
+                    )
+                }),
+                &now,
+                prev_cond("Initialized"),
+            )
+        },
         condition(
             "Ready",
             all_ready,
@@ -328,6 +368,9 @@ pub fn build_status(
         pod_ips: (!pod_ips.is_empty()).then_some(pod_ips),
         start_time: Some(start_time),
         container_statuses: Some(containers.iter().map(|c| container_status(c)).collect()),
+        // In spec order (their order means something), unlike containers.
+        init_container_statuses: (!view.init_containers.is_empty())
+            .then(|| view.init_containers.iter().map(container_status).collect()),
         qos_class: Some(
             previous
                 .and_then(|p| p.qos_class.clone())
@@ -412,28 +455,50 @@ mod tests {
         let backoff = view("e", waiting("CrashLoopBackOff"), Some(exited(1)));
 
         assert_eq!(
-            pod_phase("Always", std::slice::from_ref(&creating)),
+            pod_phase(
+                "Always",
+                InitProgress::Done,
+                std::slice::from_ref(&creating)
+            ),
             "Pending"
         );
-        assert_eq!(pod_phase("Always", &[running.clone(), creating]), "Pending");
         assert_eq!(
-            pod_phase("Always", &[running.clone(), ok.clone()]),
+            pod_phase("Always", InitProgress::Done, &[running.clone(), creating]),
+            "Pending"
+        );
+        assert_eq!(
+            pod_phase("Always", InitProgress::Done, &[running.clone(), ok.clone()]),
             "Running"
         );
         assert_eq!(
-            pod_phase("Always", std::slice::from_ref(&backoff)),
+            pod_phase("Always", InitProgress::Done, std::slice::from_ref(&backoff)),
             "Running"
         );
-        assert_eq!(pod_phase("Always", std::slice::from_ref(&ok)), "Running");
-        assert_eq!(pod_phase("Never", std::slice::from_ref(&ok)), "Succeeded");
-        assert_eq!(pod_phase("Never", &[ok.clone(), bad.clone()]), "Failed");
         assert_eq!(
-            pod_phase("OnFailure", std::slice::from_ref(&ok)),
+            pod_phase("Always", InitProgress::Done, std::slice::from_ref(&ok)),
+            "Running"
+        );
+        assert_eq!(
+            pod_phase("Never", InitProgress::Done, std::slice::from_ref(&ok)),
             "Succeeded"
         );
-        assert_eq!(pod_phase("OnFailure", &[ok, bad]), "Running");
-        assert_eq!(pod_phase("OnFailure", &[backoff]), "Running");
-        assert_eq!(pod_phase("Never", &[]), "Pending");
+        assert_eq!(
+            pod_phase("Never", InitProgress::Done, &[ok.clone(), bad.clone()]),
+            "Failed"
+        );
+        assert_eq!(
+            pod_phase("OnFailure", InitProgress::Done, std::slice::from_ref(&ok)),
+            "Succeeded"
+        );
+        assert_eq!(
+            pod_phase("OnFailure", InitProgress::Done, &[ok, bad]),
+            "Running"
+        );
+        assert_eq!(
+            pod_phase("OnFailure", InitProgress::Done, &[backoff]),
+            "Running"
+        );
+        assert_eq!(pod_phase("Never", InitProgress::Done, &[]), "Pending");
     }
 
     fn pod_view(containers: Vec<ContainerView>) -> PodView {
@@ -443,6 +508,8 @@ mod tests {
             pod_ips: vec!["fd00::5".parse().unwrap(), "10.1.0.5".parse().unwrap()],
             host_ip: "172.30.0.11".into(),
             containers,
+            init_containers: Vec::new(),
+            init: InitProgress::Done,
             failure: None,
         }
     }
@@ -537,6 +604,41 @@ mod tests {
             .find(|c| c.type_ == "PodReadyToStartContainers")
             .unwrap();
         assert_eq!(p.status, "False");
+    }
+
+    #[test]
+    fn init_containers_gate_the_phase_and_the_initialized_condition() {
+        let running = view("app", RuntimeState::Running { started_at: ts(0) }, None);
+        assert_eq!(
+            pod_phase(
+                "Always",
+                InitProgress::Pending,
+                std::slice::from_ref(&running)
+            ),
+            "Pending"
+        );
+        assert_eq!(pod_phase("Never", InitProgress::Failed, &[]), "Failed");
+
+        let mut v = pod_view(vec![view("app", waiting("PodInitializing"), None)]);
+        v.init = InitProgress::Pending;
+        v.init_containers = vec![
+            view("setup", RuntimeState::Terminated(exited(0)), None),
+            view("migrate", RuntimeState::Running { started_at: ts(1) }, None),
+        ];
+        v.init_containers[1].ready = false;
+        let s = build_status(&Pod::default(), &v, None, ts(2));
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        let c = s.conditions.as_ref().unwrap();
+        let init = c.iter().find(|c| c.type_ == "Initialized").unwrap();
+        assert_eq!(init.status, "False");
+        assert_eq!(init.reason.as_deref(), Some("ContainersNotInitialized"));
+        assert_eq!(
+            init.message.as_deref(),
+            Some("containers with incomplete status: [migrate]")
+        );
+        let inits = s.init_container_statuses.unwrap();
+        assert_eq!(inits[0].name, "setup");
+        assert_eq!(inits[1].name, "migrate");
     }
 
     #[test]
