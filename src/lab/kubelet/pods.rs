@@ -692,14 +692,12 @@ impl<A: PodApi> PodWorker<A> {
         let config = match (network.ready, network.config) {
             (true, Some(c)) => c,
             _ => {
-                self.event(EventRecord::warning(
-                    "NetworkNotReady",
-                    format!(
-                        "network is not ready: container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:{}",
-                        network.message
-                    ),
-                ))
-                .await;
+                let message = format!(
+                    "network is not ready: {}",
+                    super::node::network_not_ready_message(&network.message)
+                );
+                self.event(EventRecord::warning("NetworkNotReady", message))
+                    .await;
                 self.sandbox_next = Instant::now() + Duration::from_secs(5);
                 return;
             }
