@@ -13,10 +13,6 @@
 //! On SIGTERM the kubelet leaves pods and namespaces in place (as a real kubelet leaves
 //! containers running); the next kubelet adopts them from the records in `--kubelet-dir`.
 //!
-//! Start it inside the node's namespace with a plain `setns` (`netns::command_in`), not with
-//! `ip netns exec`: the latter also enters a private mount namespace, and the pod namespaces the
-//! kubelet mounts under `/run/netns` would then be invisible outside it.
-//!
 //! What it asks of the API server (all JSON; patches are `application/merge-patch+json`):
 //! - `GET /api/v1/nodes/{node}`, `POST /api/v1/nodes`, `PATCH /api/v1/nodes/{node}/status`;
 //! - `GET|POST|PATCH /apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases[/{node}]`;
