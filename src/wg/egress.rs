@@ -109,12 +109,16 @@ pub(crate) fn account_send(state: &State, peer: &Peer, len: usize, result: &std:
 pub(crate) async fn run(state: Arc<State>, tun: Arc<Tun>, udp: Arc<UdpSockets>) {
     let mut packet = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut errors = super::ErrorStreak::default();
     loop {
         let n = match tun.recv(&mut packet).await {
-            Ok(n) => n,
+            Ok(n) => {
+                errors.reset();
+                n
+            }
             Err(e) => {
-                tracing::error!(error = %e, "reading the TUN device failed; egress stops");
-                return;
+                errors.record("reading the TUN device", &e).await;
+                continue;
             }
         };
         match encapsulate(&state, &packet[..n], &mut out) {

@@ -243,13 +243,15 @@ pub(crate) async fn run(
 ) {
     let mut datagram = vec![0u8; MAX_PACKET];
     let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut errors = super::ErrorStreak::default();
     loop {
         let (n, from) = match socket.recv_from(&mut datagram).await {
-            Ok(r) => r,
+            Ok(r) => {
+                errors.reset();
+                r
+            }
             Err(e) => {
-                // ICMP errors surface as ECONNREFUSED etc. on some kernels; they are not fatal.
-                tracing::debug!(error = %e, "udp receive error");
-                tokio::task::yield_now().await;
+                errors.record("receiving from the UDP socket", &e).await;
                 continue;
             }
         };

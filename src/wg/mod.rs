@@ -55,6 +55,29 @@ pub(crate) fn message_type(datagram: &[u8]) -> Option<u8> {
     datagram.first().copied()
 }
 
+/// Consecutive I/O errors of one loop. The loops never give up (a dead loop would silently cut
+/// the node off), but they back off and log the first error of a streak and then every 1000th.
+#[derive(Default)]
+pub(crate) struct ErrorStreak(u64);
+
+impl ErrorStreak {
+    pub(crate) fn reset(&mut self) {
+        if self.0 > 0 {
+            tracing::info!(errors = self.0, "I/O recovered");
+            self.0 = 0;
+        }
+    }
+
+    pub(crate) async fn record(&mut self, what: &str, e: &std::io::Error) {
+        if self.0 % 1000 == 0 {
+            tracing::warn!(error = %e, consecutive = self.0 + 1, "{what} failed");
+        }
+        self.0 += 1;
+        let pause = if self.0 < 10 { 1 } else { 100 };
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+    }
+}
+
 /// Configuration of a device.
 #[derive(Clone)]
 pub struct WgConfig {
