@@ -457,3 +457,43 @@ fn garbage_into_udp_ingress_never_panics_or_leaks() {
     assert_eq!(net.tun_out[1].len(), delivered_before);
     assert!(net.nodes[1].device_stats().rx_invalid > 0);
 }
+
+/// A minimal IPv6 packet (next header UDP) carrying the marker.
+fn ipv6(src: &str, dst: &str, payload_len: usize) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    let dst: std::net::Ipv6Addr = dst.parse().unwrap();
+    let payload = payload_len.max(MARKER.len());
+    let mut p = vec![0u8; 40 + payload];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    p[6] = 17;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..40 + MARKER.len()].copy_from_slice(MARKER);
+    p
+}
+
+#[test]
+fn ipv6_inner_packets_are_routed_and_source_checked() {
+    let mut net = Net::new();
+    for i in 0..2 {
+        let j = 1 - i;
+        let mut cfg = peer_cfg(net.public(j), net.addrs[j], node_net(j));
+        cfg.allowed_ips
+            .push(format!("fd00:99:{}::/64", j + 1).parse().unwrap());
+        net.nodes[i].set_peers(&[cfg]).unwrap();
+    }
+    let p = ipv6("fd00:99:1::5", "fd00:99:2::7", 200);
+    net.tun_read(0, &p).unwrap();
+    assert!(net.run().is_empty());
+    assert_eq!(net.tun_out[1], vec![p]);
+    net.tun_read(0, &ipv6("fd00:99:3::5", "fd00:99:2::7", 10))
+        .unwrap();
+    assert_eq!(net.run(), vec![IngressDrop::NotAllowed]);
+    assert_eq!(
+        net.tun_read(0, &ipv6("fd00:99:1::5", "fd00:99:9::7", 10)),
+        Err(EgressDrop::NoPeer)
+    );
+    assert_no_plaintext(&net);
+}
