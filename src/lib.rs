@@ -16,3 +16,4 @@ pub mod lab;
 pub mod logging;
 pub mod model;
 pub mod netns;
+pub mod wg;

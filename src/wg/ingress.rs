@@ -1,0 +1,285 @@
+//! UDP → TUN: authenticate, decrypt, and check the inner source against the sender's allowed IPs.
+//!
+//! Peers are found without trusting anything unauthenticated: handshake initiations by
+//! decrypting the initiator's static key (after the MAC1 check and rate limiter, so an attacker
+//! cannot make us spend Diffie-Hellman operations for free), every other message by the receiver
+//! index we handed out. A decrypted packet is written to the TUN only if its source address
+//! routes back to the peer that sent it (cryptokey routing); anything else is dropped and counted.
+//!
+//! [`handle`] is the per-datagram step over caller-owned buffers; [`next_queued`] drains packets a
+//! completed handshake released; [`run`] is the socket loop.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+
+use super::peers::Peer;
+use super::state::State;
+use super::stats::{add, bump};
+use super::tun::Tun;
+use super::udp::UdpSockets;
+use super::{egress, message_type, MAX_PACKET, MESSAGE_DATA};
+
+/// Size of a cookie reply message.
+const COOKIE_REPLY_LEN: usize = 64;
+
+/// What to do with one received datagram.
+#[derive(Debug)]
+pub(crate) enum Ingress<'a> {
+    /// Write this decrypted IP packet to the TUN.
+    ToTun(&'a [u8]),
+    /// Send this datagram back. When `drain` is set, the peer may have packets queued behind the
+    /// handshake that just completed: call [`next_queued`] until it returns `None`.
+    ToNetwork {
+        to: SocketAddr,
+        datagram: &'a [u8],
+        drain: Option<Arc<Peer>>,
+    },
+    /// Fully handled (a keepalive, a cookie).
+    Consumed,
+    /// Dropped; counted already.
+    Dropped(IngressDrop),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IngressDrop {
+    /// Not a well-formed WireGuard message, or a bad MAC.
+    Invalid,
+    /// No current peer has that key or index.
+    UnknownPeer,
+    /// The peer's tunnel rejected it (authentication, replay, no session, …).
+    Rejected,
+    /// Authenticated, but the inner source is not in the peer's allowed IPs.
+    NotAllowed,
+}
+
+/// Processes one datagram received from `from` (on either socket; v4-mapped addresses are
+/// canonicalised). `out` must be at least as long as the datagram and at least 148 bytes.
+pub(crate) fn handle<'a>(
+    state: &State,
+    from: SocketAddr,
+    datagram: &[u8],
+    out: &'a mut [u8],
+) -> Ingress<'a> {
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+    let packet = match Tunn::parse_incoming_packet(datagram) {
+        Ok(p) => p,
+        Err(_) => {
+            bump(&state.counters.rx_invalid);
+            return Ingress::Dropped(IngressDrop::Invalid);
+        }
+    };
+    let table = state.table();
+    let peer = match packet {
+        Packet::HandshakeInit(_) => {
+            let id = state.identity();
+            // MAC1 and load check before the expensive part. Under load this answers with a
+            // cookie instead, which the initiator must echo in MAC2.
+            let mut cookie = [0u8; COOKIE_REPLY_LEN];
+            let init = match id
+                .rate_limiter
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(Packet::HandshakeInit(init)) => init,
+                Ok(_) => {
+                    bump(&state.counters.rx_invalid);
+                    return Ingress::Dropped(IngressDrop::Invalid);
+                }
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    bump(&state.counters.cookies_sent);
+                    let n = reply.len();
+                    out[..n].copy_from_slice(reply);
+                    return Ingress::ToNetwork {
+                        to: from,
+                        datagram: &out[..n],
+                        drain: None,
+                    };
+                }
+                Err(_) => {
+                    bump(&state.counters.rx_invalid);
+                    return Ingress::Dropped(IngressDrop::Invalid);
+                }
+            };
+            let half = match parse_handshake_anon(&id.private, &id.public, &init) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::trace!(error = ?e, %from, "handshake initiation not for our key");
+                    bump(&state.counters.rx_invalid);
+                    return Ingress::Dropped(IngressDrop::Invalid);
+                }
+            };
+            match table.by_key.get(&half.peer_static_public) {
+                Some(p) => p.clone(),
+                None => {
+                    tracing::debug!(%from, "handshake initiation from an unknown public key");
+                    bump(&state.counters.rx_unknown_peer);
+                    return Ingress::Dropped(IngressDrop::UnknownPeer);
+                }
+            }
+        }
+        Packet::HandshakeResponse(p) => match lookup_index(state, &table, p.receiver_idx) {
+            Some(peer) => peer,
+            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+        },
+        Packet::PacketCookieReply(p) => match lookup_index(state, &table, p.receiver_idx) {
+            Some(peer) => peer,
+            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+        },
+        Packet::PacketData(p) => match lookup_index(state, &table, p.receiver_idx) {
+            Some(peer) => peer,
+            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+        },
+    };
+    let is_data = message_type(datagram) == Some(MESSAGE_DATA);
+    let is_cookie = message_type(datagram) == Some(super::MESSAGE_COOKIE_REPLY);
+
+    let result = peer.tunn().decapsulate(Some(from.ip()), datagram, out);
+    let outcome = match result {
+        TunnResult::Err(e) => {
+            tracing::trace!(error = ?e, %from, "datagram rejected by the tunnel");
+            bump(&peer.counters.rx_errors);
+            Ingress::Dropped(IngressDrop::Rejected)
+        }
+        TunnResult::Done => {
+            // A keepalive (authenticated) or a cookie reply (not a proof of the peer's address).
+            if !is_cookie {
+                authenticated(&peer, from, datagram.len());
+            }
+            Ingress::Consumed
+        }
+        TunnResult::WriteToNetwork(reply) => {
+            // A handshake response to an initiation, a keepalive answering a response, or a
+            // cookie because the second rate-limiter pass found us under load.
+            if is_cookie_reply(reply) {
+                bump(&state.counters.cookies_sent);
+                return Ingress::ToNetwork {
+                    to: from,
+                    datagram: reply,
+                    drain: None,
+                };
+            }
+            authenticated(&peer, from, datagram.len());
+            Ingress::ToNetwork {
+                to: from,
+                datagram: reply,
+                drain: Some(peer),
+            }
+        }
+        TunnResult::WriteToTunnelV4(inner, src) => {
+            deliver(&table, &peer, from, datagram.len(), IpAddr::V4(src), inner)
+        }
+        TunnResult::WriteToTunnelV6(inner, src) => {
+            deliver(&table, &peer, from, datagram.len(), IpAddr::V6(src), inner)
+        }
+    };
+    // Only data messages may produce plaintext for the TUN; `Tunn` guarantees it, this states it.
+    debug_assert!(is_data || !matches!(outcome, Ingress::ToTun(_)));
+    outcome
+}
+
+fn is_cookie_reply(datagram: &[u8]) -> bool {
+    message_type(datagram) == Some(super::MESSAGE_COOKIE_REPLY)
+}
+
+fn lookup_index(
+    state: &State,
+    table: &super::peers::PeerTable,
+    receiver_idx: u32,
+) -> Option<Arc<Peer>> {
+    let peer = table.by_index.get(&(receiver_idx >> 8)).cloned();
+    if peer.is_none() {
+        bump(&state.counters.rx_unknown_peer);
+    }
+    peer
+}
+
+/// Bookkeeping for a datagram that authenticated as coming from `peer`: transfer counters, and
+/// roaming (the peer's endpoint follows its authenticated source address, as in WireGuard).
+fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
+    add(&peer.counters.rx_bytes, len);
+    peer.roam_to(from);
+}
+
+fn deliver<'a>(
+    table: &super::peers::PeerTable,
+    peer: &Peer,
+    from: SocketAddr,
+    len: usize,
+    src: IpAddr,
+    inner: &'a mut [u8],
+) -> Ingress<'a> {
+    authenticated(peer, from, len);
+    if !table.source_allowed(peer, src) {
+        tracing::debug!(%src, peer = %super::keys::fingerprint(&peer.public_key), "inner source not in the peer's allowed IPs, dropped");
+        bump(&peer.counters.dropped_not_allowed);
+        return Ingress::Dropped(IngressDrop::NotAllowed);
+    }
+    bump(&peer.counters.rx_packets);
+    Ingress::ToTun(inner)
+}
+
+/// After a handshake completes, the next packet the peer queued while waiting, encrypted.
+pub(crate) fn next_queued<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<(SocketAddr, &'a [u8])> {
+    let result = peer.tunn().decapsulate(None, &[], out);
+    match result {
+        TunnResult::WriteToNetwork(datagram) => {
+            if message_type(datagram) == Some(MESSAGE_DATA) {
+                bump(&peer.counters.tx_packets);
+            }
+            Some((peer.endpoint(), datagram))
+        }
+        _ => None,
+    }
+}
+
+/// Receives from one socket until it fails.
+pub(crate) async fn run(
+    state: Arc<State>,
+    tun: Arc<Tun>,
+    udp: Arc<UdpSockets>,
+    socket: Arc<tokio::net::UdpSocket>,
+) {
+    let mut datagram = vec![0u8; MAX_PACKET];
+    let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut errors = super::ErrorStreak::default();
+    loop {
+        let (n, from) = match socket.recv_from(&mut datagram).await {
+            Ok(r) => {
+                errors.reset();
+                r
+            }
+            Err(e) => {
+                errors.record("receiving from the UDP socket", &e).await;
+                continue;
+            }
+        };
+        match handle(&state, from, &datagram[..n], &mut out) {
+            Ingress::ToTun(packet) => {
+                if let Err(e) = tun.send(packet).await {
+                    bump(&state.counters.tun_write_errors);
+                    tracing::debug!(error = %e, "TUN write failed");
+                }
+            }
+            Ingress::ToNetwork {
+                to,
+                datagram: reply,
+                drain,
+            } => {
+                let len = reply.len();
+                let result = udp.send_to(reply, to).await;
+                if let Some(peer) = drain {
+                    egress::account_send(&state, &peer, len, &result);
+                    while let Some((to, queued)) = next_queued(&peer, &mut out) {
+                        let len = queued.len();
+                        let result = udp.send_to(queued, to).await;
+                        egress::account_send(&state, &peer, len, &result);
+                    }
+                }
+            }
+            Ingress::Consumed => {}
+            Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+        }
+    }
+}

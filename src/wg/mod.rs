@@ -1,0 +1,268 @@
+//! veilnet's userspace WireGuard datapath: boringtun's sans-IO protocol core (`noise::Tunn`) over
+//! a TUN device and UDP sockets, with our own tokio I/O. No kernel module is needed.
+//!
+//! Layout: [`keys`] (key files and text form), `allowed_ips` (longest-prefix table), `peers`
+//! (peer state, tables, declarative diff), `state` (identity + table snapshot), `egress`
+//! (TUN → UDP), `ingress` (UDP → TUN), `timers`, `tun`, `udp`, `stats`. The per-packet steps in
+//! `egress`/`ingress`/`timers` are synchronous functions over caller-owned buffers; the async
+//! loops around them only do I/O, so batching (recvmmsg, GSO/GRO) can later replace the loops
+//! without touching the protocol logic.
+//!
+//! Security contract: a packet from the TUN leaves only encrypted, for the peer whose allowed IPs
+//! hold its destination; a decrypted packet enters the TUN only if its source is in the allowed
+//! IPs of the peer that authenticated it.
+
+mod allowed_ips;
+mod egress;
+mod ingress;
+pub mod keys;
+mod peers;
+mod state;
+mod stats;
+mod timers;
+mod tun;
+mod udp;
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use tokio::task::JoinHandle;
+
+pub use allowed_ips::AllowedIps;
+pub use keys::{KeyError, PublicKey, StaticSecret};
+pub use peers::{PeerChanges, PeerConfig};
+pub use stats::{DeviceStats, PeerStats};
+pub use tun::TunError;
+pub use udp::UdpError;
+
+use state::State;
+
+/// Largest IP packet we read or write (the IPv4/IPv6 length field's limit).
+pub(crate) const MAX_PACKET: usize = 65536;
+
+// WireGuard message types (first byte; the next three are zero) and fixed sizes.
+pub(crate) const MESSAGE_HANDSHAKE_INIT: u8 = 1;
+pub(crate) const MESSAGE_COOKIE_REPLY: u8 = 3;
+pub(crate) const MESSAGE_DATA: u8 = 4;
+
+/// Bytes WireGuard adds to each packet on the wire, outer IPv4 + UDP included (20 + 8 + 32); an
+/// IPv6 underlay adds 20 more. Subtract from the underlay MTU to get the TUN MTU.
+pub const OVERHEAD_IPV4: u32 = 60;
+pub const OVERHEAD_IPV6: u32 = 80;
+
+/// The message type of a WireGuard datagram, if it has one.
+pub(crate) fn message_type(datagram: &[u8]) -> Option<u8> {
+    datagram.first().copied()
+}
+
+/// Consecutive I/O errors of one loop. The loops never give up (a dead loop would silently cut
+/// the node off), but they back off and log the first error of a streak and then every 1000th.
+#[derive(Default)]
+pub(crate) struct ErrorStreak(u64);
+
+impl ErrorStreak {
+    pub(crate) fn reset(&mut self) {
+        if self.0 > 0 {
+            tracing::info!(errors = self.0, "I/O recovered");
+            self.0 = 0;
+        }
+    }
+
+    pub(crate) async fn record(&mut self, what: &str, e: &std::io::Error) {
+        if self.0 % 1000 == 0 {
+            tracing::warn!(error = %e, consecutive = self.0 + 1, "{what} failed");
+        }
+        self.0 += 1;
+        let pause = if self.0 < 10 { 1 } else { 100 };
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+    }
+}
+
+/// Configuration of a device.
+#[derive(Clone)]
+pub struct WgConfig {
+    /// Name of the TUN interface (created if absent).
+    pub tun_name: String,
+    /// UDP port for both IPv4 and IPv6 (0 = pick a free one; see [`WgDevice::listen_port`]).
+    pub listen_port: u16,
+    pub private_key: StaticSecret,
+    /// MTU of the TUN: the underlay MTU minus [`OVERHEAD_IPV4`] / [`OVERHEAD_IPV6`].
+    pub mtu: u32,
+    /// Firewall mark on the encrypted UDP packets, for policy routing that must not send them
+    /// back into the tunnel.
+    pub fwmark: Option<u32>,
+}
+
+impl std::fmt::Debug for WgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgConfig")
+            .field("tun_name", &self.tun_name)
+            .field("listen_port", &self.listen_port)
+            .field(
+                "public_key",
+                &keys::encode_public(&keys::public_key(&self.private_key)),
+            )
+            .field("mtu", &self.mtu)
+            .field("fwmark", &self.fwmark)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("TUN device: {0}")]
+    Tun(#[from] TunError),
+    #[error("UDP: {0}")]
+    Udp(#[from] UdpError),
+    #[error("key: {0}")]
+    Key(#[from] KeyError),
+    #[error("peer {peer} appears twice in the peer list")]
+    DuplicatePeer { peer: String },
+    #[error("the device's own public key cannot be a peer")]
+    OwnKeyAsPeer,
+    #[error("allowed IP {net} is claimed by peer {first} and by peer {second}")]
+    AllowedIpConflict {
+        net: IpNet,
+        first: String,
+        second: String,
+    },
+    #[error("invalid peer {peer}: {reason}")]
+    InvalidPeer { peer: String, reason: String },
+    #[error("WireGuard protocol error: {0:?}")]
+    Protocol(ProtocolError),
+}
+
+/// boringtun's protocol error, which has no `Display`/`Error` impl of its own.
+#[derive(Debug)]
+pub struct ProtocolError(pub boringtun::noise::errors::WireGuardError);
+
+impl From<boringtun::noise::errors::WireGuardError> for WgError {
+    fn from(e: boringtun::noise::errors::WireGuardError) -> Self {
+        WgError::Protocol(ProtocolError(e))
+    }
+}
+
+/// A running WireGuard device: a TUN, its UDP sockets and the tasks moving packets between them.
+///
+/// All methods except `start`/`shutdown` are synchronous and cheap (no syscalls), so the agent can
+/// call them from anywhere. Dropping the device stops it too (without waiting).
+pub struct WgDevice {
+    state: Arc<State>,
+    tun_name: String,
+    port: u16,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WgDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgDevice")
+            .field("tun", &self.tun_name)
+            .field("port", &self.port)
+            .field("public_key", &keys::encode_public(&self.public_key()))
+            .finish()
+    }
+}
+
+impl WgDevice {
+    /// Opens the TUN (created if absent, MTU set, up) and binds the UDP port, then starts the
+    /// datapath tasks on the current tokio runtime. Both live in the network namespace of the
+    /// calling thread: call it inside the node namespace. Starts with no peers.
+    pub async fn start(cfg: WgConfig) -> Result<WgDevice, WgError> {
+        let tun = Arc::new(tun::Tun::open(&cfg.tun_name, cfg.mtu)?);
+        let udp = Arc::new(udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?);
+        let state = Arc::new(State::new(cfg.private_key));
+        let mut tasks = vec![
+            tokio::spawn(egress::run(state.clone(), tun.clone(), udp.clone())),
+            tokio::spawn(ingress::run(
+                state.clone(),
+                tun.clone(),
+                udp.clone(),
+                udp.v4.clone(),
+            )),
+            tokio::spawn(timers::run(state.clone(), udp.clone())),
+        ];
+        if let Some(v6) = &udp.v6 {
+            tasks.push(tokio::spawn(ingress::run(
+                state.clone(),
+                tun.clone(),
+                udp.clone(),
+                v6.clone(),
+            )));
+        }
+        tracing::info!(
+            tun = tun.name(),
+            port = udp.port,
+            mtu = cfg.mtu,
+            public_key = %keys::encode_public(&state.public_key()),
+            "wireguard device started"
+        );
+        Ok(WgDevice {
+            state,
+            tun_name: tun.name().to_string(),
+            port: udp.port,
+            tasks,
+        })
+    }
+
+    /// Replaces the peer set. A peer whose public key is already present keeps its session (an
+    /// endpoint, allowed-IPs or keepalive change needs no handshake); a new key gets a new
+    /// tunnel; keys not in `peers` are dropped with their sessions. The whole set is validated
+    /// first (duplicate keys, our own key, one prefix claimed by two peers): on error nothing
+    /// changes.
+    pub fn set_peers(&self, peers: Vec<PeerConfig>) -> Result<PeerChanges, WgError> {
+        self.state.set_peers(&peers)
+    }
+
+    /// Rotates our private key. Every session is dropped and re-established with the new key on
+    /// the next packet; peers must learn the new public key (they drop our handshakes until then).
+    pub fn set_private_key(&self, key: StaticSecret) {
+        self.state.set_private_key(key)
+    }
+
+    /// Per-peer statistics, sorted by public key.
+    pub fn stats(&self) -> Vec<PeerStats> {
+        self.state.stats()
+    }
+
+    /// Counters not attributable to a peer (e.g. packets to destinations with no peer).
+    pub fn device_stats(&self) -> DeviceStats {
+        self.state.device_stats()
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.state.public_key()
+    }
+
+    /// The UDP port actually bound.
+    pub fn listen_port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    /// Stops the tasks and waits for them; the TUN disappears and the port is released once they
+    /// have dropped their handles.
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        tracing::info!(tun = %self.tun_name, "wireguard device stopped");
+    }
+}
+
+impl Drop for WgDevice {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! The datapath's shared state, free of I/O: our identity, the peer table snapshot and the
+//! device counters. The I/O tasks and the control API both work on one `Arc<State>`.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+
+use super::keys::{self, PublicKey, StaticSecret};
+use super::peers::{self, Peer, PeerChanges, PeerConfig, PeerTable};
+use super::stats::{DeviceCounters, DeviceStats, PeerStats};
+use super::WgError;
+
+/// Handshake messages per second the device accepts before it demands cookies (WireGuard's
+/// DoS defence). Handshake initiations pass the shared limiter twice (once before we spend a
+/// Diffie-Hellman on finding the peer, once inside `Tunn::decapsulate`), hence the factor 2.
+const HANDSHAKES_PER_SECOND: u64 = 100;
+pub(crate) const RATE_LIMIT: u64 = 2 * HANDSHAKES_PER_SECOND;
+
+/// Our static identity and the rate limiter keyed by it (the MAC1/cookie keys derive from our
+/// public key, so both change together on rotation).
+pub(crate) struct Identity {
+    pub private: StaticSecret,
+    pub public: PublicKey,
+    pub rate_limiter: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(private: StaticSecret) -> Identity {
+        let public = keys::public_key(&private);
+        Identity {
+            rate_limiter: Arc::new(RateLimiter::new(&public, RATE_LIMIT)),
+            private,
+            public,
+        }
+    }
+}
+
+pub(crate) struct State {
+    identity: RwLock<Arc<Identity>>,
+    table: RwLock<Arc<PeerTable>>,
+    /// Serialises the writers (`set_peers`, `set_private_key`) and holds the index allocator.
+    writer: Mutex<u32>,
+    pub counters: DeviceCounters,
+    /// Reference point for the per-peer millisecond clocks.
+    pub epoch: Instant,
+}
+
+impl State {
+    pub(crate) fn new(private: StaticSecret) -> State {
+        State {
+            identity: RwLock::new(Arc::new(Identity::new(private))),
+            table: RwLock::new(Arc::new(PeerTable::default())),
+            // Start at a random index so that a restarted device does not reuse the previous
+            // run's indexes, which peers may still be sending to.
+            writer: Mutex::new(rand::random::<u32>() & peers::MAX_INDEX),
+            counters: DeviceCounters::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// The current peer table (a cheap `Arc` clone; the read lock is held only for the clone).
+    pub(crate) fn table(&self) -> Arc<PeerTable> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn identity(&self) -> Arc<Identity> {
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn public_key(&self) -> PublicKey {
+        self.identity().public
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Replaces the peer set with `desired` (see `WgDevice::set_peers`).
+    pub(crate) fn set_peers(&self, desired: &[PeerConfig]) -> Result<PeerChanges, WgError> {
+        let mut next_index = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table();
+        let id = self.identity();
+        let changes = peers::plan(&old.configs, desired, &id.public)?;
+        if changes.is_empty() {
+            return Ok(changes);
+        }
+        let new = peers::build_table(&old, desired, &mut next_index, |cfg, index| {
+            let tunn = Tunn::new(
+                id.private.clone(),
+                cfg.public_key,
+                None,
+                // Persistent keepalive is driven by our timer loop (so it can change without a
+                // new session); the tunnel's own is off.
+                None,
+                index,
+                Some(id.rate_limiter.clone()),
+            );
+            Peer::new(cfg, index, tunn)
+        });
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        for k in &changes.added {
+            tracing::info!(peer = %keys::fingerprint(k), "wireguard peer added");
+        }
+        for k in &changes.removed {
+            tracing::info!(peer = %keys::fingerprint(k), "wireguard peer removed");
+        }
+        for k in &changes.updated {
+            tracing::info!(peer = %keys::fingerprint(k), "wireguard peer updated");
+        }
+        Ok(changes)
+    }
+
+    /// Switches to a new private key: every session is dropped and re-established on demand.
+    pub(crate) fn set_private_key(&self, private: StaticSecret) {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let id = Arc::new(Identity::new(private));
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = id.clone();
+        for peer in self.table().by_key.values() {
+            peer.tunn().set_static_private(
+                id.private.clone(),
+                id.public,
+                Some(id.rate_limiter.clone()),
+            );
+        }
+        tracing::info!(public_key = %keys::fingerprint(&id.public), "wireguard private key rotated");
+    }
+
+    pub(crate) fn stats(&self) -> Vec<PeerStats> {
+        let table = self.table();
+        let now = SystemTime::now();
+        let mut out: Vec<PeerStats> = table
+            .by_key
+            .iter()
+            .map(|(key, peer)| {
+                let age: Option<Duration> = peer.tunn().time_since_last_handshake();
+                let cfg = table.configs.get(key);
+                let mut s = PeerStats {
+                    public_key: peer.public_key,
+                    endpoint: peer.endpoint(),
+                    allowed_ips: cfg.map(|c| c.allowed_ips.clone()).unwrap_or_default(),
+                    persistent_keepalive: cfg.and_then(|c| c.persistent_keepalive),
+                    last_handshake: age.and_then(|a| now.checked_sub(a)),
+                    last_handshake_age: age,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    rx_packets: 0,
+                    tx_packets: 0,
+                    handshakes_sent: 0,
+                    dropped_no_session: 0,
+                    dropped_not_allowed: 0,
+                    rx_errors: 0,
+                    tx_errors: 0,
+                };
+                peer.counters.fill(&mut s);
+                s
+            })
+            .collect();
+        out.sort_by(|a, b| a.public_key.as_bytes().cmp(b.public_key.as_bytes()));
+        out
+    }
+
+    pub(crate) fn device_stats(&self) -> DeviceStats {
+        self.counters.snapshot()
+    }
+}

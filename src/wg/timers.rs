@@ -1,0 +1,100 @@
+//! The periodic tick: WireGuard's timers (handshake retries, rekeying, keepalives, session
+//! expiry) for every peer, our persistent keepalives, and the handshake rate limiter's reset.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::TunnResult;
+
+use super::egress;
+use super::peers::Peer;
+use super::state::State;
+use super::stats::bump;
+use super::udp::UdpSockets;
+use super::{message_type, MESSAGE_HANDSHAKE_INIT};
+
+/// How often timers run; WireGuard's timer granularity is coarser than this.
+pub(crate) const TICK: Duration = Duration::from_millis(250);
+
+/// Runs one peer's timers; returns a datagram to send, if any (`out` ≥ 148 bytes).
+pub(crate) fn tick_peer<'a>(
+    peer: &Peer,
+    now_ms: u64,
+    out: &'a mut [u8],
+) -> Option<(SocketAddr, &'a [u8])> {
+    let mut tunn = peer.tunn();
+    // Both `update_timers` and the keepalive write into `out`, so the first result is kept as a
+    // range (a borrowed slice could not be returned conditionally and `out` reused after).
+    let base = out.as_ptr() as usize;
+    let timer_packet = match tunn.update_timers(out) {
+        TunnResult::WriteToNetwork(d) => {
+            let start = d.as_ptr() as usize - base;
+            Some(start..start + d.len())
+        }
+        TunnResult::Err(WireGuardError::ConnectionExpired) => {
+            // Reported every tick while idle after expiry; the next packet re-initiates.
+            None
+        }
+        TunnResult::Err(e) => {
+            tracing::debug!(error = ?e, "timer update failed");
+            None
+        }
+        _ => None,
+    };
+    if let Some(range) = timer_packet {
+        drop(tunn);
+        let datagram = &out[range];
+        if message_type(datagram) == Some(MESSAGE_HANDSHAKE_INIT) {
+            bump(&peer.counters.handshakes_sent);
+        }
+        return Some((peer.endpoint(), datagram));
+    }
+    // Persistent keepalive: keep NAT/conntrack state warm when we have been quiet. With no
+    // session this queues the (empty) keepalive and starts a handshake, which is the point.
+    let every_ms = u64::from(peer.keepalive_secs.load(Ordering::Relaxed)) * 1000;
+    let last = peer.last_tx_ms.load(Ordering::Relaxed);
+    if every_ms == 0 || now_ms.saturating_sub(last) < every_ms {
+        return None;
+    }
+    // Count it as sent now, so a failed send does not retry every tick.
+    peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
+    let result = tunn.encapsulate(&[], out);
+    drop(tunn);
+    match result {
+        TunnResult::WriteToNetwork(datagram) => {
+            if message_type(datagram) == Some(MESSAGE_HANDSHAKE_INIT) {
+                bump(&peer.counters.handshakes_sent);
+            }
+            Some((peer.endpoint(), &*datagram))
+        }
+        _ => None,
+    }
+}
+
+/// The timer loop: every [`TICK`], each peer's timers; every second, the rate limiter reset.
+pub(crate) async fn run(state: Arc<State>, udp: Arc<UdpSockets>) {
+    let mut out = vec![0u8; 256];
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reset_ms = 0u64;
+    loop {
+        interval.tick().await;
+        let now_ms = state.now_ms();
+        if now_ms.saturating_sub(last_reset_ms) >= 1000 {
+            // Shared limiters are not reset by the tunnels themselves.
+            state.identity().rate_limiter.reset_count();
+            last_reset_ms = now_ms;
+        }
+        let table = state.table();
+        for peer in table.by_key.values() {
+            if let Some((to, datagram)) = tick_peer(peer, now_ms, &mut out) {
+                let len = datagram.len();
+                let result = udp.send_to(datagram, to).await;
+                egress::account_send(&state, peer, len, &result);
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The TUN device: created (or attached) by name through `/dev/net/tun`, configured with ioctls
+//! (MTU, up), and driven non-blocking through tokio's `AsyncFd`.
+//!
+//! `IFF_NO_PI`: packets are bare IP, the kernel tells v4 from v6 by the version nibble. The device
+//! is not persistent, so it disappears with the last open file: a crashed datapath leaves no
+//! interface behind (routes through it vanish with it, and pod traffic then has no plaintext path
+//! either).
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+// ioctl request numbers from <linux/sockios.h>; stable kernel ABI.
+const SIOCGIFFLAGS: libc::Ioctl = 0x8913;
+const SIOCSIFFLAGS: libc::Ioctl = 0x8914;
+const SIOCSIFMTU: libc::Ioctl = 0x8922;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("invalid TUN name {name:?}: 1 to 15 bytes, no '/', whitespace or NUL")]
+    InvalidName { name: String },
+    #[error("opening {TUN_PATH}: {source} (is the tun module available and are we root?)")]
+    Open { source: io::Error },
+    #[error("TUNSETIFF {name}: {source}")]
+    SetIff { name: String, source: io::Error },
+    #[error("{op} on {name}: {source}")]
+    Ioctl {
+        op: &'static str,
+        name: String,
+        source: io::Error,
+    },
+    #[error("MTU {mtu} is out of range (576..=65535)")]
+    InvalidMtu { mtu: u32 },
+    #[error("registering {name} with the tokio reactor: {source}")]
+    Register { name: String, source: io::Error },
+}
+
+/// An open TUN device.
+pub(crate) struct Tun {
+    fd: AsyncFd<File>,
+    name: String,
+}
+
+impl std::fmt::Debug for Tun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tun").field("name", &self.name).finish()
+    }
+}
+
+fn ifreq_for(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    req
+}
+
+fn validate_name(name: &str) -> Result<(), TunError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(TunError::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Tun {
+    /// Creates the TUN `name` (or attaches to an existing persistent one), sets its MTU and
+    /// brings it up. Must run inside a tokio runtime, on a thread in the target namespace.
+    pub(crate) fn open(name: &str, mtu: u32) -> Result<Tun, TunError> {
+        validate_name(name)?;
+        if !(576..=65535).contains(&mtu) {
+            return Err(TunError::InvalidMtu { mtu });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(TUN_PATH)
+            .map_err(|source| TunError::Open { source })?;
+        let mut req = ifreq_for(name);
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(TunError::SetIff {
+                name: name.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        // The kernel may have adjusted the name (it does not for a literal name, but read it back
+        // rather than assume).
+        // SAFETY: the kernel NUL-terminates ifr_name within IFNAMSIZ.
+        let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        set_mtu(&actual, mtu)?;
+        set_up(&actual)?;
+        // SAFETY: the `File` owns its descriptor, and `AsyncFd` owns the `File` until it is
+        // dropped, so the descriptor is neither closed nor replaced while registered.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(file, Interest::READABLE | Interest::WRITABLE)
+        }
+        .map_err(|e| TunError::Register {
+            name: actual.clone(),
+            source: e.into(),
+        })?;
+        Ok(Tun { fd, name: actual })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one packet.
+    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd
+            .async_io(Interest::READABLE, |mut f| f.read(buf))
+            .await
+    }
+
+    /// Writes one packet.
+    pub(crate) async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.fd
+            .async_io(Interest::WRITABLE, |mut f| f.write(packet))
+            .await
+    }
+}
+
+/// A throwaway socket for interface ioctls (in the calling thread's namespace).
+fn control_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned immediately.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_ioctl(
+    name: &str,
+    op: &'static str,
+    request: libc::Ioctl,
+    req: &mut libc::ifreq,
+) -> Result<(), TunError> {
+    let err = |source| TunError::Ioctl {
+        op,
+        name: name.to_string(),
+        source,
+    };
+    let sock = control_socket().map_err(err)?;
+    // SAFETY: every request used here takes a `struct ifreq`.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut libc::ifreq) };
+    if rc < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Sets the MTU of interface `name`.
+pub(crate) fn set_mtu(name: &str, mtu: u32) -> Result<(), TunError> {
+    let mut req = ifreq_for(name);
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    ifreq_ioctl(name, "SIOCSIFMTU", SIOCSIFMTU, &mut req)
+}
+
+/// Sets IFF_UP on interface `name`, keeping its other flags.
+pub(crate) fn set_up(name: &str) -> Result<(), TunError> {
+    let mut req = ifreq_for(name);
+    ifreq_ioctl(name, "SIOCGIFFLAGS", SIOCGIFFLAGS, &mut req)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+    ifreq_ioctl(name, "SIOCSIFFLAGS", SIOCSIFFLAGS, &mut req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("veilwg0").is_ok());
+        assert!(validate_name("123456789012345").is_ok());
+        assert!(validate_name("1234567890123456").is_err());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name("a b").is_err());
+    }
+
+    #[test]
+    fn ifreq_carries_the_name() {
+        let req = ifreq_for("veilwg0");
+        let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
+        assert_eq!(name.to_str().unwrap(), "veilwg0");
+    }
+}
