@@ -166,7 +166,10 @@ fn nodes_without_spec(lab: &Lab) -> Vec<String> {
 fn veilnet_links(lab: &Lab, node: usize) -> Vec<String> {
     lab.ip(node, &["-o", "link", "show"])
         .lines()
-        .filter(|l| l.contains("veilbr0") || l.contains("veilvx"))
+        .filter(|l| {
+            let name = l.split(':').nth(1).unwrap_or("").trim();
+            name == "veilbr0" || name.starts_with("veilvx")
+        })
         .map(|l| l.split(':').take(2).collect::<Vec<_>>().join(":"))
         .collect()
 }

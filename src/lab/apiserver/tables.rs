@@ -55,6 +55,14 @@ const NAME: Column = Column {
     priority: 0,
     description: "Name must be unique within a namespace.",
 };
+/// The name as a wide-only column (events lead with their time instead).
+const NAME_P1: Column = Column {
+    name: "Name",
+    kind: "string",
+    format: "name",
+    priority: 1,
+    description: "Name must be unique within a namespace.",
+};
 const AGE: Column = col(
     "Age",
     "string",
@@ -95,7 +103,19 @@ fn columns(kind: Kind) -> Vec<Column> {
         ],
         Kind::ConfigMap => vec![NAME, col("Data", "string", 0, "Data contains the configuration data."), AGE],
         Kind::Lease => vec![NAME, col("Holder", "string", 0, "HolderIdentity contains the identity of the holder of a current lease."), AGE],
-        Kind::Service | Kind::CoreEvent | Kind::Event => vec![NAME, AGE],
+        Kind::CoreEvent => vec![
+            col("Last Seen", "string", 0, "The time at which the most recent occurrence of this event was recorded."),
+            col("Type", "string", 0, "Type of this event (Normal, Warning), new types could be added in the future."),
+            col("Reason", "string", 0, "This should be a short, machine understandable string that gives the reason for the transition into the object's current status."),
+            col("Object", "string", 0, "The object that this event is about."),
+            col("Subobject", "string", 1, "The subobject (e.g. a container) that this event is about."),
+            col("Source", "string", 1, "The component reporting this event."),
+            col("Message", "string", 0, "A human-readable description of the status of this operation."),
+            col("First Seen", "string", 1, "The time at which the event was first recorded."),
+            col("Count", "string", 1, "The number of times this event has occurred."),
+            NAME_P1,
+        ],
+        Kind::Service | Kind::Event => vec![NAME, AGE],
     }
 }
 
@@ -268,6 +288,41 @@ fn pod_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
     ]
 }
 
+/// core/v1 Event rows as the real printer makes them: `Object` is `kind/name` in lower case.
+fn event_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    let last = meta::str_at(obj, &["lastTimestamp"])
+        .or_else(|| meta::str_at(obj, &["eventTime"]))
+        .or_else(|| meta::str_at(obj, &["metadata", "creationTimestamp"]));
+    let first = meta::str_at(obj, &["firstTimestamp"])
+        .or_else(|| meta::str_at(obj, &["eventTime"]))
+        .or_else(|| meta::str_at(obj, &["metadata", "creationTimestamp"]));
+    let kind = meta::str_at(obj, &["involvedObject", "kind"])
+        .unwrap_or("")
+        .to_lowercase();
+    let name = meta::str_at(obj, &["involvedObject", "name"]).unwrap_or("");
+    let source = [
+        meta::str_at(obj, &["source", "component"]),
+        meta::str_at(obj, &["source", "host"]),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ");
+    let count = obj.get("count").and_then(Value::as_i64).unwrap_or(1);
+    vec![
+        json!(age_of(last, now)),
+        json!(meta::str_at(obj, &["type"]).unwrap_or("")),
+        json!(meta::str_at(obj, &["reason"]).unwrap_or("")),
+        json!(format!("{kind}/{name}")),
+        json!(meta::str_at(obj, &["involvedObject", "fieldPath"]).unwrap_or("")),
+        json!(source),
+        json!(meta::str_at(obj, &["message"]).unwrap_or("")),
+        json!(age_of(first, now)),
+        json!(count),
+        json!(meta::name(obj)),
+    ]
+}
+
 fn node_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
     let conditions = list(meta::value_at(obj, &["status", "conditions"]));
     let mut status = match conditions
@@ -404,7 +459,8 @@ fn cells(kind: Kind, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
             json!(meta::str_at(obj, &["spec", "holderIdentity"]).unwrap_or("")),
             json!(age(obj, now)),
         ],
-        Kind::Service | Kind::CoreEvent | Kind::Event => {
+        Kind::CoreEvent => event_cells(obj, now),
+        Kind::Service | Kind::Event => {
             vec![json!(meta::name(obj)), json!(age(obj, now))]
         }
     }
