@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod lab;
 pub mod logging;
 pub mod netns;
+pub mod policy;
