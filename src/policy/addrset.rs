@@ -164,9 +164,9 @@ impl AddrSet {
 
     /// nft elements of the IPv4 part: `10.0.0.1`, `10.1.0.0/16`, `10.2.0.1-10.2.0.7`.
     pub fn v4_elements(&self) -> impl Iterator<Item = String> + '_ {
-        self.v4.iter().map(|&(lo, hi)| {
-            element(lo, hi, 32, |x| Ipv4Addr::from(x).to_string(), |x| x as u128)
-        })
+        self.v4
+            .iter()
+            .map(|&(lo, hi)| element(lo, hi, 32, |x| Ipv4Addr::from(x).to_string(), |x| x as u128))
     }
 
     /// nft elements of the IPv6 part.

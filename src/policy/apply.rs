@@ -57,7 +57,13 @@ impl NftApplier {
 
     /// Validates `script` against the kernel without committing it (`nft -c`).
     pub fn check(&self, script: &str) -> Result<(), PolicyError> {
-        run_nft(self.netns.as_deref(), &["-c", "-f", "-"], Some(script), "check").map(|_| ())
+        run_nft(
+            self.netns.as_deref(),
+            &["-c", "-f", "-"],
+            Some(script),
+            "check",
+        )
+        .map(|_| ())
     }
 
     /// Forces the next [`apply`](Self::apply) to reach the kernel (e.g. after someone flushed
@@ -79,7 +85,12 @@ impl NftApplier {
 
     /// Named counters of the veilnet tables (both families).
     pub fn counters(&self) -> Result<Vec<CounterValue>, PolicyError> {
-        let out = run_nft(self.netns.as_deref(), &["-j", "list", "counters"], None, "list counters")?;
+        let out = run_nft(
+            self.netns.as_deref(),
+            &["-j", "list", "counters"],
+            None,
+            "list counters",
+        )?;
         parse_counters(&out)
     }
 }

@@ -273,6 +273,7 @@ struct ParsedPorts {
     named: Vec<(String, Protocol)>,
 }
 
+#[derive(Clone)]
 enum Peers {
     Any,
     Set(AddrSet),
@@ -290,6 +291,10 @@ struct Compiler<'a> {
     peer_ids: HashMap<AddrSet, usize>,
     port_ids: HashMap<PortSet, usize>,
     dest_ids: HashMap<Vec<DestTuple>, usize>,
+    /// Memo of rule peers: (policy namespace, peers JSON) → peers and their warnings.
+    peer_cache: HashMap<String, (Peers, Vec<String>)>,
+    /// Memo of egress named-port destinations: (peers key, names) → dest set.
+    dest_cache: HashMap<String, Option<usize>>,
     out: CompiledPolicy,
 }
 
@@ -326,6 +331,8 @@ impl<'a> Compiler<'a> {
             peer_ids: HashMap::new(),
             port_ids: HashMap::new(),
             dest_ids: HashMap::new(),
+            peer_cache: HashMap::new(),
+            dest_cache: HashMap::new(),
             out: CompiledPolicy::default(),
         }
     }
@@ -356,7 +363,10 @@ impl<'a> Compiler<'a> {
             let selector = match Selector::compile(spec.pod_selector.as_ref()) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.warn(Some(&pref), format!("invalid podSelector, policy skipped: {e}"));
+                    self.warn(
+                        Some(&pref),
+                        format!("invalid podSelector, policy skipped: {e}"),
+                    );
                     continue;
                 }
             };
@@ -384,7 +394,7 @@ impl<'a> Compiler<'a> {
                     self.isolate(p, Direction::Ingress, id);
                 }
                 for (ri, rule) in spec.ingress.iter().flatten().enumerate() {
-                    let peers = self.compile_peers(ns, rule.from.as_deref(), &pref);
+                    let (peers, _) = self.compile_peers(ns, rule.from.as_deref(), &pref);
                     let ports = self.parse_ports(rule.ports.as_deref(), &pref);
                     self.add_ingress_rule(id, ri, &selected, &peers, &ports);
                 }
@@ -394,9 +404,9 @@ impl<'a> Compiler<'a> {
                     self.isolate(p, Direction::Egress, id);
                 }
                 for (ri, rule) in spec.egress.iter().flatten().enumerate() {
-                    let peers = self.compile_peers(ns, rule.to.as_deref(), &pref);
+                    let (peers, peers_key) = self.compile_peers(ns, rule.to.as_deref(), &pref);
                     let ports = self.parse_ports(rule.ports.as_deref(), &pref);
-                    self.add_egress_rule(id, ri, &selected, &peers, &ports);
+                    self.add_egress_rule(id, ri, &selected, (&peers, &peers_key), &ports);
                 }
             }
         }
@@ -453,12 +463,43 @@ impl<'a> Compiler<'a> {
         idx
     }
 
-    /// The union of a rule's peers; an absent or empty list means every peer.
+    /// [`Self::compute_peers`], memoised: policies across a cluster repeat the same peers, and
+    /// a selector over every namespace costs a pass over every pod. Returns the peers and the
+    /// memo key (reused for egress named-port destinations).
     fn compile_peers(
         &mut self,
         policy_ns: &str,
         peers: Option<&[NetworkPolicyPeer]>,
         pref: &ObjectRef,
+    ) -> (Peers, String) {
+        let key = format!(
+            "{policy_ns}\0{}",
+            serde_json::to_string(&peers).unwrap_or_default()
+        );
+        if let Some((cached, messages)) = self.peer_cache.get(&key) {
+            let (cached, messages) = (cached.clone(), messages.clone());
+            for m in messages {
+                self.warn(Some(pref), m);
+            }
+            return (cached, key);
+        }
+        let mut messages = Vec::new();
+        let computed = self.compute_peers(policy_ns, peers, &mut messages);
+        for m in &messages {
+            self.warn(Some(pref), m.clone());
+        }
+        self.peer_cache
+            .insert(key.clone(), (computed.clone(), messages));
+        (computed, key)
+    }
+
+    /// The union of a rule's peers; an absent or empty list means every peer. Problems go to
+    /// `warnings`.
+    fn compute_peers(
+        &self,
+        policy_ns: &str,
+        peers: Option<&[NetworkPolicyPeer]>,
+        warnings: &mut Vec<String>,
     ) -> Peers {
         let Some(peers) = peers.filter(|p| !p.is_empty()) else {
             return Peers::Any;
@@ -467,23 +508,23 @@ impl<'a> Compiler<'a> {
         for peer in peers {
             if let Some(block) = &peer.ip_block {
                 if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
-                    self.warn(Some(pref), "peer mixes ipBlock with selectors, peer skipped");
+                    warnings.push("peer mixes ipBlock with selectors, peer skipped".into());
                     continue;
                 }
                 match ip_block_set(&block.cidr, block.except.as_deref().unwrap_or_default()) {
                     Ok(s) => set.extend(&s),
-                    Err(e) => self.warn(Some(pref), format!("{e}, peer skipped")),
+                    Err(e) => warnings.push(format!("{e}, peer skipped")),
                 }
                 continue;
             }
             if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
-                self.warn(Some(pref), "empty peer skipped");
+                warnings.push("empty peer skipped".into());
                 continue;
             }
             let pod_sel = match Selector::compile(peer.pod_selector.as_ref()) {
                 Ok(s) => s,
                 Err(e) => {
-                    self.warn(Some(pref), format!("invalid peer podSelector, peer skipped: {e}"));
+                    warnings.push(format!("invalid peer podSelector, peer skipped: {e}"));
                     continue;
                 }
             };
@@ -497,10 +538,7 @@ impl<'a> Compiler<'a> {
                         .filter(|ns| self.ns_labels.get(ns).is_some_and(|l| s.matches(l)))
                         .collect(),
                     Err(e) => {
-                        self.warn(
-                            Some(pref),
-                            format!("invalid peer namespaceSelector, peer skipped: {e}"),
-                        );
+                        warnings.push(format!("invalid peer namespaceSelector, peer skipped: {e}"));
                         continue;
                     }
                 },
@@ -520,7 +558,11 @@ impl<'a> Compiler<'a> {
         Peers::Set(set)
     }
 
-    fn parse_ports(&mut self, ports: Option<&[NetworkPolicyPort]>, pref: &ObjectRef) -> ParsedPorts {
+    fn parse_ports(
+        &mut self,
+        ports: Option<&[NetworkPolicyPort]>,
+        pref: &ObjectRef,
+    ) -> ParsedPorts {
         let mut parsed = ParsedPorts {
             any: false,
             numeric: Vec::new(),
@@ -559,7 +601,9 @@ impl<'a> Compiler<'a> {
             if ports.numeric.is_empty() {
                 return;
             }
-            Some(Some(self.intern_ports(PortSet::normalized(ports.numeric.clone()))))
+            Some(Some(
+                self.intern_ports(PortSet::normalized(ports.numeric.clone())),
+            ))
         } else {
             None
         };
@@ -593,7 +637,7 @@ impl<'a> Compiler<'a> {
         policy: usize,
         rule_index: usize,
         selected: &[usize],
-        peers: &Peers,
+        (peers, peers_key): (&Peers, &str),
         ports: &ParsedPorts,
     ) {
         if let Peers::Set(s) = peers {
@@ -619,11 +663,43 @@ impl<'a> Compiler<'a> {
             });
         }
         if !ports.named.is_empty() {
-            // Named ports of an egress rule resolve against each destination pod among the peers
-            // (an ipBlock peer counts for the pods whose IPs it covers).
+            let key = format!("{peers_key}\0{:?}", ports.named);
+            let dests = match self.dest_cache.get(&key) {
+                Some(d) => *d,
+                None => {
+                    let d = self.egress_destinations(peers, &ports.named);
+                    self.dest_cache.insert(key, d);
+                    d
+                }
+            };
+            if let Some(id) = dests {
+                matchers.push(RuleMatch::Destinations(id));
+            }
+        }
+        for &p in selected {
+            let chain = self.chain(p, Direction::Egress);
+            for m in &matchers {
+                self.out.chains[chain].rules.push(CompiledRule {
+                    policy,
+                    rule_index,
+                    matcher: m.clone(),
+                });
+            }
+        }
+    }
+
+    /// The destination set of egress named ports: they resolve against each destination pod
+    /// among the peers (an ipBlock peer counts for the pods whose IPs it covers). None if no
+    /// pod resolves them.
+    fn egress_destinations(
+        &mut self,
+        peers: &Peers,
+        named: &[(String, Protocol)],
+    ) -> Option<usize> {
+        {
             let mut tuples = Vec::new();
             for pod in &self.pods {
-                let resolved = resolve_named(pod, &ports.named);
+                let resolved = resolve_named(pod, named);
                 if resolved.is_empty() {
                     continue;
                 }
@@ -641,22 +717,12 @@ impl<'a> Compiler<'a> {
                     }
                 }
             }
-            if !tuples.is_empty() {
-                tuples.sort_unstable();
-                tuples.dedup();
-                let id = self.intern_dests(tuples);
-                matchers.push(RuleMatch::Destinations(id));
+            if tuples.is_empty() {
+                return None;
             }
-        }
-        for &p in selected {
-            let chain = self.chain(p, Direction::Egress);
-            for m in &matchers {
-                self.out.chains[chain].rules.push(CompiledRule {
-                    policy,
-                    rule_index,
-                    matcher: m.clone(),
-                });
-            }
+            tuples.sort_unstable();
+            tuples.dedup();
+            Some(self.intern_dests(tuples))
         }
     }
 
@@ -709,7 +775,9 @@ impl<'a> Compiler<'a> {
                 }
                 Some(veth) => self.warn(
                     Some(&pod.object_ref()),
-                    format!("host veth name {veth:?} is not a valid interface name; no anti-spoofing"),
+                    format!(
+                        "host veth name {veth:?} is not a valid interface name; no anti-spoofing"
+                    ),
                 ),
                 None => self.warn(
                     Some(&pod.object_ref()),

@@ -39,7 +39,9 @@ pub enum Decision {
         by: Vec<RuleRef>,
         isolated_by: Vec<ObjectRef>,
     },
-    Denied { isolated_by: Vec<ObjectRef> },
+    Denied {
+        isolated_by: Vec<ObjectRef>,
+    },
 }
 
 impl Decision {
@@ -69,7 +71,11 @@ impl fmt::Display for Decision {
                 Ok(())
             }
             Decision::Denied { isolated_by } => {
-                write!(f, "denied: default deny (isolated by {})", refs(isolated_by))
+                write!(
+                    f,
+                    "denied: default deny (isolated by {})",
+                    refs(isolated_by)
+                )
             }
         }
     }
@@ -98,10 +104,16 @@ impl Explanation {
     pub fn verdict(&self) -> String {
         match (&self.egress, &self.ingress) {
             (Decision::Denied { isolated_by }, _) => {
-                format!("denied: default deny egress (isolated by {})", refs(isolated_by))
+                format!(
+                    "denied: default deny egress (isolated by {})",
+                    refs(isolated_by)
+                )
             }
             (_, Decision::Denied { isolated_by }) => {
-                format!("denied: default deny ingress (isolated by {})", refs(isolated_by))
+                format!(
+                    "denied: default deny ingress (isolated by {})",
+                    refs(isolated_by)
+                )
             }
             (_, Decision::Allowed { by, .. }) | (Decision::Allowed { by, .. }, _) => {
                 format!("allowed by {}", by[0].policy)
@@ -210,7 +222,13 @@ impl<'a> Explainer<'a> {
         }
     }
 
-    pub fn explain(&mut self, from: IpAddr, to: IpAddr, port: u16, protocol: Protocol) -> Explanation {
+    pub fn explain(
+        &mut self,
+        from: IpAddr,
+        to: IpAddr,
+        port: u16,
+        protocol: Protocol,
+    ) -> Explanation {
         let from_ep = self.endpoint(from);
         let to_ep = self.endpoint(to);
         let egress = self.decide(Direction::Egress, &from_ep, from, to, protocol, port);

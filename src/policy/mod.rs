@@ -99,8 +99,8 @@ pub enum PolicyError {
 }
 
 #[cfg(test)]
-mod testutil;
-#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod testutil;
 #[cfg(test)]
 mod truth_tables;

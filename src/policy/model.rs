@@ -242,7 +242,13 @@ mod tests {
     fn mac_round_trips_and_rejects_garbage() {
         let mac: MacAddr = "0a:58:0A:f4:00:05".parse().unwrap();
         assert_eq!(mac.to_string(), "0a:58:0a:f4:00:05");
-        for bad in ["", "0a:58:0a:f4:00", "0a:58:0a:f4:00:05:07", "0a:58:0a:f4:00:zz", "a:58:0a:f4:00:05"] {
+        for bad in [
+            "",
+            "0a:58:0a:f4:00",
+            "0a:58:0a:f4:00:05:07",
+            "0a:58:0a:f4:00:zz",
+            "a:58:0a:f4:00:05",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

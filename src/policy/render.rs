@@ -99,7 +99,11 @@ fn node_set(policy: &CompiledPolicy, v6: bool) -> AddrSet {
 
 fn quote_comment(s: &str) -> String {
     // Names are DNS labels; strip anything that could break the quoting anyway.
-    let clean: String = s.chars().filter(|c| *c != '"' && *c != '\\').take(120).collect();
+    let clean: String = s
+        .chars()
+        .filter(|c| *c != '"' && *c != '\\')
+        .take(120)
+        .collect();
     format!("\"{clean}\"")
 }
 
@@ -122,14 +126,32 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
     for v6 in [false, true] {
         let fam = if v6 { "v6" } else { "v4" };
         let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-        write_set(out, &format!("node_{fam}"), ty, true, addr_elements(&node_set(p, v6), v6));
+        write_set(
+            out,
+            &format!("node_{fam}"),
+            ty,
+            true,
+            addr_elements(&node_set(p, v6), v6),
+        );
     }
     for (id, set) in p.peer_sets.iter().enumerate() {
         if set.has_v4() {
-            write_set(out, &format!("peer_{id}_v4"), "ipv4_addr", true, addr_elements(set, false));
+            write_set(
+                out,
+                &format!("peer_{id}_v4"),
+                "ipv4_addr",
+                true,
+                addr_elements(set, false),
+            );
         }
         if set.has_v6() {
-            write_set(out, &format!("peer_{id}_v6"), "ipv6_addr", true, addr_elements(set, true));
+            write_set(
+                out,
+                &format!("peer_{id}_v6"),
+                "ipv6_addr",
+                true,
+                addr_elements(set, true),
+            );
         }
     }
     for (id, ports) in p.port_sets.iter().enumerate() {
@@ -144,7 +166,13 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
                 }
             })
             .collect();
-        write_set(out, &format!("port_{id}"), "inet_proto . inet_service", true, elements);
+        write_set(
+            out,
+            &format!("port_{id}"),
+            "inet_proto . inet_service",
+            true,
+            elements,
+        );
     }
     for (id, tuples) in p.dest_sets.iter().enumerate() {
         for v6 in [false, true] {
@@ -156,7 +184,11 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
             if elements.is_empty() {
                 continue;
             }
-            let (fam, ty) = if v6 { ("v6", "ipv6_addr") } else { ("v4", "ipv4_addr") };
+            let (fam, ty) = if v6 {
+                ("v6", "ipv6_addr")
+            } else {
+                ("v4", "ipv4_addr")
+            };
             write_set(
                 out,
                 &format!("dest_{id}_{fam}"),
@@ -171,7 +203,11 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
     // number of policies.
     for dir in [Direction::Ingress, Direction::Egress] {
         for v6 in [false, true] {
-            let (fam, ty) = if v6 { ("v6", "ipv6_addr") } else { ("v4", "ipv4_addr") };
+            let (fam, ty) = if v6 {
+                ("v6", "ipv6_addr")
+            } else {
+                ("v4", "ipv4_addr")
+            };
             let mut entries: Vec<(IpAddr, String)> = Vec::new();
             for (i, chain) in p.chains.iter().enumerate() {
                 if chain.direction != dir {
@@ -183,10 +219,16 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
             }
             entries.sort();
             entries.dedup_by(|a, b| a.0 == b.0);
-            let _ = writeln!(out, "\tmap {}_{fam} {{\n\t\ttype {ty} : verdict", dir.as_str());
+            let _ = writeln!(
+                out,
+                "\tmap {}_{fam} {{\n\t\ttype {ty} : verdict",
+                dir.as_str()
+            );
             write_elements(
                 out,
-                entries.iter().map(|(ip, chain)| format!("{ip} : jump {chain}")),
+                entries
+                    .iter()
+                    .map(|(ip, chain)| format!("{ip} : jump {chain}")),
             );
             out.push_str("\t}\n");
         }
@@ -287,7 +329,11 @@ fn render_pod_chain(out: &mut String, p: &CompiledPolicy, index: usize, chain: &
         let prefix = allow_prefix(chain.direction, policy);
         for m in rule_matches(p, rule, chain.direction) {
             if o.log_allowed {
-                let _ = writeln!(out, "\t\t{}", join(&m, &format!("{limit} prefix \"{prefix}\"")));
+                let _ = writeln!(
+                    out,
+                    "\t\t{}",
+                    join(&m, &format!("{limit} prefix \"{prefix}\""))
+                );
             }
             let _ = writeln!(
                 out,
@@ -324,7 +370,10 @@ fn render_pod_chain(out: &mut String, p: &CompiledPolicy, index: usize, chain: &
 
 fn render_bridge(out: &mut String, p: &CompiledPolicy) {
     let o = &p.options;
-    let _ = writeln!(out, "table bridge {TABLE} {{\n}}\ndelete table bridge {TABLE}");
+    let _ = writeln!(
+        out,
+        "table bridge {TABLE} {{\n}}\ndelete table bridge {TABLE}"
+    );
     let _ = writeln!(out, "table bridge {TABLE} {{");
     let _ = writeln!(out, "\tcounter {SPOOF_COUNTER} {{\n\t}}");
     let mut ports: Vec<(usize, &AntiSpoofPort)> = p.anti_spoof.iter().enumerate().collect();
@@ -394,7 +443,10 @@ fn render_bridge(out: &mut String, p: &CompiledPolicy) {
     );
     out.push_str("\t\tiifname vmap @pod_ports\n");
     if o.drop_unknown_pod_ports {
-        let _ = writeln!(out, "\t\tiifname \"veil*\" counter name \"{SPOOF_COUNTER}\" drop");
+        let _ = writeln!(
+            out,
+            "\t\tiifname \"veil*\" counter name \"{SPOOF_COUNTER}\" drop"
+        );
     }
     out.push_str("\t}\n}\n");
 }

@@ -56,7 +56,14 @@ pub fn e2e_pod(ns: &str, pod: &str) -> PodInfo {
         named_ports: e2e_named_ports(),
         host_network: false,
         host_veth: Some(format!("veil{ns}{pod}")),
-        mac: Some(super::model::MacAddr([0x0a, 0x58, 0, 0, ns.as_bytes()[0], pod.as_bytes()[0]])),
+        mac: Some(super::model::MacAddr([
+            0x0a,
+            0x58,
+            0,
+            0,
+            ns.as_bytes()[0],
+            pod.as_bytes()[0],
+        ])),
     }
 }
 
@@ -72,7 +79,10 @@ pub fn e2e_state(policies: Vec<NetworkPolicy>) -> ClusterState {
                 name: ns.to_string(),
                 labels: [
                     ("ns".to_string(), ns.to_string()),
-                    (super::model::NAMESPACE_NAME_LABEL.to_string(), ns.to_string()),
+                    (
+                        super::model::NAMESPACE_NAME_LABEL.to_string(),
+                        ns.to_string(),
+                    ),
                 ]
                 .into(),
             })

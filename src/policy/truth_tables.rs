@@ -29,10 +29,16 @@ struct Peer {
 }
 
 fn any() -> Peer {
-    Peer { ns: None, pod: None }
+    Peer {
+        ns: None,
+        pod: None,
+    }
 }
 fn ns(n: &'static str) -> Peer {
-    Peer { ns: Some(n), pod: None }
+    Peer {
+        ns: Some(n),
+        pod: None,
+    }
 }
 fn pod(n: &'static str, p: &'static str) -> Peer {
     Peer {
@@ -676,7 +682,12 @@ fn upstream_netpol_truth_tables() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     // 42 TCP scenarios + 3 UDP + 3 SCTP (model only); a scenario dropped by mistake fails here.
     assert_eq!(all.len(), 48);
     assert_eq!(steps, 65);
