@@ -135,6 +135,12 @@ fn rendered_scripts_pass_check_and_load_atomically() {
     assert_eq!(applier.apply(&big).unwrap(), ApplyOutcome::Applied);
     assert_eq!(applier.apply(&big).unwrap(), ApplyOutcome::Unchanged);
 
+    // The reviewed golden script (IPv6 sets, SCTP, egress named ports, allow logging, the
+    // fail-closed port rule) loads too.
+    let golden = include_str!("../src/policy/testdata/small.nft");
+    applier.check(golden).unwrap();
+    assert_eq!(applier.apply(golden).unwrap(), ApplyOutcome::Applied);
+
     // Small: one replaces the other in one transaction; the old chains are gone.
     state.pods.truncate(5);
     state.policies.truncate(1);
@@ -183,6 +189,8 @@ struct BridgeLab {
     node: Ns,
     a: Ns,
     b: Ns,
+    /// A "remote" peer reached by routing through the node (as VXLAN/WireGuard traffic is).
+    remote: Ns,
     a_veth: String,
     b_veth: String,
     a_mac: String,
@@ -192,6 +200,7 @@ struct BridgeLab {
 const GW: &str = "10.99.0.1";
 const A_IP: &str = "10.99.0.10";
 const B_IP: &str = "10.99.0.11";
+const REMOTE_IP: &str = "10.98.0.2";
 
 impl BridgeLab {
     fn new() -> BridgeLab {
@@ -214,6 +223,24 @@ impl BridgeLab {
             ip_cmd(&pod.0, "link set eth0 up");
             ip_cmd(&pod.0, &format!("route add default via {GW}"));
         }
+        let remote = Ns::new("r");
+        ip_cmd(
+            &node.0,
+            &format!(
+                "link add vroute type veth peer name eth0 netns {}",
+                remote.0
+            ),
+        );
+        ip_cmd(&node.0, "addr add 10.98.0.1/24 dev vroute");
+        ip_cmd(&node.0, "link set vroute up");
+        ip_cmd(&remote.0, &format!("addr add {REMOTE_IP}/24 dev eth0"));
+        ip_cmd(&remote.0, "link set eth0 up");
+        ip_cmd(&remote.0, "route add default via 10.98.0.1");
+        netns::run_in(&node.0, || {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        })
+        .unwrap()
+        .unwrap();
         enable_bridge_netfilter(Some(&node.0)).unwrap();
         let a_mac = mac_of(&a.0, "eth0");
         let b_mac = mac_of(&b.0, "eth0");
@@ -221,6 +248,7 @@ impl BridgeLab {
             node,
             a,
             b,
+            remote,
             a_veth,
             b_veth,
             a_mac,
@@ -423,6 +451,11 @@ fn bridged_pods_are_filtered_and_cannot_spoof() {
     lab.apply(&mut applier, &lab.state(vec![], true));
     assert_eq!(tcp_probe(&lab.a.0, B_IP, 80).as_deref(), Some("hi 80"));
     assert_eq!(tcp_probe(&lab.a.0, B_IP, 81).as_deref(), Some("hi 81"));
+    assert_eq!(
+        tcp_probe(&lab.remote.0, B_IP, 80).as_deref(),
+        Some("hi 80"),
+        "routed"
+    );
 
     // Default deny ingress in t: the bridged connect to B fails, but the node itself (kubelet
     // probes) still reaches B.
@@ -432,6 +465,11 @@ fn bridged_pods_are_filtered_and_cannot_spoof() {
         tcp_probe(&lab.a.0, B_IP, 80),
         None,
         "default deny must block bridged TCP"
+    );
+    assert_eq!(
+        tcp_probe(&lab.remote.0, B_IP, 80),
+        None,
+        "default deny must block routed TCP"
     );
     assert_eq!(
         tcp_probe(&lab.node.0, B_IP, 80).as_deref(),
@@ -450,6 +488,12 @@ fn bridged_pods_are_filtered_and_cannot_spoof() {
     );
     assert_eq!(tcp_probe(&lab.a.0, B_IP, 80).as_deref(), Some("hi 80"));
     assert_eq!(tcp_probe(&lab.a.0, B_IP, 81), None);
+    assert_eq!(
+        tcp_probe(&lab.remote.0, B_IP, 80).as_deref(),
+        Some("hi 80"),
+        "routed allow"
+    );
+    assert_eq!(tcp_probe(&lab.remote.0, B_IP, 81), None, "routed deny");
     serve_tcp(&lab.a.0, A_IP, 80);
     assert_eq!(tcp_probe(&lab.b.0, A_IP, 80), None);
     let pol = |applier: &NftApplier, name: &str| {

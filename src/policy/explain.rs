@@ -32,6 +32,9 @@ pub struct RuleRef {
 pub enum Decision {
     /// That side is not a pod (external address, node, host-network pod): nothing to enforce.
     NotAPod,
+    /// The source is one of the node's own addresses: the kernel accepts it before any policy
+    /// (kubelet probes).
+    FromNode,
     /// No policy selects the pod for this direction.
     NotIsolated,
     /// Allowed by these rules (all of them, in evaluation order; the kernel stops at the first).
@@ -61,6 +64,7 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Decision::NotAPod => f.write_str("not enforced (not a pod)"),
+            Decision::FromNode => f.write_str("allowed: traffic from the node itself"),
             Decision::NotIsolated => f.write_str("allowed: not isolated"),
             Decision::Allowed { by, .. } => {
                 let first = &by[0];
@@ -115,6 +119,7 @@ impl Explanation {
                     refs(isolated_by)
                 )
             }
+            (_, Decision::FromNode) => "allowed: traffic from the node itself".to_string(),
             (_, Decision::Allowed { by, .. }) | (Decision::Allowed { by, .. }, _) => {
                 format!("allowed by {}", by[0].policy)
             }
@@ -147,6 +152,7 @@ impl fmt::Display for Explanation {
 pub struct Explainer<'a> {
     state: &'a ClusterState,
     pod_by_ip: HashMap<IpAddr, usize>,
+    node_addrs: Vec<IpAddr>,
     nodes: HashMap<String, CompiledPolicy>,
 }
 
@@ -164,8 +170,16 @@ impl<'a> Explainer<'a> {
         Explainer {
             state,
             pod_by_ip,
+            node_addrs: Vec::new(),
             nodes: HashMap::new(),
         }
+    }
+
+    /// Addresses of the nodes (as given to `compile`): traffic from them is accepted before any
+    /// policy, so `explain` reports it as such.
+    pub fn with_node_addrs(mut self, addrs: &[IpAddr]) -> Self {
+        self.node_addrs = addrs.to_vec();
+        self
     }
 
     fn endpoint(&self, ip: IpAddr) -> Endpoint {
@@ -232,7 +246,11 @@ impl<'a> Explainer<'a> {
         let from_ep = self.endpoint(from);
         let to_ep = self.endpoint(to);
         let egress = self.decide(Direction::Egress, &from_ep, from, to, protocol, port);
-        let ingress = self.decide(Direction::Ingress, &to_ep, to, from, protocol, port);
+        let ingress = if self.node_addrs.contains(&from) && from_ep == Endpoint::External {
+            Decision::FromNode
+        } else {
+            self.decide(Direction::Ingress, &to_ep, to, from, protocol, port)
+        };
         Explanation {
             from_ip: from,
             to_ip: to,

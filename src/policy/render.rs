@@ -208,13 +208,15 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
             } else {
                 ("v4", "ipv4_addr")
             };
-            let mut entries: Vec<(IpAddr, String)> = Vec::new();
+            // An IP claimed by two pods (a stale pod) maps to the first chain, as `chain_for`
+            // (and so `explain`) picks it; nft refuses duplicate keys.
+            let mut entries: Vec<(IpAddr, usize, String)> = Vec::new();
             for (i, chain) in p.chains.iter().enumerate() {
                 if chain.direction != dir {
                     continue;
                 }
                 for ip in chain.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-                    entries.push((*ip, chain_name(i, chain)));
+                    entries.push((*ip, i, chain_name(i, chain)));
                 }
             }
             entries.sort();
@@ -228,7 +230,7 @@ fn render_inet(out: &mut String, p: &CompiledPolicy) {
                 out,
                 entries
                     .iter()
-                    .map(|(ip, chain)| format!("{ip} : jump {chain}")),
+                    .map(|(ip, _, chain)| format!("{ip} : jump {chain}")),
             );
             out.push_str("\t}\n");
         }

@@ -493,6 +493,17 @@ fn explain_names_policies_rules_and_sides() {
     assert_eq!(e.verdict(), "allowed by y/web");
     let e = explain(ip_of("z", "a"), ip_of("z", "b"), 80, Protocol::Tcp, &s);
     assert_eq!(e.verdict(), "allowed: no policy isolates either side");
+    // The node's own address passes before any policy; without being told, it is just external.
+    let node = ip("10.244.1.1");
+    let e = Explainer::new(&s).with_node_addrs(&[node]).explain(
+        node,
+        ip_of("y", "a"),
+        9,
+        Protocol::Tcp,
+    );
+    assert!(e.allowed());
+    assert_eq!(e.ingress, Decision::FromNode);
+    assert!(!explain(node, ip_of("y", "a"), 9, Protocol::Tcp, &s).allowed());
 }
 
 #[test]
@@ -700,4 +711,31 @@ fn scale_compile_and_render_1000_policies_5000_pods() {
         script.len()
     );
     assert_eq!(compiled.policies.len(), 1000);
+}
+
+#[test]
+fn an_ip_claimed_by_two_pods_maps_once_to_the_chain_explain_uses() {
+    let mut s = e2e_state(vec![np(
+        "x",
+        "deny",
+        json!({"podSelector": {}, "ingress": []}),
+    )]);
+    // A stale x/zombie on n1 still claims x/a's IP.
+    let mut zombie = s.pods[0].clone();
+    zombie.name = "zombie".into();
+    s.pods.push(zombie);
+    let c = compile(&s, "n1", &[]);
+    let script = render_nft(&c);
+    let needle = format!("{} : jump", ip_of("x", "a"));
+    assert_eq!(script.matches(&needle).count(), 1, "{script}");
+    let chosen = c.chain_for(Direction::Ingress, ip_of("x", "a")).unwrap();
+    let index = c
+        .chains
+        .iter()
+        .position(|ch| std::ptr::eq(ch, chosen))
+        .unwrap();
+    assert!(
+        script.contains(&format!("{needle} ing_{index}")),
+        "{script}"
+    );
 }
