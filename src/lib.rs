@@ -3,6 +3,8 @@
 //! Split by concern:
 //! - `model`: pure planners (annotations, overlay plan, MTU) — no I/O, unit-tested without root.
 //! - `kernel`: appliers over netlink that diff the kernel against a plan and apply the difference.
+//! - `policy`: the NetworkPolicy compiler (pure) and its nftables enforcer.
+//! - `wg`: the userspace WireGuard datapath (boringtun over TUN).
 //! - `cluster`: the Kubernetes side (pod CIDR ownership, publishing this node's annotations).
 //! - `agent`: the per-node daemon wiring it together.
 //! - `lab`: the netns test bed (API stand-in, kubelet, topology); `netns`: namespace helpers;
@@ -16,4 +18,5 @@ pub mod lab;
 pub mod logging;
 pub mod model;
 pub mod netns;
+pub mod policy;
 pub mod wg;

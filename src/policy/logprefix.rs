@@ -1,0 +1,152 @@
+//! NFLOG prefixes: how a logged packet names its verdict and who decided it.
+//!
+//! Formats (at most [`MAX_PREFIX_LEN`] bytes, the kernel's limit; longer ones are cut and end in
+//! `~`):
+//! - `veilnet:allow:<ingress|egress>:<policy-ns>/<policy>` — a new connection a policy allowed;
+//! - `veilnet:deny:<ingress|egress>:<pod-ns>/<pod>` — default deny of an isolated pod (which
+//!   policies isolate it is `explain`'s job);
+//! - `veilnet:spoof:<pod-ns>/<pod>` — a frame from a pod's bridge port with a forged MAC/IP.
+
+use super::compile::Direction;
+use super::model::ObjectRef;
+
+pub const PREFIX_ROOT: &str = "veilnet";
+/// `NF_LOG_PREFIXLEN` (128) minus the terminating NUL.
+pub const MAX_PREFIX_LEN: usize = 127;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogVerdict {
+    Allow,
+    Deny,
+    Spoof,
+}
+
+/// A parsed prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPrefix {
+    pub verdict: LogVerdict,
+    /// None for spoofing drops.
+    pub direction: Option<Direction>,
+    /// The deciding policy (allow) or the protected pod (deny, spoof).
+    pub object: ObjectRef,
+    /// The name was cut to fit; `object.name` is a prefix of the real name.
+    pub truncated: bool,
+}
+
+fn fit(mut s: String) -> String {
+    if s.len() <= MAX_PREFIX_LEN {
+        return s;
+    }
+    let mut cut = MAX_PREFIX_LEN - 1;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s.push('~');
+    s
+}
+
+pub fn allow_prefix(direction: Direction, policy: &ObjectRef) -> String {
+    fit(format!("{PREFIX_ROOT}:allow:{direction}:{policy}"))
+}
+
+pub fn deny_prefix(direction: Direction, pod: &ObjectRef) -> String {
+    fit(format!("{PREFIX_ROOT}:deny:{direction}:{pod}"))
+}
+
+pub fn spoof_prefix(pod: &ObjectRef) -> String {
+    fit(format!("{PREFIX_ROOT}:spoof:{pod}"))
+}
+
+/// Parses a prefix as NFLOG delivers it (trailing NULs and spaces are ignored). `None` for
+/// prefixes veilnet did not write.
+pub fn parse_prefix(raw: &str) -> Option<LogPrefix> {
+    let s = raw.trim_end_matches(['\0', ' ']);
+    let rest = s.strip_prefix(PREFIX_ROOT)?.strip_prefix(':')?;
+    let (verdict, rest) = rest.split_once(':')?;
+    let verdict = match verdict {
+        "allow" => LogVerdict::Allow,
+        "deny" => LogVerdict::Deny,
+        "spoof" => LogVerdict::Spoof,
+        _ => return None,
+    };
+    let (direction, object) = if verdict == LogVerdict::Spoof {
+        (None, rest)
+    } else {
+        let (d, obj) = rest.split_once(':')?;
+        let d = match d {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            _ => return None,
+        };
+        (Some(d), obj)
+    };
+    let (object, truncated) = match object.strip_suffix('~') {
+        Some(o) if s.len() == MAX_PREFIX_LEN => (o, true),
+        _ => (object, false),
+    };
+    let (ns, name) = object.split_once('/')?;
+    if ns.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some(LogPrefix {
+        verdict,
+        direction,
+        object: ObjectRef::new(ns, name),
+        truncated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let p = ObjectRef::new("x", "allow-80");
+        let a = allow_prefix(Direction::Ingress, &p);
+        assert_eq!(a, "veilnet:allow:ingress:x/allow-80");
+        let parsed = parse_prefix(&a).unwrap();
+        assert_eq!(parsed.verdict, LogVerdict::Allow);
+        assert_eq!(parsed.direction, Some(Direction::Ingress));
+        assert_eq!(parsed.object, p);
+        assert!(!parsed.truncated);
+
+        let pod = ObjectRef::new("y", "web-0");
+        let d = deny_prefix(Direction::Egress, &pod);
+        let parsed = parse_prefix(&format!("{d}\0")).unwrap();
+        assert_eq!(
+            (parsed.verdict, parsed.direction, parsed.object),
+            (LogVerdict::Deny, Some(Direction::Egress), pod.clone())
+        );
+        let s = parse_prefix(&spoof_prefix(&pod)).unwrap();
+        assert_eq!((s.verdict, s.direction), (LogVerdict::Spoof, None));
+    }
+
+    #[test]
+    fn long_names_are_cut_and_flagged() {
+        let long = ObjectRef::new("ns", "p".repeat(200));
+        let a = allow_prefix(Direction::Egress, &long);
+        assert_eq!(a.len(), MAX_PREFIX_LEN);
+        let parsed = parse_prefix(&a).unwrap();
+        assert!(parsed.truncated);
+        assert!(long.name.starts_with(&parsed.object.name));
+    }
+
+    #[test]
+    fn foreign_and_malformed_prefixes_are_none() {
+        for bad in [
+            "",
+            "calico-packet",
+            "veilnet",
+            "veilnet:allow",
+            "veilnet:allow:sideways:x/p",
+            "veilnet:maybe:ingress:x/p",
+            "veilnet:deny:ingress:nopod",
+            "veilnet:deny:ingress:/p",
+            "veilnetx:deny:ingress:x/p",
+        ] {
+            assert_eq!(parse_prefix(bad), None, "{bad}");
+        }
+    }
+}

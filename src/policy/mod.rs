@@ -1,0 +1,106 @@
+//! NetworkPolicy (networking.k8s.io/v1) for the pods of this node, enforced with nftables, plus
+//! anti-spoofing on the pods' bridge ports.
+//!
+//! Pipeline: [`ClusterState`] → [`compile`] (pure) → [`CompiledPolicy`] → [`render_nft`] (pure,
+//! golden-tested) → [`NftApplier::apply`] (one `nft -f -` transaction). [`explain`] reads the
+//! same [`CompiledPolicy`] the renderer does.
+//!
+//! # Kernel design
+//!
+//! Two tables, both owned by veilnet and replaced whole on every change (declare, delete,
+//! declare-with-content, in one transaction):
+//!
+//! **`table inet veilnet`** — policy.
+//! - `chain forward` (hook forward, priority filter, policy accept):
+//!   `ct state established,related accept` (replies and ongoing allowed connections);
+//!   `ct state invalid drop`; traffic from the node's own addresses (`@node_v4/6`) is accepted;
+//!   then `ip saddr vmap @egress_v4` and `ip daddr vmap @ingress_v4` (and v6). The maps send a
+//!   local pod's IP to that pod's chain, so the per-packet cost is two hash lookups plus the rules
+//!   of the policies that select this very pod, whatever the total number of policies.
+//! - `chain ing_<n>` / `egr_<n>`: one per local pod and direction in which the pod is isolated.
+//!   Each allow rule matches the rule's peers (`ip saddr @peer_<k>_v4`, an interval set of pod
+//!   IPs and ipBlock CIDRs minus excepts) and ports (`meta l4proto . th dport @port_<k>`, an
+//!   interval set of `protocol . port-range`, so endPort and SCTP are one element each); egress
+//!   named ports match `ip daddr . meta l4proto . th dport @dest_<k>_v4`, because they resolve
+//!   against the destination pod. Allow rules count into the policy's named counter `pol_<id>`;
+//!   ingress allows `accept`, egress allows `return` (so the destination's ingress chain still
+//!   runs). The chain ends with a rate-limited `log group 100 prefix "veilnet:deny:..."` and a
+//!   `drop` counted in `deny_ingress` / `deny_egress`.
+//! - Sets are interned by content, so a thousand rules with the same peers share one set.
+//!
+//! Where traffic meets the forward hook: routed pod traffic (to/from the VXLAN or WireGuard
+//! device) does naturally; bridged same-node pod↔pod frames do because br_netfilter
+//! (`bridge-nf-call-iptables=1`, set per netns by [`enable_bridge_netfilter`]) passes bridged
+//! IPv4/IPv6 through the inet forward hook with conntrack. The node's own traffic to its pods
+//! leaves through `output`, which veilnet does not filter (kubelet probes always work), and pods'
+//! traffic to the node arrives through `input`, also unfiltered. Only local pods are enforced:
+//! the maps hold local pod IPs only; peers are matched by IP, wherever they run.
+//!
+//! **`table bridge veilnet`** — anti-spoofing, no conntrack needed.
+//! - `chain prerouting` (bridge hook prerouting, priority filter):
+//!   `iifname vmap @pod_ports` sends frames from a pod's host veth to `port_<n>`, which returns
+//!   only for IPv4 from the pod's own MAC and IP, and ARP whose sender MAC and IP are the pod's
+//!   (IPv6 only if the pod has IPv6 addresses). Everything else from that port is logged
+//!   (`veilnet:spoof:<ns>/<pod>`) and dropped, counted in `spoofed`. With
+//!   [`CompileOptions::drop_unknown_pod_ports`], frames from `veil*` ports unknown to the model
+//!   are dropped too.
+//!
+//! SCTP rules are plain set elements (`sctp . 80`) and need no SCTP kernel module.
+//! Named counters are recreated with the table, so they count since the last change.
+
+mod addrset;
+mod apply;
+mod compile;
+mod explain;
+mod logprefix;
+mod model;
+mod render;
+mod selector;
+
+pub use addrset::AddrSet;
+pub use apply::{enable_bridge_netfilter, parse_counters, ApplyOutcome, CounterValue, NftApplier};
+pub use compile::{
+    compile, compile_with, AntiSpoofPort, CompileOptions, CompiledPolicy, CompiledRule, DestTuple,
+    Direction, PodChain, PortRange, PortSet, RuleMatch, Warning,
+};
+pub use explain::{explain, Decision, Endpoint, Explainer, Explanation, RuleRef};
+pub use logprefix::{
+    allow_prefix, deny_prefix, parse_prefix, spoof_prefix, LogPrefix, LogVerdict, MAX_PREFIX_LEN,
+};
+pub use model::{
+    ClusterState, InvalidMac, MacAddr, NamedPort, NamespaceInfo, ObjectRef, PodInfo, Protocol,
+    NAMESPACE_NAME_LABEL,
+};
+pub use render::{render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE};
+
+/// Errors of applying policy to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("failed to run nft ({action}): {source}")]
+    Spawn {
+        action: String,
+        source: std::io::Error,
+    },
+    #[error("nft {action} failed ({status}): {stderr}")]
+    Nft {
+        action: String,
+        status: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
+    #[error("cannot enable br_netfilter in netns {netns}: {source}")]
+    BrNetfilter {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("unexpected nft JSON output: {0}")]
+    Json(String),
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+#[cfg(test)]
+mod truth_tables;
