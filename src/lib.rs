@@ -19,4 +19,5 @@ pub mod logging;
 pub mod model;
 pub mod netns;
 pub mod policy;
+pub mod status_cmd;
 pub mod wg;

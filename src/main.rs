@@ -23,6 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show this node's agent: mode, peers, paths, handshakes, bytes, the path matrix.
+    Status(veilnet::status_cmd::StatusArgs),
     /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
     Agent(Box<agent::AgentArgs>),
     /// Benchmarks (used by scripts/bench-*.sh).
@@ -50,6 +52,7 @@ fn main() -> anyhow::Result<()> {
     logging::init(cli.log_format, default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
+        Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

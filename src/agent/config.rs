@@ -9,6 +9,8 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use crate::model::encryption::{Mode, DEFAULT_WG_PORT};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}: {source}")]
@@ -77,6 +79,12 @@ pub struct AgentArgs {
     /// Address of the health and metrics endpoint.
     #[arg(long, env = "VEILNET_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
+    /// Encryption mode of nodes without a `veilnet.io/encryption` label.
+    #[arg(long, env = "VEILNET_ENCRYPTION", value_enum)]
+    pub encryption: Option<Mode>,
+    /// WireGuard UDP port.
+    #[arg(long, env = "VEILNET_WIREGUARD_PORT")]
+    pub wireguard_port: Option<u16>,
 }
 
 /// The config file's shape; every key optional.
@@ -95,6 +103,8 @@ pub struct FileConfig {
     pub mtu: Option<u32>,
     pub resync_seconds: Option<u64>,
     pub health_addr: Option<SocketAddr>,
+    pub encryption: Option<Mode>,
+    pub wireguard_port: Option<u16>,
 }
 
 /// The resolved, validated configuration.
@@ -115,6 +125,8 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     pub resync: Duration,
     pub health_addr: SocketAddr,
+    pub encryption: Mode,
+    pub wireguard_port: u16,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
@@ -184,6 +196,11 @@ impl AgentConfig {
                 .health_addr
                 .or(file.health_addr)
                 .unwrap_or_else(|| DEFAULT_HEALTH_ADDR.parse().expect("valid default address")),
+            encryption: args.encryption.or(file.encryption).unwrap_or(Mode::On),
+            wireguard_port: args
+                .wireguard_port
+                .or(file.wireguard_port)
+                .unwrap_or(DEFAULT_WG_PORT),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -212,6 +229,12 @@ impl AgentConfig {
         }
         if self.vxlan_port == 0 {
             return bad("VXLAN port must not be 0".into());
+        }
+        if self.wireguard_port == 0 || self.wireguard_port == self.vxlan_port {
+            return bad(format!(
+                "WireGuard port {} must be non-zero and differ from the VXLAN port",
+                self.wireguard_port
+            ));
         }
         if let Some(mtu) = self.mtu {
             if !(576..=65535).contains(&mtu) {
@@ -275,6 +298,7 @@ mod tests {
         assert_eq!(c.cluster_cidr.to_string(), "10.50.0.0/16");
         assert_eq!(c.vxlan_vni, 9);
         assert_eq!(c.mtu, Some(1400));
+        assert_eq!(c.encryption, Mode::Strict);
     }
 
     #[test]

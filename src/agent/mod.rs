@@ -15,8 +15,10 @@ pub mod cni_config;
 pub mod config;
 pub mod events;
 pub mod reconcile;
+pub mod status;
 pub mod underlay;
 pub mod watch;
+pub mod wireguard;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub enum AgentError {
     PodCidr(#[from] podcidr::PodCidrError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    WireGuard(#[from] wireguard::WireGuardError),
 }
 
 /// Identifies the agent in Events.
@@ -151,23 +155,35 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let _ = nodes.wait_until_ready().await;
     let _ = records.wait_until_ready().await;
 
+    // The WireGuard device exists in every mode (a live toggle must not wait for it), with the
+    // MTU of the underlay minus WireGuard's overhead.
+    let wg_mtu = underlay.mtu.saturating_sub(crate::wg::OVERHEAD_IPV4);
+    let wg = wireguard::WireGuard::start(&cfg.state_dir, cfg.wireguard_port, wg_mtu).await?;
+    tracing::info!(fingerprint = %wg.fingerprint(), port = cfg.wireguard_port, default_mode = %cfg.encryption, "WireGuard ready");
+
     let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);
     let resync = cfg.resync;
-    let mut rec = reconcile::Reconciler::new(cfg, client, kernel, events, nodes, records, me);
+    let mut rec = reconcile::Reconciler::new(cfg, client, kernel, events, nodes, records, me, wg);
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(resync);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_ticker = tokio::time::interval(Duration::from_secs(2));
+    status_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u32 = 0;
+    let mut pending = true;
     loop {
-        if let Err(e) = rec.reconcile().await {
-            failures += 1;
-            tracing::error!(error = %e, failures, "reconcile failed; retrying");
-        } else {
-            failures = 0;
+        if pending {
+            if let Err(e) = rec.reconcile().await {
+                failures += 1;
+                tracing::error!(error = %e, failures, "reconcile failed; retrying");
+            } else {
+                failures = 0;
+            }
         }
+        pending = true;
         // After a failure, retry soon (bounded backoff) even without a cluster change.
         let retry = Duration::from_millis(200 * u64::from(failures.min(25)));
         tokio::select! {
@@ -176,6 +192,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             _ = ticker.tick() => rec.release_deleted().await,
+            _ = status_ticker.tick() => {
+                // Refresh the counters in the status file; no reconcile needed.
+                rec.write_status();
+                pending = false;
+            }
             _ = tokio::time::sleep(retry), if failures > 0 => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

@@ -14,16 +14,22 @@ use kube::runtime::reflector::Store;
 use super::cni_config;
 use super::config::AgentConfig;
 use super::events::{EventSink, EventType};
+use super::status;
 use super::underlay::UnderlayDevice;
+use super::wireguard::{self, WireGuard};
 use crate::cluster::podcidr::{self, AllocationRecord};
 use crate::cluster::publish;
 use crate::kernel::apply::{apply, ApplyError};
 use crate::kernel::netlink::NetlinkKernel;
+use crate::kernel::wire::{self, WireRules};
 use crate::model::annotations;
+use crate::model::encryption::{own_mode, plan_paths, Mode, Path, PeerCrypto, PeerPath};
 use crate::model::mac::{derive_vtep_mac, MacAddr};
 use crate::model::overlay::{
-    plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
+    plan_overlay, DesiredOverlay, OverlayError, OverlayInput, PeerNode, RouteSpec, SelfNode,
+    VxlanConfig,
 };
+use crate::wg::OVERHEAD_IPV4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -35,6 +41,10 @@ pub enum ReconcileError {
     Publish(#[from] publish::PublishError),
     #[error(transparent)]
     Cni(#[from] cni_config::CniConfigError),
+    #[error(transparent)]
+    WireGuard(#[from] wireguard::WireGuardError),
+    #[error("wire rules: {0}")]
+    Wire(#[from] wire::WireError),
 }
 
 /// What the agent decided about itself at start; fixed for the life of the process.
@@ -71,14 +81,27 @@ pub struct Reconciler {
     pub nodes: Store<Node>,
     pub records: Store<ConfigMap>,
     pub me: SelfInfo,
+    pub wg: WireGuard,
     /// Peer → reason of the last pass, so a refusal is logged when it starts or changes, not on
     /// every pass.
     rejected: BTreeMap<String, String>,
+    /// Peer → path of the last pass (same purpose).
+    paths: BTreeMap<String, String>,
+    /// The wire rules last loaded (reloaded only when they change).
+    wire_loaded: Option<String>,
+    /// The last pass's view, for the status file.
+    pub last: Option<status::Snapshot>,
     pub dataplane_ready: bool,
 }
 
 /// The annotations this node publishes (pure).
-pub fn own_annotations(cfg: &AgentConfig, me: &SelfInfo) -> BTreeMap<String, String> {
+pub fn own_annotations(
+    cfg: &AgentConfig,
+    me: &SelfInfo,
+    wg_key: &str,
+    mode: Mode,
+) -> BTreeMap<String, String> {
+    let endpoint = std::net::SocketAddr::new(me.underlay.ip, cfg.wireguard_port);
     BTreeMap::from([
         (annotations::VTEP_MAC.to_string(), me.vtep_mac.to_string()),
         (
@@ -93,7 +116,45 @@ pub fn own_annotations(cfg: &AgentConfig, me: &SelfInfo) -> BTreeMap<String, Str
             annotations::VXLAN_VNI.to_string(),
             cfg.vxlan_vni.to_string(),
         ),
+        (annotations::WG_PUBLIC_KEY.to_string(), wg_key.to_string()),
+        (annotations::WG_ENDPOINT.to_string(), endpoint.to_string()),
+        (annotations::ENCRYPTION_MODE.to_string(), mode.to_string()),
     ])
+}
+
+/// Rewrites the overlay's routes for the chosen paths (pure): a WireGuard peer's CIDRs go to the
+/// TUN, a blocked peer's CIDRs get no route, and the whole cluster CIDR falls back to the TUN,
+/// whose datapath drops what no peer owns. So a pod packet to a blocked, unknown or
+/// not-yet-handshaken peer is dropped, never sent in plaintext (not even by the default route).
+pub fn route_paths(
+    desired: &mut DesiredOverlay,
+    paths: &[PeerPath],
+    cidrs_of: &dyn Fn(&str) -> Vec<IpNet>,
+    wg_dev: &str,
+    cluster_cidr: IpNet,
+) {
+    let to_tun = |dst| RouteSpec {
+        dst,
+        via: None,
+        dev: wg_dev.to_string(),
+        onlink: false,
+    };
+    for p in paths {
+        let cidrs = cidrs_of(&p.node);
+        match &p.path {
+            Path::Vxlan => {}
+            Path::Wireguard { .. } => {
+                for dst in cidrs {
+                    desired.routes.retain(|r| r.dst != dst);
+                    desired.routes.insert(to_tun(dst));
+                }
+            }
+            Path::Blocked(_) => desired.routes.retain(|r| !cidrs.contains(&r.dst)),
+        }
+    }
+    desired.routes.retain(|r| r.dst != cluster_cidr);
+    desired.routes.insert(to_tun(cluster_cidr));
+    desired.external_devices.insert(wg_dev.to_string());
 }
 
 fn has_veilnet_annotations(anns: &BTreeMap<String, String>) -> bool {
@@ -160,6 +221,7 @@ impl Reconciler {
         nodes: Store<Node>,
         records: Store<ConfigMap>,
         me: SelfInfo,
+        wg: WireGuard,
     ) -> Self {
         Self {
             cfg,
@@ -169,7 +231,11 @@ impl Reconciler {
             nodes,
             records,
             me,
+            wg,
             rejected: BTreeMap::new(),
+            paths: BTreeMap::new(),
+            wire_loaded: None,
+            last: None,
             dataplane_ready: false,
         }
     }
@@ -187,13 +253,64 @@ impl Reconciler {
     pub async fn reconcile(&mut self) -> Result<usize, ReconcileError> {
         let started = Instant::now();
         let nodes = self.nodes.state();
-        // Our own annotations: re-published if anyone changed or removed them.
         let own = nodes
             .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()));
-        let desired_annotations = own_annotations(&self.cfg, &self.me);
+            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
+            .cloned();
+        let empty = BTreeMap::new();
+        let own_labels = own
+            .as_ref()
+            .and_then(|n| n.metadata.labels.as_ref())
+            .unwrap_or(&empty);
+        let own_anns = own
+            .as_ref()
+            .and_then(|n| n.metadata.annotations.as_ref())
+            .unwrap_or(&empty);
+
+        // This node's mode: its label, else the configured default.
+        let (mode, bad_label) = own_mode(
+            own_labels
+                .get(annotations::ENCRYPTION_LABEL)
+                .map(String::as_str),
+            self.cfg.encryption,
+        );
+        if let Some(e) = bad_label {
+            tracing::warn!(error = %e, default = %self.cfg.encryption, "bad encryption label; using the default");
+            let msg = format!(
+                "label {}: {e}; using the default mode {}",
+                annotations::ENCRYPTION_LABEL,
+                self.cfg.encryption
+            );
+            self.events
+                .node_event(
+                    &self.cfg.node_name,
+                    EventType::Warning,
+                    "VeilnetBadEncryptionLabel",
+                    &msg,
+                )
+                .await;
+        }
+        if self
+            .wg
+            .rotate_if_requested(own_anns.get(annotations::ROTATE_KEY).map(String::as_str))?
+        {
+            tracing::info!(fingerprint = %self.wg.fingerprint(), "WireGuard key rotated");
+            let msg = format!("WireGuard key rotated; new key {}", self.wg.fingerprint());
+            self.events
+                .node_event(
+                    &self.cfg.node_name,
+                    EventType::Normal,
+                    "VeilnetKeyRotated",
+                    &msg,
+                )
+                .await;
+        }
+
+        // Our own annotations: re-published if anyone changed or removed them.
+        let desired_annotations =
+            own_annotations(&self.cfg, &self.me, &self.wg.public_key_b64(), mode);
         let changes = publish::diff(
-            own.and_then(|n| n.metadata.annotations.as_ref()),
+            own.as_ref().and_then(|n| n.metadata.annotations.as_ref()),
             &desired_annotations,
             &desired_annotations
                 .keys()
@@ -201,16 +318,81 @@ impl Reconciler {
                 .collect::<Vec<_>>(),
         );
         if !changes.is_empty() && own.is_some() {
-            tracing::info!(changes = ?changes, "publishing this node's annotations");
+            tracing::info!(changes = ?changes.keys().collect::<Vec<_>>(), "publishing this node's annotations");
             publish::publish(self.client.clone(), &self.cfg.node_name, &changes).await?;
         }
 
         let input = overlay_input(&self.cfg, &self.me, &nodes, &self.record());
-        let desired = plan_overlay(&input)?;
+        let mut desired = plan_overlay(&input)?;
         self.report_rejections(&desired.rejected).await;
 
+        // Paths: only peers the overlay accepted (their CIDRs are proven theirs) are candidates.
+        let crypto: Vec<PeerCrypto> = nodes
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.as_deref()?;
+                desired.accepted.iter().any(|a| a == name).then(|| {
+                    PeerCrypto::from_annotations(
+                        name,
+                        n.metadata.annotations.as_ref().unwrap_or(&empty),
+                    )
+                })
+            })
+            .collect();
+        let paths = plan_paths(mode, self.wg.public_key().as_bytes(), &crypto);
+        self.report_paths(&paths).await;
+        let peer_cidrs: BTreeMap<String, Vec<IpNet>> = input
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.pod_cidrs
+                        .iter()
+                        .filter_map(|c| annotations::parse_cidr(c).ok())
+                        .collect(),
+                )
+            })
+            .collect();
+        let cidrs_of = |name: &str| peer_cidrs.get(name).cloned().unwrap_or_default();
+        let cluster = IpNet::V4(self.cfg.cluster_cidr);
+        route_paths(
+            &mut desired,
+            &paths,
+            &cidrs_of,
+            wireguard::TUN_NAME,
+            cluster,
+        );
+
+        // Peers first, then routes: a route to the TUN before its peer exists only drops.
+        let changed = self.wg.set_peers(&paths, &cidrs_of)?;
+        if !changed.is_empty() {
+            tracing::info!(
+                added = changed.added.len(),
+                removed = changed.removed.len(),
+                updated = changed.updated.len(),
+                "WireGuard peers updated"
+            );
+        }
         let report = apply(&mut self.kernel, &desired).await?;
         let writes = report.writes();
+
+        let rules = wire::render(&WireRules {
+            underlay_dev: self.me.underlay.dev.clone(),
+            wg_dev: wireguard::TUN_NAME.into(),
+            vxlan_port: self.cfg.vxlan_port,
+            cluster_cidr: cluster,
+            strict: mode == Mode::Strict,
+        });
+        if self.wire_loaded.as_deref() != Some(rules.as_str()) {
+            let script = rules.clone();
+            tokio::task::spawn_blocking(move || wire::apply(&script))
+                .await
+                .map_err(|e| wire::WireError::Nft(e.to_string()))??;
+            tracing::info!(strict = mode == Mode::Strict, "wire rules loaded");
+            self.wire_loaded = Some(rules);
+        }
+
         if writes > 0 {
             tracing::info!(
                 writes,
@@ -225,12 +407,12 @@ impl Reconciler {
             );
         }
 
-        let state = cni_config::node_state(
-            &self.cfg.node_name,
-            &self.me.pod_cidrs,
-            &desired,
-            self.cfg.mtu,
-        );
+        // Pods get the WireGuard MTU whatever the current paths: a live mode toggle must not leave
+        // running pods with packets too large for the new path.
+        let wg_mtu = self.me.underlay.mtu.saturating_sub(OVERHEAD_IPV4);
+        let mtu = self.cfg.mtu.unwrap_or(desired.pod_mtu.min(wg_mtu));
+        let state =
+            cni_config::node_state(&self.cfg.node_name, &self.me.pod_cidrs, &desired, Some(mtu));
         if cni_config::install(
             &state,
             &self.cfg.run_dir,
@@ -240,7 +422,59 @@ impl Reconciler {
             tracing::info!(mtu = state.mtu, conf_dir = %self.cfg.cni_conf_dir.display(), "CNI configuration installed");
         }
         self.dataplane_ready = true;
+        self.last = Some(status::Snapshot {
+            mode,
+            pod_mtu: mtu,
+            paths,
+            rejected: desired
+                .rejected
+                .iter()
+                .map(|r| (r.node.clone(), r.reason.to_string()))
+                .collect(),
+            matrix: status::path_matrix(&nodes),
+        });
+        self.write_status();
         Ok(writes)
+    }
+
+    /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included).
+    pub fn write_status(&self) {
+        let Some(last) = &self.last else { return };
+        let st = status::build(&self.cfg, &self.me, &self.wg, last);
+        if let Err(e) = status::write(&self.cfg.run_dir, &st) {
+            tracing::warn!(error = %e, "could not write the status file");
+        }
+    }
+
+    async fn report_paths(&mut self, paths: &[PeerPath]) {
+        let now: BTreeMap<String, String> = paths
+            .iter()
+            .map(|p| {
+                let text = match &p.path {
+                    Path::Blocked(reason) => format!("blocked: {reason}"),
+                    other => other.name().to_string(),
+                };
+                (p.node.clone(), text)
+            })
+            .collect();
+        for (node, path) in &now {
+            if self.paths.get(node) == Some(path) {
+                continue;
+            }
+            if path.starts_with("blocked") {
+                tracing::warn!(peer = %node, %path, "no pod traffic with this peer");
+                let msg = format!(
+                    "node {} carries no pod traffic with this node: {path}",
+                    self.cfg.node_name
+                );
+                self.events
+                    .node_event(node, EventType::Warning, "VeilnetPathBlocked", &msg)
+                    .await;
+            } else {
+                tracing::info!(peer = %node, %path, "path to peer");
+            }
+        }
+        self.paths = now;
     }
 
     async fn report_rejections(&mut self, rejected: &[crate::model::overlay::RejectedPeer]) {
@@ -394,7 +628,9 @@ mod tests {
 
     #[test]
     fn own_annotations_describe_this_node() {
-        let a = own_annotations(&cfg(), &me());
+        let a = own_annotations(&cfg(), &me(), "KEY", Mode::Strict);
+        assert_eq!(a[annotations::WG_ENDPOINT], "172.30.0.11:51820");
+        assert_eq!(a[annotations::ENCRYPTION_MODE], "strict");
         assert_eq!(a[annotations::UNDERLAY_IP], "172.30.0.11");
         assert_eq!(a[annotations::POD_CIDRS], "10.244.1.0/24");
         assert_eq!(a[annotations::VXLAN_VNI], "1");

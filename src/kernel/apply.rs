@@ -302,6 +302,12 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
             addr: *addr,
         }));
     }
+    // Devices created by someone else (the WireGuard TUN): their routes are ours to manage.
+    for name in &desired.external_devices {
+        if let Some(link) = actual.links.iter().find(|l| &l.name == name) {
+            index_to_name.insert(link.index, link.name.clone());
+        }
+    }
     ops.extend(creates);
     ops.extend(sets);
     // Deletions first: a changed prefix on the same address must free the old one.
@@ -697,6 +703,44 @@ mod tests {
             .build()
             .unwrap()
             .block_on(f)
+    }
+
+    #[test]
+    fn routes_on_an_external_device_are_managed_and_idempotent() {
+        let mut k = kernel();
+        k.add_device("veilwg0", 1440);
+        let mut desired = two_peers();
+        desired.external_devices.insert("veilwg0".into());
+        // node-b goes through the WireGuard TUN instead of VXLAN.
+        let dst: IpNet = "10.244.2.0/24".parse().unwrap();
+        desired.routes.retain(|r| r.dst != dst);
+        desired.routes.insert(RouteSpec {
+            dst,
+            via: None,
+            dev: "veilwg0".into(),
+            onlink: false,
+        });
+        run(apply(&mut k, &desired)).unwrap();
+        let second = run(apply(&mut k, &desired)).unwrap();
+        assert_eq!(
+            second.writes(),
+            0,
+            "a route on the TUN must not be rewritten every pass"
+        );
+
+        // Dropping the peer removes its route from the TUN too.
+        let mut without = desired.clone();
+        without.routes.retain(|r| r.dst != dst);
+        let actual = run(snapshot(&mut k, "veilvx1")).unwrap();
+        let text: Vec<String> = plan(&actual, &without)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].contains("10.244.2.0/24") && text[0].contains("veilwg0"),
+            "{text:?}"
+        );
     }
 
     #[test]

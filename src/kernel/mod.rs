@@ -23,6 +23,7 @@ pub mod fake;
 pub mod mtu;
 pub mod netlink;
 pub mod sysctl;
+pub mod wire;
 
 pub use apply::{apply, plan, ActualState, ApplyError, ApplyReport, DesiredLink, Op};
 pub use fake::FakeKernel;

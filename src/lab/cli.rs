@@ -17,6 +17,7 @@ use super::client::{kubeconfig, with_client};
 use super::daemon::{running_pid, Daemon};
 use super::layout::{self, CniMode, LabLayout, LabSpec, NodeLayout, PodCidrMode};
 use super::{agnhost, apiserver, kubelet, topology};
+use crate::model::encryption::Mode;
 use crate::netns;
 
 /// Name of the lab when `--name` is not given.
@@ -93,6 +94,9 @@ pub struct UpArgs {
     /// Who sets the Nodes' pod CIDRs.
     #[arg(long, value_enum, default_value_t = PodCidrMode::Assigned)]
     pub pod_cidrs: PodCidrMode,
+    /// Default encryption mode of the agents; per node, label `veilnet.io/encryption=on|off|strict`.
+    #[arg(long, value_enum, default_value_t = Mode::On)]
+    pub encryption: Mode,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = agnhost::parse_duration)]
     pub timeout: Duration,
@@ -171,6 +175,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         node_cidr_prefix: args.node_cidr_prefix,
         cni: args.cni,
         pod_cidrs: args.pod_cidrs,
+        encryption: args.encryption,
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
@@ -503,6 +508,8 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         "--underlay-ip".into(),
         node.ip.to_string(),
         // Nothing else listens in a lab node, but keep the port distinct from a real node's.
+        "--encryption".into(),
+        lab.spec.encryption.to_string(),
         "--health-addr".into(),
         format!("{}:9891", node.ip),
     ]

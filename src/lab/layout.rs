@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::model::encryption::Mode;
+
 /// Base directory of every lab's files; one sub-directory per lab.
 pub const DEFAULT_LAB_ROOT: &str = "/var/lib/veilnet-lab";
 /// Overrides [`DEFAULT_LAB_ROOT`].
@@ -63,6 +65,13 @@ pub struct LabSpec {
     pub node_cidr_prefix: u8,
     pub cni: CniMode,
     pub pod_cidrs: PodCidrMode,
+    /// Default encryption mode of the agents (per node: the `veilnet.io/encryption` label).
+    #[serde(default = "default_encryption")]
+    pub encryption: Mode,
+}
+
+fn default_encryption() -> Mode {
+    Mode::On
 }
 
 impl LabSpec {
@@ -254,6 +263,7 @@ mod tests {
             node_cidr_prefix: 24,
             cni: CniMode::Reference,
             pod_cidrs: PodCidrMode::Assigned,
+            encryption: Mode::On,
         }
     }
 

@@ -48,6 +48,10 @@ pub const ENCRYPTION_LABEL: &str = "veilnet.io/encryption";
 /// reports it back (may differ from the label while a change is rolling out).
 pub const ENCRYPTION_MODE: &str = "veilnet.io/encryption-mode";
 
+/// Key rotation trigger (set by an operator): when its value changes, the node's agent generates
+/// a new WireGuard key, e.g. `kubectl annotate node N veilnet.io/rotate-key=$(date +%s) --overwrite`.
+pub const ROTATE_KEY: &str = "veilnet.io/rotate-key";
+
 /// Every annotation key veilnet writes on its own Node (what a cleanup must remove).
 pub const OWNED_ANNOTATIONS: &[&str] = &[
     VTEP_MAC,

@@ -5,6 +5,7 @@
 //! netlink writes.
 
 pub mod annotations;
+pub mod encryption;
 pub mod mac;
 pub mod mtu;
 pub mod overlay;

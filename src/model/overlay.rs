@@ -270,6 +270,9 @@ pub struct DesiredOverlay {
     pub accepted: Vec<String>,
     /// Peers that did not, sorted by name.
     pub rejected: Vec<RejectedPeer>,
+    /// Devices veilnet routes over but does not create here (the WireGuard TUN, which the datapath
+    /// owns): routes on them are managed like those on the bridge and VXLAN device.
+    pub external_devices: BTreeSet<String>,
 }
 
 impl DesiredOverlay {
@@ -278,6 +281,7 @@ impl DesiredOverlay {
     pub fn managed_devices(&self) -> BTreeSet<String> {
         [self.bridge.name.clone(), self.vxlan.link.name.clone()]
             .into_iter()
+            .chain(self.external_devices.iter().cloned())
             .collect()
     }
 }
@@ -722,6 +726,7 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
         pod_mtu,
         accepted,
         rejected,
+        external_devices: BTreeSet::new(),
     })
 }
 

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Proves what crosses a lab's wire: captures on the underlay bridge with tcpdump while one pod sends
+# a payload carrying a unique plaintext marker to a pod on another node (TCP and UDP), then checks
+# the capture against what is expected:
+#   encrypted  the marker never appears; no VXLAN and no raw pod packets; WireGuard data messages
+#              (UDP, message type 4) carry the traffic; both probes are answered
+#   plaintext  the marker appears inside VXLAN frames (UDP 8472); both probes are answered
+#   blocked    nothing crosses in plaintext (no marker, no VXLAN, no raw pod packet) and both probes
+#              fail
+# Usage: scripts/verify-ciphertext.sh [--lab NAME] FROM_NS/POD TO_NS/POD encrypted|plaintext|blocked
+# Environment: VEILNET (the veilnet binary; default ./target/release/veilnet, else ./target/debug).
+# Ports probed on the target: TCP 80 and UDP 81 (the agnhost servers of the demo and the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LAB=veilnet
+if [ "${1:-}" = --lab ]; then LAB=$2; shift 2; fi
+[ $# -eq 3 ] || { sed -n '2,15p' "$0"; exit 2; }
+FROM=$1 TO=$2 EXPECT=$3
+case "$EXPECT" in encrypted | plaintext | blocked) ;; *) echo "unknown expectation: $EXPECT" >&2; exit 2 ;; esac
+
+if [ -z "${VEILNET:-}" ]; then
+	VEILNET=./target/release/veilnet
+	[ -x "$VEILNET" ] || VEILNET=./target/debug/veilnet
+fi
+command -v tcpdump >/dev/null || { echo "tcpdump is not installed (apt install tcpdump)" >&2; exit 2; }
+
+kc() { "$VEILNET" lab kubectl --name "$LAB" -- "$@"; }
+TO_NS=${TO%%/*} TO_POD=${TO#*/}
+TO_IP=$(kc get pod -n "$TO_NS" "$TO_POD" -o jsonpath='{.status.podIP}')
+[ -n "$TO_IP" ] || { echo "pod $TO has no IP" >&2; exit 2; }
+CLUSTER_CIDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cluster_cidr"])' "/var/lib/veilnet-lab/$LAB/lab.json")
+UNDERLAY_NS="$LAB.ul"
+WG_PORT=51820 VXLAN_PORT=8472
+
+MARKER="VEILNET-MARKER-$(date +%s%N)-$$"
+PCAP=$(mktemp /tmp/veilnet-capture.XXXXXX.pcap)
+cleanup() {
+	[ -n "${TCPDUMP_PID:-}" ] && kill "$TCPDUMP_PID" 2>/dev/null || true
+	rm -f "$PCAP"
+}
+trap cleanup EXIT
+
+ip netns exec "$UNDERLAY_NS" tcpdump -i br0 -nn -U -s 0 -w "$PCAP" udp or "net $CLUSTER_CIDR" 2>/dev/null &
+TCPDUMP_PID=$!
+sleep 0.5
+
+probe() { # proto port → exit code of agnhost connect
+	local rc=0
+	"$VEILNET" lab exec --name "$LAB" "$FROM" -- veilnet lab agnhost connect "$TO_IP:$2" \
+		--protocol "$1" --timeout 2s --message "$MARKER $MARKER" >/dev/null 2>&1 || rc=$?
+	echo "$rc"
+}
+TCP_RC=$(probe tcp 80)
+UDP_RC=$(probe udp 81)
+sleep 0.5
+kill "$TCPDUMP_PID" 2>/dev/null || true
+wait "$TCPDUMP_PID" 2>/dev/null || true
+TCPDUMP_PID=
+
+count() { tcpdump -nn -r "$PCAP" "$@" 2>/dev/null | grep -c . || true; }
+ALL=$(count)
+WG=$(count "udp port $WG_PORT")
+WG_DATA=$(count "udp port $WG_PORT and udp[8] = 4")
+VXLAN=$(count "udp port $VXLAN_PORT")
+# Pod addresses in the *outer* header: unencapsulated pod traffic on the wire.
+RAW=$(count "net $CLUSTER_CIDR")
+MARKERS=$(grep -a -o "$MARKER" "$PCAP" | grep -c . || true)
+VXLAN_MARKERS=$(tcpdump -nn -A -r "$PCAP" "udp port $VXLAN_PORT" 2>/dev/null | grep -a -o "$MARKER" | grep -c . || true)
+
+printf 'capture on %s br0, %s -> %s (%s), expecting %s\n' "$UNDERLAY_NS" "$FROM" "$TO" "$TO_IP" "$EXPECT"
+printf '  probes: tcp/80 exit %s, udp/81 exit %s (0 = answered)\n' "$TCP_RC" "$UDP_RC"
+printf '  packets: %s total, %s WireGuard (%s data messages), %s VXLAN, %s raw pod packets\n' \
+	"$ALL" "$WG" "$WG_DATA" "$VXLAN" "$RAW"
+printf '  plaintext marker seen: %s times (%s inside VXLAN)\n' "$MARKERS" "$VXLAN_MARKERS"
+
+fail() { echo "FAIL: $*"; exit 1; }
+case "$EXPECT" in
+encrypted)
+	[ "$TCP_RC" = 0 ] && [ "$UDP_RC" = 0 ] || fail "the probes were not answered"
+	[ "$MARKERS" = 0 ] || fail "the plaintext marker crossed the wire"
+	[ "$VXLAN" = 0 ] || fail "VXLAN frames crossed the wire"
+	[ "$RAW" = 0 ] || fail "unencapsulated pod packets crossed the wire"
+	[ "$WG_DATA" -gt 0 ] || fail "no WireGuard data messages carried the traffic"
+	[ "$WG" = "$ALL" ] || fail "$((ALL - WG)) packets on the wire were not WireGuard"
+	;;
+plaintext)
+	[ "$TCP_RC" = 0 ] && [ "$UDP_RC" = 0 ] || fail "the probes were not answered"
+	[ "$VXLAN_MARKERS" -gt 0 ] || fail "the marker was not seen inside VXLAN frames"
+	;;
+blocked)
+	[ "$TCP_RC" != 0 ] && [ "$UDP_RC" != 0 ] || fail "a probe was answered on a blocked path"
+	[ "$MARKERS" = 0 ] || fail "the plaintext marker crossed the wire"
+	[ "$VXLAN" = 0 ] || fail "VXLAN frames crossed the wire"
+	[ "$RAW" = 0 ] || fail "unencapsulated pod packets crossed the wire"
+	;;
+esac
+echo "OK: $EXPECT"

@@ -1,0 +1,297 @@
+//! The agent's status file (`<run dir>/status.json`), read by `veilnet status`: this node (CIDR,
+//! key fingerprint, mode), every peer's path with WireGuard handshake age and bytes, and the
+//! cluster's node-pair path matrix. Field names are part of the CLI's contract (README).
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use serde::{Deserialize, Serialize};
+
+use super::config::AgentConfig;
+use super::reconcile::SelfInfo;
+use super::wireguard::WireGuard;
+use crate::model::annotations;
+use crate::model::encryption::{plan_paths, Mode, Path, PeerCrypto, PeerPath};
+use crate::wg::keys;
+
+pub const STATUS_FILE: &str = "status.json";
+
+/// What one reconcile pass decided (kept between passes to refresh the counters).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub mode: Mode,
+    pub pod_mtu: u32,
+    pub paths: Vec<PeerPath>,
+    pub rejected: BTreeMap<String, String>,
+    pub matrix: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub node: String,
+    pub mode: Mode,
+    pub pod_cidrs: Vec<String>,
+    pub underlay_ip: String,
+    pub underlay_dev: String,
+    pub pod_mtu: u32,
+    pub public_key: String,
+    pub key_fingerprint: String,
+    pub peers: Vec<PeerStatus>,
+    /// Peers the overlay refused (no routes at all), with why.
+    pub rejected: BTreeMap<String, String>,
+    /// node → peer → path, as each node's published mode and key imply.
+    pub matrix: BTreeMap<String, BTreeMap<String, String>>,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub node: String,
+    pub mode: Option<Mode>,
+    /// `wireguard`, `vxlan` or `blocked`.
+    pub path: String,
+    pub reason: Option<String>,
+    pub endpoint: Option<String>,
+    pub last_handshake_seconds: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// The node-pair path matrix from every node's published mode and key (pure).
+pub fn path_matrix(nodes: &[Arc<Node>]) -> BTreeMap<String, BTreeMap<String, String>> {
+    let empty = BTreeMap::new();
+    let published: Vec<(String, &BTreeMap<String, String>)> = nodes
+        .iter()
+        .filter_map(|n| {
+            let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            let name = n.metadata.name.clone()?;
+            anns.contains_key(annotations::ENCRYPTION_MODE)
+                .then_some((name, anns))
+        })
+        .collect();
+    let mut matrix = BTreeMap::new();
+    for (name, anns) in &published {
+        let Some(Ok(mode)) = anns
+            .get(annotations::ENCRYPTION_MODE)
+            .map(|m| m.parse::<Mode>())
+        else {
+            continue;
+        };
+        let key = anns
+            .get(annotations::WG_PUBLIC_KEY)
+            .and_then(|k| annotations::parse_wg_public_key(k).ok())
+            .unwrap_or([0; 32]);
+        let others: Vec<PeerCrypto> = published
+            .iter()
+            .filter(|(n, _)| n != name)
+            .map(|(n, a)| PeerCrypto::from_annotations(n, a))
+            .collect();
+        let row = plan_paths(mode, &key, &others)
+            .into_iter()
+            .map(|p| (p.node, p.path.name().to_string()))
+            .collect();
+        matrix.insert(name.clone(), row);
+    }
+    matrix
+}
+
+pub fn build(cfg: &AgentConfig, me: &SelfInfo, wg: &WireGuard, last: &Snapshot) -> NodeStatus {
+    let stats = wg.stats();
+    let peers = last
+        .paths
+        .iter()
+        .map(|p| {
+            let (reason, wg_stats) = match &p.path {
+                Path::Blocked(r) => (Some(r.to_string()), None),
+                Path::Wireguard { public_key, .. } => (
+                    None,
+                    stats.iter().find(|s| s.public_key.as_bytes() == public_key),
+                ),
+                Path::Vxlan => (None, None),
+            };
+            PeerStatus {
+                node: p.node.clone(),
+                mode: p.mode,
+                path: p.path.name().to_string(),
+                reason,
+                endpoint: wg_stats.map(|s| s.endpoint.to_string()),
+                last_handshake_seconds: wg_stats
+                    .and_then(|s| s.last_handshake_age)
+                    .map(|d| d.as_secs()),
+                rx_bytes: wg_stats.map_or(0, |s| s.rx_bytes),
+                tx_bytes: wg_stats.map_or(0, |s| s.tx_bytes),
+            }
+        })
+        .collect();
+    NodeStatus {
+        node: cfg.node_name.clone(),
+        mode: last.mode,
+        pod_cidrs: me.pod_cidrs.iter().map(ToString::to_string).collect(),
+        underlay_ip: me.underlay.ip.to_string(),
+        underlay_dev: me.underlay.dev.clone(),
+        pod_mtu: last.pod_mtu,
+        public_key: wg.public_key_b64(),
+        key_fingerprint: keys::fingerprint(wg.public_key()),
+        peers,
+        rejected: last.rejected.clone(),
+        matrix: last.matrix.clone(),
+        updated_at: jiff::Timestamp::now().to_string(),
+    }
+}
+
+pub fn path(run_dir: &FsPath) -> PathBuf {
+    run_dir.join(STATUS_FILE)
+}
+
+pub fn write(run_dir: &FsPath, st: &NodeStatus) -> std::io::Result<()> {
+    let p = path(run_dir);
+    let tmp = p.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &p)
+}
+
+pub fn read(run_dir: &FsPath) -> std::io::Result<NodeStatus> {
+    let text = std::fs::read_to_string(path(run_dir))?;
+    serde_json::from_str(&text).map_err(std::io::Error::other)
+}
+
+/// The human-readable rendering of `veilnet status`.
+pub fn render(st: &NodeStatus) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "node {}: mode {}, pod CIDR {}, pod MTU {}",
+        st.node,
+        st.mode,
+        st.pod_cidrs.join(","),
+        st.pod_mtu
+    );
+    let _ = writeln!(
+        s,
+        "underlay {} on {}; WireGuard key {}",
+        st.underlay_ip, st.underlay_dev, st.key_fingerprint
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<16} {:<7} {:<10} {:<22} {:>10} {:>12} {:>12}",
+        "PEER", "MODE", "PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    );
+    for p in &st.peers {
+        let _ = writeln!(
+            s,
+            "{:<16} {:<7} {:<10} {:<22} {:>10} {:>12} {:>12}{}",
+            p.node,
+            p.mode.map_or("-".to_string(), |m| m.to_string()),
+            p.path,
+            p.endpoint.as_deref().unwrap_or("-"),
+            p.last_handshake_seconds
+                .map_or("-".to_string(), |s| format!("{s}s ago")),
+            p.rx_bytes,
+            p.tx_bytes,
+            p.reason
+                .as_ref()
+                .map_or(String::new(), |r| format!("  ({r})")),
+        );
+    }
+    for (node, reason) in &st.rejected {
+        let _ = writeln!(s, "{node:<16} ignored: {reason}");
+    }
+    if !st.matrix.is_empty() {
+        let names: Vec<&String> = st.matrix.keys().collect();
+        let _ = write!(s, "\npath matrix (row → column)\n{:<12}", "");
+        for n in &names {
+            let _ = write!(s, " {:<10}", n);
+        }
+        let _ = writeln!(s);
+        for row in &names {
+            let _ = write!(s, "{:<12}", row);
+            for col in &names {
+                let cell = if row == col {
+                    "-"
+                } else {
+                    st.matrix[*row].get(*col).map_or("?", String::as_str)
+                };
+                let _ = write!(s, " {:<10}", cell);
+            }
+            let _ = writeln!(s);
+        }
+    }
+    let _ = writeln!(s, "\nupdated {}", st.updated_at);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+
+    use super::*;
+
+    fn node(name: &str, mode: &str, key: u8) -> Arc<Node> {
+        let k = base64::engine::general_purpose::STANDARD.encode([key; 32]);
+        Arc::new(
+            serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "annotations": {
+                    "veilnet.io/encryption-mode": mode,
+                    "veilnet.io/wg-public-key": k,
+                    "veilnet.io/wg-endpoint": "172.30.0.11:51820",
+                }}}),
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn matrix_follows_the_published_modes() {
+        let m = path_matrix(&[
+            node("a", "on", 1),
+            node("b", "off", 2),
+            node("c", "strict", 3),
+        ]);
+        assert_eq!(m["a"]["b"], "vxlan");
+        assert_eq!(m["a"]["c"], "wireguard");
+        assert_eq!(m["b"]["c"], "blocked");
+        assert_eq!(m["c"]["b"], "blocked");
+        assert_eq!(m["c"]["a"], "wireguard");
+    }
+
+    #[test]
+    fn render_shows_peers_and_the_matrix() {
+        let st = NodeStatus {
+            node: "a".into(),
+            mode: Mode::On,
+            pod_cidrs: vec!["10.244.1.0/24".into()],
+            underlay_ip: "172.30.0.11".into(),
+            underlay_dev: "eth0".into(),
+            pod_mtu: 1440,
+            public_key: "k".into(),
+            key_fingerprint: "abcd…".into(),
+            peers: vec![PeerStatus {
+                node: "b".into(),
+                mode: Some(Mode::On),
+                path: "wireguard".into(),
+                reason: None,
+                endpoint: Some("172.30.0.12:51820".into()),
+                last_handshake_seconds: Some(3),
+                rx_bytes: 10,
+                tx_bytes: 20,
+            }],
+            rejected: BTreeMap::new(),
+            matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)]),
+            updated_at: "now".into(),
+        };
+        let text = render(&st);
+        assert!(
+            text.contains("wireguard") && text.contains("3s ago"),
+            "{text}"
+        );
+        assert!(text.contains("path matrix"), "{text}");
+    }
+}

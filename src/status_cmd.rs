@@ -1,0 +1,50 @@
+//! `veilnet status`: what this node's agent is doing, read from its status file.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::agent::status;
+use crate::lab::layout;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's run directory (where it writes status.json).
+    #[arg(long, env = "VEILNET_RUN_DIR", default_value = "/run/veilnet")]
+    pub run_dir: PathBuf,
+    /// In a lab: the lab's name (use with --node instead of --run-dir).
+    #[arg(long, requires = "node")]
+    pub lab: Option<String>,
+    /// In a lab: the node, e.g. node-1.
+    #[arg(long, requires = "lab")]
+    pub node: Option<String>,
+    /// Machine-readable output (the status file as is).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let run_dir = match (&args.lab, &args.node) {
+        (Some(lab), Some(node)) => {
+            layout::validate_name(lab)?;
+            layout::labs_root()
+                .join(lab)
+                .join("nodes")
+                .join(node)
+                .join("run")
+        }
+        _ => args.run_dir.clone(),
+    };
+    let st = status::read(&run_dir).with_context(|| {
+        format!(
+            "no agent status in {} (is the agent running on this node?)",
+            run_dir.display()
+        )
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", status::render(&st));
+    }
+    Ok(())
+}
