@@ -259,3 +259,93 @@ fn two_labs_coexist() {
         1
     );
 }
+
+#[test]
+fn kubectl_works_on_nodes_pods_namespaces_and_networkpolicies() {
+    let lab = Lab::up("kc", &["--nodes", "1"]);
+    let manifest = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: shop}
+spec:
+  podSelector: {}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-1
+  containers:
+  - {name: c, image: veilnet/agnhost, command: ["veilnet", "lab", "agnhost", "serve", "--tcp", "80"]}
+"#;
+    lab.apply(manifest);
+    // Applying the same file again is a no-op patch, not an error.
+    lab.apply(manifest);
+    lab.wait_pod_ip("shop/web", Duration::from_secs(60));
+
+    for (kind, name, ns) in [
+        ("node", "node-1", None),
+        ("pod", "web", Some("shop")),
+        ("namespace", "shop", None),
+        ("networkpolicy", "deny-all", Some("shop")),
+    ] {
+        let mut base = vec![];
+        if let Some(ns) = ns {
+            base.extend(["-n", ns]);
+        }
+        let with = |args: &[&str]| -> Vec<String> {
+            args.iter()
+                .chain(base.iter())
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let run = |args: Vec<String>| {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.kubectl_ok(&refs)
+        };
+        run(with(&["label", kind, name, "team=blue"]));
+        run(with(&["annotate", kind, name, "note=hello"]));
+        let yaml = run(with(&["get", kind, name, "-o", "yaml"]));
+        assert!(
+            yaml.contains("team: blue") && yaml.contains("note: hello"),
+            "{kind}:\n{yaml}"
+        );
+        let selected = run(with(&["get", kind, "-l", "team=blue", "-o", "name"]));
+        assert!(selected.contains(name), "{kind}: {selected}");
+        run(with(&["label", kind, name, "team-"]));
+        let yaml = run(with(&["get", kind, name, "-o", "yaml"]));
+        assert!(!yaml.contains("team: blue"), "{kind}: label not removed");
+    }
+    // The table printers: kubectl's default output for pods shows the real columns.
+    let table = lab.kubectl_ok(&["get", "pods", "-n", "shop", "-o", "wide"]);
+    assert!(
+        table.contains("READY") && table.contains("Running") && table.contains("node-1"),
+        "{table}"
+    );
+
+    // Deletes: a bound pod goes through graceful deletion (the kubelet finishes it).
+    lab.kubectl_ok(&["delete", "networkpolicy", "deny-all", "-n", "shop"]);
+    lab.kubectl_ok(&["delete", "pod", "web", "-n", "shop", "--timeout=60s"]);
+    lab.kubectl_ok(&["delete", "namespace", "shop", "--timeout=60s"]);
+    let gone = lab.kubectl(&["get", "namespace", "shop"]);
+    assert!(
+        !gone.status.success() && text(&gone).contains("NotFound"),
+        "{}",
+        text(&gone)
+    );
+    // A stale update is refused with 409 Conflict.
+    let node = lab.kubectl_json(&["get", "node", "node-1"]);
+    let mut stale = node.clone();
+    stale["metadata"]["resourceVersion"] = serde_json::json!("1");
+    stale["metadata"]["labels"]["x"] = serde_json::json!("y");
+    let path = std::env::temp_dir().join(format!("{}-stale.json", lab.name));
+    std::fs::write(&path, stale.to_string()).unwrap();
+    let out = lab.kubectl(&["replace", "-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    let said = text(&out);
+    assert!(!out.status.success() && said.contains("Conflict"), "{said}");
+}

@@ -288,7 +288,7 @@ mod tests {
         let path = dir.path().join("c.json");
         std::fs::write(
             &path,
-            r#"{"clusterCidr": "10.50.0.0/16", "vxlanVni": 7, "mtu": 1400}"#,
+            r#"{"clusterCidr": "10.50.0.0/16", "vxlanVni": 7, "mtu": 1400, "encryption": "strict"}"#,
         )
         .unwrap();
         let mut a = args();

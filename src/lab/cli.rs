@@ -589,6 +589,8 @@ pub struct NodeStatus {
     pub pod_cidr: Option<String>,
     pub ready: bool,
     pub kubelet_running: bool,
+    /// Only meaningful with `--cni veilnet`.
+    pub agent_running: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -628,6 +630,7 @@ pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
                     .and_then(|s| s.pod_cidr.clone()),
                 ready: api.is_some_and(node_ready),
                 kubelet_running: running_pid(&pid_dir, &format!("kubelet-{}", n.name)).is_some(),
+                agent_running: running_pid(&pid_dir, &format!("agent-{}", n.name)).is_some(),
                 name: n.name,
                 netns: n.netns,
                 underlay_ip: n.ip.to_string(),
@@ -704,23 +707,28 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         st.underlay_netns, st.underlay_cidr, st.underlay_mtu
     );
     println!();
+    let veilnet = st.cni == CniMode::Veilnet;
+    let state = |running: bool| if running { "running" } else { "stopped" };
     println!(
-        "{:<10} {:<16} {:<15} {:<18} {:<6} KUBELET",
-        "NODE", "NETNS", "UNDERLAY IP", "POD CIDR", "READY"
+        "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
+        "NODE",
+        "NETNS",
+        "UNDERLAY IP",
+        "POD CIDR",
+        "READY",
+        "KUBELET",
+        if veilnet { "AGENT" } else { "" }
     );
     for n in &st.nodes {
         println!(
-            "{:<10} {:<16} {:<15} {:<18} {:<6} {}",
+            "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
             n.name,
             n.netns,
             n.underlay_ip,
             n.pod_cidr.as_deref().unwrap_or("<none>"),
             n.ready,
-            if n.kubelet_running {
-                "running"
-            } else {
-                "stopped"
-            }
+            state(n.kubelet_running),
+            if veilnet { state(n.agent_running) } else { "" },
         );
     }
     println!();
