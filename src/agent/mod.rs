@@ -14,6 +14,8 @@
 pub mod cni_config;
 pub mod config;
 pub mod events;
+pub mod health;
+pub mod metrics;
 pub mod reconcile;
 pub mod status;
 pub mod underlay;
@@ -54,6 +56,8 @@ pub enum AgentError {
     Signal(std::io::Error),
     #[error(transparent)]
     WireGuard(#[from] wireguard::WireGuardError),
+    #[error(transparent)]
+    Health(#[from] health::HealthError),
 }
 
 /// Identifies the agent in Events.
@@ -161,6 +165,24 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let wg = wireguard::WireGuard::start(&cfg.state_dir, cfg.wireguard_port, wg_mtu).await?;
     tracing::info!(fingerprint = %wg.fingerprint(), port = cfg.wireguard_port, default_mode = %cfg.encryption, "WireGuard ready");
 
+    let health = health::Health::new(cfg.resync);
+    if let Some(IpNet::V4(cidr)) = pod_cidrs.first() {
+        let gateway = std::net::Ipv4Addr::from(u32::from(cidr.network()) + 1);
+        *health
+            .metrics
+            .sources
+            .ipam
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((
+            cfg.state_dir.clone(),
+            cni_config::NETWORK_NAME.to_string(),
+            *cidr,
+            gateway,
+        ));
+    }
+    let health_task = health::serve(cfg.health_addr, health.clone()).await?;
+    tracing::info!(addr = %cfg.health_addr, "health, metrics and status endpoint");
+
     let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);
     let resync = cfg.resync;
@@ -175,13 +197,29 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut failures: u32 = 0;
     let mut pending = true;
     loop {
+        health.beat();
         if pending {
+            let started = std::time::Instant::now();
             if let Err(e) = rec.reconcile().await {
                 failures += 1;
+                health.metrics.reconcile_errors.inc();
                 tracing::error!(error = %e, failures, "reconcile failed; retrying");
             } else {
                 failures = 0;
             }
+            health
+                .metrics
+                .reconcile_duration
+                .observe(started.elapsed().as_secs_f64());
+            health.set_ready(rec.dataplane_ready);
+        }
+        if let Some(st) = rec.write_status() {
+            *health
+                .metrics
+                .sources
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(st);
         }
         pending = true;
         // After a failure, retry soon (bounded backoff) even without a cluster change.
@@ -193,8 +231,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
             _ = ticker.tick() => rec.release_deleted().await,
             _ = status_ticker.tick() => {
-                // Refresh the counters in the status file; no reconcile needed.
-                rec.write_status();
+                // Refresh the counters in the status file and metrics; no reconcile needed.
                 pending = false;
             }
             _ = tokio::time::sleep(retry), if failures > 0 => {}
@@ -205,5 +242,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tracing::info!("shutting down; the dataplane stays in place");
     nodes_task.abort();
     records_task.abort();
+    health_task.abort();
     Ok(())
 }

@@ -433,17 +433,18 @@ impl Reconciler {
                 .collect(),
             matrix: status::path_matrix(&nodes),
         });
-        self.write_status();
         Ok(writes)
     }
 
-    /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included).
-    pub fn write_status(&self) {
-        let Some(last) = &self.last else { return };
+    /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included) and
+    /// returns it for the metrics endpoint.
+    pub fn write_status(&self) -> Option<status::NodeStatus> {
+        let last = self.last.as_ref()?;
         let st = status::build(&self.cfg, &self.me, &self.wg, last);
         if let Err(e) = status::write(&self.cfg.run_dir, &st) {
             tracing::warn!(error = %e, "could not write the status file");
         }
+        Some(st)
     }
 
     async fn report_paths(&mut self, paths: &[PeerPath]) {

@@ -1,0 +1,270 @@
+//! Prometheus metrics of the agent (`/metrics`), named by Prometheus' conventions: `veilnet_`
+//! prefix, `_total` for counters, `_seconds` and `_bytes` units.
+//!
+//! Per-peer values (path, handshake age, bytes) are encoded at scrape time from the agent's latest
+//! status snapshot (refreshed every 2 s, the same data `veilnet status` shows), so they need no
+//! bookkeeping per peer and vanish with the peer. IPAM usage is read from the plugin's store on
+//! scrape. Reconcile durations and errors are ordinary instruments.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use super::status::NodeStatus;
+
+/// Where the scrape-time collector finds its data.
+#[derive(Debug, Default)]
+pub struct Sources {
+    pub status: Mutex<Option<NodeStatus>>,
+    /// `(state dir, network name, pod CIDR, gateway)` of the IPAM store to report on.
+    pub ipam: Mutex<Option<(PathBuf, String, ipnet::Ipv4Net, std::net::Ipv4Addr)>>,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Counter,
+    pub sources: Arc<Sources>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("veilnet");
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconcile pass (plan, apply, publish)",
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconcile passes that failed",
+            reconcile_errors.clone(),
+        );
+        let sources = Arc::new(Sources::default());
+        registry.register_collector(Box::new(SnapshotCollector(sources.clone())));
+        Self {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            sources,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(Arc<Sources>);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: Vec<(Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let mut metric = encoder.encode_descriptor(name, help, None, first.1.metric_type())?;
+    for (labels, m) in &rows {
+        m.encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = self
+            .0
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(st) = status {
+            family(
+                &mut encoder,
+                "node_info",
+                "This node's encryption mode (value 1)",
+                vec![(
+                    vec![("node", st.node.clone()), ("mode", st.mode.to_string())],
+                    ConstGauge::new(1i64),
+                )],
+            )?;
+            family(
+                &mut encoder,
+                "peer_path",
+                "Path to each peer: wireguard, vxlan or blocked (value 1)",
+                st.peers
+                    .iter()
+                    .map(|p| {
+                        (
+                            vec![("peer", p.node.clone()), ("path", p.path.clone())],
+                            ConstGauge::new(1i64),
+                        )
+                    })
+                    .collect(),
+            )?;
+            let wg: Vec<_> = st.peers.iter().filter(|p| p.path == "wireguard").collect();
+            family(
+                &mut encoder,
+                "wireguard_handshake_age_seconds",
+                "Seconds since the last completed WireGuard handshake with the peer",
+                wg.iter()
+                    .filter_map(|p| {
+                        p.last_handshake_seconds
+                            .map(|s| (vec![("peer", p.node.clone())], ConstGauge::new(s as i64)))
+                    })
+                    .collect(),
+            )?;
+            family(
+                &mut encoder,
+                "wireguard_received_bytes",
+                "Bytes received from the peer over WireGuard (current session set)",
+                wg.iter()
+                    .map(|p| {
+                        (
+                            vec![("peer", p.node.clone())],
+                            ConstCounter::new(p.rx_bytes),
+                        )
+                    })
+                    .collect(),
+            )?;
+            family(
+                &mut encoder,
+                "wireguard_sent_bytes",
+                "Bytes sent to the peer over WireGuard (current session set)",
+                wg.iter()
+                    .map(|p| {
+                        (
+                            vec![("peer", p.node.clone())],
+                            ConstCounter::new(p.tx_bytes),
+                        )
+                    })
+                    .collect(),
+            )?;
+            family(
+                &mut encoder,
+                "peers_rejected",
+                "Peers the overlay refuses (malformed or conflicting data)",
+                vec![(vec![], ConstGauge::new(st.rejected.len() as i64))],
+            )?;
+        }
+        let ipam = self
+            .0
+            .ipam
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((dir, network, cidr, gateway)) = ipam {
+            if let Ok(pool) = veilnet_cni::ipam::Pool::new(cidr, gateway) {
+                let used = veilnet_cni::ipam::IpamStore::new(&dir, &network)
+                    .used(&pool)
+                    .unwrap_or(0);
+                let capacity = pool.capacity();
+                let labels = || vec![("cidr", cidr.to_string())];
+                family(
+                    &mut encoder,
+                    "ipam_addresses_used",
+                    "Pod addresses allocated on this node",
+                    vec![(labels(), ConstGauge::new(i64::from(used)))],
+                )?;
+                family(
+                    &mut encoder,
+                    "ipam_addresses_free",
+                    "Pod addresses still free on this node",
+                    vec![(
+                        labels(),
+                        ConstGauge::new(i64::from(capacity.saturating_sub(used))),
+                    )],
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::agent::status::PeerStatus;
+    use crate::model::encryption::Mode;
+
+    #[test]
+    fn peer_metrics_follow_the_snapshot() {
+        let m = Metrics::new();
+        m.reconcile_errors.inc();
+        m.reconcile_duration.observe(0.004);
+        *m.sources.status.lock().unwrap() = Some(NodeStatus {
+            node: "node-1".into(),
+            mode: Mode::On,
+            pod_cidrs: vec![],
+            underlay_ip: "172.30.0.11".into(),
+            underlay_dev: "eth0".into(),
+            pod_mtu: 1440,
+            public_key: String::new(),
+            key_fingerprint: String::new(),
+            peers: vec![
+                PeerStatus {
+                    node: "node-2".into(),
+                    mode: Some(Mode::On),
+                    path: "wireguard".into(),
+                    reason: None,
+                    endpoint: None,
+                    last_handshake_seconds: Some(7),
+                    rx_bytes: 1234,
+                    tx_bytes: 5678,
+                },
+                PeerStatus {
+                    node: "node-3".into(),
+                    mode: Some(Mode::Off),
+                    path: "vxlan".into(),
+                    reason: None,
+                    endpoint: None,
+                    last_handshake_seconds: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            ],
+            rejected: BTreeMap::new(),
+            matrix: BTreeMap::new(),
+            updated_at: String::new(),
+        });
+        let text = m.encode();
+        for line in [
+            "veilnet_reconcile_errors_total 1",
+            "veilnet_reconcile_duration_seconds_count 1",
+            r#"veilnet_node_info{node="node-1",mode="on"} 1"#,
+            r#"veilnet_peer_path{peer="node-2",path="wireguard"} 1"#,
+            r#"veilnet_peer_path{peer="node-3",path="vxlan"} 1"#,
+            r#"veilnet_wireguard_handshake_age_seconds{peer="node-2"} 7"#,
+            r#"veilnet_wireguard_received_bytes_total{peer="node-2"} 1234"#,
+            r#"veilnet_wireguard_sent_bytes_total{peer="node-2"} 5678"#,
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!text.contains(r#"wireguard_sent_bytes_total{peer="node-3"}"#));
+    }
+}
