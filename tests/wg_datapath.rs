@@ -474,8 +474,10 @@ fn wireguard_between_two_node_namespaces() {
 }
 
 /// Single-stream TCP throughput through the tunnel next to the plain veth (iperf3). Prints the
-/// numbers; asserts only that the tunnel carries a sane rate.
+/// numbers; asserts only that the tunnel carries a sane rate. A measurement, not a test: speed is
+/// benchmarked by scripts/bench.sh; run this one by hand with `--ignored`.
 #[test]
+#[ignore = "a measurement: use scripts/bench.sh"]
 fn throughput_single_tcp_stream() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (mut u, a, b) = setup();
