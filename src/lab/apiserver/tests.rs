@@ -1268,7 +1268,41 @@ async fn tables_for_kubectl_get() {
             "/apis/coordination.k8s.io/v1/leases",
             vec!["Name", "Holder", "Age"],
         ),
-        ("/api/v1/events", vec!["Name", "Age"]),
+        (
+            "/api/v1/events",
+            vec![
+                "Last Seen",
+                "Type",
+                "Reason",
+                "Object",
+                "Subobject",
+                "Source",
+                "Message",
+                "First Seen",
+                "Count",
+                "Name",
+            ],
+        ),
+        (
+            "/apis/apps/v1/daemonsets",
+            vec![
+                "Name",
+                "Desired",
+                "Current",
+                "Ready",
+                "Up-to-date",
+                "Available",
+                "Node Selector",
+                "Age",
+                "Containers",
+                "Images",
+                "Selector",
+            ],
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            vec!["Name", "Created At"],
+        ),
     ] {
         let (_, t) = raw(&client, "GET", uri, None, Some(accept), "").await;
         let cols: Vec<&str> = t["columnDefinitions"]
