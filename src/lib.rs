@@ -7,12 +7,14 @@
 //! - `wg`: the userspace WireGuard datapath (boringtun over TUN).
 //! - `cluster`: the Kubernetes side (pod CIDR ownership, publishing this node's annotations).
 //! - `agent`: the per-node daemon wiring it together.
+//! - `install`: what the install manifest must grant (the agent's API calls, an RBAC evaluator).
 //! - `lab`: the netns test bed (API stand-in, kubelet, topology); `netns`: namespace helpers;
 //!   `logging`: the tracing setup shared by every daemon.
 
 pub mod agent;
 pub mod bench;
 pub mod cluster;
+pub mod install;
 pub mod kernel;
 pub mod lab;
 pub mod logging;

@@ -12,8 +12,8 @@ use veilnet::{agent, lab};
 )]
 struct Cli {
     /// Log format (logs go to stderr).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "VEILNET_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[arg(long, global = true, value_enum, env = "VEILNET_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     /// Marks a lab daemon's command line so `veilnet lab` can find it again (set by `lab up`).
     #[arg(long, global = true, hide = true)]
     lab_role: Option<String>,
@@ -49,7 +49,12 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) if cmd.is_daemon() => "info",
         _ => "warn,kube_client=off",
     };
-    logging::init(cli.log_format, default_level);
+    // The agent's config file may set the format too; the flag and the environment win.
+    let format = cli.log_format.or_else(|| match &cli.command {
+        Command::Agent(args) => args.file_log_format(),
+        _ => None,
+    });
+    logging::init(format.unwrap_or_default(), default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
         Command::Status(args) => veilnet::status_cmd::run(args),

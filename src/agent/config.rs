@@ -9,6 +9,7 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use crate::logging::LogFormat;
 use crate::model::encryption::{Mode, DEFAULT_WG_PORT};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,16 @@ pub struct FileConfig {
     pub health_addr: Option<SocketAddr>,
     pub encryption: Option<Mode>,
     pub wireguard_port: Option<u16>,
+    /// `text` or `json`; `--log-format` / `VEILNET_LOG_FORMAT` win over it.
+    pub log_format: Option<LogFormat>,
+}
+
+impl AgentArgs {
+    /// The config file's log format, read before logging starts (errors surface later, in
+    /// [`AgentConfig::resolve`], once they can be logged).
+    pub fn file_log_format(&self) -> Option<LogFormat> {
+        load_file(self.config.as_deref()?).ok()?.log_format
+    }
 }
 
 /// The resolved, validated configuration.

@@ -145,7 +145,10 @@ mod tests {
         assert!(pods["verbs"].as_array().unwrap().contains(&json!("watch")));
         let np = api_resource_list("networking.k8s.io", "v1").unwrap();
         assert_eq!(np["resources"][0]["shortNames"], json!(["netpol"]));
-        assert!(api_resource_list("apps", "v1").is_none());
+        let apps = api_resource_list("apps", "v1").unwrap();
+        assert_eq!(apps["resources"][0]["name"], "daemonsets");
+        assert_eq!(apps["resources"][0]["shortNames"], json!(["ds"]));
+        assert!(api_resource_list("batch", "v1").is_none());
     }
 
     #[test]
@@ -159,7 +162,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec!["coordination.k8s.io", "networking.k8s.io", "events.k8s.io"]
+            vec![
+                "coordination.k8s.io",
+                "networking.k8s.io",
+                "events.k8s.io",
+                "apps",
+                "rbac.authorization.k8s.io"
+            ]
         );
         assert!(api_group("networking.k8s.io").is_some());
         assert!(api_group("").is_none());

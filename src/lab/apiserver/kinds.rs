@@ -85,6 +85,12 @@ pub fn decode(def: &ResourceDef, raw: &Value, mode: FieldValidation) -> Result<D
         Kind::Lease => roundtrip::<api::coordination::v1::Lease>(raw),
         Kind::NetworkPolicy => roundtrip::<api::networking::v1::NetworkPolicy>(raw),
         Kind::Event => roundtrip::<api::events::v1::Event>(raw),
+        Kind::ServiceAccount => roundtrip::<api::core::v1::ServiceAccount>(raw),
+        Kind::DaemonSet => roundtrip::<api::apps::v1::DaemonSet>(raw),
+        Kind::ClusterRole => roundtrip::<api::rbac::v1::ClusterRole>(raw),
+        Kind::ClusterRoleBinding => roundtrip::<api::rbac::v1::ClusterRoleBinding>(raw),
+        Kind::Role => roundtrip::<api::rbac::v1::Role>(raw),
+        Kind::RoleBinding => roundtrip::<api::rbac::v1::RoleBinding>(raw),
     };
     let object = out.map_err(|e| {
         ApiError::bad_request(format!(
@@ -344,6 +350,151 @@ fn validate_config_map(obj: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+fn labels_match(selector: &Map<String, Value>, labels: Option<&Map<String, Value>>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+fn validate_daemonset(obj: &Value, causes: &mut Vec<Cause>) {
+    let spec = obj.get("spec");
+    let template = spec.and_then(|s| s.get("template"));
+    let pod = template.and_then(|t| t.get("spec"));
+    match spec.and_then(|s| s.get("selector")) {
+        None | Some(Value::Null) => causes.push(Cause::required("spec.selector")),
+        Some(sel) => {
+            let match_labels = sel.get("matchLabels").and_then(Value::as_object);
+            let has_expressions = !arr(sel.get("matchExpressions")).is_empty();
+            if match_labels.is_none_or(Map::is_empty) && !has_expressions {
+                causes.push(Cause::invalid(
+                    "spec.selector",
+                    sel,
+                    "empty selector is invalid for daemonset",
+                ));
+            }
+            // matchExpressions are not evaluated here; matchLabels must select the template.
+            let template_labels = template
+                .and_then(|t| t.get("metadata"))
+                .and_then(|m| m.get("labels"))
+                .and_then(Value::as_object);
+            if let Some(ml) = match_labels {
+                if !labels_match(ml, template_labels) {
+                    causes.push(Cause::invalid(
+                        "spec.template.metadata.labels",
+                        &json!(template_labels),
+                        "`selector` does not match template `labels`",
+                    ));
+                }
+            }
+        }
+    }
+    let containers = arr(pod.and_then(|s| s.get("containers")));
+    if containers.is_empty() {
+        causes.push(Cause::required("spec.template.spec.containers"));
+    }
+    let mut seen = Vec::new();
+    validate_containers(
+        containers,
+        "spec.template.spec.containers",
+        &mut seen,
+        causes,
+    );
+    let init = arr(pod.and_then(|s| s.get("initContainers")));
+    validate_containers(init, "spec.template.spec.initContainers", &mut seen, causes);
+    if let Some(rp) = pod
+        .and_then(|s| s.get("restartPolicy"))
+        .and_then(Value::as_str)
+    {
+        if rp != "Always" {
+            causes.push(Cause::unsupported(
+                "spec.template.spec.restartPolicy",
+                &json!(rp),
+                &["Always"],
+            ));
+        }
+    }
+}
+
+fn validate_rules(obj: &Value, namespaced: bool, causes: &mut Vec<Cause>) {
+    for (i, rule) in arr(obj.get("rules")).iter().enumerate() {
+        let f = format!("rules[{i}]");
+        if arr(rule.get("verbs")).is_empty() {
+            causes.push(Cause::required(format!("{f}.verbs")));
+        }
+        let urls = arr(rule.get("nonResourceURLs"));
+        if namespaced && !urls.is_empty() {
+            causes.push(Cause::invalid(
+                format!("{f}.nonResourceURLs"),
+                &json!(urls),
+                "namespaced rules cannot apply to non-resource URLs",
+            ));
+        }
+        let resources = arr(rule.get("resources"));
+        if urls.is_empty() && resources.is_empty() {
+            causes.push(Cause::required(format!("{f}.resources")));
+        }
+        if !resources.is_empty() && rule.get("apiGroups").is_none_or(Value::is_null) {
+            causes.push(Cause::required(format!("{f}.apiGroups")));
+        }
+    }
+}
+
+fn validate_binding(obj: &Value, namespaced: bool, causes: &mut Vec<Cause>) {
+    let role_ref = obj.get("roleRef");
+    let field = |k: &str| role_ref.and_then(|r| r.get(k)).and_then(Value::as_str);
+    if field("apiGroup") != Some("rbac.authorization.k8s.io") {
+        causes.push(Cause::unsupported(
+            "roleRef.apiGroup",
+            &json!(field("apiGroup").unwrap_or("")),
+            &["rbac.authorization.k8s.io"],
+        ));
+    }
+    let kinds: &[&str] = if namespaced {
+        &["Role", "ClusterRole"]
+    } else {
+        &["ClusterRole"]
+    };
+    match field("kind") {
+        Some(k) if kinds.contains(&k) => {}
+        other => causes.push(Cause::unsupported(
+            "roleRef.kind",
+            &json!(other.unwrap_or("")),
+            kinds,
+        )),
+    }
+    if field("name").is_none_or(str::is_empty) {
+        causes.push(Cause::required("roleRef.name"));
+    }
+    const SUBJECT_KINDS: &[&str] = &["ServiceAccount", "User", "Group"];
+    for (i, subject) in arr(obj.get("subjects")).iter().enumerate() {
+        let f = format!("subjects[{i}]");
+        let kind = subject.get("kind").and_then(Value::as_str).unwrap_or("");
+        if !SUBJECT_KINDS.contains(&kind) {
+            causes.push(Cause::unsupported(
+                format!("{f}.kind"),
+                &json!(kind),
+                SUBJECT_KINDS,
+            ));
+        }
+        if subject
+            .get("name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            causes.push(Cause::required(format!("{f}.name")));
+        }
+        // A RoleBinding's ServiceAccount defaults to the binding's namespace; a cluster binding
+        // must say which.
+        let ns_missing = subject
+            .get("namespace")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty);
+        if kind == "ServiceAccount" && !namespaced && ns_missing {
+            causes.push(Cause::required(format!("{f}.namespace")));
+        }
+    }
+}
+
 /// 422 checks of one object (create and update alike).
 pub fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
@@ -352,6 +503,11 @@ pub fn validate(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
         Kind::Pod => validate_pod(obj, &mut causes),
         Kind::NetworkPolicy => validate_network_policy(obj, &mut causes),
         Kind::ConfigMap => validate_config_map(obj, &mut causes),
+        Kind::DaemonSet => validate_daemonset(obj, &mut causes),
+        Kind::ClusterRole => validate_rules(obj, false, &mut causes),
+        Kind::Role => validate_rules(obj, true, &mut causes),
+        Kind::ClusterRoleBinding => validate_binding(obj, false, &mut causes),
+        Kind::RoleBinding => validate_binding(obj, true, &mut causes),
         _ => {}
     }
     if causes.is_empty() {
@@ -387,6 +543,29 @@ pub fn validate_name(def: &ResourceDef, name: &str) -> Result<(), ApiError> {
 /// Update rules beyond per-object validation: pods may only change a few spec fields (images,
 /// activeDeadlineSeconds, tolerations, terminationGracePeriodSeconds), and never their node.
 pub fn validate_update(def: &ResourceDef, old: &Value, new: &Value) -> Result<(), ApiError> {
+    // A binding's roleRef and a DaemonSet's selector never change, as in the real server.
+    let immutable = match def.kind_id {
+        Kind::ClusterRoleBinding | Kind::RoleBinding => Some(("roleRef", "cannot change roleRef")),
+        Kind::DaemonSet => Some(("spec.selector", "field is immutable")),
+        _ => None,
+    };
+    if let Some((field, message)) = immutable {
+        let path: Vec<&str> = field.split('.').collect();
+        let (before, after) = (meta::value_at(old, &path), meta::value_at(new, &path));
+        if before != after {
+            return Err(ApiError::invalid(
+                def.group,
+                def.kind,
+                meta::name(new),
+                vec![Cause::invalid(
+                    field,
+                    after.unwrap_or(&Value::Null),
+                    message,
+                )],
+            ));
+        }
+        return Ok(());
+    }
     if def.kind_id != Kind::Pod {
         return Ok(());
     }
@@ -507,18 +686,30 @@ fn qos_class(spec: &Value) -> &'static str {
 /// Field defaults applied on every write (create and update), like decode-time defaulting.
 pub fn apply_defaults(def: &ResourceDef, obj: &mut Value) {
     match def.kind_id {
-        Kind::Pod => {
+        Kind::Pod => default_pod_spec(meta::object_field_mut(obj, "spec"), true),
+        Kind::DaemonSet => {
             let spec = meta::object_field_mut(obj, "spec");
-            set_default(spec, "restartPolicy", json!("Always"));
-            set_default(spec, "terminationGracePeriodSeconds", json!(30));
-            set_default(spec, "dnsPolicy", json!("ClusterFirst"));
-            set_default(spec, "schedulerName", json!("default-scheduler"));
-            set_default(spec, "securityContext", json!({}));
-            set_default(spec, "enableServiceLinks", json!(true));
-            set_default(spec, "priority", json!(0));
-            set_default(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
-            default_containers(spec.get_mut("containers"));
-            default_containers(spec.get_mut("initContainers"));
+            set_default(spec, "revisionHistoryLimit", json!(10));
+            set_default(spec, "updateStrategy", json!({}));
+            if let Some(strategy) = spec
+                .get_mut("updateStrategy")
+                .and_then(Value::as_object_mut)
+            {
+                set_default(strategy, "type", json!("RollingUpdate"));
+                if strategy.get("type") == Some(&json!("RollingUpdate")) {
+                    set_default(strategy, "rollingUpdate", json!({}));
+                    if let Some(r) = strategy
+                        .get_mut("rollingUpdate")
+                        .and_then(Value::as_object_mut)
+                    {
+                        set_default(r, "maxUnavailable", json!(1));
+                        set_default(r, "maxSurge", json!(0));
+                    }
+                }
+            }
+            let template = spec.entry("template").or_insert_with(|| json!({}));
+            // Template pods get no priority: admission resolves it when the real pod is made.
+            default_pod_spec(meta::object_field_mut(template, "spec"), false);
         }
         Kind::Namespace => {
             let name = meta::name(obj).to_string();
@@ -573,8 +764,33 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value) {
                 }
             }
         }
-        Kind::Node | Kind::ConfigMap | Kind::CoreEvent | Kind::Lease | Kind::Event => {}
+        Kind::Node
+        | Kind::ConfigMap
+        | Kind::CoreEvent
+        | Kind::Lease
+        | Kind::Event
+        | Kind::ServiceAccount
+        | Kind::ClusterRole
+        | Kind::ClusterRoleBinding
+        | Kind::Role
+        | Kind::RoleBinding => {}
     }
+}
+
+/// The pod spec defaults (of a Pod, or of a workload's pod template).
+fn default_pod_spec(spec: &mut Map<String, Value>, is_pod: bool) {
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "securityContext", json!({}));
+    set_default(spec, "enableServiceLinks", json!(true));
+    if is_pod {
+        set_default(spec, "priority", json!(0));
+        set_default(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
+    }
+    default_containers(spec.get_mut("containers"));
+    default_containers(spec.get_mut("initContainers"));
 }
 
 /// What create does to `status` (the real strategies' PrepareForCreate): pods and services start
@@ -594,6 +810,14 @@ pub fn prepare_for_create(def: &ResourceDef, obj: &mut Value) {
         }
         Kind::Service => {
             map.insert("status".into(), json!({ "loadBalancer": {} }));
+        }
+        Kind::DaemonSet => {
+            // Nothing runs it yet: the controller (absent in the lab) would fill these in.
+            map.insert(
+                "status".into(),
+                json!({ "currentNumberScheduled": 0, "numberMisscheduled": 0,
+                        "desiredNumberScheduled": 0, "numberReady": 0 }),
+            );
         }
         Kind::Namespace => {
             map.insert("status".into(), json!({ "phase": "Active" }));
@@ -764,6 +988,124 @@ mod tests {
         );
         assert_eq!(ns["spec"]["finalizers"], json!(["kubernetes"]));
         assert_eq!(ns["status"]["phase"], "Active");
+    }
+
+    fn daemonset(selector: Value, labels: Value) -> Value {
+        json!({ "metadata": { "name": "ds" }, "spec": {
+            "selector": selector,
+            "template": { "metadata": { "labels": labels },
+                "spec": { "containers": [{ "name": "c", "image": "veilnet:1" }] } } } })
+    }
+
+    #[test]
+    fn daemonset_selector_must_select_its_template() {
+        let d = def(id_of(Kind::DaemonSet));
+        let ok = daemonset(
+            json!({ "matchLabels": { "a": "1" } }),
+            json!({ "a": "1", "b": "2" }),
+        );
+        assert!(validate(d, &ok).is_ok());
+        let e = validate(
+            d,
+            &daemonset(json!({ "matchLabels": { "a": "2" } }), json!({ "a": "1" })),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 422);
+        assert!(
+            e.message
+                .contains("`selector` does not match template `labels`"),
+            "{}",
+            e.message
+        );
+        let e = validate(d, &daemonset(json!(null), json!({}))).unwrap_err();
+        assert!(
+            e.message.contains("spec.selector: Required value"),
+            "{}",
+            e.message
+        );
+        let moved = daemonset(
+            json!({ "matchLabels": { "b": "2" } }),
+            json!({ "a": "1", "b": "2" }),
+        );
+        let e = validate_update(d, &ok, &moved).unwrap_err();
+        assert!(e.message.contains("field is immutable"), "{}", e.message);
+    }
+
+    #[test]
+    fn daemonset_defaults_and_status() {
+        let d = def(id_of(Kind::DaemonSet));
+        let mut ds = daemonset(json!({ "matchLabels": { "a": "1" } }), json!({ "a": "1" }));
+        apply_defaults(d, &mut ds);
+        prepare_for_create(d, &mut ds);
+        assert_eq!(
+            ds["spec"]["updateStrategy"],
+            json!({ "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 1, "maxSurge": 0 } })
+        );
+        assert_eq!(ds["spec"]["revisionHistoryLimit"], 10);
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["restartPolicy"], "Always");
+        assert_eq!(pod["containers"][0]["imagePullPolicy"], "IfNotPresent");
+        assert!(pod.get("priority").is_none());
+        assert_eq!(ds["status"]["desiredNumberScheduled"], 0);
+        // An explicit OnDelete strategy gets no rollingUpdate.
+        let mut ondelete = daemonset(json!({ "matchLabels": { "a": "1" } }), json!({ "a": "1" }));
+        ondelete["spec"]["updateStrategy"] = json!({ "type": "OnDelete" });
+        apply_defaults(d, &mut ondelete);
+        assert_eq!(
+            ondelete["spec"]["updateStrategy"],
+            json!({ "type": "OnDelete" })
+        );
+    }
+
+    #[test]
+    fn rbac_validation_and_immutable_role_ref() {
+        let cr = def(id_of(Kind::ClusterRole));
+        let rules = json!({ "metadata": { "name": "r" }, "rules": [
+            { "apiGroups": [""], "resources": ["nodes"], "verbs": ["get"] },
+            { "nonResourceURLs": ["/metrics"], "verbs": ["get"] }] });
+        assert!(validate(cr, &rules).is_ok());
+        let role = def(id_of(Kind::Role));
+        let e = validate(role, &rules).unwrap_err();
+        assert!(
+            e.message
+                .contains("namespaced rules cannot apply to non-resource URLs"),
+            "{}",
+            e.message
+        );
+        let no_verbs = json!({ "metadata": { "name": "r" }, "rules": [{ "apiGroups": [""], "resources": ["nodes"] }] });
+        assert!(validate(cr, &no_verbs)
+            .unwrap_err()
+            .message
+            .contains("rules[0].verbs: Required value"));
+
+        let crb = def(id_of(Kind::ClusterRoleBinding));
+        let binding = |role: &str, sa_ns: Value| {
+            json!({ "metadata": { "name": "b" },
+            "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role },
+            "subjects": [{ "kind": "ServiceAccount", "name": "sa", "namespace": sa_ns }] })
+        };
+        assert!(validate(crb, &binding("r", json!("ns"))).is_ok());
+        let e = validate(crb, &binding("r", json!(null))).unwrap_err();
+        assert!(
+            e.message.contains("subjects[0].namespace: Required value"),
+            "{}",
+            e.message
+        );
+        let rb = def(id_of(Kind::RoleBinding));
+        assert!(
+            validate(rb, &binding("r", json!(null))).is_ok(),
+            "defaults to the binding's namespace"
+        );
+        let e = validate_update(
+            crb,
+            &binding("r", json!("ns")),
+            &binding("other", json!("ns")),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("cannot change roleRef"), "{}", e.message);
+        assert!(
+            validate_update(crb, &binding("r", json!("ns")), &binding("r", json!("ns2"))).is_ok()
+        );
     }
 
     #[test]

@@ -254,7 +254,9 @@ mod tests {
         assert!(url.starts_with("/openapi/v3/api/v1?hash="));
         assert!(idx["paths"]["apis/networking.k8s.io/v1"].is_object());
         assert!(document("apis/networking.k8s.io/v1").is_some());
-        assert!(document("apis/apps/v1").is_none());
+        assert!(document("apis/apps/v1").is_some());
+        assert!(document("apis/rbac.authorization.k8s.io/v1").is_some());
+        assert!(document("apis/batch/v1").is_none());
     }
 
     #[test]

@@ -116,6 +116,36 @@ fn columns(kind: Kind) -> Vec<Column> {
             NAME_P1,
         ],
         Kind::Service | Kind::Event => vec![NAME, AGE],
+        Kind::ServiceAccount => vec![
+            NAME,
+            col("Secrets", "string", 0, "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use."),
+            AGE,
+        ],
+        Kind::DaemonSet => vec![
+            NAME,
+            col("Desired", "integer", 0, "The total number of nodes that should be running the daemon pod (including nodes correctly running the daemon pod)."),
+            col("Current", "integer", 0, "The number of nodes that are running at least 1 daemon pod and are supposed to run the daemon pod."),
+            col("Ready", "integer", 0, "numberReady is the number of nodes that should be running the daemon pod and have one or more of the daemon pod running with a Ready Condition."),
+            col("Up-to-date", "integer", 0, "The total number of nodes that are running updated daemon pod"),
+            col("Available", "integer", 0, "The number of nodes that should be running the daemon pod and have one or more of the daemon pod running and available (ready for at least spec.minReadySeconds)"),
+            col("Node Selector", "string", 0, "NodeSelector is a selector which must be true for the pod to fit on a node. Selector which must match a node's labels for the pod to be scheduled on that node."),
+            AGE,
+            col("Containers", "string", 1, "Names of each container in the template."),
+            col("Images", "string", 1, "Images referenced by each container in the template."),
+            col("Selector", "string", 1, "A label query over pods that are managed by the daemon set."),
+        ],
+        Kind::ClusterRole | Kind::Role => vec![
+            NAME,
+            Column { name: "Created At", kind: "date", format: "", priority: 0, description: "CreationTimestamp is a timestamp representing the server time when this object was created." },
+        ],
+        Kind::ClusterRoleBinding | Kind::RoleBinding => vec![
+            NAME,
+            col("Role", "string", 0, "Role references the Role or ClusterRole this binding grants."),
+            AGE,
+            col("Users", "string", 1, "Users in the binding"),
+            col("Groups", "string", 1, "Groups in the binding"),
+            col("ServiceAccounts", "string", 1, "ServiceAccounts in the binding"),
+        ],
     }
 }
 
@@ -463,7 +493,94 @@ fn cells(kind: Kind, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
         Kind::Service | Kind::Event => {
             vec![json!(meta::name(obj)), json!(age(obj, now))]
         }
+        Kind::ServiceAccount => vec![
+            json!(meta::name(obj)),
+            json!(list(obj.get("secrets")).len()),
+            json!(age(obj, now)),
+        ],
+        Kind::DaemonSet => daemonset_cells(obj, now),
+        Kind::ClusterRole | Kind::Role => vec![
+            json!(meta::name(obj)),
+            json!(meta::str_at(obj, &["metadata", "creationTimestamp"]).unwrap_or("")),
+        ],
+        Kind::ClusterRoleBinding | Kind::RoleBinding => binding_cells(obj, now),
     }
+}
+
+fn daemonset_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    let count = |field: &str| {
+        meta::value_at(obj, &["status", field])
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    };
+    let pod_spec = meta::value_at(obj, &["spec", "template", "spec"]);
+    let node_selector = pod_spec
+        .and_then(|s| s.get("nodeSelector"))
+        .and_then(Value::as_object)
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            let mut pairs: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            pairs.sort();
+            pairs.join(",")
+        })
+        .unwrap_or_else(|| "<none>".into());
+    let containers = list(pod_spec.and_then(|s| s.get("containers")));
+    let field = |f: &str| {
+        containers
+            .iter()
+            .map(|c| c.get(f).and_then(Value::as_str).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    vec![
+        json!(meta::name(obj)),
+        json!(count("desiredNumberScheduled")),
+        json!(count("currentNumberScheduled")),
+        json!(count("numberReady")),
+        json!(count("updatedNumberScheduled")),
+        json!(count("numberAvailable")),
+        json!(node_selector),
+        json!(age(obj, now)),
+        json!(field("name")),
+        json!(field("image")),
+        json!(format_label_selector(meta::value_at(
+            obj,
+            &["spec", "selector"]
+        ))),
+    ]
+}
+
+fn binding_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    let role = format!(
+        "{}/{}",
+        meta::str_at(obj, &["roleRef", "kind"]).unwrap_or(""),
+        meta::str_at(obj, &["roleRef", "name"]).unwrap_or("")
+    );
+    let subjects = |kind: &str| {
+        list(obj.get("subjects"))
+            .iter()
+            .filter(|s| s.get("kind").and_then(Value::as_str) == Some(kind))
+            .map(|s| {
+                let name = s.get("name").and_then(Value::as_str).unwrap_or("");
+                match s.get("namespace").and_then(Value::as_str) {
+                    Some(ns) if kind == "ServiceAccount" => format!("{ns}/{name}"),
+                    _ => name.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    vec![
+        json!(meta::name(obj)),
+        json!(role),
+        json!(age(obj, now)),
+        json!(subjects("User")),
+        json!(subjects("Group")),
+        json!(subjects("ServiceAccount")),
+    ]
 }
 
 /// `PartialObjectMetadata` of an object.
@@ -571,6 +688,52 @@ mod tests {
         assert_eq!(c[4], "v1.33.0");
         assert_eq!(c[5], "192.168.0.2");
         assert_eq!(c[6], "<none>");
+    }
+
+    #[test]
+    fn daemonset_and_rbac_rows() {
+        let ds = json!({ "metadata": { "name": "veilnet" },
+            "spec": { "selector": { "matchLabels": { "app": "v" } },
+                "template": { "spec": { "nodeSelector": { "kubernetes.io/os": "linux" },
+                    "containers": [{ "name": "agent", "image": "veilnet:1" }, { "name": "b", "image": "x" }] } } },
+            "status": { "desiredNumberScheduled": 3, "numberReady": 2 } });
+        let t = to_table(
+            def(id_of(Kind::DaemonSet)),
+            [&ds],
+            IncludeObject::None,
+            json!({}),
+        );
+        assert_eq!(
+            t["rows"][0]["cells"],
+            json!([
+                "veilnet",
+                3,
+                0,
+                2,
+                0,
+                0,
+                "kubernetes.io/os=linux",
+                "<unknown>",
+                "agent,b",
+                "veilnet:1,x",
+                "app=v"
+            ])
+        );
+        assert_eq!(t["columnDefinitions"].as_array().unwrap().len(), 11);
+        let rb = json!({ "metadata": { "name": "b" },
+            "roleRef": { "kind": "ClusterRole", "name": "veilnet" },
+            "subjects": [{ "kind": "ServiceAccount", "name": "veilnet", "namespace": "veilnet-system" },
+                         { "kind": "User", "name": "alice" }] });
+        let c = binding_cells(&rb, jiff::Timestamp::now());
+        assert_eq!(c[1], "ClusterRole/veilnet");
+        assert_eq!(c[3], "alice");
+        assert_eq!(c[5], "veilnet-system/veilnet");
+        let role =
+            json!({ "metadata": { "name": "r", "creationTimestamp": "2024-01-01T00:00:00Z" } });
+        assert_eq!(
+            cells(Kind::Role, &role, jiff::Timestamp::now())[1],
+            "2024-01-01T00:00:00Z"
+        );
     }
 
     #[test]

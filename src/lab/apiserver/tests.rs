@@ -1283,6 +1283,26 @@ async fn tables_for_kubectl_get() {
                 "Name",
             ],
         ),
+        (
+            "/apis/apps/v1/daemonsets",
+            vec![
+                "Name",
+                "Desired",
+                "Current",
+                "Ready",
+                "Up-to-date",
+                "Available",
+                "Node Selector",
+                "Age",
+                "Containers",
+                "Images",
+                "Selector",
+            ],
+        ),
+        (
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+            vec!["Name", "Created At"],
+        ),
     ] {
         let (_, t) = raw(&client, "GET", uri, None, Some(accept), "").await;
         let cols: Vec<&str> = t["columnDefinitions"]

@@ -31,37 +31,18 @@ pub fn list_strategy(kind: Kind, path: &str) -> ListStrategy {
         _ => {}
     }
     match kind {
-        Kind::Pod => {
-            let container_list = [
-                "spec.containers",
-                "spec.initContainers",
-                "spec.ephemeralContainers",
-            ]
-            .into_iter()
-            .find_map(|p| path.strip_prefix(p));
-            if let Some(rest) = container_list {
-                return match rest {
-                    "" => MergeByKey("name"),
-                    ".ports" => MergeByKey("containerPort"),
-                    ".env" => MergeByKey("name"),
-                    ".volumeMounts" => MergeByKey("mountPath"),
-                    ".volumeDevices" => MergeByKey("devicePath"),
-                    _ => Atomic,
-                };
-            }
-            match path {
-                "spec.volumes"
-                | "spec.imagePullSecrets"
-                | "spec.schedulingGates"
-                | "spec.resourceClaims" => MergeByKey("name"),
-                "spec.hostAliases" => MergeByKey("ip"),
-                "spec.topologySpreadConstraints" => MergeByKey("topologyKey"),
-                "status.conditions" => MergeByKey("type"),
-                "status.podIPs" | "status.hostIPs" => MergeByKey("ip"),
-                "status.resourceClaimStatuses" => MergeByKey("name"),
-                _ => Atomic,
-            }
-        }
+        Kind::Pod => pod_list_strategy(path),
+        // A DaemonSet's pod template carries the Pod's tags under `spec.template`.
+        Kind::DaemonSet => match path {
+            "status.conditions" => MergeByKey("type"),
+            _ => path
+                .strip_prefix("spec.template.")
+                .map_or(Atomic, pod_list_strategy),
+        },
+        Kind::ServiceAccount => match path {
+            "secrets" => MergeByKey("name"),
+            _ => Atomic,
+        },
         Kind::Node => match path {
             "spec.podCIDRs" => MergeSet,
             "status.addresses" | "status.conditions" => MergeByKey("type"),
@@ -76,10 +57,51 @@ pub fn list_strategy(kind: Kind, path: &str) -> ListStrategy {
             "status.conditions" => MergeByKey("type"),
             _ => Atomic,
         },
-        // ConfigMap, Lease, NetworkPolicy and the events carry no list patch tags.
-        Kind::ConfigMap | Kind::Lease | Kind::NetworkPolicy | Kind::CoreEvent | Kind::Event => {
-            Atomic
-        }
+        // ConfigMap, Lease, NetworkPolicy, the events and the RBAC kinds (rules and subjects are
+        // atomic lists) carry no list patch tags.
+        Kind::ConfigMap
+        | Kind::Lease
+        | Kind::NetworkPolicy
+        | Kind::CoreEvent
+        | Kind::Event
+        | Kind::ClusterRole
+        | Kind::ClusterRoleBinding
+        | Kind::Role
+        | Kind::RoleBinding => Atomic,
+    }
+}
+
+/// The list strategies of a Pod (`path` from the Pod's root).
+fn pod_list_strategy(path: &str) -> ListStrategy {
+    use ListStrategy::*;
+    let container_list = [
+        "spec.containers",
+        "spec.initContainers",
+        "spec.ephemeralContainers",
+    ]
+    .into_iter()
+    .find_map(|p| path.strip_prefix(p));
+    if let Some(rest) = container_list {
+        return match rest {
+            "" => MergeByKey("name"),
+            ".ports" => MergeByKey("containerPort"),
+            ".env" => MergeByKey("name"),
+            ".volumeMounts" => MergeByKey("mountPath"),
+            ".volumeDevices" => MergeByKey("devicePath"),
+            _ => Atomic,
+        };
+    }
+    match path {
+        "spec.volumes"
+        | "spec.imagePullSecrets"
+        | "spec.schedulingGates"
+        | "spec.resourceClaims" => MergeByKey("name"),
+        "spec.hostAliases" => MergeByKey("ip"),
+        "spec.topologySpreadConstraints" => MergeByKey("topologyKey"),
+        "status.conditions" => MergeByKey("type"),
+        "status.podIPs" | "status.hostIPs" => MergeByKey("ip"),
+        "status.resourceClaimStatuses" => MergeByKey("name"),
+        _ => Atomic,
     }
 }
 
