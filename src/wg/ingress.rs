@@ -7,7 +7,8 @@
 //! routes back to the peer that sent it (cryptokey routing); anything else is dropped and counted.
 //!
 //! [`handle`] is the per-datagram step over caller-owned buffers; [`next_queued`] drains packets a
-//! completed handshake released; [`run`] is the socket loop.
+//! completed handshake released; [`run`] is the socket loop (batched receives in, coalesced TUN
+//! writes out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use std::sync::Arc;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
+use super::offload::Coalescer;
 use super::peers::Peer;
 use super::state::State;
 use super::stats::{add, bump};
 use super::tun::Tun;
-use super::udp::UdpSockets;
+use super::udp::{RecvBatch, Socket, UdpSockets};
 use super::{egress, message_type, MAX_PACKET, MESSAGE_DATA};
 
 /// Size of a cookie reply message.
@@ -234,52 +236,64 @@ pub(crate) fn next_queued<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<(SocketA
     }
 }
 
-/// Receives from one socket until it fails.
+/// Receives from one socket until it fails: a `recvmmsg` batch (with GRO, many datagrams per
+/// buffer) is decrypted datagram by datagram, the plaintext coalesced into TCP super-packets and
+/// written to the TUN before the next batch is read.
 pub(crate) async fn run(
     state: Arc<State>,
     tun: Arc<Tun>,
     udp: Arc<UdpSockets>,
-    socket: Arc<tokio::net::UdpSocket>,
+    socket: Arc<Socket>,
 ) {
-    let mut datagram = vec![0u8; MAX_PACKET];
+    let mut batch = RecvBatch::default();
     let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut coalescer = Coalescer::default();
     let mut errors = super::ErrorStreak::default();
     loop {
-        let (n, from) = match socket.recv_from(&mut datagram).await {
-            Ok(r) => {
+        let received = match socket.recv_batch(&mut batch).await {
+            Ok(n) => {
                 errors.reset();
-                r
+                n
             }
             Err(e) => {
                 errors.record("receiving from the UDP socket", &e).await;
                 continue;
             }
         };
-        match handle(&state, from, &datagram[..n], &mut out) {
-            Ingress::ToTun(packet) => {
+        for i in 0..received {
+            let from = batch.received[i].1;
+            for datagram in batch.datagrams(i) {
+                match handle(&state, from, datagram, &mut out) {
+                    Ingress::ToTun(packet) => coalescer.push(packet),
+                    Ingress::ToNetwork {
+                        to,
+                        datagram: reply,
+                        drain,
+                    } => {
+                        let len = reply.len();
+                        let result = udp.send_to(reply, to).await;
+                        if let Some(peer) = drain {
+                            egress::account_send(&state, &peer, len, &result);
+                            while let Some((to, queued)) = next_queued(&peer, &mut out) {
+                                let len = queued.len();
+                                let result = udp.send_to(queued, to).await;
+                                egress::account_send(&state, &peer, len, &result);
+                            }
+                        }
+                    }
+                    Ingress::Consumed => {}
+                    Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+                }
+            }
+        }
+        if !coalescer.is_empty() {
+            for packet in coalescer.packets() {
                 if let Err(e) = tun.send(packet).await {
                     bump(&state.counters.tun_write_errors);
                     tracing::debug!(error = %e, "TUN write failed");
                 }
             }
-            Ingress::ToNetwork {
-                to,
-                datagram: reply,
-                drain,
-            } => {
-                let len = reply.len();
-                let result = udp.send_to(reply, to).await;
-                if let Some(peer) = drain {
-                    egress::account_send(&state, &peer, len, &result);
-                    while let Some((to, queued)) = next_queued(&peer, &mut out) {
-                        let len = queued.len();
-                        let result = udp.send_to(queued, to).await;
-                        egress::account_send(&state, &peer, len, &result);
-                    }
-                }
-            }
-            Ingress::Consumed => {}
-            Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+            coalescer.clear();
         }
     }
 }
