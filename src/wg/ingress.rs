@@ -131,7 +131,10 @@ pub(crate) fn handle<'a>(
         },
         Packet::PacketData(p) => match lookup_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
-            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+            None => {
+                stale_session_hint(state, &table, from);
+                return Ingress::Dropped(IngressDrop::UnknownPeer);
+            }
         },
     };
     let is_data = message_type(datagram) == Some(MESSAGE_DATA);
@@ -195,6 +198,22 @@ fn lookup_index(
         bump(&state.counters.rx_unknown_peer);
     }
     peer
+}
+
+/// Data for a session index we do not know, from a peer's endpoint, while we have no session with
+/// that peer: typically we restarted and the peer is still sending on the session it had with our
+/// previous incarnation. A handshake from us moves it to a new session at once; waiting for our
+/// own first packet could take long when we only receive (a TCP receiver whose peer backs off).
+/// Unauthenticated, so it only ever starts the handshake the next packet would start anyway, at
+/// most one per handshake timeout (the `Tunn` refuses a second one while one is in flight).
+fn stale_session_hint(state: &State, table: &super::peers::PeerTable, from: SocketAddr) {
+    let Some(peer) = table.by_key.values().find(|p| p.endpoint() == from) else {
+        return;
+    };
+    if peer.tunn().time_since_last_handshake().is_none() {
+        tracing::debug!(peer = %super::keys::fingerprint(&peer.public_key), "data for an unknown session, initiating a handshake");
+        state.request_handshake(peer);
+    }
 }
 
 /// Bookkeeping for a datagram that authenticated as coming from `peer`: transfer counters, and

@@ -191,6 +191,9 @@ impl WgDevice {
         let tun = Arc::new(tun::Tun::open(&cfg.tun_name, cfg.mtu, cfg.persistent)?);
         let udp = Arc::new(udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?);
         let state = Arc::new(State::new(cfg.private_key));
+        state
+            .eager_handshakes
+            .store(cfg.persistent, std::sync::atomic::Ordering::Relaxed);
         let mut tasks = vec![
             tokio::spawn(egress::run(state.clone(), tun.clone(), udp.clone())),
             tokio::spawn(ingress::run(

@@ -110,14 +110,14 @@ impl Tun {
             return Err(TunError::InvalidMtu { mtu });
         }
         let base = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-        let (file, actual) = match attach(name, base) {
+        let (file, actual) = match attach_retrying(name, base) {
             // EINVAL on an existing device: it was created multi-queue. Attach as one queue of it.
             Err(TunError::SetIff { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(
                     tun = name,
                     "existing TUN is multi-queue, attaching as one queue"
                 );
-                attach(name, base | libc::IFF_MULTI_QUEUE)?
+                attach_retrying(name, base | libc::IFF_MULTI_QUEUE)?
             }
             other => other?,
         };
@@ -185,6 +185,26 @@ impl Tun {
             .await
     }
 }
+
+/// [`attach`], retried for a while on EBUSY: a persistent device is still held by the previous
+/// datapath while it exits (an agent restart), and becomes free when its last descriptor closes.
+fn attach_retrying(name: &str, flags: libc::c_int) -> Result<(File, String), TunError> {
+    let deadline = std::time::Instant::now() + ATTACH_BUSY_WAIT;
+    loop {
+        match attach(name, flags) {
+            Err(TunError::SetIff { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`attach_retrying`] waits for a busy device.
+const ATTACH_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens `/dev/net/tun` and binds it to `name` with `flags` (creating the device if absent).
 fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TunError> {
