@@ -39,6 +39,8 @@ enum Command {
 enum BenchCommand {
     /// CNI ADD/DEL latency: veilnet-cni vs the reference bridge + host-local plugins.
     Cni(veilnet::bench::cni::CniBenchArgs),
+    /// One userspace WireGuard device in this namespace until SIGTERM (used by scripts/bench.sh).
+    WgNode(veilnet::bench::wg::WgNodeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(cmd) => lab::cli::run(cmd),
         Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
+        Command::Bench(BenchCommand::WgNode(args)) => Ok(veilnet::bench::wg::run_node(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

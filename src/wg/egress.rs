@@ -5,8 +5,9 @@
 //! and a packet for a peer without a session is held (bounded) by its `Tunn` while a handshake
 //! runs: plaintext never reaches the network.
 //!
-//! [`encapsulate`] is the per-packet step over caller-owned buffers, [`run`] the I/O loop around
-//! it (one packet per syscall for now; batching would call the step over a vector of buffers).
+//! [`encapsulate_segments`] is the step over the packets of one TUN read (one packet, or the
+//! segments of a super-packet) into per-peer [`TxBatches`], free of I/O; [`run`] the I/O loop:
+//! TUN reads (super-packets, see `offload`) in, UDP GSO batches out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use boringtun::noise::{Tunn, TunnResult};
 
+use super::offload::{segment, Segments, VnetHdr, VNET_HDR_LEN};
 use super::peers::Peer;
 use super::state::State;
 use super::stats::{add, bump};
@@ -21,74 +23,11 @@ use super::tun::Tun;
 use super::udp::UdpSockets;
 use super::{message_type, MAX_PACKET, MESSAGE_DATA, MESSAGE_HANDSHAKE_INIT};
 
-/// What to do with one packet read from the TUN.
-#[derive(Debug)]
-pub(crate) enum Egress<'a> {
-    /// Send this datagram (data, or a handshake initiation the packet triggered) to `to`.
-    Send {
-        to: SocketAddr,
-        datagram: &'a [u8],
-        peer: Arc<Peer>,
-    },
-    /// Held in the peer's queue until its handshake completes.
-    Queued,
-    /// Dropped; counted already.
-    Dropped(EgressDrop),
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EgressDrop {
     NotIp,
     NoPeer,
     TunnelError,
-}
-
-/// Encrypts one IP packet from the TUN into `out` (which must hold `packet.len() + 32` and at
-/// least 148 bytes: [`MAX_PACKET`] + 32 is always enough).
-pub(crate) fn encapsulate<'a>(state: &State, packet: &[u8], out: &'a mut [u8]) -> Egress<'a> {
-    let Some(dst) = Tunn::dst_address(packet) else {
-        bump(&state.counters.dropped_not_ip);
-        return Egress::Dropped(EgressDrop::NotIp);
-    };
-    let table = state.table();
-    let Some(peer) = table.route(dst) else {
-        bump(&state.counters.dropped_no_peer);
-        tracing::trace!(%dst, "no peer for destination, dropped");
-        return Egress::Dropped(EgressDrop::NoPeer);
-    };
-    let peer = peer.clone();
-    drop(table);
-    let result = peer.tunn().encapsulate(packet, out);
-    match result {
-        TunnResult::WriteToNetwork(datagram) => {
-            match message_type(datagram) {
-                Some(MESSAGE_DATA) => bump(&peer.counters.tx_packets),
-                Some(MESSAGE_HANDSHAKE_INIT) => {
-                    // No session yet: the packet was queued and this initiation starts one.
-                    bump(&peer.counters.no_session);
-                    bump(&peer.counters.handshakes_sent);
-                }
-                _ => {}
-            }
-            let to = peer.endpoint();
-            Egress::Send { to, datagram, peer }
-        }
-        TunnResult::Done => {
-            // Queued behind a handshake that is already in flight.
-            bump(&peer.counters.no_session);
-            Egress::Queued
-        }
-        TunnResult::Err(e) => {
-            bump(&peer.counters.tx_errors);
-            tracing::debug!(error = ?e, "encapsulate failed");
-            Egress::Dropped(EgressDrop::TunnelError)
-        }
-        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
-            // Not produced by encapsulate; never hand anything back to the TUN from here.
-            bump(&peer.counters.tx_errors);
-            Egress::Dropped(EgressDrop::TunnelError)
-        }
-    }
 }
 
 /// Accounts a datagram that reached (or failed to reach) the socket.
@@ -105,10 +44,137 @@ pub(crate) fn account_send(state: &State, peer: &Peer, len: usize, result: &std:
     }
 }
 
-/// Reads the TUN until it fails; each packet is routed, encrypted and sent.
+/// Encrypted datagrams for one peer, back to back, waiting to be sent in one batch.
+#[derive(Debug)]
+pub(crate) struct TxBatch {
+    pub peer: Arc<Peer>,
+    pub to: SocketAddr,
+    pub buf: Vec<u8>,
+    pub lens: Vec<usize>,
+}
+
+/// The batches of one round of TUN reads, one per peer; their buffers are reused across rounds.
+#[derive(Debug, Default)]
+pub(crate) struct TxBatches {
+    pub batches: Vec<TxBatch>,
+    spare: Vec<(Vec<u8>, Vec<usize>)>,
+}
+
+impl TxBatches {
+    fn for_peer(&mut self, peer: &Arc<Peer>) -> &mut TxBatch {
+        let i = match self.batches.iter().position(|b| Arc::ptr_eq(&b.peer, peer)) {
+            Some(i) => i,
+            None => {
+                let (buf, lens) = self.spare.pop().unwrap_or_default();
+                self.batches.push(TxBatch {
+                    peer: peer.clone(),
+                    to: peer.endpoint(),
+                    buf,
+                    lens,
+                });
+                self.batches.len() - 1
+            }
+        };
+        &mut self.batches[i]
+    }
+
+    /// Bytes waiting in all batches.
+    pub(crate) fn bytes(&self) -> usize {
+        self.batches.iter().map(|b| b.buf.len()).sum()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        for mut b in self.batches.drain(..) {
+            b.buf.clear();
+            b.lens.clear();
+            self.spare.push((b.buf, b.lens));
+        }
+    }
+}
+
+/// Encrypts a run of IP packets that share one destination (the segments of one TUN read) for
+/// the peer owning that destination, appending the datagrams to that peer's batch. The peer is
+/// routed and its tunnel locked once for the whole run. A packet for a peer without a session is
+/// held by its `Tunn` (bounded) and the handshake initiation it triggers joins the batch:
+/// plaintext never reaches the network. Every drop is counted; the error tells the first reason.
+pub(crate) fn encapsulate_segments<'a>(
+    state: &State,
+    packets: impl Iterator<Item = &'a [u8]> + Clone,
+    batches: &mut TxBatches,
+) -> Result<(), EgressDrop> {
+    let count = packets.clone().count();
+    let Some(first) = packets.clone().next() else {
+        return Ok(());
+    };
+    let Some(dst) = Tunn::dst_address(first) else {
+        add(&state.counters.dropped_not_ip, count);
+        return Err(EgressDrop::NotIp);
+    };
+    let table = state.table();
+    let Some(peer) = table.route(dst) else {
+        add(&state.counters.dropped_no_peer, count);
+        tracing::trace!(%dst, "no peer for destination, dropped");
+        return Err(EgressDrop::NoPeer);
+    };
+    let peer = peer.clone();
+    drop(table);
+    let batch = batches.for_peer(&peer);
+    let mut dropped = 0;
+    let mut tunn = peer.tunn();
+    for packet in packets {
+        // Segments of one read share the destination by construction; a plain read is one packet.
+        let start = batch.buf.len();
+        batch.buf.resize(start + (packet.len() + 32).max(148), 0);
+        let written = match tunn.encapsulate(packet, &mut batch.buf[start..]) {
+            TunnResult::WriteToNetwork(datagram) => {
+                match message_type(datagram) {
+                    Some(MESSAGE_DATA) => bump(&peer.counters.tx_packets),
+                    Some(MESSAGE_HANDSHAKE_INIT) => {
+                        bump(&peer.counters.no_session);
+                        bump(&peer.counters.handshakes_sent);
+                    }
+                    _ => {}
+                }
+                datagram.len()
+            }
+            TunnResult::Done => {
+                bump(&peer.counters.no_session);
+                0
+            }
+            TunnResult::Err(e) => {
+                bump(&peer.counters.tx_errors);
+                tracing::debug!(error = ?e, "encapsulate failed");
+                dropped += 1;
+                0
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                bump(&peer.counters.tx_errors);
+                dropped += 1;
+                0
+            }
+        };
+        batch.buf.truncate(start + written);
+        if written > 0 {
+            batch.lens.push(written);
+        }
+    }
+    if dropped > 0 {
+        return Err(EgressDrop::TunnelError);
+    }
+    Ok(())
+}
+
+/// TUN reads per round before the batches are sent, and the bytes that end a round early.
+const READS_PER_ROUND: usize = 32;
+const ROUND_BYTES: usize = 512 << 10;
+
+/// Reads the TUN until it fails. Each read (a super-packet with offloads) is segmented,
+/// encrypted into its peer's batch; when the TUN has nothing more ready (or a round is full) the
+/// batches go out, one GSO send per run of equal-sized datagrams.
 pub(crate) async fn run(state: Arc<State>, tun: Arc<Tun>, udp: Arc<UdpSockets>) {
-    let mut packet = vec![0u8; MAX_PACKET];
-    let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut packet = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
+    let mut segments = Segments::default();
+    let mut batches = TxBatches::default();
     let mut errors = super::ErrorStreak::default();
     loop {
         let n = match tun.recv(&mut packet).await {
@@ -121,13 +187,43 @@ pub(crate) async fn run(state: Arc<State>, tun: Arc<Tun>, udp: Arc<UdpSockets>) 
                 continue;
             }
         };
-        match encapsulate(&state, &packet[..n], &mut out) {
-            Egress::Send { to, datagram, peer } => {
-                let result = udp.send_to(datagram, to).await;
-                account_send(&state, &peer, datagram.len(), &result);
+        take(&state, &packet[..n], &mut segments, &mut batches);
+        for _ in 1..READS_PER_ROUND {
+            if batches.bytes() >= ROUND_BYTES {
+                break;
             }
-            Egress::Queued => {}
-            Egress::Dropped(why) => tracing::trace!(?why, "outgoing packet dropped"),
+            match tun.try_recv(&mut packet) {
+                Ok(n) => take(&state, &packet[..n], &mut segments, &mut batches),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the TUN device");
+                    break;
+                }
+            }
+        }
+        for b in &batches.batches {
+            let result = udp.send_batch(b.to, &b.buf, &b.lens).await;
+            account_send(&state, &b.peer, b.buf.len(), &result);
+        }
+        batches.clear();
+    }
+}
+
+/// One TUN read: offload header off, segments out, encrypted into the batches.
+fn take(state: &State, read: &[u8], segments: &mut Segments, batches: &mut TxBatches) {
+    let Some(hdr) = VnetHdr::decode(read) else {
+        bump(&state.counters.dropped_not_ip);
+        return;
+    };
+    match segment(&hdr, &read[VNET_HDR_LEN..], segments) {
+        Ok(()) => {
+            if let Err(why) = encapsulate_segments(state, segments.iter(), batches) {
+                tracing::trace!(?why, "outgoing packet dropped");
+            }
+        }
+        Err(e) => {
+            bump(&state.counters.dropped_not_ip);
+            tracing::debug!(error = %e, ?hdr, "unusable packet from the TUN, dropped");
         }
     }
 }

@@ -7,7 +7,8 @@
 //! routes back to the peer that sent it (cryptokey routing); anything else is dropped and counted.
 //!
 //! [`handle`] is the per-datagram step over caller-owned buffers; [`next_queued`] drains packets a
-//! completed handshake released; [`run`] is the socket loop.
+//! completed handshake released; [`run`] is the socket loop (batched receives in, coalesced TUN
+//! writes out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -15,11 +16,12 @@ use std::sync::Arc;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
+use super::offload::Coalescer;
 use super::peers::Peer;
 use super::state::State;
 use super::stats::{add, bump};
 use super::tun::Tun;
-use super::udp::UdpSockets;
+use super::udp::{RecvBatch, Socket, UdpSockets};
 use super::{egress, message_type, MAX_PACKET, MESSAGE_DATA};
 
 /// Size of a cookie reply message.
@@ -129,7 +131,10 @@ pub(crate) fn handle<'a>(
         },
         Packet::PacketData(p) => match lookup_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
-            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+            None => {
+                stale_session_hint(state, &table, from);
+                return Ingress::Dropped(IngressDrop::UnknownPeer);
+            }
         },
     };
     let is_data = message_type(datagram) == Some(MESSAGE_DATA);
@@ -195,6 +200,22 @@ fn lookup_index(
     peer
 }
 
+/// Data for a session index we do not know, from a peer's endpoint, while we have no session with
+/// that peer: typically we restarted and the peer is still sending on the session it had with our
+/// previous incarnation. A handshake from us moves it to a new session at once; waiting for our
+/// own first packet could take long when we only receive (a TCP receiver whose peer backs off).
+/// Unauthenticated, so it only ever starts the handshake the next packet would start anyway, at
+/// most one per handshake timeout (the `Tunn` refuses a second one while one is in flight).
+fn stale_session_hint(state: &State, table: &super::peers::PeerTable, from: SocketAddr) {
+    let Some(peer) = table.by_key.values().find(|p| p.endpoint() == from) else {
+        return;
+    };
+    if peer.tunn().time_since_last_handshake().is_none() {
+        tracing::debug!(peer = %super::keys::fingerprint(&peer.public_key), "data for an unknown session, initiating a handshake");
+        state.request_handshake(peer);
+    }
+}
+
 /// Bookkeeping for a datagram that authenticated as coming from `peer`: transfer counters, and
 /// roaming (the peer's endpoint follows its authenticated source address, as in WireGuard).
 fn authenticated(peer: &Peer, from: SocketAddr, len: usize) {
@@ -234,52 +255,64 @@ pub(crate) fn next_queued<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<(SocketA
     }
 }
 
-/// Receives from one socket until it fails.
+/// Receives from one socket until it fails: a `recvmmsg` batch (with GRO, many datagrams per
+/// buffer) is decrypted datagram by datagram, the plaintext coalesced into TCP super-packets and
+/// written to the TUN before the next batch is read.
 pub(crate) async fn run(
     state: Arc<State>,
     tun: Arc<Tun>,
     udp: Arc<UdpSockets>,
-    socket: Arc<tokio::net::UdpSocket>,
+    socket: Arc<Socket>,
 ) {
-    let mut datagram = vec![0u8; MAX_PACKET];
+    let mut batch = RecvBatch::default();
     let mut out = vec![0u8; MAX_PACKET + 64];
+    let mut coalescer = Coalescer::default();
     let mut errors = super::ErrorStreak::default();
     loop {
-        let (n, from) = match socket.recv_from(&mut datagram).await {
-            Ok(r) => {
+        let received = match socket.recv_batch(&mut batch).await {
+            Ok(n) => {
                 errors.reset();
-                r
+                n
             }
             Err(e) => {
                 errors.record("receiving from the UDP socket", &e).await;
                 continue;
             }
         };
-        match handle(&state, from, &datagram[..n], &mut out) {
-            Ingress::ToTun(packet) => {
+        for i in 0..received {
+            let from = batch.received[i].1;
+            for datagram in batch.datagrams(i) {
+                match handle(&state, from, datagram, &mut out) {
+                    Ingress::ToTun(packet) => coalescer.push(packet),
+                    Ingress::ToNetwork {
+                        to,
+                        datagram: reply,
+                        drain,
+                    } => {
+                        let len = reply.len();
+                        let result = udp.send_to(reply, to).await;
+                        if let Some(peer) = drain {
+                            egress::account_send(&state, &peer, len, &result);
+                            while let Some((to, queued)) = next_queued(&peer, &mut out) {
+                                let len = queued.len();
+                                let result = udp.send_to(queued, to).await;
+                                egress::account_send(&state, &peer, len, &result);
+                            }
+                        }
+                    }
+                    Ingress::Consumed => {}
+                    Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+                }
+            }
+        }
+        if !coalescer.is_empty() {
+            for packet in coalescer.packets() {
                 if let Err(e) = tun.send(packet).await {
                     bump(&state.counters.tun_write_errors);
                     tracing::debug!(error = %e, "TUN write failed");
                 }
             }
-            Ingress::ToNetwork {
-                to,
-                datagram: reply,
-                drain,
-            } => {
-                let len = reply.len();
-                let result = udp.send_to(reply, to).await;
-                if let Some(peer) = drain {
-                    egress::account_send(&state, &peer, len, &result);
-                    while let Some((to, queued)) = next_queued(&peer, &mut out) {
-                        let len = queued.len();
-                        let result = udp.send_to(queued, to).await;
-                        egress::account_send(&state, &peer, len, &result);
-                    }
-                }
-            }
-            Ingress::Consumed => {}
-            Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+            coalescer.clear();
         }
     }
 }

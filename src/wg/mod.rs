@@ -16,6 +16,7 @@ mod allowed_ips;
 mod egress;
 mod ingress;
 pub mod keys;
+mod offload;
 mod peers;
 mod state;
 mod stats;
@@ -91,6 +92,24 @@ pub struct WgConfig {
     /// Firewall mark on the encrypted UDP packets, for policy routing that must not send them
     /// back into the tunnel.
     pub fwmark: Option<u32>,
+    /// Make the TUN persistent (`TUNSETPERSIST`): it and the routes through it outlive this
+    /// device, so a restarted agent re-attaches by name and traffic resumes after one handshake.
+    /// Shutdown and drop then leave the TUN in place. Default false: the TUN vanishes with us.
+    pub persistent: bool,
+}
+
+impl WgConfig {
+    /// A configuration with the defaults: any free port, no fwmark, not persistent.
+    pub fn new(tun_name: impl Into<String>, private_key: StaticSecret, mtu: u32) -> WgConfig {
+        WgConfig {
+            tun_name: tun_name.into(),
+            listen_port: 0,
+            private_key,
+            mtu,
+            fwmark: None,
+            persistent: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for WgConfig {
@@ -104,6 +123,7 @@ impl std::fmt::Debug for WgConfig {
             )
             .field("mtu", &self.mtu)
             .field("fwmark", &self.fwmark)
+            .field("persistent", &self.persistent)
             .finish()
     }
 }
@@ -168,9 +188,12 @@ impl WgDevice {
     /// datapath tasks on the current tokio runtime. Both live in the network namespace of the
     /// calling thread: call it inside the node namespace. Starts with no peers.
     pub async fn start(cfg: WgConfig) -> Result<WgDevice, WgError> {
-        let tun = Arc::new(tun::Tun::open(&cfg.tun_name, cfg.mtu)?);
+        let tun = Arc::new(tun::Tun::open(&cfg.tun_name, cfg.mtu, cfg.persistent)?);
         let udp = Arc::new(udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?);
         let state = Arc::new(State::new(cfg.private_key));
+        state
+            .eager_handshakes
+            .store(cfg.persistent, std::sync::atomic::Ordering::Relaxed);
         let mut tasks = vec![
             tokio::spawn(egress::run(state.clone(), tun.clone(), udp.clone())),
             tokio::spawn(ingress::run(
@@ -193,6 +216,9 @@ impl WgDevice {
             tun = tun.name(),
             port = udp.port,
             mtu = cfg.mtu,
+            persistent = cfg.persistent,
+            offloads = format_args!("{:#x}", tun.offloads),
+            udp_gro = udp.v4.gro,
             public_key = %keys::encode_public(&state.public_key()),
             "wireguard device started"
         );
@@ -242,8 +268,8 @@ impl WgDevice {
         &self.tun_name
     }
 
-    /// Stops the tasks and waits for them; the TUN disappears and the port is released once they
-    /// have dropped their handles.
+    /// Stops the tasks and waits for them; the port is released, and the TUN disappears (unless
+    /// it is persistent: then it stays, with its addresses and routes, for the next start).
     pub async fn shutdown(mut self) {
         let tasks = std::mem::take(&mut self.tasks);
         for t in &tasks {

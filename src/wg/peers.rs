@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boringtun::noise::Tunn;
@@ -80,6 +80,8 @@ pub(crate) struct Peer {
     /// Milliseconds since the device epoch when anything was last sent to this peer.
     pub last_tx_ms: AtomicU64,
     pub counters: PeerCounters,
+    /// Set to have the timer loop initiate a handshake right away (see `State::request_handshake`).
+    pub wants_handshake: AtomicBool,
 }
 
 impl std::fmt::Debug for Peer {
@@ -104,6 +106,7 @@ impl Peer {
             keepalive_secs: AtomicU32::new(u32::from(cfg.persistent_keepalive.unwrap_or(0))),
             last_tx_ms: AtomicU64::new(0),
             counters: PeerCounters::default(),
+            wants_handshake: AtomicBool::new(false),
         }
     }
 

@@ -1,6 +1,7 @@
 //! The datapath's shared state, free of I/O: our identity, the peer table snapshot and the
 //! device counters. The I/O tasks and the control API both work on one `Arc<State>`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -45,6 +46,13 @@ pub(crate) struct State {
     pub counters: DeviceCounters,
     /// Reference point for the per-peer millisecond clocks.
     pub epoch: Instant,
+    /// Wakes the timer loop to send handshakes flagged with `Peer::wants_handshake` now rather
+    /// than at the next tick.
+    pub kick: tokio::sync::Notify,
+    /// Initiate a handshake with every added peer at once instead of on its first packet. A
+    /// restarted device (persistent TUN) uses it so that peers still sending on the old session
+    /// switch within a round trip, whichever side has data to send.
+    pub eager_handshakes: AtomicBool,
 }
 
 impl State {
@@ -57,7 +65,15 @@ impl State {
             writer: Mutex::new(rand::random::<u32>() & peers::MAX_INDEX),
             counters: DeviceCounters::default(),
             epoch: Instant::now(),
+            kick: tokio::sync::Notify::new(),
+            eager_handshakes: AtomicBool::new(false),
         }
+    }
+
+    /// Asks the timer loop to initiate a handshake with `peer` now (no-op while one is running).
+    pub(crate) fn request_handshake(&self, peer: &Peer) {
+        peer.wants_handshake.store(true, Ordering::Relaxed);
+        self.kick.notify_one();
     }
 
     /// The current peer table (a cheap `Arc` clone; the read lock is held only for the clone).
@@ -102,9 +118,14 @@ impl State {
             );
             Peer::new(cfg, index, tunn)
         });
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        let new = Arc::new(new);
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        let eager = self.eager_handshakes.load(Ordering::Relaxed);
         for k in &changes.added {
             tracing::info!(peer = %keys::fingerprint(k), "wireguard peer added");
+            if let Some(peer) = new.by_key.get(k.as_bytes()).filter(|_| eager) {
+                self.request_handshake(peer);
+            }
         }
         for k in &changes.removed {
             tracing::info!(peer = %keys::fingerprint(k), "wireguard peer removed");

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use super::egress::{self, Egress, EgressDrop};
+use super::egress::{self, EgressDrop, TxBatches};
 use super::ingress::{self, Ingress, IngressDrop};
 use super::keys::{self, PublicKey, StaticSecret};
 use super::state::State;
@@ -83,18 +83,22 @@ impl Net {
 
     /// Node `i` reads `packet` from its TUN.
     fn tun_read(&mut self, i: usize, packet: &[u8]) -> Result<(), EgressDrop> {
-        let mut out = vec![0u8; MAX_PACKET + 64];
-        match egress::encapsulate(&self.nodes[i], packet, &mut out) {
-            Egress::Send { to, datagram, peer } => {
-                let len = datagram.len();
-                let datagram = datagram.to_vec();
-                egress::account_send(&self.nodes[i], &peer, len, &Ok(()));
-                self.put_on_wire(i, to, &datagram);
-                Ok(())
+        let mut batches = TxBatches::default();
+        let result =
+            egress::encapsulate_segments(&self.nodes[i], std::iter::once(packet), &mut batches);
+        let mut sends = Vec::new();
+        for b in &batches.batches {
+            egress::account_send(&self.nodes[i], &b.peer, b.buf.len(), &Ok(()));
+            let mut offset = 0;
+            for &len in &b.lens {
+                sends.push((b.to, b.buf[offset..offset + len].to_vec()));
+                offset += len;
             }
-            Egress::Queued => Ok(()),
-            Egress::Dropped(why) => Err(why),
         }
+        for (to, d) in sends {
+            self.put_on_wire(i, to, &d);
+        }
+        result
     }
 
     /// Node `i` receives one datagram; returns what ingress decided (as a summary).

@@ -74,6 +74,23 @@ pub(crate) fn tick_peer<'a>(
     }
 }
 
+/// Initiates the handshakes asked for with `State::request_handshake`.
+async fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u8]) {
+    let table = state.table();
+    for peer in table.by_key.values() {
+        if !peer.wants_handshake.swap(false, Ordering::Relaxed) {
+            continue;
+        }
+        let datagram = match peer.tunn().format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => continue, // one is in flight already
+        };
+        bump(&peer.counters.handshakes_sent);
+        let result = udp.send_to(&out[..datagram], peer.endpoint()).await;
+        egress::account_send(state, peer, datagram, &result);
+    }
+}
+
 /// The timer loop: every [`TICK`], each peer's timers; every second, the rate limiter reset.
 pub(crate) async fn run(state: Arc<State>, udp: Arc<UdpSockets>) {
     let mut out = vec![0u8; 256];
@@ -81,7 +98,13 @@ pub(crate) async fn run(state: Arc<State>, udp: Arc<UdpSockets>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reset_ms = 0u64;
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = state.kick.notified() => {
+                send_requested_handshakes(&state, &udp, &mut out).await;
+                continue;
+            }
+        }
         let now_ms = state.now_ms();
         if now_ms.saturating_sub(last_reset_ms) >= 1000 {
             // Shared limiters are not reset by the tunnels themselves.

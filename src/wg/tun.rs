@@ -1,10 +1,18 @@
 //! The TUN device: created (or attached) by name through `/dev/net/tun`, configured with ioctls
 //! (MTU, up), and driven non-blocking through tokio's `AsyncFd`.
 //!
-//! `IFF_NO_PI`: packets are bare IP, the kernel tells v4 from v6 by the version nibble. The device
-//! is not persistent, so it disappears with the last open file: a crashed datapath leaves no
-//! interface behind (routes through it vanish with it, and pod traffic then has no plaintext path
-//! either).
+//! `IFF_NO_PI`: packets are bare IP, the kernel tells v4 from v6 by the version nibble.
+//! `IFF_VNET_HDR` + `TUNSETOFFLOAD`: every read and write starts with a `virtio_net_hdr`, and the
+//! kernel may hand over TSO/USO super-packets with partial checksums (see `offload`). Offloads the
+//! kernel refuses are dropped one by one (USO first, then TSO), down to plain packets.
+//!
+//! By default the device is not persistent, so it disappears with the last open file: a crashed
+//! datapath leaves no interface behind (routes through it vanish with it, and pod traffic then has
+//! no plaintext path either). A *persistent* device (`TUNSETPERSIST`) outlives us with its
+//! addresses and routes; the next start attaches to it by name. Attaching re-applies our feature
+//! flags (`IFF_NO_PI`, `IFF_VNET_HDR` are per device and simply overwritten), so the only
+//! mismatch that can refuse the attach is the queue mode: a device created multi-queue is
+//! attached as such rather than recreated, which would drop its routes.
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
@@ -46,7 +54,21 @@ pub enum TunError {
 pub(crate) struct Tun {
     fd: AsyncFd<File>,
     name: String,
+    /// The `TUN_F_*` offloads the kernel accepted.
+    pub offloads: libc::c_uint,
 }
+
+/// Offload sets to try, best first.
+const OFFLOAD_CHOICES: [libc::c_uint; 3] = [
+    libc::TUN_F_CSUM
+        | libc::TUN_F_TSO4
+        | libc::TUN_F_TSO6
+        | libc::TUN_F_TSO_ECN
+        | libc::TUN_F_USO4
+        | libc::TUN_F_USO6,
+    libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN,
+    0,
+];
 
 impl std::fmt::Debug for Tun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,35 +101,49 @@ fn validate_name(name: &str) -> Result<(), TunError> {
 }
 
 impl Tun {
-    /// Creates the TUN `name` (or attaches to an existing persistent one), sets its MTU and
-    /// brings it up. Must run inside a tokio runtime, on a thread in the target namespace.
-    pub(crate) fn open(name: &str, mtu: u32) -> Result<Tun, TunError> {
+    /// Creates the TUN `name` (or attaches to an existing persistent one), makes it persistent or
+    /// not as asked, negotiates offloads, sets its MTU and brings it up. Must run inside a tokio
+    /// runtime, on a thread in the target namespace.
+    pub(crate) fn open(name: &str, mtu: u32, persistent: bool) -> Result<Tun, TunError> {
         validate_name(name)?;
         if !(576..=65535).contains(&mtu) {
             return Err(TunError::InvalidMtu { mtu });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(TUN_PATH)
-            .map_err(|source| TunError::Open { source })?;
-        let mut req = ifreq_for(name);
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TunError::SetIff {
-                name: name.to_string(),
-                source: io::Error::last_os_error(),
-            });
+        let base = libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let (file, actual) = match attach_retrying(name, base) {
+            // EINVAL on an existing device: it was created multi-queue. Attach as one queue of it.
+            Err(TunError::SetIff { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::info!(
+                    tun = name,
+                    "existing TUN is multi-queue, attaching as one queue"
+                );
+                attach_retrying(name, base | libc::IFF_MULTI_QUEUE)?
+            }
+            other => other?,
+        };
+        let ioctl_err = |op: &'static str| {
+            let name = actual.clone();
+            move |source| TunError::Ioctl { op, name, source }
+        };
+        // Persistent or not, explicitly: a device left persistent by an earlier run must go away
+        // with us when persistence is off now.
+        tun_ioctl(
+            &file,
+            libc::TUNSETPERSIST,
+            libc::c_int::from(persistent) as libc::c_ulong,
+        )
+        .map_err(ioctl_err("TUNSETPERSIST"))?;
+        let mut offloads = 0;
+        for choice in OFFLOAD_CHOICES {
+            match tun_ioctl(&file, libc::TUNSETOFFLOAD, choice as libc::c_ulong) {
+                Ok(()) => {
+                    offloads = choice;
+                    break;
+                }
+                Err(e) if choice == 0 => return Err(ioctl_err("TUNSETOFFLOAD")(e)),
+                Err(_) => continue,
+            }
         }
-        // The kernel may have adjusted the name (it does not for a literal name, but read it back
-        // rather than assume).
-        // SAFETY: the kernel NUL-terminates ifr_name within IFNAMSIZ.
-        let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
         set_mtu(&actual, mtu)?;
         set_up(&actual)?;
         // SAFETY: the `File` owns its descriptor, and `AsyncFd` owns the `File` until it is
@@ -119,26 +155,92 @@ impl Tun {
             name: actual.clone(),
             source: e.into(),
         })?;
-        Ok(Tun { fd, name: actual })
+        Ok(Tun {
+            fd,
+            name: actual,
+            offloads,
+        })
     }
 
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
-    /// Reads one packet.
+    /// Reads one packet (`virtio_net_hdr` first), waiting for it.
     pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.fd
             .async_io(Interest::READABLE, |mut f| f.read(buf))
             .await
     }
 
-    /// Writes one packet.
+    /// Reads one packet if one is ready (`WouldBlock` otherwise).
+    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd.try_io(Interest::READABLE, |mut f| f.read(buf))
+    }
+
+    /// Writes one packet (`virtio_net_hdr` first).
     pub(crate) async fn send(&self, packet: &[u8]) -> io::Result<usize> {
         self.fd
             .async_io(Interest::WRITABLE, |mut f| f.write(packet))
             .await
     }
+}
+
+/// [`attach`], retried for a while on EBUSY: a persistent device is still held by the previous
+/// datapath while it exits (an agent restart), and becomes free when its last descriptor closes.
+fn attach_retrying(name: &str, flags: libc::c_int) -> Result<(File, String), TunError> {
+    let deadline = std::time::Instant::now() + ATTACH_BUSY_WAIT;
+    loop {
+        match attach(name, flags) {
+            Err(TunError::SetIff { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`attach_retrying`] waits for a busy device.
+const ATTACH_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens `/dev/net/tun` and binds it to `name` with `flags` (creating the device if absent).
+fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TunError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(TUN_PATH)
+        .map_err(|source| TunError::Open { source })?;
+    let mut req = ifreq_for(name);
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc < 0 {
+        return Err(TunError::SetIff {
+            name: name.to_string(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    // The kernel may have adjusted the name (it does not for a literal name, but read it back
+    // rather than assume).
+    // SAFETY: the kernel NUL-terminates ifr_name within IFNAMSIZ.
+    let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Ok((file, actual))
+}
+
+/// A TUN ioctl that takes its argument by value.
+fn tun_ioctl(file: &File, request: libc::Ioctl, arg: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: TUNSETPERSIST and TUNSETOFFLOAD take an integer argument, not a pointer.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A throwaway socket for interface ioctls (in the calling thread's namespace).
