@@ -169,7 +169,7 @@ fn veilnet_links(lab: &Lab, node: usize) -> Vec<String> {
         .lines()
         .filter(|l| {
             let name = l.split(':').nth(1).unwrap_or("").trim();
-            name == "veilbr0" || name.starts_with("veilvx")
+            name == "veilbr0" || name.starts_with("veilvx") || name == "veilwg0"
         })
         .map(|l| l.split(':').take(2).collect::<Vec<_>>().join(":"))
         .collect()
@@ -189,7 +189,7 @@ fn agent_restart_keeps_links_and_flows() {
     let ip = lab.wait_pod_ip("default/server", Duration::from_secs(60));
     lab.wait_pod_ip("default/client", Duration::from_secs(60));
     let links_before = (veilnet_links(&lab, 1), veilnet_links(&lab, 2));
-    assert_eq!(links_before.0.len(), 2, "{links_before:?}");
+    assert_eq!(links_before.0.len(), 3, "{links_before:?}");
 
     // A 6-second TCP stream from node-2 to node-1, bandwidth-limited to keep the machine calm.
     let stream = lab_exec_spawn(

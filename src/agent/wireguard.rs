@@ -56,6 +56,9 @@ impl WireGuard {
             private_key: private,
             mtu,
             fwmark: None,
+            // The TUN (and the routes on it) outlive the agent: a restart or upgrade re-attaches
+            // and re-handshakes instead of dropping every encrypted flow.
+            persistent: true,
         })
         .await?;
         Ok(Self {
