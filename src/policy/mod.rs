@@ -55,6 +55,7 @@ mod explain;
 mod logprefix;
 mod model;
 mod render;
+pub mod scenarios;
 mod selector;
 
 pub use addrset::AddrSet;
