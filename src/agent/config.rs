@@ -77,6 +77,15 @@ pub struct AgentArgs {
     /// Address of the health and metrics endpoint.
     #[arg(long, env = "VEILNET_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
+    /// Do not enforce NetworkPolicy (removes veilnet's nft tables; ADD stops waiting for policy).
+    #[arg(long, env = "VEILNET_NO_POLICY")]
+    pub no_policy: bool,
+    /// Flow log of policy verdicts, JSON lines (default `<runDir>/flows.jsonl`; `off` disables).
+    #[arg(long, env = "VEILNET_FLOW_LOG")]
+    pub flow_log: Option<PathBuf>,
+    /// Also log connections that a policy allowed (rate-limited), not only denials.
+    #[arg(long, env = "VEILNET_FLOW_LOG_ALLOWED")]
+    pub flow_log_allowed: bool,
 }
 
 /// The config file's shape; every key optional.

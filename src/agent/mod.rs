@@ -14,6 +14,7 @@
 pub mod cni_config;
 pub mod config;
 pub mod events;
+pub mod policy;
 pub mod reconcile;
 pub mod underlay;
 pub mod watch;
@@ -50,6 +51,8 @@ pub enum AgentError {
     PodCidr(#[from] podcidr::PodCidrError),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error("NetworkPolicy: {0}")]
+    Policy(#[from] policy::PolicyAgentError),
 }
 
 /// Identifies the agent in Events.
@@ -150,6 +153,17 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     );
     let _ = nodes.wait_until_ready().await;
     let _ = records.wait_until_ready().await;
+
+    // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the
+    // node state turns ready, so every ADD on this node waits for its pod's rules.
+    let _policy = if args.no_policy {
+        policy::disable(&cfg.run_dir).await?;
+        None
+    } else {
+        let opts = policy::PolicyOptions::from_agent(&args, &cfg, underlay.ip, &pod_cidrs);
+        Some(policy::PolicyAgent::start(client.clone(), opts).await?)
+    };
+    // ---- end NetworkPolicy
 
     let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);

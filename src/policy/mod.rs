@@ -54,6 +54,7 @@ mod compile;
 mod explain;
 mod logprefix;
 mod model;
+pub mod nflog;
 mod render;
 pub mod scenarios;
 mod selector;
