@@ -31,6 +31,9 @@ enum Command {
     /// Run a whole multi-node cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
+    /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
+    #[command(subcommand)]
+    Policy(veilnet::policy::cli::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +53,10 @@ fn main() -> anyhow::Result<()> {
     logging::init(cli.log_format, default_level);
     match cli.command {
         Command::Lab(cmd) => lab::cli::run(cmd),
+        Command::Policy(cmd) => {
+            println!("{}", veilnet::policy::cli::run(cmd)?);
+            Ok(())
+        }
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -51,6 +51,7 @@
 
 mod addrset;
 mod apply;
+pub mod cli;
 mod compile;
 mod explain;
 mod logprefix;
