@@ -40,6 +40,8 @@ enum Command {
 enum BenchCommand {
     /// CNI ADD/DEL latency: veilnet-cni vs the reference bridge + host-local plugins.
     Cni(veilnet::bench::cni::CniBenchArgs),
+    /// NetworkPolicy sync and label-change time on a synthetic cluster.
+    Policy(veilnet::bench::policy::PolicyBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
+        Command::Bench(BenchCommand::Policy(args)) => Ok(veilnet::bench::policy::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -2,3 +2,4 @@
 //! never assert: the numbers go into the closing notes side by side.
 
 pub mod cni;
+pub mod policy;
