@@ -29,7 +29,7 @@ cleanup() { "$VEILNET" lab down --name "$LAB" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 echo "==> 3: cross-node iperf3 in lab $LAB"
-"$VEILNET" lab up --name "$LAB" --nodes 2 >/dev/null
+"$VEILNET" lab up --name "$LAB" --nodes 2 >/dev/null 2>&1
 kc() { "$VEILNET" lab kubectl --name "$LAB" -- "$@"; }
 pod() { # name node label command...
 	local name=$1 node=$2 label=$3
@@ -73,7 +73,7 @@ POLFILE=$(mktemp)
 	echo '{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"p1000","namespace":"default"},"spec":{"podSelector":{"matchLabels":{"app":"iperf"}},"ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"client"}}}],"ports":[{"port":5201,"protocol":"TCP"}]}]}}'
 	echo ']}'
 } >"$POLFILE"
-kc apply -f "$POLFILE" >/dev/null
+kc apply --validate=false -f "$POLFILE" >/dev/null
 rm -f "$POLFILE"
 STATUS="/var/lib/veilnet-lab/$LAB/nodes/node-1/run/policy-status.json"
 for _ in $(seq 1 120); do

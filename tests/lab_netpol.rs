@@ -40,8 +40,10 @@ fn model_pod_manifest(ns: &str, pod: &str, node: &str) -> String {
     let mut ports = Vec::new();
     for port in [80, 81] {
         for proto in ["TCP", "UDP", "SCTP"] {
-            ports.push(serde_json::json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
-                "containerPort": port, "protocol": proto}));
+            ports.push(
+                serde_json::json!({"name": format!("serve-{port}-{}", proto.to_lowercase()),
+                "containerPort": port, "protocol": proto}),
+            );
         }
     }
     serde_json::json!({"apiVersion": "v1", "kind": "Pod",
@@ -82,7 +84,13 @@ impl Model {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()) == name)
+                    .find(|p| {
+                        format!(
+                            "{}/{}",
+                            p["namespace"].as_str().unwrap(),
+                            p["name"].as_str().unwrap()
+                        ) == name
+                    })
                     .and_then(|p| p["netns"].as_str())
                     .unwrap()
                     .to_string()
@@ -124,6 +132,7 @@ impl Model {
     }
 
     /// Mismatches between a probed matrix and the step's expectation.
+    #[allow(clippy::needless_range_loop)] // (from, to) pairs of the matrix read clearer by index
     fn diff(&self, got: &[Vec<Option<i32>>], step: &Step) -> Vec<String> {
         let mut out = Vec::new();
         for f in 0..N {
@@ -135,7 +144,11 @@ impl Model {
                         scenarios::name_of(t),
                         step.protocol,
                         step.port,
-                        if step.want.allowed(f, t) { "allowed" } else { "denied" },
+                        if step.want.allowed(f, t) {
+                            "allowed"
+                        } else {
+                            "denied"
+                        },
                         got[f][t]
                     ));
                 }
@@ -146,12 +159,16 @@ impl Model {
 
     /// Waits until every agent has synced exactly `count` policies (no sync error).
     fn wait_policies(&self, count: usize) {
-        eventually(Duration::from_secs(10), &format!("{count} policies synced on every node"), || {
-            (1..=3).all(|n| {
-                let s = self.lab.policy_status(n);
-                s["policiesTotal"] == count && s["lastError"].is_null()
-            })
-        });
+        eventually(
+            Duration::from_secs(10),
+            &format!("{count} policies synced on every node"),
+            || {
+                (1..=3).all(|n| {
+                    let s = self.lab.policy_status(n);
+                    s["policiesTotal"] == count && s["lastError"].is_null()
+                })
+            },
+        );
     }
 }
 
@@ -169,8 +186,22 @@ fn label(lab: &Lab, change: &LabelChange, add: bool) {
         format!("{}-", change.key)
     };
     match change.pod {
-        None => lab.kubectl_ok(&["label", "namespace", change.namespace, &value, "--overwrite"]),
-        Some(pod) => lab.kubectl_ok(&["label", "pod", "-n", change.namespace, pod, &value, "--overwrite"]),
+        None => lab.kubectl_ok(&[
+            "label",
+            "namespace",
+            change.namespace,
+            &value,
+            "--overwrite",
+        ]),
+        Some(pod) => lab.kubectl_ok(&[
+            "label",
+            "pod",
+            "-n",
+            change.namespace,
+            pod,
+            &value,
+            "--overwrite",
+        ]),
     };
 }
 
@@ -197,9 +228,14 @@ fn run_scenario(model: &Model, scenario: &scenarios::Scenario) -> Vec<String> {
             let out = ok(Command::new("nft")
                 .args(["list", "table", "inet", "veilnet"])
                 .arg0_netns(&lab.node_netns(1)));
-            let names_sctp = serde_json::to_string(&step.policies).unwrap().contains("SCTP");
+            let names_sctp = serde_json::to_string(&step.policies)
+                .unwrap()
+                .contains("SCTP");
             if names_sctp && !out.contains(&format!("sctp . {}", step.port)) {
-                failures.push(format!("step {}: no SCTP element in node-1's ruleset:\n{out}", i + 1));
+                failures.push(format!(
+                    "step {}: no SCTP element in node-1's ruleset:\n{out}",
+                    i + 1
+                ));
             }
             continue;
         }
@@ -295,7 +331,11 @@ fn mac_of(netns: &str, dev: &str) -> [u8; 6] {
 fn send_frames(netns: &str, dev: &'static str, frames: Vec<Vec<u8>>) {
     veilnet::netns::run_in(netns, move || unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let name = std::ffi::CString::new(dev).unwrap();
         let index = libc::if_nametoindex(name.as_ptr());
         assert!(index > 0);
@@ -320,7 +360,14 @@ fn send_frames(netns: &str, dev: &'static str, frames: Vec<Vec<u8>>) {
     .unwrap();
 }
 
-fn arp_frame(dst: [u8; 6], src: [u8; 6], op: u16, sender_ip: Ipv4Addr, target_mac: [u8; 6], target_ip: Ipv4Addr) -> Vec<u8> {
+fn arp_frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    op: u16,
+    sender_ip: Ipv4Addr,
+    target_mac: [u8; 6],
+    target_ip: Ipv4Addr,
+) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -345,7 +392,13 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// An Ethernet/IPv4/UDP frame carrying an agnhost request.
-fn udp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+fn udp_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Vec<u8> {
     let payload = b"veilnet-agnhost 1 spoof\n";
     let udp_len = 8 + payload.len();
     let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0];
@@ -370,9 +423,19 @@ fn udp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, d
 /// Counts packets from `src` seen on the server pod's eth0 while `send` runs.
 fn captured_from(server_netns: &str, src: Ipv4Addr, send: impl FnOnce()) -> usize {
     let mut cmd = Command::new("tcpdump");
-    cmd.args(["-ni", "eth0", "-c", "1", "-w", "/dev/null", "src", "host", &src.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    cmd.args([
+        "-ni",
+        "eth0",
+        "-c",
+        "1",
+        "-w",
+        "/dev/null",
+        "src",
+        "host",
+        &src.to_string(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
     veilnet::netns::command_in(server_netns, &mut cmd).unwrap();
     let child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // tcpdump is listening
@@ -385,7 +448,10 @@ fn captured_from(server_netns: &str, src: Ipv4Addr, send: impl FnOnce()) -> usiz
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     text.lines()
-        .find_map(|l| l.strip_suffix(" packets captured").or(l.strip_suffix(" packet captured")))
+        .find_map(|l| {
+            l.strip_suffix(" packets captured")
+                .or(l.strip_suffix(" packet captured"))
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("tcpdump said: {text}"))
 }
@@ -396,11 +462,26 @@ fn anti_spoofing_forged_arp_and_source_ip_get_nothing_through() {
     let lab = Lab::up("as", &["--nodes", "2"]);
     lab.apply(&namespace_manifest("x"));
     for (pod, node) in [("victim", 1), ("attacker", 1), ("server", 2)] {
-        lab.apply(&pod_manifest("x", pod, &format!("node-{node}"), &[("pod", pod)], SERVE));
+        lab.apply(&pod_manifest(
+            "x",
+            pod,
+            &format!("node-{node}"),
+            &[("pod", pod)],
+            SERVE,
+        ));
     }
-    let victim: Ipv4Addr = lab.wait_pod_ip("x/victim", Duration::from_secs(60)).parse().unwrap();
-    let attacker: Ipv4Addr = lab.wait_pod_ip("x/attacker", Duration::from_secs(60)).parse().unwrap();
-    let server: Ipv4Addr = lab.wait_pod_ip("x/server", Duration::from_secs(60)).parse().unwrap();
+    let victim: Ipv4Addr = lab
+        .wait_pod_ip("x/victim", Duration::from_secs(60))
+        .parse()
+        .unwrap();
+    let attacker: Ipv4Addr = lab
+        .wait_pod_ip("x/attacker", Duration::from_secs(60))
+        .parse()
+        .unwrap();
+    let server: Ipv4Addr = lab
+        .wait_pod_ip("x/server", Duration::from_secs(60))
+        .parse()
+        .unwrap();
     let attacker_ns = lab.pod_netns("x/attacker");
     let server_ns = lab.pod_netns("x/server");
     let node1 = lab.node_netns(1);
@@ -411,7 +492,9 @@ fn anti_spoofing_forged_arp_and_source_ip_get_nothing_through() {
 
     // The node knows the victim's MAC (a probe from the node), and the entry is old enough to be
     // overridden by an ARP reply (locktime), so a forged reply would really poison it.
-    let ping = ok(Command::new("ping").args(["-c", "1", "-W", "2", &victim.to_string()]).arg0_netns(&node1));
+    let ping = ok(Command::new("ping")
+        .args(["-c", "1", "-W", "2", &victim.to_string()])
+        .arg0_netns(&node1));
     assert!(ping.contains("1 received"), "{ping}");
     std::thread::sleep(Duration::from_millis(1500));
 
@@ -427,37 +510,61 @@ fn anti_spoofing_forged_arp_and_source_ip_get_nothing_through() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let neigh = lab.ip(1, &["neigh", "show", &victim.to_string()]);
-    let fmt = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let fmt = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
     assert!(!neigh.contains(&fmt(attacker_mac)), "ARP poisoned: {neigh}");
     assert!(neigh.contains(&fmt(victim_mac)), "{neigh}");
 
     // Source IP: a UDP request with the victim's address (right MAC) reaches nothing; the same
     // frame with the attacker's own address does (control: the capture works).
     let forged = captured_from(&server_ns, victim, || {
-        send_frames(&attacker_ns, "eth0", vec![udp_frame(bridge_mac, attacker_mac, victim, server, 80); 5]);
+        send_frames(
+            &attacker_ns,
+            "eth0",
+            vec![udp_frame(bridge_mac, attacker_mac, victim, server, 80); 5],
+        );
     });
     assert_eq!(forged, 0, "a forged source IP got through");
     let honest = captured_from(&server_ns, attacker, || {
-        send_frames(&attacker_ns, "eth0", vec![udp_frame(bridge_mac, attacker_mac, attacker, server, 80); 5]);
+        send_frames(
+            &attacker_ns,
+            "eth0",
+            vec![udp_frame(bridge_mac, attacker_mac, attacker, server, 80); 5],
+        );
     });
     assert!(honest >= 1, "control: the honest frame did not arrive");
 
     // The flow log names the offender for both; the counter counted them.
-    eventually(Duration::from_secs(5), "spoof records in node-1's flow log", || {
-        let log = lab.flow_log(1);
-        let spoof = |proto: &str| {
-            log.iter().any(|r| {
-                r["verdict"] == "spoof"
-                    && r["pod"] == "x/attacker"
-                    && r["protocol"] == proto
-                    && r["src"]["ip"] == victim.to_string()
-            })
-        };
-        spoof("ARP") && spoof("UDP")
-    });
-    eventually(Duration::from_secs(8), "the spoofed counter in policy-status.json", || {
-        lab.policy_status(1)["counters"]["spoofed"]["packets"].as_u64().unwrap_or(0) >= 8
-    });
+    eventually(
+        Duration::from_secs(5),
+        "spoof records in node-1's flow log",
+        || {
+            let log = lab.flow_log(1);
+            let spoof = |proto: &str| {
+                log.iter().any(|r| {
+                    r["verdict"] == "spoof"
+                        && r["pod"] == "x/attacker"
+                        && r["protocol"] == proto
+                        && r["src"]["ip"] == victim.to_string()
+                })
+            };
+            spoof("ARP") && spoof("UDP")
+        },
+    );
+    eventually(
+        Duration::from_secs(8),
+        "the spoofed counter in policy-status.json",
+        || {
+            lab.policy_status(1)["counters"]["spoofed"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 8
+        },
+    );
 }
 
 // ---- no race at pod start ----
@@ -514,7 +621,13 @@ fn no_race_a_new_pod_under_default_deny_gets_zero_packets_in_its_first_second() 
     for ns in ["x", "open"] {
         lab.apply(&namespace_manifest(ns));
     }
-    lab.apply(&pod_manifest("x", "client", "node-2", &[("pod", "client")], SERVE));
+    lab.apply(&pod_manifest(
+        "x",
+        "client",
+        "node-2",
+        &[("pod", "client")],
+        SERVE,
+    ));
     lab.wait_pod_ip("x/client", Duration::from_secs(60));
     let client_ns = lab.pod_netns("x/client");
     lab.apply(
@@ -548,12 +661,25 @@ fn no_race_a_new_pod_under_default_deny_gets_zero_packets_in_its_first_second() 
     };
     // Control: without a policy, the hammer does reach a new pod (so zero below means something).
     let (open_hits, _) = run("open", "control");
-    assert!(open_hits > 0, "control: the hammer never reached an unprotected new pod");
+    assert!(
+        open_hits > 0,
+        "control: the hammer never reached an unprotected new pod"
+    );
     let (denied_hits, running) = run("x", "target");
-    assert_eq!(denied_hits, 0, "a pod under default deny got packets in (Running after {running:?})");
-    eventually(Duration::from_secs(8), "deny_ingress counted the hammer", || {
-        lab.policy_status(1)["counters"]["denyIngress"]["packets"].as_u64().unwrap_or(0) > 0
-    });
+    assert_eq!(
+        denied_hits, 0,
+        "a pod under default deny got packets in (Running after {running:?})"
+    );
+    eventually(
+        Duration::from_secs(8),
+        "deny_ingress counted the hammer",
+        || {
+            lab.policy_status(1)["counters"]["denyIngress"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+                > 0
+        },
+    );
 }
 
 // ---- label changes, counters, flow log, explain ----
@@ -561,7 +687,11 @@ fn no_race_a_new_pod_under_default_deny_gets_zero_packets_in_its_first_second() 
 fn time_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < limit * 3, "{what}: not after {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < limit * 3,
+            "{what}: not after {:?}",
+            start.elapsed()
+        );
     }
     start.elapsed()
 }
@@ -573,8 +703,20 @@ fn label_changes_take_effect_within_a_second_and_are_explained() {
     for ns in ["x", "y"] {
         lab.apply(&namespace_manifest(ns));
     }
-    lab.apply(&pod_manifest("x", "server", "node-1", &[("pod", "server")], SERVE));
-    lab.apply(&pod_manifest("y", "client", "node-2", &[("pod", "client")], SERVE));
+    lab.apply(&pod_manifest(
+        "x",
+        "server",
+        "node-1",
+        &[("pod", "server")],
+        SERVE,
+    ));
+    lab.apply(&pod_manifest(
+        "y",
+        "client",
+        "node-2",
+        &[("pod", "client")],
+        SERVE,
+    ));
     let server = lab.wait_pod_ip("x/server", Duration::from_secs(60));
     lab.wait_pod_ip("y/client", Duration::from_secs(60));
     let client_ns = lab.pod_netns("y/client");
@@ -590,33 +732,56 @@ fn label_changes_take_effect_within_a_second_and_are_explained() {
                                             "podSelector": {"matchLabels": {"role": "client"}}}]}]}})
         .to_string(),
     );
-    let t = time_until("policy isolates the server", Duration::from_secs(1), || !reach());
+    let t = time_until("policy isolates the server", Duration::from_secs(1), || {
+        !reach()
+    });
     eprintln!("policy applied -> denied after {t:?}");
 
     // Both labels are needed (one peer: intersection). Namespace first, then the pod.
     lab.kubectl_ok(&["label", "namespace", "y", "team=blue"]);
     std::thread::sleep(Duration::from_millis(1200));
-    assert!(!reach(), "the namespace label alone must not open the server");
+    assert!(
+        !reach(),
+        "the namespace label alone must not open the server"
+    );
     lab.kubectl_ok(&["label", "pod", "-n", "y", "client", "role=client"]);
     let t = time_until("pod label opens the server", Duration::from_secs(1), reach);
     eprintln!("pod label -> allowed after {t:?}");
     assert!(t < Duration::from_secs(1), "pod label change took {t:?}");
     lab.kubectl_ok(&["label", "namespace", "y", "team-"]);
-    let t = time_until("namespace label removal closes the server", Duration::from_secs(1), || !reach());
+    let t = time_until(
+        "namespace label removal closes the server",
+        Duration::from_secs(1),
+        || !reach(),
+    );
     eprintln!("namespace label removed -> denied after {t:?}");
-    assert!(t < Duration::from_secs(1), "namespace label change took {t:?}");
+    assert!(
+        t < Duration::from_secs(1),
+        "namespace label change took {t:?}"
+    );
     lab.kubectl_ok(&["label", "namespace", "y", "team=blue"]);
-    let t = time_until("namespace label opens the server again", Duration::from_secs(1), reach);
-    assert!(t < Duration::from_secs(1), "namespace label change took {t:?}");
+    let t = time_until(
+        "namespace label opens the server again",
+        Duration::from_secs(1),
+        reach,
+    );
+    assert!(
+        t < Duration::from_secs(1),
+        "namespace label change took {t:?}"
+    );
 
     // Counters: the allow policy counted connections; the flow log has the denials.
-    eventually(Duration::from_secs(8), "allow-clients counted in node-1's status", || {
-        lab.policy_status(1)["counters"]["policies"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["name"] == "allow-clients" && p["packets"].as_u64().unwrap_or(0) > 0)
-    });
+    eventually(
+        Duration::from_secs(8),
+        "allow-clients counted in node-1's status",
+        || {
+            lab.policy_status(1)["counters"]["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "allow-clients" && p["packets"].as_u64().unwrap_or(0) > 0)
+        },
+    );
     let denials = lab.flow_log(1);
     assert!(
         denials.iter().any(|r| r["verdict"] == "deny"
@@ -631,7 +796,9 @@ fn label_changes_take_effect_within_a_second_and_are_explained() {
 
     // explain, from the same compiler.
     let explain = |from: &str| {
-        let out = ok(veilnet().args(["policy", "explain", "--lab", &lab.name, from, "x/server", "80/tcp", "--json"]));
+        let out = ok(veilnet().args([
+            "policy", "explain", "--lab", &lab.name, from, "x/server", "80/tcp", "--json",
+        ]));
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let yes = explain("y/client");
@@ -641,6 +808,11 @@ fn label_changes_take_effect_within_a_second_and_are_explained() {
     let no = explain("y/client");
     assert_eq!(no["allowed"], false, "{no}");
     assert_eq!(no["ingress"]["isolatedBy"][0], "x/allow-clients");
-    let text = ok(veilnet().args(["policy", "explain", "--lab", &lab.name, "y/client", &server, "80"]));
-    assert!(text.contains("denied: default deny ingress (isolated by x/allow-clients)"), "{text}");
+    let text = ok(veilnet().args([
+        "policy", "explain", "--lab", &lab.name, "y/client", &server, "80",
+    ]));
+    assert!(
+        text.contains("denied: default deny ingress (isolated by x/allow-clients)"),
+        "{text}"
+    );
 }

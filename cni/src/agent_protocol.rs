@@ -173,8 +173,12 @@ pub enum Request {
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum Response {
     /// The applied ruleset (generation `generation`) holds the pod.
-    Admitted { generation: u64 },
-    Refused { reason: String },
+    Admitted {
+        generation: u64,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// One message as a line.

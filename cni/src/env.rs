@@ -251,7 +251,10 @@ mod tests {
             })
         );
         assert_eq!(k8s_pod_from_cni_args("K8S_POD_NAME=a"), None);
-        assert_eq!(k8s_pod_from_cni_args("K8S_POD_NAMESPACE=;K8S_POD_NAME=a"), None);
+        assert_eq!(
+            k8s_pod_from_cni_args("K8S_POD_NAMESPACE=;K8S_POD_NAME=a"),
+            None
+        );
         assert_eq!(
             k8s_pod_from_cni_args("K8S_POD_NAMESPACE=x;K8S_POD_NAME=a")
                 .unwrap()

@@ -51,6 +51,9 @@ pub struct PolicyBenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also write the full ruleset script here (to inspect or to time `nft -f` alone).
+    #[arg(long)]
+    pub write_script: Option<std::path::PathBuf>,
 }
 
 const APPS: usize = 100;
@@ -64,10 +67,20 @@ struct Cluster {
 }
 
 fn pod_ip(node: usize, slot: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 200 + (node / 250) as u8, (node % 250) as u8, (slot + 2) as u8)
+    Ipv4Addr::new(
+        10,
+        200 + (node / 250) as u8,
+        (node % 250) as u8,
+        (slot + 2) as u8,
+    )
 }
 
-fn pod_object(i: usize, nodes: usize, namespaces: usize, app: usize) -> Result<Pod, serde_json::Error> {
+fn pod_object(
+    i: usize,
+    nodes: usize,
+    namespaces: usize,
+    app: usize,
+) -> Result<Pod, serde_json::Error> {
     let node = i % nodes;
     serde_json::from_value(json!({
         "metadata": {"namespace": format!("ns-{}", i % namespaces), "name": format!("pod-{i}"),
@@ -174,13 +187,23 @@ fn ms(d: Duration) -> f64 {
 
 /// One pass of the agent's sync; `bank` reads the counters first, as the agent does before a
 /// change.
-fn sync(c: &Cluster, applier: &mut NftApplier, bank: bool) -> Result<(Phases, usize), PolicyBenchError> {
+fn sync(
+    c: &Cluster,
+    applier: &mut NftApplier,
+    bank: bool,
+) -> Result<(Phases, usize), PolicyBenchError> {
     let opts = CompileOptions {
         drop_unknown_pod_ports: true,
         ..CompileOptions::default()
     };
     let t0 = Instant::now();
-    let state = cluster_state(&c.pods, &c.namespaces, &c.policies, &c.attachments, "node-0");
+    let state = cluster_state(
+        &c.pods,
+        &c.namespaces,
+        &c.policies,
+        &c.attachments,
+        "node-0",
+    );
     let t1 = Instant::now();
     let model = compile_with(&state, "node-0", &[], &opts);
     let t2 = Instant::now();
@@ -218,6 +241,20 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
     let mut applier = NftApplier::new(Some(&ns));
 
     let (full, script_bytes) = sync(&c, &mut applier, false)?;
+    if let Some(path) = &args.write_script {
+        let state = cluster_state(
+            &c.pods,
+            &c.namespaces,
+            &c.policies,
+            &c.attachments,
+            "node-0",
+        );
+        let model = compile_with(&state, "node-0", &[], &CompileOptions::default());
+        std::fs::write(path, render_nft(&model)).map_err(|e| PolicyError::Spawn {
+            action: format!("write {}", path.display()),
+            source: e,
+        })?;
+    }
     // Warm repeats (forced through the kernel) show the steady cost.
     let mut repeats = Vec::new();
     for _ in 0..3 {
@@ -231,13 +268,30 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         let Some(&i) = c.local.get(k % c.local.len().max(1)) else {
             break;
         };
-        let app = if k % 2 == 0 { (i + 37) % APPS } else { i % APPS };
-        c.pods[i] = Arc::new(pod_object(i, args.nodes.max(1), args.namespaces.max(1), app)?);
+        let app = if k % 2 == 0 {
+            (i + 37) % APPS
+        } else {
+            i % APPS
+        };
+        c.pods[i] = Arc::new(pod_object(
+            i,
+            args.nodes.max(1),
+            args.namespaces.max(1),
+            app,
+        )?);
         changes.push(sync(&c, &mut applier, true)?.0);
     }
     let label_median = median(changes.iter().map(|p| p.total_ms).collect());
     let label_max = changes.iter().map(|p| p.total_ms).fold(0.0, f64::max);
     let apply_median = median(changes.iter().map(|p| p.apply_ms).collect());
+    let label_phases = Phases {
+        state_ms: median(changes.iter().map(|p| p.state_ms).collect()),
+        compile_ms: median(changes.iter().map(|p| p.compile_ms).collect()),
+        render_ms: median(changes.iter().map(|p| p.render_ms).collect()),
+        counters_ms: median(changes.iter().map(|p| p.counters_ms).collect()),
+        apply_ms: apply_median,
+        total_ms: label_median,
+    };
 
     if args.json {
         println!(
@@ -245,7 +299,7 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             json!({"policies": args.policies, "pods": args.pods, "localPods": c.local.len(),
                    "scriptBytes": script_bytes, "fullSync": full, "fullSyncWarmMedianMs": median(repeats),
                    "labelChangeMedianMs": label_median, "labelChangeMaxMs": label_max,
-                   "labelChangeApplyMedianMs": apply_median})
+                   "labelChangeApplyMedianMs": apply_median, "labelChangePhasesMedian": label_phases})
         );
     } else {
         println!(
@@ -258,11 +312,18 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         );
         println!("full sync (warm median): {:>8.1} ms", median(repeats));
         println!(
-            "one pod label change:    {:>8.1} ms median, {:.1} ms max over {} changes (nft {:.1} ms median)",
+            "one pod label change:    {:>8.1} ms median, {:.1} ms max over {} changes",
             label_median,
             label_max,
             changes.len(),
-            apply_median
+        );
+        println!(
+            "  medians: state {:.1}, compile {:.1}, render {:.1}, read counters {:.1}, nft {:.1} ms",
+            label_phases.state_ms,
+            label_phases.compile_ms,
+            label_phases.render_ms,
+            label_phases.counters_ms,
+            label_phases.apply_ms
         );
     }
     Ok(())

@@ -12,7 +12,9 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::Api;
 
-use super::{ClusterState, Decision, Endpoint, Explainer, Explanation, NamespaceInfo, PodInfo, Protocol};
+use super::{
+    ClusterState, Decision, Endpoint, Explainer, Explanation, NamespaceInfo, PodInfo, Protocol,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyCliError {
@@ -146,7 +148,8 @@ pub fn run(cmd: PolicyCommand) -> Result<String, PolicyCliError> {
     let (port, protocol) = parse_port(&args.port)?;
     let (state, node_addrs) = match &args.lab {
         Some(name) => {
-            let lab = crate::lab::cli::load(name).map_err(|e| PolicyCliError::Lab(e.to_string()))?;
+            let lab =
+                crate::lab::cli::load(name).map_err(|e| PolicyCliError::Lab(e.to_string()))?;
             crate::lab::client::with_client(&lab, fetch)
                 .map_err(|e| PolicyCliError::Lab(e.to_string()))??
         }
@@ -225,7 +228,10 @@ mod tests {
             resolve(&state, "192.0.2.1").unwrap().to_string(),
             "192.0.2.1"
         );
-        assert!(matches!(resolve(&state, "q/z"), Err(PolicyCliError::NoSuchPod(_))));
+        assert!(matches!(
+            resolve(&state, "q/z"),
+            Err(PolicyCliError::NoSuchPod(_))
+        ));
         assert!(resolve(&state, "nonsense").is_err());
     }
 

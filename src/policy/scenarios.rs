@@ -167,7 +167,11 @@ impl LabelChange {
     pub fn apply_to(&self, state: &mut ClusterState) {
         match self.pod {
             None => {
-                for ns in state.namespaces.iter_mut().filter(|n| n.name == self.namespace) {
+                for ns in state
+                    .namespaces
+                    .iter_mut()
+                    .filter(|n| n.name == self.namespace)
+                {
                     ns.labels.insert(self.key.into(), self.value.into());
                 }
             }

@@ -72,8 +72,10 @@ fn upstream_netpol_truth_tables() {
 /// The checker itself must be able to fail: a wrong expectation is reported.
 #[test]
 fn truth_table_checker_detects_a_wrong_expectation() {
-    let deny = policy(json!({"metadata": {"namespace": "x", "name": "deny-ingress"},
-        "spec": {"podSelector": {}, "ingress": [], "policyTypes": ["Ingress"]}}));
+    let deny = policy(
+        json!({"metadata": {"namespace": "x", "name": "deny-ingress"},
+        "spec": {"podSelector": {}, "ingress": [], "policyTypes": ["Ingress"]}}),
+    );
     let st = Step {
         policies: vec![deny],
         labels: Vec::new(),

@@ -352,7 +352,13 @@ impl Lab {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == ns_name)
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ) == ns_name
+            })
             .and_then(|p| p["netns"].as_str())
             .unwrap_or_else(|| panic!("pod {ns_name} has no netns in lab status"))
             .to_string()
@@ -388,7 +394,14 @@ impl Lab {
 pub fn probe_in(netns: &str, target: &str, proto: &str, timeout: &str) -> Option<i32> {
     let mut cmd = veilnet();
     cmd.args([
-        "lab", "agnhost", "connect", target, "--protocol", proto, "--timeout", timeout,
+        "lab",
+        "agnhost",
+        "connect",
+        target,
+        "--protocol",
+        proto,
+        "--timeout",
+        timeout,
     ])
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());

@@ -102,9 +102,7 @@ impl PluginError {
             PluginError::MissingPrevResult => ErrorCode::InvalidConfig,
             PluginError::CheckFailed(_) => ErrorCode::CheckFailed,
             PluginError::NotAvailable(_) => ErrorCode::NotAvailable,
-            PluginError::Admission(AdmissionError::NoPodIdentity) => {
-                ErrorCode::InvalidEnvironment
-            }
+            PluginError::Admission(AdmissionError::NoPodIdentity) => ErrorCode::InvalidEnvironment,
             PluginError::Admission(_) => ErrorCode::TryAgainLater,
             PluginError::Several(errors) => errors
                 .first()

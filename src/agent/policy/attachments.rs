@@ -269,7 +269,10 @@ mod tests {
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(!dir.path().join("junk.json").exists());
         assert_eq!(again.len(), 2);
-        assert_eq!(again.for_pod("x", "a").unwrap().ips[0].to_string(), "10.0.0.3");
+        assert_eq!(
+            again.for_pod("x", "a").unwrap().ips[0].to_string(),
+            "10.0.0.3"
+        );
         let gone = again.retain(|a| a.name != "b");
         assert_eq!(gone.len(), 1);
         assert!(again.for_pod("x", "b").is_none());

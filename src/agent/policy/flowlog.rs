@@ -62,7 +62,12 @@ pub struct FlowRecord {
 
 /// Turns one logged packet into a record (pure). `None` for packets veilnet did not log or
 /// cannot read.
-pub fn record(packet: &LoggedPacket, index: &IpIndex, node: &str, time: String) -> Option<FlowRecord> {
+pub fn record(
+    packet: &LoggedPacket,
+    index: &IpIndex,
+    node: &str,
+    time: String,
+) -> Option<FlowRecord> {
     let prefix = parse_prefix(&packet.prefix)?;
     let flow = parse_flow(packet)?;
     let endpoint = |ip: IpAddr, port: Option<u16>| {
@@ -226,7 +231,12 @@ mod tests {
 
     #[test]
     fn deny_record_names_both_pods_and_the_default_deny() {
-        let p = tcp_packet("veilnet:deny:ingress:x/a", [10, 244, 2, 5], [10, 244, 1, 7], 80);
+        let p = tcp_packet(
+            "veilnet:deny:ingress:x/a",
+            [10, 244, 2, 5],
+            [10, 244, 1, 7],
+            80,
+        );
         let r = record(&p, &index(), "node-1", "T".into()).unwrap();
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(
@@ -242,7 +252,12 @@ mod tests {
 
     #[test]
     fn allow_names_the_policy_and_unknown_ips_stay_bare() {
-        let p = tcp_packet("veilnet:allow:egress:x/to-dns", [10, 244, 1, 7], [8, 8, 8, 8], 53);
+        let p = tcp_packet(
+            "veilnet:allow:egress:x/to-dns",
+            [10, 244, 1, 7],
+            [8, 8, 8, 8],
+            53,
+        );
         let r = record(&p, &index(), "node-1", "T".into()).unwrap();
         assert_eq!((r.verdict, r.policy.as_str()), ("allow", "x/to-dns"));
         assert_eq!(r.direction, Some("egress"));
@@ -251,10 +266,19 @@ mod tests {
         // Spoofing: no direction, the forged source is reported as it came.
         let p = tcp_packet("veilnet:spoof:y/b", [10, 244, 1, 7], [10, 244, 2, 1], 80);
         let r = record(&p, &index(), "node-2", "T".into()).unwrap();
-        assert_eq!((r.verdict, r.policy.as_str(), r.pod.as_str()), ("spoof", "anti-spoofing", "y/b"));
+        assert_eq!(
+            (r.verdict, r.policy.as_str(), r.pod.as_str()),
+            ("spoof", "anti-spoofing", "y/b")
+        );
         assert_eq!(r.direction, None);
         // Foreign prefixes and unreadable payloads give nothing.
-        assert!(record(&tcp_packet("other", [1; 4], [2; 4], 1), &index(), "n", "T".into()).is_none());
+        assert!(record(
+            &tcp_packet("other", [1; 4], [2; 4], 1),
+            &index(),
+            "n",
+            "T".into()
+        )
+        .is_none());
         let mut junk = tcp_packet("veilnet:deny:ingress:x/a", [1; 4], [2; 4], 1);
         junk.payload.truncate(3);
         assert!(record(&junk, &index(), "n", "T".into()).is_none());

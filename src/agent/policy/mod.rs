@@ -339,7 +339,12 @@ async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), P
             &opts.node,
         )
     };
-    let model = compile_with(&state, &opts.node, &opts.node_addrs, &opts.compile_options());
+    let model = compile_with(
+        &state,
+        &opts.node,
+        &opts.node_addrs,
+        &opts.compile_options(),
+    );
     let script = render_nft(&model);
     let ports: HashSet<(String, IpAddr)> = model
         .anti_spoof
@@ -352,7 +357,11 @@ async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), P
         state.pods.iter().filter(|p| p.node == opts.node).count(),
         model.chains.len(),
         model.anti_spoof.len(),
-        model.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+        model
+            .warnings
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>(),
     );
     let kernel = kernel.clone();
     tokio::task::spawn_blocking(move || {

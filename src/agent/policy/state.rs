@@ -133,7 +133,8 @@ mod tests {
             .unwrap();
         reg.insert(attachment("x", "b", "10.244.1.6", Some("old")))
             .unwrap();
-        reg.insert(attachment("x", "r", "10.244.1.7", None)).unwrap();
+        reg.insert(attachment("x", "r", "10.244.1.7", None))
+            .unwrap();
         let pods = vec![
             pod("x", "a", "n1", None, "u-a"),
             pod("x", "b", "n1", Some("10.244.1.9"), "u-b"),
@@ -149,11 +150,17 @@ mod tests {
         assert_eq!(b.ips, vec!["10.244.1.9".parse::<IpAddr>().unwrap()]);
         // Pods of other nodes keep the API's facts even if an attachment has their name.
         let r = &state.pods[2];
-        assert_eq!((r.host_veth.as_deref(), r.ips[0].to_string().as_str()), (None, "10.244.2.3"));
+        assert_eq!(
+            (r.host_veth.as_deref(), r.ips[0].to_string().as_str()),
+            (None, "10.244.2.3")
+        );
 
         let index = IpIndex::new(&state);
         let who = index.pod(&"10.244.1.5".parse().unwrap()).unwrap();
-        assert_eq!((who.pod.to_string(), who.node.as_str()), ("x/a".into(), "n1"));
+        assert_eq!(
+            (who.pod.to_string(), who.node.as_str()),
+            ("x/a".into(), "n1")
+        );
         assert_eq!(index.pod_of_veth("veil0000000000a").unwrap().name, "a");
         assert!(index.pod(&"10.9.9.9".parse().unwrap()).is_none());
     }

@@ -195,7 +195,13 @@ mod tests {
         assert_eq!(by_name["allow-a"], 3);
         assert_eq!(by_name["allow-b"], 7);
         assert_eq!(snap.deny_ingress.packets, 7);
-        assert_eq!(snap.spoofed, Count { packets: 1, bytes: 60 });
+        assert_eq!(
+            snap.spoofed,
+            Count {
+                packets: 1,
+                bytes: 60
+            }
+        );
         // Unknown kernel counters are ignored.
         let snap = bank.snapshot(&second, &[counter("pol_9", 100), counter("other", 1)]);
         assert_eq!(snap.policies.iter().map(|p| p.packets).sum::<u64>(), 8);
