@@ -33,6 +33,9 @@ enum Command {
     /// Run a whole multi-node cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
+    /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
+    #[command(subcommand)]
+    Policy(veilnet::policy::cli::PolicyCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +44,8 @@ enum BenchCommand {
     Cni(veilnet::bench::cni::CniBenchArgs),
     /// One userspace WireGuard device in this namespace until SIGTERM (used by scripts/bench.sh).
     WgNode(veilnet::bench::wg::WgNodeArgs),
+    /// NetworkPolicy sync and label-change time on a synthetic cluster.
+    Policy(veilnet::bench::policy::PolicyBenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +67,11 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
         Command::Bench(BenchCommand::WgNode(args)) => Ok(veilnet::bench::wg::run_node(args)?),
+        Command::Policy(cmd) => {
+            println!("{}", veilnet::policy::cli::run(cmd)?);
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Policy(args)) => Ok(veilnet::bench::policy::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -15,6 +15,38 @@ pub struct Attachment {
 pub struct Target {
     pub attachment: Attachment,
     pub netns: PathBuf,
+    /// `K8S_POD_NAMESPACE`, `K8S_POD_NAME` and `K8S_POD_UID` from `CNI_ARGS`, when present.
+    pub k8s_pod: Option<K8sPod>,
+}
+
+/// The Kubernetes pod a runtime says an attachment belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K8sPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+}
+
+/// Reads the pod identity out of `CNI_ARGS` (`K1=V1;K2=V2`). Lenient: malformed pairs are
+/// skipped, since `CNI_ARGS` is free-form and only needed when policy is enforced.
+pub fn k8s_pod_from_cni_args(args: &str) -> Option<K8sPod> {
+    let mut namespace = None;
+    let mut name = None;
+    let mut uid = None;
+    for (key, value) in args.split(';').filter_map(|pair| pair.split_once('=')) {
+        let value = Some(value.to_string()).filter(|v| !v.is_empty());
+        match key {
+            "K8S_POD_NAMESPACE" => namespace = value,
+            "K8S_POD_NAME" => name = value,
+            "K8S_POD_UID" => uid = value,
+            _ => {}
+        }
+    }
+    Some(K8sPod {
+        namespace: namespace?,
+        name: name?,
+        uid,
+    })
 }
 
 /// One parsed invocation.
@@ -58,6 +90,7 @@ pub const CNI_CONTAINERID: &str = "CNI_CONTAINERID";
 pub const CNI_NETNS: &str = "CNI_NETNS";
 pub const CNI_IFNAME: &str = "CNI_IFNAME";
 pub const CNI_PATH: &str = "CNI_PATH";
+pub const CNI_ARGS: &str = "CNI_ARGS";
 
 /// Linux `IFNAMSIZ` minus the terminating NUL.
 pub const MAX_IFNAME_LEN: usize = 15;
@@ -80,7 +113,12 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Invocation, EnvErro
         "ADD" | "CHECK" => {
             let attachment = attachment(&required(CNI_CONTAINERID)?, &required(CNI_IFNAME)?)?;
             let netns = PathBuf::from(required(CNI_NETNS)?);
-            let target = Target { attachment, netns };
+            let k8s_pod = var(CNI_ARGS).and_then(|a| k8s_pod_from_cni_args(&a));
+            let target = Target {
+                attachment,
+                netns,
+                k8s_pod,
+            };
             Ok(if command == "ADD" {
                 Invocation::Add(target)
             } else {
@@ -189,7 +227,39 @@ mod tests {
                     ifname: "eth0".into()
                 },
                 netns: "/run/netns/pod".into(),
+                k8s_pod: None,
             })
+        );
+    }
+
+    #[test]
+    fn pod_identity_from_cni_args() {
+        let mut v = FULL.to_vec();
+        v.push((
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=a;junk;K8S_POD_UID=u-1",
+        ));
+        let Invocation::Add(target) = parse(env(&v)).unwrap() else {
+            panic!("not ADD")
+        };
+        assert_eq!(
+            target.k8s_pod,
+            Some(K8sPod {
+                namespace: "x".into(),
+                name: "a".into(),
+                uid: Some("u-1".into())
+            })
+        );
+        assert_eq!(k8s_pod_from_cni_args("K8S_POD_NAME=a"), None);
+        assert_eq!(
+            k8s_pod_from_cni_args("K8S_POD_NAMESPACE=;K8S_POD_NAME=a"),
+            None
+        );
+        assert_eq!(
+            k8s_pod_from_cni_args("K8S_POD_NAMESPACE=x;K8S_POD_NAME=a")
+                .unwrap()
+                .uid,
+            None
         );
     }
 

@@ -127,6 +127,9 @@ pub struct VethSpec<'a> {
     pub peer_netns_fd: RawFd,
     /// Bridge to attach the host end to.
     pub controller: Option<u32>,
+    /// Create the host end up. Down keeps the pair without carrier (no frame either way) until
+    /// the caller brings it up, e.g. once the pod's policy is in place.
+    pub host_up: bool,
 }
 
 /// A route socket bound to the namespace it was created in.
@@ -271,7 +274,7 @@ impl Netlink {
         .map(drop)
     }
 
-    /// Creates a veth pair in one request: the host end up and attached to its bridge, the peer
+    /// Creates a veth pair in one request: the host end (up if asked) attached to its bridge, the peer
     /// (still down) directly in its namespace, so there is never a half-placed pair to undo.
     pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
         // The peer is brought up afterwards through the pod's socket: recent kernels refuse
@@ -284,8 +287,10 @@ impl Netlink {
             .push(LinkAttribute::NetNsFd(spec.peer_netns_fd));
 
         let mut m = LinkMessage::default();
-        m.header.flags = LinkFlags::Up;
-        m.header.change_mask = LinkFlags::Up;
+        if spec.host_up {
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+        }
         m.attributes
             .push(LinkAttribute::IfName(spec.host_name.to_string()));
         m.attributes.push(LinkAttribute::Mtu(spec.mtu));

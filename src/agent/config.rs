@@ -86,6 +86,15 @@ pub struct AgentArgs {
     /// WireGuard UDP port.
     #[arg(long, env = "VEILNET_WIREGUARD_PORT")]
     pub wireguard_port: Option<u16>,
+    /// Do not enforce NetworkPolicy (removes veilnet's nft tables; ADD stops waiting for policy).
+    #[arg(long, env = "VEILNET_NO_POLICY")]
+    pub no_policy: bool,
+    /// Flow log of policy verdicts, JSON lines (default `<runDir>/flows.jsonl`; `off` disables).
+    #[arg(long, env = "VEILNET_FLOW_LOG")]
+    pub flow_log: Option<PathBuf>,
+    /// Also log connections that a policy allowed (rate-limited), not only denials.
+    #[arg(long, env = "VEILNET_FLOW_LOG_ALLOWED")]
+    pub flow_log_allowed: bool,
 }
 
 /// The config file's shape; every key optional.

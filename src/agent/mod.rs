@@ -16,6 +16,7 @@ pub mod config;
 pub mod events;
 pub mod health;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod underlay;
@@ -58,6 +59,8 @@ pub enum AgentError {
     WireGuard(#[from] wireguard::WireGuardError),
     #[error(transparent)]
     Health(#[from] health::HealthError),
+    #[error("NetworkPolicy: {0}")]
+    Policy(#[from] policy::PolicyAgentError),
 }
 
 /// Identifies the agent in Events.
@@ -182,6 +185,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let health_task = health::serve(cfg.health_addr, health.clone()).await?;
     tracing::info!(addr = %cfg.health_addr, "health, metrics and status endpoint");
+    // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the
+    // node state turns ready, so every ADD on this node waits for its pod's rules.
+    let _policy = if args.no_policy {
+        policy::disable(&cfg.run_dir).await?;
+        None
+    } else {
+        let opts = policy::PolicyOptions::from_agent(&args, &cfg, underlay.ip, &pod_cidrs);
+        Some(policy::PolicyAgent::start(client.clone(), opts).await?)
+    };
+    // ---- end NetworkPolicy
 
     let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);

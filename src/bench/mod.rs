@@ -2,4 +2,5 @@
 //! never assert: the numbers go into the closing notes side by side.
 
 pub mod cni;
+pub mod policy;
 pub mod wg;

@@ -38,8 +38,9 @@
 //!
 //! **`table bridge veilnet`** — anti-spoofing, no conntrack needed.
 //! - `chain prerouting` (bridge hook prerouting, priority filter):
-//!   `iifname vmap @pod_ports` sends frames from a pod's host veth to `port_<n>`, which returns
-//!   only for IPv4 from the pod's own MAC and IP, and ARP whose sender MAC and IP are the pod's
+//!   `iifname vmap @pod_ports` sends frames from a pod's host veth to `port_<n>` with `goto` (so
+//!   the chain's `return` ends the hook with its accept policy instead of falling through to the
+//!   unknown-port drop below), which returns only for IPv4 from the pod's own MAC and IP, and ARP whose sender MAC and IP are the pod's
 //!   (IPv6 only if the pod has IPv6 addresses). Everything else from that port is logged
 //!   (`veilnet:spoof:<ns>/<pod>`) and dropped, counted in `spoofed`. With
 //!   [`CompileOptions::drop_unknown_pod_ports`], frames from `veil*` ports unknown to the model
@@ -50,11 +51,14 @@
 
 mod addrset;
 mod apply;
+pub mod cli;
 mod compile;
 mod explain;
 mod logprefix;
 mod model;
+pub mod nflog;
 mod render;
+pub mod scenarios;
 mod selector;
 
 pub use addrset::AddrSet;

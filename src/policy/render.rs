@@ -386,7 +386,7 @@ fn render_bridge(out: &mut String, p: &CompiledPolicy) {
         out,
         ports
             .iter()
-            .map(|(i, port)| format!("\"{}\" : jump port_{i}", port.host_veth)),
+            .map(|(i, port)| format!("\"{}\" : goto port_{i}", port.host_veth)),
     );
     out.push_str("\t}\n");
     for (i, port) in &ports {

@@ -604,7 +604,7 @@ fn golden_small_script() {
 fn anti_spoof_rules_pin_mac_and_ips() {
     let s = e2e_state(vec![]);
     let script = render_nft(&compile(&s, "n1", &[]));
-    assert!(script.contains("\"veilxa\" : jump port_0"), "{script}");
+    assert!(script.contains("\"veilxa\" : goto port_0"), "{script}");
     assert!(
         script.contains(
             "ether saddr 0a:58:00:00:78:61 ether type ip ip saddr { 10.244.0.10 } return"

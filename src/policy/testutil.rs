@@ -8,8 +8,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::model::{ClusterState, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
-pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-pub const PODS: [&str; 3] = ["a", "b", "c"];
+pub use super::scenarios::{NAMESPACES, PODS};
 
 /// A policy from its JSON/YAML shape, as `kubectl` would send it.
 pub fn policy(v: serde_json::Value) -> NetworkPolicy {

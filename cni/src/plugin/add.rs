@@ -1,4 +1,8 @@
 //! ADD: a veth pair from the bridge into the pod, an address from IPAM, the default route.
+//!
+//! When the agent enforces NetworkPolicy (it wrote `<runDir>/policy-admission.json`), the host end
+//! stays down until the agent confirms that the pod's rules are in the kernel; see
+//! [`crate::agent_protocol`].
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -7,7 +11,8 @@ use ipnet::{IpNet, Ipv4Net};
 use super::guard::{LeaseGuard, LinkGuard};
 use super::network::{self, with_prefix};
 use super::{host_veth_name, PluginError, Result};
-use crate::config::NetConf;
+use crate::agent_protocol::{self, AdmissionConfig, AdmissionError, PodAttachment};
+use crate::config::{Mode, NetConf};
 use crate::env::Target;
 use crate::ipam::{IpamStore, Pool};
 use crate::netlink::{Netlink, VethSpec};
@@ -17,6 +22,13 @@ use crate::spec::{Interface, IpConfig, Route, SuccessResult};
 pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     let ifname = &target.attachment.ifname;
     let params = network::params(conf)?;
+    let admission = match &conf.mode {
+        Mode::Agent { run_dir } => AdmissionConfig::load(run_dir)?,
+        Mode::Standalone(_) => None,
+    };
+    if admission.is_some() && target.k8s_pod.is_none() {
+        return Err(AdmissionError::NoPodIdentity.into());
+    }
     let pod_ns = PodNetns::open(&target.netns)?;
     let mut host = Netlink::open()?;
     let prepared = network::prepare(&params, &mut host)?;
@@ -41,6 +53,7 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
         mtu: prepared.mtu,
         peer_netns_fd: pod_ns.fd(),
         controller: Some(prepared.bridge.index),
+        host_up: admission.is_none(),
     };
     match host.create_veth(&spec) {
         Ok(()) => {}
@@ -72,6 +85,22 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     let address = with_prefix(allocation.ip, params.subnet);
     pod.add_address(pod_link.index, address)?;
     pod.add_route_v4(Ipv4Net::default(), Some(params.gateway), pod_link.index)?;
+
+    if let (Some(config), Some(k8s_pod)) = (&admission, &target.k8s_pod) {
+        let attachment = PodAttachment {
+            container_id: target.attachment.container_id.clone(),
+            ifname: ifname.clone(),
+            namespace: k8s_pod.namespace.clone(),
+            name: k8s_pod.name.clone(),
+            uid: k8s_pod.uid.clone(),
+            ips: vec![IpAddr::V4(allocation.ip)],
+            mac: pod_link.mac_string(),
+            host_veth: host_name.clone(),
+        };
+        agent_protocol::admit(&config.socket, &attachment, config.timeout())?;
+        // Only now can frames flow: the pod's policy and anti-spoofing rules are in place.
+        host.set_up(host_link.index)?;
+    }
 
     veth.commit();
     lease.commit();

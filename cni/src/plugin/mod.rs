@@ -11,6 +11,7 @@ mod status;
 
 use std::path::PathBuf;
 
+use crate::agent_protocol::AdmissionError;
 use crate::config::{self, ConfigError, NetConf};
 use crate::env::{self, Attachment, EnvError, Invocation};
 use crate::ipam::IpamError;
@@ -60,6 +61,9 @@ pub enum PluginError {
     /// STATUS: ADD cannot be served now.
     #[error("{0}")]
     NotAvailable(String),
+    /// ADD in a node that enforces NetworkPolicy: the agent did not admit the pod (fail closed).
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
     /// DEL and GC keep going after a failure and report all of them.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<PluginError>),
@@ -98,6 +102,8 @@ impl PluginError {
             PluginError::MissingPrevResult => ErrorCode::InvalidConfig,
             PluginError::CheckFailed(_) => ErrorCode::CheckFailed,
             PluginError::NotAvailable(_) => ErrorCode::NotAvailable,
+            PluginError::Admission(AdmissionError::NoPodIdentity) => ErrorCode::InvalidEnvironment,
+            PluginError::Admission(_) => ErrorCode::TryAgainLater,
             PluginError::Several(errors) => errors
                 .first()
                 .map(PluginError::code)
@@ -118,6 +124,9 @@ impl PluginError {
             },
             PluginError::CommandNotInVersion { .. } => "incompatible CNI version".into(),
             PluginError::NotAvailable(_) => "plugin not available".into(),
+            PluginError::Admission(_) => {
+                "NetworkPolicy for the pod is not in place (veilnet agent)".into()
+            }
             PluginError::Several(errors) => {
                 errors.first().map(PluginError::summary).unwrap_or_default()
             }

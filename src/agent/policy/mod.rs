@@ -1,0 +1,466 @@
+//! The agent's NetworkPolicy enforcer: watch → [`ClusterState`] → compile → one nft transaction,
+//! plus the CNI admission socket, the flow log and the per-policy counters.
+//!
+//! - `attachments`: what the plugin reported at ADD (host veth, MAC, IP), persisted in the run dir.
+//! - `state`: watch caches + attachments → the compiler's input (pure).
+//! - `server`: the admission socket `<runDir>/agent.sock` (protocol in `veilnet_cni::agent_protocol`).
+//! - `status`: counters banked across ruleset changes, `<runDir>/policy-status.json`.
+//! - `flowlog`: NFLOG group 100 → JSON lines in `<runDir>/flows.jsonl`.
+//!
+//! # The loop
+//!
+//! Pods, Namespaces and NetworkPolicies are watched by reflectors that wake one `Notify`, as do
+//! admissions. After a wake the loop waits a few milliseconds to coalesce a burst, then rebuilds the
+//! whole state from the caches (never from single events, so nothing is missed or replayed twice),
+//! compiles it for this node and hands the rendered script to `nft -f -` on a blocking thread: one
+//! atomic transaction per change, skipped when the script is unchanged. A label change therefore
+//! reaches the kernel within the debounce plus one sync (milliseconds), well inside a second.
+//!
+//! # No race at pod start
+//!
+//! ADD creates the veth with its host end down and asks the agent over the socket. The agent adds
+//! the attachment (so it does not wait for the pod's IP to reach the API), syncs, and answers
+//! `admitted` once an applied generation holds the pod's anti-spoofing port with its IPs — its
+//! policy chains are compiled in the same generation. Only then does the plugin bring the link up.
+//! Frames from `veil*` ports the ruleset does not know are dropped
+//! (`CompileOptions::drop_unknown_pod_ports`), which also covers a pod whose report got lost.
+//!
+//! Writing `<runDir>/policy-admission.json` before the node state turns ready makes every later
+//! ADD on this node ask the agent, and fail closed when it cannot.
+
+pub mod attachments;
+pub mod flowlog;
+pub mod server;
+pub mod state;
+pub mod status;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::Api;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use veilnet_cni::agent_protocol::AdmissionConfig;
+
+use crate::policy::{
+    compile_with, enable_bridge_netfilter, render_nft, CompileOptions, CompiledPolicy, NftApplier,
+    PolicyError,
+};
+use attachments::Attachments;
+use state::IpIndex;
+use status::{CounterBank, CounterSnapshot, PolicyStatus};
+
+/// File names under the run dir.
+pub const STATUS_FILE: &str = "policy-status.json";
+pub const FLOW_LOG_FILE: &str = "flows.jsonl";
+pub const ATTACHMENTS_DIR: &str = "attachments";
+
+/// Coalesces a burst of watch events into one sync.
+const DEBOUNCE: Duration = Duration::from_millis(10);
+/// Counters, status file and attachment pruning.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyAgentError {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admission socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("enforcer: {0}")]
+    Kernel(#[from] PolicyError),
+}
+
+/// What the enforcer needs to know about its node.
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    pub node: String,
+    pub run_dir: PathBuf,
+    /// The node's own addresses (underlay, bridge gateways): their traffic is never filtered.
+    pub node_addrs: Vec<IpAddr>,
+    /// JSON lines of logged verdicts; `None` disables the NFLOG reader.
+    pub flow_log: Option<PathBuf>,
+    /// Also log (rate-limited) connections that a policy allowed.
+    pub log_allowed: bool,
+}
+
+impl PolicyOptions {
+    /// From the agent's flags: `--flow-log` (default `<runDir>/flows.jsonl`, `off` disables),
+    /// `--flow-log-allowed`.
+    pub fn from_agent(
+        args: &crate::agent::AgentArgs,
+        cfg: &crate::agent::AgentConfig,
+        underlay_ip: IpAddr,
+        pod_cidrs: &[IpNet],
+    ) -> PolicyOptions {
+        let mut node_addrs = vec![underlay_ip];
+        node_addrs.extend(pod_cidrs.iter().map(crate::model::overlay::gateway_address));
+        let flow_log = match &args.flow_log {
+            Some(p) if p.as_os_str() == "off" => None,
+            Some(p) => Some(p.clone()),
+            None => Some(cfg.run_dir.join(FLOW_LOG_FILE)),
+        };
+        PolicyOptions {
+            node: cfg.node_name.clone(),
+            run_dir: cfg.run_dir.clone(),
+            node_addrs,
+            flow_log,
+            log_allowed: args.flow_log_allowed,
+        }
+    }
+
+    fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            log_allowed: self.log_allowed,
+            drop_unknown_pod_ports: true,
+            ..CompileOptions::default()
+        }
+    }
+}
+
+/// The last ruleset in the kernel: which pod ports (host veth, IP) it guards.
+#[derive(Clone, Debug, Default)]
+pub struct Applied {
+    pub generation: u64,
+    pub ports: HashSet<(String, IpAddr)>,
+}
+
+/// State shared by the loop, the admission server and the flow log.
+pub struct Shared {
+    pub options: PolicyOptions,
+    pub attachments: Mutex<Attachments>,
+    pub wake: Arc<Notify>,
+    pub applied: watch::Sender<Applied>,
+    pub index: RwLock<Arc<IpIndex>>,
+    pub status: Mutex<PolicyStatus>,
+    pub pods: Store<Pod>,
+    namespaces: Store<Namespace>,
+    policies: Store<NetworkPolicy>,
+}
+
+/// What the kernel side keeps between syncs (used from blocking threads only).
+struct Kernel {
+    applier: NftApplier,
+    bank: CounterBank,
+    model: Option<CompiledPolicy>,
+}
+
+/// A running enforcer. Dropping it stops the tasks; the ruleset stays in the kernel (as the rest
+/// of the dataplane does while the agent restarts), and ADD fails closed until an agent answers.
+pub struct PolicyAgent {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    flow_log: Option<flowlog::FlowLogHandle>,
+}
+
+impl PolicyAgent {
+    /// Starts enforcing: br_netfilter on, admission config written, socket bound (all before
+    /// returning, so before the node turns ready), then the watch loop in the background.
+    pub async fn start(
+        client: kube::Client,
+        options: PolicyOptions,
+    ) -> Result<PolicyAgent, PolicyAgentError> {
+        enable_bridge_netfilter(None)?;
+        let (attachments, problems) = Attachments::load(&options.run_dir.join(ATTACHMENTS_DIR));
+        for p in problems {
+            tracing::warn!(problem = %p, "dropped a pod attachment record");
+        }
+        tracing::info!(
+            attachments = attachments.len(),
+            "NetworkPolicy enforcer starting"
+        );
+        let wake = Arc::new(Notify::new());
+        let (pods, pods_task) = crate::agent::watch::spawn_reflector(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            wake.clone(),
+        );
+        let (namespaces, ns_task) = crate::agent::watch::spawn_reflector(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            wake.clone(),
+        );
+        let (policies, np_task) = crate::agent::watch::spawn_reflector(
+            Api::<NetworkPolicy>::all(client),
+            watcher::Config::default(),
+            wake.clone(),
+        );
+        let shared = Arc::new(Shared {
+            status: Mutex::new(PolicyStatus {
+                node: options.node.clone(),
+                ..Default::default()
+            }),
+            options,
+            attachments: Mutex::new(attachments),
+            wake,
+            applied: watch::channel(Applied::default()).0,
+            index: RwLock::new(Arc::new(IpIndex::default())),
+            pods,
+            namespaces,
+            policies,
+        });
+        let listener = server::bind(&shared.options.run_dir)?;
+        let config = AdmissionConfig::new(&shared.options.run_dir);
+        config
+            .write(&shared.options.run_dir)
+            .map_err(|source| PolicyAgentError::Write {
+                path: AdmissionConfig::path_in(&shared.options.run_dir),
+                source,
+            })?;
+        let flow_log = match &shared.options.flow_log {
+            Some(path) => match flowlog::spawn(shared.clone(), path.clone()) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    // Visibility, not enforcement: run without it rather than not at all.
+                    tracing::error!(error = %e, "flow log disabled");
+                    None
+                }
+            },
+            None => None,
+        };
+        let tasks = vec![
+            pods_task,
+            ns_task,
+            np_task,
+            tokio::spawn(server::serve(listener, shared.clone(), config.timeout())),
+            tokio::spawn(run_loop(shared.clone())),
+        ];
+        Ok(PolicyAgent {
+            shared,
+            tasks,
+            flow_log,
+        })
+    }
+
+    /// The node's counters as of the last housekeeping pass (at most a few seconds old), for the
+    /// metrics endpoint.
+    pub fn counters(&self) -> CounterSnapshot {
+        lock(&self.shared.status).counters.clone()
+    }
+
+    /// The current status (what `policy-status.json` holds).
+    pub fn status(&self) -> PolicyStatus {
+        lock(&self.shared.status).clone()
+    }
+}
+
+impl Drop for PolicyAgent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(f) = self.flow_log.take() {
+            f.stop();
+        }
+    }
+}
+
+/// `--no-policy`: stop asking ADD to wait for the agent and remove veilnet's ruleset.
+pub async fn disable(run_dir: &Path) -> Result<(), PolicyAgentError> {
+    AdmissionConfig::remove(run_dir).map_err(|source| PolicyAgentError::Write {
+        path: AdmissionConfig::path_in(run_dir),
+        source,
+    })?;
+    tokio::task::spawn_blocking(|| NftApplier::new(None).remove())
+        .await
+        .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
+    Ok(())
+}
+
+/// Locks a std mutex, recovering from poisoning (a panicked holder leaves consistent data here:
+/// every critical section is a plain read or replace).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn run_loop(shared: Arc<Shared>) {
+    // Until every cache has listed once, a sync would drop pods and policies it has not seen yet.
+    let _ = shared.pods.wait_until_ready().await;
+    let _ = shared.namespaces.wait_until_ready().await;
+    let _ = shared.policies.wait_until_ready().await;
+    let kernel = Arc::new(Mutex::new(Kernel {
+        applier: NftApplier::new(None),
+        bank: CounterBank::default(),
+        model: None,
+    }));
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures: u32 = 0;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            match sync(&shared, &kernel).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, failures, "policy sync failed; retrying");
+                    lock(&shared.status).last_error = Some(e.to_string());
+                }
+            }
+        }
+        let retry = Duration::from_millis(200 * u64::from(failures.min(25)));
+        tokio::select! {
+            _ = shared.wake.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                dirty = true;
+            }
+            _ = housekeeping.tick() => {
+                dirty = housekeep(&shared, &kernel).await;
+            }
+            _ = tokio::time::sleep(retry), if failures > 0 => dirty = true,
+        }
+    }
+}
+
+/// One full pass: caches → state → model → kernel.
+async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), PolicyError> {
+    let start = Instant::now();
+    let opts = &shared.options;
+    let state = {
+        let attachments = lock(&shared.attachments);
+        state::cluster_state(
+            &shared.pods.state(),
+            &shared.namespaces.state(),
+            &shared.policies.state(),
+            &attachments,
+            &opts.node,
+        )
+    };
+    let model = compile_with(
+        &state,
+        &opts.node,
+        &opts.node_addrs,
+        &opts.compile_options(),
+    );
+    let script = render_nft(&model);
+    let ports: HashSet<(String, IpAddr)> = model
+        .anti_spoof
+        .iter()
+        .flat_map(|p| p.ips.iter().map(|ip| (p.host_veth.clone(), *ip)))
+        .collect();
+    let summary = (
+        state.policies.len(),
+        model.policies.len(),
+        state.pods.iter().filter(|p| p.node == opts.node).count(),
+        model.chains.len(),
+        model.anti_spoof.len(),
+        model
+            .warnings
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>(),
+    );
+    let kernel = kernel.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut k = lock(&kernel);
+        let Kernel {
+            applier,
+            bank,
+            model: old,
+        } = &mut *k;
+        if let Some(old) = old.as_ref() {
+            // Bank what the outgoing ruleset counted (only when it will really be replaced).
+            if !applier.is_current(&script) {
+                match applier.counters() {
+                    Ok(c) => bank.bank(old, &c),
+                    Err(e) => tracing::warn!(error = %e, "cannot read counters before a change"),
+                }
+            }
+        }
+        applier.apply(&script)?;
+        *old = Some(model);
+        Ok::<(), PolicyError>(())
+    })
+    .await
+    .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
+
+    *shared.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(IpIndex::new(&state));
+    let generation = shared.applied.borrow().generation + 1;
+    shared.applied.send_replace(Applied { generation, ports });
+    let elapsed = start.elapsed();
+    let status = {
+        let mut s = lock(&shared.status);
+        s.generation = generation;
+        s.synced_at = Some(jiff::Timestamp::now().to_string());
+        (
+            s.policies_total,
+            s.policies_local,
+            s.local_pods,
+            s.pod_chains,
+            s.guarded_ports,
+            s.warnings,
+        ) = summary;
+        s.last_sync_ms = elapsed.as_secs_f64() * 1000.0;
+        s.last_error = None;
+        s.clone()
+    };
+    tracing::debug!(generation, ms = status.last_sync_ms, "policy synced");
+    write_status(&shared.options.run_dir, &status);
+    Ok(())
+}
+
+fn write_status(run_dir: &Path, status: &PolicyStatus) {
+    let path = run_dir.join(STATUS_FILE);
+    if let Err(e) = status.write(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the policy status");
+    }
+}
+
+/// Refreshes counters and the status file, and forgets attachments whose veth is gone (the pod
+/// was deleted). Returns whether a sync is due.
+async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
+    let candidates: Vec<String> = lock(&shared.attachments)
+        .iter()
+        .map(|a| a.host_veth.clone())
+        .collect();
+    let kernel = kernel.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let gone: Vec<String> = match veilnet_cni::netlink::Netlink::open() {
+            Ok(mut nl) => candidates
+                .into_iter()
+                .filter(|veth| matches!(nl.link_by_name(veth), Ok(None)))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let k = lock(&kernel);
+        let counters = match (&k.model, k.applier.counters()) {
+            (Some(model), Ok(c)) => Some(k.bank.snapshot(model, &c)),
+            _ => None,
+        };
+        (gone, counters)
+    })
+    .await;
+    let Ok((gone, counters)) = result else {
+        return false;
+    };
+    let removed = if gone.is_empty() {
+        Vec::new()
+    } else {
+        lock(&shared.attachments).retain(|a| !gone.contains(&a.host_veth))
+    };
+    for a in &removed {
+        tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), veth = %a.host_veth, "pod interface gone; attachment forgotten");
+    }
+    let status = {
+        let mut s = lock(&shared.status);
+        if let Some(c) = counters {
+            s.counters = c;
+        }
+        s.clone()
+    };
+    write_status(&shared.options.run_dir, &status);
+    !removed.is_empty()
+}

@@ -1,0 +1,143 @@
+//! The admission socket: one JSON line in (`admit`), one JSON line out (`admitted` once an
+//! applied ruleset holds the pod, else `refused` with the reason). See
+//! `veilnet_cni::agent_protocol` for the design.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use veilnet_cni::agent_protocol::{
+    decode_line, encode_line, PodAttachment, Request, Response, MAX_LINE, PROTOCOL_VERSION,
+    SOCKET_FILE,
+};
+
+use super::{lock, PolicyAgentError, Shared};
+
+/// Binds `<runDir>/agent.sock` (replacing a stale socket of an earlier agent), root only.
+pub fn bind(run_dir: &Path) -> Result<UnixListener, PolicyAgentError> {
+    let path = run_dir.join(SOCKET_FILE);
+    let err = |source| PolicyAgentError::Socket {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(run_dir).map_err(err)?;
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&path).map_err(err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Accepts connections forever; each is served on its own task.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>, client_timeout: Duration) {
+    // Answer a little before the plugin gives up, so it gets the reason instead of a timeout.
+    let budget = client_timeout.saturating_sub(Duration::from_millis(500));
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_one(stream, shared.clone(), budget));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admission socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, shared: Arc<Shared>, budget: Duration) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
+    let read = tokio::time::timeout(Duration::from_secs(2), reader.read_until(b'\n', &mut line));
+    let response = match read.await {
+        Ok(Ok(n)) if n > 0 => match decode_line::<Request>(&line) {
+            Ok(Request::Admit {
+                version,
+                attachment,
+            }) if version == PROTOCOL_VERSION => admit(&shared, attachment, budget).await,
+            Ok(Request::Admit { version, .. }) => Response::Refused {
+                reason: format!("protocol version {version}, the agent speaks {PROTOCOL_VERSION}"),
+            },
+            Err(e) => Response::Refused {
+                reason: e.to_string(),
+            },
+        },
+        _ => return, // the client went away or sent nothing
+    };
+    if let Response::Refused { reason } = &response {
+        tracing::warn!(reason = %reason, "pod admission refused");
+    }
+    let _ = write.write_all(&encode_line(&response)).await;
+}
+
+/// Records the attachment, triggers a sync and waits until an applied generation guards every
+/// IP of the pod's port.
+pub async fn admit(shared: &Arc<Shared>, a: PodAttachment, budget: Duration) -> Response {
+    let pod = format!("{}/{}", a.namespace, a.name);
+    if let Err(e) = lock(&shared.attachments).insert(a.clone()) {
+        return Response::Refused {
+            reason: e.to_string(),
+        };
+    }
+    tracing::info!(pod = %pod, veth = %a.host_veth, ips = ?a.ips, "pod admission requested");
+    shared.wake.notify_one();
+    let want: Vec<(String, std::net::IpAddr)> =
+        a.ips.iter().map(|ip| (a.host_veth.clone(), *ip)).collect();
+    let mut applied = shared.applied.subscribe();
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        {
+            let now = applied.borrow_and_update();
+            if want.iter().all(|k| now.ports.contains(k)) {
+                return Response::Admitted {
+                    generation: now.generation,
+                };
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    // Not programmed in time: forget it (the plugin rolls the veth back) and say why.
+    lock(&shared.attachments).remove(&a.container_id, &a.ifname);
+    shared.wake.notify_one();
+    Response::Refused {
+        reason: refusal_reason(shared, &a),
+    }
+}
+
+fn refusal_reason(shared: &Shared, a: &PodAttachment) -> String {
+    let pod = format!("{}/{}", a.namespace, a.name);
+    let found = shared.pods.state().into_iter().find(|p| {
+        p.metadata.namespace.as_deref() == Some(a.namespace.as_str())
+            && p.metadata.name.as_deref() == Some(a.name.as_str())
+    });
+    match found {
+        None => format!("pod {pod} is not (yet) in the agent's view of the API"),
+        Some(p) => {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+            if node != Some(shared.options.node.as_str()) {
+                format!(
+                    "pod {pod} is bound to node {:?}, this is {}",
+                    node.unwrap_or(""),
+                    shared.options.node
+                )
+            } else if let Some(e) = &lock(&shared.status).last_error {
+                format!("the ruleset for pod {pod} could not be applied: {e}")
+            } else {
+                format!("pod {pod} was not programmed in time")
+            }
+        }
+    }
+}
