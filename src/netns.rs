@@ -183,6 +183,63 @@ pub fn command_in(name: &str, cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Sends `signal` to every process inside the namespace and returns how many were signalled.
+///
+/// Race-free against PID reuse: each candidate is pinned with a pidfd, its namespace is checked
+/// again through the pinned process, and the signal goes through the pidfd. A PID that exited and
+/// was handed to an unrelated process between the scan and the signal is never hit (with a small
+/// `pid_max` and many short-lived processes, that reuse does happen).
+pub fn signal_members(name: &str, signal: i32) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    validate(name)?;
+    let Ok(target) = std::fs::metadata(path(name)) else {
+        return Ok(0);
+    };
+    let same_ns = |pid: i32| {
+        std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+    };
+    let me = std::process::id() as i32;
+    let mut signalled = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Ok(0);
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || !same_ns(pid) {
+            continue;
+        }
+        // SAFETY: plain syscalls on integers; the fd is closed below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if fd < 0 {
+            continue; // already gone
+        }
+        // Pinned now: if the PID was reused before pidfd_open, this check fails.
+        if same_ns(pid) {
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd,
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if rc == 0 {
+                signalled += 1;
+            }
+        }
+        unsafe { libc::close(fd) };
+    }
+    Ok(signalled)
+}
+
 /// Runs a command to completion and fails with its stderr when it exits non-zero.
 pub fn run(program: &str, args: &[&str]) -> Result<Output> {
     let display = format!("{program} {}", args.join(" "));

@@ -24,6 +24,8 @@ pub struct Sources {
     pub status: Mutex<Option<NodeStatus>>,
     /// `(state dir, network name, pod CIDR, gateway)` of the IPAM store to report on.
     pub ipam: Mutex<Option<(PathBuf, String, ipnet::Ipv4Net, std::net::Ipv4Addr)>>,
+    /// The policy enforcer's status file (`<run dir>/policy-status.json`), read on scrape.
+    pub policy_status: Mutex<Option<PathBuf>>,
 }
 
 pub struct Metrics {
@@ -170,6 +172,18 @@ impl Collector for SnapshotCollector {
                 vec![(vec![], ConstGauge::new(st.rejected.len() as i64))],
             )?;
         }
+        let policy = self
+            .0
+            .policy_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(ps) = policy
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<super::policy::status::PolicyStatus>(&t).ok())
+        {
+            encode_policy(&mut encoder, &ps)?;
+        }
         let ipam = self
             .0
             .ipam
@@ -202,6 +216,73 @@ impl Collector for SnapshotCollector {
         }
         Ok(())
     }
+}
+
+/// Policy verdicts by policy, drops by direction, spoofing, and the enforcer's size.
+fn encode_policy(
+    encoder: &mut DescriptorEncoder,
+    ps: &super::policy::status::PolicyStatus,
+) -> Result<(), std::fmt::Error> {
+    let c = &ps.counters;
+    family(
+        encoder,
+        "policy_allowed_packets",
+        "New connections a NetworkPolicy allowed on this node, by policy",
+        c.policies
+            .iter()
+            .map(|p| {
+                (
+                    vec![
+                        ("namespace", p.namespace.clone()),
+                        ("policy", p.name.clone()),
+                    ],
+                    ConstCounter::new(p.packets),
+                )
+            })
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "policy_denied_packets",
+        "Packets dropped by default deny (no policy allowed them), by direction",
+        vec![
+            (
+                vec![("direction", "ingress".to_string())],
+                ConstCounter::new(c.deny_ingress.packets),
+            ),
+            (
+                vec![("direction", "egress".to_string())],
+                ConstCounter::new(c.deny_egress.packets),
+            ),
+        ],
+    )?;
+    family(
+        encoder,
+        "spoofed_packets",
+        "Frames dropped because a pod sent with an IP or MAC that is not its own",
+        vec![(vec![], ConstCounter::new(c.spoofed.packets))],
+    )?;
+    family(
+        encoder,
+        "policies",
+        "NetworkPolicies in the cluster and selecting pods of this node",
+        vec![
+            (
+                vec![("scope", "cluster".to_string())],
+                ConstGauge::new(ps.policies_total as i64),
+            ),
+            (
+                vec![("scope", "node".to_string())],
+                ConstGauge::new(ps.policies_local as i64),
+            ),
+        ],
+    )?;
+    family(
+        encoder,
+        "local_pods",
+        "Pods on this node",
+        vec![(vec![], ConstGauge::new(ps.local_pods as i64))],
+    )
 }
 
 #[cfg(test)]

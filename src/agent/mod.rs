@@ -183,6 +183,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             gateway,
         ));
     }
+    *health
+        .metrics
+        .sources
+        .policy_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(cfg.run_dir.join(policy::STATUS_FILE));
     let health_task = health::serve(cfg.health_addr, health.clone()).await?;
     tracing::info!(addr = %cfg.health_addr, "health, metrics and status endpoint");
     // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the

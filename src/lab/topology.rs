@@ -6,9 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
 use super::layout::{LabLayout, UNDERLAY_BRIDGE, UNDERLAY_IFNAME};
 use crate::netns::{self, NetnsError};
 
@@ -133,41 +130,39 @@ pub fn lab_namespaces(name: &str) -> Vec<String> {
 }
 
 /// Kills every process inside the given namespaces: SIGTERM, a grace period, then SIGKILL.
+/// Signals go through pidfds after re-checking the namespace (see [`netns::signal_members`]), so a
+/// recycled PID that now belongs to another lab's process is never hit.
 pub fn kill_all_in(namespaces: &[String], grace: Duration) -> Result<()> {
-    let pids_of = |nss: &[String]| -> Result<Vec<(String, i32)>> {
+    let signal_all = |sig: i32| -> Result<usize> {
+        let mut n = 0;
+        for ns in namespaces {
+            n += netns::signal_members(ns, sig)?;
+        }
+        Ok(n)
+    };
+    let alive = || -> Result<Vec<(String, i32)>> {
         let mut all = Vec::new();
-        for ns in nss {
+        for ns in namespaces {
             for pid in netns::pids(ns)? {
                 all.push((ns.clone(), pid));
             }
         }
         Ok(all)
     };
-    let me = std::process::id() as i32;
-    let signal_all = |pids: &[(String, i32)], sig: Signal| {
-        for (_, pid) in pids {
-            if *pid != me {
-                let _ = kill(Pid::from_raw(*pid), sig);
-            }
-        }
-    };
-    let running = pids_of(namespaces)?;
-    if running.is_empty() {
+    if signal_all(libc::SIGTERM)? == 0 {
         return Ok(());
     }
-    signal_all(&running, Signal::SIGTERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if pids_of(namespaces)?.is_empty() {
+        if alive()?.is_empty() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left = pids_of(namespaces)?;
-    signal_all(&left, Signal::SIGKILL);
+    signal_all(libc::SIGKILL)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let left = pids_of(namespaces)?;
+        let left = alive()?;
         let Some((ns, _)) = left.first() else {
             return Ok(());
         };

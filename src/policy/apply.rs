@@ -175,9 +175,15 @@ fn run_nft(
 /// same-node pod-to-pod traffic meets the forward chain. br_netfilter's switches are per network
 /// namespace; they are written from a thread inside it.
 pub fn enable_bridge_netfilter(netns_name: Option<&str>) -> Result<(), PolicyError> {
+    // Read first and write only what differs: in a container /proc/sys is read-only, and the
+    // install manifest's init container has already set these through the host's /proc.
     fn write_switches() -> std::io::Result<()> {
         for key in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
-            std::fs::write(format!("/proc/sys/net/bridge/{key}"), "1")?;
+            let path = format!("/proc/sys/net/bridge/{key}");
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+                continue;
+            }
+            std::fs::write(path, "1")?;
         }
         Ok(())
     }

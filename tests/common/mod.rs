@@ -183,6 +183,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The lab's logs vanish with it: show them with the failure.
+            eprintln!("lab {} logs at the failure:\n{}", self.name, self.logs());
+        }
         self.down();
     }
 }

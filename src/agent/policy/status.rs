@@ -8,14 +8,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::policy::{
     CompiledPolicy, CounterValue, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER,
 };
 
 /// Packets and bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,
@@ -29,7 +29,7 @@ impl Count {
 }
 
 /// One policy's counter: new connections its rules allowed on this node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyCounter {
     pub namespace: String,
@@ -39,7 +39,7 @@ pub struct PolicyCounter {
 }
 
 /// Everything counted on this node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CounterSnapshot {
     pub policies: Vec<PolicyCounter>,
@@ -115,7 +115,7 @@ impl CounterBank {
 }
 
 /// `<runDir>/policy-status.json`.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
     pub node: String,

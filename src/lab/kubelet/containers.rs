@@ -333,9 +333,12 @@ pub fn spawn(
     })
 }
 
-/// Signals the container's process group (falls back to the process if the group is gone).
-pub fn signal_group(pid: i32, signal: Signal) {
-    if pid <= 0 {
+/// Signals the container's process group, but only while its leader is still the process we
+/// started (same start time): once the leader is gone its PID, and so the group ID, can be reused
+/// by an unrelated process (another lab's daemons are session leaders too). Leftover children are
+/// killed with the pod's namespace (`netns::signal_members`).
+pub fn signal_group(pid: i32, start_ticks: u64, signal: Signal) {
+    if pid <= 0 || process_start_ticks(pid) != Some(start_ticks) {
         return;
     }
     if killpg(Pid::from_raw(pid), signal).is_err() {
@@ -343,9 +346,9 @@ pub fn signal_group(pid: i32, signal: Signal) {
     }
 }
 
-/// True while any process of the group exists.
-pub fn group_alive(pid: i32) -> bool {
-    pid > 0 && killpg(Pid::from_raw(pid), None).is_ok()
+/// True while the group's leader, the process we started, is alive.
+pub fn group_alive(pid: i32, start_ticks: u64) -> bool {
+    pid > 0 && process_start_ticks(pid) == Some(start_ticks)
 }
 
 /// Wait before the restart after `restarts` earlier restarts: 1 s, 2 s, 4 s … capped at 30 s.

@@ -405,9 +405,7 @@ impl<A: PodApi> PodWorker<A> {
                 slot.last_termination = record.last_exit;
             } else if record.pid > 0 {
                 // It ended while no kubelet watched: its exit code is lost.
-                if containers::record_alive(&record) {
-                    containers::signal_group(record.pid, Signal::SIGKILL);
-                }
+                containers::signal_group(record.pid, record.start_ticks, Signal::SIGKILL);
                 slot.state = RuntimeState::Terminated(Termination {
                     exit_code: 255,
                     signal: None,
@@ -838,12 +836,10 @@ impl<A: PodApi> PodWorker<A> {
                     start_ticks: slot.start_ticks,
                     ..Default::default()
                 };
-                containers::signal_group(record.pid, Signal::SIGTERM);
+                containers::signal_group(record.pid, record.start_ticks, Signal::SIGTERM);
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
-                    if containers::record_alive(&record) {
-                        containers::signal_group(record.pid, Signal::SIGKILL);
-                    }
+                    containers::signal_group(record.pid, record.start_ticks, Signal::SIGKILL);
                 });
             }
         }
@@ -944,23 +940,22 @@ impl<A: PodApi> PodWorker<A> {
 
     /// SIGTERM to every running container's group, SIGKILL after `grace`.
     async fn stop_containers(&mut self, grace: Duration) {
-        let pids: Vec<i32> = self
+        let pids: Vec<(i32, u64)> = self
             .slots
             .values()
             .filter(|s| s.running() && s.pid > 0)
-            .map(|s| s.pid)
+            .map(|s| (s.pid, s.start_ticks))
             .collect();
-        for pid in &pids {
-            containers::signal_group(*pid, Signal::SIGTERM);
+        for (pid, ticks) in &pids {
+            containers::signal_group(*pid, *ticks, Signal::SIGTERM);
         }
         let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && pids.iter().any(|p| containers::group_alive(*p)) {
+        while Instant::now() < deadline && pids.iter().any(|(p, t)| containers::group_alive(*p, *t))
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for pid in &pids {
-            if containers::group_alive(*pid) {
-                containers::signal_group(*pid, Signal::SIGKILL);
-            }
+        for (pid, ticks) in &pids {
+            containers::signal_group(*pid, *ticks, Signal::SIGKILL);
         }
         // Let the exit watchers reap them, then record the exits.
         let until = Instant::now() + Duration::from_secs(2);

@@ -399,12 +399,17 @@ impl Sandboxes {
                 })?;
         }
         let ns = record.netns.clone();
-        blocking(move || netns::delete(&ns))
-            .await?
-            .map_err(|source| SandboxError::DeleteNetns {
-                netns: record.netns.clone(),
-                source,
-            })?;
+        blocking(move || {
+            // Whatever the containers left behind (children outside their group) dies with the
+            // sandbox instead of running on in a deleted namespace.
+            kill_netns_processes(&ns);
+            netns::delete(&ns)
+        })
+        .await?
+        .map_err(|source| SandboxError::DeleteNetns {
+            netns: record.netns.clone(),
+            source,
+        })?;
         Ok(())
     }
 
@@ -492,22 +497,12 @@ fn read_record_file(path: &Path) -> Option<SandboxRecord> {
 
 /// SIGKILLs every process left in the namespace (and waits briefly for them to go).
 fn kill_netns_processes(name: &str) {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    let me = std::process::id() as i32;
+    // Through pidfds (netns::signal_members): a recycled PID is never hit.
     for _ in 0..20 {
-        let pids: Vec<i32> = netns::pids(name)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| *p != me)
-            .collect();
-        if pids.is_empty() {
-            return;
+        match netns::signal_members(name, libc::SIGKILL) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
         }
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
