@@ -695,7 +695,7 @@ fn pod_worker_runs_restarts_reports_and_tears_down() {
                 .unwrap();
             assert_eq!(exit, super::pods::WorkerExit::TornDown);
             assert!(!dir.exists());
-            assert!(!super::containers::process_start_ticks(pid).is_some());
+            assert!(super::containers::process_start_ticks(pid).is_none());
             drop(tx);
         })
     })
@@ -854,7 +854,7 @@ fn host_network_pods_run_without_cni_even_when_the_network_is_not_ready() {
                 .await
                 .unwrap()
                 .unwrap();
-            assert!(!super::containers::process_start_ticks(pid).is_some());
+            assert!(super::containers::process_start_ticks(pid).is_none());
         })
     })
     .unwrap();

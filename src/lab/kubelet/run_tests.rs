@@ -499,7 +499,7 @@ fn kubelet_against_an_api_server() {
             eventually("web-0 deleted by the kubelet", 20, || fake.pod("default", "web-0").is_none())
                 .await;
             assert!(!netns::exists(&web_ns));
-            assert!(!super::containers::process_start_ticks(pid).is_some());
+            assert!(super::containers::process_start_ticks(pid).is_none());
 
             stop_tx.send(()).unwrap();
             tokio::time::timeout(Duration::from_secs(15), kubelet).await.unwrap().unwrap().unwrap();
