@@ -41,10 +41,23 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             run_dir.display()
         )
     })?;
+    // The policy enforcer's own status file, when it runs.
+    let policy: Option<serde_json::Value> =
+        std::fs::read_to_string(run_dir.join(crate::agent::policy::STATUS_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        let mut v = serde_json::to_value(&st)?;
+        v["policy"] = policy.unwrap_or(serde_json::Value::Null);
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", status::render(&st));
+        if let Some(p) = policy {
+            println!(
+                "policy: {} NetworkPolicies ({} select pods here), {} local pods, ruleset generation {}, last sync {:.1} ms",
+                p["policiesTotal"], p["policiesLocal"], p["localPods"], p["generation"], p["lastSyncMs"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

@@ -125,6 +125,23 @@ fn toggling_a_node_off_and_on_changes_the_path_within_five_seconds() {
     set_mode(&lab, "node-2", "off");
     let took = wait_path(&lab, "node-1", "node-2", "vxlan", Duration::from_secs(5));
     eprintln!("on -> off: path changed in {took:?}");
+    // `veilnet status` shows the real matrix after the toggle, and the policy/pod counts.
+    eventually(
+        Duration::from_secs(5),
+        "the matrix to show the toggle",
+        || {
+            let st = node_status(&lab, "node-1");
+            st["matrix"]["node-1"]["node-2"] == "vxlan"
+                && st["matrix"]["node-2"]["node-1"] == "vxlan"
+        },
+    );
+    let st = node_status(&lab, "node-1");
+    assert_eq!(st["policy"]["localPods"], 1, "{:#}", st["policy"]);
+    let human = ok(veilnet().args(["status", "--lab", &lab.name, "--node", "node-1"]));
+    assert!(
+        human.contains("path matrix") && human.contains("local pods"),
+        "{human}"
+    );
     assert_wire(&lab, "default/a", "default/b", "plaintext");
 
     set_mode(&lab, "node-2", "on");
