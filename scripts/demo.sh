@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The main job: build veilnet, bring up a 3-node lab in network namespaces and show pod traffic
+# isolated by a NetworkPolicy and
 # crossing the wire encrypted, toggled live per node, and blocked (never downgraded) in strict mode.
 #   ./scripts/demo.sh        build + lab up + demo (leaves the lab up to play with)
 #   ./scripts/demo.sh down   remove the lab (idempotent)
@@ -61,6 +62,16 @@ verify default/client default/web encrypted
 
 say "What node-1's agent sees"
 run "$VEILNET" status --lab "$LAB" --node node-1
+
+say "Isolation: a NetworkPolicy lets only app=client reach web, on TCP 80"
+printf '$ veilnet lab kubectl -- apply -f scripts/demo/policy.yaml\n'
+kc apply -f scripts/demo/policy.yaml
+sleep 1
+connect client "$WEB:80" tcp
+printf '(other is not app=client: its connection times out, exit 1)\n'
+connect other "$WEB:80" tcp
+run "$VEILNET" policy explain --lab "$LAB" default/other default/web 80/tcp
+kc delete -f scripts/demo/policy.yaml >/dev/null
 
 say "Turn encryption off on node-2, live: that pair falls back to VXLAN, and the wire shows it"
 label node-2 off
