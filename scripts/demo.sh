@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: build veilnet, bring up a 3-node lab in network namespaces and show pod traffic
-# isolated by a NetworkPolicy and
-# crossing the wire encrypted, toggled live per node, and blocked (never downgraded) in strict mode.
+# isolated by a NetworkPolicy and crossing the wire encrypted, toggled live per node, and blocked
+# (never downgraded) in strict mode.
 #   ./scripts/demo.sh        build + lab up + demo (leaves the lab up to play with)
 #   ./scripts/demo.sh down   remove the lab (idempotent)
 # Environment: LAB (lab name, default veilnet).
