@@ -29,7 +29,9 @@ kc() { "$VEILNET" lab kubectl --name "$LAB" -- "$@"; }
 TO_NS=${TO%%/*} TO_POD=${TO#*/}
 TO_IP=$(kc get pod -n "$TO_NS" "$TO_POD" -o jsonpath='{.status.podIP}')
 [ -n "$TO_IP" ] || { echo "pod $TO has no IP" >&2; exit 2; }
-CLUSTER_CIDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cluster_cidr"])' "/var/lib/veilnet-lab/$LAB/lab.json")
+# lab.json is written by veilnet (pretty JSON, one key per line): no JSON tool needed.
+CLUSTER_CIDR=$(sed -n 's/^ *"cluster_cidr": *"\([^"]*\)".*/\1/p' "/var/lib/veilnet-lab/$LAB/lab.json")
+[ -n "$CLUSTER_CIDR" ] || { echo "lab $LAB is not up (no cluster CIDR in its lab.json)" >&2; exit 2; }
 UNDERLAY_NS="$LAB.ul"
 WG_PORT=51820 VXLAN_PORT=8472
 
