@@ -69,9 +69,7 @@ pub fn write_if_changed(path: &Path, content: &[u8]) -> Result<bool, CniConfigEr
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
+    crate::fsutil::write_atomic(path, content).map_err(err)?;
     Ok(true)
 }
 

@@ -148,13 +148,8 @@ pub fn path(run_dir: &FsPath) -> PathBuf {
 }
 
 pub fn write(run_dir: &FsPath, st: &NodeStatus) -> std::io::Result<()> {
-    let p = path(run_dir);
-    let tmp = p.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, &p)
+    let body = serde_json::to_vec_pretty(st).map_err(std::io::Error::other)?;
+    crate::fsutil::write_atomic(&path(run_dir), &body)
 }
 
 pub fn read(run_dir: &FsPath) -> std::io::Result<NodeStatus> {

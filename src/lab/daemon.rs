@@ -1,7 +1,7 @@
 //! The lab's long-running processes (API stand-in, kubelets, agents): started detached inside a
 //! namespace, with a pid file and a log file, and found again by later `veilnet lab` commands.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -102,9 +102,5 @@ impl Daemon<'_> {
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    crate::fsutil::write_atomic(path, text.as_bytes()).map_err(io_err(path))
 }

@@ -209,10 +209,8 @@ fn write_atomic(path: &Path, a: &PodAttachment) -> Result<(), AttachmentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create directory"))?;
     }
-    let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec(a).map_err(|e| io("encode")(std::io::Error::other(e)))?;
-    std::fs::write(&tmp, body).map_err(io("write"))?;
-    std::fs::rename(&tmp, path).map_err(io("rename"))
+    crate::fsutil::write_atomic(path, &body).map_err(io("write"))
 }
 
 #[cfg(test)]

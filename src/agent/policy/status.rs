@@ -139,10 +139,8 @@ pub struct PolicyStatus {
 impl PolicyStatus {
     /// Writes the file atomically (temp file + rename).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, path)
+        crate::fsutil::write_atomic(path, &body)
     }
 }
 

@@ -676,9 +676,7 @@ impl CniRuntime {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&entry)?)?;
-            std::fs::rename(&tmp, &path)
+            crate::fsutil::write_atomic(&path, &serde_json::to_vec(&entry)?)
         };
         write().map_err(|source| CniError::CacheWrite {
             path: path.clone(),

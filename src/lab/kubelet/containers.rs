@@ -227,11 +227,9 @@ fn record_path(pod_dir: &Path, container: &str) -> PathBuf {
 
 pub fn write_record(pod_dir: &Path, container: &str, record: &ContainerRecord) {
     let path = record_path(pod_dir, container);
-    let tmp = path.with_extension("state.tmp");
     let result = serde_json::to_vec(record)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|bytes| crate::fsutil::write_atomic(&path, &bytes));
     if let Err(e) = result {
         tracing::warn!(path = %path.display(), error = %e, "failed to write container record");
     }

@@ -257,9 +257,7 @@ impl Sandboxes {
         let path = dir.join(RECORD_FILE);
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(&dir)?;
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
-            std::fs::rename(&tmp, &path)
+            crate::fsutil::write_atomic(&path, &serde_json::to_vec_pretty(record)?)
         };
         write().map_err(|source| SandboxError::Write {
             path: path.clone(),
