@@ -114,6 +114,7 @@ impl Node {
             mtu: 1500 - veilnet::wg::OVERHEAD_IPV4,
             fwmark: Some(0x5a),
             persistent,
+            busy_poll: veilnet::wg::DEFAULT_BUSY_POLL,
         };
         let (rt, dev) = netns::run_in(ns, move || {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -59,6 +59,7 @@ impl WireGuard {
             // The TUN (and the routes on it) outlive the agent: a restart or upgrade re-attaches
             // and re-handshakes instead of dropping every encrypted flow.
             persistent: true,
+            busy_poll: wg::DEFAULT_BUSY_POLL,
         })
         .await?;
         Ok(Self {

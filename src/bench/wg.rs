@@ -47,9 +47,12 @@ pub struct WgNodeArgs {
     /// Leave the TUN in place on exit (and attach to it on start).
     #[arg(long)]
     pub persistent: bool,
-    /// Runtime worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Runtime worker threads (the control side; packets move on the device's own thread).
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Microseconds the datapath thread keeps polling after handling packets before it sleeps.
+    #[arg(long, default_value_t = crate::wg::DEFAULT_BUSY_POLL.as_micros() as u64)]
+    pub busy_poll_us: u64,
 }
 
 /// Parses `PUBKEY@IP:PORT=CIDR[,CIDR…]`.
@@ -97,6 +100,7 @@ pub fn run_node(args: WgNodeArgs) -> Result<(), WgBenchError> {
         let mut cfg = WgConfig::new(args.tun, private_key, args.mtu);
         cfg.listen_port = args.port;
         cfg.persistent = args.persistent;
+        cfg.busy_poll = std::time::Duration::from_micros(args.busy_poll_us);
         let dev = WgDevice::start(cfg).await?;
         dev.set_peers(peers)?;
         println!(

@@ -6,8 +6,8 @@
 //! runs: plaintext never reaches the network.
 //!
 //! [`encapsulate_segments`] is the step over the packets of one TUN read (one packet, or the
-//! segments of a super-packet) into per-peer [`TxBatches`], free of I/O; [`run`] the I/O loop:
-//! TUN reads (super-packets, see `offload`) in, UDP GSO batches out.
+//! segments of a super-packet) into per-peer [`TxBatches`], free of I/O; [`Egress::round`] the I/O
+//! around it: TUN reads (super-packets, see `offload`) in, UDP GSO batches out.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -168,44 +168,58 @@ pub(crate) fn encapsulate_segments<'a>(
 const READS_PER_ROUND: usize = 32;
 const ROUND_BYTES: usize = 512 << 10;
 
-/// Reads the TUN until it fails. Each read (a super-packet with offloads) is segmented,
-/// encrypted into its peer's batch; when the TUN has nothing more ready (or a round is full) the
-/// batches go out, one GSO send per run of equal-sized datagrams.
-pub(crate) async fn run(state: Arc<State>, tun: Arc<Tun>, udp: Arc<UdpSockets>) {
-    let mut packet = vec![0u8; VNET_HDR_LEN + MAX_PACKET];
-    let mut segments = Segments::default();
-    let mut batches = TxBatches::default();
-    let mut errors = super::ErrorStreak::default();
-    loop {
-        let n = match tun.recv(&mut packet).await {
-            Ok(n) => {
-                errors.reset();
-                n
-            }
-            Err(e) => {
-                errors.record("reading the TUN device", &e).await;
-                continue;
-            }
-        };
-        take(&state, &packet[..n], &mut segments, &mut batches);
-        for _ in 1..READS_PER_ROUND {
-            if batches.bytes() >= ROUND_BYTES {
+/// The TUN → UDP direction's reusable buffers, driven by the datapath thread.
+pub(crate) struct Egress {
+    packet: Vec<u8>,
+    segments: Segments,
+    batches: TxBatches,
+    errors: super::ErrorStreak,
+}
+
+impl Egress {
+    pub(crate) fn new() -> Egress {
+        Egress {
+            packet: vec![0u8; VNET_HDR_LEN + MAX_PACKET],
+            segments: Segments::default(),
+            batches: TxBatches::default(),
+            errors: super::ErrorStreak::default(),
+        }
+    }
+
+    /// One round: reads what the TUN has ready (a read is a super-packet with offloads), each read
+    /// segmented and encrypted into its peer's batch; when the TUN has nothing more (or the round
+    /// is full) the batches go out, one GSO send per run of equal-sized datagrams. Returns whether
+    /// anything was read.
+    pub(crate) fn round(&mut self, state: &State, tun: &Tun, udp: &UdpSockets) -> bool {
+        let mut read_any = false;
+        for _ in 0..READS_PER_ROUND {
+            if self.batches.bytes() >= ROUND_BYTES {
                 break;
             }
-            match tun.try_recv(&mut packet) {
-                Ok(n) => take(&state, &packet[..n], &mut segments, &mut batches),
+            match tun.try_recv(&mut self.packet) {
+                Ok(n) => {
+                    self.errors.reset();
+                    read_any = true;
+                    take(
+                        state,
+                        &self.packet[..n],
+                        &mut self.segments,
+                        &mut self.batches,
+                    );
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    tracing::debug!(error = %e, "reading the TUN device");
+                    self.errors.record("reading the TUN device", &e);
                     break;
                 }
             }
         }
-        for b in &batches.batches {
-            let result = udp.send_batch(b.to, &b.buf, &b.lens).await;
-            account_send(&state, &b.peer, b.buf.len(), &result);
+        for b in &self.batches.batches {
+            let result = udp.send_batch(b.to, &b.buf, &b.lens);
+            account_send(state, &b.peer, b.buf.len(), &result);
         }
-        batches.clear();
+        self.batches.clear();
+        read_any
     }
 }
 

@@ -7,8 +7,8 @@
 //! routes back to the peer that sent it (cryptokey routing); anything else is dropped and counted.
 //!
 //! [`handle`] is the per-datagram step over caller-owned buffers; [`next_queued`] drains packets a
-//! completed handshake released; [`run`] is the socket loop (batched receives in, coalesced TUN
-//! writes out).
+//! completed handshake released; [`Ingress::round`] is the I/O around them (batched receives in,
+//! coalesced TUN writes out).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,7 +29,7 @@ const COOKIE_REPLY_LEN: usize = 64;
 
 /// What to do with one received datagram.
 #[derive(Debug)]
-pub(crate) enum Ingress<'a> {
+pub(crate) enum Step<'a> {
     /// Write this decrypted IP packet to the TUN.
     ToTun(&'a [u8]),
     /// Send this datagram back. When `drain` is set, the peer may have packets queued behind the
@@ -64,13 +64,13 @@ pub(crate) fn handle<'a>(
     from: SocketAddr,
     datagram: &[u8],
     out: &'a mut [u8],
-) -> Ingress<'a> {
+) -> Step<'a> {
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let packet = match Tunn::parse_incoming_packet(datagram) {
         Ok(p) => p,
         Err(_) => {
             bump(&state.counters.rx_invalid);
-            return Ingress::Dropped(IngressDrop::Invalid);
+            return Step::Dropped(IngressDrop::Invalid);
         }
     };
     let table = state.table();
@@ -87,13 +87,13 @@ pub(crate) fn handle<'a>(
                 Ok(Packet::HandshakeInit(init)) => init,
                 Ok(_) => {
                     bump(&state.counters.rx_invalid);
-                    return Ingress::Dropped(IngressDrop::Invalid);
+                    return Step::Dropped(IngressDrop::Invalid);
                 }
                 Err(TunnResult::WriteToNetwork(reply)) => {
                     bump(&state.counters.cookies_sent);
                     let n = reply.len();
                     out[..n].copy_from_slice(reply);
-                    return Ingress::ToNetwork {
+                    return Step::ToNetwork {
                         to: from,
                         datagram: &out[..n],
                         drain: None,
@@ -101,7 +101,7 @@ pub(crate) fn handle<'a>(
                 }
                 Err(_) => {
                     bump(&state.counters.rx_invalid);
-                    return Ingress::Dropped(IngressDrop::Invalid);
+                    return Step::Dropped(IngressDrop::Invalid);
                 }
             };
             let half = match parse_handshake_anon(&id.private, &id.public, &init) {
@@ -109,7 +109,7 @@ pub(crate) fn handle<'a>(
                 Err(e) => {
                     tracing::trace!(error = ?e, %from, "handshake initiation not for our key");
                     bump(&state.counters.rx_invalid);
-                    return Ingress::Dropped(IngressDrop::Invalid);
+                    return Step::Dropped(IngressDrop::Invalid);
                 }
             };
             match table.by_key.get(&half.peer_static_public) {
@@ -117,23 +117,23 @@ pub(crate) fn handle<'a>(
                 None => {
                     tracing::debug!(%from, "handshake initiation from an unknown public key");
                     bump(&state.counters.rx_unknown_peer);
-                    return Ingress::Dropped(IngressDrop::UnknownPeer);
+                    return Step::Dropped(IngressDrop::UnknownPeer);
                 }
             }
         }
         Packet::HandshakeResponse(p) => match lookup_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
-            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+            None => return Step::Dropped(IngressDrop::UnknownPeer),
         },
         Packet::PacketCookieReply(p) => match lookup_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
-            None => return Ingress::Dropped(IngressDrop::UnknownPeer),
+            None => return Step::Dropped(IngressDrop::UnknownPeer),
         },
         Packet::PacketData(p) => match lookup_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
             None => {
                 stale_session_hint(state, &table, from);
-                return Ingress::Dropped(IngressDrop::UnknownPeer);
+                return Step::Dropped(IngressDrop::UnknownPeer);
             }
         },
     };
@@ -145,28 +145,28 @@ pub(crate) fn handle<'a>(
         TunnResult::Err(e) => {
             tracing::trace!(error = ?e, %from, "datagram rejected by the tunnel");
             bump(&peer.counters.rx_errors);
-            Ingress::Dropped(IngressDrop::Rejected)
+            Step::Dropped(IngressDrop::Rejected)
         }
         TunnResult::Done => {
             // A keepalive (authenticated) or a cookie reply (not a proof of the peer's address).
             if !is_cookie {
                 authenticated(&peer, from, datagram.len());
             }
-            Ingress::Consumed
+            Step::Consumed
         }
         TunnResult::WriteToNetwork(reply) => {
             // A handshake response to an initiation, a keepalive answering a response, or a
             // cookie because the second rate-limiter pass found us under load.
             if is_cookie_reply(reply) {
                 bump(&state.counters.cookies_sent);
-                return Ingress::ToNetwork {
+                return Step::ToNetwork {
                     to: from,
                     datagram: reply,
                     drain: None,
                 };
             }
             authenticated(&peer, from, datagram.len());
-            Ingress::ToNetwork {
+            Step::ToNetwork {
                 to: from,
                 datagram: reply,
                 drain: Some(peer),
@@ -180,7 +180,7 @@ pub(crate) fn handle<'a>(
         }
     };
     // Only data messages may produce plaintext for the TUN; `Tunn` guarantees it, this states it.
-    debug_assert!(is_data || !matches!(outcome, Ingress::ToTun(_)));
+    debug_assert!(is_data || !matches!(outcome, Step::ToTun(_)));
     outcome
 }
 
@@ -230,15 +230,15 @@ fn deliver<'a>(
     len: usize,
     src: IpAddr,
     inner: &'a mut [u8],
-) -> Ingress<'a> {
+) -> Step<'a> {
     authenticated(peer, from, len);
     if !table.source_allowed(peer, src) {
         tracing::debug!(%src, peer = %super::keys::fingerprint(&peer.public_key), "inner source not in the peer's allowed IPs, dropped");
         bump(&peer.counters.dropped_not_allowed);
-        return Ingress::Dropped(IngressDrop::NotAllowed);
+        return Step::Dropped(IngressDrop::NotAllowed);
     }
     bump(&peer.counters.rx_packets);
-    Ingress::ToTun(inner)
+    Step::ToTun(inner)
 }
 
 /// After a handshake completes, the next packet the peer queued while waiting, encrypted.
@@ -255,64 +255,87 @@ pub(crate) fn next_queued<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<(SocketA
     }
 }
 
-/// Receives from one socket until it fails: a `recvmmsg` batch (with GRO, many datagrams per
-/// buffer) is decrypted datagram by datagram, the plaintext coalesced into TCP super-packets and
-/// written to the TUN before the next batch is read.
-pub(crate) async fn run(
-    state: Arc<State>,
-    tun: Arc<Tun>,
-    udp: Arc<UdpSockets>,
-    socket: Arc<Socket>,
-) {
-    let mut batch = RecvBatch::default();
-    let mut out = vec![0u8; MAX_PACKET + 64];
-    let mut coalescer = Coalescer::default();
-    let mut errors = super::ErrorStreak::default();
-    loop {
-        let received = match socket.recv_batch(&mut batch).await {
+/// The UDP → TUN direction's reusable buffers (one per socket), driven by the datapath thread.
+pub(crate) struct Ingress {
+    batch: RecvBatch,
+    out: Vec<u8>,
+    coalescer: Coalescer,
+    errors: super::ErrorStreak,
+}
+
+impl Ingress {
+    pub(crate) fn new() -> Ingress {
+        Ingress {
+            batch: RecvBatch::default(),
+            out: vec![0u8; MAX_PACKET + 64],
+            coalescer: Coalescer::default(),
+            errors: super::ErrorStreak::default(),
+        }
+    }
+
+    /// One round on `socket`: a `recvmmsg` batch (with GRO, many datagrams per buffer) if one is
+    /// ready, decrypted datagram by datagram, the plaintext coalesced into TCP super-packets and
+    /// written to the TUN. Handshake replies (and the packets they release) go out at once.
+    /// Returns whether anything was received.
+    pub(crate) fn round(
+        &mut self,
+        state: &State,
+        tun: &Tun,
+        udp: &UdpSockets,
+        socket: &Socket,
+    ) -> bool {
+        let received = match socket.try_recv_batch(&mut self.batch) {
             Ok(n) => {
-                errors.reset();
+                self.errors.reset();
                 n
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(e) => {
-                errors.record("receiving from the UDP socket", &e).await;
-                continue;
+                self.errors.record("receiving from the UDP socket", &e);
+                return false;
             }
         };
+        let Ingress {
+            batch,
+            out,
+            coalescer,
+            ..
+        } = self;
         for i in 0..received {
             let from = batch.received[i].1;
             for datagram in batch.datagrams(i) {
-                match handle(&state, from, datagram, &mut out) {
-                    Ingress::ToTun(packet) => coalescer.push(packet),
-                    Ingress::ToNetwork {
+                match handle(state, from, datagram, out) {
+                    Step::ToTun(packet) => coalescer.push(packet),
+                    Step::ToNetwork {
                         to,
                         datagram: reply,
                         drain,
                     } => {
                         let len = reply.len();
-                        let result = udp.send_to(reply, to).await;
+                        let result = udp.send_to(reply, to);
                         if let Some(peer) = drain {
-                            egress::account_send(&state, &peer, len, &result);
-                            while let Some((to, queued)) = next_queued(&peer, &mut out) {
+                            egress::account_send(state, &peer, len, &result);
+                            while let Some((to, queued)) = next_queued(&peer, out) {
                                 let len = queued.len();
-                                let result = udp.send_to(queued, to).await;
-                                egress::account_send(&state, &peer, len, &result);
+                                let result = udp.send_to(queued, to);
+                                egress::account_send(state, &peer, len, &result);
                             }
                         }
                     }
-                    Ingress::Consumed => {}
-                    Ingress::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
+                    Step::Consumed => {}
+                    Step::Dropped(why) => tracing::trace!(?why, %from, "datagram dropped"),
                 }
             }
         }
         if !coalescer.is_empty() {
             for packet in coalescer.packets() {
-                if let Err(e) = tun.send(packet).await {
+                if let Err(e) = tun.send(packet) {
                     bump(&state.counters.tun_write_errors);
                     tracing::debug!(error = %e, "TUN write failed");
                 }
             }
             coalescer.clear();
         }
+        received > 0
     }
 }

@@ -3,10 +3,10 @@
 //!
 //! Layout: [`keys`] (key files and text form), `allowed_ips` (longest-prefix table), `peers`
 //! (peer state, tables, declarative diff), `state` (identity + table snapshot), `egress`
-//! (TUN → UDP), `ingress` (UDP → TUN), `timers`, `tun`, `udp`, `stats`. The per-packet steps in
-//! `egress`/`ingress`/`timers` are synchronous functions over caller-owned buffers; the async
-//! loops around them only do I/O, so batching (recvmmsg, GSO/GRO) can later replace the loops
-//! without touching the protocol logic.
+//! (TUN → UDP), `ingress` (UDP → TUN), `timers`, `tun`, `udp`, `offload` (segmentation and
+//! coalescing), `stats`, and `worker`, the one thread per device that drives them all over
+//! `poll` (`readiness`). The per-packet steps in `egress`/`ingress`/`timers` are synchronous
+//! functions over caller-owned buffers, unit-tested without any I/O.
 //!
 //! Security contract: a packet from the TUN leaves only encrypted, for the peer whose allowed IPs
 //! hold its destination; a decrypted packet enters the TUN only if its source is in the allowed
@@ -18,16 +18,18 @@ mod ingress;
 pub mod keys;
 mod offload;
 mod peers;
+mod readiness;
 mod state;
 mod stats;
 mod timers;
 mod tun;
 mod udp;
+mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::task::JoinHandle;
 
 pub use allowed_ips::AllowedIps;
 pub use keys::{KeyError, PublicKey, StaticSecret};
@@ -37,6 +39,7 @@ pub use tun::TunError;
 pub use udp::UdpError;
 
 use state::State;
+use worker::{Datapath, DatapathThread};
 
 /// Largest IP packet we read or write (the IPv4/IPv6 length field's limit).
 pub(crate) const MAX_PACKET: usize = 65536;
@@ -69,13 +72,15 @@ impl ErrorStreak {
         }
     }
 
-    pub(crate) async fn record(&mut self, what: &str, e: &std::io::Error) {
+    /// Logs (rate-limited) and pauses the datapath thread briefly: a descriptor that keeps
+    /// failing must not turn the thread into a busy loop.
+    pub(crate) fn record(&mut self, what: &str, e: &std::io::Error) {
         if self.0 % 1000 == 0 {
             tracing::warn!(error = %e, consecutive = self.0 + 1, "{what} failed");
         }
         self.0 += 1;
         let pause = if self.0 < 10 { 1 } else { 100 };
-        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        std::thread::sleep(std::time::Duration::from_millis(pause));
     }
 }
 
@@ -96,10 +101,19 @@ pub struct WgConfig {
     /// device, so a restarted agent re-attaches by name and traffic resumes after one handshake.
     /// Shutdown and drop then leave the TUN in place. Default false: the TUN vanishes with us.
     pub persistent: bool,
+    /// How long the datapath thread keeps polling without sleeping after it handled packets
+    /// (see `worker`). Zero sleeps at once: least CPU, longest round trips.
+    pub busy_poll: Duration,
 }
 
+/// Default [`WgConfig::busy_poll`]: off. Measured on 2 cores shared by two nodes, spinning
+/// steals the CPU the other side of the round trip needs: both RTT and throughput got worse
+/// (`scripts/bench.sh`, 30 and 200 µs). Worth raising only where the datapath has cores to spare.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::ZERO;
+
 impl WgConfig {
-    /// A configuration with the defaults: any free port, no fwmark, not persistent.
+    /// A configuration with the defaults: any free port, no fwmark, not persistent, the default
+    /// busy-poll window.
     pub fn new(tun_name: impl Into<String>, private_key: StaticSecret, mtu: u32) -> WgConfig {
         WgConfig {
             tun_name: tun_name.into(),
@@ -108,6 +122,7 @@ impl WgConfig {
             mtu,
             fwmark: None,
             persistent: false,
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -124,6 +139,7 @@ impl std::fmt::Debug for WgConfig {
             .field("mtu", &self.mtu)
             .field("fwmark", &self.fwmark)
             .field("persistent", &self.persistent)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -134,6 +150,8 @@ pub enum WgError {
     Tun(#[from] TunError),
     #[error("UDP: {0}")]
     Udp(#[from] UdpError),
+    #[error("starting the datapath thread: {0}")]
+    Thread(std::io::Error),
     #[error("key: {0}")]
     Key(#[from] KeyError),
     #[error("peer {peer} appears twice in the peer list")]
@@ -162,15 +180,15 @@ impl From<boringtun::noise::errors::WireGuardError> for WgError {
     }
 }
 
-/// A running WireGuard device: a TUN, its UDP sockets and the tasks moving packets between them.
+/// A running WireGuard device: a TUN, its UDP sockets and the thread moving packets between them.
 ///
 /// All methods except `start`/`shutdown` are synchronous and cheap (no syscalls), so the agent can
-/// call them from anywhere. Dropping the device stops it too (without waiting).
+/// call them from anywhere. Dropping the device stops it too.
 pub struct WgDevice {
     state: Arc<State>,
     tun_name: String,
     port: u16,
-    tasks: Vec<JoinHandle<()>>,
+    thread: DatapathThread,
 }
 
 impl std::fmt::Debug for WgDevice {
@@ -185,33 +203,16 @@ impl std::fmt::Debug for WgDevice {
 
 impl WgDevice {
     /// Opens the TUN (created if absent, MTU set, up) and binds the UDP port, then starts the
-    /// datapath tasks on the current tokio runtime. Both live in the network namespace of the
-    /// calling thread: call it inside the node namespace. Starts with no peers.
+    /// datapath thread. Both live in the network namespace of the calling thread: call it inside
+    /// the node namespace. Starts with no peers. (Async for the callers' convenience; it does not
+    /// need a runtime.)
     pub async fn start(cfg: WgConfig) -> Result<WgDevice, WgError> {
-        let tun = Arc::new(tun::Tun::open(&cfg.tun_name, cfg.mtu, cfg.persistent)?);
-        let udp = Arc::new(udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?);
+        let tun = tun::Tun::open(&cfg.tun_name, cfg.mtu, cfg.persistent)?;
+        let udp = udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?;
         let state = Arc::new(State::new(cfg.private_key));
         state
             .eager_handshakes
             .store(cfg.persistent, std::sync::atomic::Ordering::Relaxed);
-        let mut tasks = vec![
-            tokio::spawn(egress::run(state.clone(), tun.clone(), udp.clone())),
-            tokio::spawn(ingress::run(
-                state.clone(),
-                tun.clone(),
-                udp.clone(),
-                udp.v4.clone(),
-            )),
-            tokio::spawn(timers::run(state.clone(), udp.clone())),
-        ];
-        if let Some(v6) = &udp.v6 {
-            tasks.push(tokio::spawn(ingress::run(
-                state.clone(),
-                tun.clone(),
-                udp.clone(),
-                v6.clone(),
-            )));
-        }
         tracing::info!(
             tun = tun.name(),
             port = udp.port,
@@ -219,14 +220,27 @@ impl WgDevice {
             persistent = cfg.persistent,
             offloads = format_args!("{:#x}", tun.offloads),
             udp_gro = udp.v4.gro,
+            busy_poll_us = cfg.busy_poll.as_micros() as u64,
             public_key = %keys::encode_public(&state.public_key()),
             "wireguard device started"
         );
+        let tun_name = tun.name().to_string();
+        let port = udp.port;
+        let thread = DatapathThread::spawn(
+            Datapath {
+                state: state.clone(),
+                tun,
+                udp,
+                busy_poll: cfg.busy_poll,
+            },
+            &tun_name,
+        )
+        .map_err(WgError::Thread)?;
         Ok(WgDevice {
             state,
-            tun_name: tun.name().to_string(),
-            port: udp.port,
-            tasks,
+            tun_name,
+            port,
+            thread,
         })
     }
 
@@ -268,25 +282,21 @@ impl WgDevice {
         &self.tun_name
     }
 
-    /// Stops the tasks and waits for them; the port is released, and the TUN disappears (unless
-    /// it is persistent: then it stays, with its addresses and routes, for the next start).
-    pub async fn shutdown(mut self) {
-        let tasks = std::mem::take(&mut self.tasks);
-        for t in &tasks {
-            t.abort();
+    /// Stops the datapath thread and waits for it; the port is released, and the TUN
+    /// disappears (unless it is persistent: then it stays, with its addresses and routes, for the
+    /// next start).
+    pub async fn shutdown(self) {
+        let WgDevice {
+            tun_name: name,
+            mut thread,
+            ..
+        } = self;
+        // Joining takes at most one turn of the thread's loop; keep it off the async threads.
+        let joined = tokio::task::spawn_blocking(move || thread.stop()).await;
+        if joined.is_err() {
+            tracing::warn!(tun = %name, "waiting for the datapath thread failed");
         }
-        for t in tasks {
-            let _ = t.await;
-        }
-        tracing::info!(tun = %self.tun_name, "wireguard device stopped");
-    }
-}
-
-impl Drop for WgDevice {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        tracing::info!(tun = %name, "wireguard device stopped");
     }
 }
 

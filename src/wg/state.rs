@@ -2,7 +2,7 @@
 //! device counters. The I/O tasks and the control API both work on one `Arc<State>`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -10,6 +10,7 @@ use boringtun::noise::Tunn;
 
 use super::keys::{self, PublicKey, StaticSecret};
 use super::peers::{self, Peer, PeerChanges, PeerConfig, PeerTable};
+use super::readiness::Waker;
 use super::stats::{DeviceCounters, DeviceStats, PeerStats};
 use super::WgError;
 
@@ -46,9 +47,11 @@ pub(crate) struct State {
     pub counters: DeviceCounters,
     /// Reference point for the per-peer millisecond clocks.
     pub epoch: Instant,
-    /// Wakes the timer loop to send handshakes flagged with `Peer::wants_handshake` now rather
-    /// than at the next tick.
-    pub kick: tokio::sync::Notify,
+    /// Set when some peer's `Peer::wants_handshake` is: the datapath thread sends those
+    /// handshakes on its next turn rather than at the next timer tick.
+    pub handshakes_wanted: AtomicBool,
+    /// Wakes the datapath thread out of `poll` (set once the thread exists).
+    pub waker: OnceLock<Arc<Waker>>,
     /// Initiate a handshake with every added peer at once instead of on its first packet. A
     /// restarted device (persistent TUN) uses it so that peers still sending on the old session
     /// switch within a round trip, whichever side has data to send.
@@ -65,15 +68,19 @@ impl State {
             writer: Mutex::new(rand::random::<u32>() & peers::MAX_INDEX),
             counters: DeviceCounters::default(),
             epoch: Instant::now(),
-            kick: tokio::sync::Notify::new(),
+            handshakes_wanted: AtomicBool::new(false),
+            waker: OnceLock::new(),
             eager_handshakes: AtomicBool::new(false),
         }
     }
 
-    /// Asks the timer loop to initiate a handshake with `peer` now (no-op while one is running).
+    /// Asks the datapath to initiate a handshake with `peer` now (no-op while one is running).
     pub(crate) fn request_handshake(&self, peer: &Peer) {
         peer.wants_handshake.store(true, Ordering::Relaxed);
-        self.kick.notify_one();
+        self.handshakes_wanted.store(true, Ordering::Release);
+        if let Some(w) = self.waker.get() {
+            w.wake();
+        }
     }
 
     /// The current peer table (a cheap `Arc` clone; the read lock is held only for the clone).

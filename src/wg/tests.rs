@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use super::egress::{self, EgressDrop, TxBatches};
-use super::ingress::{self, Ingress, IngressDrop};
+use super::ingress::{self, IngressDrop, Step};
 use super::keys::{self, PublicKey, StaticSecret};
 use super::state::State;
 use super::*;
@@ -107,8 +107,8 @@ impl Net {
         let mut replies = Vec::new();
         let mut dropped = None;
         match ingress::handle(&self.nodes[i], from, datagram, &mut out) {
-            Ingress::ToTun(p) => self.tun_out[i].push(p.to_vec()),
-            Ingress::ToNetwork {
+            Step::ToTun(p) => self.tun_out[i].push(p.to_vec()),
+            Step::ToNetwork {
                 to,
                 datagram,
                 drain,
@@ -120,8 +120,8 @@ impl Net {
                     }
                 }
             }
-            Ingress::Consumed => {}
-            Ingress::Dropped(why) => dropped = Some(why),
+            Step::Consumed => {}
+            Step::Dropped(why) => dropped = Some(why),
         }
         for (to, d) in replies {
             self.put_on_wire(i, to, &d);
@@ -422,8 +422,8 @@ fn garbage_into_udp_ingress_never_panics_or_leaks() {
     let from = net.addrs[0];
     let mut check = |d: &[u8]| {
         let r = ingress::handle(&net.nodes[1], from, d, &mut out);
-        assert!(!matches!(r, Ingress::ToTun(_)), "garbage reached the TUN");
-        if let Ingress::ToNetwork { drain: Some(p), .. } = r {
+        assert!(!matches!(r, Step::ToTun(_)), "garbage reached the TUN");
+        if let Step::ToNetwork { drain: Some(p), .. } = r {
             while ingress::next_queued(&p, &mut out).is_some() {}
         }
     };

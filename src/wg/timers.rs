@@ -3,8 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
@@ -75,7 +74,10 @@ pub(crate) fn tick_peer<'a>(
 }
 
 /// Initiates the handshakes asked for with `State::request_handshake`.
-async fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u8]) {
+pub(crate) fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u8]) {
+    if !state.handshakes_wanted.swap(false, Ordering::Acquire) {
+        return;
+    }
     let table = state.table();
     for peer in table.by_key.values() {
         if !peer.wants_handshake.swap(false, Ordering::Relaxed) {
@@ -86,37 +88,53 @@ async fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u
             _ => continue, // one is in flight already
         };
         bump(&peer.counters.handshakes_sent);
-        let result = udp.send_to(&out[..datagram], peer.endpoint()).await;
+        let result = udp.send_to(&out[..datagram], peer.endpoint());
         egress::account_send(state, peer, datagram, &result);
     }
 }
 
-/// The timer loop: every [`TICK`], each peer's timers; every second, the rate limiter reset.
-pub(crate) async fn run(state: Arc<State>, udp: Arc<UdpSockets>) {
-    let mut out = vec![0u8; 256];
-    let mut interval = tokio::time::interval(TICK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_reset_ms = 0u64;
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = state.kick.notified() => {
-                send_requested_handshakes(&state, &udp, &mut out).await;
-                continue;
-            }
+/// The timer wheel of the datapath thread: every [`TICK`], each peer's timers; every second,
+/// the rate limiter reset.
+pub(crate) struct Timers {
+    out: Vec<u8>,
+    next_tick: Instant,
+    last_reset_ms: u64,
+}
+
+impl Timers {
+    pub(crate) fn new(now: Instant) -> Timers {
+        Timers {
+            out: vec![0u8; 256],
+            next_tick: now + TICK,
+            last_reset_ms: 0,
         }
+    }
+
+    /// When [`Timers::run_due`] next has work.
+    pub(crate) fn next_due(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// Sends requested handshakes, and runs the tick if it is due.
+    pub(crate) fn run_due(&mut self, state: &State, udp: &UdpSockets, now: Instant) {
+        send_requested_handshakes(state, udp, &mut self.out);
+        if now < self.next_tick {
+            return;
+        }
+        // A late tick is not repeated to catch up; the next one is a full TICK away.
+        self.next_tick = now + TICK;
         let now_ms = state.now_ms();
-        if now_ms.saturating_sub(last_reset_ms) >= 1000 {
+        if now_ms.saturating_sub(self.last_reset_ms) >= 1000 {
             // Shared limiters are not reset by the tunnels themselves.
             state.identity().rate_limiter.reset_count();
-            last_reset_ms = now_ms;
+            self.last_reset_ms = now_ms;
         }
         let table = state.table();
         for peer in table.by_key.values() {
-            if let Some((to, datagram)) = tick_peer(peer, now_ms, &mut out) {
+            if let Some((to, datagram)) = tick_peer(peer, now_ms, &mut self.out) {
                 let len = datagram.len();
-                let result = udp.send_to(datagram, to).await;
-                egress::account_send(&state, peer, len, &result);
+                let result = udp.send_to(datagram, to);
+                egress::account_send(state, peer, len, &result);
             }
         }
     }

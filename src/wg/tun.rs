@@ -1,5 +1,5 @@
 //! The TUN device: created (or attached) by name through `/dev/net/tun`, configured with ioctls
-//! (MTU, up), and driven non-blocking through tokio's `AsyncFd`.
+//! (MTU, up), and driven non-blocking by the datapath thread (see `worker`).
 //!
 //! `IFF_NO_PI`: packets are bare IP, the kernel tells v4 from v6 by the version nibble.
 //! `IFF_VNET_HDR` + `TUNSETOFFLOAD`: every read and write starts with a `virtio_net_hdr`, and the
@@ -17,11 +17,11 @@
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use super::readiness::wait_writable;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -46,13 +46,11 @@ pub enum TunError {
     },
     #[error("MTU {mtu} is out of range (576..=65535)")]
     InvalidMtu { mtu: u32 },
-    #[error("registering {name} with the tokio reactor: {source}")]
-    Register { name: String, source: io::Error },
 }
 
 /// An open TUN device.
 pub(crate) struct Tun {
-    fd: AsyncFd<File>,
+    file: File,
     name: String,
     /// The `TUN_F_*` offloads the kernel accepted.
     pub offloads: libc::c_uint,
@@ -102,8 +100,8 @@ fn validate_name(name: &str) -> Result<(), TunError> {
 
 impl Tun {
     /// Creates the TUN `name` (or attaches to an existing persistent one), makes it persistent or
-    /// not as asked, negotiates offloads, sets its MTU and brings it up. Must run inside a tokio
-    /// runtime, on a thread in the target namespace.
+    /// not as asked, negotiates offloads, sets its MTU and brings it up. Must run on a thread in
+    /// the target namespace.
     pub(crate) fn open(name: &str, mtu: u32, persistent: bool) -> Result<Tun, TunError> {
         validate_name(name)?;
         if !(576..=65535).contains(&mtu) {
@@ -146,17 +144,8 @@ impl Tun {
         }
         set_mtu(&actual, mtu)?;
         set_up(&actual)?;
-        // SAFETY: the `File` owns its descriptor, and `AsyncFd` owns the `File` until it is
-        // dropped, so the descriptor is neither closed nor replaced while registered.
-        let fd = unsafe {
-            AsyncFd::register_with_interest(file, Interest::READABLE | Interest::WRITABLE)
-        }
-        .map_err(|e| TunError::Register {
-            name: actual.clone(),
-            source: e.into(),
-        })?;
         Ok(Tun {
-            fd,
+            file,
             name: actual,
             offloads,
         })
@@ -166,25 +155,35 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one packet (`virtio_net_hdr` first), waiting for it.
-    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.fd
-            .async_io(Interest::READABLE, |mut f| f.read(buf))
-            .await
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 
-    /// Reads one packet if one is ready (`WouldBlock` otherwise).
+    /// Reads one packet (`virtio_net_hdr` first) if one is ready (`WouldBlock` otherwise).
     pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.fd.try_io(Interest::READABLE, |mut f| f.read(buf))
+        (&self.file).read(buf)
     }
 
-    /// Writes one packet (`virtio_net_hdr` first).
-    pub(crate) async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.fd
-            .async_io(Interest::WRITABLE, |mut f| f.write(packet))
-            .await
+    /// Writes one packet (`virtio_net_hdr` first). A TUN takes writes without blocking in
+    /// practice; should it refuse, we wait a bounded time for space rather than spin or drop.
+    pub(crate) fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        let deadline = std::time::Instant::now() + WRITE_WAIT;
+        loop {
+            match (&self.file).write(packet) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() || !wait_writable(self.raw_fd(), left)? {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
+
+/// Longest wait for write space before a packet is given up.
+const WRITE_WAIT: Duration = Duration::from_millis(100);
 
 /// [`attach`], retried for a while on EBUSY: a persistent device is still held by the previous
 /// datapath while it exits (an agent restart), and becomes free when its last descriptor closes.

@@ -10,20 +10,26 @@
 //! optional fwmark, which lets policy routing keep the encrypted traffic off the tunnel routes.
 
 use std::io;
+use std::net::UdpSocket;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
     bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6,
     SockaddrLike, SockaddrStorage,
 };
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+
+use super::readiness::wait_writable;
 
 /// Socket buffer size requested (the FORCE variants bypass `net.core.*mem_max` as root).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Longest wait for send-buffer space before a send gives up: backpressure, bounded so that a
+/// wedged socket cannot stall the datapath thread for good.
+const SEND_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
@@ -75,8 +81,8 @@ pub(crate) struct UdpSockets {
 }
 
 impl UdpSockets {
-    /// Binds `port` (0 = any free port; the IPv6 socket then takes the same one). Must run inside
-    /// a tokio runtime and in the network namespace the sockets should live in.
+    /// Binds `port` (0 = any free port; the IPv6 socket then takes the same one). Must run in the
+    /// network namespace the sockets should live in.
     pub(crate) fn bind(port: u16, fwmark: Option<u32>) -> Result<UdpSockets, UdpError> {
         let v4 = open(
             AddressFamily::Inet,
@@ -122,20 +128,15 @@ impl UdpSockets {
         }
     }
 
-    /// Sends one datagram (waits for buffer space rather than dropping).
-    pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+    /// Sends one datagram (waits, bounded, for buffer space rather than dropping).
+    pub(crate) fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
         let (socket, to) = self.route(to)?;
-        socket.io.send_to(datagram, to).await.map(drop)
+        socket.send_waiting(|| socket.io.send_to(datagram, to))
     }
 
     /// Sends the datagrams stored back to back in `buf` (lengths in `lens`) to `to`: runs of
     /// equal-sized datagrams go out as one UDP GSO send each, the rest one by one.
-    pub(crate) async fn send_batch(
-        &self,
-        to: SocketAddr,
-        buf: &[u8],
-        lens: &[usize],
-    ) -> io::Result<()> {
+    pub(crate) fn send_batch(&self, to: SocketAddr, buf: &[u8], lens: &[usize]) -> io::Result<()> {
         let (socket, to) = self.route(to)?;
         let addr = SockaddrStorage::from(to);
         let mut offset = 0;
@@ -149,12 +150,7 @@ impl UdpSockets {
             let bytes: usize = lens[i..i + run].iter().sum();
             let data = &buf[offset..offset + bytes];
             let segment = (run > 1).then(|| lens[i] as u16);
-            let sent = socket
-                .io
-                .async_io(Interest::WRITABLE, || {
-                    send_segments(&socket.io, &addr, data, segment)
-                })
-                .await;
+            let sent = socket.send_waiting(|| send_segments(&socket.io, &addr, data, segment));
             match sent {
                 Ok(_) => {}
                 Err(e) if segment.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
@@ -164,7 +160,7 @@ impl UdpSockets {
                     socket.gso.store(false, Ordering::Relaxed);
                     let mut o = 0;
                     for &len in &lens[i..i + run] {
-                        socket.io.send_to(&data[o..o + len], to).await?;
+                        socket.send_waiting(|| socket.io.send_to(&data[o..o + len], to))?;
                         o += len;
                     }
                 }
@@ -271,11 +267,31 @@ impl RecvBatch {
 }
 
 impl Socket {
-    /// Receives up to [`RECV_BATCH`] buffers with one `recvmmsg` (waits for the first).
-    pub(crate) async fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
-        self.io
-            .async_io(Interest::READABLE, || recv_mmsg(&self.io, batch))
-            .await
+    /// Receives up to [`RECV_BATCH`] buffers with one `recvmmsg` if any datagram is ready
+    /// (`WouldBlock` otherwise).
+    pub(crate) fn try_recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        recv_mmsg(&self.io, batch)
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.io.as_raw_fd()
+    }
+
+    /// Runs a non-blocking send, waiting (at most [`SEND_WAIT`] in all) for buffer space while it
+    /// would block.
+    fn send_waiting<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<()> {
+        let deadline = Instant::now() + SEND_WAIT;
+        loop {
+            match send() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !wait_writable(self.raw_fd(), left)? {
+                        return Err(e);
+                    }
+                }
+                other => return other.map(drop),
+            }
+        }
     }
 }
 
@@ -414,11 +430,8 @@ fn open(family: AddressFamily, addr: SocketAddr, fwmark: Option<u32>) -> Result<
             std::mem::size_of::<libc::c_int>() as u32,
         )
     } == 0;
-    let std_socket = std::net::UdpSocket::from(fd);
-    let io = UdpSocket::from_std(std_socket).map_err(|source| UdpError::Socket {
-        family: name,
-        source,
-    })?;
+    // Non-blocking already (SOCK_NONBLOCK): the datapath thread polls.
+    let io = UdpSocket::from(fd);
     Ok(Socket {
         io,
         gso: AtomicBool::new(true),

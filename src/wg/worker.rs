@@ -1,0 +1,149 @@
+//! The datapath thread: one OS thread per device moves packets both ways and runs the timers.
+//!
+//! Why one thread for both directions, outside any async runtime:
+//! - Latency. A ping costs four datapath hops (out and back on each node). Blocking in `poll`
+//!   on every descriptor at once, a packet wakes exactly this thread; and the reply that a
+//!   decrypted packet provokes (written to the TUN, answered by the kernel in the same syscall)
+//!   is picked up by the same thread on its next turn, with no cross-thread wakeup at all.
+//! - Isolation. The agent's runtime (API watches, policy syncs) never delays a packet, and the
+//!   datapath never wakes the agent's reactor.
+//! - Throughput is not lost: on each node one direction carries the bulk (the other carries
+//!   ACKs), and the per-packet work is batched (`Egress::round`, `Ingress::round`).
+//!
+//! After work, the thread keeps polling without sleeping for `busy_poll` (a few tens of µs):
+//! the answer to what it just sent typically arrives within that window, and catching it
+//! without a sleep/wakeup cycle is what keeps the round trip close to the kernel's. Idle
+//! threads pay at most `busy_poll` of CPU per burst of traffic.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::egress::Egress;
+use super::ingress::Ingress;
+use super::readiness::{wait_readable, Waker};
+use super::state::State;
+use super::timers::Timers;
+use super::tun::Tun;
+use super::udp::UdpSockets;
+
+/// What the datapath thread owns and how it is stopped.
+pub(crate) struct Datapath {
+    pub state: Arc<State>,
+    pub tun: Tun,
+    pub udp: UdpSockets,
+    pub busy_poll: Duration,
+}
+
+/// The running thread and its stop switch.
+#[derive(Debug)]
+pub(crate) struct DatapathThread {
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl DatapathThread {
+    /// Starts the thread. The waker is also handed to `state`, so control calls
+    /// (`request_handshake`) can wake it.
+    pub(crate) fn spawn(dp: Datapath, name: &str) -> std::io::Result<DatapathThread> {
+        let waker = Arc::new(Waker::new()?);
+        // A State belongs to one device; a second set would only happen on a programming error,
+        // and then the first waker stays (the thread below polls the same one).
+        let waker = dp.state.waker.get_or_init(|| waker).clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = std::thread::Builder::new()
+            .name(format!("wg-{name}"))
+            .spawn({
+                let stop = stop.clone();
+                let waker = waker.clone();
+                move || run(dp, &stop, &waker)
+            })?;
+        Ok(DatapathThread {
+            handle: Some(handle),
+            stop,
+            waker,
+        })
+    }
+
+    /// Asks the thread to stop and waits for it (at most one turn of its loop).
+    pub(crate) fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake();
+        if let Some(h) = self.handle.take() {
+            if h.join().is_err() {
+                tracing::error!("the datapath thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for DatapathThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// Positions in the poll set.
+const TUN: usize = 0;
+const UDP4: usize = 1;
+const UDP6: usize = 2;
+const WAKE: usize = 3;
+
+fn run(dp: Datapath, stop: &AtomicBool, waker: &Waker) {
+    let Datapath {
+        state,
+        tun,
+        udp,
+        busy_poll,
+    } = dp;
+    let mut egress = Egress::new();
+    let mut ingress4 = Ingress::new();
+    let mut ingress6 = Ingress::new();
+    let mut timers = Timers::new(Instant::now());
+    // Without an IPv6 socket its slot polls fd -1, which poll(2) ignores.
+    let fds: [RawFd; 4] = [
+        tun.raw_fd(),
+        udp.v4.raw_fd(),
+        udp.v6.as_ref().map_or(-1, |s| s.raw_fd()),
+        waker.raw_fd(),
+    ];
+    let mut ready = [true; 4];
+    let mut last_work = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let mut worked = false;
+        if ready[TUN] {
+            worked |= egress.round(&state, &tun, &udp);
+        }
+        if ready[UDP4] {
+            worked |= ingress4.round(&state, &tun, &udp, &udp.v4);
+        }
+        if let (true, Some(v6)) = (ready[UDP6], &udp.v6) {
+            worked |= ingress6.round(&state, &tun, &udp, v6);
+        }
+        if ready[WAKE] {
+            waker.drain();
+        }
+        let now = Instant::now();
+        timers.run_due(&state, &udp, now);
+        if worked {
+            // More is likely queued behind what we just handled: try everything again.
+            last_work = now;
+            ready = [true; 4];
+            continue;
+        }
+        let timeout = if now.duration_since(last_work) < busy_poll {
+            Duration::ZERO
+        } else {
+            timers.next_due().saturating_duration_since(now)
+        };
+        if let Err(e) = wait_readable(&fds, Some(timeout), &mut ready) {
+            // Only EFAULT/EINVAL/ENOMEM are possible here; pause instead of spinning on them.
+            tracing::warn!(error = %e, "poll failed");
+            std::thread::sleep(Duration::from_millis(10));
+            ready = [true; 4];
+        }
+    }
+}
