@@ -49,8 +49,18 @@ pub(crate) fn account_send(state: &State, peer: &Peer, len: usize, result: &std:
 pub(crate) struct TxBatch {
     pub peer: Arc<Peer>,
     pub to: SocketAddr,
-    pub buf: Vec<u8>,
+    /// Scratch space; bytes past `used` are stale. It keeps its length across rounds so that
+    /// encrypting into it never pays for zero-filling first.
+    buf: Vec<u8>,
+    used: usize,
     pub lens: Vec<usize>,
+}
+
+impl TxBatch {
+    /// The datagrams, back to back (split them with `lens`).
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[..self.used]
+    }
 }
 
 /// The batches of one round of TUN reads, one per peer; their buffers are reused across rounds.
@@ -70,6 +80,7 @@ impl TxBatches {
                     peer: peer.clone(),
                     to: peer.endpoint(),
                     buf,
+                    used: 0,
                     lens,
                 });
                 self.batches.len() - 1
@@ -80,12 +91,11 @@ impl TxBatches {
 
     /// Bytes waiting in all batches.
     pub(crate) fn bytes(&self) -> usize {
-        self.batches.iter().map(|b| b.buf.len()).sum()
+        self.batches.iter().map(|b| b.used).sum()
     }
 
     pub(crate) fn clear(&mut self) {
         for mut b in self.batches.drain(..) {
-            b.buf.clear();
             b.lens.clear();
             self.spare.push((b.buf, b.lens));
         }
@@ -123,9 +133,12 @@ pub(crate) fn encapsulate_segments<'a>(
     let mut tunn = peer.tunn();
     for packet in packets {
         // Segments of one read share the destination by construction; a plain read is one packet.
-        let start = batch.buf.len();
-        batch.buf.resize(start + (packet.len() + 32).max(148), 0);
-        let written = match tunn.encapsulate(packet, &mut batch.buf[start..]) {
+        let start = batch.used;
+        let need = start + (packet.len() + 32).max(148);
+        if batch.buf.len() < need {
+            batch.buf.resize(need, 0);
+        }
+        let written = match tunn.encapsulate(packet, &mut batch.buf[start..need]) {
             TunnResult::WriteToNetwork(datagram) => {
                 match message_type(datagram) {
                     Some(MESSAGE_DATA) => bump(&peer.counters.tx_packets),
@@ -153,7 +166,7 @@ pub(crate) fn encapsulate_segments<'a>(
                 0
             }
         };
-        batch.buf.truncate(start + written);
+        batch.used = start + written;
         if written > 0 {
             batch.lens.push(written);
         }
@@ -215,8 +228,8 @@ impl Egress {
             }
         }
         for b in &self.batches.batches {
-            let result = udp.send_batch(b.to, &b.buf, &b.lens);
-            account_send(state, &b.peer, b.buf.len(), &result);
+            let result = udp.send_batch(b.to, b.data(), &b.lens);
+            account_send(state, &b.peer, b.used, &result);
         }
         self.batches.clear();
         read_any

@@ -83,24 +83,44 @@ impl VnetHdr {
 
 // ---- Internet checksum ---------------------------------------------------------------------------
 
-/// Adds `data` to a one's-complement accumulator, 8 bytes at a time (end-around carry keeps the
-/// result equal to RFC 1071's 16-bit sum once folded). `data` must start at an even offset of
-/// the checksummed region.
-pub(crate) fn checksum_add(mut acc: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        let (s, carry) = acc.overflowing_add(w);
-        acc = s + u64::from(carry);
+/// Adds `data` to a one's-complement accumulator. `data` must start at an even offset of the
+/// checksummed region; `acc` and the result are in network byte order (fold to get the sum).
+///
+/// Why this shape: the one's-complement sum does not care about byte order (RFC 1071 §2(B)), so
+/// the words are read little-endian, as the CPU loads them, summed as u32s into independent u64
+/// lanes that cannot overflow (2^32 words would be 16 GiB), and the 16-bit result is swapped
+/// once at the end. The compiler turns the loop into vector adds; it runs at memory speed, where
+/// the carry-chained big-endian version spent ~3 % of the datapath's CPU.
+pub(crate) fn checksum_add(acc: u64, data: &[u8]) -> u64 {
+    const LANES: usize = 8;
+    let mut lanes = [0u64; LANES];
+    let mut blocks = data.chunks_exact(4 * LANES);
+    for block in &mut blocks {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+            *lane += u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]]));
+        }
     }
-    let rest = chunks.remainder();
+    let mut sum: u64 = lanes.iter().map(|&l| fold32(l)).sum();
+    let mut words = blocks.remainder().chunks_exact(4);
+    for word in &mut words {
+        sum += u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]]));
+    }
+    let rest = words.remainder();
     if !rest.is_empty() {
-        let mut b = [0u8; 8];
+        // A short tail is zero-padded at its end, as RFC 1071 pads an odd last byte.
+        let mut b = [0u8; 4];
         b[..rest.len()].copy_from_slice(rest);
-        let (s, carry) = acc.overflowing_add(u64::from_be_bytes(b));
-        acc = s + u64::from(carry);
+        sum += u64::from(u32::from_le_bytes(b));
     }
-    acc
+    // Little-endian 16-bit sum -> network order.
+    let native = fold(sum);
+    let (s, carry) = acc.overflowing_add(u64::from(native.swap_bytes()));
+    s + u64::from(carry)
+}
+
+/// Folds a lane to at most 33 bits so that eight of them add without overflow.
+fn fold32(x: u64) -> u64 {
+    (x & 0xffff_ffff) + (x >> 32)
 }
 
 /// Folds an accumulator to 16 bits (not complemented).

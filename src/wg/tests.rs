@@ -88,10 +88,10 @@ impl Net {
             egress::encapsulate_segments(&self.nodes[i], std::iter::once(packet), &mut batches);
         let mut sends = Vec::new();
         for b in &batches.batches {
-            egress::account_send(&self.nodes[i], &b.peer, b.buf.len(), &Ok(()));
+            egress::account_send(&self.nodes[i], &b.peer, b.data().len(), &Ok(()));
             let mut offset = 0;
             for &len in &b.lens {
-                sends.push((b.to, b.buf[offset..offset + len].to_vec()));
+                sends.push((b.to, b.data()[offset..offset + len].to_vec()));
                 offset += len;
             }
         }
