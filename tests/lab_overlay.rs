@@ -191,11 +191,14 @@ fn agent_restart_keeps_links_and_flows() {
     let links_before = (veilnet_links(&lab, 1), veilnet_links(&lab, 2));
     assert_eq!(links_before.0.len(), 3, "{links_before:?}");
 
-    // A 6-second TCP stream from node-2 to node-1, bandwidth-limited to keep the machine calm.
+    // A 6-second TCP stream from node-1 to node-2 (reverse mode: the client on node-2 receives
+    // and reports what arrived every 0.2 s), bandwidth-limited to keep the machine calm.
     let stream = lab_exec_spawn(
         &lab,
         "default/client",
-        &["iperf3", "-c", &ip, "-t", "6", "-b", "50M"],
+        &[
+            "iperf3", "-c", &ip, "-t", "6", "-b", "50M", "-R", "-i", "0.2", "--json",
+        ],
     );
     std::thread::sleep(Duration::from_secs(2));
     lab.kill_daemon("agent-node-1");
@@ -209,6 +212,29 @@ fn agent_restart_keeps_links_and_flows() {
         "the stream broke across the agent restart:\n{}\n{}",
         text(&out),
         lab.logs()
+    );
+    // The longest stretch of intervals in which nothing arrived: the stall the restart caused.
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    let intervals = report["intervals"].as_array().expect("intervals");
+    let (mut stall, mut longest) = (0.0f64, 0.0f64);
+    for i in intervals {
+        let sum = &i["sum"];
+        if sum["bytes"].as_f64().unwrap_or(0.0) == 0.0 {
+            stall += sum["seconds"].as_f64().unwrap_or(0.0);
+            longest = longest.max(stall);
+        } else {
+            stall = 0.0;
+        }
+    }
+    assert!(
+        intervals.len() >= 20,
+        "too few intervals: {}",
+        intervals.len()
+    );
+    eprintln!("longest stall across the agent restart: {longest:.2} s");
+    assert!(
+        longest <= 1.0,
+        "the stream stalled {longest:.2} s across the agent restart (at most 1 s)"
     );
     assert_eq!(
         (veilnet_links(&lab, 1), veilnet_links(&lab, 2)),

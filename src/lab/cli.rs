@@ -181,6 +181,8 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
     }
     let lab = LabLayout::new(spec.clone())?;
+    let pid_dir = lab.root.join("pids");
+    let log_dir = lab.log_dir();
     if let Ok(existing) = load(lab.name()) {
         if existing.spec != spec {
             bail!(
@@ -188,6 +190,14 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 lab.name(),
                 lab.name()
             );
+        }
+        // Already up: bring dead node daemons back first, as a kubelet restarts a crashed
+        // DaemonSet pod, before the full idempotent pass below (which can take a second on a
+        // loaded machine, and every millisecond an agent is down its node's datapath is too).
+        let namespaces_up = netns::exists(&lab.control_plane_netns())
+            && lab.nodes().iter().all(|n| netns::exists(&n.netns));
+        if namespaces_up && wait_api(&lab, Duration::ZERO).is_ok() {
+            start_node_daemons(&lab, &pid_dir, &log_dir)?;
         }
     }
     if lab.spec.cni == CniMode::Reference && !Path::new(REFERENCE_CNI_DIR).join("bridge").exists() {
@@ -220,8 +230,6 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             lab.control_plane_netns()
         ),
     );
-    let pid_dir = lab.root.join("pids");
-    let log_dir = lab.log_dir();
     Daemon {
         role: "apiserver".into(),
         netns: lab.control_plane_netns(),
@@ -249,31 +257,13 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         total,
         &format!("kubelets ({:?} CNI)", lab.spec.cni).to_lowercase(),
     );
-    for node in lab.nodes() {
-        prepare_node(&lab, &node)?;
-        Daemon {
-            role: format!("kubelet-{}", node.name),
-            netns: node.netns.clone(),
-            args: kubelet_args(&lab, &node),
-            pid_dir: &pid_dir,
-            log_dir: &log_dir,
-        }
-        .ensure_started()?;
-    }
-
     if lab.spec.cni == CniMode::Veilnet {
         step(5, total, "veilnet agents");
-        for node in lab.nodes() {
-            Daemon {
-                role: format!("agent-{}", node.name),
-                netns: node.netns.clone(),
-                args: agent_args(&lab, &node),
-                pid_dir: &pid_dir,
-                log_dir: &log_dir,
-            }
-            .ensure_started()?;
-        }
     }
+    for node in lab.nodes() {
+        prepare_node(&lab, &node)?;
+    }
+    start_node_daemons(&lab, &pid_dir, &log_dir)?;
 
     step(total, total, "waiting for every node to be Ready");
     wait_nodes_ready(&lab, args.timeout)?;
@@ -284,6 +274,34 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         name_flag(lab.name()),
         name_flag(lab.name())
     );
+    Ok(())
+}
+
+/// Starts every node's kubelet and (with veilnet's CNI) agent that is not running. The nodes'
+/// directories and plugin must be in place (`prepare_node`).
+fn start_node_daemons(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
+    for node in lab.nodes() {
+        Daemon {
+            role: format!("kubelet-{}", node.name),
+            netns: node.netns.clone(),
+            args: kubelet_args(lab, &node),
+            pid_dir,
+            log_dir,
+        }
+        .ensure_started()?;
+    }
+    if lab.spec.cni == CniMode::Veilnet {
+        for node in lab.nodes() {
+            Daemon {
+                role: format!("agent-{}", node.name),
+                netns: node.netns.clone(),
+                args: agent_args(lab, &node),
+                pid_dir,
+                log_dir,
+            }
+            .ensure_started()?;
+        }
+    }
     Ok(())
 }
 
