@@ -53,11 +53,13 @@ mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
+mod diff;
 mod explain;
 mod logprefix;
 mod model;
 pub mod nflog;
 mod render;
+mod ruleset;
 pub mod scenarios;
 mod selector;
 
@@ -67,6 +69,7 @@ pub use compile::{
     compile, compile_with, AntiSpoofPort, CompileOptions, CompiledPolicy, CompiledRule, DestTuple,
     Direction, PodChain, PortRange, PortSet, RuleMatch, Warning,
 };
+pub use diff::{diff, Delta, Op, Plan};
 pub use explain::{explain, Decision, Endpoint, Explainer, Explanation, RuleRef};
 pub use logprefix::{
     allow_prefix, deny_prefix, parse_prefix, spoof_prefix, LogPrefix, LogVerdict, MAX_PREFIX_LEN,
@@ -75,7 +78,10 @@ pub use model::{
     ClusterState, InvalidMac, MacAddr, NamedPort, NamespaceInfo, ObjectRef, PodInfo, Protocol,
     NAMESPACE_NAME_LABEL,
 };
-pub use render::{render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE};
+pub use render::{
+    render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE,
+};
+pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset};
 
 /// Errors of applying policy to the kernel.
 #[derive(Debug, thiserror::Error)]
