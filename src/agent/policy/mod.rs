@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 use veilnet_cni::agent_protocol::AdmissionConfig;
 
 use crate::policy::{
-    compile_with, enable_bridge_netfilter, render_nft, CompileOptions, CompiledPolicy, NftApplier,
+    compile_with, enable_bridge_netfilter, render, ApplyOutcome, CompileOptions, NftApplier,
     PolicyError,
 };
 use attachments::Attachments;
@@ -151,11 +151,11 @@ pub struct Shared {
     policies: Store<NetworkPolicy>,
 }
 
-/// What the kernel side keeps between syncs (used from blocking threads only).
+/// What the kernel side keeps between syncs (used from blocking threads only). The applier holds
+/// the ruleset in the kernel: the next one is rendered against it and sent as a delta.
 struct Kernel {
     applier: NftApplier,
     bank: CounterBank,
-    model: Option<CompiledPolicy>,
 }
 
 /// A running enforcer. Dropping it stops the tasks; the ruleset stays in the kernel (as the rest
@@ -294,7 +294,6 @@ async fn run_loop(shared: Arc<Shared>) {
     let kernel = Arc::new(Mutex::new(Kernel {
         applier: NftApplier::new(None),
         bank: CounterBank::default(),
-        model: None,
     }));
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -345,7 +344,6 @@ async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), P
         &opts.node_addrs,
         &opts.compile_options(),
     );
-    let script = render_nft(&model);
     let ports: HashSet<(String, IpAddr)> = model
         .anti_spoof
         .iter()
@@ -366,22 +364,20 @@ async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), P
     let kernel = kernel.clone();
     tokio::task::spawn_blocking(move || {
         let mut k = lock(&kernel);
-        let Kernel {
-            applier,
-            bank,
-            model: old,
-        } = &mut *k;
-        if let Some(old) = old.as_ref() {
-            // Bank what the outgoing ruleset counted (only when it will really be replaced).
-            if !applier.is_current(&script) {
-                match applier.counters() {
-                    Ok(c) => bank.bank(old, &c),
-                    Err(e) => tracing::warn!(error = %e, "cannot read counters before a change"),
-                }
+        let Kernel { applier, bank } = &mut *k;
+        // Rendered against the ruleset in the kernel so that names stay put and the update is
+        // the few elements and chains that changed. Counters are not read here: the applier
+        // reads only those its transaction destroys (usually none) and `bank` keeps them.
+        let ruleset = render(&model, applier.current());
+        match applier.update(ruleset, &mut |old, destroyed| bank.bank(old, destroyed))? {
+            ApplyOutcome::Replaced { reason } => {
+                tracing::info!(%reason, "policy ruleset replaced whole")
             }
+            ApplyOutcome::Updated { operations } => {
+                tracing::debug!(operations, "policy ruleset updated")
+            }
+            ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         }
-        applier.apply(&script)?;
-        *old = Some(model);
         Ok::<(), PolicyError>(())
     })
     .await
@@ -436,8 +432,8 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
             Err(_) => Vec::new(),
         };
         let k = lock(&kernel);
-        let counters = match (&k.model, k.applier.counters()) {
-            (Some(model), Ok(c)) => Some(k.bank.snapshot(model, &c)),
+        let counters = match (k.applier.current(), k.applier.counters()) {
+            (Some(ruleset), Ok(c)) => Some(k.bank.snapshot(ruleset, &c)),
             _ => None,
         };
         (gone, counters)
