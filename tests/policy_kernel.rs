@@ -15,8 +15,8 @@ use std::time::Duration;
 use serde_json::json;
 use veilnet::netns;
 use veilnet::policy::{
-    compile, enable_bridge_netfilter, render, render_nft, ApplyOutcome, ClusterState, CounterValue,
-    NamespaceInfo, NftApplier, PodInfo, Ruleset,
+    compile, enable_bridge_netfilter, parse_counters, render, render_nft, ApplyOutcome,
+    ClusterState, CounterValue, NamespaceInfo, NftApplier, PodInfo, Ruleset,
 };
 
 fn require_root() {
@@ -164,6 +164,16 @@ fn rendered_scripts_pass_check_and_load_atomically() {
             .any(|c| c.family == "inet" && c.name == "pol_0"),
         "{counters:?}"
     );
+    // The netlink dump reads what nft lists.
+    let listed = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "-j", "list", "counters"])
+        .output()
+        .unwrap();
+    let mut from_nft = parse_counters(&String::from_utf8_lossy(&listed.stdout)).unwrap();
+    let mut from_netlink = counters.clone();
+    from_nft.sort_by(|a, b| (&a.family, &a.name).cmp(&(&b.family, &b.name)));
+    from_netlink.sort_by(|a, b| (&a.family, &a.name).cmp(&(&b.family, &b.name)));
+    assert_eq!(from_netlink, from_nft);
     assert!(
         counters
             .iter()

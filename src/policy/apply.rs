@@ -19,6 +19,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use super::compile::CompiledPolicy;
+use super::counters::read_counters;
 use super::diff::{diff, Plan};
 use super::render::{render_nft, TABLE};
 use super::ruleset::{Family, Ruleset};
@@ -204,15 +205,23 @@ impl NftApplier {
         Ok(())
     }
 
-    /// Named counters of the veilnet tables (both families).
+    /// Named counters of the veilnet tables (both families), from one netlink dump of the
+    /// counter objects (see `counters`); through `nft -j list counters` only if netlink fails.
     pub fn counters(&self) -> Result<Vec<CounterValue>, PolicyError> {
-        let out = run_nft(
-            self.netns.as_deref(),
-            &["-j", "list", "counters"],
-            None,
-            "list counters",
-        )?;
-        parse_counters(&out)
+        let read = match &self.netns {
+            None => read_counters(),
+            Some(ns) => netns::run_in(ns, read_counters)?,
+        };
+        read.or_else(|e| {
+            tracing::debug!(error = %e, "netlink counter dump failed; asking nft");
+            let out = run_nft(
+                self.netns.as_deref(),
+                &["-j", "list", "counters"],
+                None,
+                "list counters",
+            )?;
+            parse_counters(&out)
+        })
     }
 }
 

@@ -4,9 +4,10 @@
 //! what `explain` reports cannot drift apart. For the compiling node it holds:
 //! - one chain per (local pod, direction) in which the pod is isolated, listing the rules of only
 //!   the policies that select it, in a stable order;
-//! - interned address sets (rule peers: pod IPs and ipBlocks minus excepts), port sets
-//!   (`protocol . port-range`) and destination sets (`ip . protocol . port`, for egress named
-//!   ports, which resolve against the destination pod), shared by every rule with the same content;
+//! - address sets (rule peers: pod IPs and ipBlocks minus excepts), one per distinct peer list and
+//!   shared by every rule with that list; port sets (`protocol . port-range`), shared by content;
+//!   destination sets (`ip . protocol . port`, for egress named ports, which resolve against the
+//!   destination pod), one per peer list and port names;
 //! - the anti-spoofing facts of local pods (bridge port, MAC, IPs);
 //! - warnings for input the API server should have rejected; such parts are skipped so that they
 //!   never widen what is allowed.
