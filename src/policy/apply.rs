@@ -170,11 +170,6 @@ impl NftApplier {
         }
     }
 
-    /// True if `script` is what this applier loaded last (so `apply` would not touch the kernel).
-    pub fn is_current(&self, script: &str) -> bool {
-        self.last_applied.as_deref() == Some(script)
-    }
-
     /// Validates `script` against the kernel without committing it (`nft -c`).
     pub fn check(&self, script: &str) -> Result<(), PolicyError> {
         run_nft(

@@ -237,9 +237,9 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Plan {
             }
         }
     }
+    // Declarations first (their rules and elements may refer to one another), then rules, then
+    // elements, then what goes: chains (emptied first), sets and maps, counters.
     let mut ops = declare;
-    // New chains first among the declarations, after the sets and counters their rules use,
-    // is already the render order; rules come after every declaration.
     ops.extend(rules);
     ops.extend(elements);
     ops.extend(delete_chains);

@@ -37,17 +37,19 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
         .iter()
         .map(|c| (c.pod.clone(), c.direction))
         .collect();
-    let port_veths: Vec<String> = policy
+    // By veth *and* pod: a veth name reused by another pod gets another chain (whose comment
+    // names the pod) instead of a changed declaration.
+    let port_keys: Vec<(String, super::model::ObjectRef)> = policy
         .anti_spoof
         .iter()
-        .map(|p| p.host_veth.clone())
+        .map(|p| (p.host_veth.clone(), p.pod.clone()))
         .collect();
     let (chains, chain_nums) = Numbering::assign(prev.map(|n| &n.chains), &chain_keys);
     let (policies, policy_nums) = Numbering::assign(prev.map(|n| &n.policies), &policy.policies);
     let (peers, peer_nums) = Numbering::assign(prev.map(|n| &n.peers), &policy.peer_set_keys);
     let (ports, port_nums) = Numbering::assign(prev.map(|n| &n.ports), &policy.port_sets);
     let (dests, dest_nums) = Numbering::assign(prev.map(|n| &n.dests), &policy.dest_set_keys);
-    let (bridge_ports, bridge_nums) = Numbering::assign(prev.map(|n| &n.bridge_ports), &port_veths);
+    let (bridge_ports, bridge_nums) = Numbering::assign(prev.map(|n| &n.bridge_ports), &port_keys);
     let r = Renderer {
         p: policy,
         chain_nums,

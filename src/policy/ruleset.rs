@@ -198,14 +198,6 @@ impl Ruleset {
     pub fn counter_policy(&self, name: &str) -> Option<&ObjectRef> {
         self.policy_counters.get(name)
     }
-
-    pub fn table(&self, family: Family) -> Option<&NftTable> {
-        self.tables.iter().find(|t| t.family == family)
-    }
-
-    pub fn object(&self, family: Family, name: &str) -> Option<&NftObject> {
-        self.table(family)?.objects.iter().find(|o| o.name == name)
-    }
 }
 
 /// Stable numbers of one kind of object, by identity.
@@ -278,8 +270,8 @@ pub(crate) struct Names {
     pub ports: Numbering<PortSet>,
     /// Egress named-port destination sets (`dest_<n>_v4/v6`), by peer list and port names.
     pub dests: Numbering<String>,
-    /// Anti-spoofing chains (`port_<n>` in the bridge table), by host veth.
-    pub bridge_ports: Numbering<String>,
+    /// Anti-spoofing chains (`port_<n>` in the bridge table), by host veth and pod.
+    pub bridge_ports: Numbering<(String, ObjectRef)>,
 }
 
 // Names are bookkeeping for the next render, not part of what the kernel holds.
