@@ -11,10 +11,12 @@
 //!
 //! Pods, Namespaces and NetworkPolicies are watched by reflectors that wake one `Notify`, as do
 //! admissions. After a wake the loop waits a few milliseconds to coalesce a burst, then rebuilds the
-//! whole state from the caches (never from single events, so nothing is missed or replayed twice),
-//! compiles it for this node and hands the rendered script to `nft -f -` on a blocking thread: one
-//! atomic transaction per change, skipped when the script is unchanged. A label change therefore
-//! reaches the kernel within the debounce plus one sync (milliseconds), well inside a second.
+//! whole state from the caches (never from single events, so nothing is missed or replayed twice;
+//! objects that did not change keep their conversion, see `state::StateCache`), compiles it for
+//! this node, renders it against the ruleset in the kernel and hands the difference to `nft -f -`
+//! on a blocking thread: one atomic transaction per change, skipped when nothing changed. A label
+//! change therefore reaches the kernel within the debounce plus one sync (tens of milliseconds at
+//! 1,000 policies × 5,000 pods), well inside a second.
 //!
 //! # No race at pod start
 //!
@@ -55,7 +57,7 @@ use crate::policy::{
     PolicyError,
 };
 use attachments::Attachments;
-use state::IpIndex;
+use state::{IpIndex, StateCache};
 use status::{CounterBank, CounterSnapshot, PolicyStatus};
 
 /// File names under the run dir.
@@ -297,11 +299,13 @@ async fn run_loop(shared: Arc<Shared>) {
     }));
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The compiler's input, rebuilt on every sync from the caches but reusing what did not change.
+    let mut states = StateCache::default();
     let mut failures: u32 = 0;
     let mut dirty = true;
     loop {
         if dirty {
-            match sync(&shared, &kernel).await {
+            match sync(&shared, &kernel, &mut states).await {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -325,12 +329,16 @@ async fn run_loop(shared: Arc<Shared>) {
 }
 
 /// One full pass: caches → state → model → kernel.
-async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), PolicyError> {
+async fn sync(
+    shared: &Arc<Shared>,
+    kernel: &Arc<Mutex<Kernel>>,
+    states: &mut StateCache,
+) -> Result<(), PolicyError> {
     let start = Instant::now();
     let opts = &shared.options;
     let state = {
         let attachments = lock(&shared.attachments);
-        state::cluster_state(
+        states.update(
             &shared.pods.state(),
             &shared.namespaces.state(),
             &shared.policies.state(),
@@ -383,7 +391,7 @@ async fn sync(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> Result<(), P
     .await
     .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
 
-    *shared.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(IpIndex::new(&state));
+    *shared.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(IpIndex::new(state));
     let generation = shared.applied.borrow().generation + 1;
     shared.applied.send_replace(Applied { generation, ports });
     let elapsed = start.elapsed();
