@@ -346,12 +346,7 @@ async fn sync(
             &opts.node,
         )
     };
-    let model = compile_with(
-        &state,
-        &opts.node,
-        &opts.node_addrs,
-        &opts.compile_options(),
-    );
+    let model = compile_with(state, &opts.node, &opts.node_addrs, &opts.compile_options());
     let ports: HashSet<(String, IpAddr)> = model
         .anti_spoof
         .iter()

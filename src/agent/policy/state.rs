@@ -73,6 +73,9 @@ fn pod_info(pod: &Pod, attachment: Option<&PodAttachment>) -> Option<PodInfo> {
     Some(info)
 }
 
+/// A converted pod and what it was converted from.
+type PodEntry = ((Arc<Pod>, Option<PodAttachment>), PodInfo);
+
 /// [`cluster_state`], incrementally: an object the caches still hold unchanged (the same `Arc`,
 /// and for a local pod the same attachment) keeps its conversion from the previous call. A sync
 /// after one label change thus converts one pod, not every pod and policy of the cluster (the
@@ -101,12 +104,11 @@ impl StateCache {
         self.converted = 0;
         // Keyed by address; the `Arc`s kept in the sources keep those addresses from being
         // reused until the lookup is done.
-        let mut old_pods: HashMap<*const Pod, ((Arc<Pod>, Option<PodAttachment>), PodInfo)> =
-            std::mem::take(&mut self.pod_sources)
-                .into_iter()
-                .zip(std::mem::take(&mut self.state.pods))
-                .map(|(source, info)| (Arc::as_ptr(&source.0), (source, info)))
-                .collect();
+        let mut old_pods: HashMap<*const Pod, PodEntry> = std::mem::take(&mut self.pod_sources)
+            .into_iter()
+            .zip(std::mem::take(&mut self.state.pods))
+            .map(|(source, info)| (Arc::as_ptr(&source.0), (source, info)))
+            .collect();
         for pod in pods {
             let attachment = attachment_for(pod, attachments, node);
             let reused = old_pods
