@@ -9,7 +9,7 @@
 #     both sides, with the agents' CPU seconds during each run and during an idle window before it
 #     (goal: median with policies >= 90 % of median without).
 # On a shared machine, run it under the benchmark lock: flock /work/bench.lock scripts/bench-policy.sh
-# Usage: scripts/bench-policy.sh [--seconds N] [--rounds N]   (defaults 8 s per iperf3 run, 2 rounds)
+# Usage: scripts/bench-policy.sh [--seconds N] [--rounds N]   (defaults 8 s per iperf3 run, 3 rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -18,7 +18,7 @@ ensure_packages
 ensure_rust
 
 SECONDS_PER_RUN=8
-ROUNDS=2
+ROUNDS=3
 IDLE_SECONDS=5
 while [ $# -gt 0 ]; do
 	case "$1" in
@@ -153,8 +153,9 @@ echo
 printf '%-46s %16s %14s\n' "metric" "measured" "goal"
 printf '%-46s %13.1f ms %14s\n' "full sync, 1,000 policies x 5,000 pods" "$FULL" "<= 1000 ms"
 printf '%-46s %13.1f ms %14s\n' "one pod label change (median, incremental)" "$LABEL" "<= 50 ms"
-printf '%-46s %9s Mbit/s %14s\n' "cross-node iperf3, no policies (median)" "$NONE" ""
-printf '%-46s %9s Mbit/s %14s\n' "cross-node iperf3, 1,000 policies (median)" "$WITH" ""
+range() { awk -v l="$1" '$1 == l {print $2}' "$RESULTS" | sort -n | awk 'NR == 1 {lo = $1} {hi = $1} END {print lo "-" hi}'; }
+printf '%-46s %9s Mbit/s %14s   (runs %s)\n' "cross-node iperf3, no policies (median)" "$NONE" "" "$(range none)"
+printf '%-46s %9s Mbit/s %14s   (runs %s)\n' "cross-node iperf3, 1,000 policies (median)" "$WITH" "" "$(range 1000)"
 printf '%-46s %14s %% %14s\n' "throughput with policies / without" "$RATIO" ">= 90 %"
 printf '%-46s %9s / %s s %14s\n' "agents' CPU during a run, none / 1,000" "$(median none 3 2)" "$(median 1000 3 2)" ""
 printf '%-46s %9s / %s s %14s\n' "agents' CPU idle ${IDLE_SECONDS}s, none / 1,000" "$(median none 4 2)" "$(median 1000 4 2)" ""
