@@ -5,6 +5,7 @@
 //!   replies) while 81 stays closed, the node itself still reaches the pod, and anti-spoofing drops
 //!   a forged source IP and a forged ARP reply (proved by a control run without anti-spoofing).
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
@@ -14,8 +15,8 @@ use std::time::Duration;
 use serde_json::json;
 use veilnet::netns;
 use veilnet::policy::{
-    compile, enable_bridge_netfilter, render_nft, ApplyOutcome, ClusterState, NamespaceInfo,
-    NftApplier, PodInfo,
+    compile, enable_bridge_netfilter, parse_counters, render, render_nft, ApplyOutcome,
+    ClusterState, CounterValue, NamespaceInfo, NftApplier, PodInfo, Ruleset,
 };
 
 fn require_root() {
@@ -163,6 +164,16 @@ fn rendered_scripts_pass_check_and_load_atomically() {
             .any(|c| c.family == "inet" && c.name == "pol_0"),
         "{counters:?}"
     );
+    // The netlink dump reads what nft lists.
+    let listed = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "-j", "list", "counters"])
+        .output()
+        .unwrap();
+    let mut from_nft = parse_counters(&String::from_utf8_lossy(&listed.stdout)).unwrap();
+    let mut from_netlink = counters.clone();
+    from_nft.sort_by(|a, b| (&a.family, &a.name).cmp(&(&b.family, &b.name)));
+    from_netlink.sort_by(|a, b| (&a.family, &a.name).cmp(&(&b.family, &b.name)));
+    assert_eq!(from_netlink, from_nft);
     assert!(
         counters
             .iter()
@@ -505,16 +516,19 @@ fn bridged_pods_are_filtered_and_cannot_spoof() {
             .map(|c| c.packets)
             .unwrap_or(0)
     };
-    let allow_counter = compile(
-        &lab.state(vec![deny.clone(), allow80.clone()], true),
-        "n",
-        &[],
+    let allow_counter = render(
+        &compile(
+            &lab.state(vec![deny.clone(), allow80.clone()], true),
+            "n",
+            &[],
+        ),
+        None,
     )
     .policy_counters()
-    .into_iter()
     .find(|(_, p)| p.name == "allow-80")
     .unwrap()
-    .0;
+    .0
+    .to_string();
     assert!(
         pol(&applier, &allow_counter) >= 1,
         "allow counted: {:?}",
@@ -564,4 +578,329 @@ fn bridged_pods_are_filtered_and_cannot_spoof() {
     // The genuine pod still works through its guard.
     assert!(udp_probe(&lab.a.0, A_IP, &b_udp, b_udp_addr));
     assert_eq!(tcp_probe(&lab.a.0, B_IP, 80).as_deref(), Some("hi 80"));
+}
+
+/// `nft -j list table FAMILY veilnet` in `ns`, normalised so that two kernels holding the same
+/// ruleset compare equal however they got there: handles dropped, set and map elements sorted,
+/// objects sorted, rules kept in their order per chain.
+fn listed_table(ns: &str, family: &str) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "nft", "-j", "list", "table", family, "veilnet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut objects = Vec::new();
+    let mut rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for item in v["nftables"].as_array().unwrap() {
+        let Some((kind, body)) = item.as_object().and_then(|o| o.iter().next()) else {
+            continue;
+        };
+        if kind == "metainfo" {
+            continue;
+        }
+        let mut body = body.clone();
+        let obj = body.as_object_mut().unwrap();
+        obj.remove("handle");
+        if let Some(serde_json::Value::Array(elems)) = obj.get_mut("elem") {
+            elems.sort_by_key(|e| e.to_string());
+        }
+        if kind == "rule" {
+            let chain = obj["chain"].as_str().unwrap().to_string();
+            rules.entry(chain).or_default().push(body.to_string());
+        } else {
+            objects.push(format!("{kind} {body}"));
+        }
+    }
+    objects.sort();
+    (objects, rules)
+}
+
+/// 4 namespaces of 24 pods over 3 nodes (node0 holds 32), and policies of every shape: pod and
+/// namespace selectors, expressions, named ports both ways, ipBlock with except, IPv6.
+fn mixed_cluster() -> ClusterState {
+    let mut state = ClusterState::default();
+    for n in 0..4 {
+        state.namespaces.push(NamespaceInfo {
+            name: format!("ns{n}"),
+            labels: [("team".to_string(), format!("t{}", n % 2))].into(),
+        });
+        for p in 0..24 {
+            let i = n * 24 + p;
+            let mut ips = vec![IpAddr::from([10, 100, n as u8, 10 + p as u8])];
+            if p % 5 == 0 {
+                ips.push(format!("fd00::{n}:{p}").parse().unwrap());
+            }
+            state.pods.push(PodInfo {
+                namespace: format!("ns{n}"),
+                name: format!("pod{p}"),
+                labels: [
+                    ("app".to_string(), format!("app{}", p % 4)),
+                    ("tier".to_string(), format!("t{}", p % 3)),
+                ]
+                .into(),
+                ips,
+                node: format!("node{}", i % 3),
+                named_ports: vec![veilnet::policy::NamedPort {
+                    name: "http".into(),
+                    protocol: veilnet::policy::Protocol::Tcp,
+                    port: 8000 + (p % 3) as u16,
+                }],
+                host_veth: Some(format!("veil{i}")),
+                mac: Some(format!("0a:58:00:00:00:{i:02x}").parse().unwrap()),
+                ..Default::default()
+            });
+        }
+        for k in 0..4 {
+            state.policies.push(policy(json!({
+                "metadata": {"namespace": format!("ns{n}"), "name": format!("p{k}")},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": format!("app{k}")}},
+                    "ingress": [{"from": [
+                        {"namespaceSelector": {"matchLabels": {"team": format!("t{}", k % 2)}},
+                         "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["t0", "t1"]}]}},
+                        {"podSelector": {"matchLabels": {"app": format!("app{}", (k + 1) % 4)}}},
+                        {"ipBlock": {"cidr": "192.168.0.0/16", "except": [format!("192.168.{k}.0/24")]}}],
+                        "ports": [{"port": 80}, {"port": "http"}, {"port": 9000, "endPort": 9100, "protocol": "UDP"}]}],
+                    "egress": [{"to": [{"podSelector": {"matchLabels": {"tier": "t2"}}, "namespaceSelector": {}}],
+                                "ports": [{"port": "http"}, {"port": 53, "protocol": "UDP"}]}]
+                }
+            })));
+        }
+    }
+    state
+}
+
+fn pod_mut<'a>(state: &'a mut ClusterState, ns: &str, name: &str) -> &'a mut PodInfo {
+    state
+        .pods
+        .iter_mut()
+        .find(|p| p.namespace == ns && p.name == name)
+        .unwrap()
+}
+
+#[test]
+fn incremental_updates_leave_the_kernel_as_a_fresh_full_load_would() {
+    require_root();
+    let inc = Ns::new("inc");
+    let fresh = Ns::new("fresh");
+    let mut applier = NftApplier::new(Some(&inc.0));
+    let node_addrs: Vec<IpAddr> = vec!["10.100.9.1".parse().unwrap()];
+    let mut state = mixed_cluster();
+    let banked: std::cell::RefCell<Vec<String>> = Default::default();
+    let mut bank = |_: &Ruleset, values: &[CounterValue]| {
+        banked
+            .borrow_mut()
+            .extend(values.iter().map(|c| c.name.clone()));
+    };
+
+    let first = render(&compile(&state, "node0", &node_addrs), None);
+    let outcome = applier.update(first.clone(), &mut bank).unwrap();
+    assert!(
+        matches!(outcome, ApplyOutcome::Replaced { .. }),
+        "{outcome:?}"
+    );
+    // Idempotent: the same ruleset again sends nothing.
+    let again = render(&compile(&state, "node0", &node_addrs), applier.current());
+    assert_eq!(
+        applier.update(again, &mut bank).unwrap(),
+        ApplyOutcome::Unchanged
+    );
+
+    type Change = Box<dyn Fn(&mut ClusterState)>;
+    let changes: Vec<(&str, Change)> = vec![
+        // A peer's label: pod IPs move between peer and destination sets.
+        (
+            "peer relabelled",
+            Box::new(|s| {
+                pod_mut(s, "ns1", "pod4")
+                    .labels
+                    .insert("tier".into(), "t2".into());
+            }),
+        ),
+        // A local pod's label: it changes policies (chains, map elements, counters).
+        (
+            "local pod relabelled",
+            Box::new(|s| {
+                pod_mut(s, "ns0", "pod0")
+                    .labels
+                    .insert("app".into(), "app2".into());
+            }),
+        ),
+        (
+            "namespace relabelled",
+            Box::new(|s| {
+                s.namespaces[1].labels.insert("team".into(), "t0".into());
+            }),
+        ),
+        // The last local pod of ns3 selected by p1 goes: p1's counter in ns3 is destroyed.
+        (
+            "policy loses its local pods",
+            Box::new(|s| {
+                s.pods.retain(|p| {
+                    !(p.namespace == "ns3" && p.node == "node0" && p.labels["app"] == "app1")
+                });
+            }),
+        ),
+        (
+            "local pod added with IPv6",
+            Box::new(|s| {
+                let mut p = s.pods[0].clone();
+                p.name = "newcomer".into();
+                p.ips = vec![
+                    "10.100.0.200".parse().unwrap(),
+                    "fd00::200".parse().unwrap(),
+                ];
+                p.host_veth = Some("veilnew".into());
+                s.pods.push(p);
+            }),
+        ),
+        (
+            "policy removed",
+            Box::new(|s| {
+                s.policies
+                    .retain(|p| p.metadata.name.as_deref() != Some("p3"));
+            }),
+        ),
+    ];
+    let mut fresh_applier = NftApplier::new(Some(&fresh.0));
+    for (what, change) in &changes {
+        change(&mut state);
+        let next = render(&compile(&state, "node0", &node_addrs), applier.current());
+        let outcome = applier.update(next.clone(), &mut bank).unwrap();
+        assert!(
+            matches!(outcome, ApplyOutcome::Updated { .. }),
+            "{what}: {outcome:?}"
+        );
+        fresh_applier.apply(&next.script()).unwrap();
+        let (objects, rules) = listed_table(&inc.0, "inet");
+        assert!(
+            objects.len() > 40 && rules.len() > 10,
+            "{what}: the listing holds the ruleset"
+        );
+        for family in ["inet", "bridge"] {
+            assert_eq!(
+                listed_table(&inc.0, family),
+                listed_table(&fresh.0, family),
+                "{what}: {family} table differs from a fresh load"
+            );
+        }
+    }
+    let destroyed = banked.borrow().clone();
+    assert!(
+        !destroyed.is_empty() && destroyed.iter().all(|n| n.starts_with("pol_")),
+        "destroyed policy counters are banked: {destroyed:?}"
+    );
+
+    // Someone deletes the table behind the applier's back: the delta fails, the applier falls
+    // back to the full replace and says why.
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &inc.0, "nft", "delete", "table", "inet", "veilnet",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    pod_mut(&mut state, "ns2", "pod7")
+        .labels
+        .insert("tier".into(), "t2".into());
+    let next = render(&compile(&state, "node0", &node_addrs), applier.current());
+    match applier.update(next.clone(), &mut bank).unwrap() {
+        ApplyOutcome::Replaced { reason } => {
+            assert!(reason.contains("incremental update failed"), "{reason}")
+        }
+        other => panic!("expected a full replace, got {other:?}"),
+    }
+    fresh_applier.apply(&next.script()).unwrap();
+    assert_eq!(listed_table(&inc.0, "inet"), listed_table(&fresh.0, "inet"));
+}
+
+#[test]
+fn incremental_updates_keep_counters_and_bank_the_destroyed_ones() {
+    require_root();
+    let lab = BridgeLab::new();
+    let mut applier = NftApplier::new(Some(&lab.node.0));
+    serve_tcp(&lab.b.0, B_IP, 80);
+    serve_tcp(&lab.b.0, B_IP, 81);
+    let deny = json!({"metadata": {"namespace": "t", "name": "deny"}, "spec": {"podSelector": {}, "ingress": []}});
+    let allow80 = json!({"metadata": {"namespace": "t", "name": "allow-80"}, "spec": {
+        "podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"ports": [{"port": 80}]}]}});
+    let allow81 = json!({"metadata": {"namespace": "t", "name": "allow-81"}, "spec": {
+        "podSelector": {"matchLabels": {"pod": "b"}}, "ingress": [{"ports": [{"port": 81}]}]}});
+    let mut banked: Vec<(String, u64)> = Vec::new();
+    let step = |applier: &mut NftApplier,
+                policies: Vec<serde_json::Value>,
+                banked: &mut Vec<(String, u64)>| {
+        let compiled = compile(&lab.state(policies, true), "n", &[GW.parse().unwrap()]);
+        let next = render(&compiled, applier.current());
+        applier
+            .update(next, &mut |old, values| {
+                for v in values {
+                    let policy = old.counter_policy(&v.name).map(|p| p.name.clone());
+                    banked.push((policy.unwrap_or_else(|| v.name.clone()), v.packets));
+                }
+            })
+            .unwrap()
+    };
+    let counter_of = |applier: &NftApplier, policy: &str| {
+        let name = applier
+            .current()
+            .unwrap()
+            .policy_counters()
+            .find(|(_, p)| p.name == policy)
+            .map(|(n, _)| n.to_string())
+            .unwrap();
+        applier
+            .counters()
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == name)
+            .map_or(0, |c| c.packets)
+    };
+
+    step(
+        &mut applier,
+        vec![deny.clone(), allow80.clone()],
+        &mut banked,
+    );
+    for _ in 0..3 {
+        assert_eq!(tcp_probe(&lab.a.0, B_IP, 80).as_deref(), Some("hi 80"));
+    }
+    assert_eq!(tcp_probe(&lab.a.0, B_IP, 81), None);
+    let counted = counter_of(&applier, "allow-80");
+    assert!(counted >= 3, "allow-80 counted {counted}");
+
+    // A new policy for b rewrites b's chain, but allow-80's counter lives on: nothing is banked.
+    let outcome = step(
+        &mut applier,
+        vec![deny.clone(), allow80.clone(), allow81.clone()],
+        &mut banked,
+    );
+    assert!(
+        matches!(outcome, ApplyOutcome::Updated { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(tcp_probe(&lab.a.0, B_IP, 81).as_deref(), Some("hi 81"));
+    assert!(
+        counter_of(&applier, "allow-80") >= counted,
+        "kept across the update"
+    );
+    assert!(banked.is_empty(), "{banked:?}");
+
+    // allow-80 goes: its counter is destroyed, and banked with its value first.
+    let before = counter_of(&applier, "allow-80");
+    let outcome = step(&mut applier, vec![deny, allow81], &mut banked);
+    assert!(
+        matches!(outcome, ApplyOutcome::Updated { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(banked, vec![("allow-80".to_string(), before)]);
+    assert_eq!(tcp_probe(&lab.a.0, B_IP, 80), None, "80 closed again");
+    assert_eq!(tcp_probe(&lab.a.0, B_IP, 81).as_deref(), Some("hi 81"));
 }

@@ -1,10 +1,11 @@
 //! NetworkPolicy enforcer timings on a synthetic cluster (pods, namespaces and policies as API
-//! objects, no pod namespaces): the agent's own sync path — watch caches → `ClusterState` →
-//! compile → render → (bank counters) → one `nft -f` transaction — against a throwaway network
-//! namespace.
+//! objects, no pod namespaces): the agent's own sync path — watch caches → `ClusterState` (reusing
+//! the conversion of unchanged objects) → compile → render (against the ruleset in the kernel) →
+//! diff → one `nft -f` transaction — against a throwaway network namespace.
 //!
-//! - full sync: from nothing to the applied ruleset;
-//! - one pod label change: the same path after relabelling one local pod.
+//! - full sync: from nothing to the applied ruleset (the full replace);
+//! - one pod label change: the same path after relabelling one local pod, which the applier
+//!   sends as an incremental update (set and map elements, the pod's chain).
 //!
 //! The cross-node throughput part of `scripts/bench-policy.sh` runs in a lab.
 
@@ -18,9 +19,13 @@ use serde_json::json;
 use veilnet_cni::agent_protocol::PodAttachment;
 
 use crate::agent::policy::attachments::Attachments;
-use crate::agent::policy::state::cluster_state;
+use crate::agent::policy::state::{cluster_state, StateCache};
+use crate::agent::policy::status::CounterBank;
 use crate::netns;
-use crate::policy::{compile_with, render_nft, CompileOptions, NftApplier, PolicyError};
+use crate::policy::{
+    compile_with, diff, render, render_nft, ApplyOutcome, CompileOptions, NftApplier, Plan,
+    PolicyError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyBenchError {
@@ -176,28 +181,35 @@ pub struct Phases {
     pub state_ms: f64,
     pub compile_ms: f64,
     pub render_ms: f64,
-    pub counters_ms: f64,
+    /// Diff and nft: the applier's whole update (counters it must bank included).
     pub apply_ms: f64,
     pub total_ms: f64,
+    /// The diff alone (measured apart, not part of the total).
+    pub diff_ms: f64,
+    /// Operations of an incremental update (0 for a full replace).
+    pub operations: usize,
+    /// Bytes sent to `nft -f`.
+    pub script_bytes: usize,
+    pub incremental: bool,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// One pass of the agent's sync; `bank` reads the counters first, as the agent does before a
-/// change.
+/// One pass of the agent's sync, as `agent::policy` runs it.
 fn sync(
     c: &Cluster,
+    states: &mut StateCache,
     applier: &mut NftApplier,
-    bank: bool,
-) -> Result<(Phases, usize), PolicyBenchError> {
+    bank: &mut CounterBank,
+) -> Result<Phases, PolicyBenchError> {
     let opts = CompileOptions {
         drop_unknown_pod_ports: true,
         ..CompileOptions::default()
     };
     let t0 = Instant::now();
-    let state = cluster_state(
+    let state = states.update(
         &c.pods,
         &c.namespaces,
         &c.policies,
@@ -205,27 +217,46 @@ fn sync(
         "node-0",
     );
     let t1 = Instant::now();
-    let model = compile_with(&state, "node-0", &[], &opts);
+    let model = compile_with(state, "node-0", &[], &opts);
     let t2 = Instant::now();
-    let script = render_nft(&model);
+    let ruleset = render(&model, applier.current());
     let t3 = Instant::now();
-    if bank {
-        applier.counters()?;
-    }
+    let (diff_ms, script_bytes) = match applier.current() {
+        Some(old) => {
+            let d0 = Instant::now();
+            let plan = diff(old, &ruleset);
+            let bytes = match &plan {
+                Plan::Incremental(delta) => delta.script().len(),
+                Plan::Full { .. } => ruleset.script().len(),
+            };
+            (ms(d0.elapsed()), bytes)
+        }
+        None => (0.0, ruleset.script().len()),
+    };
+    let was_loaded = applier.current().is_some();
     let t4 = Instant::now();
-    applier.apply(&script)?;
+    let outcome = applier.update(ruleset, &mut |old, destroyed| bank.bank(old, destroyed))?;
     let t5 = Instant::now();
-    Ok((
-        Phases {
-            state_ms: ms(t1 - t0),
-            compile_ms: ms(t2 - t1),
-            render_ms: ms(t3 - t2),
-            counters_ms: ms(t4 - t3),
-            apply_ms: ms(t5 - t4),
-            total_ms: ms(t5 - t0),
-        },
-        script.len(),
-    ))
+    let (incremental, operations) = match outcome {
+        ApplyOutcome::Updated { operations } => (true, operations),
+        ApplyOutcome::Replaced { reason } if was_loaded => {
+            eprintln!("note: full replace instead of an update: {reason}");
+            (false, 0)
+        }
+        _ => (false, 0),
+    };
+    let phases = [ms(t1 - t0), ms(t2 - t1), ms(t3 - t2), ms(t5 - t4)];
+    Ok(Phases {
+        state_ms: phases[0],
+        compile_ms: phases[1],
+        render_ms: phases[2],
+        apply_ms: phases[3],
+        total_ms: phases.iter().sum(),
+        diff_ms,
+        operations,
+        script_bytes,
+        incremental,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -239,8 +270,10 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
     netns::add(&ns)?;
     let _guard = NsGuard(ns.clone());
     let mut applier = NftApplier::new(Some(&ns));
+    let mut bank = CounterBank::default();
+    let mut states = StateCache::default();
 
-    let (full, script_bytes) = sync(&c, &mut applier, false)?;
+    let full = sync(&c, &mut states, &mut applier, &mut bank)?;
     if let Some(path) = &args.write_script {
         let state = cluster_state(
             &c.pods,
@@ -255,17 +288,20 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             source: e,
         })?;
     }
-    // Warm repeats (forced through the kernel) show the steady cost.
+    // Warm repeats (forced through the kernel as full replaces, state rebuilt from scratch) show
+    // the steady cost of a full sync.
     let mut repeats = Vec::new();
     for _ in 0..3 {
         applier.forget();
-        repeats.push(sync(&c, &mut applier, false)?.0.total_ms);
+        states = StateCache::default();
+        repeats.push(sync(&c, &mut states, &mut applier, &mut bank)?.total_ms);
     }
 
-    // Relabel one local pod back and forth: it moves between the policies selecting app-N.
+    // Relabel local pods, each away and back: the pod moves between the policies selecting
+    // app-N and app-M, as a peer and as a selected pod. Every change is a real one.
     let mut changes = Vec::new();
     for k in 0..args.label_changes {
-        let Some(&i) = c.local.get(k % c.local.len().max(1)) else {
+        let Some(&i) = c.local.get((k / 2) % c.local.len().max(1)) else {
             break;
         };
         let app = if k % 2 == 0 {
@@ -279,32 +315,38 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             args.namespaces.max(1),
             app,
         )?);
-        changes.push(sync(&c, &mut applier, true)?.0);
+        changes.push(sync(&c, &mut states, &mut applier, &mut bank)?);
     }
-    let label_median = median(changes.iter().map(|p| p.total_ms).collect());
-    let label_max = changes.iter().map(|p| p.total_ms).fold(0.0, f64::max);
-    let apply_median = median(changes.iter().map(|p| p.apply_ms).collect());
-    let label_phases = Phases {
-        state_ms: median(changes.iter().map(|p| p.state_ms).collect()),
-        compile_ms: median(changes.iter().map(|p| p.compile_ms).collect()),
-        render_ms: median(changes.iter().map(|p| p.render_ms).collect()),
-        counters_ms: median(changes.iter().map(|p| p.counters_ms).collect()),
-        apply_ms: apply_median,
-        total_ms: label_median,
+    let pick = |f: fn(&Phases) -> f64| median(changes.iter().map(f).collect());
+    let label = Phases {
+        state_ms: pick(|p| p.state_ms),
+        compile_ms: pick(|p| p.compile_ms),
+        render_ms: pick(|p| p.render_ms),
+        apply_ms: pick(|p| p.apply_ms),
+        total_ms: pick(|p| p.total_ms),
+        diff_ms: pick(|p| p.diff_ms),
+        operations: pick(|p| p.operations as f64) as usize,
+        script_bytes: pick(|p| p.script_bytes as f64) as usize,
+        incremental: changes.iter().all(|p| p.incremental),
     };
+    let label_max = changes.iter().map(|p| p.total_ms).fold(0.0, f64::max);
+    let incremental = changes.iter().filter(|p| p.incremental).count();
 
     if args.json {
         println!(
             "{}",
             json!({"policies": args.policies, "pods": args.pods, "localPods": c.local.len(),
-                   "scriptBytes": script_bytes, "fullSync": full, "fullSyncWarmMedianMs": median(repeats),
-                   "labelChangeMedianMs": label_median, "labelChangeMaxMs": label_max,
-                   "labelChangeApplyMedianMs": apply_median, "labelChangePhasesMedian": label_phases})
+                   "scriptBytes": full.script_bytes, "fullSync": full,
+                   "fullSyncWarmMedianMs": median(repeats),
+                   "labelChangeMedianMs": label.total_ms, "labelChangeMaxMs": label_max,
+                   "labelChangeApplyMedianMs": label.apply_ms,
+                   "labelChangesIncremental": incremental, "labelChanges": changes.len(),
+                   "labelChangePhasesMedian": label})
         );
     } else {
         println!(
             "synthetic cluster: {} policies, {} pods over {} nodes ({} on the measured node), {} namespaces; ruleset {} KiB",
-            args.policies, args.pods, args.nodes, c.local.len(), args.namespaces, script_bytes / 1024
+            args.policies, args.pods, args.nodes, c.local.len(), args.namespaces, full.script_bytes / 1024
         );
         println!(
             "full sync (cold):        {:>8.1} ms  (state {:.1}, compile {:.1}, render {:.1}, nft {:.1})",
@@ -312,18 +354,21 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
         );
         println!("full sync (warm median): {:>8.1} ms", median(repeats));
         println!(
-            "one pod label change:    {:>8.1} ms median, {:.1} ms max over {} changes",
-            label_median,
+            "one pod label change:    {:>8.1} ms median, {:.1} ms max over {} changes ({} incremental)",
+            label.total_ms,
             label_max,
             changes.len(),
+            incremental,
         );
         println!(
-            "  medians: state {:.1}, compile {:.1}, render {:.1}, read counters {:.1}, nft {:.1} ms",
-            label_phases.state_ms,
-            label_phases.compile_ms,
-            label_phases.render_ms,
-            label_phases.counters_ms,
-            label_phases.apply_ms
+            "  medians: state {:.1}, compile {:.1}, render {:.1}, diff+nft {:.1} ms (diff alone {:.2} ms); {} operations, {} bytes to nft",
+            label.state_ms,
+            label.compile_ms,
+            label.render_ms,
+            label.apply_ms,
+            label.diff_ms,
+            label.operations,
+            label.script_bytes,
         );
     }
     Ok(())

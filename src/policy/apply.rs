@@ -1,10 +1,16 @@
-//! The thin applier: hands a rendered script to `nft -f -` as one transaction, in the node's
+//! The thin applier: hands rendered scripts to `nft -f -`, one transaction each, in the node's
 //! network namespace, and reads counters back.
 //!
 //! Why the `nft` binary and a text script rather than netlink or the `nftables` JSON crate: the
 //! script is the golden-tested artefact itself (what tests check, what `nft -c` validates and what
 //! an operator reads in `nft list ruleset`), and `nft -f` already turns a whole file into one
 //! atomic netlink batch. Nothing here parses nft's text output; counters are read as JSON.
+//!
+//! [`NftApplier::update`] remembers the [`Ruleset`] it loaded last and sends only the
+//! [`diff`](super::diff::diff) to the next one (a few set elements and pod chains for a label
+//! change, instead of every object of both tables). It falls back to the full replace when there
+//! is no previous ruleset, when the diff cannot express the change, or when the incremental
+//! transaction fails (the kernel then still holds the old ruleset, as transactions are atomic).
 //!
 //! Everything is synchronous (spawning nft takes milliseconds); async callers use
 //! `tokio::task::spawn_blocking`.
@@ -13,15 +19,23 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 use super::compile::CompiledPolicy;
+use super::counters::read_counters;
+use super::diff::{diff, Plan};
 use super::render::{render_nft, TABLE};
+use super::ruleset::{Family, Ruleset};
 use super::PolicyError;
 use crate::netns;
 
-/// Result of [`NftApplier::apply`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Result of [`NftApplier::apply`] and [`NftApplier::update`].
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApplyOutcome {
+    /// A script (or the whole ruleset) replaced both tables.
     Applied,
-    /// Identical to the last script this applier loaded; nothing was sent to the kernel.
+    /// [`NftApplier::update`] replaced both tables instead of updating them, and why.
+    Replaced { reason: String },
+    /// [`NftApplier::update`] sent only what changed, in this many operations.
+    Updated { operations: usize },
+    /// Identical to what this applier loaded last; nothing was sent to the kernel.
     Unchanged,
 }
 
@@ -30,6 +44,8 @@ pub enum ApplyOutcome {
 pub struct NftApplier {
     netns: Option<String>,
     last_applied: Option<String>,
+    /// The ruleset [`Self::update`] loaded last, if the kernel still holds it as far as we know.
+    current: Option<Ruleset>,
 }
 
 impl NftApplier {
@@ -37,6 +53,7 @@ impl NftApplier {
         NftApplier {
             netns: netns.map(str::to_string),
             last_applied: None,
+            current: None,
         }
     }
 
@@ -50,14 +67,107 @@ impl NftApplier {
         if self.last_applied.as_deref() == Some(script) {
             return Ok(ApplyOutcome::Unchanged);
         }
+        self.current = None;
         run_nft(self.netns.as_deref(), &["-f", "-"], Some(script), "apply")?;
         self.last_applied = Some(script.to_string());
         Ok(ApplyOutcome::Applied)
     }
 
-    /// True if `script` is what this applier loaded last (so `apply` would not touch the kernel).
-    pub fn is_current(&self, script: &str) -> bool {
-        self.last_applied.as_deref() == Some(script)
+    /// The ruleset [`Self::update`] loaded last (render the next one against it, so that names
+    /// stay stable and the diff small).
+    pub fn current(&self) -> Option<&Ruleset> {
+        self.current.as_ref()
+    }
+
+    /// Brings the kernel to `new` in one transaction: the incremental delta from
+    /// [`Self::current`] when possible, else the full replace.
+    ///
+    /// Named counters the transaction destroys are read just before it and handed to `bank`
+    /// (with the ruleset that named them) once it has committed, so that whoever reports
+    /// counters can keep them monotonic. An incremental update destroys only the counters of
+    /// policies that no longer select a local pod — usually none, so a label change reads
+    /// nothing from the kernel; a full replace destroys them all.
+    pub fn update(
+        &mut self,
+        new: Ruleset,
+        bank: &mut dyn FnMut(&Ruleset, &[CounterValue]),
+    ) -> Result<ApplyOutcome, PolicyError> {
+        let plan = match &self.current {
+            Some(old) => diff(old, &new),
+            None => Plan::Full {
+                reason: "no ruleset loaded by this applier yet".into(),
+            },
+        };
+        let reason = match plan {
+            Plan::Incremental(delta) if delta.is_empty() => {
+                self.current = Some(new);
+                return Ok(ApplyOutcome::Unchanged);
+            }
+            Plan::Incremental(delta) => {
+                let doomed: Vec<(Family, &str)> = delta.deleted_counters().collect();
+                let read = if doomed.is_empty() {
+                    Vec::new()
+                } else {
+                    self.read_counters_before_change(|c| {
+                        doomed
+                            .iter()
+                            .any(|(f, n)| f.as_str() == c.family && *n == c.name)
+                    })
+                };
+                let script = delta.script();
+                match run_nft(self.netns.as_deref(), &["-f", "-"], Some(&script), "update") {
+                    Ok(_) => {
+                        if let Some(old) = &self.current {
+                            bank(old, &read);
+                        }
+                        self.current = Some(new);
+                        self.last_applied = None;
+                        return Ok(ApplyOutcome::Updated {
+                            operations: delta.ops.len(),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "incremental nft update failed; replacing the whole ruleset");
+                        format!("incremental update failed: {e}")
+                    }
+                }
+            }
+            Plan::Full { reason } => reason,
+        };
+        // Everything the old ruleset counted goes with it.
+        let read = match &self.current {
+            Some(_) => self.read_counters_before_change(|_| true),
+            None => Vec::new(),
+        };
+        // On failure the kernel still holds the old ruleset (the transaction is atomic), so
+        // `current` stays, and nothing was destroyed to bank.
+        run_nft(
+            self.netns.as_deref(),
+            &["-f", "-"],
+            Some(&new.script()),
+            "apply",
+        )?;
+        if let Some(old) = &self.current {
+            bank(old, &read);
+        }
+        self.current = Some(new);
+        self.last_applied = None;
+        Ok(ApplyOutcome::Replaced { reason })
+    }
+
+    /// Counters that pass `keep`, read right before a transaction destroys them. A failed read
+    /// costs only those counts, never the change.
+    fn read_counters_before_change(
+        &self,
+        keep: impl Fn(&CounterValue) -> bool,
+    ) -> Vec<CounterValue> {
+        match self.counters() {
+            Ok(all) => all.into_iter().filter(|c| keep(c)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the counters a ruleset change destroys");
+                Vec::new()
+            }
+        }
     }
 
     /// Validates `script` against the kernel without committing it (`nft -c`).
@@ -71,10 +181,11 @@ impl NftApplier {
         .map(|_| ())
     }
 
-    /// Forces the next [`apply`](Self::apply) to reach the kernel (e.g. after someone flushed
-    /// the ruleset).
+    /// Forces the next [`apply`](Self::apply) or [`update`](Self::update) to replace the whole
+    /// ruleset (e.g. after someone flushed it).
     pub fn forget(&mut self) {
         self.last_applied = None;
+        self.current = None;
     }
 
     /// Deletes both veilnet tables (absent is fine), in one transaction.
@@ -83,20 +194,29 @@ impl NftApplier {
             "table inet {TABLE} {{\n}}\ndelete table inet {TABLE}\n\
              table bridge {TABLE} {{\n}}\ndelete table bridge {TABLE}\n"
         );
-        run_nft(self.netns.as_deref(), &["-f", "-"], Some(&script), "remove")?;
         self.last_applied = None;
+        self.current = None;
+        run_nft(self.netns.as_deref(), &["-f", "-"], Some(&script), "remove")?;
         Ok(())
     }
 
-    /// Named counters of the veilnet tables (both families).
+    /// Named counters of the veilnet tables (both families), from one netlink dump of the
+    /// counter objects (see `counters`); through `nft -j list counters` only if netlink fails.
     pub fn counters(&self) -> Result<Vec<CounterValue>, PolicyError> {
-        let out = run_nft(
-            self.netns.as_deref(),
-            &["-j", "list", "counters"],
-            None,
-            "list counters",
-        )?;
-        parse_counters(&out)
+        let read = match &self.netns {
+            None => read_counters(),
+            Some(ns) => netns::run_in(ns, read_counters)?,
+        };
+        read.or_else(|e| {
+            tracing::debug!(error = %e, "netlink counter dump failed; asking nft");
+            let out = run_nft(
+                self.netns.as_deref(),
+                &["-j", "list", "counters"],
+                None,
+                "list counters",
+            )?;
+            parse_counters(&out)
+        })
     }
 }
 
@@ -138,6 +258,26 @@ fn run_nft(
     stdin: Option<&str>,
     action: &str,
 ) -> Result<String, PolicyError> {
+    match netns_name {
+        None => run_nft_here(args, stdin, action),
+        Some(ns) => {
+            // Spawned from a thread inside the namespace rather than with a `pre_exec` setns: a
+            // child without `pre_exec` is started with posix_spawn (vfork-like), while `pre_exec`
+            // forces a fork that copies the page tables of the whole caller — milliseconds for
+            // a process holding a big cluster's objects, on every update.
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            let stdin = stdin.map(str::to_string);
+            let action = action.to_string();
+            netns::run_in(ns, move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                run_nft_here(&args, stdin.as_deref(), &action)
+            })?
+        }
+    }
+}
+
+/// Runs `nft ARGS` in the caller's network namespace.
+fn run_nft_here(args: &[&str], stdin: Option<&str>, action: &str) -> Result<String, PolicyError> {
     let mut cmd = Command::new("nft");
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -147,9 +287,6 @@ fn run_nft(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(ns) = netns_name {
-        netns::command_in(ns, &mut cmd)?;
-    }
     let spawn_err = |source| PolicyError::Spawn {
         action: action.to_string(),
         source,

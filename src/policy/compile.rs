@@ -4,9 +4,10 @@
 //! what `explain` reports cannot drift apart. For the compiling node it holds:
 //! - one chain per (local pod, direction) in which the pod is isolated, listing the rules of only
 //!   the policies that select it, in a stable order;
-//! - interned address sets (rule peers: pod IPs and ipBlocks minus excepts), port sets
-//!   (`protocol . port-range`) and destination sets (`ip . protocol . port`, for egress named
-//!   ports, which resolve against the destination pod), shared by every rule with the same content;
+//! - address sets (rule peers: pod IPs and ipBlocks minus excepts), one per distinct peer list and
+//!   shared by every rule with that list; port sets (`protocol . port-range`), shared by content;
+//!   destination sets (`ip . protocol . port`, for egress named ports, which resolve against the
+//!   destination pod), one per peer list and port names;
 //! - the anti-spoofing facts of local pods (bridge port, MAC, IPs);
 //! - warnings for input the API server should have rejected; such parts are skipped so that they
 //!   never widen what is allowed.
@@ -186,12 +187,19 @@ pub struct CompiledPolicy {
     pub node: String,
     pub node_addrs: Vec<IpAddr>,
     pub options: CompileOptions,
-    /// Policies that select at least one local pod; an index here is the policy id of rules,
-    /// chains and the named counter `pol_<id>`.
+    /// Policies that select at least one local pod; an index here is the policy id of rules and
+    /// chains (the renderer gives each policy its named counter, see `Ruleset::policy_counters`).
     pub policies: Vec<ObjectRef>,
+    /// One address set per distinct rule peer list (namespace of the policy + the peers as
+    /// written), so that a set keeps its identity when labels change what it holds.
     pub peer_sets: Vec<AddrSet>,
+    /// Identity of each peer set across compiles (its peer list); the renderer names sets by it,
+    /// which is what lets a label change become a few set elements instead of a new ruleset.
+    pub peer_set_keys: Vec<String>,
     pub port_sets: Vec<PortSet>,
     pub dest_sets: Vec<Vec<DestTuple>>,
+    /// Identity of each destination set across compiles (peer list + named ports).
+    pub dest_set_keys: Vec<String>,
     pub chains: Vec<PodChain>,
     pub anti_spoof: Vec<AntiSpoofPort>,
     pub warnings: Vec<Warning>,
@@ -203,20 +211,6 @@ impl CompiledPolicy {
         self.chains
             .iter()
             .find(|c| c.direction == direction && c.ips.contains(&ip))
-    }
-
-    /// Name of the nft named counter that counts connections allowed by policy `id`.
-    pub fn counter_name(id: usize) -> String {
-        format!("pol_{id}")
-    }
-
-    /// Named counter → policy, for whoever exports counters.
-    pub fn policy_counters(&self) -> Vec<(String, ObjectRef)> {
-        self.policies
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (Self::counter_name(i), p.clone()))
-            .collect()
     }
 
     /// True if `rule` matches a connection from/to `peer` with `protocol`/`port` (the peer is
@@ -288,9 +282,9 @@ struct Compiler<'a> {
     ns_labels: HashMap<&'a str, BTreeMap<String, String>>,
     /// (pod index, direction) → chain index.
     chain_of: HashMap<(usize, Direction), usize>,
-    peer_ids: HashMap<AddrSet, usize>,
+    /// Peer list key → peer set id.
+    peer_ids: HashMap<String, usize>,
     port_ids: HashMap<PortSet, usize>,
-    dest_ids: HashMap<Vec<DestTuple>, usize>,
     /// Memo of rule peers: (policy namespace, peers JSON) → peers and their warnings.
     peer_cache: HashMap<String, (Peers, Vec<String>)>,
     /// Memo of egress named-port destinations: (peers key, names) → dest set.
@@ -330,7 +324,6 @@ impl<'a> Compiler<'a> {
             chain_of: HashMap::new(),
             peer_ids: HashMap::new(),
             port_ids: HashMap::new(),
-            dest_ids: HashMap::new(),
             peer_cache: HashMap::new(),
             dest_cache: HashMap::new(),
             out: CompiledPolicy::default(),
@@ -394,9 +387,9 @@ impl<'a> Compiler<'a> {
                     self.isolate(p, Direction::Ingress, id);
                 }
                 for (ri, rule) in spec.ingress.iter().flatten().enumerate() {
-                    let (peers, _) = self.compile_peers(ns, rule.from.as_deref(), &pref);
+                    let (peers, peers_key) = self.compile_peers(ns, rule.from.as_deref(), &pref);
                     let ports = self.parse_ports(rule.ports.as_deref(), &pref);
-                    self.add_ingress_rule(id, ri, &selected, &peers, &ports);
+                    self.add_ingress_rule(id, ri, &selected, (&peers, &peers_key), &ports);
                 }
             }
             if egress {
@@ -587,13 +580,13 @@ impl<'a> Compiler<'a> {
         policy: usize,
         rule_index: usize,
         selected: &[usize],
-        peers: &Peers,
+        (peers, peers_key): (&Peers, &str),
         ports: &ParsedPorts,
     ) {
         let peers = match peers {
             Peers::Any => None,
             Peers::Set(s) if s.is_empty() => return,
-            Peers::Set(s) => Some(self.intern_peers(s)),
+            Peers::Set(s) => Some(self.intern_peers(s, peers_key)),
         };
         let shared_ports = if ports.any {
             Some(None)
@@ -648,7 +641,7 @@ impl<'a> Compiler<'a> {
         let mut matchers = Vec::new();
         let peer_id = match peers {
             Peers::Any => None,
-            Peers::Set(s) => Some(self.intern_peers(s)),
+            Peers::Set(s) => Some(self.intern_peers(s, peers_key)),
         };
         if ports.any {
             matchers.push(RuleMatch::PeersPorts {
@@ -667,7 +660,7 @@ impl<'a> Compiler<'a> {
             let dests = match self.dest_cache.get(&key) {
                 Some(d) => *d,
                 None => {
-                    let d = self.egress_destinations(peers, &ports.named);
+                    let d = self.egress_destinations(peers, &ports.named, &key);
                     self.dest_cache.insert(key, d);
                     d
                 }
@@ -695,6 +688,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         peers: &Peers,
         named: &[(String, Protocol)],
+        key: &str,
     ) -> Option<usize> {
         {
             let mut tuples = Vec::new();
@@ -722,17 +716,20 @@ impl<'a> Compiler<'a> {
             }
             tuples.sort_unstable();
             tuples.dedup();
-            Some(self.intern_dests(tuples))
+            Some(self.push_dests(tuples, key))
         }
     }
 
-    fn intern_peers(&mut self, set: &AddrSet) -> usize {
-        if let Some(&id) = self.peer_ids.get(set) {
+    /// The set of the peer list `key` (one set per distinct peer list, not per content: a set
+    /// must keep its name when a label change alters what it holds).
+    fn intern_peers(&mut self, set: &AddrSet, key: &str) -> usize {
+        if let Some(&id) = self.peer_ids.get(key) {
             return id;
         }
         let id = self.out.peer_sets.len();
         self.out.peer_sets.push(set.clone());
-        self.peer_ids.insert(set.clone(), id);
+        self.out.peer_set_keys.push(key.to_string());
+        self.peer_ids.insert(key.to_string(), id);
         id
     }
 
@@ -746,13 +743,11 @@ impl<'a> Compiler<'a> {
         id
     }
 
-    fn intern_dests(&mut self, set: Vec<DestTuple>) -> usize {
-        if let Some(&id) = self.dest_ids.get(&set) {
-            return id;
-        }
+    /// A new destination set; `egress_destinations` is memoised by `key`, so each key comes once.
+    fn push_dests(&mut self, set: Vec<DestTuple>, key: &str) -> usize {
         let id = self.out.dest_sets.len();
-        self.out.dest_sets.push(set.clone());
-        self.dest_ids.insert(set, id);
+        self.out.dest_sets.push(set);
+        self.out.dest_set_keys.push(key.to_string());
         id
     }
 

@@ -1,14 +1,20 @@
 //! NetworkPolicy (networking.k8s.io/v1) for the pods of this node, enforced with nftables, plus
 //! anti-spoofing on the pods' bridge ports.
 //!
-//! Pipeline: [`ClusterState`] → [`compile`] (pure) → [`CompiledPolicy`] → [`render_nft`] (pure,
-//! golden-tested) → [`NftApplier::apply`] (one `nft -f -` transaction). [`explain`] reads the
-//! same [`CompiledPolicy`] the renderer does.
+//! Pipeline: [`ClusterState`] → [`compile`] (pure) → [`CompiledPolicy`] → [`render`] (pure,
+//! golden-tested) → [`Ruleset`] → [`diff`] against the ruleset in the kernel (pure) →
+//! [`NftApplier::update`] (one `nft -f -` transaction). [`explain`] reads the same
+//! [`CompiledPolicy`] the renderer does.
 //!
 //! # Kernel design
 //!
-//! Two tables, both owned by veilnet and replaced whole on every change (declare, delete,
-//! declare-with-content, in one transaction):
+//! Two tables, both owned by veilnet. The first load replaces them whole (declare, delete,
+//! declare-with-content, in one transaction); every later change is the delta from the ruleset
+//! in the kernel — `add`/`delete element` for set and map elements, `flush chain` + `add rule`
+//! for the pod chains whose rules changed, objects added or deleted — also one transaction. A
+//! label change is thus a few elements and chains whatever the size of the ruleset. Names of
+//! per-pod chains, per-policy counters and per-peer-list sets stay the same from one render to
+//! the next (see `ruleset`), which is what lets the diff work on elements.
 //!
 //! **`table inet veilnet`** — policy.
 //! - `chain forward` (hook forward, priority filter, policy accept):
@@ -22,11 +28,13 @@
 //!   IPs and ipBlock CIDRs minus excepts) and ports (`meta l4proto . th dport @port_<k>`, an
 //!   interval set of `protocol . port-range`, so endPort and SCTP are one element each); egress
 //!   named ports match `ip daddr . meta l4proto . th dport @dest_<k>_v4`, because they resolve
-//!   against the destination pod. Allow rules count into the policy's named counter `pol_<id>`;
+//!   against the destination pod. Allow rules count into the policy's named counter `pol_<n>`;
 //!   ingress allows `accept`, egress allows `return` (so the destination's ingress chain still
 //!   runs). The chain ends with a rate-limited `log group 100 prefix "veilnet:deny:..."` and a
 //!   `drop` counted in `deny_ingress` / `deny_egress`.
-//! - Sets are interned by content, so a thousand rules with the same peers share one set.
+//! - There is one peer set per distinct peer list (the policy's namespace and its peers as
+//!   written), so a thousand rules with the same peers share one set, and a label change adds or
+//!   removes elements of the sets it affects instead of creating new ones.
 //!
 //! Where traffic meets the forward hook: routed pod traffic (to/from the VXLAN or WireGuard
 //! device) does naturally; bridged same-node pod↔pod frames do because br_netfilter
@@ -47,17 +55,24 @@
 //!   are dropped too.
 //!
 //! SCTP rules are plain set elements (`sctp . 80`) and need no SCTP kernel module.
-//! Named counters are recreated with the table, so they count since the last change.
+//! Named counters live as long as their policy selects a local pod: incremental updates keep them
+//! (flushing a chain does not touch the counter objects its rules count into), and the applier
+//! reads the few a change destroys right before it, for the agent to bank. They are read with one
+//! netlink dump of the counter objects (see `counters`), not with `nft list`, which would fetch
+//! the whole ruleset first.
 
 mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
+mod counters;
+mod diff;
 mod explain;
 mod logprefix;
 mod model;
 pub mod nflog;
 mod render;
+mod ruleset;
 pub mod scenarios;
 mod selector;
 
@@ -67,6 +82,7 @@ pub use compile::{
     compile, compile_with, AntiSpoofPort, CompileOptions, CompiledPolicy, CompiledRule, DestTuple,
     Direction, PodChain, PortRange, PortSet, RuleMatch, Warning,
 };
+pub use diff::{diff, Delta, Op, Plan};
 pub use explain::{explain, Decision, Endpoint, Explainer, Explanation, RuleRef};
 pub use logprefix::{
     allow_prefix, deny_prefix, parse_prefix, spoof_prefix, LogPrefix, LogVerdict, MAX_PREFIX_LEN,
@@ -75,7 +91,10 @@ pub use model::{
     ClusterState, InvalidMac, MacAddr, NamedPort, NamespaceInfo, ObjectRef, PodInfo, Protocol,
     NAMESPACE_NAME_LABEL,
 };
-pub use render::{render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE};
+pub use render::{
+    render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE,
+};
+pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset};
 
 /// Errors of applying policy to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +119,11 @@ pub enum PolicyError {
     },
     #[error("unexpected nft JSON output: {0}")]
     Json(String),
+    #[error("reading counters over netlink ({op}): {source}")]
+    Netlink {
+        op: &'static str,
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]

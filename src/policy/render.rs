@@ -1,16 +1,20 @@
-//! The compiled model → one nft script (pure).
+//! The compiled model → the ruleset's nft objects (pure).
 //!
-//! The script replaces both veilnet tables in a single transaction: each table is declared
-//! (creating it if absent), deleted, and declared again with its full content. `nft -f` commits
-//! all of that atomically, so the kernel never runs a half-built ruleset and a change is never a
-//! rule-by-rule patch. See the module docs of `policy` for the layout of chains, sets and maps.
+//! [`render`] builds a [`Ruleset`]: both veilnet tables as named counters, sets, maps and chains.
+//! Its [`Ruleset::script`] replaces both tables in a single transaction (each table is declared,
+//! deleted, and declared again with its full content; `nft -f` commits that atomically, so the
+//! kernel never runs a half-built ruleset); [`super::diff`] turns two rulesets into the small
+//! transaction between them. Given the previous ruleset, `render` keeps the names of every chain,
+//! counter and set whose identity survives (see [`super::ruleset`]). See the module docs of
+//! `policy` for the layout of chains, sets and maps.
 
-use std::fmt::Write;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::addrset::AddrSet;
 use super::compile::{AntiSpoofPort, CompiledPolicy, CompiledRule, Direction, PodChain, RuleMatch};
 use super::logprefix::{allow_prefix, deny_prefix, spoof_prefix};
+use super::ruleset::{Family, Names, NftObject, NftTable, Numbering, ObjectKind, Ruleset};
 
 /// Name of both veilnet tables (`inet veilnet` for policy, `bridge veilnet` for anti-spoofing).
 pub const TABLE: &str = "veilnet";
@@ -20,20 +24,66 @@ pub const DENY_EGRESS_COUNTER: &str = "deny_egress";
 /// Named counter of frames dropped by anti-spoofing (bridge table).
 pub const SPOOF_COUNTER: &str = "spoofed";
 
-/// Renders the whole ruleset for `nft -f -`.
+/// Renders the whole ruleset for `nft -f -` (a full replace, names numbered from 0).
 pub fn render_nft(policy: &CompiledPolicy) -> String {
-    let mut out = String::with_capacity(4096 + policy.chains.len() * 256);
-    let _ = writeln!(
-        out,
-        "# veilnet NetworkPolicy for node {:?}: {} policies, {} pod chains, {} guarded ports",
-        policy.node,
-        policy.policies.len(),
-        policy.chains.len(),
-        policy.anti_spoof.len()
-    );
-    render_inet(&mut out, policy);
-    render_bridge(&mut out, policy);
-    out
+    render(policy, None).script()
+}
+
+/// Renders `policy` as nft objects, keeping the names `previous` gave to the same identities.
+pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
+    let prev = previous.map(|r| &r.names);
+    let chain_keys: Vec<(super::model::ObjectRef, Direction)> = policy
+        .chains
+        .iter()
+        .map(|c| (c.pod.clone(), c.direction))
+        .collect();
+    // By veth *and* pod: a veth name reused by another pod gets another chain (whose comment
+    // names the pod) instead of a changed declaration.
+    let port_keys: Vec<(String, super::model::ObjectRef)> = policy
+        .anti_spoof
+        .iter()
+        .map(|p| (p.host_veth.clone(), p.pod.clone()))
+        .collect();
+    let (chains, chain_nums) = Numbering::assign(prev.map(|n| &n.chains), &chain_keys);
+    let (policies, policy_nums) = Numbering::assign(prev.map(|n| &n.policies), &policy.policies);
+    let (peers, peer_nums) = Numbering::assign(prev.map(|n| &n.peers), &policy.peer_set_keys);
+    let (ports, port_nums) = Numbering::assign(prev.map(|n| &n.ports), &policy.port_sets);
+    let (dests, dest_nums) = Numbering::assign(prev.map(|n| &n.dests), &policy.dest_set_keys);
+    let (bridge_ports, bridge_nums) = Numbering::assign(prev.map(|n| &n.bridge_ports), &port_keys);
+    let r = Renderer {
+        p: policy,
+        chain_nums,
+        policy_nums,
+        peer_nums,
+        port_nums,
+        dest_nums,
+        bridge_nums,
+    };
+    let policy_counters: BTreeMap<String, super::model::ObjectRef> = policy
+        .policies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (r.counter(i), p.clone()))
+        .collect();
+    Ruleset {
+        comment: format!(
+            "# veilnet NetworkPolicy for node {:?}: {} policies, {} pod chains, {} guarded ports",
+            policy.node,
+            policy.policies.len(),
+            policy.chains.len(),
+            policy.anti_spoof.len()
+        ),
+        tables: vec![r.inet(), r.bridge()],
+        policy_counters,
+        names: Names {
+            chains,
+            policies,
+            peers,
+            ports,
+            dests,
+            bridge_ports,
+        },
+    }
 }
 
 /// nft's name of a family-specific address match.
@@ -46,36 +96,37 @@ fn addr_key(v6: bool, dir_src: bool) -> &'static str {
     }
 }
 
-fn chain_name(index: usize, chain: &PodChain) -> String {
-    match chain.direction {
-        Direction::Ingress => format!("ing_{index}"),
-        Direction::Egress => format!("egr_{index}"),
+fn fam(v6: bool) -> (&'static str, &'static str) {
+    if v6 {
+        ("v6", "ipv6_addr")
+    } else {
+        ("v4", "ipv4_addr")
     }
 }
 
-fn write_elements(out: &mut String, elements: impl Iterator<Item = String>) {
-    let mut first = true;
-    for e in elements {
-        if first {
-            out.push_str("\t\telements = { ");
-            first = false;
-        } else {
-            out.push_str(",\n\t\t\t     ");
-        }
-        out.push_str(&e);
-    }
-    if !first {
-        out.push_str(" }\n");
-    }
-}
-
-fn write_set(out: &mut String, name: &str, ty: &str, interval: bool, elements: Vec<String>) {
-    let _ = writeln!(out, "\tset {name} {{\n\t\ttype {ty}");
+fn set(name: String, ty: &str, interval: bool, elements: Vec<String>) -> NftObject {
+    let mut decl = vec![format!("type {ty}")];
     if interval {
-        out.push_str("\t\tflags interval\n");
+        decl.push("flags interval".into());
     }
-    write_elements(out, elements.into_iter());
-    out.push_str("\t}\n");
+    NftObject {
+        kind: ObjectKind::Set,
+        name,
+        decl,
+        content: elements,
+    }
+}
+
+fn counter(name: &str, comment: Option<String>) -> NftObject {
+    NftObject {
+        kind: ObjectKind::Counter,
+        name: name.to_string(),
+        decl: comment
+            .map(|c| format!("comment {c}"))
+            .into_iter()
+            .collect(),
+        content: Vec::new(),
+    }
 }
 
 fn addr_elements(set: &AddrSet, v6: bool) -> Vec<String> {
@@ -107,199 +158,6 @@ fn quote_comment(s: &str) -> String {
     format!("\"{clean}\"")
 }
 
-fn render_inet(out: &mut String, p: &CompiledPolicy) {
-    let _ = writeln!(out, "table inet {TABLE} {{\n}}\ndelete table inet {TABLE}");
-    let _ = writeln!(out, "table inet {TABLE} {{");
-
-    for (id, pol) in p.policies.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "\tcounter {} {{\n\t\tcomment {}\n\t}}",
-            CompiledPolicy::counter_name(id),
-            quote_comment(&pol.to_string())
-        );
-    }
-    for c in [DENY_INGRESS_COUNTER, DENY_EGRESS_COUNTER] {
-        let _ = writeln!(out, "\tcounter {c} {{\n\t}}");
-    }
-
-    for v6 in [false, true] {
-        let fam = if v6 { "v6" } else { "v4" };
-        let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-        write_set(
-            out,
-            &format!("node_{fam}"),
-            ty,
-            true,
-            addr_elements(&node_set(p, v6), v6),
-        );
-    }
-    for (id, set) in p.peer_sets.iter().enumerate() {
-        if set.has_v4() {
-            write_set(
-                out,
-                &format!("peer_{id}_v4"),
-                "ipv4_addr",
-                true,
-                addr_elements(set, false),
-            );
-        }
-        if set.has_v6() {
-            write_set(
-                out,
-                &format!("peer_{id}_v6"),
-                "ipv6_addr",
-                true,
-                addr_elements(set, true),
-            );
-        }
-    }
-    for (id, ports) in p.port_sets.iter().enumerate() {
-        let elements = ports
-            .0
-            .iter()
-            .map(|r| {
-                if r.first == r.last {
-                    format!("{} . {}", r.protocol.nft_name(), r.first)
-                } else {
-                    format!("{} . {}-{}", r.protocol.nft_name(), r.first, r.last)
-                }
-            })
-            .collect();
-        write_set(
-            out,
-            &format!("port_{id}"),
-            "inet_proto . inet_service",
-            true,
-            elements,
-        );
-    }
-    for (id, tuples) in p.dest_sets.iter().enumerate() {
-        for v6 in [false, true] {
-            let elements: Vec<String> = tuples
-                .iter()
-                .filter(|t| t.ip.is_ipv6() == v6)
-                .map(|t| format!("{} . {} . {}", t.ip, t.protocol.nft_name(), t.port))
-                .collect();
-            if elements.is_empty() {
-                continue;
-            }
-            let (fam, ty) = if v6 {
-                ("v6", "ipv6_addr")
-            } else {
-                ("v4", "ipv4_addr")
-            };
-            write_set(
-                out,
-                &format!("dest_{id}_{fam}"),
-                &format!("{ty} . inet_proto . inet_service"),
-                false,
-                elements,
-            );
-        }
-    }
-
-    // Verdict maps: local pod IP → its chain. One lookup per packet and direction, whatever the
-    // number of policies.
-    for dir in [Direction::Ingress, Direction::Egress] {
-        for v6 in [false, true] {
-            let (fam, ty) = if v6 {
-                ("v6", "ipv6_addr")
-            } else {
-                ("v4", "ipv4_addr")
-            };
-            // An IP claimed by two pods (a stale pod) maps to the first chain, as `chain_for`
-            // (and so `explain`) picks it; nft refuses duplicate keys.
-            let mut entries: Vec<(IpAddr, usize, String)> = Vec::new();
-            for (i, chain) in p.chains.iter().enumerate() {
-                if chain.direction != dir {
-                    continue;
-                }
-                for ip in chain.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
-                    entries.push((*ip, i, chain_name(i, chain)));
-                }
-            }
-            entries.sort();
-            entries.dedup_by(|a, b| a.0 == b.0);
-            let _ = writeln!(
-                out,
-                "\tmap {}_{fam} {{\n\t\ttype {ty} : verdict",
-                dir.as_str()
-            );
-            write_elements(
-                out,
-                entries
-                    .iter()
-                    .map(|(ip, _, chain)| format!("{ip} : jump {chain}")),
-            );
-            out.push_str("\t}\n");
-        }
-    }
-
-    for (i, chain) in p.chains.iter().enumerate() {
-        render_pod_chain(out, p, i, chain);
-    }
-
-    let _ = writeln!(
-        out,
-        "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;"
-    );
-    out.push_str("\t\tct state established,related accept\n");
-    out.push_str("\t\tct state invalid drop\n");
-    out.push_str("\t\tip saddr @node_v4 accept\n");
-    out.push_str("\t\tip6 saddr @node_v6 accept\n");
-    out.push_str("\t\tip saddr vmap @egress_v4\n");
-    out.push_str("\t\tip6 saddr vmap @egress_v6\n");
-    out.push_str("\t\tip daddr vmap @ingress_v4\n");
-    out.push_str("\t\tip6 daddr vmap @ingress_v6\n");
-    out.push_str("\t}\n");
-    out.push_str("}\n");
-}
-
-/// The match expressions of one rule: one per address family it needs, or one family-less.
-fn rule_matches(p: &CompiledPolicy, rule: &CompiledRule, dir: Direction) -> Vec<String> {
-    let peer_is_src = dir == Direction::Ingress;
-    match &rule.matcher {
-        RuleMatch::PeersPorts { peers, ports } => {
-            let port_match = ports.map(|id| format!("meta l4proto . th dport @port_{id}"));
-            let mut out = Vec::new();
-            match peers {
-                None => out.push(port_match.clone().unwrap_or_default()),
-                Some(id) => {
-                    let set = &p.peer_sets[*id];
-                    for (v6, present) in [(false, set.has_v4()), (true, set.has_v6())] {
-                        if !present {
-                            continue;
-                        }
-                        let fam = if v6 { "v6" } else { "v4" };
-                        let mut m = format!("{} @peer_{id}_{fam}", addr_key(v6, peer_is_src));
-                        if let Some(pm) = &port_match {
-                            m.push(' ');
-                            m.push_str(pm);
-                        }
-                        out.push(m);
-                    }
-                }
-            }
-            out
-        }
-        RuleMatch::Destinations(id) => {
-            let tuples = &p.dest_sets[*id];
-            let mut out = Vec::new();
-            for v6 in [false, true] {
-                if tuples.iter().any(|t| t.ip.is_ipv6() == v6) {
-                    let fam = if v6 { "v6" } else { "v4" };
-                    out.push(format!(
-                        "{} . meta l4proto . th dport @dest_{id}_{fam}",
-                        addr_key(v6, false)
-                    ));
-                }
-            }
-            out
-        }
-    }
-}
-
 fn join(m: &str, rest: &str) -> String {
     if m.is_empty() {
         rest.to_string()
@@ -308,147 +166,363 @@ fn join(m: &str, rest: &str) -> String {
     }
 }
 
-fn render_pod_chain(out: &mut String, p: &CompiledPolicy, index: usize, chain: &PodChain) {
-    let o = &p.options;
-    let limit = format!(
-        "limit rate {}/second burst {} packets log group {}",
-        o.log_rate_per_second, o.log_burst, o.log_group
-    );
-    // Egress rules `return` so that the destination's ingress chain still runs; `accept` would
-    // end the whole forward hook.
-    let verdict = match chain.direction {
-        Direction::Ingress => "accept",
-        Direction::Egress => "return",
-    };
-    let _ = writeln!(out, "\tchain {} {{", chain_name(index, chain));
-    let _ = writeln!(
-        out,
-        "\t\tcomment {}",
-        quote_comment(&format!("{} {}", chain.direction, chain.pod))
-    );
-    for rule in &chain.rules {
-        let policy = &p.policies[rule.policy];
-        let prefix = allow_prefix(chain.direction, policy);
-        for m in rule_matches(p, rule, chain.direction) {
-            if o.log_allowed {
-                let _ = writeln!(
-                    out,
-                    "\t\t{}",
-                    join(&m, &format!("{limit} prefix \"{prefix}\""))
-                );
-            }
-            let _ = writeln!(
-                out,
-                "\t\t{} comment {}",
-                join(
-                    &m,
-                    &format!(
-                        "counter name \"{}\" {verdict}",
-                        CompiledPolicy::counter_name(rule.policy)
-                    )
-                ),
-                quote_comment(&format!("{prefix}#{}", rule.rule_index))
-            );
-        }
-    }
-    let pod_prefix = deny_prefix(chain.direction, &chain.pod);
-    let _ = writeln!(out, "\t\t{limit} prefix \"{pod_prefix}\"");
-    let isolated: Vec<String> = chain
-        .isolated_by
-        .iter()
-        .map(|i| p.policies[*i].to_string())
-        .collect();
-    let counter = match chain.direction {
-        Direction::Ingress => DENY_INGRESS_COUNTER,
-        Direction::Egress => DENY_EGRESS_COUNTER,
-    };
-    let _ = writeln!(
-        out,
-        "\t\tcounter name \"{counter}\" drop comment {}",
-        quote_comment(&format!("default deny, isolated by {}", isolated.join(" ")))
-    );
-    out.push_str("\t}\n");
+/// The model and the numbers of its objects (indexed like the model's vectors).
+struct Renderer<'a> {
+    p: &'a CompiledPolicy,
+    chain_nums: Vec<u32>,
+    policy_nums: Vec<u32>,
+    peer_nums: Vec<u32>,
+    port_nums: Vec<u32>,
+    dest_nums: Vec<u32>,
+    bridge_nums: Vec<u32>,
 }
 
-fn render_bridge(out: &mut String, p: &CompiledPolicy) {
-    let o = &p.options;
-    let _ = writeln!(
-        out,
-        "table bridge {TABLE} {{\n}}\ndelete table bridge {TABLE}"
-    );
-    let _ = writeln!(out, "table bridge {TABLE} {{");
-    let _ = writeln!(out, "\tcounter {SPOOF_COUNTER} {{\n\t}}");
-    let mut ports: Vec<(usize, &AntiSpoofPort)> = p.anti_spoof.iter().enumerate().collect();
-    ports.sort_by(|a, b| a.1.host_veth.cmp(&b.1.host_veth));
-    ports.dedup_by(|a, b| a.1.host_veth == b.1.host_veth);
-    out.push_str("\tmap pod_ports {\n\t\ttype ifname : verdict\n");
-    write_elements(
-        out,
-        ports
+impl Renderer<'_> {
+    fn chain_name(&self, index: usize, chain: &PodChain) -> String {
+        let n = self.chain_nums[index];
+        match chain.direction {
+            Direction::Ingress => format!("ing_{n}"),
+            Direction::Egress => format!("egr_{n}"),
+        }
+    }
+
+    fn counter(&self, policy: usize) -> String {
+        format!("pol_{}", self.policy_nums[policy])
+    }
+
+    fn peer_set(&self, id: usize, v6: bool) -> String {
+        format!("peer_{}_{}", self.peer_nums[id], fam(v6).0)
+    }
+
+    fn port_set(&self, id: usize) -> String {
+        format!("port_{}", self.port_nums[id])
+    }
+
+    fn dest_set(&self, id: usize, v6: bool) -> String {
+        format!("dest_{}_{}", self.dest_nums[id], fam(v6).0)
+    }
+
+    fn inet(&self) -> NftTable {
+        let p = self.p;
+        let mut objects = Vec::new();
+        for (id, pol) in p.policies.iter().enumerate() {
+            objects.push(counter(
+                &self.counter(id),
+                Some(quote_comment(&pol.to_string())),
+            ));
+        }
+        for c in [DENY_INGRESS_COUNTER, DENY_EGRESS_COUNTER] {
+            objects.push(counter(c, None));
+        }
+
+        for v6 in [false, true] {
+            let (f, ty) = fam(v6);
+            objects.push(set(
+                format!("node_{f}"),
+                ty,
+                true,
+                addr_elements(&node_set(p, v6), v6),
+            ));
+        }
+        for (id, peers) in p.peer_sets.iter().enumerate() {
+            for (v6, present) in [(false, peers.has_v4()), (true, peers.has_v6())] {
+                if present {
+                    objects.push(set(
+                        self.peer_set(id, v6),
+                        fam(v6).1,
+                        true,
+                        addr_elements(peers, v6),
+                    ));
+                }
+            }
+        }
+        for (id, ports) in p.port_sets.iter().enumerate() {
+            let elements = ports
+                .0
+                .iter()
+                .map(|r| {
+                    if r.first == r.last {
+                        format!("{} . {}", r.protocol.nft_name(), r.first)
+                    } else {
+                        format!("{} . {}-{}", r.protocol.nft_name(), r.first, r.last)
+                    }
+                })
+                .collect();
+            objects.push(set(
+                self.port_set(id),
+                "inet_proto . inet_service",
+                true,
+                elements,
+            ));
+        }
+        for (id, tuples) in p.dest_sets.iter().enumerate() {
+            for v6 in [false, true] {
+                let elements: Vec<String> = tuples
+                    .iter()
+                    .filter(|t| t.ip.is_ipv6() == v6)
+                    .map(|t| format!("{} . {} . {}", t.ip, t.protocol.nft_name(), t.port))
+                    .collect();
+                if elements.is_empty() {
+                    continue;
+                }
+                objects.push(set(
+                    self.dest_set(id, v6),
+                    &format!("{} . inet_proto . inet_service", fam(v6).1),
+                    false,
+                    elements,
+                ));
+            }
+        }
+
+        // Verdict maps: local pod IP → its chain. One lookup per packet and direction, whatever
+        // the number of policies.
+        for dir in [Direction::Ingress, Direction::Egress] {
+            for v6 in [false, true] {
+                let (f, ty) = fam(v6);
+                // An IP claimed by two pods (a stale pod) maps to the first chain, as `chain_for`
+                // (and so `explain`) picks it; nft refuses duplicate keys.
+                let mut entries: Vec<(IpAddr, usize)> = Vec::new();
+                for (i, chain) in p.chains.iter().enumerate() {
+                    if chain.direction != dir {
+                        continue;
+                    }
+                    for ip in chain.ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+                        entries.push((*ip, i));
+                    }
+                }
+                entries.sort();
+                entries.dedup_by(|a, b| a.0 == b.0);
+                objects.push(NftObject {
+                    kind: ObjectKind::Map,
+                    name: format!("{}_{f}", dir.as_str()),
+                    decl: vec![format!("type {ty} : verdict")],
+                    content: entries
+                        .iter()
+                        .map(|(ip, i)| {
+                            format!("{ip} : jump {}", self.chain_name(*i, &p.chains[*i]))
+                        })
+                        .collect(),
+                });
+            }
+        }
+
+        for (i, chain) in p.chains.iter().enumerate() {
+            objects.push(self.pod_chain(i, chain));
+        }
+
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "forward".into(),
+            decl: vec!["type filter hook forward priority filter; policy accept;".into()],
+            content: [
+                "ct state established,related accept",
+                "ct state invalid drop",
+                "ip saddr @node_v4 accept",
+                "ip6 saddr @node_v6 accept",
+                "ip saddr vmap @egress_v4",
+                "ip6 saddr vmap @egress_v6",
+                "ip daddr vmap @ingress_v4",
+                "ip6 daddr vmap @ingress_v6",
+            ]
+            .map(String::from)
+            .to_vec(),
+        });
+        NftTable {
+            family: Family::Inet,
+            objects,
+        }
+    }
+
+    /// The match expressions of one rule: one per address family it needs, or one family-less.
+    fn rule_matches(&self, rule: &CompiledRule, dir: Direction) -> Vec<String> {
+        let p = self.p;
+        let peer_is_src = dir == Direction::Ingress;
+        match &rule.matcher {
+            RuleMatch::PeersPorts { peers, ports } => {
+                let port_match =
+                    ports.map(|id| format!("meta l4proto . th dport @{}", self.port_set(id)));
+                let mut out = Vec::new();
+                match peers {
+                    None => out.push(port_match.clone().unwrap_or_default()),
+                    Some(id) => {
+                        let set = &p.peer_sets[*id];
+                        for (v6, present) in [(false, set.has_v4()), (true, set.has_v6())] {
+                            if !present {
+                                continue;
+                            }
+                            let mut m = format!(
+                                "{} @{}",
+                                addr_key(v6, peer_is_src),
+                                self.peer_set(*id, v6)
+                            );
+                            if let Some(pm) = &port_match {
+                                m.push(' ');
+                                m.push_str(pm);
+                            }
+                            out.push(m);
+                        }
+                    }
+                }
+                out
+            }
+            RuleMatch::Destinations(id) => {
+                let tuples = &p.dest_sets[*id];
+                let mut out = Vec::new();
+                for v6 in [false, true] {
+                    if tuples.iter().any(|t| t.ip.is_ipv6() == v6) {
+                        out.push(format!(
+                            "{} . meta l4proto . th dport @{}",
+                            addr_key(v6, false),
+                            self.dest_set(*id, v6)
+                        ));
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    fn pod_chain(&self, index: usize, chain: &PodChain) -> NftObject {
+        let p = self.p;
+        let o = &p.options;
+        let limit = format!(
+            "limit rate {}/second burst {} packets log group {}",
+            o.log_rate_per_second, o.log_burst, o.log_group
+        );
+        // Egress rules `return` so that the destination's ingress chain still runs; `accept`
+        // would end the whole forward hook.
+        let verdict = match chain.direction {
+            Direction::Ingress => "accept",
+            Direction::Egress => "return",
+        };
+        let mut rules = Vec::new();
+        for rule in &chain.rules {
+            let policy = &p.policies[rule.policy];
+            let prefix = allow_prefix(chain.direction, policy);
+            for m in self.rule_matches(rule, chain.direction) {
+                if o.log_allowed {
+                    rules.push(join(&m, &format!("{limit} prefix \"{prefix}\"")));
+                }
+                rules.push(format!(
+                    "{} comment {}",
+                    join(
+                        &m,
+                        &format!("counter name \"{}\" {verdict}", self.counter(rule.policy))
+                    ),
+                    quote_comment(&format!("{prefix}#{}", rule.rule_index))
+                ));
+            }
+        }
+        let pod_prefix = deny_prefix(chain.direction, &chain.pod);
+        rules.push(format!("{limit} prefix \"{pod_prefix}\""));
+        let isolated: Vec<String> = chain
+            .isolated_by
             .iter()
-            .map(|(i, port)| format!("\"{}\" : goto port_{i}", port.host_veth)),
-    );
-    out.push_str("\t}\n");
-    for (i, port) in &ports {
-        let _ = writeln!(out, "\tchain port_{i} {{");
-        let _ = writeln!(out, "\t\tcomment {}", quote_comment(&port.pod.to_string()));
-        let mac = port
-            .mac
-            .map(|m| format!("ether saddr {m} "))
-            .unwrap_or_default();
-        let v4: Vec<String> = port
-            .ips
-            .iter()
-            .filter(|ip| ip.is_ipv4())
-            .map(|ip| ip.to_string())
+            .map(|i| p.policies[*i].to_string())
             .collect();
-        let mut v6: Vec<String> = port
-            .ips
-            .iter()
-            .filter(|ip| ip.is_ipv6())
-            .map(|ip| ip.to_string())
-            .collect();
-        if !v4.is_empty() {
-            let ips = v4.join(", ");
-            let _ = writeln!(out, "\t\t{mac}ether type ip ip saddr {{ {ips} }} return");
-            let arp_mac = port
+        let counter = match chain.direction {
+            Direction::Ingress => DENY_INGRESS_COUNTER,
+            Direction::Egress => DENY_EGRESS_COUNTER,
+        };
+        rules.push(format!(
+            "counter name \"{counter}\" drop comment {}",
+            quote_comment(&format!("default deny, isolated by {}", isolated.join(" ")))
+        ));
+        NftObject {
+            kind: ObjectKind::Chain,
+            name: self.chain_name(index, chain),
+            decl: vec![format!(
+                "comment {}",
+                quote_comment(&format!("{} {}", chain.direction, chain.pod))
+            )],
+            content: rules,
+        }
+    }
+
+    fn bridge(&self) -> NftTable {
+        let p = self.p;
+        let o = &p.options;
+        let mut objects = vec![counter(SPOOF_COUNTER, None)];
+        let mut ports: Vec<(usize, &AntiSpoofPort)> = p.anti_spoof.iter().enumerate().collect();
+        ports.sort_by(|a, b| a.1.host_veth.cmp(&b.1.host_veth));
+        ports.dedup_by(|a, b| a.1.host_veth == b.1.host_veth);
+        let chain = |i: usize| format!("port_{}", self.bridge_nums[i]);
+        objects.push(NftObject {
+            kind: ObjectKind::Map,
+            name: "pod_ports".into(),
+            decl: vec!["type ifname : verdict".into()],
+            content: ports
+                .iter()
+                .map(|(i, port)| format!("\"{}\" : goto {}", port.host_veth, chain(*i)))
+                .collect(),
+        });
+        for (i, port) in &ports {
+            let mut rules = Vec::new();
+            let mac = port
                 .mac
-                .map(|m| format!("arp saddr ether {m} "))
+                .map(|m| format!("ether saddr {m} "))
                 .unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "\t\t{mac}ether type arp {arp_mac}arp saddr ip {{ {ips} }} return"
-            );
+            let v4: Vec<String> = port
+                .ips
+                .iter()
+                .filter(|ip| ip.is_ipv4())
+                .map(|ip| ip.to_string())
+                .collect();
+            let mut v6: Vec<String> = port
+                .ips
+                .iter()
+                .filter(|ip| ip.is_ipv6())
+                .map(|ip| ip.to_string())
+                .collect();
+            if !v4.is_empty() {
+                let ips = v4.join(", ");
+                rules.push(format!("{mac}ether type ip ip saddr {{ {ips} }} return"));
+                let arp_mac = port
+                    .mac
+                    .map(|m| format!("arp saddr ether {m} "))
+                    .unwrap_or_default();
+                rules.push(format!(
+                    "{mac}ether type arp {arp_mac}arp saddr ip {{ {ips} }} return"
+                ));
+            }
+            if !v6.is_empty() {
+                // Neighbour discovery uses the link-local address.
+                v6.push("fe80::/10".to_string());
+                rules.push(format!(
+                    "{mac}ether type ip6 ip6 saddr {{ {} }} return",
+                    v6.join(", ")
+                ));
+            }
+            rules.push(format!(
+                "limit rate {}/second burst {} packets log group {} prefix \"{}\"",
+                o.log_rate_per_second,
+                o.log_burst,
+                o.log_group,
+                spoof_prefix(&port.pod)
+            ));
+            rules.push(format!("counter name \"{SPOOF_COUNTER}\" drop"));
+            objects.push(NftObject {
+                kind: ObjectKind::Chain,
+                name: chain(*i),
+                decl: vec![format!("comment {}", quote_comment(&port.pod.to_string()))],
+                content: rules,
+            });
         }
-        if !v6.is_empty() {
-            // Neighbour discovery uses the link-local address.
-            v6.push("fe80::/10".to_string());
-            let _ = writeln!(
-                out,
-                "\t\t{mac}ether type ip6 ip6 saddr {{ {} }} return",
-                v6.join(", ")
-            );
+        let mut prerouting = vec!["iifname vmap @pod_ports".to_string()];
+        if o.drop_unknown_pod_ports {
+            prerouting.push(format!(
+                "iifname \"veil*\" counter name \"{SPOOF_COUNTER}\" drop"
+            ));
         }
-        let _ = writeln!(
-            out,
-            "\t\tlimit rate {}/second burst {} packets log group {} prefix \"{}\"",
-            o.log_rate_per_second,
-            o.log_burst,
-            o.log_group,
-            spoof_prefix(&port.pod)
-        );
-        let _ = writeln!(out, "\t\tcounter name \"{SPOOF_COUNTER}\" drop");
-        out.push_str("\t}\n");
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "prerouting".into(),
+            decl: vec!["type filter hook prerouting priority filter; policy accept;".into()],
+            content: prerouting,
+        });
+        NftTable {
+            family: Family::Bridge,
+            objects,
+        }
     }
-    out.push_str(
-        "\tchain prerouting {\n\t\ttype filter hook prerouting priority filter; policy accept;\n",
-    );
-    out.push_str("\t\tiifname vmap @pod_ports\n");
-    if o.drop_unknown_pod_ports {
-        let _ = writeln!(
-            out,
-            "\t\tiifname \"veil*\" counter name \"{SPOOF_COUNTER}\" drop"
-        );
-    }
-    out.push_str("\t}\n}\n");
 }

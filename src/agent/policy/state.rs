@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use veilnet_cni::agent_protocol::PodAttachment;
 
 use super::attachments::Attachments;
 use crate::policy::{ClusterState, MacAddr, NamespaceInfo, ObjectRef, PodInfo};
@@ -22,35 +23,130 @@ pub fn cluster_state(
     attachments: &Attachments,
     node: &str,
 ) -> ClusterState {
-    let pods = pods
-        .iter()
-        .filter_map(|pod| {
-            let mut info = PodInfo::from_k8s(pod)?;
-            if info.node == node && !info.host_network {
-                if let Some(a) = attachments.for_pod(&info.namespace, &info.name) {
-                    let uid = pod.metadata.uid.as_deref();
-                    // An attachment of an earlier pod with the same name is not this pod's.
-                    let same_pod = match (uid, a.uid.as_deref()) {
-                        (Some(api), Some(cni)) => api == cni,
-                        _ => true,
-                    };
-                    if same_pod {
-                        info.host_veth = Some(a.host_veth.clone());
-                        info.mac = a.mac.parse::<MacAddr>().ok();
-                        info.ips = a.ips.clone();
-                    }
-                }
-            }
-            Some(info)
-        })
-        .collect();
     ClusterState {
-        pods,
-        namespaces: namespaces
+        pods: pods
             .iter()
-            .filter_map(|n| NamespaceInfo::from_k8s(n))
+            .filter_map(|pod| pod_info(pod, attachment_for(pod, attachments, node)))
             .collect(),
+        namespaces: namespace_infos(namespaces),
         policies: policies.iter().map(|p| (**p).clone()).collect(),
+    }
+}
+
+fn namespace_infos(namespaces: &[Arc<Namespace>]) -> Vec<NamespaceInfo> {
+    namespaces
+        .iter()
+        .filter_map(|n| NamespaceInfo::from_k8s(n))
+        .collect()
+}
+
+/// The plugin's report that applies to `pod`: only for a pod of this node outside the host
+/// network, and not one of an earlier pod with the same name.
+fn attachment_for<'a>(
+    pod: &Pod,
+    attachments: &'a Attachments,
+    node: &str,
+) -> Option<&'a PodAttachment> {
+    let spec = pod.spec.as_ref()?;
+    if spec.node_name.as_deref() != Some(node) || spec.host_network == Some(true) {
+        return None;
+    }
+    let a = attachments.for_pod(
+        pod.metadata.namespace.as_deref()?,
+        pod.metadata.name.as_deref()?,
+    )?;
+    let same_pod = match (pod.metadata.uid.as_deref(), a.uid.as_deref()) {
+        (Some(api), Some(cni)) => api == cni,
+        _ => true,
+    };
+    same_pod.then_some(a)
+}
+
+/// A pod as the compiler sees it; a local pod takes its host veth, MAC and IPs from `attachment`.
+fn pod_info(pod: &Pod, attachment: Option<&PodAttachment>) -> Option<PodInfo> {
+    let mut info = PodInfo::from_k8s(pod)?;
+    if let Some(a) = attachment {
+        info.host_veth = Some(a.host_veth.clone());
+        info.mac = a.mac.parse::<MacAddr>().ok();
+        info.ips = a.ips.clone();
+    }
+    Some(info)
+}
+
+/// A converted pod and what it was converted from.
+type PodEntry = ((Arc<Pod>, Option<PodAttachment>), PodInfo);
+
+/// [`cluster_state`], incrementally: an object the caches still hold unchanged (the same `Arc`,
+/// and for a local pod the same attachment) keeps its conversion from the previous call. A sync
+/// after one label change thus converts one pod, not every pod and policy of the cluster (the
+/// reflector replaces an object's `Arc` when it changes and keeps it otherwise).
+#[derive(Default)]
+pub struct StateCache {
+    state: ClusterState,
+    /// What each entry of `state.pods` was converted from (same index).
+    pod_sources: Vec<(Arc<Pod>, Option<PodAttachment>)>,
+    /// What each entry of `state.policies` was cloned from (same index).
+    policy_sources: Vec<Arc<NetworkPolicy>>,
+    /// Pods and policies converted by the last update (the rest were reused).
+    pub converted: usize,
+}
+
+impl StateCache {
+    /// The same state as [`cluster_state`] with these arguments.
+    pub fn update(
+        &mut self,
+        pods: &[Arc<Pod>],
+        namespaces: &[Arc<Namespace>],
+        policies: &[Arc<NetworkPolicy>],
+        attachments: &Attachments,
+        node: &str,
+    ) -> &ClusterState {
+        self.converted = 0;
+        // Keyed by address; the `Arc`s kept in the sources keep those addresses from being
+        // reused until the lookup is done.
+        let mut old_pods: HashMap<*const Pod, PodEntry> = std::mem::take(&mut self.pod_sources)
+            .into_iter()
+            .zip(std::mem::take(&mut self.state.pods))
+            .map(|(source, info)| (Arc::as_ptr(&source.0), (source, info)))
+            .collect();
+        for pod in pods {
+            let attachment = attachment_for(pod, attachments, node);
+            let reused = old_pods
+                .remove(&Arc::as_ptr(pod))
+                .filter(|((_, was), _)| was.as_ref() == attachment)
+                .map(|(_, info)| info);
+            let info = match reused {
+                Some(info) => info,
+                None => {
+                    self.converted += 1;
+                    let Some(info) = pod_info(pod, attachment) else {
+                        continue;
+                    };
+                    info
+                }
+            };
+            self.state.pods.push(info);
+            self.pod_sources.push((pod.clone(), attachment.cloned()));
+        }
+        let mut old_policies: HashMap<*const NetworkPolicy, (Arc<NetworkPolicy>, NetworkPolicy)> =
+            std::mem::take(&mut self.policy_sources)
+                .into_iter()
+                .zip(std::mem::take(&mut self.state.policies))
+                .map(|(source, p)| (Arc::as_ptr(&source), (source, p)))
+                .collect();
+        for policy in policies {
+            let p = match old_policies.remove(&Arc::as_ptr(policy)) {
+                Some((_, p)) => p,
+                None => {
+                    self.converted += 1;
+                    (**policy).clone()
+                }
+            };
+            self.state.policies.push(p);
+            self.policy_sources.push(policy.clone());
+        }
+        self.state.namespaces = namespace_infos(namespaces);
+        &self.state
     }
 }
 
@@ -98,7 +194,6 @@ impl IpIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use veilnet_cni::agent_protocol::PodAttachment;
 
     fn pod(ns: &str, name: &str, node: &str, ip: Option<&str>, uid: &str) -> Arc<Pod> {
         let mut v = serde_json::json!({
@@ -163,5 +258,65 @@ mod tests {
         );
         assert_eq!(index.pod_of_veth("veil0000000000a").unwrap().name, "a");
         assert!(index.pod(&"10.9.9.9".parse().unwrap()).is_none());
+    }
+
+    fn same_state(a: &ClusterState, b: &ClusterState) {
+        let mut pa = a.pods.clone();
+        let mut pb = b.pods.clone();
+        pa.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+        pb.sort_by(|x, y| (&x.namespace, &x.name).cmp(&(&y.namespace, &y.name)));
+        assert_eq!(pa, pb);
+        assert_eq!(a.namespaces, b.namespaces);
+        assert_eq!(a.policies, b.policies);
+    }
+
+    #[test]
+    fn the_cache_converts_only_what_changed_and_agrees_with_a_fresh_build() {
+        let mut reg = Attachments::in_memory();
+        reg.insert(attachment("x", "a", "10.244.1.5", Some("u-a")))
+            .unwrap();
+        let mut pods = vec![
+            pod("x", "a", "n1", None, "u-a"),
+            pod("x", "b", "n1", Some("10.244.1.9"), "u-b"),
+            pod("x", "r", "n2", Some("10.244.2.3"), "u-r"),
+        ];
+        let policies: Vec<Arc<NetworkPolicy>> = vec![Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": "x", "name": "p"}, "spec": {"podSelector": {}}
+            }))
+            .unwrap(),
+        )];
+        let mut cache = StateCache::default();
+        let first = cache.update(&pods, &[], &policies, &reg, "n1").clone();
+        assert_eq!(cache.converted, 4);
+        same_state(&first, &cluster_state(&pods, &[], &policies, &reg, "n1"));
+
+        // Nothing changed: nothing converted.
+        cache.update(&pods, &[], &policies, &reg, "n1");
+        assert_eq!(cache.converted, 0);
+
+        // One pod relabelled (a new object, as the reflector stores it), one removed.
+        let mut relabelled = (*pods[1]).clone();
+        relabelled
+            .metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert("role".into(), "db".into());
+        pods[1] = Arc::new(relabelled);
+        pods.remove(2);
+        let state = cache.update(&pods, &[], &policies, &reg, "n1").clone();
+        assert_eq!(cache.converted, 1);
+        same_state(&state, &cluster_state(&pods, &[], &policies, &reg, "n1"));
+        assert_eq!(state.pods.len(), 2);
+
+        // The plugin reports b: the same pod object is converted again with its attachment.
+        reg.insert(attachment("x", "b", "10.244.1.6", Some("u-b")))
+            .unwrap();
+        let state = cache.update(&pods, &[], &[], &reg, "n1").clone();
+        assert_eq!(cache.converted, 1);
+        same_state(&state, &cluster_state(&pods, &[], &[], &reg, "n1"));
+        let b = state.pods.iter().find(|p| p.name == "b").unwrap();
+        assert_eq!(b.ips, vec!["10.244.1.6".parse::<IpAddr>().unwrap()]);
+        assert!(state.policies.is_empty());
     }
 }

@@ -1,9 +1,11 @@
 //! Per-policy counters and the status file `<runDir>/policy-status.json`.
 //!
-//! The kernel's named counters start at zero with every ruleset (the tables are replaced whole), so
-//! the agent banks their values just before each change and reports banked + current: counters
-//! that only grow, per policy (by `namespace/name`, across ruleset generations) plus the default
-//! deny and anti-spoofing drops.
+//! A kernel named counter lives as long as its object: an incremental update keeps every counter
+//! of a policy that still selects a local pod, but a policy that stops selecting any (and every
+//! counter, on a full replace) loses its counter. The applier reads exactly those counters right
+//! before the transaction that destroys them and the agent banks them here; the agent reports
+//! banked + current: counters that only grow, per policy (by `namespace/name`, across ruleset
+//! generations and renumbering) plus the default deny and anti-spoofing drops.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{
-    CompiledPolicy, CounterValue, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER,
+    CounterValue, Ruleset, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER,
 };
 
 /// Packets and bytes.
@@ -54,23 +56,21 @@ pub struct CounterBank {
     banked: BTreeMap<String, Count>,
 }
 
-/// Maps a kernel counter to its stable key (`ns/name` for policies) under `model`.
-fn key_of(model: &CompiledPolicy, c: &CounterValue) -> Option<String> {
+/// Maps a kernel counter to its stable key (`ns/name` for policies) under `ruleset`, the ruleset
+/// that named it.
+fn key_of(ruleset: &Ruleset, c: &CounterValue) -> Option<String> {
     match c.name.as_str() {
         DENY_INGRESS_COUNTER | DENY_EGRESS_COUNTER | SPOOF_COUNTER => Some(c.name.clone()),
-        name => {
-            let id: usize = name.strip_prefix("pol_")?.parse().ok()?;
-            model.policies.get(id).map(|p| p.to_string())
-        }
+        name => ruleset.counter_policy(name).map(|p| p.to_string()),
     }
 }
 
 impl CounterBank {
-    /// Adds the kernel's values (read under `model`, the ruleset that produced them) to the bank;
-    /// call right before replacing that ruleset.
-    pub fn bank(&mut self, model: &CompiledPolicy, kernel: &[CounterValue]) {
+    /// Adds the kernel's values (read under `ruleset`, the ruleset that named them) to the bank;
+    /// call with the counters a change destroyed, once it has committed.
+    pub fn bank(&mut self, ruleset: &Ruleset, kernel: &[CounterValue]) {
         for c in kernel {
-            if let Some(key) = key_of(model, c) {
+            if let Some(key) = key_of(ruleset, c) {
                 self.banked.entry(key).or_default().add(Count {
                     packets: c.packets,
                     bytes: c.bytes,
@@ -80,17 +80,17 @@ impl CounterBank {
     }
 
     /// Banked + current values. Policies that select no local pod any more keep their count.
-    pub fn snapshot(&self, model: &CompiledPolicy, kernel: &[CounterValue]) -> CounterSnapshot {
+    pub fn snapshot(&self, ruleset: &Ruleset, kernel: &[CounterValue]) -> CounterSnapshot {
         let mut all = self.banked.clone();
         for c in kernel {
-            if let Some(key) = key_of(model, c) {
+            if let Some(key) = key_of(ruleset, c) {
                 all.entry(key).or_default().add(Count {
                     packets: c.packets,
                     bytes: c.bytes,
                 });
             }
         }
-        for p in &model.policies {
+        for (_, p) in ruleset.policy_counters() {
             all.entry(p.to_string()).or_default();
         }
         let mut out = CounterSnapshot::default();
@@ -147,7 +147,7 @@ impl PolicyStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::ObjectRef;
+    use crate::policy::{render, CompiledPolicy, ObjectRef};
 
     fn counter(name: &str, packets: u64) -> CounterValue {
         CounterValue {
@@ -158,8 +158,8 @@ mod tests {
         }
     }
 
-    fn model(policies: &[&str]) -> CompiledPolicy {
-        CompiledPolicy {
+    fn ruleset(policies: &[&str], previous: Option<&Ruleset>) -> Ruleset {
+        let model = CompiledPolicy {
             policies: policies
                 .iter()
                 .map(|p| {
@@ -168,21 +168,23 @@ mod tests {
                 })
                 .collect(),
             ..Default::default()
-        }
+        };
+        render(&model, previous)
     }
 
     #[test]
     fn counts_survive_ruleset_changes_and_renumbering() {
         let mut bank = CounterBank::default();
-        let first = model(&["x/allow-a", "x/allow-b"]);
+        let first = ruleset(&["x/allow-a", "x/allow-b"], None);
         let k1 = [
             counter("pol_0", 3),
             counter("pol_1", 5),
             counter(DENY_INGRESS_COUNTER, 7),
         ];
+        // A full replace destroyed everything first counted.
         bank.bank(&first, &k1);
-        // The new ruleset renumbers: allow-b is now pol_0, allow-a selects no local pod any more.
-        let second = model(&["x/allow-b"]);
+        // The fresh ruleset renumbers: allow-b is now pol_0, allow-a selects no local pod any more.
+        let second = ruleset(&["x/allow-b"], None);
         let k2 = [counter("pol_0", 2), counter(SPOOF_COUNTER, 1)];
         let snap = bank.snapshot(&second, &k2);
         let by_name: BTreeMap<&str, u64> = snap
@@ -203,5 +205,38 @@ mod tests {
         // Unknown kernel counters are ignored.
         let snap = bank.snapshot(&second, &[counter("pol_9", 100), counter("other", 1)]);
         assert_eq!(snap.policies.iter().map(|p| p.packets).sum::<u64>(), 8);
+    }
+
+    #[test]
+    fn incremental_updates_bank_only_the_destroyed_counter() {
+        let mut bank = CounterBank::default();
+        let first = ruleset(&["x/a", "x/b", "x/c"], None);
+        let before = bank.snapshot(
+            &first,
+            &[
+                counter("pol_0", 1),
+                counter("pol_1", 10),
+                counter("pol_2", 100),
+            ],
+        );
+        // x/b stops selecting local pods: its counter is deleted, the others keep counting
+        // under the names they had.
+        let second = ruleset(&["x/a", "x/c"], Some(&first));
+        assert_eq!(
+            second.policy_counters().map(|(n, _)| n).collect::<Vec<_>>(),
+            vec!["pol_0", "pol_2"]
+        );
+        bank.bank(&first, &[counter("pol_1", 11)]);
+        let after = bank.snapshot(&second, &[counter("pol_0", 2), counter("pol_2", 100)]);
+        let get = |s: &CounterSnapshot, n: &str| {
+            s.policies.iter().find(|p| p.name == n).map(|p| p.packets)
+        };
+        for name in ["a", "b", "c"] {
+            assert!(get(&after, name) >= get(&before, name), "{name} went down");
+        }
+        assert_eq!(
+            (get(&after, "a"), get(&after, "b"), get(&after, "c")),
+            (Some(2), Some(11), Some(100))
+        );
     }
 }
