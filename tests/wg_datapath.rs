@@ -416,7 +416,9 @@ fn wireguard_between_two_node_namespaces() {
     let s = &sa[0];
     assert_eq!(s.public_key, b.dev().public_key());
     assert!(s.last_handshake.is_some());
-    assert!(s.tx_packets > 1000 && s.rx_packets > 100, "{s:?}");
+    // Data one way (> 1000 segments), ACKs the other: how many ACKs depends on how much the
+    // receiver coalesced (fewer under load), so only their presence is certain.
+    assert!(s.tx_packets > 1000 && s.rx_packets > 0, "{s:?}");
     assert!(s.tx_bytes as usize > len && s.rx_bytes > 0, "{s:?}");
     assert_eq!(s.dropped_not_allowed, 0);
     assert_eq!(b.dev().stats()[0].rx_packets, s.tx_packets);
