@@ -1,5 +1,5 @@
 //! veilnet's userspace WireGuard datapath: boringtun's sans-IO protocol core (`noise::Tunn`) over
-//! a TUN device and UDP sockets, with our own tokio I/O. No kernel module is needed.
+//! a TUN device and UDP sockets, with our own I/O on a dedicated thread. No kernel module is needed.
 //!
 //! Layout: [`keys`] (key files and text form), `allowed_ips` (longest-prefix table), `peers`
 //! (peer state, tables, declarative diff), `state` (identity + table snapshot), `egress`
