@@ -9,13 +9,16 @@
 //!
 //! The request builder and the parser are pure and never panic on malformed input.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use super::apply::CounterValue;
+use super::netlink::{
+    attributes, message, messages, open_socket, push_attr, u32_ne_at, NFGENMSG_LEN, NLMSG_DONE,
+    NLMSG_ERROR, NLM_F_REQUEST,
+};
 use super::render::TABLE;
 use super::PolicyError;
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// Dump replies carry `NEWOBJ`, as every nf_tables dump answers with the `NEW` message type.
 const NFT_MSG_NEWOBJ: u16 = 18;
@@ -27,46 +30,7 @@ const NFTA_OBJ_DATA: u16 = 4;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
-const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-fn u16_ne(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_ne(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// Walks `(type, value)` netlink attributes; stops at the first malformed one.
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_ne(b, 0)?);
-        let kind = u16_ne(b, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let value = &b[4..len];
-        b = b.get(align4(len)..).unwrap_or(&[]);
-        Some((kind, value))
-    })
-}
-
-fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(align4(buf.len()), 0);
-}
 
 /// The dump request: every counter object of table `veilnet`, in every family.
 pub fn dump_request(seq: u32) -> Vec<u8> {
@@ -76,14 +40,12 @@ pub fn dump_request(seq: u32) -> Vec<u8> {
     table.push(0);
     push_attr(&mut body, NFTA_OBJ_TABLE, &table);
     push_attr(&mut body, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
-    let mut msg = Vec::with_capacity(NLMSG_HDRLEN + body.len());
-    msg.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&body);
-    msg
+    message(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        &body,
+    )
 }
 
 /// nft's name of an `NFPROTO_*` family.
@@ -149,21 +111,13 @@ pub enum DumpPart {
 }
 
 /// Parses one buffer of replies to [`dump_request`]. Malformed messages end the walk.
-pub fn parse_dump(mut buf: &[u8]) -> DumpPart {
+pub fn parse_dump(buf: &[u8]) -> DumpPart {
     let mut out = Vec::new();
-    while buf.len() >= NLMSG_HDRLEN {
-        let (Some(len), Some(kind)) = (u32_ne(buf, 0), u16_ne(buf, 4)) else {
-            break;
-        };
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            break;
-        }
-        let body = &buf[NLMSG_HDRLEN..len];
+    for (kind, body) in messages(buf) {
         match kind {
             NLMSG_DONE => return DumpPart::Done(out),
             NLMSG_ERROR => {
-                let errno = u32_ne(body, 0).map_or(0, |e| e as i32);
+                let errno = u32_ne_at(body, 0).map_or(0, |e| e as i32);
                 if errno != 0 {
                     return DumpPart::Error(-errno);
                 }
@@ -177,7 +131,6 @@ pub fn parse_dump(mut buf: &[u8]) -> DumpPart {
             }
             _ => {}
         }
-        buf = buf.get(align4(len)..).unwrap_or(&[]);
     }
     DumpPart::More(out)
 }
@@ -185,19 +138,7 @@ pub fn parse_dump(mut buf: &[u8]) -> DumpPart {
 /// Reads veilnet's named counters in the calling thread's network namespace.
 pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
     let err = |op: &'static str| move |source| PolicyError::Netlink { op, source };
-    // SAFETY: plain socket(2); the result is checked before it is wrapped.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(err("socket")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a fresh descriptor this function owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = open_socket().map_err(err("socket"))?;
     let tv = libc::timeval {
         tv_sec: 5,
         tv_usec: 0,
@@ -257,6 +198,7 @@ pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::netlink::{u16_ne_at, NLMSG_HDRLEN};
     use super::*;
 
     fn message(kind: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
@@ -294,10 +236,10 @@ mod tests {
     #[test]
     fn the_request_asks_for_veilnet_counters_only() {
         let m = dump_request(7);
-        assert_eq!(u32_ne(&m, 0), Some(m.len() as u32));
-        assert_eq!(u16_ne(&m, 4), Some((10 << 8) | 19));
-        assert_eq!(u16_ne(&m, 6), Some(0x301));
-        assert_eq!(u32_ne(&m, 8), Some(7));
+        assert_eq!(u32_ne_at(&m, 0), Some(m.len() as u32));
+        assert_eq!(u16_ne_at(&m, 4), Some((10 << 8) | 19));
+        assert_eq!(u16_ne_at(&m, 6), Some(0x301));
+        assert_eq!(u32_ne_at(&m, 8), Some(7));
         let attrs: Vec<(u16, Vec<u8>)> = attributes(&m[NLMSG_HDRLEN + NFGENMSG_LEN..])
             .map(|(k, v)| (k, v.to_vec()))
             .collect();

@@ -70,6 +70,7 @@ mod diff;
 mod explain;
 mod logprefix;
 mod model;
+mod netlink;
 pub mod nflog;
 mod render;
 mod ruleset;

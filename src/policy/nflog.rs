@@ -8,10 +8,14 @@
 //! reader never sees a flood.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use super::model::Protocol;
+use super::netlink::{
+    attributes, message, messages, open_socket, push_attr, u16_ne_at, u32_ne_at, NFGENMSG_LEN,
+    NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NflogError {
@@ -24,7 +28,6 @@ pub enum NflogError {
     Bind { group: u16, source: std::io::Error },
 }
 
-const NETLINK_NETFILTER: libc::c_int = 12;
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -39,12 +42,7 @@ const NFULA_IFINDEX_PHYSINDEV: u16 = 6;
 const NFULA_IFINDEX_PHYSOUTDEV: u16 = 7;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
-const NLMSG_HDRLEN: usize = 16;
-const NFGENMSG_LEN: usize = 4;
-const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
-const NLMSG_ERROR: u16 = 2;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 /// How many bytes of each packet the kernel copies: enough for IPv6 + extension headers + ports.
 const COPY_RANGE: u32 = 128;
 
@@ -108,50 +106,14 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-fn u16_ne_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_ne_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Walks `(type, value)` netlink attributes; stops at the first malformed one.
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_ne_at(b, 0)?);
-        let kind = u16_ne_at(b, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let value = &b[4..len];
-        b = b.get(align4(len)..).unwrap_or(&[]);
-        Some((kind, value))
-    })
-}
-
 /// Parses a buffer of netlink messages, keeping the NFLOG packets.
-pub fn parse_messages(mut buf: &[u8]) -> Vec<LoggedPacket> {
-    let mut out = Vec::new();
-    while buf.len() >= NLMSG_HDRLEN {
-        let Some(len) = u32_ne_at(buf, 0).map(|l| l as usize) else {
-            break;
-        };
-        let Some(kind) = u16_ne_at(buf, 4) else { break };
-        if len < NLMSG_HDRLEN || len > buf.len() {
-            break;
-        }
-        let body = &buf[NLMSG_HDRLEN..len];
-        if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET && body.len() >= NFGENMSG_LEN {
-            out.push(parse_packet(body[0], &body[NFGENMSG_LEN..]));
-        }
-        buf = buf.get(align4(len)..).unwrap_or(&[]);
-    }
-    out
+pub fn parse_messages(buf: &[u8]) -> Vec<LoggedPacket> {
+    messages(buf)
+        .filter(|(kind, body)| {
+            *kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET && body.len() >= NFGENMSG_LEN
+        })
+        .map(|(_, body)| parse_packet(body[0], &body[NFGENMSG_LEN..]))
+        .collect()
 }
 
 fn parse_packet(family: u8, attrs: &[u8]) -> LoggedPacket {
@@ -296,20 +258,14 @@ fn config_message(group: u16, seq: u32, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
     body.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
     body.extend_from_slice(&group.to_be_bytes());
     for (kind, value) in attrs {
-        let len = 4 + value.len();
-        body.extend_from_slice(&(len as u16).to_ne_bytes());
-        body.extend_from_slice(&kind.to_ne_bytes());
-        body.extend_from_slice(value);
-        body.resize(align4(body.len()), 0);
+        push_attr(&mut body, *kind, value);
     }
-    let mut msg = Vec::with_capacity(NLMSG_HDRLEN + body.len());
-    msg.extend_from_slice(&((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&seq.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&body);
-    msg
+    message(
+        (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        &body,
+    )
 }
 
 /// The two requests that subscribe to `group`: bind, then copy whole packets (up to
@@ -342,19 +298,7 @@ impl NflogSocket {
     /// notice that it should stop.
     pub fn open(group: u16, poll: Duration) -> Result<NflogSocket, NflogError> {
         let sock = |op| move |source| NflogError::Socket { op, source };
-        // SAFETY: plain socket(2); the result is checked before it is wrapped.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_NETFILTER,
-            )
-        };
-        if raw < 0 {
-            return Err(sock("socket")(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh descriptor this function owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = open_socket().map_err(sock("socket"))?;
         // SAFETY: zeroed sockaddr_nl is valid; bind(2) with its exact size.
         let bound = unsafe {
             let mut addr: libc::sockaddr_nl = std::mem::zeroed();
@@ -463,6 +407,7 @@ impl NflogSocket {
 
 #[cfg(test)]
 mod tests {
+    use super::super::netlink::align4;
     use super::*;
 
     fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
