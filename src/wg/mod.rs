@@ -106,9 +106,10 @@ pub struct WgConfig {
     pub busy_poll: Duration,
 }
 
-/// Default [`WgConfig::busy_poll`]: off. Measured on 2 cores shared by two nodes, spinning
-/// steals the CPU the other side of the round trip needs: both RTT and throughput got worse
-/// (`scripts/bench.sh`, 30 and 200 µs). Worth raising only where the datapath has cores to spare.
+/// Default [`WgConfig::busy_poll`]: off. Measured on 2 cores shared by two nodes (two
+/// `veilnet bench wg-node` in netns, ping and iperf3, 20 to 1000 µs tried): spinning steals the CPU
+/// the other side of the round trip needs, and RTT got worse while throughput did not improve
+/// beyond the noise. Worth raising only where the datapath has cores to spare.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::ZERO;
 
 impl WgConfig {

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An eventfd another thread writes to wake the datapath out of `poll`.
 #[derive(Debug)]
@@ -75,9 +75,31 @@ pub(crate) fn wait_readable(
     Ok(())
 }
 
+/// Runs a non-blocking write on `fd` until it no longer reports `WouldBlock`, waiting for write
+/// space in between, `limit` in all; after that the `WouldBlock` is returned. Backpressure rather
+/// than a drop or a spin, bounded so that a wedged descriptor cannot stall the datapath thread.
+pub(crate) fn write_waiting<T>(
+    fd: RawFd,
+    limit: Duration,
+    mut write: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match write() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || !wait_writable(fd, left)? {
+                    return Err(e);
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Waits at most `timeout` for `fd` to take a write. True if it can (or reports an error, which
 /// the retried write will then return).
-pub(crate) fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = [libc::pollfd {
         fd,
         events: libc::POLLOUT,
@@ -128,5 +150,26 @@ mod tests {
     fn an_eventfd_is_writable() {
         let w = Waker::new().unwrap();
         assert!(wait_writable(w.raw_fd(), Duration::ZERO).unwrap());
+    }
+
+    #[test]
+    fn writes_are_retried_while_they_would_block_then_given_up() {
+        let w = Waker::new().unwrap();
+        let mut tries = 0;
+        let r = write_waiting(w.raw_fd(), Duration::from_secs(1), || {
+            tries += 1;
+            if tries < 3 {
+                Err(io::Error::from(io::ErrorKind::WouldBlock))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+        let started = Instant::now();
+        let r: io::Result<()> = write_waiting(w.raw_fd(), Duration::from_millis(20), || {
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        });
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert!(started.elapsed() >= Duration::from_millis(20));
     }
 }

@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
-use super::readiness::wait_writable;
+use super::readiness::write_waiting;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -167,18 +167,7 @@ impl Tun {
     /// Writes one packet (`virtio_net_hdr` first). A TUN takes writes without blocking in
     /// practice; should it refuse, we wait a bounded time for space rather than spin or drop.
     pub(crate) fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        let deadline = std::time::Instant::now() + WRITE_WAIT;
-        loop {
-            match (&self.file).write(packet) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() || !wait_writable(self.raw_fd(), left)? {
-                        return Err(e);
-                    }
-                }
-                other => return other,
-            }
-        }
+        write_waiting(self.raw_fd(), WRITE_WAIT, || (&self.file).write(packet))
     }
 }
 

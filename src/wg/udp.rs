@@ -15,14 +15,14 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::socket::{
     bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6,
     SockaddrLike, SockaddrStorage,
 };
 
-use super::readiness::wait_writable;
+use super::readiness::write_waiting;
 
 /// Socket buffer size requested (the FORCE variants bypass `net.core.*mem_max` as root).
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -279,19 +279,8 @@ impl Socket {
 
     /// Runs a non-blocking send, waiting (at most [`SEND_WAIT`] in all) for buffer space while it
     /// would block.
-    fn send_waiting<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<()> {
-        let deadline = Instant::now() + SEND_WAIT;
-        loop {
-            match send() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || !wait_writable(self.raw_fd(), left)? {
-                        return Err(e);
-                    }
-                }
-                other => return other.map(drop),
-            }
-        }
+    fn send_waiting<T>(&self, send: impl FnMut() -> io::Result<T>) -> io::Result<()> {
+        write_waiting(self.raw_fd(), SEND_WAIT, send).map(drop)
     }
 }
 
