@@ -6,9 +6,8 @@
 //! mode 0600 and refused when anyone but the owner could read it: a leaked node key lets an
 //! attacker impersonate the node to every peer until the key is rotated.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD;
@@ -20,7 +19,7 @@ pub const KEY_LEN: usize = 32;
 /// Length of a key in standard padded base64.
 pub const KEY_B64_LEN: usize = 44;
 /// Mode of the private key file: owner read/write only.
-pub const KEY_FILE_MODE: u32 = 0o600;
+pub const KEY_FILE_MODE: u32 = crate::fsutil::PRIVATE_FILE_MODE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -182,51 +181,51 @@ pub fn write_atomic(path: &Path, key: &StaticSecret) -> Result<(), KeyError> {
             source,
         }
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&dir).map_err(io("creating directory", &dir))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| KeyError::BadFile {
-            path: path.to_path_buf(),
-            reason: "path has no file name".into(),
-        })?;
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(KEY_FILE_MODE)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
-        // The umask may have narrowed the mode further; make it exactly 0600.
-        f.set_permissions(fs::Permissions::from_mode(KEY_FILE_MODE))
-            .map_err(io("setting permissions of", &tmp))?;
-        f.write_all(format!("{}\n", encode_private(key)).as_bytes())
-            .map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
-        // Make the rename itself durable.
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io("creating directory", dir))?;
     }
-    result
+    crate::fsutil::write_private(path, format!("{}\n", encode_private(key)).as_bytes())
+        .map_err(io("writing", path))
+}
+
+/// Serde support for a public key as its base64 text (the form of annotations and `wg`).
+pub mod serde_public {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::PublicKey;
+
+    pub fn serialize<S: Serializer>(key: &PublicKey, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::encode_public(key))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PublicKey, D::Error> {
+        let text = String::deserialize(d)?;
+        super::decode_public(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`serde_public`] for a list of keys.
+pub mod serde_public_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::PublicKey;
+
+    pub fn serialize<S: Serializer>(keys: &[PublicKey], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(keys.iter().map(super::encode_public))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PublicKey>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|t| super::decode_public(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -23,9 +23,11 @@ use super::WgError;
 /// session ring, so only 24 bits are ours.
 pub(crate) const MAX_INDEX: u32 = (1 << 24) - 1;
 
-/// Desired configuration of one peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Desired configuration of one peer. (Serde: the agent sends it to the datapath process.)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerConfig {
+    #[serde(with = "keys::serde_public")]
     pub public_key: PublicKey,
     pub endpoint: SocketAddr,
     /// Inner addresses this peer may send from and that are routed to it.
@@ -35,13 +37,16 @@ pub struct PeerConfig {
 }
 
 /// What a `set_peers` call changed, by public key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerChanges {
     /// New keys: each gets a fresh tunnel (a handshake on first use).
+    #[serde(with = "keys::serde_public_list")]
     pub added: Vec<PublicKey>,
     /// Keys no longer present: their sessions are dropped.
+    #[serde(with = "keys::serde_public_list")]
     pub removed: Vec<PublicKey>,
     /// Same key, different endpoint / allowed IPs / keepalive: the session is kept.
+    #[serde(with = "keys::serde_public_list")]
     pub updated: Vec<PublicKey>,
     /// Number of peers left exactly as they were.
     pub unchanged: usize,

@@ -49,8 +49,10 @@ fn get(counter: &AtomicU64) -> u64 {
 }
 
 /// A snapshot of one peer, as `wg show` would print it plus veilnet's drop counters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PeerStats {
+    #[serde(with = "super::keys::serde_public")]
     pub public_key: PublicKey,
     /// Where encrypted packets for this peer go now (the configured endpoint, or the address the
     /// peer last roamed to).
@@ -82,7 +84,8 @@ pub struct PeerStats {
 }
 
 /// Counters that belong to no peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DeviceStats {
     /// Packets read from the TUN whose destination matches no peer's allowed IPs.
     pub dropped_no_peer: u64,
