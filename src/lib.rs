@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cluster;
+pub mod datapath;
 pub mod fsutil;
 pub mod install;
 pub mod kernel;

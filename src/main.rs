@@ -27,6 +27,8 @@ enum Command {
     Status(veilnet::status_cmd::StatusArgs),
     /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
     Agent(Box<agent::AgentArgs>),
+    /// The WireGuard datapath: owns the TUN and sessions, configured by the agent over a socket.
+    Datapath(veilnet::datapath::DatapathArgs),
     /// Benchmarks (used by scripts/bench-*.sh).
     #[command(subcommand, hide = true)]
     Bench(BenchCommand),
@@ -52,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Daemons log what they do; one-shot commands report errors themselves and stay quiet.
     let default_level = match &cli.command {
-        Command::Agent(_) => "info",
+        Command::Agent(_) | Command::Datapath(_) => "info",
         Command::Lab(cmd) if cmd.is_daemon() => "info",
         _ => "warn,kube_client=off",
     };
@@ -72,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(BenchCommand::Policy(args)) => Ok(veilnet::bench::policy::run(args)?),
+        Command::Datapath(args) => Ok(veilnet::datapath::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

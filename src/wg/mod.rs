@@ -189,6 +189,7 @@ pub struct WgDevice {
     state: Arc<State>,
     tun_name: String,
     port: u16,
+    offloads: String,
     thread: DatapathThread,
 }
 
@@ -227,6 +228,7 @@ impl WgDevice {
         );
         let tun_name = tun.name().to_string();
         let port = udp.port;
+        let offloads = offload_summary(tun.offloads, udp.v4.gro);
         let thread = DatapathThread::spawn(
             Datapath {
                 state: state.clone(),
@@ -241,6 +243,7 @@ impl WgDevice {
             state,
             tun_name,
             port,
+            offloads,
             thread,
         })
     }
@@ -283,6 +286,11 @@ impl WgDevice {
         &self.tun_name
     }
 
+    /// The offloads in effect, e.g. `tun:csum,tso4,tso6 udp:gso,gro` (for status output).
+    pub fn offload_summary(&self) -> &str {
+        &self.offloads
+    }
+
     /// Stops the datapath thread and waits for it; the port is released, and the TUN
     /// disappears (unless it is persistent: then it stays, with its addresses and routes, for the
     /// next start).
@@ -299,6 +307,29 @@ impl WgDevice {
         }
         tracing::info!(tun = %name, "wireguard device stopped");
     }
+}
+
+/// Names the TUN offloads the kernel accepted and whether UDP GRO is on. (UDP GSO is tried on
+/// every send and only turned off after the kernel refuses it, so it is listed as intended.)
+fn offload_summary(tun_offloads: libc::c_uint, udp_gro: bool) -> String {
+    let names: Vec<&str> = [
+        (libc::TUN_F_CSUM, "csum"),
+        (libc::TUN_F_TSO4, "tso4"),
+        (libc::TUN_F_TSO6, "tso6"),
+        (libc::TUN_F_TSO_ECN, "ecn"),
+        (libc::TUN_F_USO4, "uso4"),
+        (libc::TUN_F_USO6, "uso6"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| tun_offloads & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    let tun = if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(",")
+    };
+    format!("tun:{tun} udp:gso{}", if udp_gro { ",gro" } else { "" })
 }
 
 #[cfg(test)]

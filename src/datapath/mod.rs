@@ -1,0 +1,175 @@
+//! `veilnet datapath`: the long-lived process that owns the WireGuard device (TUN, UDP sockets,
+//! sessions), apart from the agent.
+//!
+//! Why a process of its own: the agent is upgraded and restarted far more often than the datapath
+//! must change, and while a userspace datapath is down no encrypted packet moves. With the device
+//! here, an agent restart or rollout (pod gone for seconds) does not stall traffic at all: the
+//! sessions, timers and counters live on. The agent stays the only writer of the configuration
+//! and talks to us over `<run dir>/datapath.sock` ([`protocol`]). We save what we are told
+//! (`datapath.state`, 0600) and restore it on start, so a restart of the datapath itself costs
+//! only its own start-up and one handshake per peer, even while no agent runs.
+
+pub mod client;
+pub mod protocol;
+mod server;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Mutex;
+
+use protocol::{ProtocolError, Request, Response};
+use server::Datapath;
+
+/// The control socket in the run directory (shared with the agent through a hostPath).
+pub const SOCKET_FILE: &str = "datapath.sock";
+/// The saved configuration, next to it (tmpfs: a reboot starts clean and the agent configures).
+pub const STATE_FILE: &str = "datapath.state";
+
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET_FILE)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("no device yet: the agent has not configured this datapath")]
+    NotConfigured,
+    #[error("private key: {0}")]
+    Key(crate::wg::KeyError),
+    #[error("WireGuard device: {0}")]
+    Device(crate::wg::WgError),
+    #[error("another datapath already serves {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DatapathArgs {
+    /// Directory of the control socket and the saved configuration; the agent's `--run-dir`.
+    #[arg(long, default_value = "/run/veilnet")]
+    pub run_dir: PathBuf,
+}
+
+/// Runs until SIGTERM/SIGINT. The device's packets move on its own thread; this runtime only
+/// serves the control socket, so one thread is enough.
+pub fn run(args: DatapathArgs) -> Result<(), DatapathError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DatapathError::Runtime)?
+        .block_on(serve(args))
+}
+
+async fn serve(args: DatapathArgs) -> Result<(), DatapathError> {
+    let socket = socket_path(&args.run_dir);
+    let sock_err = |source| DatapathError::Socket {
+        path: socket.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&args.run_dir).map_err(sock_err)?;
+    let listener = bind_exclusive(&socket).await?;
+    let our_socket = std::fs::metadata(&socket).map(|m| m.ino()).ok();
+    let datapath = Arc::new(Mutex::new(Datapath::new(args.run_dir.join(STATE_FILE))));
+    datapath.lock().await.restore().await;
+    let info = datapath.lock().await.info();
+    tracing::info!(socket = %socket.display(), pid = info.pid, instance = %info.instance, configured = info.device.is_some(), "datapath serving");
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DatapathError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DatapathError::Signal)?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve_connection(stream, datapath.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    // Only remove the socket if it is still ours (a successor may have replaced it).
+    if std::fs::metadata(&socket).map(|m| m.ino()).ok() == our_socket {
+        let _ = std::fs::remove_file(&socket);
+    }
+    datapath.lock().await.shutdown().await;
+    tracing::info!("datapath stopped; the TUN stays for the next start");
+    Ok(())
+}
+
+/// Binds the control socket, 0600. A socket file nobody answers on is a leftover and is
+/// replaced; one that answers belongs to a running datapath, and two must never fight over
+/// one TUN.
+async fn bind_exclusive(socket: &Path) -> Result<UnixListener, DatapathError> {
+    let sock_err = |source| DatapathError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    if UnixStream::connect(socket).await.is_ok() {
+        return Err(DatapathError::AlreadyRunning(socket.to_path_buf()));
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    let listener = UnixListener::bind(socket).map_err(sock_err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+/// One client (normally the agent, two during a rollout): requests in order, one response each.
+async fn serve_connection(stream: UnixStream, datapath: Arc<Mutex<Datapath>>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let outcome = match protocol::read_message::<Request, _>(&mut reader).await {
+            Ok(req) => datapath.lock().await.handle(req).await,
+            Err(ProtocolError::Closed) => return,
+            Err(ProtocolError::Malformed(e)) => {
+                protocol::Outcome::Error(format!("malformed request: {e}"))
+            }
+            Err(e) => {
+                // Too long or I/O: the stream is out of step; answer once and hang up.
+                tracing::warn!(error = %e, "dropping a control connection");
+                let resp = Response {
+                    info: datapath.lock().await.info(),
+                    outcome: protocol::Outcome::Error(e.to_string()),
+                };
+                if let Ok(line) = protocol::encode(&resp) {
+                    let _ = write.write_all(&line).await;
+                }
+                return;
+            }
+        };
+        let resp = Response {
+            info: datapath.lock().await.info(),
+            outcome,
+        };
+        let line = match protocol::encode(&resp) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a response");
+                return;
+            }
+        };
+        if write.write_all(&line).await.is_err() {
+            return;
+        }
+    }
+}
