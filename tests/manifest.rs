@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use manifest_docs::{config_map, daemonset, documents, typed};
+use manifest_docs::{config_map, daemonset, datapath_daemonset, documents, typed};
 use veilnet::agent::config::{AgentArgs, AgentConfig, FileConfig, DEFAULT_HEALTH_ADDR};
 
 const NAMESPACE: &str = "veilnet-system";
@@ -218,7 +218,7 @@ fn host_path(ds: &DaemonSet, volume: &str) -> (String, String) {
 }
 
 #[test]
-fn agent_mounts_state_run_cni_conf_and_tun_from_the_host() {
+fn agent_mounts_state_run_and_cni_conf_from_the_host() {
     let ds = daemonset();
     let (_, main) = containers(&ds);
     let agent = main.iter().find(|c| c.name == "agent").unwrap();
@@ -238,7 +238,6 @@ fn agent_mounts_state_run_cni_conf_and_tun_from_the_host() {
         ("/var/lib/veilnet", "DirectoryOrCreate"),
         ("/run/veilnet", "DirectoryOrCreate"),
         ("/etc/cni/net.d", "DirectoryOrCreate"),
-        ("/dev/net/tun", "CharDevice"),
     ] {
         let (volume, read_only) = mounts
             .get(path)
@@ -250,6 +249,86 @@ fn agent_mounts_state_run_cni_conf_and_tun_from_the_host() {
         veilnet_cni::config::DEFAULT_RUN_DIR,
         "/run/veilnet",
         "the plugin reads the node state where the agent writes it"
+    );
+    assert!(
+        !mounts.contains_key("/dev/net/tun"),
+        "the TUN belongs to the datapath"
+    );
+}
+
+#[test]
+fn the_datapath_is_its_own_daemonset_that_rolls_only_on_delete_and_shares_the_run_dir() {
+    let ds = datapath_daemonset();
+    let spec = ds.spec.as_ref().unwrap();
+    // An agent rollout must not restart the datapath, and the datapath must not roll by itself.
+    assert_eq!(
+        spec.update_strategy.as_ref().unwrap().type_.as_deref(),
+        Some("OnDelete")
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
+        assert_eq!(labels.get(k), Some(v), "selector {k}");
+    }
+    let agent_labels = daemonset().spec.unwrap().selector.match_labels.unwrap();
+    assert_ne!(
+        &agent_labels,
+        spec.selector.match_labels.as_ref().unwrap(),
+        "the two DaemonSets must not select each other's pods"
+    );
+    assert!(pod.init_containers.is_none());
+    let [c] = &pod.containers[..] else {
+        panic!("one container")
+    };
+    assert_eq!(
+        c.command.as_deref().unwrap(),
+        [
+            "/usr/local/bin/veilnet",
+            "datapath",
+            "--run-dir",
+            "/run/veilnet"
+        ]
+    );
+    let image = format!("veilnet:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(c.image.as_deref(), Some(image.as_str()));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_ne!(sc.privileged, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+    let ports = c.ports.as_ref().unwrap();
+    assert!(ports
+        .iter()
+        .any(|p| p.container_port == 51820 && p.protocol.as_deref() == Some("UDP")));
+    let mounts: BTreeMap<&str, &str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.mount_path.as_str(), m.name.as_str()))
+        .collect();
+    assert_eq!(
+        host_path(&ds, mounts["/run/veilnet"]),
+        ("/run/veilnet".into(), "DirectoryOrCreate".into()),
+        "the agent finds the control socket in its own /run/veilnet"
+    );
+    assert_eq!(
+        host_path(&ds, mounts["/dev/net/tun"]),
+        ("/dev/net/tun".into(), "CharDevice".into())
     );
 }
 

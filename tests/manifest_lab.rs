@@ -33,6 +33,7 @@ fn the_install_manifest_applies_to_the_lab_api() {
         "rolebinding.rbac.authorization.k8s.io/veilnet-events created",
         "configmap/veilnet-config created",
         "daemonset.apps/veilnet created",
+        "daemonset.apps/veilnet-datapath created",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
@@ -67,6 +68,18 @@ fn the_install_manifest_applies_to_the_lab_api() {
         "{table}"
     );
     assert!(table.lines().any(|l| l.starts_with("veilnet ")), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("veilnet-datapath ")),
+        "{table}"
+    );
+    let dp = lab.kubectl_json(&[
+        "get",
+        "daemonset",
+        "-n",
+        "veilnet-system",
+        "veilnet-datapath",
+    ]);
+    assert_eq!(dp["spec"]["updateStrategy"]["type"], "OnDelete", "{dp:#}");
     let bindings = lab.kubectl_ok(&["get", "clusterrolebinding", "veilnet", "-o", "wide"]);
     assert!(bindings.contains("ClusterRole/veilnet"), "{bindings}");
     assert!(bindings.contains("veilnet-system/veilnet"), "{bindings}");

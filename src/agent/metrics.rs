@@ -127,6 +127,25 @@ impl Collector for SnapshotCollector {
                     })
                     .collect(),
             )?;
+            if let Some(dp) = &st.datapath {
+                family(
+                    &mut encoder,
+                    "datapath_up",
+                    "1 while the WireGuard datapath process answers the agent, else 0",
+                    vec![(vec![], ConstGauge::new(i64::from(dp.error.is_none())))],
+                )?;
+                if let Some(started) = dp.started_at {
+                    family(
+                        &mut encoder,
+                        "datapath_start_time_seconds",
+                        "Unix time the datapath process started (a change means it restarted)",
+                        vec![(
+                            vec![],
+                            ConstGauge::new(i64::try_from(started).unwrap_or(i64::MAX)),
+                        )],
+                    )?;
+                }
+            }
             let wg: Vec<_> = st.peers.iter().filter(|p| p.path == "wireguard").collect();
             family(
                 &mut encoder,
@@ -331,6 +350,13 @@ mod tests {
             ],
             rejected: BTreeMap::new(),
             matrix: BTreeMap::new(),
+            datapath: Some(crate::agent::status::DatapathStatus {
+                pid: Some(812),
+                version: Some("0.1.0".into()),
+                started_at: Some(1_700_000_000),
+                offloads: None,
+                error: None,
+            }),
             updated_at: String::new(),
         });
         let text = m.encode();
@@ -343,6 +369,8 @@ mod tests {
             r#"veilnet_wireguard_handshake_age_seconds{peer="node-2"} 7"#,
             r#"veilnet_wireguard_received_bytes_total{peer="node-2"} 1234"#,
             r#"veilnet_wireguard_sent_bytes_total{peer="node-2"} 5678"#,
+            "veilnet_datapath_up 1",
+            "veilnet_datapath_start_time_seconds 1700000000",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -165,8 +165,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     // The WireGuard device exists in every mode (a live toggle must not wait for it), with the
     // MTU of the underlay minus WireGuard's overhead.
     let wg_mtu = underlay.mtu.saturating_sub(crate::wg::OVERHEAD_IPV4);
-    let wg = wireguard::WireGuard::start(&cfg.state_dir, cfg.wireguard_port, wg_mtu).await?;
-    tracing::info!(fingerprint = %wg.fingerprint(), port = cfg.wireguard_port, default_mode = %cfg.encryption, "WireGuard ready");
+    let socket = crate::datapath::socket_path(&cfg.run_dir);
+    let wg =
+        wireguard::WireGuard::start(&cfg.state_dir, &socket, cfg.wireguard_port, wg_mtu).await?;
+    let dp = wg.datapath().info.as_ref();
+    tracing::info!(fingerprint = %wg.fingerprint(), port = cfg.wireguard_port, default_mode = %cfg.encryption, datapath_pid = dp.map(|i| i.pid), "WireGuard ready");
 
     let health = health::Health::new(cfg.resync);
     if let Some(IpNet::V4(cidr)) = pod_cidrs.first() {
@@ -232,6 +235,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 .observe(started.elapsed().as_secs_f64());
             health.set_ready(rec.dataplane_ready);
         }
+        rec.refresh_datapath().await;
         if let Some(st) = rec.write_status() {
             *health
                 .metrics

@@ -292,7 +292,8 @@ impl Reconciler {
         }
         if self
             .wg
-            .rotate_if_requested(own_anns.get(annotations::ROTATE_KEY).map(String::as_str))?
+            .rotate_if_requested(own_anns.get(annotations::ROTATE_KEY).map(String::as_str))
+            .await?
         {
             tracing::info!(fingerprint = %self.wg.fingerprint(), "WireGuard key rotated");
             let msg = format!("WireGuard key rotated; new key {}", self.wg.fingerprint());
@@ -365,7 +366,7 @@ impl Reconciler {
         );
 
         // Peers first, then routes: a route to the TUN before its peer exists only drops.
-        let changed = self.wg.set_peers(&paths, &cidrs_of)?;
+        let changed = self.wg.set_peers(&paths, &cidrs_of).await?;
         if !changed.is_empty() {
             tracing::info!(
                 added = changed.added.len(),
@@ -438,6 +439,15 @@ impl Reconciler {
 
     /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included) and
     /// returns it for the metrics endpoint.
+    /// Refreshes the datapath's counters (and thereby notices, and repairs, a datapath that
+    /// restarted without its configuration). A failure shows in the status; it is not a
+    /// reconcile failure.
+    pub async fn refresh_datapath(&mut self) {
+        if let Err(e) = self.wg.refresh().await {
+            tracing::warn!(error = %e, "datapath unavailable; encrypted traffic to peers is stopped, never sent in plaintext");
+        }
+    }
+
     pub fn write_status(&self) -> Option<status::NodeStatus> {
         let last = self.last.as_ref()?;
         let st = status::build(&self.cfg, &self.me, &self.wg, last);

@@ -44,7 +44,22 @@ pub struct NodeStatus {
     pub rejected: BTreeMap<String, String>,
     /// node → peer → path, as each node's published mode and key imply.
     pub matrix: BTreeMap<String, BTreeMap<String, String>>,
+    /// The WireGuard datapath process (absent in status files of older agents).
+    #[serde(default)]
+    pub datapath: Option<DatapathStatus>,
     pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatapathStatus {
+    pub pid: Option<u32>,
+    pub version: Option<String>,
+    /// Unix seconds when the datapath process started: a change means it restarted.
+    pub started_at: Option<u64>,
+    pub offloads: Option<String>,
+    /// Why the last call to it failed; `None` while it answers.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -139,7 +154,22 @@ pub fn build(cfg: &AgentConfig, me: &SelfInfo, wg: &WireGuard, last: &Snapshot) 
         peers,
         rejected: last.rejected.clone(),
         matrix: last.matrix.clone(),
+        datapath: Some(datapath_status(wg)),
         updated_at: jiff::Timestamp::now().to_string(),
+    }
+}
+
+fn datapath_status(wg: &WireGuard) -> DatapathStatus {
+    let view = wg.datapath();
+    let info = view.info.as_ref();
+    DatapathStatus {
+        pid: info.map(|i| i.pid),
+        version: info.map(|i| i.version.clone()),
+        started_at: info.map(|i| i.started_at),
+        offloads: info
+            .and_then(|i| i.device.as_ref())
+            .map(|d| d.offloads.clone()),
+        error: view.error.clone(),
     }
 }
 
@@ -174,6 +204,9 @@ pub fn render(st: &NodeStatus) -> String {
         "underlay {} on {}; WireGuard key {}",
         st.underlay_ip, st.underlay_dev, st.key_fingerprint
     );
+    if let Some(dp) = &st.datapath {
+        let _ = writeln!(s, "{}", render_datapath(dp, jiff::Timestamp::now()));
+    }
     let _ = writeln!(
         s,
         "\n{:<16} {:<7} {:<10} {:<22} {:>10} {:>12} {:>12}",
@@ -221,6 +254,31 @@ pub fn render(st: &NodeStatus) -> String {
     }
     let _ = writeln!(s, "\nupdated {}", st.updated_at);
     s
+}
+
+/// One line about the datapath process, e.g. `datapath pid 812 (0.1.0), up 3h12m, offloads …`.
+fn render_datapath(dp: &DatapathStatus, now: jiff::Timestamp) -> String {
+    let pid = dp.pid.map_or("?".to_string(), |p| p.to_string());
+    let version = dp.version.as_deref().unwrap_or("?");
+    let up = dp
+        .started_at
+        .and_then(|t| i64::try_from(t).ok())
+        .map(|t| (now.as_second() - t).max(0))
+        .map_or("?".to_string(), |secs| {
+            let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+            if h > 0 {
+                format!("{h}h{m:02}m")
+            } else if m > 0 {
+                format!("{m}m{s:02}s")
+            } else {
+                format!("{s}s")
+            }
+        });
+    let offloads = dp.offloads.as_deref().unwrap_or("-");
+    match &dp.error {
+        None => format!("datapath pid {pid} ({version}), up {up}, offloads {offloads}"),
+        Some(e) => format!("datapath UNREACHABLE (last seen pid {pid}): {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -280,13 +338,50 @@ mod tests {
             }],
             rejected: BTreeMap::new(),
             matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)]),
+            datapath: Some(DatapathStatus {
+                pid: Some(812),
+                version: Some("0.1.0".into()),
+                started_at: Some(0),
+                offloads: None,
+                error: None,
+            }),
             updated_at: "now".into(),
         };
         let text = render(&st);
+        assert!(text.contains("datapath pid 812 (0.1.0)"), "{text}");
         assert!(
             text.contains("wireguard") && text.contains("3s ago"),
             "{text}"
         );
         assert!(text.contains("path matrix"), "{text}");
+    }
+
+    #[test]
+    fn the_datapath_line_says_who_runs_it_for_how_long_or_why_it_is_unreachable() {
+        let now: jiff::Timestamp = "2026-11-27T10:00:00Z".parse().unwrap();
+        let mut dp = DatapathStatus {
+            pid: Some(812),
+            version: Some("0.1.0".into()),
+            started_at: Some((now.as_second() - 3 * 3600 - 12 * 60) as u64),
+            offloads: Some("tun:csum,tso4 udp:gso,gro".into()),
+            error: None,
+        };
+        assert_eq!(
+            render_datapath(&dp, now),
+            "datapath pid 812 (0.1.0), up 3h12m, offloads tun:csum,tso4 udp:gso,gro"
+        );
+        dp.started_at = Some((now.as_second() - 42) as u64);
+        assert!(render_datapath(&dp, now).contains("up 42s"));
+        dp.error = Some("cannot reach the datapath at /run/veilnet/datapath.sock".into());
+        assert_eq!(
+            render_datapath(&dp, now),
+            "datapath UNREACHABLE (last seen pid 812): cannot reach the datapath at /run/veilnet/datapath.sock"
+        );
+        // A status file from an agent without a datapath field still reads.
+        let old = serde_json::json!({"node": "n", "mode": "on", "podCidrs": [], "underlayIp": "x",
+            "underlayDev": "eth0", "podMtu": 1440, "publicKey": "", "keyFingerprint": "",
+            "peers": [], "rejected": {}, "matrix": {}, "updatedAt": ""});
+        let st: NodeStatus = serde_json::from_value(old).unwrap();
+        assert!(st.datapath.is_none());
     }
 }

@@ -1,13 +1,22 @@
-//! The agent's side of encryption: this node's key (persisted, rotatable), its userspace WireGuard
-//! device, and the peer set derived from the path plan.
+//! The agent's side of encryption: this node's key (persisted, rotatable), the desired peer set
+//! derived from the path plan, and the link to the datapath process that runs the WireGuard
+//! device (`crate::datapath`).
+//!
+//! The agent is the only writer of the datapath's configuration, and it re-sends all of it
+//! whenever it finds the datapath without it (first start, a datapath restart without its saved
+//! state): every response carries the datapath's identity and device, so that costs no extra
+//! polling.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::datapath::client::{ClientError, DatapathClient};
+use crate::datapath::protocol::{DeviceSpec, Info, Outcome, Reply, Request};
 use crate::model::encryption::{Path as PeerPathKind, PeerPath};
-use crate::wg::{self, keys, PeerChanges, PeerConfig, PeerStats, PublicKey, WgConfig, WgDevice};
+use crate::wg::{keys, PeerChanges, PeerConfig, PeerStats, PublicKey};
 
 /// Name of the WireGuard TUN device on every node.
 pub const TUN_NAME: &str = "veilwg0";
@@ -19,8 +28,12 @@ pub enum WireGuardError {
         path: PathBuf,
         source: keys::KeyError,
     },
-    #[error("WireGuard device: {0}")]
-    Device(#[from] wg::WgError),
+    #[error(transparent)]
+    Datapath(#[from] ClientError),
+    #[error("the datapath refused {what}: {message}")]
+    Refused { what: &'static str, message: String },
+    #[error("the datapath answered {what} with an unexpected reply")]
+    UnexpectedReply { what: &'static str },
     #[error("rotation marker {path}: {source}")]
     Marker {
         path: PathBuf,
@@ -28,11 +41,24 @@ pub enum WireGuardError {
     },
 }
 
+/// What the agent last learned about its datapath (for `veilnet status` and metrics).
+#[derive(Debug, Clone, Default)]
+pub struct DatapathView {
+    pub info: Option<Info>,
+    /// The last call's failure; `None` after a successful call.
+    pub error: Option<String>,
+}
+
 pub struct WireGuard {
-    device: WgDevice,
+    client: DatapathClient,
+    spec: DeviceSpec,
     key_path: PathBuf,
     public: PublicKey,
     rotation_marker: PathBuf,
+    /// The last peer set asked for, sent again to a datapath that lost it.
+    peers: Option<Vec<PeerConfig>>,
+    stats: Vec<PeerStats>,
+    view: DatapathView,
 }
 
 /// `<state dir>/wireguard/private.key`: persistent (not tmpfs), so a reboot keeps the key.
@@ -41,33 +67,45 @@ pub fn key_path(state_dir: &Path) -> PathBuf {
 }
 
 impl WireGuard {
-    /// Loads (or creates, mode 0600) the node's key and starts the device. Call inside the node's
-    /// network namespace (the agent runs there).
-    pub async fn start(state_dir: &Path, port: u16, mtu: u32) -> Result<Self, WireGuardError> {
+    /// Loads (or creates, mode 0600) the node's key, then waits until the datapath at `socket`
+    /// answers and runs a device with this key, port and MTU. A datapath that already does (the
+    /// agent restarted) is left alone: its sessions and traffic carry on.
+    pub async fn start(
+        state_dir: &Path,
+        socket: &Path,
+        port: u16,
+        mtu: u32,
+    ) -> Result<Self, WireGuardError> {
         let key_path = key_path(state_dir);
         let private = keys::load_or_create(&key_path).map_err(|source| WireGuardError::Key {
             path: key_path.clone(),
             source,
         })?;
-        let public = keys::public_key(&private);
-        let device = WgDevice::start(WgConfig {
-            tun_name: TUN_NAME.into(),
-            listen_port: port,
-            private_key: private,
-            mtu,
-            fwmark: None,
-            // The TUN (and the routes on it) outlive the agent: a restart or upgrade re-attaches
-            // and re-handshakes instead of dropping every encrypted flow.
-            persistent: true,
-            busy_poll: wg::DEFAULT_BUSY_POLL,
-        })
-        .await?;
-        Ok(Self {
-            device,
+        let mut wg = WireGuard {
+            client: DatapathClient::new(socket),
+            spec: DeviceSpec::new(TUN_NAME, port, mtu, &private),
+            public: keys::public_key(&private),
             rotation_marker: key_path.with_file_name("rotation-handled"),
             key_path,
-            public,
-        })
+            peers: None,
+            stats: Vec::new(),
+            view: DatapathView::default(),
+        };
+        let mut attempts: u64 = 0;
+        loop {
+            match wg.request("hello", Request::Hello).await {
+                Ok(_) => break,
+                Err(WireGuardError::Datapath(e)) => {
+                    if attempts % 10 == 0 {
+                        tracing::warn!(error = %e, "waiting for the datapath (the veilnet-datapath DaemonSet; `veilnet datapath --run-dir` outside Kubernetes)");
+                    }
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(wg)
     }
 
     pub fn public_key(&self) -> &PublicKey {
@@ -79,23 +117,50 @@ impl WireGuard {
     pub fn fingerprint(&self) -> String {
         keys::fingerprint(&self.public)
     }
-    pub fn stats(&self) -> Vec<PeerStats> {
-        self.device.stats()
+    /// Per-peer statistics as of the last [`WireGuard::refresh`].
+    pub fn stats(&self) -> &[PeerStats] {
+        &self.stats
+    }
+    pub fn datapath(&self) -> &DatapathView {
+        &self.view
     }
 
     /// Sets exactly the peers whose path is WireGuard, each allowed only its cluster-recorded CIDRs.
-    pub fn set_peers(
-        &self,
+    pub async fn set_peers(
+        &mut self,
         paths: &[PeerPath],
         cidrs: &dyn Fn(&str) -> Vec<IpNet>,
     ) -> Result<PeerChanges, WireGuardError> {
         let peers = wireguard_peers(paths, cidrs);
-        Ok(self.device.set_peers(peers)?)
+        self.peers = Some(peers.clone());
+        match self
+            .request("the peer set", Request::SetPeers { peers })
+            .await?
+        {
+            Reply::PeerChanges(changes) => Ok(changes),
+            _ => Err(WireGuardError::UnexpectedReply {
+                what: "the peer set",
+            }),
+        }
+    }
+
+    /// Reads the datapath's counters (and so notices a restart of it, and reconfigures it).
+    pub async fn refresh(&mut self) -> Result<(), WireGuardError> {
+        match self.request("statistics", Request::Stats).await? {
+            Reply::Stats { peers, .. } => {
+                self.stats = peers;
+                Ok(())
+            }
+            _ => Err(WireGuardError::UnexpectedReply { what: "statistics" }),
+        }
     }
 
     /// Rotates the key when `request` (the value of the rotation annotation) was not handled yet.
     /// Returns true when the key changed.
-    pub fn rotate_if_requested(&mut self, request: Option<&str>) -> Result<bool, WireGuardError> {
+    pub async fn rotate_if_requested(
+        &mut self,
+        request: Option<&str>,
+    ) -> Result<bool, WireGuardError> {
         let Some(request) = request else {
             return Ok(false);
         };
@@ -109,7 +174,8 @@ impl WireGuard {
             source,
         })?;
         self.public = keys::public_key(&private);
-        self.device.set_private_key(private);
+        self.spec = DeviceSpec::new(TUN_NAME, self.spec.listen_port, self.spec.mtu, &private);
+        self.request("the new key", Request::Hello).await?;
         std::fs::write(&self.rotation_marker, request.trim()).map_err(|source| {
             WireGuardError::Marker {
                 path: self.rotation_marker.clone(),
@@ -117,6 +183,78 @@ impl WireGuard {
             }
         })?;
         Ok(true)
+    }
+
+    /// Sends `req`, first bringing the datapath up to date when its answer shows it lacks our
+    /// device (or runs an old key, port or MTU), or that it restarted.
+    async fn request(&mut self, what: &'static str, req: Request) -> Result<Reply, WireGuardError> {
+        let result = self.request_inner(what, req).await;
+        if let Err(e) = &result {
+            self.view.error = Some(e.to_string());
+        }
+        result
+    }
+
+    async fn request_inner(
+        &mut self,
+        what: &'static str,
+        req: Request,
+    ) -> Result<Reply, WireGuardError> {
+        let mut resp = self.client.call(&req).await?;
+        let restarted = self
+            .view
+            .info
+            .as_ref()
+            .is_some_and(|old| old.instance != resp.info.instance);
+        let stale = !resp
+            .info
+            .device
+            .as_ref()
+            .is_some_and(|d| self.spec.matches(d));
+        if stale || restarted {
+            if restarted {
+                tracing::warn!(pid = resp.info.pid, instance = %resp.info.instance, "the datapath restarted");
+            }
+            self.push_everything(stale).await?;
+            resp = self.client.call(&req).await?;
+        }
+        self.view = DatapathView {
+            info: Some(resp.info),
+            error: None,
+        };
+        match resp.outcome {
+            Outcome::Ok(reply) => Ok(reply),
+            Outcome::Error(message) => Err(WireGuardError::Refused { what, message }),
+        }
+    }
+
+    /// Configures the device (when `device` is set) and the last peer set.
+    async fn push_everything(&mut self, device: bool) -> Result<(), WireGuardError> {
+        if device {
+            let resp = self
+                .client
+                .call(&Request::Configure {
+                    device: self.spec.clone(),
+                })
+                .await?;
+            if let Outcome::Error(message) = resp.outcome {
+                return Err(WireGuardError::Refused {
+                    what: "the device",
+                    message,
+                });
+            }
+            tracing::info!(pid = resp.info.pid, instance = %resp.info.instance, port = self.spec.listen_port, mtu = self.spec.mtu, "datapath configured");
+        }
+        if let Some(peers) = self.peers.clone() {
+            let resp = self.client.call(&Request::SetPeers { peers }).await?;
+            if let Outcome::Error(message) = resp.outcome {
+                return Err(WireGuardError::Refused {
+                    what: "the peer set",
+                    message,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -291,6 +291,22 @@ fn start_node_daemons(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> anyhow
         .ensure_started()?;
     }
     if lab.spec.cni == CniMode::Veilnet {
+        // The datapath first: the agent waits for it. It is a process of its own, as on a real
+        // node (a DaemonSet of its own), so restarting an agent never stops encrypted traffic.
+        for node in lab.nodes() {
+            Daemon {
+                role: format!("datapath-{}", node.name),
+                netns: node.netns.clone(),
+                args: vec![
+                    "datapath".into(),
+                    "--run-dir".into(),
+                    node.run_dir().display().to_string(),
+                ],
+                pid_dir,
+                log_dir,
+            }
+            .ensure_started()?;
+        }
         for node in lab.nodes() {
             Daemon {
                 role: format!("agent-{}", node.name),
@@ -606,6 +622,8 @@ pub struct NodeStatus {
     pub kubelet_running: bool,
     /// Only meaningful with `--cni veilnet`.
     pub agent_running: bool,
+    /// Only meaningful with `--cni veilnet`.
+    pub datapath_running: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -646,6 +664,7 @@ pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
                 ready: api.is_some_and(node_ready),
                 kubelet_running: running_pid(&pid_dir, &format!("kubelet-{}", n.name)).is_some(),
                 agent_running: running_pid(&pid_dir, &format!("agent-{}", n.name)).is_some(),
+                datapath_running: running_pid(&pid_dir, &format!("datapath-{}", n.name)).is_some(),
                 name: n.name,
                 netns: n.netns,
                 underlay_ip: n.ip.to_string(),
@@ -732,7 +751,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         "POD CIDR",
         "READY",
         "KUBELET",
-        if veilnet { "AGENT" } else { "" }
+        if veilnet { "AGENT     DATAPATH" } else { "" }
     );
     for n in &st.nodes {
         println!(
@@ -743,7 +762,15 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             n.pod_cidr.as_deref().unwrap_or("<none>"),
             n.ready,
             state(n.kubelet_running),
-            if veilnet { state(n.agent_running) } else { "" },
+            if veilnet {
+                format!(
+                    "{:<9} {}",
+                    state(n.agent_running),
+                    state(n.datapath_running)
+                )
+            } else {
+                String::new()
+            },
         );
     }
     println!();

@@ -67,10 +67,25 @@ pub fn of_kind(kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The agent's DaemonSet (`veilnet`).
 pub fn daemonset() -> DaemonSet {
-    let ds = of_kind("DaemonSet");
-    assert_eq!(ds.len(), 1);
-    typed(&ds[0])
+    daemonset_named("veilnet")
+}
+
+/// The WireGuard datapath's DaemonSet.
+pub fn datapath_daemonset() -> DaemonSet {
+    daemonset_named("veilnet-datapath")
+}
+
+fn daemonset_named(name: &str) -> DaemonSet {
+    let all = of_kind("DaemonSet");
+    assert_eq!(all.len(), 2, "the agent and the datapath");
+    let ds: Vec<&Value> = all
+        .iter()
+        .filter(|d| d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(ds.len(), 1, "one DaemonSet {name}");
+    typed(ds[0])
 }
 
 pub fn config_map(name: &str) -> ConfigMap {
