@@ -91,21 +91,21 @@ impl WireGuard {
             stats: Vec::new(),
             view: DatapathView::default(),
         };
+        // Unreachable, or refusing the device (e.g. the TUN is still held by an agent of the
+        // release before the datapath split, during that upgrade): both pass, so keep trying.
         let mut attempts: u64 = 0;
         loop {
             match wg.request("hello", Request::Hello).await {
-                Ok(_) => break,
-                Err(WireGuardError::Datapath(e)) => {
+                Ok(_) => return Ok(wg),
+                Err(e) => {
                     if attempts % 10 == 0 {
                         tracing::warn!(error = %e, "waiting for the datapath (the veilnet-datapath DaemonSet; `veilnet datapath --run-dir` outside Kubernetes)");
                     }
                     attempts += 1;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => return Err(e),
             }
         }
-        Ok(wg)
     }
 
     pub fn public_key(&self) -> &PublicKey {

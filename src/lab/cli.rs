@@ -258,7 +258,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         &format!("kubelets ({:?} CNI)", lab.spec.cni).to_lowercase(),
     );
     if lab.spec.cni == CniMode::Veilnet {
-        step(5, total, "veilnet agents");
+        step(5, total, "veilnet datapaths and agents");
     }
     for node in lab.nodes() {
         prepare_node(&lab, &node)?;
