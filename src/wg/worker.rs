@@ -10,10 +10,9 @@
 //! - Throughput is not lost: on each node one direction carries the bulk (the other carries
 //!   ACKs), and the per-packet work is batched (`Egress::round`, `Ingress::round`).
 //!
-//! After work, the thread keeps polling without sleeping for `busy_poll` (a few tens of µs):
-//! the answer to what it just sent typically arrives within that window, and catching it
-//! without a sleep/wakeup cycle is what keeps the round trip close to the kernel's. Idle
-//! threads pay at most `busy_poll` of CPU per burst of traffic.
+//! Optionally (`busy_poll`, off by default) the thread keeps polling without sleeping for a
+//! while after work: the answer to what it just sent may arrive within that window, caught
+//! without a sleep/wakeup cycle. It only pays where the datapath has cores to spare.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,9 +130,11 @@ fn run(dp: Datapath, stop: &AtomicBool, waker: &Waker) {
         if worked {
             last_work = now;
         }
-        // After work, look (without sleeping) for what queued up meanwhile: one poll instead of
-        // a blind read per descriptor. Idle: sleep until a packet or the next timer tick.
-        let timeout = if worked || now.duration_since(last_work) < busy_poll {
+        // Sleep until a packet or the next timer tick: what queued up meanwhile makes the poll
+        // return at once, so after work one poll does both the look and the sleep (a separate
+        // non-sleeping look first cost a syscall per hop). Within a busy-poll window, only look.
+        let spinning = !busy_poll.is_zero() && now.duration_since(last_work) < busy_poll;
+        let timeout = if spinning {
             Duration::ZERO
         } else {
             timers.next_due().saturating_duration_since(now)
