@@ -7,6 +7,8 @@
 #       vx0      kernel VXLAN (VNI 42)          10.90.0.1/.2   MTU 1450
 #       veilwg0  veilnet WgDevice (bench wg-node) 10.91.0.1/.2 MTU 1440
 #       veilbt?  boringtun-cli 0.7.1 + wg(8)    10.92.0.1/.2   MTU 1440
+#       veilrl0  bench tun-relay: no crypto     10.93.0.1/.2   MTU 1440 (ping RTT only: the floor
+#                of any userspace datapath on this machine)
 #
 # Per path: ping RTT (idle, 50 probes), iperf3 TCP single stream and 4 streams (-t $SECONDS each),
 # the datapath processes' CPU (utime+stime from /proc/<pid>/stat) and the whole machine's busy CPU
@@ -117,6 +119,21 @@ start_veilnet() {
 		i=$((i + 1))
 	done
 }
+# The RTT floor: `veilnet bench tun-relay`, a TUN relayed over UDP with no crypto and no batching.
+RELAY_PIDS=()
+start_relay() {
+	RELAY_PIDS=()
+	local i=1 ns other
+	for ns in "$A" "$B"; do
+		other=$((3 - i))
+		ip netns exec "$ns" "$VEILNET" bench tun-relay --tun veilrl0 --mtu 1440 --port 51830 \
+			--peer "192.168.90.$other:51830" >"$TMP/relay-$i.log" 2>&1 &
+		RELAY_PIDS+=($!); PIDS+=($!)
+		wait_for "veilrl0 in $ns" ip -n "$ns" link show veilrl0
+		ip -n "$ns" addr add "10.93.0.$i/24" dev veilrl0
+		i=$((i + 1))
+	done
+}
 stop_pids() { local pid; for pid in "$@"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done; }
 
 BT_PIDS=()
@@ -210,6 +227,10 @@ for run in $(seq "$RUNS"); do
 	else
 		R[boringtun]="0 0 - - 0 - -"
 	fi
+	echo "==> run $run/$RUNS: userspace relay without crypto (RTT floor)" >&2
+	start_relay
+	FLOOR=$(ping_rtt 10.93.0.2)
+	stop_pids "${RELAY_PIDS[@]}"
 
 	echo
 	echo "run $run/$RUNS ($(uname -r), $(nproc) CPUs, iperf3 -t $SECONDS_PER_TEST)"
@@ -224,9 +245,10 @@ for run in $(seq "$RUNS"); do
 	read -r _ b1 _ _ b4 _ _ <<<"${R[boringtun]}"
 	read -r vr _ <<<"${R[vxlan]}"
 	read -r er _ <<<"${R[veilnet]}"
-	awk -v v1="$v1" -v v4="$v4" -v e1="$e1" -v e4="$e4" -v b1="$b1" -v b4="$b4" -v vr="$vr" -v er="$er" 'BEGIN {
+	awk -v v1="$v1" -v v4="$v4" -v e1="$e1" -v e4="$e4" -v b1="$b1" -v b4="$b4" -v vr="$vr" -v er="$er" -v fr="$FLOOR" 'BEGIN {
 		printf "encrypted/VXLAN:      1 stream %5.1f %%   4 streams %5.1f %%\n", (v1 > 0 ? 100 * e1 / v1 : 0), (v4 > 0 ? 100 * e4 / v4 : 0)
 		if (b1 > 0) printf "encrypted/boringtun:  1 stream %5.1fx    4 streams %5.1fx\n", e1 / b1, (b4 > 0 ? e4 / b4 : 0)
 		if (vr > 0) printf "RTT encrypted/VXLAN:  %.2fx\n", er / vr
+		if (vr > 0 && fr > 0) printf "RTT floor (no-crypto userspace relay): %.3f ms = %.2fx VXLAN; encrypted/floor %.2fx\n", fr, fr / vr, er / fr
 	}'
 done

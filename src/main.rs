@@ -46,6 +46,8 @@ enum BenchCommand {
     Cni(veilnet::bench::cni::CniBenchArgs),
     /// One userspace WireGuard device in this namespace until SIGTERM (used by scripts/bench.sh).
     WgNode(veilnet::bench::wg::WgNodeArgs),
+    /// A no-crypto TUN/UDP relay: the RTT floor of a userspace datapath (scripts/bench.sh).
+    TunRelay(veilnet::bench::relay::RelayArgs),
     /// NetworkPolicy sync and label-change time on a synthetic cluster.
     Policy(veilnet::bench::policy::PolicyBenchArgs),
 }
@@ -69,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
         Command::Bench(BenchCommand::WgNode(args)) => Ok(veilnet::bench::wg::run_node(args)?),
+        Command::Bench(BenchCommand::TunRelay(args)) => Ok(veilnet::bench::relay::run(args)?),
         Command::Policy(cmd) => {
             println!("{}", veilnet::policy::cli::run(cmd)?);
             Ok(())

@@ -3,4 +3,5 @@
 
 pub mod cni;
 pub mod policy;
+pub mod relay;
 pub mod wg;

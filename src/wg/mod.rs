@@ -18,11 +18,11 @@ mod ingress;
 pub mod keys;
 mod offload;
 mod peers;
-mod readiness;
+pub(crate) mod readiness;
 mod state;
 mod stats;
 mod timers;
-mod tun;
+pub(crate) mod tun;
 mod udp;
 mod worker;
 
