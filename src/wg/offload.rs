@@ -497,6 +497,10 @@ impl Merge {
 #[derive(Debug, Default)]
 pub(crate) struct Coalescer {
     pending: Vec<Pending>,
+    /// Every pending packet below this index is closed to merging already, so closing them all
+    /// again (each unmergeable packet does) starts here: linear, not quadratic, in a batch of
+    /// pure ACKs.
+    closed_below: usize,
     spare: Vec<Vec<u8>>,
 }
 
@@ -519,10 +523,13 @@ impl Coalescer {
         let Some(s) = mergeable_tcp(packet) else {
             // Rare (handshakes, FINs, options): nothing pending may grow past it, which keeps
             // every flow in order without working out which flow it belongs to.
-            for m in self.pending.iter_mut().filter_map(|p| p.merge.as_mut()) {
-                m.closed = true;
+            for p in &mut self.pending[self.closed_below..] {
+                if let Some(m) = p.merge.as_mut() {
+                    m.closed = true;
+                }
             }
             self.new_pending(packet, None);
+            self.closed_below = self.pending.len();
             return;
         };
         // Only the latest pending packet of the same flow may be extended: appending to an older
@@ -603,6 +610,7 @@ impl Coalescer {
         for p in self.pending.drain(..) {
             self.spare.push(p.buf);
         }
+        self.closed_below = 0;
     }
 }
 

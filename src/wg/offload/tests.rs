@@ -643,6 +643,44 @@ fn unmergeable_packets_pass_through_unbatched_and_in_order() {
 }
 
 #[test]
+fn each_unmergeable_packet_closes_every_run_before_it_including_runs_opened_since_the_last() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let data = payload(&mut rng, 500);
+    let spec = Spec {
+        flags: TCP_ACK,
+        ..Spec::default()
+    };
+    let segs = segment_and_check(&spec, &data, 100);
+    let udp = |n: u8| {
+        build(
+            &Spec {
+                proto: PROTO_UDP,
+                ..Spec::default()
+            },
+            &[n; 10],
+            false,
+        )
+    };
+    // A1 | X | A2 A3 (one run) | Y | A4: the run opened after X must be closed by Y too.
+    let out = coalesce(&[
+        segs[0].clone(),
+        udp(1),
+        segs[1].clone(),
+        segs[2].clone(),
+        udp(2),
+        segs[3].clone(),
+    ]);
+    let lens: Vec<usize> = out.iter().map(|(_, p)| p.len()).collect();
+    assert_eq!(out.len(), 5, "{lens:?}");
+    assert_eq!(out[2].0.gso_size, 100, "A2 and A3 merged");
+    assert_eq!(out[4].1, segs[3], "A4 stands alone");
+    // Many pure unmergeable packets in one batch stay in order.
+    let many: Vec<Vec<u8>> = (0..200).map(|n| udp(n as u8)).collect();
+    let out = coalesce(&many);
+    assert!(out.iter().map(|(_, p)| p).eq(many.iter()));
+}
+
+#[test]
 fn property_random_super_packets_round_trip() {
     let mut rng = StdRng::seed_from_u64(11);
     for _ in 0..300 {
