@@ -443,8 +443,14 @@ impl Reconciler {
     /// restarted without its configuration). A failure shows in the status; it is not a
     /// reconcile failure.
     pub async fn refresh_datapath(&mut self) {
-        if let Err(e) = self.wg.refresh().await {
-            tracing::warn!(error = %e, "datapath unavailable; encrypted traffic to peers is stopped, never sent in plaintext");
+        let was_down = self.wg.datapath().error.is_some();
+        match self.wg.refresh().await {
+            // Logged when it goes down and when it is back, not every 2 s in between.
+            Err(e) if !was_down => {
+                tracing::warn!(error = %e, "datapath unavailable; encrypted traffic to peers is stopped, never sent in plaintext")
+            }
+            Ok(()) if was_down => tracing::info!("datapath reachable again"),
+            _ => {}
         }
     }
 
