@@ -236,6 +236,23 @@ fn the_datapath_serves_the_agent_survives_bad_input_and_restores_itself() {
         "the first one is unharmed"
     );
 
+    // The liveness probe: up, with the packet thread turning (it turns every timer tick).
+    let probe = |node: &Node| {
+        Command::new(env!("CARGO_BIN_EXE_veilnet"))
+            .args(["datapath", "--probe", "--run-dir"])
+            .arg(node.run_dir.path())
+            .output()
+            .unwrap()
+    };
+    let ok = probe(&node);
+    let text = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(
+        ok.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text.contains("2 peers"), "{text}");
+
     // The saved configuration holds the key: 0600.
     let state = node.run_dir.path().join(veilnet::datapath::STATE_FILE);
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
@@ -247,6 +264,13 @@ fn the_datapath_serves_the_agent_survives_bad_input_and_restores_itself() {
     assert!(
         node.ip(&["link", "show", "veilwg0"]).contains("veilwg0"),
         "the TUN is persistent"
+    );
+    let down = probe(&node);
+    assert!(!down.status.success(), "the probe passes with no datapath");
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("cannot reach the datapath"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
     );
     node.start();
     let mut c = Conn::open(&node.socket());

@@ -311,6 +311,17 @@ fn the_datapath_is_its_own_daemonset_that_rolls_only_on_delete_and_shares_the_ru
     let caps = sc.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
     assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
+    let probe = c.liveness_probe.as_ref().expect("a liveness probe");
+    assert_eq!(
+        probe.exec.as_ref().unwrap().command.as_deref().unwrap(),
+        [
+            "/usr/local/bin/veilnet",
+            "datapath",
+            "--probe",
+            "--run-dir",
+            "/run/veilnet"
+        ]
+    );
     let ports = c.ports.as_ref().unwrap();
     assert!(ports
         .iter()

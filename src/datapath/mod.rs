@@ -53,6 +53,8 @@ pub enum DatapathError {
     Signal(std::io::Error),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("probe: {0}")]
+    Probe(String),
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +62,43 @@ pub struct DatapathArgs {
     /// Directory of the control socket and the saved configuration; the agent's `--run-dir`.
     #[arg(long, default_value = "/run/veilnet")]
     pub run_dir: PathBuf,
+    /// Check a running datapath instead of starting one (the DaemonSet's liveness probe): exits
+    /// 0 when it answers and its packet thread is turning, 1 otherwise, saying why.
+    #[arg(long)]
+    pub probe: bool,
+}
+
+/// A packet thread that has not gone round its loop for this long is stuck (it turns at least
+/// every timer tick, a fraction of a second, even when idle).
+pub const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The probe's verdict on a datapath's answer (pure).
+pub fn probe_verdict(info: &protocol::Info) -> Result<String, String> {
+    if info.protocol != protocol::PROTOCOL {
+        return Err(format!(
+            "the datapath speaks control protocol {}, this binary {}",
+            info.protocol,
+            protocol::PROTOCOL
+        ));
+    }
+    let Some(dev) = &info.device else {
+        return Ok(format!(
+            "datapath pid {} up, waiting for the agent to configure it",
+            info.pid
+        ));
+    };
+    let age = std::time::Duration::from_millis(dev.turn_age_ms);
+    if age > STALL_LIMIT {
+        return Err(format!(
+            "the packet thread of pid {} has not turned for {:.1} s (stuck)",
+            info.pid,
+            age.as_secs_f64()
+        ));
+    }
+    Ok(format!(
+        "datapath pid {} up: {}, {} peers, packet thread turned {} ms ago",
+        info.pid, dev.tun_name, dev.peers, dev.turn_age_ms
+    ))
 }
 
 /// Runs until SIGTERM/SIGINT. The device's packets move on its own thread; this runtime only
@@ -69,7 +108,27 @@ pub fn run(args: DatapathArgs) -> Result<(), DatapathError> {
         .enable_all()
         .build()
         .map_err(DatapathError::Runtime)?
-        .block_on(serve(args))
+        .block_on(async move {
+            if args.probe {
+                probe(&args.run_dir).await
+            } else {
+                serve(args).await
+            }
+        })
+}
+
+async fn probe(run_dir: &Path) -> Result<(), DatapathError> {
+    let mut client = client::DatapathClient::new(&socket_path(run_dir));
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        client.call(&Request::Hello),
+    )
+    .await
+    .map_err(|_| DatapathError::Probe("no answer within 3 s".into()))?
+    .map_err(|e| DatapathError::Probe(e.to_string()))?;
+    let message = probe_verdict(&answer.info).map_err(DatapathError::Probe)?;
+    println!("{message}");
+    Ok(())
 }
 
 async fn serve(args: DatapathArgs) -> Result<(), DatapathError> {
@@ -171,5 +230,48 @@ async fn serve_connection(stream: UnixStream, datapath: Arc<Mutex<Datapath>>) {
         if write.write_all(&line).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::protocol::{DeviceInfo, Info, PROTOCOL};
+    use super::*;
+
+    fn info(device: Option<u64>) -> Info {
+        Info {
+            protocol: PROTOCOL,
+            version: "0.1.0".into(),
+            instance: "i".into(),
+            pid: 42,
+            started_at: 0,
+            device: device.map(|age| DeviceInfo {
+                tun_name: "veilwg0".into(),
+                listen_port: 51820,
+                mtu: 1440,
+                public_key: String::new(),
+                peers: 2,
+                offloads: String::new(),
+                turn_age_ms: age,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_probe_fails_only_on_a_stuck_packet_thread_or_a_foreign_protocol() {
+        assert!(probe_verdict(&info(None))
+            .unwrap()
+            .contains("waiting for the agent"));
+        assert!(probe_verdict(&info(Some(240))).unwrap().contains("2 peers"));
+        let limit = STALL_LIMIT.as_millis() as u64;
+        assert!(probe_verdict(&info(Some(limit))).is_ok());
+        let stuck = probe_verdict(&info(Some(limit + 1))).unwrap_err();
+        assert!(
+            stuck.contains("stuck") && stuck.contains("pid 42"),
+            "{stuck}"
+        );
+        let mut other = info(None);
+        other.protocol = PROTOCOL + 1;
+        assert!(probe_verdict(&other).is_err());
     }
 }

@@ -108,6 +108,9 @@ pub struct DeviceInfo {
     /// TUN offloads in effect and whether UDP GRO is on (for `veilnet status`).
     #[serde(default)]
     pub offloads: String,
+    /// Milliseconds since the packet thread last went round its loop (see `probe`).
+    #[serde(default)]
+    pub turn_age_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +266,7 @@ mod tests {
             public_key: keys::encode_public(&keys::public_key(&key)),
             peers: 0,
             offloads: String::new(),
+            turn_age_ms: 0,
         };
         assert!(spec.matches(&dev));
         dev.mtu = 1440;

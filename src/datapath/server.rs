@@ -55,6 +55,7 @@ impl Datapath {
                 public_key: keys::encode_public(&r.device.public_key()),
                 peers: r.peers.len(),
                 offloads: r.device.offload_summary().to_string(),
+                turn_age_ms: r.device.datapath_turn_age().as_millis() as u64,
             }),
         }
     }

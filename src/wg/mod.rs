@@ -286,6 +286,17 @@ impl WgDevice {
         &self.tun_name
     }
 
+    /// How long ago the datapath thread last went round its loop. It goes round at least every
+    /// timer tick (a fraction of a second) even when idle, so seconds mean it is stuck.
+    pub fn datapath_turn_age(&self) -> Duration {
+        let now = self.state.now_ms();
+        let last = self
+            .state
+            .last_turn_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(now.saturating_sub(last))
+    }
+
     /// The offloads in effect, e.g. `tun:csum,tso4,tso6 udp:gso,gro` (for status output).
     pub fn offload_summary(&self) -> &str {
         &self.offloads

@@ -1,7 +1,7 @@
 //! The datapath's shared state, free of I/O: our identity, the peer table snapshot and the
 //! device counters. The I/O tasks and the control API both work on one `Arc<State>`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,6 +56,9 @@ pub(crate) struct State {
     /// restarted device (persistent TUN) uses it so that peers still sending on the old session
     /// switch within a round trip, whichever side has data to send.
     pub eager_handshakes: AtomicBool,
+    /// `now_ms` at the datapath thread's last loop turn (it turns at least every timer tick):
+    /// how a liveness probe tells a stuck thread from an idle one.
+    pub last_turn_ms: AtomicU64,
 }
 
 impl State {
@@ -71,6 +74,7 @@ impl State {
             handshakes_wanted: AtomicBool::new(false),
             waker: OnceLock::new(),
             eager_handshakes: AtomicBool::new(false),
+            last_turn_ms: AtomicU64::new(0),
         }
     }
 

@@ -126,6 +126,7 @@ fn run(dp: Datapath, stop: &AtomicBool, waker: &Waker) {
             waker.drain();
         }
         let now = Instant::now();
+        state.last_turn_ms.store(state.now_ms(), Ordering::Relaxed);
         timers.run_due(&state, &udp, now);
         if worked {
             last_work = now;
