@@ -41,7 +41,7 @@ pub enum DatapathError {
     #[error("private key: {0}")]
     Key(crate::wg::KeyError),
     #[error("WireGuard device: {0}")]
-    Device(crate::wg::WgError),
+    Device(#[from] crate::wg::WgError),
     #[error("another datapath already serves {0}")]
     AlreadyRunning(PathBuf),
     #[error("control socket {path}: {source}")]

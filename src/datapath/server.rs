@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::wg::{self, keys, PeerChanges, PeerConfig, WgConfig, WgDevice};
+use crate::wg::{keys, PeerChanges, PeerConfig, WgConfig, WgDevice};
 
 use super::protocol::{DeviceInfo, DeviceSpec, Info, Outcome, Reply, Request, PROTOCOL};
 use super::DatapathError;
@@ -118,7 +118,7 @@ impl Datapath {
         // The TUN and its routes outlive this process: a restarted datapath re-attaches instead
         // of making the agent rebuild routes.
         cfg.persistent = true;
-        let device = WgDevice::start(cfg).await.map_err(DatapathError::Device)?;
+        let device = WgDevice::start(cfg).await?;
         if !peers.is_empty() {
             if let Err(e) = device.set_peers(peers.clone()) {
                 tracing::warn!(error = %e, "the previous peers do not fit the rebuilt device");
@@ -135,10 +135,7 @@ impl Datapath {
 
     fn set_peers(&mut self, peers: Vec<PeerConfig>) -> Result<PeerChanges, DatapathError> {
         let r = self.running.as_mut().ok_or(DatapathError::NotConfigured)?;
-        let changes = r
-            .device
-            .set_peers(peers.clone())
-            .map_err(DatapathError::Device)?;
+        let changes = r.device.set_peers(peers.clone())?;
         r.peers = peers;
         if !changes.is_empty() {
             tracing::info!(
@@ -204,11 +201,5 @@ impl Datapath {
         if let Some(r) = self.running.take() {
             r.device.shutdown().await;
         }
-    }
-}
-
-impl From<wg::WgError> for DatapathError {
-    fn from(e: wg::WgError) -> Self {
-        DatapathError::Device(e)
     }
 }
