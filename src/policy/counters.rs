@@ -13,8 +13,8 @@ use std::os::fd::AsRawFd;
 
 use super::apply::CounterValue;
 use super::netlink::{
-    attributes, message, messages, open_socket, push_attr, u32_ne_at, NFGENMSG_LEN, NLMSG_DONE,
-    NLMSG_ERROR, NLM_F_REQUEST,
+    attributes, message, messages, open_socket, push_attr, set_recv_timeout, u32_ne_at,
+    NFGENMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_REQUEST,
 };
 use super::render::TABLE;
 use super::PolicyError;
@@ -139,21 +139,7 @@ pub fn parse_dump(buf: &[u8]) -> DumpPart {
 pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
     let err = |op: &'static str| move |source| PolicyError::Netlink { op, source };
     let fd = open_socket().map_err(err("socket"))?;
-    let tv = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt(2) with a timeval of the right size; a kernel that never answers must
-    // not hang the caller.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    set_recv_timeout(&fd, std::time::Duration::from_secs(5)).map_err(err("SO_RCVTIMEO"))?;
     let request = dump_request(1);
     // SAFETY: zeroed sockaddr_nl (pid 0: the kernel); sendto(2) of a buffer we own.
     let sent = unsafe {

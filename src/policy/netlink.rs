@@ -3,7 +3,8 @@
 //! framing is pure and never panics on malformed input: a truncated message or attribute ends the
 //! walk.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 pub(super) const NETLINK_NETFILTER: libc::c_int = 12;
 pub(super) const NLMSG_HDRLEN: usize = 16;
@@ -90,6 +91,29 @@ pub(super) fn open_socket() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `raw` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Bounds every `recv` on `fd` by `timeout` (`SO_RCVTIMEO`): a kernel that never answers must
+/// not hang the reader.
+pub(super) fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt(2) with a timeval of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use super::model::Protocol;
 use super::netlink::{
-    attributes, message, messages, open_socket, push_attr, u16_ne_at, u32_ne_at, NFGENMSG_LEN,
-    NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST,
+    attributes, message, messages, open_socket, push_attr, set_recv_timeout, u16_ne_at, u32_ne_at,
+    NFGENMSG_LEN, NLMSG_ERROR, NLMSG_HDRLEN, NLM_F_REQUEST,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -312,23 +312,7 @@ impl NflogSocket {
         if bound < 0 {
             return Err(sock("bind")(std::io::Error::last_os_error()));
         }
-        let tv = libc::timeval {
-            tv_sec: poll.as_secs() as libc::time_t,
-            tv_usec: poll.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: setsockopt(2) with a timeval of the right size.
-        let set = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if set < 0 {
-            return Err(sock("SO_RCVTIMEO")(std::io::Error::last_os_error()));
-        }
+        set_recv_timeout(&fd, poll).map_err(sock("SO_RCVTIMEO"))?;
         // A bigger receive buffer rides out bursts up to the rate limit.
         let size: libc::c_int = 1 << 20;
         // SAFETY: setsockopt(2) with an int; failure only means the default size.
