@@ -290,16 +290,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::policy::testutil::{e2e_state, ip_of, policy};
+    use crate::policy::testutil::{e2e_state, ip_of, np};
     use crate::policy::{compile_with, render, ClusterState, CompileOptions, NamespaceInfo};
-
-    fn np(
-        ns: &str,
-        name: &str,
-        spec: serde_json::Value,
-    ) -> k8s_openapi::api::networking::v1::NetworkPolicy {
-        policy(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
-    }
 
     fn options() -> CompileOptions {
         CompileOptions {

@@ -25,8 +25,9 @@ use super::model::{ClusterState, Protocol};
 pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 pub const PODS: [&str; 3] = ["a", "b", "c"];
 
-/// A policy from its JSON shape, as `kubectl` would send it (fixed data of this module).
-fn policy(v: Value) -> NetworkPolicy {
+/// A policy from its JSON shape, as `kubectl` would send it (fixed data of this module and of
+/// the pure tests).
+pub(crate) fn policy(v: Value) -> NetworkPolicy {
     serde_json::from_value(v).expect("scenario policies are valid NetworkPolicies")
 }
 
@@ -188,7 +189,8 @@ impl LabelChange {
     }
 }
 
-fn np(namespace: &str, name: &str, spec: Value) -> NetworkPolicy {
+/// A policy `namespace/name` with `spec`.
+pub(crate) fn np(namespace: &str, name: &str, spec: Value) -> NetworkPolicy {
     policy(json!({"metadata": {"namespace": namespace, "name": name}, "spec": spec}))
 }
 

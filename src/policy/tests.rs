@@ -4,16 +4,8 @@ use std::net::IpAddr;
 
 use serde_json::json;
 
-use super::testutil::{e2e_state, ip_of, policy};
+use super::testutil::{e2e_state, ip_of, np, policy};
 use super::*;
-
-fn np(
-    ns: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> k8s_openapi::api::networking::v1::NetworkPolicy {
-    policy(json!({"metadata": {"namespace": ns, "name": name}, "spec": spec}))
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -8,12 +8,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::model::{ClusterState, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
+pub(crate) use super::scenarios::{np, policy};
 pub use super::scenarios::{NAMESPACES, PODS};
-
-/// A policy from its JSON/YAML shape, as `kubectl` would send it.
-pub fn policy(v: serde_json::Value) -> NetworkPolicy {
-    serde_json::from_value(v).expect("policy fixture")
-}
 
 pub fn ip_of(ns: &str, pod: &str) -> IpAddr {
     let n = NAMESPACES.iter().position(|x| *x == ns).unwrap() as u8;
