@@ -81,6 +81,21 @@ fn containers(ds: &DaemonSet) -> (Vec<Container>, Vec<Container>) {
     )
 }
 
+/// The selector must match the template's labels, or the API server rejects the DaemonSet.
+fn assert_selector_matches_template(spec: &k8s_openapi::api::apps::v1::DaemonSetSpec) {
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
+        assert_eq!(labels.get(k), Some(v), "selector {k}");
+    }
+}
+
 #[test]
 fn daemonset_runs_on_every_node_host_networked_and_rolls_one_at_a_time() {
     let ds = daemonset();
@@ -118,18 +133,7 @@ fn daemonset_runs_on_every_node_host_networked_and_rolls_one_at_a_time() {
             .map(|p| p.type_.as_str()),
         Some("RuntimeDefault")
     );
-    // The selector must match the template's labels, or the API server rejects the DaemonSet.
-    let labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
-    for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
-        assert_eq!(labels.get(k), Some(v), "selector {k}");
-    }
+    assert_selector_matches_template(spec);
     assert_eq!(pod.service_account_name.as_deref(), Some("veilnet"));
 }
 
@@ -272,17 +276,7 @@ fn the_datapath_is_its_own_daemonset_that_rolls_only_on_delete_and_shares_the_ru
         pod.priority_class_name.as_deref(),
         Some("system-node-critical")
     );
-    let labels = spec
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .labels
-        .clone()
-        .unwrap();
-    for (k, v) in spec.selector.match_labels.as_ref().unwrap() {
-        assert_eq!(labels.get(k), Some(v), "selector {k}");
-    }
+    assert_selector_matches_template(spec);
     let agent_labels = daemonset().spec.unwrap().selector.match_labels.unwrap();
     assert_ne!(
         &agent_labels,
