@@ -178,28 +178,11 @@ fn veilnet_links(lab: &Lab, node: usize) -> Vec<String> {
 #[test]
 fn agent_restart_keeps_links_and_flows() {
     let lab = Lab::up("rs", &["--nodes", "2"]);
-    lab.apply(&pod_manifest(
-        "default",
-        "server",
-        "node-1",
-        &[],
-        &["iperf3", "-s", "-p", "5201"],
-    ));
-    lab.apply(&pod_manifest("default", "client", "node-2", &[], SERVE));
-    let ip = lab.wait_pod_ip("default/server", Duration::from_secs(60));
-    lab.wait_pod_ip("default/client", Duration::from_secs(60));
+    let ip = iperf_server_and_client(&lab);
     let links_before = (veilnet_links(&lab, 1), veilnet_links(&lab, 2));
     assert_eq!(links_before.0.len(), 3, "{links_before:?}");
 
-    // An 8-second TCP stream from node-1 to node-2 (reverse mode: the client on node-2 receives
-    // and reports what arrived every 0.2 s), bandwidth-limited to keep the machine calm.
-    let stream = lab_exec_spawn(
-        &lab,
-        "default/client",
-        &[
-            "iperf3", "-c", &ip, "-t", "8", "-b", "50M", "-R", "-i", "0.2", "--json",
-        ],
-    );
+    let stream = reverse_stream(&lab, &ip, 8);
     std::thread::sleep(Duration::from_secs(2));
     let datapaths = (
         lab.daemon_pid("datapath-node-1"),
@@ -221,15 +204,8 @@ fn agent_restart_keeps_links_and_flows() {
         datapaths,
         "the datapaths must not restart with the agents"
     );
-    let out = stream.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the stream broke across the agent restart:\n{}\n{}",
-        text(&out),
-        lab.logs()
-    );
+    let report = stream_report(&lab, stream, "the agent restart");
     // The longest stretch of intervals in which nothing arrived: the stall the restart caused.
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
     let (longest, intervals) = longest_stall(&report);
     assert!(intervals >= 30, "too few intervals: {intervals}");
     eprintln!("longest stall across the agent restart (agents down 3 s): {longest:.2} s");
@@ -242,6 +218,47 @@ fn agent_restart_keeps_links_and_flows() {
         links_before,
         "a link was recreated"
     );
+}
+
+/// An iperf3 server pod on node-1 and a client pod on node-2; returns the server's IP.
+fn iperf_server_and_client(lab: &Lab) -> String {
+    lab.apply(&pod_manifest(
+        "default",
+        "server",
+        "node-1",
+        &[],
+        &["iperf3", "-s", "-p", "5201"],
+    ));
+    lab.apply(&pod_manifest("default", "client", "node-2", &[], SERVE));
+    let ip = lab.wait_pod_ip("default/server", Duration::from_secs(60));
+    lab.wait_pod_ip("default/client", Duration::from_secs(60));
+    ip
+}
+
+/// A TCP stream of `seconds` from the server on node-1 to the client on node-2 (reverse mode:
+/// the client receives and reports what arrived every 0.2 s), bandwidth-limited to keep the
+/// machine calm.
+fn reverse_stream(lab: &Lab, ip: &str, seconds: u32) -> std::process::Child {
+    let seconds = seconds.to_string();
+    lab_exec_spawn(
+        lab,
+        "default/client",
+        &[
+            "iperf3", "-c", ip, "-t", &seconds, "-b", "50M", "-R", "-i", "0.2", "--json",
+        ],
+    )
+}
+
+/// Waits for the stream and returns its JSON report; the stream must not have broken `across`.
+fn stream_report(lab: &Lab, stream: std::process::Child, across: &str) -> serde_json::Value {
+    let out = stream.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the stream broke across {across}:\n{}\n{}",
+        text(&out),
+        lab.logs()
+    );
+    serde_json::from_slice(&out.stdout).expect("iperf3 json")
 }
 
 /// The longest run of iperf3 intervals (JSON report) in which nothing arrived, in seconds.
@@ -263,37 +280,15 @@ fn longest_stall(report: &serde_json::Value) -> (f64, usize) {
 #[test]
 fn a_restarted_datapath_resumes_from_its_saved_state_or_from_the_agent() {
     let lab = Lab::up("dpr", &["--nodes", "2"]);
-    lab.apply(&pod_manifest(
-        "default",
-        "server",
-        "node-1",
-        &[],
-        &["iperf3", "-s", "-p", "5201"],
-    ));
-    lab.apply(&pod_manifest("default", "client", "node-2", &[], SERVE));
-    let ip = lab.wait_pod_ip("default/server", Duration::from_secs(60));
-    lab.wait_pod_ip("default/client", Duration::from_secs(60));
+    let ip = iperf_server_and_client(&lab);
 
     // 1. The datapath crashes mid-stream and comes back: it restores its device and peers from
     // its saved state (the agent is not involved) and the TCP stream survives.
-    let stream = lab_exec_spawn(
-        &lab,
-        "default/client",
-        &[
-            "iperf3", "-c", &ip, "-t", "6", "-b", "50M", "-R", "-i", "0.2", "--json",
-        ],
-    );
+    let stream = reverse_stream(&lab, &ip, 6);
     std::thread::sleep(Duration::from_secs(2));
     lab.kill_daemon("datapath-node-1");
     ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
-    let out = stream.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the stream broke across the datapath restart:\n{}\n{}",
-        text(&out),
-        lab.logs()
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+    let report = stream_report(&lab, stream, "the datapath restart");
     let (longest, _) = longest_stall(&report);
     eprintln!("longest stall across the datapath restart: {longest:.2} s");
     assert!(
