@@ -254,6 +254,7 @@ fn desired_for(lab: &Lab, i: usize, peers: &[usize]) -> DesiredOverlay {
                 vtep_mac: Some(derive_vtep_mac(NODE_NAMES[p]).to_string()),
                 vxlan_vni: Some("1".into()),
                 pod_cidrs: vec![POD_CIDRS[p].into()],
+                node_addresses: vec![UNDERLAY_IPS[p].parse().unwrap()],
             })
             .collect(),
     };

@@ -190,6 +190,15 @@ impl Collector for SnapshotCollector {
                 "Peers the overlay refuses (malformed or conflicting data)",
                 vec![(vec![], ConstGauge::new(st.rejected.len() as i64))],
             )?;
+            family(
+                &mut encoder,
+                "wire_dropped_packets",
+                "Packets the wire table dropped on the underlay, by reason (raw_pod_traffic, plaintext_vxlan, vxlan_rejected, wireguard_rejected)",
+                st.wire_drops
+                    .iter()
+                    .map(|(reason, n)| (vec![("reason", reason.clone())], ConstCounter::new(*n)))
+                    .collect(),
+            )?;
         }
         let policy = self
             .0
@@ -320,6 +329,7 @@ mod tests {
         *m.sources.status.lock().unwrap() = Some(NodeStatus {
             node: "node-1".into(),
             mode: Mode::On,
+            wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 3)]),
             pod_cidrs: vec![],
             underlay_ip: "172.30.0.11".into(),
             underlay_dev: "eth0".into(),
@@ -371,6 +381,7 @@ mod tests {
             r#"veilnet_wireguard_sent_bytes_total{peer="node-2"} 5678"#,
             "veilnet_datapath_up 1",
             "veilnet_datapath_start_time_seconds 1700000000",
+            r#"veilnet_wire_dropped_packets_total{reason="vxlan_rejected"} 3"#,
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

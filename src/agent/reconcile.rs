@@ -26,9 +26,9 @@ use crate::model::annotations;
 use crate::model::encryption::{own_mode, plan_paths, Mode, Path, PeerCrypto, PeerPath};
 use crate::model::mac::{derive_vtep_mac, MacAddr};
 use crate::model::overlay::{
-    plan_overlay, DesiredOverlay, OverlayError, OverlayInput, PeerNode, RouteSpec, SelfNode,
-    VxlanConfig,
+    plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
 };
+use crate::model::routing::{plan_routing, wireguard_allowed_ips, RoutingInput};
 use crate::wg::OVERHEAD_IPV4;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,9 +88,11 @@ pub struct Reconciler {
     /// Peer → path of the last pass (same purpose).
     paths: BTreeMap<String, String>,
     /// The wire rules last loaded (reloaded only when they change).
-    wire_loaded: Option<String>,
+    wire_loaded: Option<WireRules>,
     /// The last pass's view, for the status file.
     pub last: Option<status::Snapshot>,
+    /// The wire table's drop counters as of the last refresh.
+    wire_drops: BTreeMap<String, u64>,
     pub dataplane_ready: bool,
 }
 
@@ -122,39 +124,16 @@ pub fn own_annotations(
     ])
 }
 
-/// Rewrites the overlay's routes for the chosen paths (pure): a WireGuard peer's CIDRs go to the
-/// TUN, a blocked peer's CIDRs get no route, and the whole cluster CIDR falls back to the TUN,
-/// whose datapath drops what no peer owns. So a pod packet to a blocked, unknown or
-/// not-yet-handshaken peer is dropped, never sent in plaintext (not even by the default route).
-pub fn route_paths(
-    desired: &mut DesiredOverlay,
-    paths: &[PeerPath],
-    cidrs_of: &dyn Fn(&str) -> Vec<IpNet>,
-    wg_dev: &str,
-    cluster_cidr: IpNet,
-) {
-    let to_tun = |dst| RouteSpec {
-        dst,
-        via: None,
-        dev: wg_dev.to_string(),
-        onlink: false,
-    };
-    for p in paths {
-        let cidrs = cidrs_of(&p.node);
-        match &p.path {
-            Path::Vxlan => {}
-            Path::Wireguard { .. } => {
-                for dst in cidrs {
-                    desired.routes.retain(|r| r.dst != dst);
-                    desired.routes.insert(to_tun(dst));
-                }
-            }
-            Path::Blocked(_) => desired.routes.retain(|r| !cidrs.contains(&r.dst)),
-        }
-    }
-    desired.routes.retain(|r| r.dst != cluster_cidr);
-    desired.routes.insert(to_tun(cluster_cidr));
-    desired.external_devices.insert(wg_dev.to_string());
+/// The addresses the cluster records for a Node (`status.addresses`: InternalIP and ExternalIP).
+pub fn recorded_addresses(node: &Node) -> Vec<std::net::IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
 }
 
 fn has_veilnet_annotations(anns: &BTreeMap<String, String>) -> bool {
@@ -190,7 +169,12 @@ pub fn overlay_input(
                 tracing::debug!(peer = name, "peer has not published its overlay data yet");
                 return None;
             }
-            Some(PeerNode::from_annotations(name, anns, cidrs))
+            Some(PeerNode::from_annotations(
+                name,
+                anns,
+                cidrs,
+                recorded_addresses(n),
+            ))
         })
         .collect();
     OverlayInput {
@@ -236,6 +220,7 @@ impl Reconciler {
             paths: BTreeMap::new(),
             wire_loaded: None,
             last: None,
+            wire_drops: BTreeMap::new(),
             dataplane_ready: false,
         }
     }
@@ -342,31 +327,32 @@ impl Reconciler {
             .collect();
         let paths = plan_paths(mode, self.wg.public_key().as_bytes(), &crypto);
         self.report_paths(&paths).await;
-        let peer_cidrs: BTreeMap<String, Vec<IpNet>> = input
-            .peers
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    p.pod_cidrs
-                        .iter()
-                        .filter_map(|c| annotations::parse_cidr(c).ok())
-                        .collect(),
-                )
-            })
-            .collect();
-        let cidrs_of = |name: &str| peer_cidrs.get(name).cloned().unwrap_or_default();
         let cluster = IpNet::V4(self.cfg.cluster_cidr);
-        route_paths(
-            &mut desired,
-            &paths,
-            &cidrs_of,
-            wireguard::TUN_NAME,
-            cluster,
-        );
+        let routing = plan_routing(&RoutingInput {
+            underlay_ip: self.me.underlay.ip,
+            pod_cidrs: &self.me.pod_cidrs,
+            cluster_cidr: cluster,
+            vxlan_dev: &desired.vxlan.link.name,
+            wg_dev: wireguard::TUN_NAME,
+            peers: &desired.peers,
+            paths: &paths,
+        });
+        desired.routes = routing.routes;
+        desired.rules = routing.rules;
+        desired
+            .external_devices
+            .insert(wireguard::TUN_NAME.to_string());
+        let allowed_ips = |name: &str| {
+            desired
+                .peers
+                .iter()
+                .find(|p| p.name == name)
+                .map(wireguard_allowed_ips)
+                .unwrap_or_default()
+        };
 
         // Peers first, then routes: a route to the TUN before its peer exists only drops.
-        let changed = self.wg.set_peers(&paths, &cidrs_of).await?;
+        let changed = self.wg.set_peers(&paths, &allowed_ips).await?;
         if !changed.is_empty() {
             tracing::info!(
                 added = changed.added.len(),
@@ -375,24 +361,36 @@ impl Reconciler {
                 "WireGuard peers updated"
             );
         }
-        let report = apply(&mut self.kernel, &desired).await?;
-        let writes = report.writes();
-
-        let rules = wire::render(&WireRules {
+        // Wire rules before routes: a pair moving to VXLAN accepts the peer's VXLAN before this
+        // node sends any, so the first replies are not dropped.
+        let wire_rules = WireRules {
             underlay_dev: self.me.underlay.dev.clone(),
+            underlay_ip: self.me.underlay.ip,
             wg_dev: wireguard::TUN_NAME.into(),
             vxlan_port: self.cfg.vxlan_port,
+            wg_port: self.cfg.wireguard_port,
             cluster_cidr: cluster,
             strict: mode == Mode::Strict,
-        });
-        if self.wire_loaded.as_deref() != Some(rules.as_str()) {
-            let script = rules.clone();
-            tokio::task::spawn_blocking(move || wire::apply(&script))
+            vxlan_peers: Vec::new(),
+            peer_nodes: Default::default(),
+        }
+        .with_peers(&desired.peers, &paths);
+        if self.wire_loaded.as_ref() != Some(&wire_rules) {
+            let to_load = wire_rules.clone();
+            let replaced = tokio::task::spawn_blocking(move || wire::load(&to_load))
                 .await
                 .map_err(|e| wire::WireError::Nft(e.to_string()))??;
-            tracing::info!(strict = mode == Mode::Strict, "wire rules loaded");
-            self.wire_loaded = Some(rules);
+            tracing::info!(
+                strict = mode == Mode::Strict,
+                vxlan_peers = wire_rules.vxlan_peers.len(),
+                replaced,
+                "wire rules loaded"
+            );
+            self.wire_loaded = Some(wire_rules);
         }
+
+        let report = apply(&mut self.kernel, &desired).await?;
+        let writes = report.writes();
 
         if writes > 0 {
             tracing::info!(
@@ -443,6 +441,7 @@ impl Reconciler {
     /// restarted without its configuration). A failure shows in the status; it is not a
     /// reconcile failure.
     pub async fn refresh_datapath(&mut self) {
+        self.refresh_wire_drops().await;
         let was_down = self.wg.datapath().error.is_some();
         match self.wg.refresh().await {
             // Logged when it goes down and when it is back, not every 2 s in between.
@@ -454,9 +453,23 @@ impl Reconciler {
         }
     }
 
+    /// Reads the wire table's counters (one netlink dump of its counter objects).
+    async fn refresh_wire_drops(&mut self) {
+        let read =
+            tokio::task::spawn_blocking(|| crate::policy::counters::read_counters_of(wire::TABLE))
+                .await;
+        match read {
+            Ok(Ok(counters)) => {
+                self.wire_drops = counters.into_iter().map(|c| (c.name, c.packets)).collect();
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not read the wire table's counters"),
+            Err(e) => tracing::debug!(error = %e, "wire counter reader failed"),
+        }
+    }
+
     pub fn write_status(&self) -> Option<status::NodeStatus> {
         let last = self.last.as_ref()?;
-        let st = status::build(&self.cfg, &self.me, &self.wg, last);
+        let st = status::build(&self.cfg, &self.me, &self.wg, last, &self.wire_drops);
         if let Err(e) = status::write(&self.cfg.run_dir, &st) {
             tracing::warn!(error = %e, "could not write the status file");
         }
@@ -569,10 +582,17 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        // The cluster records the address the node publishes (the kubelet's InternalIP).
+        let addresses: Vec<serde_json::Value> = annotations
+            .get(annotations::UNDERLAY_IP)
+            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip}))
+            .into_iter()
+            .collect();
         Arc::new(
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": name, "annotations": annotations},
                 "spec": {"podCIDR": spec_cidr},
+                "status": {"addresses": addresses},
             }))
             .unwrap(),
         )

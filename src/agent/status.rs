@@ -47,6 +47,10 @@ pub struct NodeStatus {
     /// The WireGuard datapath process (absent in status files of older agents).
     #[serde(default)]
     pub datapath: Option<DatapathStatus>,
+    /// Packets the wire table dropped, by counter (`raw_pod_traffic`, `plaintext_vxlan`,
+    /// `vxlan_rejected`, `wireguard_rejected`).
+    #[serde(default)]
+    pub wire_drops: BTreeMap<String, u64>,
     pub updated_at: String,
 }
 
@@ -114,7 +118,13 @@ pub fn path_matrix(nodes: &[Arc<Node>]) -> BTreeMap<String, BTreeMap<String, Str
     matrix
 }
 
-pub fn build(cfg: &AgentConfig, me: &SelfInfo, wg: &WireGuard, last: &Snapshot) -> NodeStatus {
+pub fn build(
+    cfg: &AgentConfig,
+    me: &SelfInfo,
+    wg: &WireGuard,
+    last: &Snapshot,
+    wire_drops: &BTreeMap<String, u64>,
+) -> NodeStatus {
     let stats = wg.stats();
     let peers = last
         .paths
@@ -155,6 +165,7 @@ pub fn build(cfg: &AgentConfig, me: &SelfInfo, wg: &WireGuard, last: &Snapshot) 
         rejected: last.rejected.clone(),
         matrix: last.matrix.clone(),
         datapath: Some(datapath_status(wg)),
+        wire_drops: wire_drops.clone(),
         updated_at: jiff::Timestamp::now().to_string(),
     }
 }
@@ -252,6 +263,15 @@ pub fn render(st: &NodeStatus) -> String {
             let _ = writeln!(s);
         }
     }
+    let drops: Vec<String> = st
+        .wire_drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    if !drops.is_empty() {
+        let _ = writeln!(s, "\nwire drops: {}", drops.join(", "));
+    }
     let _ = writeln!(s, "\nupdated {}", st.updated_at);
     s
 }
@@ -337,6 +357,7 @@ mod tests {
                 tx_bytes: 20,
             }],
             rejected: BTreeMap::new(),
+            wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
             matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)]),
             datapath: Some(DatapathStatus {
                 pid: Some(812),
@@ -354,6 +375,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("path matrix"), "{text}");
+        assert!(text.contains("wire drops: vxlan_rejected 4"), "{text}");
     }
 
     #[test]

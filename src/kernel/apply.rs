@@ -20,10 +20,12 @@ use ipnet::IpNet;
 
 use super::{
     ErrnoClass, KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind,
-    ObservedAddress, ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, OverlayKernel,
-    VxlanAttrs, VEILNET_ROUTE_PROTOCOL,
+    ObservedAddress, ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule,
+    OverlayKernel, VxlanAttrs, VEILNET_ROUTE_PROTOCOL,
 };
-use crate::model::overlay::{DesiredOverlay, FdbSpec, LinkSpec, NeighSpec, RouteSpec, VxlanSpec};
+use crate::model::overlay::{
+    DesiredOverlay, FdbSpec, LinkSpec, NeighSpec, RouteSpec, RuleSpec, VxlanSpec, MAIN_TABLE,
+};
 use crate::model::MacAddr;
 
 /// A link the overlay wants, with its kind-specific settings.
@@ -65,12 +67,14 @@ pub enum Op {
         dev: String,
         addr: IpNet,
     },
+    DelRule(RuleSpec),
     DelRoute(RouteSpec),
     DelNeigh(NeighSpec),
     DelFdb(FdbSpec),
     ReplaceFdb(FdbSpec),
     ReplaceNeigh(NeighSpec),
     ReplaceRoute(RouteSpec),
+    AddRule(RuleSpec),
 }
 
 impl fmt::Display for Op {
@@ -93,6 +97,8 @@ impl fmt::Display for Op {
             }
             Op::DelAddress { dev, addr } => write!(f, "del address {addr} dev {dev}"),
             Op::AddAddress { dev, addr } => write!(f, "add address {addr} dev {dev}"),
+            Op::DelRule(r) => write!(f, "del rule {}", rule_text(r)),
+            Op::AddRule(r) => write!(f, "add rule {}", rule_text(r)),
             Op::DelRoute(r) => write!(f, "del route {}", route_text(r)),
             Op::ReplaceRoute(r) => write!(f, "replace route {}", route_text(r)),
             Op::DelNeigh(n) => write!(f, "del neigh {} lladdr {} dev {}", n.ip, n.mac, n.dev),
@@ -108,7 +114,17 @@ impl fmt::Display for Op {
 fn route_text(r: &RouteSpec) -> String {
     let via = r.via.map(|v| format!(" via {v}")).unwrap_or_default();
     let onlink = if r.onlink { " onlink" } else { "" };
-    format!("{}{via} dev {}{onlink}", r.dst, r.dev)
+    let src = r.src.map(|s| format!(" src {s}")).unwrap_or_default();
+    let table = if r.table == MAIN_TABLE {
+        String::new()
+    } else {
+        format!(" table {}", r.table)
+    };
+    format!("{}{via} dev {}{onlink}{src}{table}", r.dst, r.dev)
+}
+
+fn rule_text(r: &RuleSpec) -> String {
+    format!("from {} lookup {} priority {}", r.src, r.table, r.priority)
 }
 
 /// A snapshot of what the applier may need to look at.
@@ -117,6 +133,7 @@ pub struct ActualState {
     pub links: Vec<ObservedLink>,
     pub addresses: Vec<ObservedAddress>,
     pub routes: Vec<ObservedRoute>,
+    pub rules: Vec<ObservedRule>,
     /// Neighbours on the VXLAN device (if it exists).
     pub neighbours: Vec<ObservedNeigh>,
     /// FDB entries of the VXLAN device (if it exists).
@@ -322,8 +339,9 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
     let vxlan_name = &desired.vxlan.link.name;
     let vxlan_alive = !fresh.contains(vxlan_name);
 
-    // Routes: keyed by destination, so moving a peer to another device is one in-place replace.
-    let mut have_routes: BTreeMap<IpNet, Vec<RouteSpec>> = BTreeMap::new();
+    // Routes: keyed by table and destination, so moving a peer to another device is one in-place
+    // replace.
+    let mut have_routes: BTreeMap<(u32, IpNet), Vec<RouteSpec>> = BTreeMap::new();
     for r in &actual.routes {
         if r.protocol != VEILNET_ROUTE_PROTOCOL {
             continue;
@@ -331,15 +349,23 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
         let Some(dev) = r.oif.and_then(managed_name) else {
             continue;
         };
-        have_routes.entry(r.dst).or_default().push(RouteSpec {
-            dst: r.dst,
-            via: r.via,
-            dev: dev.clone(),
-            onlink: r.onlink,
-        });
+        have_routes
+            .entry((r.table, r.dst))
+            .or_default()
+            .push(RouteSpec {
+                dst: r.dst,
+                via: r.via,
+                dev: dev.clone(),
+                onlink: r.onlink,
+                src: r.src,
+                table: r.table,
+            });
     }
-    let want_routes: BTreeMap<IpNet, &RouteSpec> =
-        desired.routes.iter().map(|r| (r.dst, r)).collect();
+    let want_routes: BTreeMap<(u32, IpNet), &RouteSpec> = desired
+        .routes
+        .iter()
+        .map(|r| ((r.table, r.dst), r))
+        .collect();
     let mut del_routes = Vec::new();
     let mut put_routes = Vec::new();
     for (dst, have) in &have_routes {
@@ -437,12 +463,38 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
         }
     }
 
+    // Rules: ours carry our protocol; added after the routes they lead to, removed before them.
+    let have_rules: BTreeSet<RuleSpec> = actual
+        .rules
+        .iter()
+        .filter(|r| r.protocol == VEILNET_ROUTE_PROTOCOL)
+        .filter_map(|r| {
+            Some(RuleSpec {
+                priority: r.priority,
+                src: r.src?,
+                table: r.table,
+            })
+        })
+        .collect();
+    let del_rules = have_rules
+        .difference(&desired.rules)
+        .cloned()
+        .map(Op::DelRule);
+    let add_rules: Vec<Op> = desired
+        .rules
+        .difference(&have_rules)
+        .cloned()
+        .map(Op::AddRule)
+        .collect();
+
+    ops.extend(del_rules);
     ops.extend(del_routes);
     ops.extend(del_neigh);
     ops.extend(del_fdb);
     ops.extend(put_fdb);
     ops.extend(put_neigh);
     ops.extend(put_routes);
+    ops.extend(add_rules);
     ops
 }
 
@@ -453,6 +505,7 @@ async fn snapshot<K: OverlayKernel>(
     let links = kernel.dump_links().await?;
     let addresses = kernel.dump_addresses().await?;
     let routes = kernel.dump_routes().await?;
+    let rules = kernel.dump_rules().await?;
     let (neighbours, fdb) = match links.iter().find(|l| l.name == vxlan_name) {
         Some(vx) => (
             kernel.dump_neighbours(vx.index).await?,
@@ -464,6 +517,7 @@ async fn snapshot<K: OverlayKernel>(
         links,
         addresses,
         routes,
+        rules,
         neighbours,
         fdb,
     })
@@ -609,6 +663,8 @@ async fn execute<K: OverlayKernel>(
                 via: r.via,
                 oif: resolve(links, &r.dev)?,
                 onlink: r.onlink,
+                src: r.src,
+                table: r.table,
             };
             let result = if matches!(op, Op::DelRoute(_)) {
                 tolerate_gone(kernel.del_route(&route).await)
@@ -617,6 +673,13 @@ async fn execute<K: OverlayKernel>(
             };
             result.map_err(StepError::Entry)?;
         }
+        Op::DelRule(r) => {
+            tolerate_gone(kernel.del_rule(r).await).map_err(StepError::Entry)?;
+        }
+        Op::AddRule(r) => match kernel.add_rule(r).await {
+            Err(e) if e.class() == Some(ErrnoClass::Exists) => {}
+            other => other.map_err(StepError::Entry)?,
+        },
         Op::DelNeigh(n) => {
             let index = resolve(links, &n.dev)?;
             tolerate_gone(kernel.del_neigh(index, n.ip).await).map_err(StepError::Entry)?;
@@ -656,6 +719,7 @@ mod tests {
             vtep_mac: Some(mac.into()),
             vxlan_vni: None,
             pod_cidrs: vec![cidr.into()],
+            node_addresses: vec![ip.parse().unwrap()],
         }
     }
 
@@ -706,6 +770,62 @@ mod tests {
     }
 
     #[test]
+    fn rules_and_the_pod_to_node_table_are_managed_and_idempotent() {
+        use crate::model::overlay::POD_TO_NODE_TABLE;
+        let mut k = kernel();
+        k.add_device("veilwg0", 1440);
+        // Someone else's rule survives.
+        k.insert_rule(ObservedRule {
+            priority: 100,
+            src: Some("10.9.0.0/16".parse().unwrap()),
+            table: 200,
+            protocol: 4,
+        });
+        let mut desired = two_peers();
+        desired.external_devices.insert("veilwg0".into());
+        let rule = RuleSpec {
+            priority: 86,
+            src: "10.244.1.0/24".parse().unwrap(),
+            table: POD_TO_NODE_TABLE,
+        };
+        desired.rules.insert(rule.clone());
+        let node_route = RouteSpec {
+            table: POD_TO_NODE_TABLE,
+            ..RouteSpec::main("192.168.50.2/32".parse().unwrap(), None, "veilwg0", false)
+        };
+        desired.routes.insert(node_route.clone());
+        // The same destination in the main table is a different route.
+        desired.routes.insert(RouteSpec::main(
+            "192.168.50.2/32".parse().unwrap(),
+            None,
+            "veilwg0",
+            false,
+        ));
+        let first = run(apply(&mut k, &desired)).unwrap();
+        let text: Vec<String> = first.ops.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text.last().unwrap(),
+            "add rule from 10.244.1.0/24 lookup 86 priority 86",
+            "the rule comes after the routes it leads to: {text:?}"
+        );
+        assert!(text.contains(&"replace route 192.168.50.2/32 dev veilwg0 table 86".to_string()));
+        assert!(text.contains(&"replace route 192.168.50.2/32 dev veilwg0".to_string()));
+        assert_eq!(run(apply(&mut k, &desired)).unwrap().writes(), 0);
+        desired.rules.clear();
+        desired.routes.remove(&node_route);
+        let last = run(apply(&mut k, &desired)).unwrap();
+        let text: Vec<String> = last.ops.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            vec![
+                "del rule from 10.244.1.0/24 lookup 86 priority 86",
+                "del route 192.168.50.2/32 dev veilwg0 table 86"
+            ]
+        );
+        assert_eq!(k.state().rules.len(), 1, "only the foreign rule is left");
+    }
+
+    #[test]
     fn routes_on_an_external_device_are_managed_and_idempotent() {
         let mut k = kernel();
         k.add_device("veilwg0", 1440);
@@ -714,12 +834,9 @@ mod tests {
         // node-b goes through the WireGuard TUN instead of VXLAN.
         let dst: IpNet = "10.244.2.0/24".parse().unwrap();
         desired.routes.retain(|r| r.dst != dst);
-        desired.routes.insert(RouteSpec {
-            dst,
-            via: None,
-            dev: "veilwg0".into(),
-            onlink: false,
-        });
+        desired
+            .routes
+            .insert(RouteSpec::main(dst, None, "veilwg0", false));
         run(apply(&mut k, &desired)).unwrap();
         let second = run(apply(&mut k, &desired)).unwrap();
         assert_eq!(
@@ -760,8 +877,8 @@ mod tests {
                 "replace fdb 02:00:00:00:00:0c dst 192.168.50.3 dev veilvx1",
                 "replace neigh 10.244.2.0 lladdr 02:00:00:00:00:0b dev veilvx1",
                 "replace neigh 10.244.3.0 lladdr 02:00:00:00:00:0c dev veilvx1",
-                "replace route 10.244.2.0/24 via 10.244.2.0 dev veilvx1 onlink",
-                "replace route 10.244.3.0/24 via 10.244.3.0 dev veilvx1 onlink",
+                "replace route 10.244.2.0/24 via 10.244.2.0 dev veilvx1 onlink src 192.168.50.1",
+                "replace route 10.244.3.0/24 via 10.244.3.0 dev veilvx1 onlink src 192.168.50.1",
             ]
         );
     }
@@ -801,7 +918,7 @@ mod tests {
         assert_eq!(
             text,
             [
-                "del route 10.244.3.0/24 via 10.244.3.0 dev veilvx1 onlink",
+                "del route 10.244.3.0/24 via 10.244.3.0 dev veilvx1 onlink src 192.168.50.1",
                 "del neigh 10.244.3.0 lladdr 02:00:00:00:00:0c dev veilvx1",
                 "del fdb 02:00:00:00:00:0c dst 192.168.50.3 dev veilvx1",
             ]
@@ -851,6 +968,8 @@ mod tests {
             oif: Some(dummy),
             onlink: false,
             protocol: 4,
+            src: None,
+            table: MAIN_TABLE,
         });
         run(apply(&mut k, &two_peers())).unwrap();
         let br = k.index_of("veilbr0").unwrap();
@@ -863,6 +982,8 @@ mod tests {
             oif: Some(br),
             onlink: false,
             protocol: 4,
+            src: None,
+            table: MAIN_TABLE,
         });
         k.insert_route(ObservedRoute {
             dst: "198.51.101.0/24".parse().unwrap(),
@@ -870,6 +991,8 @@ mod tests {
             oif: Some(dummy),
             onlink: false,
             protocol: VEILNET_ROUTE_PROTOCOL,
+            src: None,
+            table: MAIN_TABLE,
         });
         k.insert_neigh(ObservedNeigh {
             index: vx,
@@ -1072,6 +1195,8 @@ mod tests {
             oif: Some(2),
             onlink: false,
             protocol: VEILNET_ROUTE_PROTOCOL,
+            src: None,
+            table: MAIN_TABLE,
         });
         let ops = plan(&actual, &desired);
         let route_ops: Vec<&Op> = ops

@@ -12,9 +12,10 @@ use ipnet::IpNet;
 
 use super::{
     KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind, ObservedAddress,
-    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, OverlayKernel, VxlanAttrs,
-    VEILNET_ROUTE_PROTOCOL,
+    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule, OverlayKernel,
+    VxlanAttrs, MAIN_TABLE, VEILNET_ROUTE_PROTOCOL,
 };
+use crate::model::overlay::RuleSpec;
 use crate::model::MacAddr;
 
 /// `RTPROT_KERNEL`: the protocol of the routes the kernel adds for addresses.
@@ -26,6 +27,7 @@ pub struct FakeState {
     pub links: BTreeMap<u32, ObservedLink>,
     pub addresses: Vec<ObservedAddress>,
     pub routes: Vec<ObservedRoute>,
+    pub rules: Vec<ObservedRule>,
     pub neighbours: Vec<ObservedNeigh>,
     pub fdb: Vec<ObservedFdb>,
 }
@@ -118,6 +120,10 @@ impl FakeKernel {
         self.state.routes.push(route);
     }
 
+    pub fn insert_rule(&mut self, rule: ObservedRule) {
+        self.state.rules.push(rule);
+    }
+
     pub fn insert_neigh(&mut self, neigh: ObservedNeigh) {
         self.state.neighbours.push(neigh);
     }
@@ -137,6 +143,8 @@ impl FakeKernel {
                 oif: Some(index),
                 onlink: false,
                 protocol: KERNEL_PROTOCOL,
+                src: Some(addr.addr()),
+                table: MAIN_TABLE,
             });
         }
     }
@@ -179,6 +187,41 @@ impl OverlayKernel for FakeKernel {
 
     async fn dump_routes(&mut self) -> Result<Vec<ObservedRoute>, KernelError> {
         Ok(self.state.routes.clone())
+    }
+
+    async fn dump_rules(&mut self) -> Result<Vec<ObservedRule>, KernelError> {
+        Ok(self.state.rules.clone())
+    }
+
+    async fn add_rule(&mut self, rule: &RuleSpec) -> Result<(), KernelError> {
+        const OP: &str = "add_rule";
+        self.begin(OP, format!("{rule:?}"))?;
+        let new = ObservedRule {
+            priority: rule.priority,
+            src: Some(rule.src),
+            table: rule.table,
+            protocol: VEILNET_ROUTE_PROTOCOL,
+        };
+        if self.state.rules.contains(&new) {
+            return Err(errno(OP, rule.src, libc::EEXIST));
+        }
+        self.state.rules.push(new);
+        Ok(())
+    }
+
+    async fn del_rule(&mut self, rule: &RuleSpec) -> Result<(), KernelError> {
+        const OP: &str = "del_rule";
+        self.begin(OP, format!("{rule:?}"))?;
+        let pos = self.state.rules.iter().position(|r| {
+            r.priority == rule.priority && r.src == Some(rule.src) && r.table == rule.table
+        });
+        match pos {
+            Some(i) => {
+                self.state.rules.remove(i);
+                Ok(())
+            }
+            None => Err(errno(OP, rule.src, libc::ENOENT)),
+        }
     }
 
     async fn dump_neighbours(&mut self, index: u32) -> Result<Vec<ObservedNeigh>, KernelError> {
@@ -298,21 +341,24 @@ impl OverlayKernel for FakeKernel {
         const OP: &str = "replace_route";
         self.begin(OP, format!("{route:?}"))?;
         self.require_link(OP, route.oif)?;
-        // One route per destination at metric 0 in the main table, as in the kernel.
-        match self.state.routes.iter_mut().find(|r| r.dst == route.dst) {
-            Some(existing) => {
-                existing.via = route.via;
-                existing.oif = Some(route.oif);
-                existing.onlink = route.onlink;
-                existing.protocol = VEILNET_ROUTE_PROTOCOL;
-            }
-            None => self.state.routes.push(ObservedRoute {
-                dst: route.dst,
-                via: route.via,
-                oif: Some(route.oif),
-                onlink: route.onlink,
-                protocol: VEILNET_ROUTE_PROTOCOL,
-            }),
+        // One route per destination at metric 0 in each table, as in the kernel.
+        let new = ObservedRoute {
+            dst: route.dst,
+            via: route.via,
+            oif: Some(route.oif),
+            onlink: route.onlink,
+            protocol: VEILNET_ROUTE_PROTOCOL,
+            src: route.src,
+            table: route.table,
+        };
+        match self
+            .state
+            .routes
+            .iter_mut()
+            .find(|r| r.dst == route.dst && r.table == route.table)
+        {
+            Some(existing) => *existing = new,
+            None => self.state.routes.push(new),
         }
         Ok(())
     }
@@ -322,6 +368,7 @@ impl OverlayKernel for FakeKernel {
         self.begin(OP, format!("{route:?}"))?;
         let pos = self.state.routes.iter().position(|r| {
             r.dst == route.dst
+                && r.table == route.table
                 && r.oif == Some(route.oif)
                 && r.via == route.via
                 && r.protocol == VEILNET_ROUTE_PROTOCOL

@@ -35,8 +35,7 @@ pub use netlink::NetlinkKernel;
 /// iproute2's `rt_protos`.
 pub const VEILNET_ROUTE_PROTOCOL: u8 = 86;
 
-/// The main routing table (`RT_TABLE_MAIN`).
-pub const MAIN_TABLE: u32 = 254;
+pub use crate::model::overlay::{MAIN_TABLE, POD_TO_NODE_TABLE};
 
 /// The errno classes the applier reacts to. Everything else is a plain failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,13 +147,24 @@ pub struct ObservedAddress {
     pub addr: IpNet,
 }
 
-/// A unicast route of the main table.
+/// A unicast route of the main table or veilnet's [`POD_TO_NODE_TABLE`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedRoute {
     pub dst: IpNet,
     pub via: Option<IpAddr>,
     pub oif: Option<u32>,
     pub onlink: bool,
+    pub protocol: u8,
+    pub src: Option<IpAddr>,
+    pub table: u32,
+}
+
+/// A policy routing rule (either family). Only rules with [`VEILNET_ROUTE_PROTOCOL`] are ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedRule {
+    pub priority: u32,
+    pub src: Option<IpNet>,
+    pub table: u32,
     pub protocol: u8,
 }
 
@@ -205,13 +215,15 @@ pub struct LinkChange {
     pub up: bool,
 }
 
-/// A route to write: always main table, always [`VEILNET_ROUTE_PROTOCOL`].
+/// A route to write: always [`VEILNET_ROUTE_PROTOCOL`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelRoute {
     pub dst: IpNet,
     pub via: Option<IpAddr>,
     pub oif: u32,
     pub onlink: bool,
+    pub src: Option<IpAddr>,
+    pub table: u32,
 }
 
 /// The kernel verbs the overlay needs. Writes are idempotent where the kernel allows it
@@ -222,10 +234,22 @@ pub trait OverlayKernel {
     fn dump_addresses(
         &mut self,
     ) -> impl Future<Output = Result<Vec<ObservedAddress>, KernelError>> + Send;
-    /// Unicast routes of the main table, both families.
+    /// Unicast routes of the main table and of [`POD_TO_NODE_TABLE`], both families.
     fn dump_routes(
         &mut self,
     ) -> impl Future<Output = Result<Vec<ObservedRoute>, KernelError>> + Send;
+    /// Policy routing rules, both families.
+    fn dump_rules(&mut self)
+        -> impl Future<Output = Result<Vec<ObservedRule>, KernelError>> + Send;
+    /// Adds a rule with [`VEILNET_ROUTE_PROTOCOL`] (EEXIST if it is there).
+    fn add_rule(
+        &mut self,
+        rule: &crate::model::overlay::RuleSpec,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+    fn del_rule(
+        &mut self,
+        rule: &crate::model::overlay::RuleSpec,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
     /// IPv4 and IPv6 neighbours on one device.
     fn dump_neighbours(
         &mut self,

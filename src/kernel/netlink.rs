@@ -14,6 +14,7 @@ use rtnetlink::packet_route::neighbour::{
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
 };
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{
     AddressMessageBuilder, Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder,
@@ -21,9 +22,10 @@ use rtnetlink::{
 
 use super::{
     KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind, ObservedAddress,
-    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, OverlayKernel, VxlanAttrs, MAIN_TABLE,
-    VEILNET_ROUTE_PROTOCOL,
+    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule, OverlayKernel,
+    VxlanAttrs, MAIN_TABLE, POD_TO_NODE_TABLE, VEILNET_ROUTE_PROTOCOL,
 };
+use crate::model::overlay::RuleSpec;
 use crate::model::MacAddr;
 use crate::netns;
 
@@ -163,16 +165,18 @@ fn observe_route(msg: &RouteMessage) -> Option<ObservedRoute> {
     let mut dst = None;
     let mut via = None;
     let mut oif = None;
+    let mut src = None;
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(a) => dst = route_ip(a),
             RouteAttribute::Gateway(a) => via = route_ip(a),
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(a) => src = route_ip(a),
             _ => {}
         }
     }
-    if table != MAIN_TABLE {
+    if table != MAIN_TABLE && table != POD_TO_NODE_TABLE {
         return None;
     }
     let dst = match (dst, msg.header.address_family) {
@@ -187,6 +191,30 @@ fn observe_route(msg: &RouteMessage) -> Option<ObservedRoute> {
         oif,
         onlink: msg.header.flags.contains(RouteFlags::Onlink),
         protocol: u8::from(msg.header.protocol),
+        src,
+        table,
+    })
+}
+
+fn observe_rule(msg: &RuleMessage) -> Option<ObservedRule> {
+    let mut table = u32::from(msg.header.table);
+    let mut priority = 0;
+    let mut src = None;
+    let mut protocol = 0;
+    for attr in &msg.attributes {
+        match attr {
+            RuleAttribute::Table(t) => table = *t,
+            RuleAttribute::Priority(p) => priority = *p,
+            RuleAttribute::Source(ip) => src = IpNet::new(*ip, msg.header.src_len).ok(),
+            RuleAttribute::Protocol(p) => protocol = u8::from(*p),
+            _ => {}
+        }
+    }
+    Some(ObservedRule {
+        priority,
+        src,
+        table,
+        protocol,
     })
 }
 
@@ -222,7 +250,10 @@ fn route_message(route: &KernelRoute) -> RouteMessage {
             if let Some(IpAddr::V4(gw)) = via {
                 b = b.gateway(gw);
             }
-            b.output_interface(route.oif).build()
+            if let Some(IpAddr::V4(src)) = route.src {
+                b = b.pref_source(src);
+            }
+            b.output_interface(route.oif).table_id(route.table).build()
         }
         (IpNet::V6(dst), via) => {
             let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
@@ -230,13 +261,37 @@ fn route_message(route: &KernelRoute) -> RouteMessage {
             if let Some(IpAddr::V6(gw)) = via {
                 b = b.gateway(gw);
             }
-            b.output_interface(route.oif).build()
+            if let Some(IpAddr::V6(src)) = route.src {
+                b = b.pref_source(src);
+            }
+            b.output_interface(route.oif).table_id(route.table).build()
         }
     };
     msg.header.protocol = RouteProtocol::from(VEILNET_ROUTE_PROTOCOL);
     if route.onlink {
         msg.header.flags.insert(RouteFlags::Onlink);
     }
+    msg
+}
+
+fn rule_target(rule: &RuleSpec) -> String {
+    format!("from {} lookup {}", rule.src, rule.table)
+}
+
+/// `from <src> lookup <table> priority <priority> proto 86`.
+fn rule_message(rule: &RuleSpec) -> RuleMessage {
+    let mut msg = RuleMessage::default();
+    msg.header.family = family_of(rule.src.addr());
+    msg.header.src_len = rule.src.prefix_len();
+    msg.header.action = RuleAction::ToTable;
+    // The 8-bit header field only holds small tables; the attribute holds any.
+    msg.header.table = u8::try_from(rule.table).unwrap_or(0);
+    msg.attributes.extend([
+        RuleAttribute::Table(rule.table),
+        RuleAttribute::Priority(rule.priority),
+        RuleAttribute::Source(rule.src.network()),
+        RuleAttribute::Protocol(RouteProtocol::from(VEILNET_ROUTE_PROTOCOL)),
+    ]);
     msg
 }
 
@@ -329,6 +384,40 @@ impl OverlayKernel for NetlinkKernel {
             out.extend(msgs.iter().filter_map(observe_route));
         }
         Ok(out)
+    }
+
+    async fn dump_rules(&mut self) -> Result<Vec<ObservedRule>, KernelError> {
+        let mut out = Vec::new();
+        for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
+            let msgs: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| nl_error("dump_rules", "all", e))?;
+            out.extend(msgs.iter().filter_map(observe_rule));
+        }
+        Ok(out)
+    }
+
+    async fn add_rule(&mut self, rule: &RuleSpec) -> Result<(), KernelError> {
+        let mut request = self.handle.rule().add();
+        *request.message_mut() = rule_message(rule);
+        request
+            .execute()
+            .await
+            .map_err(|e| nl_error("add_rule", rule_target(rule), e))
+    }
+
+    async fn del_rule(&mut self, rule: &RuleSpec) -> Result<(), KernelError> {
+        self.handle
+            .rule()
+            .del(rule_message(rule))
+            .execute()
+            .await
+            .map_err(|e| nl_error("del_rule", rule_target(rule), e))
     }
 
     async fn dump_neighbours(&mut self, index: u32) -> Result<Vec<ObservedNeigh>, KernelError> {

@@ -9,5 +9,6 @@ pub mod encryption;
 pub mod mac;
 pub mod mtu;
 pub mod overlay;
+pub mod routing;
 
 pub use mac::MacAddr;

@@ -95,6 +95,9 @@ pub struct PeerNode {
     pub vxlan_vni: Option<String>,
     /// `spec.podCIDRs` or the allocation record (never the informational annotation).
     pub pod_cidrs: Vec<String>,
+    /// The addresses the cluster records for the Node (`status.addresses`, InternalIP and
+    /// ExternalIP): the published underlay address must be one of them.
+    pub node_addresses: Vec<IpAddr>,
 }
 
 impl PeerNode {
@@ -103,6 +106,7 @@ impl PeerNode {
         name: &str,
         annotations: &BTreeMap<String, String>,
         pod_cidrs: Vec<String>,
+        node_addresses: Vec<IpAddr>,
     ) -> PeerNode {
         PeerNode {
             name: name.to_string(),
@@ -110,6 +114,7 @@ impl PeerNode {
             vtep_mac: annotations.get(annotations::VTEP_MAC).cloned(),
             vxlan_vni: annotations.get(annotations::VXLAN_VNI).cloned(),
             pod_cidrs,
+            node_addresses,
         }
     }
 }
@@ -145,13 +150,56 @@ pub struct VxlanSpec {
     pub learning: bool,
 }
 
-/// `dst via <via> dev <dev> [onlink]` in the main table.
+/// The main routing table (`RT_TABLE_MAIN`).
+pub const MAIN_TABLE: u32 = 254;
+
+/// veilnet's own routing table: how this node's pods reach the *nodes* of their peers (their
+/// underlay addresses), through the pair's path instead of the plain underlay. Only packets from
+/// this node's pod CIDRs look it up ([`RuleSpec`]); 86 is ASCII 'V', like the route protocol.
+pub const POD_TO_NODE_TABLE: u32 = 86;
+
+/// `dst [via <via>] dev <dev> [onlink] [src <src>] table <table>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RouteSpec {
     pub dst: IpNet,
     pub via: Option<IpAddr>,
     pub dev: String,
     pub onlink: bool,
+    /// Preferred source of locally originated packets (`src`): the node's underlay address, so a
+    /// peer (and its NetworkPolicy `ipBlock`s) sees the node's real address on every path.
+    pub src: Option<IpAddr>,
+    pub table: u32,
+}
+
+impl RouteSpec {
+    /// A route in the main table without a preferred source.
+    pub fn main(dst: IpNet, via: Option<IpAddr>, dev: &str, onlink: bool) -> Self {
+        RouteSpec {
+            dst,
+            via,
+            dev: dev.to_string(),
+            onlink,
+            src: None,
+            table: MAIN_TABLE,
+        }
+    }
+}
+
+/// A policy routing rule `from <src> lookup <table> priority <priority>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleSpec {
+    pub priority: u32,
+    pub src: IpNet,
+    pub table: u32,
+}
+
+/// A peer that passed validation: its identity as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedPeer {
+    pub name: String,
+    pub underlay_ip: IpAddr,
+    pub vtep_mac: MacAddr,
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// A permanent neighbour (ARP/NDP) entry `ip lladdr mac dev dev`.
@@ -193,6 +241,8 @@ pub enum RejectReason {
     UnderlayFamilyMismatch { peer: IpAddr, ours: IpAddr },
     #[error("underlay address {ip} is this node's own")]
     UnderlayIpIsOurs { ip: IpAddr },
+    #[error("underlay address {ip} is not one of the addresses the cluster records for the Node (status.addresses: {recorded})")]
+    UnderlayIpNotRecorded { ip: IpAddr, recorded: String },
     #[error("missing annotation {key}", key = annotations::VTEP_MAC)]
     MissingVtepMac,
     #[error("bad annotation {key}: {0}", key = annotations::VTEP_MAC)]
@@ -262,12 +312,16 @@ pub struct DesiredOverlay {
     pub bridge: LinkSpec,
     pub vxlan: VxlanSpec,
     pub routes: BTreeSet<RouteSpec>,
+    /// Policy routing rules (see [`POD_TO_NODE_TABLE`]).
+    pub rules: BTreeSet<RuleSpec>,
     pub neighbours: BTreeSet<NeighSpec>,
     pub fdb: BTreeSet<FdbSpec>,
     /// The MTU pods' interfaces must use (hand it to the CNI plugin).
     pub pod_mtu: u32,
     /// Peers that got routes, sorted by name.
     pub accepted: Vec<String>,
+    /// The same peers with their validated data, sorted by name.
+    pub peers: Vec<AcceptedPeer>,
     /// Peers that did not, sorted by name.
     pub rejected: Vec<RejectedPeer>,
     /// Devices veilnet routes over but does not create here (the WireGuard TUN, which the datapath
@@ -453,6 +507,18 @@ fn parse_peer<'a>(
                 });
             } else if ip == node.underlay_ip {
                 c.reject(RejectReason::UnderlayIpIsOurs { ip });
+            } else if !peer.node_addresses.contains(&ip) {
+                // The annotation is the peer's claim; the Node's status is the cluster's record.
+                let recorded: Vec<String> =
+                    peer.node_addresses.iter().map(IpAddr::to_string).collect();
+                c.reject(RejectReason::UnderlayIpNotRecorded {
+                    ip,
+                    recorded: if recorded.is_empty() {
+                        "none".into()
+                    } else {
+                        recorded.join(", ")
+                    },
+                });
             }
         }
     }
@@ -661,6 +727,7 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
     let mut neighbours = BTreeSet::new();
     let mut fdb = BTreeSet::new();
     let mut accepted = Vec::new();
+    let mut peers = Vec::new();
     for c in candidates {
         let (Some(underlay), Some(mac), None) = (c.underlay, c.mac, &c.reason) else {
             rejected.push(RejectedPeer {
@@ -678,6 +745,8 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
                 via: Some(next_hop),
                 dev: vxlan_name.clone(),
                 onlink: true,
+                src: Some(node.underlay_ip),
+                table: MAIN_TABLE,
             });
             neighbours.insert(NeighSpec {
                 dev: vxlan_name.clone(),
@@ -691,6 +760,12 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
             dst: underlay,
         });
         accepted.push(c.peer.name.clone());
+        peers.push(AcceptedPeer {
+            name: c.peer.name.clone(),
+            underlay_ip: underlay,
+            vtep_mac: mac,
+            pod_cidrs: c.cidrs.clone(),
+        });
     }
     rejected.sort_by(|a, b| a.node.cmp(&b.node));
 
@@ -725,7 +800,9 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
         fdb,
         pod_mtu,
         accepted,
+        peers,
         rejected,
+        rules: BTreeSet::new(),
         external_devices: BTreeSet::new(),
     })
 }
@@ -751,6 +828,8 @@ mod tests {
             vtep_mac: Some(mac.into()),
             vxlan_vni: None,
             pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+            // The cluster records what the peer publishes, unless a test says otherwise.
+            node_addresses: ip.parse().into_iter().collect(),
         }
     }
 
@@ -838,10 +917,13 @@ mod tests {
         assert_eq!(
             d.routes,
             [RouteSpec {
-                dst: net("10.244.2.0/24"),
-                via: Some(ip("10.244.2.0")),
-                dev: "veilvx1".into(),
-                onlink: true,
+                src: Some(ip("192.168.50.1")),
+                ..RouteSpec::main(
+                    net("10.244.2.0/24"),
+                    Some(ip("10.244.2.0")),
+                    "veilvx1",
+                    true
+                )
             }]
             .into()
         );
@@ -1550,7 +1632,12 @@ mod tests {
             "02:00:00:00:00:0b".to_string(),
         );
         ann.insert("other/key".to_string(), "x".to_string());
-        let p = PeerNode::from_annotations("node-b", &ann, vec!["10.244.2.0/24".into()]);
+        let p = PeerNode::from_annotations(
+            "node-b",
+            &ann,
+            vec!["10.244.2.0/24".into()],
+            vec![ip("192.168.50.2")],
+        );
         assert_eq!(p, good_b());
     }
 

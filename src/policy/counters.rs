@@ -32,11 +32,11 @@ const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
 const NLM_F_DUMP: u16 = 0x300;
 
-/// The dump request: every counter object of table `veilnet`, in every family.
-pub fn dump_request(seq: u32) -> Vec<u8> {
+/// The dump request: every counter object of `table`, in every family.
+pub fn dump_request(seq: u32, table: &str) -> Vec<u8> {
     // nfgenmsg: family unspecified (all), version 0, res_id 0.
     let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
-    let mut table = TABLE.as_bytes().to_vec();
+    let mut table = table.as_bytes().to_vec();
     table.push(0);
     push_attr(&mut body, NFTA_OBJ_TABLE, &table);
     push_attr(&mut body, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
@@ -66,7 +66,7 @@ fn c_string(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-fn counter_of(family: u8, attrs: &[u8]) -> Option<CounterValue> {
+fn counter_of(family: u8, attrs: &[u8], wanted: &str) -> Option<CounterValue> {
     let (mut table, mut name, mut kind) = (None, None, None);
     let (mut packets, mut bytes) = (0u64, 0u64);
     for (k, v) in attributes(attrs) {
@@ -90,7 +90,7 @@ fn counter_of(family: u8, attrs: &[u8]) -> Option<CounterValue> {
             _ => {}
         }
     }
-    (table.as_deref() == Some(TABLE) && kind == Some(NFT_OBJECT_COUNTER)).then_some(())?;
+    (table.as_deref() == Some(wanted) && kind == Some(NFT_OBJECT_COUNTER)).then_some(())?;
     Some(CounterValue {
         family: family_name(family),
         name: name?,
@@ -110,8 +110,8 @@ pub enum DumpPart {
     Error(i32),
 }
 
-/// Parses one buffer of replies to [`dump_request`]. Malformed messages end the walk.
-pub fn parse_dump(buf: &[u8]) -> DumpPart {
+/// Parses one buffer of replies to [`dump_request`] for `table`. Malformed messages end the walk.
+pub fn parse_dump(buf: &[u8], table: &str) -> DumpPart {
     let mut out = Vec::new();
     for (kind, body) in messages(buf) {
         match kind {
@@ -125,7 +125,7 @@ pub fn parse_dump(buf: &[u8]) -> DumpPart {
             k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
                 && body.len() >= NFGENMSG_LEN =>
             {
-                if let Some(c) = counter_of(body[0], &body[NFGENMSG_LEN..]) {
+                if let Some(c) = counter_of(body[0], &body[NFGENMSG_LEN..], table) {
                     out.push(c);
                 }
             }
@@ -135,12 +135,17 @@ pub fn parse_dump(buf: &[u8]) -> DumpPart {
     DumpPart::More(out)
 }
 
-/// Reads veilnet's named counters in the calling thread's network namespace.
+/// Reads the policy table's named counters in the calling thread's network namespace.
 pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
+    read_counters_of(TABLE)
+}
+
+/// Reads the named counters of `table` (any family) in the calling thread's network namespace.
+pub fn read_counters_of(table: &str) -> Result<Vec<CounterValue>, PolicyError> {
     let err = |op: &'static str| move |source| PolicyError::Netlink { op, source };
     let fd = open_socket().map_err(err("socket"))?;
     set_recv_timeout(&fd, std::time::Duration::from_secs(5)).map_err(err("SO_RCVTIMEO"))?;
-    let request = dump_request(1);
+    let request = dump_request(1, table);
     // SAFETY: zeroed sockaddr_nl (pid 0: the kernel); sendto(2) of a buffer we own.
     let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
@@ -169,7 +174,7 @@ pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
         if n == 0 {
             return Err(err("recv")(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        match parse_dump(&buf[..n as usize]) {
+        match parse_dump(&buf[..n as usize], table) {
             DumpPart::More(c) => counters.extend(c),
             DumpPart::Done(c) => {
                 counters.extend(c);
@@ -221,7 +226,7 @@ mod tests {
 
     #[test]
     fn the_request_asks_for_veilnet_counters_only() {
-        let m = dump_request(7);
+        let m = dump_request(7, TABLE);
         assert_eq!(u32_ne_at(&m, 0), Some(m.len() as u32));
         assert_eq!(u16_ne_at(&m, 4), Some((10 << 8) | 19));
         assert_eq!(u16_ne_at(&m, 6), Some(0x301));
@@ -245,7 +250,7 @@ mod tests {
         buf.extend(counter_msg(1, "filter", "other", 1, 9, 9));
         buf.extend(counter_msg(1, "veilnet", "a_quota", 2, 9, 9));
         assert_eq!(
-            parse_dump(&buf),
+            parse_dump(&buf, TABLE),
             DumpPart::More(vec![
                 CounterValue {
                     family: "inet".into(),
@@ -263,20 +268,20 @@ mod tests {
         );
         let mut done = counter_msg(1, "veilnet", "deny_ingress", 1, 1, 60);
         done.extend(message(NLMSG_DONE, 0, &[0; 4]));
-        assert!(matches!(parse_dump(&done), DumpPart::Done(c) if c.len() == 1));
+        assert!(matches!(parse_dump(&done, TABLE), DumpPart::Done(c) if c.len() == 1));
         let mut error = message(NLMSG_ERROR, 0, &[]);
         error.truncate(NLMSG_HDRLEN);
         error.extend_from_slice(&(-1i32).to_ne_bytes());
         let len = error.len() as u32;
         error[..4].copy_from_slice(&len.to_ne_bytes());
-        assert_eq!(parse_dump(&error), DumpPart::Error(1));
+        assert_eq!(parse_dump(&error, TABLE), DumpPart::Error(1));
     }
 
     #[test]
     fn garbage_never_panics() {
         let good = counter_msg(1, "veilnet", "pol_0", 1, 1, 1);
         for cut in 0..good.len() {
-            let _ = parse_dump(&good[..cut]);
+            let _ = parse_dump(&good[..cut], TABLE);
         }
         let mut seed = 0x1234_5678u32;
         for _ in 0..2000 {
@@ -284,7 +289,7 @@ mod tests {
             seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
             let at = (seed as usize >> 8) % b.len();
             b[at] = (seed >> 3) as u8;
-            let _ = parse_dump(&b);
+            let _ = parse_dump(&b, TABLE);
         }
     }
 }

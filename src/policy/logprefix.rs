@@ -5,7 +5,10 @@
 //! - `veilnet:allow:<ingress|egress>:<policy-ns>/<policy>` — a new connection a policy allowed;
 //! - `veilnet:deny:<ingress|egress>:<pod-ns>/<pod>` — default deny of an isolated pod (which
 //!   policies isolate it is `explain`'s job);
-//! - `veilnet:spoof:<pod-ns>/<pod>` — a frame from a pod's bridge port with a forged MAC/IP.
+//! - `veilnet:spoof:<pod-ns>/<pod>` — a frame from a pod's bridge port with a forged MAC/IP;
+//! - `veilnet:vxlan-rejected:<reason>` — a VXLAN datagram the wire table refused (see
+//!   `kernel::wire`): from a host that is not a VXLAN peer, through a tunnel, or with an inner
+//!   source that is not the sender's.
 
 use super::compile::Direction;
 use super::model::ObjectRef;
@@ -19,6 +22,7 @@ pub enum LogVerdict {
     Allow,
     Deny,
     Spoof,
+    VxlanRejected,
 }
 
 /// A parsed prefix.
@@ -27,8 +31,10 @@ pub struct LogPrefix {
     pub verdict: LogVerdict,
     /// None for spoofing drops.
     pub direction: Option<Direction>,
-    /// The deciding policy (allow) or the protected pod (deny, spoof).
-    pub object: ObjectRef,
+    /// The deciding policy (allow) or the protected pod (deny, spoof); none for VXLAN.
+    pub object: Option<ObjectRef>,
+    /// Why a VXLAN datagram was rejected.
+    pub reason: Option<String>,
     /// The name was cut to fit; `object.name` is a prefix of the real name.
     pub truncated: bool,
 }
@@ -64,6 +70,16 @@ pub fn parse_prefix(raw: &str) -> Option<LogPrefix> {
     let s = raw.trim_end_matches(['\0', ' ']);
     let rest = s.strip_prefix(PREFIX_ROOT)?.strip_prefix(':')?;
     let (verdict, rest) = rest.split_once(':')?;
+    if verdict == "vxlan-rejected" {
+        let ok = !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-');
+        return ok.then(|| LogPrefix {
+            verdict: LogVerdict::VxlanRejected,
+            direction: None,
+            object: None,
+            reason: Some(rest.to_string()),
+            truncated: false,
+        });
+    }
     let verdict = match verdict {
         "allow" => LogVerdict::Allow,
         "deny" => LogVerdict::Deny,
@@ -92,7 +108,8 @@ pub fn parse_prefix(raw: &str) -> Option<LogPrefix> {
     Some(LogPrefix {
         verdict,
         direction,
-        object: ObjectRef::new(ns, name),
+        object: Some(ObjectRef::new(ns, name)),
+        reason: None,
         truncated,
     })
 }
@@ -109,7 +126,7 @@ mod tests {
         let parsed = parse_prefix(&a).unwrap();
         assert_eq!(parsed.verdict, LogVerdict::Allow);
         assert_eq!(parsed.direction, Some(Direction::Ingress));
-        assert_eq!(parsed.object, p);
+        assert_eq!(parsed.object, Some(p));
         assert!(!parsed.truncated);
 
         let pod = ObjectRef::new("y", "web-0");
@@ -117,7 +134,7 @@ mod tests {
         let parsed = parse_prefix(&format!("{d}\0")).unwrap();
         assert_eq!(
             (parsed.verdict, parsed.direction, parsed.object),
-            (LogVerdict::Deny, Some(Direction::Egress), pod.clone())
+            (LogVerdict::Deny, Some(Direction::Egress), Some(pod.clone()))
         );
         let s = parse_prefix(&spoof_prefix(&pod)).unwrap();
         assert_eq!((s.verdict, s.direction), (LogVerdict::Spoof, None));
@@ -130,7 +147,17 @@ mod tests {
         assert_eq!(a.len(), MAX_PREFIX_LEN);
         let parsed = parse_prefix(&a).unwrap();
         assert!(parsed.truncated);
-        assert!(long.name.starts_with(&parsed.object.name));
+        assert!(long.name.starts_with(&parsed.object.unwrap().name));
+    }
+
+    #[test]
+    fn vxlan_rejections_carry_their_reason() {
+        let v = parse_prefix("veilnet:vxlan-rejected:not-a-vxlan-peer\0").unwrap();
+        assert_eq!(v.verdict, LogVerdict::VxlanRejected);
+        assert_eq!(v.reason.as_deref(), Some("not-a-vxlan-peer"));
+        assert_eq!(v.object, None);
+        assert_eq!(parse_prefix("veilnet:vxlan-rejected:"), None);
+        assert_eq!(parse_prefix("veilnet:vxlan-rejected:Bad Reason"), None);
     }
 
     #[test]

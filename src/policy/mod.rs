@@ -65,7 +65,7 @@ mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
-mod counters;
+pub mod counters;
 mod diff;
 mod explain;
 mod logprefix;

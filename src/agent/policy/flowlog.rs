@@ -10,9 +10,18 @@
 //!  "dst":{"ip":"10.244.1.7","port":80,"namespace":"x","pod":"a","node":"node-1"}}
 //! ```
 //!
-//! `verdict` is `allow`, `deny` or `spoof`; `policy` is the deciding `namespace/name` for allows,
-//! `default deny` for denies and `anti-spoofing` for spoofed frames; `pod` is the pod whose chain or
-//! port decided. Endpoints that are not pods have only `ip` (and `port`).
+//! `verdict` is `allow`, `deny`, `spoof` or `vxlan-rejected`; `policy` is the deciding
+//! `namespace/name` for allows, `default deny` for denies, `anti-spoofing` for spoofed frames and
+//! `vxlan source check` for rejected VXLAN; `pod` is the pod whose chain or port decided (none for
+//! VXLAN). Endpoints that are not pods have only `ip` (and `port`). A rejected VXLAN datagram's
+//! `src` and `dst` are its *outer* addresses (who sent it on the underlay); `reason` says which
+//! check failed and `inner` holds the encapsulated packet's addresses when they can be read:
+//!
+//! ```json
+//! {"time":"…","node":"node-1","verdict":"vxlan-rejected","policy":"vxlan source check",
+//!  "reason":"not-a-vxlan-peer","protocol":"UDP","src":{"ip":"172.30.0.99","port":40000},
+//!  "dst":{"ip":"172.30.0.11","port":8472},"inner":{"src":"10.244.2.5","dst":"10.244.1.7"}}
+//! ```
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -54,10 +63,43 @@ pub struct FlowRecord {
     pub direction: Option<&'static str>,
     pub policy: String,
     /// The pod whose chain or port decided (`namespace/name`).
-    pub pod: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Why a VXLAN datagram was rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub protocol: String,
     pub src: Endpoint,
     pub dst: Endpoint,
+    /// The encapsulated packet's addresses (rejected VXLAN only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inner: Option<InnerAddresses>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InnerAddresses {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+}
+
+/// The inner IPv4 addresses of a VXLAN datagram whose payload starts at the outer IPv4 header
+/// (pure; `None` for anything else or too short).
+fn vxlan_inner(payload: &[u8]) -> Option<InnerAddresses> {
+    let ihl = usize::from(payload.first()? & 0x0f) * 4;
+    // UDP (8) + VXLAN (8) + Ethernet (14).
+    let eth = ihl + 16;
+    if payload.get(eth + 12..eth + 14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = eth + 14;
+    let addr = |at: usize| -> Option<IpAddr> {
+        let o: [u8; 4] = payload.get(at..at + 4)?.try_into().ok()?;
+        Some(IpAddr::from(o))
+    };
+    Some(InnerAddresses {
+        src: addr(ip + 12)?,
+        dst: addr(ip + 16)?,
+    })
 }
 
 /// Turns one logged packet into a record (pure). `None` for packets veilnet did not log or
@@ -80,10 +122,16 @@ pub fn record(
             node: who.map(|w| w.node.clone()),
         }
     };
+    let object = prefix.object.as_ref().map(ToString::to_string);
     let (verdict, policy) = match prefix.verdict {
-        LogVerdict::Allow => ("allow", prefix.object.to_string()),
+        LogVerdict::Allow => ("allow", object.clone().unwrap_or_default()),
         LogVerdict::Deny => ("deny", "default deny".to_string()),
         LogVerdict::Spoof => ("spoof", "anti-spoofing".to_string()),
+        LogVerdict::VxlanRejected => ("vxlan-rejected", "vxlan source check".to_string()),
+    };
+    let inner = match prefix.verdict {
+        LogVerdict::VxlanRejected => vxlan_inner(&packet.payload),
+        _ => None,
     };
     Some(FlowRecord {
         time,
@@ -91,10 +139,12 @@ pub fn record(
         verdict,
         direction: prefix.direction.map(|d| d.as_str()),
         policy,
-        pod: prefix.object.to_string(),
+        pod: object,
+        reason: prefix.reason.clone(),
         protocol: flow.protocol.as_str(),
         src: endpoint(flow.src, flow.src_port),
         dst: endpoint(flow.dst, flow.dst_port),
+        inner,
     })
 }
 
@@ -267,8 +317,8 @@ mod tests {
         let p = tcp_packet("veilnet:spoof:y/b", [10, 244, 1, 7], [10, 244, 2, 1], 80);
         let r = record(&p, &index(), "node-2", "T".into()).unwrap();
         assert_eq!(
-            (r.verdict, r.policy.as_str(), r.pod.as_str()),
-            ("spoof", "anti-spoofing", "y/b")
+            (r.verdict, r.policy.as_str(), r.pod.as_deref()),
+            ("spoof", "anti-spoofing", Some("y/b"))
         );
         assert_eq!(r.direction, None);
         // Foreign prefixes and unreadable payloads give nothing.
@@ -282,5 +332,47 @@ mod tests {
         let mut junk = tcp_packet("veilnet:deny:ingress:x/a", [1; 4], [2; 4], 1);
         junk.payload.truncate(3);
         assert!(record(&junk, &index(), "n", "T".into()).is_none());
+    }
+
+    /// An outer IPv4/UDP datagram to port 8472 carrying VXLAN, Ethernet and an inner IPv4 header.
+    fn vxlan_packet(outer_src: [u8; 4], inner_src: [u8; 4], inner_dst: [u8; 4]) -> LoggedPacket {
+        let mut b = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+        b.extend(outer_src);
+        b.extend([172, 30, 0, 11]);
+        b.extend(40000u16.to_be_bytes());
+        b.extend(8472u16.to_be_bytes());
+        b.extend([0, 0, 0, 0]);
+        b.extend([0x08, 0, 0, 0, 0, 0, 1, 0]); // VXLAN, VNI 1
+        b.extend([0x06, 0, 0, 0, 0, 1, 0x06, 0, 0, 0, 0, 2, 0x08, 0x00]);
+        b.extend([0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]);
+        b.extend(inner_src);
+        b.extend(inner_dst);
+        LoggedPacket {
+            family: 2,
+            prefix: "veilnet:vxlan-rejected:not-a-vxlan-peer".into(),
+            payload: b,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn rejected_vxlan_names_the_outer_sender_the_reason_and_the_forged_inner_source() {
+        let p = vxlan_packet([172, 30, 0, 99], [10, 244, 2, 5], [10, 244, 1, 7]);
+        let r = record(&p, &index(), "node-1", "T".into()).unwrap();
+        assert_eq!(r.verdict, "vxlan-rejected");
+        assert_eq!(r.reason.as_deref(), Some("not-a-vxlan-peer"));
+        assert_eq!(r.pod, None);
+        assert_eq!(r.src.ip, IpAddr::from([172, 30, 0, 99]));
+        assert_eq!(r.dst.port, Some(8472));
+        let inner = r.inner.clone().unwrap();
+        assert_eq!(inner.src, IpAddr::from([10, 244, 2, 5]));
+        assert_eq!(inner.dst, IpAddr::from([10, 244, 1, 7]));
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains("\"pod\""), "{line}");
+        // Too short to hold an inner header: the line still names the sender.
+        let mut short = p.clone();
+        short.payload.truncate(40);
+        let r = record(&short, &index(), "node-1", "T".into()).unwrap();
+        assert_eq!(r.inner, None);
     }
 }
