@@ -28,31 +28,6 @@ fn assert_wire(lab: &Lab, from: &str, to: &str, expect: &str) {
     );
 }
 
-/// `veilnet status --json` of one lab node.
-fn node_status(lab: &Lab, node: &str) -> serde_json::Value {
-    let out = ok(veilnet().args(["status", "--lab", &lab.name, "--node", node, "--json"]));
-    serde_json::from_str(&out).unwrap()
-}
-
-fn path_to(lab: &Lab, node: &str, peer: &str) -> String {
-    let st = node_status(lab, node);
-    st["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["node"] == peer)
-        .map(|p| p["path"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
-fn wait_path(lab: &Lab, node: &str, peer: &str, want: &str, within: Duration) -> Duration {
-    let started = Instant::now();
-    eventually(within, &format!("{node} -> {peer} path {want}"), || {
-        path_to(lab, node, peer) == want
-    });
-    started.elapsed()
-}
-
 /// Two serving pods, `a` on node-1 and `b` on node-2 (and `c` on node-3 with three nodes).
 fn two_pods(lab: &Lab, nodes: usize) {
     for (i, name) in ["a", "b", "c"].iter().take(nodes).enumerate() {
@@ -67,16 +42,6 @@ fn two_pods(lab: &Lab, nodes: usize) {
     for name in ["a", "b", "c"].iter().take(nodes) {
         lab.wait_pod_ip(&format!("default/{name}"), Duration::from_secs(60));
     }
-}
-
-fn set_mode(lab: &Lab, node: &str, mode: &str) {
-    lab.kubectl_ok(&[
-        "label",
-        "node",
-        node,
-        &format!("veilnet.io/encryption={mode}"),
-        "--overwrite",
-    ]);
 }
 
 #[test]

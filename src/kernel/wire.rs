@@ -270,10 +270,17 @@ fn contents(r: &WireRules) -> String {
     s
 }
 
+/// The sets of the table (`flush table` empties chains, not sets).
+const SETS: [&str; 3] = ["vxlan_sources", "vxlan_peers", "peer_nodes"];
+
 /// The table as one transaction that keeps its counters (pure).
 pub fn render(r: &WireRules) -> String {
+    let flush_sets: String = SETS
+        .iter()
+        .map(|set| format!("flush set inet {TABLE} {set}\n"))
+        .collect();
     format!(
-        "{}flush table inet {TABLE}\n{}",
+        "{}flush table inet {TABLE}\n{flush_sets}{}",
         declarations(r),
         contents(r)
     )
@@ -439,7 +446,7 @@ mod tests {
         let r = rules(false);
         let update = render(&r);
         assert!(update.starts_with("table inet veilnet_wire {\n\tcounter raw_pod_traffic {}"));
-        assert!(update.contains("}\nflush table inet veilnet_wire\ntable inet veilnet_wire {"));
+        assert!(update.contains("}\nflush table inet veilnet_wire\nflush set inet veilnet_wire vxlan_sources\nflush set inet veilnet_wire vxlan_peers\nflush set inet veilnet_wire peer_nodes\ntable inet veilnet_wire {"));
         let replace = render_replace(&r);
         assert!(replace.starts_with("table inet veilnet_wire\ndelete table inet veilnet_wire\n"));
         assert!(!replace.contains("flush table"));

@@ -433,3 +433,41 @@ pub fn par_map<T: Sync, R: Send>(jobs: &[T], threads: usize, f: impl Fn(&T) -> R
         .map(|m| m.into_inner().unwrap().expect("every job ran"))
         .collect()
 }
+
+// ---- Encryption helpers (tests/lab_encryption.rs, tests/lab_vxlan_injection.rs) ----
+
+/// `veilnet status --json` of one lab node.
+pub fn node_status(lab: &Lab, node: &str) -> serde_json::Value {
+    let out = ok(veilnet().args(["status", "--lab", &lab.name, "--node", node, "--json"]));
+    serde_json::from_str(&out).unwrap()
+}
+
+pub fn path_to(lab: &Lab, node: &str, peer: &str) -> String {
+    let st = node_status(lab, node);
+    st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["node"] == peer)
+        .map(|p| p["path"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+pub fn wait_path(lab: &Lab, node: &str, peer: &str, want: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    eventually(within, &format!("{node} -> {peer} path {want}"), || {
+        path_to(lab, node, peer) == want
+    });
+    started.elapsed()
+}
+
+/// Labels a node with an encryption mode.
+pub fn set_mode(lab: &Lab, node: &str, mode: &str) {
+    lab.kubectl_ok(&[
+        "label",
+        "node",
+        node,
+        &format!("veilnet.io/encryption={mode}"),
+        "--overwrite",
+    ]);
+}
