@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Proves what crosses a lab's wire: captures on the underlay bridge with tcpdump while one pod sends
 # a payload carrying a unique plaintext marker to a pod on another node (TCP and UDP), then checks
-# the capture against what is expected:
+# the capture against what is expected. Either end may instead be a node's host network, spelled
+# node:NODE (e.g. node:node-1): the probe then runs in that node's namespace, or a temporary server
+# listens there (TCP 18080, UDP 18081) and the target is the node's InternalIP.
 #   encrypted  the marker never appears; no VXLAN and no raw pod packets; WireGuard data messages
 #              (UDP, message type 4) carry the traffic; both probes are answered
 #   plaintext  the marker appears inside VXLAN frames (UDP 8472); both probes are answered
 #   blocked    nothing crosses in plaintext (no marker, no VXLAN, no raw pod packet) and both probes
 #              fail
-# Usage: scripts/verify-ciphertext.sh [--lab NAME] FROM_NS/POD TO_NS/POD encrypted|plaintext|blocked
+# Usage: scripts/verify-ciphertext.sh [--lab NAME] FROM TO encrypted|plaintext|blocked
+#        (FROM, TO: NS/POD or node:NODE)
 # Environment: VEILNET (the veilnet binary; default ./target/release/veilnet, else ./target/debug).
 # Ports probed on the target: TCP 80 and UDP 81 (the agnhost servers of the demo and the tests).
 set -euo pipefail
@@ -15,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 LAB=veilnet
 if [ "${1:-}" = --lab ]; then LAB=$2; shift 2; fi
-[ $# -eq 3 ] || { sed -n '2,15p' "$0"; exit 2; }
+[ $# -eq 3 ] || { sed -n '2,18p' "$0"; exit 2; }
 FROM=$1 TO=$2 EXPECT=$3
 case "$EXPECT" in encrypted | plaintext | blocked) ;; *) echo "unknown expectation: $EXPECT" >&2; exit 2 ;; esac
 
@@ -26,9 +29,25 @@ fi
 command -v tcpdump >/dev/null || { echo "tcpdump is not installed (apt install tcpdump)" >&2; exit 2; }
 
 kc() { "$VEILNET" lab kubectl --name "$LAB" -- "$@"; }
-TO_NS=${TO%%/*} TO_POD=${TO#*/}
-TO_IP=$(kc get pod -n "$TO_NS" "$TO_POD" -o jsonpath='{.status.podIP}')
-[ -n "$TO_IP" ] || { echo "pod $TO has no IP" >&2; exit 2; }
+# node:node-N → the node's namespace in the lab (LAB.nN).
+node_netns() { echo "$LAB.n${1#node-}"; }
+TCP_PORT=80 UDP_PORT=81
+case "$TO" in
+node:*)
+	TO_NODE=${TO#node:}
+	TO_IP=$(kc get node "$TO_NODE" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
+	[ -n "$TO_IP" ] || { echo "node $TO_NODE has no InternalIP" >&2; exit 2; }
+	TCP_PORT=18080 UDP_PORT=18081
+	ip netns exec "$(node_netns "$TO_NODE")" "$VEILNET" lab agnhost serve --tcp $TCP_PORT --udp $UDP_PORT \
+		--name "$TO_NODE" >/dev/null 2>&1 &
+	SERVER_PID=$!
+	;;
+*)
+	TO_NS=${TO%%/*} TO_POD=${TO#*/}
+	TO_IP=$(kc get pod -n "$TO_NS" "$TO_POD" -o jsonpath='{.status.podIP}')
+	[ -n "$TO_IP" ] || { echo "pod $TO has no IP" >&2; exit 2; }
+	;;
+esac
 # lab.json is written by veilnet (pretty JSON, one key per line): no JSON tool needed.
 CLUSTER_CIDR=$(sed -n 's/^ *"cluster_cidr": *"\([^"]*\)".*/\1/p' "/var/lib/veilnet-lab/$LAB/lab.json")
 [ -n "$CLUSTER_CIDR" ] || { echo "lab $LAB is not up (no cluster CIDR in its lab.json)" >&2; exit 2; }
@@ -39,6 +58,7 @@ MARKER="VEILNET-MARKER-$(date +%s%N)-$$"
 PCAP=$(mktemp /tmp/veilnet-capture.XXXXXX.pcap)
 cleanup() {
 	[ -n "${TCPDUMP_PID:-}" ] && kill "$TCPDUMP_PID" 2>/dev/null || true
+	[ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
 	rm -f "$PCAP"
 }
 trap cleanup EXIT
@@ -49,12 +69,20 @@ sleep 0.5
 
 probe() { # proto port → exit code of agnhost connect
 	local rc=0
-	"$VEILNET" lab exec --name "$LAB" "$FROM" -- veilnet lab agnhost connect "$TO_IP:$2" \
-		--protocol "$1" --timeout 2s --message "$MARKER $MARKER" >/dev/null 2>&1 || rc=$?
+	case "$FROM" in
+	node:*)
+		ip netns exec "$(node_netns "${FROM#node:}")" "$VEILNET" lab agnhost connect "$TO_IP:$2" \
+			--protocol "$1" --timeout 2s --message "$MARKER $MARKER" >/dev/null 2>&1 || rc=$?
+		;;
+	*)
+		"$VEILNET" lab exec --name "$LAB" "$FROM" -- veilnet lab agnhost connect "$TO_IP:$2" \
+			--protocol "$1" --timeout 2s --message "$MARKER $MARKER" >/dev/null 2>&1 || rc=$?
+		;;
+	esac
 	echo "$rc"
 }
-TCP_RC=$(probe tcp 80)
-UDP_RC=$(probe udp 81)
+TCP_RC=$(probe tcp $TCP_PORT)
+UDP_RC=$(probe udp $UDP_PORT)
 sleep 0.5
 kill "$TCPDUMP_PID" 2>/dev/null || true
 wait "$TCPDUMP_PID" 2>/dev/null || true
@@ -71,7 +99,7 @@ MARKERS=$(grep -a -o "$MARKER" "$PCAP" | grep -c . || true)
 VXLAN_MARKERS=$(tcpdump -nn -A -r "$PCAP" "udp port $VXLAN_PORT" 2>/dev/null | grep -a -o "$MARKER" | grep -c . || true)
 
 printf 'capture on %s br0, %s -> %s (%s), expecting %s\n' "$UNDERLAY_NS" "$FROM" "$TO" "$TO_IP" "$EXPECT"
-printf '  probes: tcp/80 exit %s, udp/81 exit %s (0 = answered)\n' "$TCP_RC" "$UDP_RC"
+printf '  probes: tcp/%s exit %s, udp/%s exit %s (0 = answered)\n' "$TCP_PORT" "$TCP_RC" "$UDP_PORT" "$UDP_RC"
 printf '  packets: %s total, %s WireGuard (%s data messages), %s VXLAN, %s raw pod packets\n' \
 	"$ALL" "$WG" "$WG_DATA" "$VXLAN" "$RAW"
 printf '  plaintext marker seen: %s times (%s inside VXLAN)\n' "$MARKERS" "$VXLAN_MARKERS"
