@@ -237,6 +237,7 @@ fn desired_for(lab: &Lab, i: usize, peers: &[usize]) -> DesiredOverlay {
     let underlay = underlay_in(&lab.nodes[i], UNDERLAY_IPS[1 - i]);
     assert_eq!(underlay.dev, "eth0");
     let input = OverlayInput {
+        incumbents: Default::default(),
         node: SelfNode {
             name: NODE_NAMES[i].into(),
             underlay_ip: underlay.source.unwrap(),
@@ -255,6 +256,7 @@ fn desired_for(lab: &Lab, i: usize, peers: &[usize]) -> DesiredOverlay {
                 vxlan_vni: Some("1".into()),
                 pod_cidrs: vec![POD_CIDRS[p].into()],
                 node_addresses: vec![UNDERLAY_IPS[p].parse().unwrap()],
+                created: None,
             })
             .collect(),
     };

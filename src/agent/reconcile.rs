@@ -26,7 +26,7 @@ use crate::model::annotations;
 use crate::model::encryption::{own_mode, plan_paths, Mode, Path, PeerCrypto, PeerPath};
 use crate::model::mac::{derive_vtep_mac, MacAddr};
 use crate::model::overlay::{
-    plan_overlay, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
+    plan_overlay, AcceptedPeer, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
 };
 use crate::model::routing::{plan_routing, wireguard_allowed_ips, RoutingInput};
 use crate::wg::OVERHEAD_IPV4;
@@ -45,6 +45,40 @@ pub enum ReconcileError {
     WireGuard(#[from] wireguard::WireGuardError),
     #[error("wire rules: {0}")]
     Wire(#[from] wire::WireError),
+}
+
+/// At most [`ReportLimit::BURST`] reports (log line and Event) per peer per
+/// [`ReportLimit::WINDOW`]: ordinary transitions are all reported, a peer whose data keeps
+/// changing is not.
+#[derive(Debug, Default)]
+pub struct ReportLimit {
+    /// Peer → (start of its window, reports in it).
+    windows: BTreeMap<String, (Instant, u32)>,
+}
+
+impl ReportLimit {
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    pub const BURST: u32 = 5;
+
+    pub fn allow(&mut self, peer: &str) -> bool {
+        self.allow_at(peer, Instant::now())
+    }
+
+    fn allow_at(&mut self, peer: &str, now: Instant) -> bool {
+        let window = self.windows.entry(peer.to_string()).or_insert((now, 0));
+        if now.duration_since(window.0) >= Self::WINDOW {
+            *window = (now, 0);
+        }
+        if window.1 >= Self::BURST {
+            if window.1 == Self::BURST {
+                tracing::warn!(peer, "this peer's data keeps changing: further reports about it are suppressed for a minute");
+                window.1 += 1;
+            }
+            return false;
+        }
+        window.1 += 1;
+        true
+    }
 }
 
 /// What the agent decided about itself at start; fixed for the life of the process.
@@ -87,6 +121,9 @@ pub struct Reconciler {
     rejected: BTreeMap<String, String>,
     /// Peer → path of the last pass (same purpose).
     paths: BTreeMap<String, String>,
+    /// At most one log line and Event per peer per window: a Node writer who keeps changing a
+    /// value must not be able to flood the log or the Events.
+    report_limit: ReportLimit,
     /// The wire rules last loaded (reloaded only when they change).
     wire_loaded: Option<WireRules>,
     /// The last pass's view, for the status file.
@@ -147,6 +184,7 @@ pub fn overlay_input(
     me: &SelfInfo,
     nodes: &[std::sync::Arc<Node>],
     record: &AllocationRecord,
+    incumbents: BTreeMap<String, AcceptedPeer>,
 ) -> OverlayInput {
     let peers = nodes
         .iter()
@@ -169,12 +207,13 @@ pub fn overlay_input(
                 tracing::debug!(peer = name, "peer has not published its overlay data yet");
                 return None;
             }
-            Some(PeerNode::from_annotations(
-                name,
-                anns,
-                cidrs,
-                recorded_addresses(n),
-            ))
+            let mut peer = PeerNode::from_annotations(name, anns, cidrs, recorded_addresses(n));
+            peer.created = n
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
+            Some(peer)
         })
         .collect();
     OverlayInput {
@@ -192,6 +231,7 @@ pub fn overlay_input(
         },
         underlay_mtu: me.underlay.mtu,
         peers,
+        incumbents,
     }
 }
 
@@ -218,6 +258,7 @@ impl Reconciler {
             wg,
             rejected: BTreeMap::new(),
             paths: BTreeMap::new(),
+            report_limit: ReportLimit::default(),
             wire_loaded: None,
             last: None,
             wire_drops: BTreeMap::new(),
@@ -308,7 +349,12 @@ impl Reconciler {
             publish::publish(self.client.clone(), &self.cfg.node_name, &changes).await?;
         }
 
-        let input = overlay_input(&self.cfg, &self.me, &nodes, &self.record());
+        let incumbents = self
+            .last
+            .as_ref()
+            .map(|l| l.bindings.clone())
+            .unwrap_or_default();
+        let input = overlay_input(&self.cfg, &self.me, &nodes, &self.record(), incumbents);
         let mut desired = plan_overlay(&input)?;
         self.report_rejections(&desired.rejected).await;
 
@@ -317,15 +363,38 @@ impl Reconciler {
             .iter()
             .filter_map(|n| {
                 let name = n.metadata.name.as_deref()?;
-                desired.accepted.iter().any(|a| a == name).then(|| {
-                    PeerCrypto::from_annotations(
-                        name,
-                        n.metadata.annotations.as_ref().unwrap_or(&empty),
-                    )
-                })
+                let accepted = desired.peers.iter().find(|p| p.name == name)?;
+                let mut c = PeerCrypto::from_node(
+                    name,
+                    n.metadata.annotations.as_ref().unwrap_or(&empty),
+                    n.metadata.labels.as_ref().unwrap_or(&empty),
+                );
+                c.underlay_ip = Some(accepted.underlay_ip);
+                c.created = n
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.as_second());
+                c.vxlan_unusable = accepted.vxlan_unusable.clone();
+                Some(c)
             })
             .collect();
-        let paths = plan_paths(mode, self.wg.public_key().as_bytes(), &crypto);
+        let key_bindings: BTreeMap<String, [u8; 32]> = self
+            .last
+            .iter()
+            .flat_map(|l| &l.paths)
+            .filter_map(|p| match &p.path {
+                Path::Wireguard { public_key, .. } => Some((p.node.clone(), *public_key)),
+                _ => None,
+            })
+            .collect();
+        let paths = plan_paths(
+            mode,
+            self.cfg.encryption,
+            self.wg.public_key().as_bytes(),
+            &crypto,
+            &key_bindings,
+        );
         self.report_paths(&paths).await;
         let cluster = IpNet::V4(self.cfg.cluster_cidr);
         let routing = plan_routing(&RoutingInput {
@@ -430,7 +499,12 @@ impl Reconciler {
                 .iter()
                 .map(|r| (r.node.clone(), r.reason.to_string()))
                 .collect(),
-            matrix: status::path_matrix(&nodes),
+            matrix: status::path_matrix(&nodes, self.cfg.encryption),
+            bindings: desired
+                .peers
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
         });
         Ok(writes)
     }
@@ -482,13 +556,18 @@ impl Reconciler {
             .map(|p| {
                 let text = match &p.path {
                     Path::Blocked(reason) => format!("blocked: {reason}"),
+                    other if p.refused_downgrade => format!(
+                        "{} (the peer publishes a weaker mode than its label or the cluster default allow: refused)",
+                        other.name()
+                    ),
                     other => other.name().to_string(),
                 };
                 (p.node.clone(), text)
             })
             .collect();
         for (node, path) in &now {
-            if self.paths.get(node) == Some(path) {
+            let before = self.paths.get(node);
+            if before == Some(path) || !self.report_limit.allow(node) {
                 continue;
             }
             if path.starts_with("blocked") {
@@ -499,6 +578,15 @@ impl Reconciler {
                 );
                 self.events
                     .node_event(node, EventType::Warning, "VeilnetPathBlocked", &msg)
+                    .await;
+            } else if path == "vxlan" && before.is_some_and(|b| b.starts_with("wireguard")) {
+                tracing::warn!(peer = %node, "pod traffic with this peer is now plaintext VXLAN (both nodes' labels or the default allow it)");
+                let msg = format!(
+                    "node {}'s pod traffic with this node is no longer encrypted: the pair moved from WireGuard to plaintext VXLAN",
+                    self.cfg.node_name
+                );
+                self.events
+                    .node_event(node, EventType::Warning, "VeilnetPathDowngraded", &msg)
                     .await;
             } else {
                 tracing::info!(peer = %node, %path, "path to peer");
@@ -513,7 +601,7 @@ impl Reconciler {
             .map(|r| (r.node.clone(), r.reason.to_string()))
             .collect();
         for (node, reason) in &now {
-            if self.rejected.get(node) != Some(reason) {
+            if self.rejected.get(node) != Some(reason) && self.report_limit.allow(node) {
                 tracing::warn!(peer = %node, %reason, "peer ignored: it gets no routes from this node");
                 let msg = format!(
                     "node {} ignores this node as a peer: {reason}",
@@ -644,7 +732,7 @@ mod tests {
             // No veilnet annotations yet: not a peer (its agent has not started).
             node("n5", Some("10.244.5.0/24"), &[]),
         ];
-        let input = overlay_input(&cfg(), &me(), &nodes, &record);
+        let input = overlay_input(&cfg(), &me(), &nodes, &record, BTreeMap::new());
         let peers: BTreeMap<&str, &Vec<String>> = input
             .peers
             .iter()
@@ -661,6 +749,20 @@ mod tests {
         assert_eq!(desired.rejected[0].node, "n4");
         let dsts: Vec<String> = desired.routes.iter().map(|r| r.dst.to_string()).collect();
         assert_eq!(dsts, vec!["10.244.2.0/24", "10.244.3.0/24"]);
+    }
+
+    #[test]
+    fn reports_are_limited_per_peer() {
+        let mut l = ReportLimit::default();
+        let t0 = Instant::now();
+        let second = std::time::Duration::from_secs(1);
+        for _ in 0..ReportLimit::BURST {
+            assert!(l.allow_at("a", t0));
+        }
+        assert!(!l.allow_at("a", t0 + second));
+        assert!(!l.allow_at("a", t0 + second));
+        assert!(l.allow_at("b", t0 + second), "other peers are not affected");
+        assert!(l.allow_at("a", t0 + ReportLimit::WINDOW));
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub paths: Vec<PeerPath>,
     pub rejected: BTreeMap<String, String>,
     pub matrix: BTreeMap<String, BTreeMap<String, String>>,
+    /// The peers this pass accepted: the bindings the next pass defends against newcomers.
+    pub bindings: BTreeMap<String, crate::model::overlay::AcceptedPeer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -81,19 +83,28 @@ pub struct PeerStatus {
 }
 
 /// The node-pair path matrix from every node's published mode and key (pure).
-pub fn path_matrix(nodes: &[Arc<Node>]) -> BTreeMap<String, BTreeMap<String, String>> {
+pub fn path_matrix(
+    nodes: &[Arc<Node>],
+    default: Mode,
+) -> BTreeMap<String, BTreeMap<String, String>> {
     let empty = BTreeMap::new();
-    let published: Vec<(String, &BTreeMap<String, String>)> = nodes
+    let published: Vec<(String, &BTreeMap<String, String>, PeerCrypto)> = nodes
         .iter()
         .filter_map(|n| {
             let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            let labels = n.metadata.labels.as_ref().unwrap_or(&empty);
             let name = n.metadata.name.clone()?;
+            let mut crypto = PeerCrypto::from_node(&name, anns, labels);
+            crypto.underlay_ip = anns
+                .get(annotations::UNDERLAY_IP)
+                .and_then(|ip| ip.parse().ok())
+                .filter(|ip| crate::agent::reconcile::recorded_addresses(n).contains(ip));
             anns.contains_key(annotations::ENCRYPTION_MODE)
-                .then_some((name, anns))
+                .then_some((name, anns, crypto))
         })
         .collect();
     let mut matrix = BTreeMap::new();
-    for (name, anns) in &published {
+    for (name, anns, _) in &published {
         let Some(Ok(mode)) = anns
             .get(annotations::ENCRYPTION_MODE)
             .map(|m| m.parse::<Mode>())
@@ -106,10 +117,10 @@ pub fn path_matrix(nodes: &[Arc<Node>]) -> BTreeMap<String, BTreeMap<String, Str
             .unwrap_or([0; 32]);
         let others: Vec<PeerCrypto> = published
             .iter()
-            .filter(|(n, _)| n != name)
-            .map(|(n, a)| PeerCrypto::from_annotations(n, a))
+            .filter(|(n, _, _)| n != name)
+            .map(|(_, _, c)| c.clone())
             .collect();
-        let row = plan_paths(mode, &key, &others)
+        let row = plan_paths(mode, default, &key, &others, &BTreeMap::new())
             .into_iter()
             .map(|p| (p.node, p.path.name().to_string()))
             .collect();
@@ -315,7 +326,9 @@ mod tests {
                     "veilnet.io/encryption-mode": mode,
                     "veilnet.io/wg-public-key": k,
                     "veilnet.io/wg-endpoint": "172.30.0.11:51820",
-                }}}),
+                    "veilnet.io/underlay-ip": "172.30.0.11",
+                }, "labels": {"veilnet.io/encryption": mode}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.11"}]}}),
             )
             .unwrap(),
         )
@@ -323,11 +336,14 @@ mod tests {
 
     #[test]
     fn matrix_follows_the_published_modes() {
-        let m = path_matrix(&[
-            node("a", "on", 1),
-            node("b", "off", 2),
-            node("c", "strict", 3),
-        ]);
+        let m = path_matrix(
+            &[
+                node("a", "on", 1),
+                node("b", "off", 2),
+                node("c", "strict", 3),
+            ],
+            Mode::Off,
+        );
         assert_eq!(m["a"]["b"], "vxlan");
         assert_eq!(m["a"]["c"], "wireguard");
         assert_eq!(m["b"]["c"], "blocked");
@@ -358,7 +374,7 @@ mod tests {
             }],
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
-            matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)]),
+            matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)], Mode::On),
             datapath: Some(DatapathStatus {
                 pid: Some(812),
                 version: Some("0.1.0".into()),

@@ -297,16 +297,19 @@ mod tests {
                     public_key: [1; 32],
                     endpoint: "172.30.0.12:51820".parse().unwrap(),
                 },
+                refused_downgrade: false,
             },
             PeerPath {
                 node: "b".into(),
                 mode: Some(Mode::Off),
                 path: PeerPathKind::Vxlan,
+                refused_downgrade: false,
             },
             PeerPath {
                 node: "c".into(),
                 mode: Some(Mode::Off),
                 path: PeerPathKind::Blocked(BlockReason::WeAreStrict),
+                refused_downgrade: false,
             },
             PeerPath {
                 node: "d".into(),
@@ -315,6 +318,7 @@ mod tests {
                     public_key: [4; 32],
                     endpoint: "172.30.0.14:51820".parse().unwrap(),
                 },
+                refused_downgrade: false,
             },
         ];
         let cidrs = |n: &str| match n {

@@ -720,11 +720,13 @@ mod tests {
             vxlan_vni: None,
             pod_cidrs: vec![cidr.into()],
             node_addresses: vec![ip.parse().unwrap()],
+            created: None,
         }
     }
 
     fn desired_with(peers: Vec<PeerNode>) -> DesiredOverlay {
         plan_overlay(&OverlayInput {
+            incumbents: Default::default(),
             node: SelfNode {
                 name: "node-a".into(),
                 underlay_ip: "192.168.50.1".parse().unwrap(),

@@ -360,6 +360,7 @@ mod tests {
             underlay_ip: ip.parse().unwrap(),
             vtep_mac: MacAddr([6, 0, 0, 0, 0, 1]),
             pod_cidrs: vec![cidr.parse().unwrap()],
+            vxlan_unusable: None,
         }
     }
 
@@ -368,6 +369,7 @@ mod tests {
             node: node.into(),
             mode: Some(Mode::Off),
             path,
+            refused_downgrade: false,
         }
     }
 

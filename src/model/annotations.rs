@@ -86,6 +86,18 @@ pub enum AnnotationError {
 
 pub type Result<T> = std::result::Result<T, AnnotationError>;
 
+/// At most this many characters of a bad value go into errors, logs and Events: anyone who can
+/// write a Node can make its values as long as the API allows, and repeat them.
+pub const SHOWN_VALUE_CHARS: usize = 64;
+
+/// A value as errors show it: cut to [`SHOWN_VALUE_CHARS`] characters, with its full length.
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_VALUE_CHARS) {
+        None => value.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &value[..cut], value.len()),
+    }
+}
+
 /// The value of `key`, or [`AnnotationError::Missing`].
 pub fn required<'a>(annotations: &'a BTreeMap<String, String>, key: &str) -> Result<&'a str> {
     annotations
@@ -103,18 +115,18 @@ pub fn parse_vtep_mac(value: &str) -> Result<MacAddr> {
         .trim()
         .parse()
         .map_err(|_| AnnotationError::InvalidMac {
-            value: value.to_string(),
+            value: shown(value),
             reason: "expected six colon-separated hex octets",
         })?;
     if mac.is_multicast() {
         return Err(AnnotationError::InvalidMac {
-            value: value.to_string(),
+            value: shown(value),
             reason: "multicast/broadcast address",
         });
     }
     if mac.is_zero() {
         return Err(AnnotationError::InvalidMac {
-            value: value.to_string(),
+            value: shown(value),
             reason: "all-zero address",
         });
     }
@@ -127,7 +139,7 @@ pub fn parse_underlay_ip(value: &str) -> Result<IpAddr> {
         .trim()
         .parse()
         .map_err(|_| AnnotationError::InvalidIp {
-            value: value.to_string(),
+            value: shown(value),
             reason: "not an IPv4 or IPv6 address",
         })?;
     let reason = if ip.is_unspecified() {
@@ -143,7 +155,7 @@ pub fn parse_underlay_ip(value: &str) -> Result<IpAddr> {
     };
     match reason {
         Some(reason) => Err(AnnotationError::InvalidIp {
-            value: value.to_string(),
+            value: shown(value),
             reason,
         }),
         None => Ok(ip),
@@ -155,12 +167,12 @@ pub fn parse_underlay_ip(value: &str) -> Result<IpAddr> {
 pub fn parse_cidr(value: &str) -> Result<IpNet> {
     let trimmed = value.trim();
     let net: IpNet = trimmed.parse().map_err(|_| AnnotationError::InvalidCidr {
-        value: value.to_string(),
+        value: shown(value),
         reason: "expected ADDRESS/PREFIX".to_string(),
     })?;
     if net.trunc() != net {
         return Err(AnnotationError::InvalidCidr {
-            value: value.to_string(),
+            value: shown(value),
             reason: format!("host bits set (did you mean {}?)", net.trunc()),
         });
     }
@@ -186,7 +198,7 @@ pub fn parse_vni(value: &str) -> Result<u32> {
     match value.trim().parse::<u32>() {
         Ok(vni) if (1..=MAX_VNI).contains(&vni) => Ok(vni),
         _ => Err(AnnotationError::InvalidVni {
-            value: value.to_string(),
+            value: shown(value),
         }),
     }
 }
@@ -197,18 +209,18 @@ pub fn parse_wg_public_key(value: &str) -> Result<[u8; 32]> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(value.trim())
         .map_err(|_| AnnotationError::InvalidWgKey {
-            value: value.to_string(),
+            value: shown(value),
             reason: "not standard base64",
         })?;
     let key: [u8; 32] = bytes
         .try_into()
         .map_err(|_| AnnotationError::InvalidWgKey {
-            value: value.to_string(),
+            value: shown(value),
             reason: "not 32 bytes",
         })?;
     if key == [0; 32] {
         return Err(AnnotationError::InvalidWgKey {
-            value: value.to_string(),
+            value: shown(value),
             reason: "all-zero key",
         });
     }
@@ -221,17 +233,17 @@ pub fn parse_wg_endpoint(value: &str) -> Result<SocketAddr> {
         .trim()
         .parse()
         .map_err(|_| AnnotationError::InvalidEndpoint {
-            value: value.to_string(),
+            value: shown(value),
             reason: "expected IP:PORT or [IPv6]:PORT",
         })?;
     if addr.port() == 0 {
         return Err(AnnotationError::InvalidEndpoint {
-            value: value.to_string(),
+            value: shown(value),
             reason: "port 0",
         });
     }
     parse_underlay_ip(&addr.ip().to_string()).map_err(|_| AnnotationError::InvalidEndpoint {
-        value: value.to_string(),
+        value: shown(value),
         reason: "not a unicast address",
     })?;
     Ok(addr)
@@ -240,6 +252,15 @@ pub fn parse_wg_endpoint(value: &str) -> Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_bad_values_are_cut_in_errors() {
+        let long = "x".repeat(200_000);
+        let e = parse_underlay_ip(&long).unwrap_err().to_string();
+        assert!(e.len() < 200, "{}", e.len());
+        assert!(e.contains("(200000 bytes)"), "{e}");
+        assert_eq!(shown("short"), "short");
+    }
 
     #[test]
     fn every_key_has_the_prefix_and_is_unique() {

@@ -10,7 +10,19 @@
 //!   anyone who can scribble on a Node object turn encryption off for that pair.
 //!
 //! The peer's mode is what its agent *publishes* (`veilnet.io/encryption-mode`, the mode it
-//! actually applies), not its label: that way each side reacts to what the other really does.
+//! actually applies), so each side reacts to what the other really does — but the published
+//! mode never *lowers* protection below what the cluster says for that node: its label
+//! `veilnet.io/encryption`, else the cluster default. A missing, unknown or malformed published
+//! mode counts as that; a published `off` only takes effect when the label (or the default)
+//! says `off` too; a published `strict` is honoured (more protection). So editing the annotation
+//! cannot downgrade a pair: only a writer of the Node's *labels* can (cluster admins, and the
+//! node's own kubelet credentials, as for every node label), and each such downgrade raises a
+//! `VeilnetPathDowngraded` Event and shows in `veilnet status` and `veilnet_peer_path`.
+//!
+//! Contested keys: a WireGuard key two peers publish stays with its senior holder
+//! ([`Seniority`]: the peer this agent already used it for, else the Node created first); only
+//! the newcomer is refused. A WireGuard endpoint must be the peer's own underlay address as the
+//! cluster records it (the overlay planner checked it against `status.addresses`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -18,6 +30,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use super::annotations::{self, AnnotationError};
+use super::overlay::Seniority;
 
 /// Default WireGuard UDP port (the conventional one).
 pub const DEFAULT_WG_PORT: u16 = 51820;
@@ -46,6 +59,24 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Off < On < Strict.
+    fn protection(self) -> u8 {
+        match self {
+            Mode::Off => 0,
+            Mode::On => 1,
+            Mode::Strict => 2,
+        }
+    }
+
+    /// The more protective of the two.
+    pub fn stronger(self, other: Mode) -> Mode {
+        if other.protection() > self.protection() {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn wants_encryption(self) -> bool {
         matches!(self, Mode::On | Mode::Strict)
     }
@@ -75,7 +106,7 @@ impl FromStr for Mode {
             "on" => Ok(Mode::On),
             "off" => Ok(Mode::Off),
             "strict" => Ok(Mode::Strict),
-            other => Err(InvalidMode(other.to_string())),
+            other => Err(InvalidMode(super::annotations::shown(other))),
         }
     }
 }
@@ -90,22 +121,56 @@ pub fn own_mode(label: Option<&str>, default: Mode) -> (Mode, Option<InvalidMode
     }
 }
 
-/// A peer as its Node annotations describe it (raw strings, validated here).
+/// A peer as its Node describes it (raw strings, validated here), with what the overlay planner
+/// already proved about it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerCrypto {
     pub name: String,
+    /// The published mode (annotation).
     pub mode: Option<String>,
+    /// The Node's `veilnet.io/encryption` label.
+    pub label: Option<String>,
     pub public_key: Option<String>,
     pub endpoint: Option<String>,
+    /// The peer's underlay address as the cluster records it (the endpoint must match it).
+    pub underlay_ip: Option<std::net::IpAddr>,
+    /// `metadata.creationTimestamp` (Unix seconds), for [`Seniority`].
+    pub created: Option<i64>,
+    /// Why the VXLAN path cannot serve this peer (see `AcceptedPeer::vxlan_unusable`).
+    pub vxlan_unusable: Option<String>,
 }
 
 impl PeerCrypto {
-    pub fn from_annotations(name: &str, anns: &BTreeMap<String, String>) -> Self {
+    pub fn from_node(
+        name: &str,
+        anns: &BTreeMap<String, String>,
+        labels: &BTreeMap<String, String>,
+    ) -> Self {
         PeerCrypto {
             name: name.to_string(),
             mode: anns.get(annotations::ENCRYPTION_MODE).cloned(),
+            label: labels.get(annotations::ENCRYPTION_LABEL).cloned(),
             public_key: anns.get(annotations::WG_PUBLIC_KEY).cloned(),
             endpoint: anns.get(annotations::WG_ENDPOINT).cloned(),
+            ..Default::default()
+        }
+    }
+
+    /// The mode this node acts on for the peer: the published one, never below what its label
+    /// (else `default`) says. Also whether a published downgrade was refused.
+    pub fn effective_mode(&self, default: Mode) -> (Mode, bool) {
+        let intended = self
+            .label
+            .as_deref()
+            .and_then(|l| l.parse::<Mode>().ok())
+            .unwrap_or(default);
+        match self.mode.as_deref().map(str::parse::<Mode>) {
+            Some(Ok(published)) => {
+                let effective = published.stronger(intended);
+                (effective, effective != published)
+            }
+            // Missing or malformed: what the cluster says for that node.
+            _ => (intended, false),
         }
     }
 }
@@ -117,8 +182,6 @@ pub enum BlockReason {
     WeAreStrict,
     #[error("the peer is strict and this node does not encrypt")]
     PeerIsStrict,
-    #[error("the peer publishes an invalid encryption mode: {0}")]
-    BadPeerMode(InvalidMode),
     #[error("the peer's WireGuard key is unusable: {0}")]
     BadKey(AnnotationError),
     #[error("the peer publishes no WireGuard key")]
@@ -127,8 +190,15 @@ pub enum BlockReason {
     BadEndpoint(AnnotationError),
     #[error("the peer publishes no WireGuard endpoint")]
     NoEndpoint,
-    #[error("the peer's WireGuard key is also claimed by {0}")]
+    #[error("the peer's WireGuard key is held by {0}")]
     DuplicateKey(String),
+    #[error("the peer's WireGuard endpoint {endpoint} is not its underlay address {underlay}")]
+    EndpointNotOwn {
+        endpoint: SocketAddr,
+        underlay: std::net::IpAddr,
+    },
+    #[error("the pair would be VXLAN, but {0}")]
+    VxlanUnusable(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,39 +224,48 @@ impl Path {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerPath {
     pub node: String,
-    /// The peer's published mode, if valid.
+    /// The peer's mode as this node acts on it (see [`PeerCrypto::effective_mode`]).
     pub mode: Option<Mode>,
     pub path: Path,
+    /// The peer published a weaker mode than its label (or the default) allows: refused.
+    pub refused_downgrade: bool,
 }
 
 /// The path to every peer (sorted by name). `my_key` is this node's public key: a peer claiming it
-/// is refused.
-pub fn plan_paths(my_mode: Mode, my_key: &[u8; 32], peers: &[PeerCrypto]) -> Vec<PeerPath> {
-    // Who claims which (valid) key: a key claimed twice is refused for every claimant.
-    let mut claims: BTreeMap<[u8; 32], Vec<&str>> = BTreeMap::new();
+/// is refused. `default` is the cluster's default mode; `key_bindings` the keys this agent's last
+/// pass used, by peer (the incumbents of [`Seniority`]).
+pub fn plan_paths(
+    my_mode: Mode,
+    default: Mode,
+    my_key: &[u8; 32],
+    peers: &[PeerCrypto],
+    key_bindings: &BTreeMap<String, [u8; 32]>,
+) -> Vec<PeerPath> {
+    // Who holds which (valid) key: the senior claimant.
+    let mut holder: BTreeMap<[u8; 32], (Seniority, &str)> = BTreeMap::new();
     for p in peers {
         if let Some(Ok(k)) = p
             .public_key
             .as_deref()
             .map(annotations::parse_wg_public_key)
         {
-            claims.entry(k).or_default().push(&p.name);
+            let seniority =
+                Seniority::new(key_bindings.get(&p.name) == Some(&k), p.created, &p.name);
+            let senior = holder.get(&k).is_none_or(|(s, _)| seniority < *s);
+            if senior {
+                holder.insert(k, (seniority, &p.name));
+            }
         }
     }
     let mut out: Vec<PeerPath> = peers
         .iter()
         .map(|p| {
-            let mode = p.mode.as_deref().map(str::parse::<Mode>);
-            let (peer_mode, path) = match mode {
-                Some(Err(e)) => (None, Path::Blocked(BlockReason::BadPeerMode(e))),
-                Some(Ok(m)) => (Some(m), decide(my_mode, m, my_key, p, &claims)),
-                // No published mode: a peer without encryption support.
-                None => (None, decide(my_mode, Mode::Off, my_key, p, &claims)),
-            };
+            let (mode, refused_downgrade) = p.effective_mode(default);
             PeerPath {
                 node: p.name.clone(),
-                mode: peer_mode,
-                path,
+                mode: Some(mode),
+                path: decide(my_mode, mode, my_key, p, &holder),
+                refused_downgrade,
             }
         })
         .collect();
@@ -199,17 +278,24 @@ fn decide(
     theirs: Mode,
     my_key: &[u8; 32],
     peer: &PeerCrypto,
-    claims: &BTreeMap<[u8; 32], Vec<&str>>,
+    holder: &BTreeMap<[u8; 32], (Seniority, &str)>,
 ) -> Path {
     match (mine.wants_encryption(), theirs.wants_encryption()) {
-        (true, true) => wireguard(my_key, peer, claims),
+        (true, true) => wireguard(my_key, peer, holder),
         (false, true) if theirs == Mode::Strict => Path::Blocked(BlockReason::PeerIsStrict),
         (true, false) if mine == Mode::Strict => Path::Blocked(BlockReason::WeAreStrict),
-        _ => Path::Vxlan,
+        _ => match &peer.vxlan_unusable {
+            Some(why) => Path::Blocked(BlockReason::VxlanUnusable(why.clone())),
+            None => Path::Vxlan,
+        },
     }
 }
 
-fn wireguard(my_key: &[u8; 32], peer: &PeerCrypto, claims: &BTreeMap<[u8; 32], Vec<&str>>) -> Path {
+fn wireguard(
+    my_key: &[u8; 32],
+    peer: &PeerCrypto,
+    holder: &BTreeMap<[u8; 32], (Seniority, &str)>,
+) -> Path {
     let key = match peer
         .public_key
         .as_deref()
@@ -222,20 +308,22 @@ fn wireguard(my_key: &[u8; 32], peer: &PeerCrypto, claims: &BTreeMap<[u8; 32], V
     if &key == my_key {
         return Path::Blocked(BlockReason::DuplicateKey("this node".into()));
     }
-    if let Some(other) = claims
-        .get(&key)
-        .and_then(|c| c.iter().find(|n| **n != peer.name))
-    {
-        return Path::Blocked(BlockReason::DuplicateKey((*other).to_string()));
+    if let Some((_, name)) = holder.get(&key).filter(|(_, name)| *name != peer.name) {
+        return Path::Blocked(BlockReason::DuplicateKey((*name).to_string()));
     }
     let endpoint = match peer.endpoint.as_deref().map(annotations::parse_wg_endpoint) {
         None => return Path::Blocked(BlockReason::NoEndpoint),
         Some(Err(e)) => return Path::Blocked(BlockReason::BadEndpoint(e)),
         Some(Ok(e)) => e,
     };
-    Path::Wireguard {
-        public_key: key,
-        endpoint,
+    match peer.underlay_ip {
+        Some(underlay) if underlay == endpoint.ip() => Path::Wireguard {
+            public_key: key,
+            endpoint,
+        },
+        Some(underlay) => Path::Blocked(BlockReason::EndpointNotOwn { endpoint, underlay }),
+        // Only peers the overlay accepted (with a recorded address) are planned.
+        None => Path::Blocked(BlockReason::NoEndpoint),
     }
 }
 
@@ -253,8 +341,12 @@ mod tests {
         PeerCrypto {
             name: name.into(),
             mode: mode.map(String::from),
+            // The operator's label agrees with what the peer publishes, unless a test says not.
+            label: mode.map(String::from),
             public_key: k,
             endpoint: ep.map(String::from),
+            underlay_ip: Some("172.30.0.12".parse().unwrap()),
+            ..Default::default()
         }
     }
 
@@ -262,8 +354,12 @@ mod tests {
         peer(name, Some(mode), Some(key(n)), Some("172.30.0.12:51820"))
     }
 
+    fn plan(my: Mode, peers: &[PeerCrypto]) -> Vec<PeerPath> {
+        plan_paths(my, Mode::On, &[9; 32], peers, &BTreeMap::new())
+    }
+
     fn path_of(my: Mode, p: PeerCrypto) -> Path {
-        plan_paths(my, &[9; 32], &[p]).remove(0).path
+        plan(my, &[p]).remove(0).path
     }
 
     #[test]
@@ -291,12 +387,40 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_without_a_published_mode_does_not_encrypt() {
-        assert_eq!(path_of(Mode::On, peer("b", None, None, None)), Path::Vxlan);
+    fn a_published_mode_never_lowers_what_the_label_or_the_default_says() {
+        let mut p = good("b", "on", 1);
+        // Annotation removed, or garbage: the label (on) decides, the pair stays encrypted.
+        p.mode = None;
+        assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
+        p.mode = Some("garbage".into());
+        assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
+        // Published off against a label that says on: refused, still WireGuard.
+        p.mode = Some("off".into());
+        let planned = plan(Mode::On, &[p.clone()]).remove(0);
+        assert_eq!(planned.path.name(), "wireguard");
+        assert!(planned.refused_downgrade);
+        assert_eq!(planned.mode, Some(Mode::On));
+        // No label: the cluster default (on) decides the same way.
+        p.label = None;
+        assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
+        // Off takes effect once the label says off as well.
+        p.label = Some("off".into());
+        let planned = plan(Mode::On, &[p.clone()]).remove(0);
         assert_eq!(
-            path_of(Mode::Strict, peer("b", None, None, None)),
-            Path::Blocked(BlockReason::WeAreStrict)
+            (planned.path.name(), planned.refused_downgrade),
+            ("vxlan", false)
         );
+        // A published strict is more protection: honoured whatever the label.
+        p.mode = Some("strict".into());
+        assert_eq!(
+            path_of(Mode::Off, p.clone()),
+            Path::Blocked(BlockReason::PeerIsStrict)
+        );
+        // An old peer that publishes nothing, on a cluster whose default is on: no key, blocked,
+        // never plaintext.
+        let mut old = peer("c", None, None, None);
+        old.label = None;
+        assert_eq!(path_of(Mode::On, old), Path::Blocked(BlockReason::NoKey));
     }
 
     #[test]
@@ -335,34 +459,59 @@ mod tests {
             path_of(Mode::On, port0),
             Path::Blocked(BlockReason::BadEndpoint(_))
         ));
-        let bad_mode = peer("b", Some("maybe"), Some(key(1)), Some("172.30.0.12:51820"));
-        assert!(matches!(
-            path_of(Mode::On, bad_mode),
-            Path::Blocked(BlockReason::BadPeerMode(_))
-        ));
+        // An endpoint elsewhere than the peer's recorded underlay address (the API server, a
+        // broadcast address): refused.
+        for elsewhere in ["172.30.0.1:6443", "172.30.0.255:51820"] {
+            let p = peer("b", Some("on"), Some(key(1)), Some(elsewhere));
+            assert!(
+                matches!(
+                    path_of(Mode::On, p),
+                    Path::Blocked(BlockReason::EndpointNotOwn { .. })
+                ),
+                "{elsewhere}"
+            );
+        }
     }
 
     #[test]
-    fn a_key_claimed_twice_is_refused_for_both_and_ours_for_anyone() {
-        let paths = plan_paths(
-            Mode::On,
-            &[9; 32],
-            &[good("b", "on", 1), good("c", "on", 1), good("d", "on", 2)],
-        );
+    fn a_contested_key_stays_with_its_senior_holder() {
+        // No history: the Node created first holds it, the newcomer is refused.
+        let mut b = good("b", "on", 1);
+        let mut c = good("c", "on", 1);
+        b.created = Some(200);
+        c.created = Some(100);
+        let paths = plan(Mode::On, &[b.clone(), c.clone(), good("d", "on", 2)]);
         assert_eq!(
             paths[0].path,
             Path::Blocked(BlockReason::DuplicateKey("c".into()))
         );
+        assert_eq!(paths[1].path.name(), "wireguard");
+        assert_eq!(paths[2].path.name(), "wireguard");
+        // The key this agent already uses for b: b keeps it, whatever the creation times.
+        let bindings = BTreeMap::from([("b".to_string(), [1u8; 32])]);
+        let paths = plan_paths(Mode::On, Mode::On, &[9; 32], &[b, c], &bindings);
+        assert_eq!(paths[0].path.name(), "wireguard");
         assert_eq!(
             paths[1].path,
             Path::Blocked(BlockReason::DuplicateKey("b".into()))
         );
-        assert_eq!(paths[2].path.name(), "wireguard");
+        // Our own key is never a peer's.
         let thief = good("e", "on", 9);
         assert_eq!(
             path_of(Mode::On, thief),
             Path::Blocked(BlockReason::DuplicateKey("this node".into()))
         );
+    }
+
+    #[test]
+    fn a_peer_whose_vtep_mac_is_held_elsewhere_keeps_wireguard_but_gets_no_vxlan() {
+        let mut p = good("b", "on", 1);
+        p.vxlan_unusable = Some("its VTEP MAC is held by node c".into());
+        assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
+        assert!(matches!(
+            path_of(Mode::Off, p),
+            Path::Blocked(BlockReason::VxlanUnusable(_))
+        ));
     }
 
     #[test]
@@ -376,11 +525,7 @@ mod tests {
 
     #[test]
     fn output_is_sorted_and_keeps_the_peer_mode() {
-        let paths = plan_paths(
-            Mode::On,
-            &[9; 32],
-            &[good("z", "off", 3), good("a", "strict", 4)],
-        );
+        let paths = plan(Mode::On, &[good("z", "off", 3), good("a", "strict", 4)]);
         assert_eq!(
             paths.iter().map(|p| p.node.as_str()).collect::<Vec<_>>(),
             ["a", "z"]

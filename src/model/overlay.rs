@@ -98,6 +98,31 @@ pub struct PeerNode {
     /// The addresses the cluster records for the Node (`status.addresses`, InternalIP and
     /// ExternalIP): the published underlay address must be one of them.
     pub node_addresses: Vec<IpAddr>,
+    /// The Node's `metadata.creationTimestamp` (Unix seconds): a record the node cannot rewrite,
+    /// used to decide who keeps a contested value ([`Seniority`]).
+    pub created: Option<i64>,
+}
+
+/// Who keeps a contested value (underlay address, VTEP MAC, WireGuard key) when several peers
+/// claim it: the peer this agent already used it for in its last pass, else the Node created
+/// first, else the lower name. Only the others are refused, so a newcomer's claim never removes a
+/// peer already in use, and nobody can pick a victim by copying its values.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seniority {
+    /// `false` sorts first: the incumbent.
+    pub newcomer: bool,
+    pub created: i64,
+    pub name: String,
+}
+
+impl Seniority {
+    pub fn new(incumbent: bool, created: Option<i64>, name: &str) -> Self {
+        Seniority {
+            newcomer: !incumbent,
+            created: created.unwrap_or(i64::MAX),
+            name: name.to_string(),
+        }
+    }
 }
 
 impl PeerNode {
@@ -115,6 +140,7 @@ impl PeerNode {
             vxlan_vni: annotations.get(annotations::VXLAN_VNI).cloned(),
             pod_cidrs,
             node_addresses,
+            created: None,
         }
     }
 }
@@ -126,6 +152,8 @@ pub struct OverlayInput {
     /// MTU of the path to the peers (see `kernel::mtu::underlay_for`).
     pub underlay_mtu: u32,
     pub peers: Vec<PeerNode>,
+    /// The peers accepted by this agent's previous pass, by name: the bindings it already uses.
+    pub incumbents: BTreeMap<String, AcceptedPeer>,
 }
 
 /// Settings every veilnet link has.
@@ -200,6 +228,9 @@ pub struct AcceptedPeer {
     pub underlay_ip: IpAddr,
     pub vtep_mac: MacAddr,
     pub pod_cidrs: Vec<IpNet>,
+    /// Why this peer cannot use the VXLAN path (its VTEP MAC is held by another peer); a
+    /// WireGuard pair does not use the MAC and is unaffected.
+    pub vxlan_unusable: Option<String>,
 }
 
 /// A permanent neighbour (ARP/NDP) entry `ip lladdr mac dev dev`.
@@ -269,8 +300,6 @@ pub enum RejectReason {
     },
     #[error("pod CIDR {cidr} contains the underlay address {ip} (tunnel traffic would loop)")]
     ContainsUnderlayIp { cidr: IpNet, ip: IpAddr },
-    #[error("VTEP MAC {mac} is also claimed by node {other_node}")]
-    DuplicateVtepMac { mac: MacAddr, other_node: String },
     #[error("underlay address {ip} is also claimed by node {other_node}")]
     DuplicateUnderlayIp { ip: IpAddr, other_node: String },
 }
@@ -468,6 +497,8 @@ struct Candidate<'a> {
     mac: Option<MacAddr>,
     cidrs: Vec<IpNet>,
     reason: Option<RejectReason>,
+    /// The senior peer that holds this candidate's VTEP MAC.
+    mac_held_by: Option<String>,
 }
 
 impl Candidate<'_> {
@@ -490,6 +521,7 @@ fn parse_peer<'a>(
         mac: None,
         cidrs: Vec::new(),
         reason: None,
+        mac_held_by: None,
     };
     match peer
         .underlay_ip
@@ -650,29 +682,41 @@ fn reject_underlay_capture(candidates: &mut [Candidate<'_>], our_underlay: IpAdd
     }
 }
 
-/// Rejects every peer sharing a key (VTEP MAC, underlay IP) with another peer.
-fn reject_shared<K: Ord + Copy>(
-    candidates: &mut [Candidate<'_>],
+/// For every value (VTEP MAC, underlay IP) that several candidates claim, finds the senior
+/// holder ([`Seniority`]) and hands each other claimant to `refuse` with the holder's name.
+fn newcomers<K: Ord + Copy>(
+    candidates: &[Candidate<'_>],
+    incumbents: &BTreeMap<String, AcceptedPeer>,
     key: impl Fn(&Candidate<'_>) -> Option<K>,
-    reason: impl Fn(K, String) -> RejectReason,
-) {
+    held_before: impl Fn(&AcceptedPeer) -> K,
+) -> Vec<(usize, K, String)> {
     let mut holders: BTreeMap<K, Vec<usize>> = BTreeMap::new();
     for (i, c) in candidates.iter().enumerate() {
         if let Some(k) = key(c) {
             holders.entry(k).or_default().push(i);
         }
     }
+    let mut out = Vec::new();
     for (k, idx) in holders {
         if idx.len() < 2 {
             continue;
         }
-        for &i in &idx {
-            // Name the first other holder (candidates are sorted by name).
-            let other = idx.iter().find(|&&j| j != i).copied().unwrap_or(i);
-            let other_node = candidates[other].peer.name.clone();
-            candidates[i].reject(reason(k, other_node));
-        }
+        let seniority = |i: usize| {
+            let p = candidates[i].peer;
+            let incumbent = incumbents.get(&p.name).is_some_and(|b| held_before(b) == k);
+            Seniority::new(incumbent, p.created, &p.name)
+        };
+        let Some(&senior) = idx.iter().min_by_key(|&&i| seniority(i)) else {
+            continue;
+        };
+        let holder = candidates[senior].peer.name.clone();
+        out.extend(
+            idx.iter()
+                .filter(|&&i| i != senior)
+                .map(|&i| (i, k, holder.clone())),
+        );
     }
+    out
 }
 
 /// Computes the node's desired overlay. Fails only on this node's own settings; bad peers end up
@@ -710,16 +754,22 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
     }
     candidates.sort_by(|a, b| a.peer.name.cmp(&b.peer.name));
 
-    reject_shared(
-        &mut candidates,
-        |c| c.mac,
-        |mac, other_node| RejectReason::DuplicateVtepMac { mac, other_node },
-    );
-    reject_shared(
-        &mut candidates,
+    // The underlay address carries every path: a newcomer claiming a senior's is refused.
+    for (i, ip, holder) in newcomers(
+        &candidates,
+        &input.incumbents,
         |c| c.underlay,
-        |ip, other_node| RejectReason::DuplicateUnderlayIp { ip, other_node },
-    );
+        |b| b.underlay_ip,
+    ) {
+        candidates[i].reject(RejectReason::DuplicateUnderlayIp {
+            ip,
+            other_node: holder,
+        });
+    }
+    // The VTEP MAC only matters to VXLAN: the newcomer keeps its WireGuard path.
+    for (i, _, holder) in newcomers(&candidates, &input.incumbents, |c| c.mac, |b| b.vtep_mac) {
+        candidates[i].mac_held_by = Some(holder);
+    }
     reject_overlaps(&mut candidates, &node.pod_cidrs);
     reject_underlay_capture(&mut candidates, node.underlay_ip);
 
@@ -738,7 +788,11 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
             });
             continue;
         };
-        for cidr in &c.cidrs {
+        let vxlan_unusable = c
+            .mac_held_by
+            .as_ref()
+            .map(|holder| format!("its VTEP MAC {mac} is held by node {holder}"));
+        for cidr in c.cidrs.iter().filter(|_| vxlan_unusable.is_none()) {
             let next_hop = cidr.network();
             routes.insert(RouteSpec {
                 dst: *cidr,
@@ -754,17 +808,20 @@ pub fn plan_overlay(input: &OverlayInput) -> Result<DesiredOverlay, OverlayError
                 mac,
             });
         }
-        fdb.insert(FdbSpec {
-            dev: vxlan_name.clone(),
-            mac,
-            dst: underlay,
-        });
+        if vxlan_unusable.is_none() {
+            fdb.insert(FdbSpec {
+                dev: vxlan_name.clone(),
+                mac,
+                dst: underlay,
+            });
+        }
         accepted.push(c.peer.name.clone());
         peers.push(AcceptedPeer {
             name: c.peer.name.clone(),
             underlay_ip: underlay,
             vtep_mac: mac,
             pod_cidrs: c.cidrs.clone(),
+            vxlan_unusable,
         });
     }
     rejected.sort_by(|a, b| a.node.cmp(&b.node));
@@ -830,6 +887,7 @@ mod tests {
             pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
             // The cluster records what the peer publishes, unless a test says otherwise.
             node_addresses: ip.parse().into_iter().collect(),
+            created: None,
         }
     }
 
@@ -857,6 +915,7 @@ mod tests {
             vxlan: VxlanConfig::default(),
             underlay_mtu: 1500,
             peers,
+            incumbents: BTreeMap::new(),
         }
     }
 
@@ -1285,17 +1344,17 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_vtep_mac_or_underlay_rejects_both() {
+    fn a_contested_value_stays_with_its_senior_holder_and_only_the_newcomer_is_refused() {
         let b = good_b();
         let mut c = good_c();
         c.vtep_mac = b.vtep_mac.clone();
-        let e = peer(
+        let mut e = peer(
             "node-e",
             "192.168.50.9",
             "02:00:00:00:00:0e",
             &["10.244.5.0/24"],
         );
-        let f = peer(
+        let mut f = peer(
             "node-f",
             "192.168.50.9",
             "02:00:00:00:00:0f",
@@ -1307,22 +1366,42 @@ mod tests {
             "02:00:00:00:00:07",
             &["10.244.7.0/24"],
         );
-        let d = plan(vec![b, c, e, f, g]);
-        assert_eq!(d.accepted, vec!["node-g".to_string()]);
+        // No history, no creation times: the lower name holds.
+        let d = plan(vec![b.clone(), c.clone(), e.clone(), f.clone(), g.clone()]);
+        assert_eq!(d.accepted, vec!["node-b", "node-c", "node-e", "node-g"]);
         assert_eq!(
-            reason_of(&d, "node-b"),
-            RejectReason::DuplicateVtepMac {
-                mac: mac("02:00:00:00:00:0b"),
-                other_node: "node-c".into()
+            reason_of(&d, "node-f"),
+            RejectReason::DuplicateUnderlayIp {
+                ip: ip("192.168.50.9"),
+                other_node: "node-e".into()
             }
         );
+        // A shared VTEP MAC costs the newcomer its VXLAN path only (no FDB, no neighbours).
+        let c_peer = d.peers.iter().find(|p| p.name == "node-c").unwrap();
         assert_eq!(
-            reason_of(&d, "node-c"),
-            RejectReason::DuplicateVtepMac {
-                mac: mac("02:00:00:00:00:0b"),
-                other_node: "node-b".into()
-            }
+            c_peer.vxlan_unusable.as_deref(),
+            Some("its VTEP MAC 02:00:00:00:00:0b is held by node node-b")
         );
+        assert!(d
+            .peers
+            .iter()
+            .find(|p| p.name == "node-b")
+            .unwrap()
+            .vxlan_unusable
+            .is_none());
+        assert_eq!(
+            d.fdb
+                .iter()
+                .filter(|e| e.mac == mac("02:00:00:00:00:0b"))
+                .count(),
+            1
+        );
+        assert!(!d.routes.iter().any(|r| r.dst == net("10.244.3.0/24")));
+
+        // The Node created first holds, whatever the names.
+        e.created = Some(2000);
+        f.created = Some(1000);
+        let d = plan(vec![e.clone(), f.clone(), g.clone()]);
         assert_eq!(
             reason_of(&d, "node-e"),
             RejectReason::DuplicateUnderlayIp {
@@ -1330,9 +1409,29 @@ mod tests {
                 other_node: "node-f".into()
             }
         );
+
+        // The binding this agent already uses beats both.
+        let mut i = input(vec![e.clone(), f.clone(), g]);
+        let previous = plan(vec![peer(
+            "node-e",
+            "192.168.50.9",
+            "02:00:00:00:00:0e",
+            &["10.244.5.0/24"],
+        )]);
+        i.incumbents = previous
+            .peers
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let d = plan_overlay(&i).unwrap();
+        assert!(
+            d.accepted.contains(&"node-e".to_string()),
+            "{:?}",
+            d.rejected
+        );
         assert!(matches!(
             reason_of(&d, "node-f"),
-            RejectReason::DuplicateUnderlayIp { .. }
+            RejectReason::DuplicateUnderlayIp { ref other_node, .. } if other_node == "node-e"
         ));
     }
 
@@ -1485,7 +1584,11 @@ mod tests {
         let mut reversed = peers;
         reversed.reverse();
         assert_eq!(plan(reversed), reference);
-        assert_eq!(reference.accepted, vec!["node-f".to_string()]);
+        // node-e's underlay address is node-b's (senior by name); node-c and node-d overlap.
+        assert_eq!(
+            reference.accepted,
+            vec!["node-b".to_string(), "node-f".to_string()]
+        );
     }
 
     #[test]

@@ -148,6 +148,7 @@ mod tests {
             underlay_ip: ip.parse().unwrap(),
             vtep_mac: MacAddr([0x06, 0, 0, 0, 0, 2]),
             pod_cidrs: vec![cidr.parse().unwrap()],
+            vxlan_unusable: None,
         }
     }
 
@@ -156,6 +157,7 @@ mod tests {
             node: node.into(),
             mode: Some(Mode::On),
             path,
+            refused_downgrade: false,
         }
     }
 
