@@ -118,6 +118,48 @@ pub const BRIDGE_FDB_MAX_LEARNED: u32 = 1024;
 /// bridge handles LLDP locally otherwise, with no netfilter hook at all.)
 pub const POD_PORT_GROUP_FWD_MASK: u16 = 1 << 0x0e;
 
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// How a pod's bridge port differs from what ADD made of it (flags of [`BridgePortFlags::pod_port`]
+/// and a static FDB entry for the pod's MAC), if it does (pure: CHECK and the agent's repair).
+pub fn pod_port_drift(
+    port: Option<&BridgePortFlags>,
+    static_macs: &[Vec<u8>],
+    pod_mac: &[u8],
+) -> Option<String> {
+    let want = BridgePortFlags::pod_port();
+    let have = port.cloned().unwrap_or_default();
+    let mut drift = Vec::new();
+    if have.learning != want.learning {
+        drift.push(format!("learning {:?}, want off", have.learning));
+    }
+    if have.unicast_flood != want.unicast_flood {
+        drift.push(format!("unicast flood {:?}, want off", have.unicast_flood));
+    }
+    if have.group_fwd_mask != want.group_fwd_mask {
+        drift.push(format!(
+            "group_fwd_mask {:?}, want {:#x}",
+            have.group_fwd_mask, POD_PORT_GROUP_FWD_MASK
+        ));
+    }
+    if !static_macs.iter().any(|m| m == pod_mac) {
+        drift.push(format!("no static FDB entry for {}", format_mac(pod_mac)));
+    }
+    (!drift.is_empty()).then(|| drift.join(", "))
+}
+
 impl BridgePortFlags {
     /// What a pod's port must look like: no learning (the pod's MAC is a static FDB entry), no
     /// unknown-unicast flooding to it, LLDP through the netfilter hook.
@@ -649,6 +691,45 @@ mod tests {
         assert_eq!(classify(libc::ENODEV), ErrnoKind::NotFound);
         assert_eq!(classify(libc::ENOENT), ErrnoKind::NotFound);
         assert_eq!(classify(libc::EPERM), ErrnoKind::Other);
+    }
+
+    #[test]
+    fn pod_port_drift_names_every_difference() {
+        let mac = vec![0x0a, 0x58, 0, 0, 0, 1];
+        let good = BridgePortFlags::pod_port();
+        assert_eq!(pod_port_drift(Some(&good), &[mac.clone()], &mac), None);
+        // A port from before veilnet pinned MACs: kernel defaults, no static entry.
+        let old = BridgePortFlags {
+            learning: Some(true),
+            unicast_flood: Some(true),
+            group_fwd_mask: Some(0),
+        };
+        let d = pod_port_drift(Some(&old), &[], &mac).unwrap();
+        for what in ["learning", "unicast flood", "group_fwd_mask", "static FDB"] {
+            assert!(d.contains(what), "{d}");
+        }
+        // Unknown flags (not a bridge port) count as drift; another MAC is not the pod's.
+        assert!(pod_port_drift(None, &[mac.clone()], &mac).is_some());
+        assert!(pod_port_drift(Some(&good), &[vec![2; 6]], &mac)
+            .unwrap()
+            .contains("static FDB"));
+    }
+
+    #[test]
+    fn mac_parse() {
+        assert_eq!(
+            parse_mac("02:ab:00:01:10:ff"),
+            Some([2, 0xab, 0, 1, 0x10, 0xff])
+        );
+        for bad in [
+            "",
+            "02:ab:00:01:10",
+            "02:ab:00:01:10:ff:00",
+            "2:ab:00:01:10:ff",
+            "zz:ab:00:01:10:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

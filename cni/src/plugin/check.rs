@@ -10,7 +10,7 @@ use super::{host_veth_name, PluginError, Result};
 use crate::config::NetConf;
 use crate::env::Target;
 use crate::ipam::IpamStore;
-use crate::netlink::{format_mac, BridgePortFlags, Netlink};
+use crate::netlink::{pod_port_drift, Netlink};
 use crate::sandbox::PodNetns;
 
 fn failed(message: String) -> PluginError {
@@ -64,14 +64,6 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
             params.bridge
         )));
     }
-    let want = BridgePortFlags::pod_port();
-    let port = host_link.port.clone().unwrap_or_default();
-    if port.learning != want.learning || port.unicast_flood != want.unicast_flood {
-        return Err(failed(format!(
-            "bridge port {host_name} has learning {:?}, unicast flood {:?}; want both off",
-            port.learning, port.unicast_flood
-        )));
-    }
     if let Some(listed) = prev.interfaces.iter().find(|i| i.name == host_name) {
         if !listed.mac.is_empty() && !listed.mac.eq_ignore_ascii_case(&host_link.mac_string()) {
             return Err(failed(format!(
@@ -98,10 +90,11 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
             pod_iface.mac
         )));
     }
-    if !host.static_fdb_on(host_link.index)?.contains(&link.mac) {
+    // The bridge port: no learning, no flooding to it, the pod's MAC static on it.
+    let static_macs = host.static_fdb_on(host_link.index)?;
+    if let Some(drift) = pod_port_drift(host_link.port.as_ref(), &static_macs, &link.mac) {
         return Err(failed(format!(
-            "no static FDB entry for {ifname}'s MAC {} on {host_name}",
-            format_mac(&link.mac)
+            "bridge port {host_name} of {ifname}: {drift}"
         )));
     }
     if let Some(mtu) = pod_iface.mtu {
