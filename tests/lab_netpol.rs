@@ -892,6 +892,47 @@ fn fdb_flooding_100000_source_macs_from_one_pod_leaves_the_fdb_unchanged() {
         probe_in(&t.client_ns, &format!("{}:80", t.victim), "udp", "2s"),
         Some(0)
     );
+
+    // A port as pods had them before veilnet pinned MACs (learning, flooding, no static entry)
+    // is repaired by the agent's housekeeping.
+    let mac = mac_text(t.victim_mac);
+    let port = ports_of(lab, t.victim_mac).pop().unwrap();
+    let node1 = lab.node_netns(1);
+    lab.ip(
+        1,
+        &[
+            "link",
+            "set",
+            "dev",
+            &port,
+            "type",
+            "bridge_slave",
+            "learning",
+            "on",
+            "flood",
+            "on",
+            "group_fwd_mask",
+            "0",
+        ],
+    );
+    ok(Command::new("bridge")
+        .args(["fdb", "del", &mac, "dev", &port, "master"])
+        .arg0_netns(&node1));
+    let port_state = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ip(1, &["-d", "-j", "link", "show", "dev", &port])).unwrap();
+        let data = &v[0]["linkinfo"]["info_slave_data"];
+        (data["learning"].clone(), data["flood"].clone())
+    };
+    assert_eq!(port_state().0, true);
+    eventually(
+        Duration::from_secs(8),
+        "the agent repairs the victim's port",
+        || {
+            port_state() == (false.into(), false.into())
+                && bridge_fdb(lab).contains(&(mac.clone(), port.clone(), true))
+        },
+    );
 }
 
 // ---- no race at pod start ----
