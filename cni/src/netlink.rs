@@ -697,7 +697,10 @@ mod tests {
     fn pod_port_drift_names_every_difference() {
         let mac = vec![0x0a, 0x58, 0, 0, 0, 1];
         let good = BridgePortFlags::pod_port();
-        assert_eq!(pod_port_drift(Some(&good), &[mac.clone()], &mac), None);
+        assert_eq!(
+            pod_port_drift(Some(&good), std::slice::from_ref(&mac), &mac),
+            None
+        );
         // A port from before veilnet pinned MACs: kernel defaults, no static entry.
         let old = BridgePortFlags {
             learning: Some(true),
@@ -709,7 +712,7 @@ mod tests {
             assert!(d.contains(what), "{d}");
         }
         // Unknown flags (not a bridge port) count as drift; another MAC is not the pod's.
-        assert!(pod_port_drift(None, &[mac.clone()], &mac).is_some());
+        assert!(pod_port_drift(None, std::slice::from_ref(&mac), &mac).is_some());
         assert!(pod_port_drift(Some(&good), &[vec![2; 6]], &mac)
             .unwrap()
             .contains("static FDB"));
