@@ -5,7 +5,9 @@
 //! - a link that exists with compatible settings is fixed in place (MTU, MAC, up, addresses) and
 //!   never recreated, so an agent restart never flaps it or changes its ifindex; only a VXLAN link
 //!   whose creation-time attributes (VNI, port, local, underlay device, learning) differ, or a
-//!   link of the wrong kind holding our name, is replaced;
+//!   link of the wrong kind holding our name, is replaced; the bridge's options
+//!   ([`POD_BRIDGE_OPTIONS`]: no link-local learning, a cap on learned FDB entries) are set in
+//!   place too;
 //! - routes are managed only if they are ours ([`VEILNET_ROUTE_PROTOCOL`]) *and* on a veilnet
 //!   device; neighbour and FDB entries only if permanent and on the VXLAN device. Everything else
 //!   (kernel routes for addresses, an admin's routes, other links) is left alone;

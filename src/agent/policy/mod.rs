@@ -454,8 +454,9 @@ fn write_status(run_dir: &Path, status: &PolicyStatus) {
     }
 }
 
-/// Refreshes counters and the status file, and forgets attachments whose veth is gone (the pod
-/// was deleted). Returns whether a sync is due.
+/// Refreshes counters and the status file, forgets attachments whose veth is gone (the pod
+/// was deleted) and repairs the bridge ports of the others ([`repair_pod_port`]). Returns whether
+/// a sync is due.
 async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
     let candidates: Vec<(String, String)> = lock(&shared.attachments)
         .iter()
