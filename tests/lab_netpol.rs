@@ -1,7 +1,8 @@
 //! NetworkPolicy in the lab, as a user checks it (needs root):
 //! - the upstream Kubernetes netpol e2e scenarios (`veilnet::policy::scenarios`, the same data the
 //!   pure truth-table test checks) probed as a 9×9 matrix over three nodes;
-//! - anti-spoofing: a pod forging an ARP reply or a source IP gets nothing through;
+//! - anti-spoofing: a pod forging an ARP reply or a source IP gets nothing through; a pod can
+//!   never move another MAC on the bridge (link-local groups or ordinary frames), nor grow the FDB;
 //! - no race at pod start: under default deny, a hammered new pod gets 0 packets in;
 //! - pod and namespace label changes take effect within a second; counters, flow log and
 //!   `veilnet policy explain` report what decided.
@@ -329,6 +330,19 @@ fn mac_of(netns: &str, dev: &str) -> [u8; 6] {
 
 /// Sends raw Ethernet frames out of `dev` from a thread inside `netns`.
 fn send_frames(netns: &str, dev: &'static str, frames: Vec<Vec<u8>>) {
+    let once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    send_rounds(netns, dev, frames, Duration::ZERO, once);
+}
+
+/// Sends `frames` out of `dev` in `netns` again and again, a round every `period`, until `stop`
+/// (at least one round).
+fn send_rounds(
+    netns: &str,
+    dev: &'static str,
+    frames: Vec<Vec<u8>>,
+    period: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     veilnet::netns::run_in(netns, move || unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
         assert!(
@@ -339,21 +353,27 @@ fn send_frames(netns: &str, dev: &'static str, frames: Vec<Vec<u8>>) {
         let name = std::ffi::CString::new(dev).unwrap();
         let index = libc::if_nametoindex(name.as_ptr());
         assert!(index > 0);
-        for frame in &frames {
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let n = libc::sendto(
-                fd,
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+        loop {
+            for frame in &frames {
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = index as i32;
+                addr.sll_halen = 6;
+                addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+                let n = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert!(n > 0, "sendto: {}", std::io::Error::last_os_error());
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(period);
         }
         libc::close(fd);
     })
@@ -422,21 +442,22 @@ fn udp_frame(
 
 /// Counts packets from `src` seen on the server pod's eth0 while `send` runs.
 fn captured_from(server_netns: &str, src: Ipv4Addr, send: impl FnOnce()) -> usize {
+    captured(
+        server_netns,
+        &["-c", "1", "src", "host", &src.to_string()],
+        send,
+    )
+}
+
+/// Counts packets matching tcpdump `args` (options, then a filter) on eth0 of `netns` while
+/// `send` runs.
+fn captured(netns: &str, args: &[&str], send: impl FnOnce()) -> usize {
     let mut cmd = Command::new("tcpdump");
-    cmd.args([
-        "-ni",
-        "eth0",
-        "-c",
-        "1",
-        "-w",
-        "/dev/null",
-        "src",
-        "host",
-        &src.to_string(),
-    ])
-    .stdout(std::process::Stdio::null())
-    .stderr(std::process::Stdio::piped());
-    veilnet::netns::command_in(server_netns, &mut cmd).unwrap();
+    cmd.args(["-ni", "eth0", "-w", "/dev/null"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    veilnet::netns::command_in(netns, &mut cmd).unwrap();
     let child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // tcpdump is listening
     send();
@@ -563,6 +584,353 @@ fn anti_spoofing_forged_arp_and_source_ip_get_nothing_through() {
                 .as_u64()
                 .unwrap_or(0)
                 >= 8
+        },
+    );
+}
+
+// ---- MAC theft and FDB flooding on the bridge ----
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A minimum-size Ethernet frame.
+fn l2_frame(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.resize(60, 0);
+    f
+}
+
+const LLDP: u16 = 0x88cc;
+
+/// `01:80:c2:00:00:0X`.
+fn link_local(group: u8) -> [u8; 6] {
+    [0x01, 0x80, 0xc2, 0, 0, group]
+}
+
+/// node-1's bridge FDB: (MAC, port, static).
+fn bridge_fdb(lab: &Lab) -> Vec<(String, String, bool)> {
+    let out = ok(Command::new("bridge")
+        .args(["-j", "fdb", "show", "br", "veilbr0"])
+        .arg0_netns(&lab.node_netns(1)));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["mac"].as_str().unwrap_or("").to_string(),
+                e["ifname"].as_str().unwrap_or("").to_string(),
+                e["state"] == "static" || e["state"] == "permanent",
+            )
+        })
+        .collect()
+}
+
+/// The bridge ports `mac` is on (normally exactly one).
+fn ports_of(lab: &Lab, mac: [u8; 6]) -> Vec<String> {
+    let mac = mac_text(mac);
+    bridge_fdb(lab)
+        .into_iter()
+        .filter(|(m, _, _)| *m == mac)
+        .map(|(_, port, _)| port)
+        .collect()
+}
+
+/// The kernel's `spoofed` counter on node-1 (exact, unlike the status file's few-second lag).
+fn spoofed_packets(lab: &Lab) -> u64 {
+    let out = ok(Command::new("nft")
+        .args(["-j", "list", "counter", "bridge", "veilnet", "spoofed"])
+        .arg0_netns(&lab.node_netns(1)));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o["counter"]["packets"].as_u64())
+        .unwrap()
+}
+
+/// Two pods on node-1 (`victim`, `attacker`), a `client` on node-2 whose traffic to the victim
+/// crosses the underlay encrypted.
+struct Theft {
+    lab: Lab,
+    victim: Ipv4Addr,
+    client: Ipv4Addr,
+    victim_mac: [u8; 6],
+    bridge_mac: [u8; 6],
+    attacker_ns: String,
+    victim_ns: String,
+    client_ns: String,
+}
+
+impl Theft {
+    fn up(tag: &str) -> Theft {
+        let lab = Lab::up(tag, &["--nodes", "2"]);
+        lab.apply(&namespace_manifest("x"));
+        for (pod, node) in [("victim", 1), ("attacker", 1), ("client", 2)] {
+            lab.apply(&pod_manifest(
+                "x",
+                pod,
+                &format!("node-{node}"),
+                &[("pod", pod)],
+                SERVE,
+            ));
+        }
+        let ip = |pod: &str| -> Ipv4Addr {
+            lab.wait_pod_ip(pod, Duration::from_secs(60))
+                .parse()
+                .unwrap()
+        };
+        let (victim, client) = (ip("x/victim"), ip("x/client"));
+        ip("x/attacker");
+        let victim_ns = lab.pod_netns("x/victim");
+        Theft {
+            victim,
+            client,
+            victim_mac: mac_of(&victim_ns, "eth0"),
+            bridge_mac: mac_of(&lab.node_netns(1), "veilbr0"),
+            attacker_ns: lab.pod_netns("x/attacker"),
+            client_ns: lab.pod_netns("x/client"),
+            victim_ns,
+            lab,
+        }
+    }
+}
+
+#[test]
+fn mac_theft_by_any_frame_never_moves_the_victims_mac() {
+    let _serial = serial();
+    let t = Theft::up("mt");
+    let lab = &t.lab;
+    // The victim talks (its port is where its MAC lives) and is reachable across the underlay.
+    assert_eq!(
+        probe_in(&t.victim_ns, &format!("{}:80", t.client), "udp", "2s"),
+        Some(0)
+    );
+    let home = ports_of(lab, t.victim_mac);
+    assert_eq!(home.len(), 1, "{home:?}");
+
+    // Every link-local group, and ordinary frames (broadcast, to the gateway, ARP and IPv4 in
+    // the victim's name), all with the victim's MAC as the source.
+    let gateway = Ipv4Addr::from(u32::from(t.victim) & 0xffff_ff00 | 1);
+    let mut frames: Vec<Vec<u8>> = (0..16u8)
+        .map(|g| l2_frame(link_local(g), t.victim_mac, LLDP))
+        .collect();
+    frames.push(l2_frame([0xff; 6], t.victim_mac, 0x88b5));
+    frames.push(l2_frame(t.bridge_mac, t.victim_mac, 0x88b5));
+    frames.push(arp_frame(
+        [0xff; 6],
+        t.victim_mac,
+        1,
+        t.victim,
+        [0; 6],
+        gateway,
+    ));
+    frames.push(udp_frame(
+        t.bridge_mac,
+        t.victim_mac,
+        t.victim,
+        t.client,
+        80,
+    ));
+    let per_round = frames.len() as u64;
+
+    // One round first: every frame of it counted (but 01:80:c2:00:00:01, pause, which the
+    // bridge drops itself before any hook), each group logged as spoof.
+    let before = spoofed_packets(lab);
+    send_frames(&t.attacker_ns, "eth0", frames.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    let one_round = spoofed_packets(lab) - before;
+    let moved_after_one_round = ports_of(lab, t.victim_mac) != home;
+
+    // Then the attack of the issue: a round every 5 ms, while the client and the victim probe
+    // each other and a capture on the attacker looks for the victim's traffic.
+    let attacker_ns = t.attacker_ns.clone();
+    let attack_frames = frames.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_attack = stop.clone();
+    let attack = std::thread::spawn(move || {
+        send_rounds(
+            &attacker_ns,
+            "eth0",
+            attack_frames,
+            Duration::from_millis(5),
+            stop_attack,
+        )
+    });
+    let mut moved_during = Vec::new();
+    let mut answered = (0, 0);
+    let victim_ip = t.victim.to_string();
+    let stolen = captured(
+        &t.attacker_ns,
+        &["ip", "and", "dst", "host", &victim_ip],
+        || {
+            for _ in 0..5 {
+                let to_victim = format!("{}:80", t.victim);
+                answered.0 +=
+                    usize::from(probe_in(&t.client_ns, &to_victim, "udp", "1s") == Some(0));
+                let to_client = format!("{}:80", t.client);
+                answered.1 +=
+                    usize::from(probe_in(&t.victim_ns, &to_client, "udp", "1s") == Some(0));
+                moved_during.push(ports_of(lab, t.victim_mac));
+            }
+        },
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attack.join().unwrap();
+    let moved = moved_during.iter().filter(|p| **p != home).count();
+    let fdb = bridge_fdb(lab);
+    let learned = fdb.iter().filter(|(_, _, is_static)| !is_static).count();
+    eprintln!(
+        "mac theft: one round of {per_round} frames counted {one_round}; victim MAC moved after \
+         one round: {moved_after_one_round}, in {moved}/5 samples during the attack \
+         ({moved_during:?}, home {home:?}); attacker captured {stolen} packets to the victim; \
+         client->victim answered {}/5, victim->client {}/5; learned FDB entries {learned}",
+        answered.0, answered.1
+    );
+    assert!(
+        !moved_after_one_round && moved == 0,
+        "the victim's MAC moved"
+    );
+    assert_eq!(stolen, 0, "the attacker received the victim's traffic");
+    assert_eq!(
+        answered,
+        (5, 5),
+        "the victim's traffic failed during the attack"
+    );
+    assert_eq!(learned, 0, "the bridge learned from a pod: {fdb:?}");
+    assert!(
+        one_round >= per_round - 1,
+        "counted {one_round} of {per_round}"
+    );
+    let log_groups = |log: &[serde_json::Value]| -> BTreeSet<String> {
+        log.iter()
+            .filter(|r| {
+                r["verdict"] == "spoof"
+                    && r["pod"] == "x/attacker"
+                    && r["protocol"] == "ether-0x88cc"
+                    && r["src"]["mac"] == mac_text(t.victim_mac)
+            })
+            .filter_map(|r| r["dst"]["mac"].as_str().map(String::from))
+            .collect()
+    };
+    let want: BTreeSet<String> = (0..16u8)
+        .filter(|g| *g != 1)
+        .map(|g| mac_text(link_local(g)))
+        .collect();
+    eventually(
+        Duration::from_secs(5),
+        "a spoof line for every link-local group but pause in node-1's flow log",
+        || log_groups(&lab.flow_log(1)).is_superset(&want),
+    );
+    eventually(
+        Duration::from_secs(8),
+        "the spoofed counter in policy-status.json",
+        || {
+            lab.policy_status(1)["counters"]["spoofed"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+                >= one_round
+        },
+    );
+}
+
+#[test]
+fn fdb_flooding_100000_source_macs_from_one_pod_leaves_the_fdb_unchanged() {
+    let _serial = serial();
+    let t = Theft::up("ff");
+    let lab = &t.lab;
+    let before = bridge_fdb(lab).len();
+    // 100,000 distinct locally administered source MACs, to every link-local group and to
+    // broadcast in turn.
+    let frames: Vec<Vec<u8>> = (0..100_000u32)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            let src = [0x02, 0xee, b[0], b[1], b[2], b[3]];
+            let dst = match i % 17 {
+                16 => [0xff; 6],
+                g => link_local(g as u8),
+            };
+            l2_frame(dst, src, LLDP)
+        })
+        .collect();
+    let sent = Instant::now();
+    send_frames(&t.attacker_ns, "eth0", frames);
+    let took = sent.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = bridge_fdb(lab);
+    eprintln!(
+        "fdb flooding: {before} FDB entries before, {} after 100,000 source MACs (sent in {took:?})",
+        after.len()
+    );
+    assert_eq!(after.len(), before, "the FDB grew");
+    // The bound, as defence in depth.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let bridge = runtime.block_on(async {
+        use veilnet::kernel::OverlayKernel;
+        let mut k = veilnet::kernel::NetlinkKernel::connect_in(&lab.node_netns(1)).unwrap();
+        let links = k.dump_links().await.unwrap();
+        links.into_iter().find(|l| l.name == "veilbr0").unwrap()
+    });
+    assert_eq!(
+        bridge.bridge,
+        Some(veilnet::kernel::POD_BRIDGE_OPTIONS),
+        "{bridge:?}"
+    );
+    // The victim still reaches and is reached.
+    assert_eq!(
+        probe_in(&t.client_ns, &format!("{}:80", t.victim), "udp", "2s"),
+        Some(0)
+    );
+
+    // A port as pods had them before veilnet pinned MACs (learning, flooding, no static entry)
+    // is repaired by the agent's housekeeping.
+    let mac = mac_text(t.victim_mac);
+    let port = ports_of(lab, t.victim_mac).pop().unwrap();
+    let node1 = lab.node_netns(1);
+    lab.ip(
+        1,
+        &[
+            "link",
+            "set",
+            "dev",
+            &port,
+            "type",
+            "bridge_slave",
+            "learning",
+            "on",
+            "flood",
+            "on",
+            "group_fwd_mask",
+            "0",
+        ],
+    );
+    ok(Command::new("bridge")
+        .args(["fdb", "del", &mac, "dev", &port, "master"])
+        .arg0_netns(&node1));
+    let port_state = || {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ip(1, &["-d", "-j", "link", "show", "dev", &port])).unwrap();
+        let data = &v[0]["linkinfo"]["info_slave_data"];
+        (data["learning"].clone(), data["flood"].clone())
+    };
+    assert_eq!(port_state().0, true);
+    eventually(
+        Duration::from_secs(8),
+        "the agent repairs the victim's port",
+        || {
+            port_state() == (false.into(), false.into())
+                && bridge_fdb(lab).contains(&(mac.clone(), port.clone(), true))
         },
     );
 }

@@ -10,11 +10,15 @@ use std::os::fd::RawFd;
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -93,6 +97,79 @@ pub struct Link {
     pub controller: Option<u32>,
     /// `IFLA_INFO_KIND`, e.g. "bridge" or "veth".
     pub kind: Option<String>,
+    /// The bridge-port settings, when the link is a bridge port (`IFLA_INFO_PORT_DATA`).
+    pub port: Option<BridgePortFlags>,
+}
+
+/// The bridge-port settings veilnet cares about (`None`: the kernel did not report it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BridgePortFlags {
+    pub learning: Option<bool>,
+    pub unicast_flood: Option<bool>,
+    pub group_fwd_mask: Option<u16>,
+}
+
+/// `fdb_max_learned` of a pod bridge (kernel 6.8+; older kernels ignore it): pod ports never
+/// learn, so this only bounds the FDB's memory should some port learn after all (~125 B each).
+pub const BRIDGE_FDB_MAX_LEARNED: u32 = 1024;
+
+/// `group_fwd_mask` of a pod's port: LLDP (`01:80:c2:00:00:0e`) takes the bridge's forward path,
+/// through `table bridge veilnet prerouting`, where it is dropped and counted as spoofing. (The
+/// bridge handles LLDP locally otherwise, with no netfilter hook at all.)
+pub const POD_PORT_GROUP_FWD_MASK: u16 = 1 << 0x0e;
+
+/// `aa:bb:cc:dd:ee:ff` → bytes.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// How a pod's bridge port differs from what ADD made of it (flags of [`BridgePortFlags::pod_port`]
+/// and a static FDB entry for the pod's MAC), if it does (pure: CHECK and the agent's repair).
+pub fn pod_port_drift(
+    port: Option<&BridgePortFlags>,
+    static_macs: &[Vec<u8>],
+    pod_mac: &[u8],
+) -> Option<String> {
+    let want = BridgePortFlags::pod_port();
+    let have = port.cloned().unwrap_or_default();
+    let mut drift = Vec::new();
+    if have.learning != want.learning {
+        drift.push(format!("learning {:?}, want off", have.learning));
+    }
+    if have.unicast_flood != want.unicast_flood {
+        drift.push(format!("unicast flood {:?}, want off", have.unicast_flood));
+    }
+    if have.group_fwd_mask != want.group_fwd_mask {
+        drift.push(format!(
+            "group_fwd_mask {:?}, want {:#x}",
+            have.group_fwd_mask, POD_PORT_GROUP_FWD_MASK
+        ));
+    }
+    if !static_macs.iter().any(|m| m == pod_mac) {
+        drift.push(format!("no static FDB entry for {}", format_mac(pod_mac)));
+    }
+    (!drift.is_empty()).then(|| drift.join(", "))
+}
+
+impl BridgePortFlags {
+    /// What a pod's port must look like: no learning (the pod's MAC is a static FDB entry), no
+    /// unknown-unicast flooding to it, LLDP through the netfilter hook.
+    pub fn pod_port() -> BridgePortFlags {
+        BridgePortFlags {
+            learning: Some(false),
+            unicast_flood: Some(false),
+            group_fwd_mask: Some(POD_PORT_GROUP_FWD_MASK),
+        }
+    }
 }
 
 impl Link {
@@ -253,7 +330,7 @@ impl Netlink {
         self.get_link(format!("get link #{index}"), m)
     }
 
-    /// Creates a bridge, up. `EEXIST` comes back as an error for the caller to judge.
+    /// Creates a bridge, up, that learns nothing from link-local frames. `EEXIST` comes back as an error for the caller to judge.
     pub fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<()> {
         let mut m = LinkMessage::default();
         m.header.flags = LinkFlags::Up;
@@ -262,10 +339,18 @@ impl Netlink {
         if let Some(mtu) = mtu {
             m.attributes.push(LinkAttribute::Mtu(mtu));
         }
-        m.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
-                InfoKind::Bridge,
-            )]));
+        // Link-local frames (01:80:c2:00:00:0X) never teach the FDB; learned entries are capped.
+        let no_ll_learn = BridgeBooleanOptionFlags::NoLinkLocalLearn;
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![
+                InfoBridge::MultiBoolOpt(BridgeBooleanOptions {
+                    value: no_ll_learn,
+                    mask: no_ll_learn,
+                }),
+                InfoBridge::FdbMaxLearned(BRIDGE_FDB_MAX_LEARNED),
+            ])),
+        ]));
         self.request(
             &format!("create bridge {name}"),
             RouteNetlinkMessage::NewLink(m),
@@ -335,6 +420,89 @@ impl Netlink {
             0,
         )
         .map(drop)
+    }
+
+    /// Sets a bridge port's flags to `flags` (`ip link set dev X type bridge_slave learning off
+    /// flood off group_fwd_mask …`) and flushes its dynamic FDB entries (static ones stay), so no
+    /// MAC learned before stays pointed at the port. Idempotent.
+    pub fn set_bridge_port(&mut self, index: u32, flags: &BridgePortFlags) -> Result<()> {
+        let mut data = Vec::new();
+        if let Some(v) = flags.learning {
+            data.push(InfoBridgePort::Learning(v));
+        }
+        if let Some(v) = flags.unicast_flood {
+            data.push(InfoBridgePort::UnicastFlood(v));
+        }
+        if let Some(v) = flags.group_fwd_mask {
+            data.push(InfoBridgePort::GroupFwdMask(v));
+        }
+        // The kernel applies the flags first, then the flush.
+        data.push(InfoBridgePort::Flush);
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(data)),
+        ]));
+        self.request(
+            &format!("set bridge port flags of link #{index}"),
+            RouteNetlinkMessage::NewLink(m),
+            0,
+        )
+        .map(drop)
+    }
+
+    /// `bridge fdb replace MAC dev <port> master static`: the bridge forwards `mac` to the port
+    /// and never moves it elsewhere (static entries are not learned over). Idempotent; an entry
+    /// for `mac` on another port is moved here.
+    pub fn replace_static_fdb(&mut self, port: u32, mac: &[u8]) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = port;
+        m.header.state = NeighbourState::Noarp;
+        m.header.flags = NeighbourFlags::Controller;
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        self.request(
+            &format!("replace static fdb {} on link #{port}", format_mac(mac)),
+            RouteNetlinkMessage::NewNeighbour(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// The static (`NUD_NOARP` or permanent) bridge FDB entries pointing at `port`, as MACs.
+    pub fn static_fdb_on(&mut self, port: u32) -> Result<Vec<Vec<u8>>> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = port;
+        let replies = self.request(
+            &format!("list fdb of link #{port}"),
+            RouteNetlinkMessage::GetNeighbour(m),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                // Dumps carry no NTF_MASTER flag: a bridge's entries name it in NDA_MASTER.
+                RouteNetlinkMessage::NewNeighbour(n)
+                    if n.header.ifindex == port
+                        && matches!(
+                            n.header.state,
+                            NeighbourState::Noarp | NeighbourState::Permanent
+                        )
+                        && n.attributes
+                            .iter()
+                            .any(|a| matches!(a, NeighbourAttribute::Controller(_))) =>
+                {
+                    n.attributes.into_iter().find_map(|a| match a {
+                        NeighbourAttribute::LinkLayerAddress(mac) => Some(mac),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Adds `addr` (host bits = the address) to the link. `EEXIST` is returned to the caller.
@@ -453,6 +621,7 @@ fn parse_link(message: LinkMessage) -> Link {
         up: message.header.flags.contains(LinkFlags::Up),
         controller: None,
         kind: None,
+        port: None,
     };
     for attr in message.attributes {
         match attr {
@@ -462,8 +631,23 @@ fn parse_link(message: LinkMessage) -> Link {
             LinkAttribute::Controller(index) => link.controller = Some(index),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        link.kind = Some(kind.to_string());
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                        LinkInfo::PortData(InfoPortData::BridgePort(attrs)) => {
+                            let mut port = BridgePortFlags::default();
+                            for attr in attrs {
+                                match attr {
+                                    InfoBridgePort::Learning(v) => port.learning = Some(v),
+                                    InfoBridgePort::UnicastFlood(v) => port.unicast_flood = Some(v),
+                                    InfoBridgePort::GroupFwdMask(v) => {
+                                        port.group_fwd_mask = Some(v)
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            link.port = Some(port);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -507,6 +691,48 @@ mod tests {
         assert_eq!(classify(libc::ENODEV), ErrnoKind::NotFound);
         assert_eq!(classify(libc::ENOENT), ErrnoKind::NotFound);
         assert_eq!(classify(libc::EPERM), ErrnoKind::Other);
+    }
+
+    #[test]
+    fn pod_port_drift_names_every_difference() {
+        let mac = vec![0x0a, 0x58, 0, 0, 0, 1];
+        let good = BridgePortFlags::pod_port();
+        assert_eq!(
+            pod_port_drift(Some(&good), std::slice::from_ref(&mac), &mac),
+            None
+        );
+        // A port from before veilnet pinned MACs: kernel defaults, no static entry.
+        let old = BridgePortFlags {
+            learning: Some(true),
+            unicast_flood: Some(true),
+            group_fwd_mask: Some(0),
+        };
+        let d = pod_port_drift(Some(&old), &[], &mac).unwrap();
+        for what in ["learning", "unicast flood", "group_fwd_mask", "static FDB"] {
+            assert!(d.contains(what), "{d}");
+        }
+        // Unknown flags (not a bridge port) count as drift; another MAC is not the pod's.
+        assert!(pod_port_drift(None, std::slice::from_ref(&mac), &mac).is_some());
+        assert!(pod_port_drift(Some(&good), &[vec![2; 6]], &mac)
+            .unwrap()
+            .contains("static FDB"));
+    }
+
+    #[test]
+    fn mac_parse() {
+        assert_eq!(
+            parse_mac("02:ab:00:01:10:ff"),
+            Some([2, 0xab, 0, 1, 0x10, 0xff])
+        );
+        for bad in [
+            "",
+            "02:ab:00:01:10",
+            "02:ab:00:01:10:ff:00",
+            "2:ab:00:01:10:ff",
+            "zz:ab:00:01:10:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 
     #[test]

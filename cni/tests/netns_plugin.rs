@@ -28,6 +28,20 @@ fn link(ns: &Netns, ifname: &str) -> Option<Value> {
         .and_then(|a| a.first().cloned())
 }
 
+/// The MACs of the static `master` FDB entries on `dev`.
+fn static_fdb(ns: &Netns, dev: &str) -> Vec<Value> {
+    let out = ns.exec("bridge", &["-j", "fdb", "show", "dev", dev]);
+    assert!(out.status.success(), "{out:?}");
+    let entries: Value = serde_json::from_slice(&out.stdout).unwrap();
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["master"].is_string() && e["state"] == "static")
+        .map(|e| e["mac"].clone())
+        .collect()
+}
+
 fn with_prev(conf: &Value, prev: &Value) -> Value {
     let mut conf = conf.clone();
     conf["prevResult"] = prev.clone();
@@ -85,6 +99,17 @@ fn add_check_del_lifecycle() {
     assert_eq!(host["mtu"], 1400);
     assert_eq!(host["address"], ifaces[0]["mac"]);
     assert_eq!(addresses(&node, "veilbr0"), vec!["10.250.0.1/24"]);
+    // The port learns nothing and gets no unknown unicast; the pod's MAC is static on it.
+    let port =
+        &node.ip_json(&["-d", "link", "show", "dev", &host_name])[0]["linkinfo"]["info_slave_data"];
+    assert_eq!(port["learning"], false, "{port}");
+    assert_eq!(port["flood"], false, "{port}");
+    assert_eq!(port["group_fwd_mask"], "0x4000", "{port}");
+    assert_eq!(static_fdb(&node, &host_name), vec![eth0["address"].clone()]);
+    let bridge =
+        &node.ip_json(&["-d", "link", "show", "dev", "veilbr0"])[0]["linkinfo"]["info_data"];
+    // (Debian 12's iproute2 does not show fdb_max_learned; the lab tests read it over netlink.)
+    assert_eq!(bridge["no_linklocal_learn"], 1, "{bridge}");
     // Traffic flows from the pod to its gateway.
     let ping = pod.exec("ping", &["-c", "1", "-W", "2", "10.250.0.1"]);
     assert!(ping.status.success(), "{ping:?}");
@@ -170,6 +195,43 @@ fn check_detects_drift() {
     let v = check().err(103);
     assert!(v["details"].as_str().unwrap().contains("route"), "{v}");
     pod.ip(&["route", "add", "default", "via", "10.250.2.1"]);
+    check().ok();
+
+    // The pod's port learning again, or its static FDB entry gone.
+    let host_name = result["interfaces"][0]["name"].as_str().unwrap();
+    node.ip(&[
+        "link",
+        "set",
+        "dev",
+        host_name,
+        "type",
+        "bridge_slave",
+        "learning",
+        "on",
+    ]);
+    let v = check().err(103);
+    assert!(v["details"].as_str().unwrap().contains("learning"), "{v}");
+    node.ip(&[
+        "link",
+        "set",
+        "dev",
+        host_name,
+        "type",
+        "bridge_slave",
+        "learning",
+        "off",
+    ]);
+    check().ok();
+    let mac = result["interfaces"][1]["mac"].as_str().unwrap();
+    let out = node.exec("bridge", &["fdb", "del", mac, "dev", host_name, "master"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = check().err(103);
+    assert!(v["details"].as_str().unwrap().contains("static FDB"), "{v}");
+    let out = node.exec(
+        "bridge",
+        &["fdb", "add", mac, "dev", host_name, "master", "static"],
+    );
+    assert!(out.status.success(), "{out:?}");
     check().ok();
 
     pod.ip(&["addr", "del", "10.250.2.2/24", "dev", "eth0"]);

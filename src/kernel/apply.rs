@@ -5,7 +5,9 @@
 //! - a link that exists with compatible settings is fixed in place (MTU, MAC, up, addresses) and
 //!   never recreated, so an agent restart never flaps it or changes its ifindex; only a VXLAN link
 //!   whose creation-time attributes (VNI, port, local, underlay device, learning) differ, or a
-//!   link of the wrong kind holding our name, is replaced;
+//!   link of the wrong kind holding our name, is replaced; the bridge's options
+//!   ([`POD_BRIDGE_OPTIONS`]: no link-local learning, a cap on learned FDB entries) are set in
+//!   place too;
 //! - routes are managed only if they are ours ([`VEILNET_ROUTE_PROTOCOL`]) *and* on a veilnet
 //!   device; neighbour and FDB entries only if permanent and on the VXLAN device. Everything else
 //!   (kernel routes for addresses, an admin's routes, other links) is left alone;
@@ -19,9 +21,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{
-    ErrnoClass, KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind,
+    BridgeAttrs, ErrnoClass, KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind,
     ObservedAddress, ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule,
-    OverlayKernel, VxlanAttrs, VEILNET_ROUTE_PROTOCOL,
+    OverlayKernel, VxlanAttrs, POD_BRIDGE_OPTIONS, VEILNET_ROUTE_PROTOCOL,
 };
 use crate::model::overlay::{
     DesiredOverlay, FdbSpec, LinkSpec, NeighSpec, RouteSpec, RuleSpec, VxlanSpec, MAIN_TABLE,
@@ -58,6 +60,8 @@ pub enum Op {
         mtu: Option<u32>,
         mac: Option<MacAddr>,
         up: bool,
+        /// Bridge options that differ (only their `Some` fields are written).
+        bridge: Option<BridgeAttrs>,
     },
     DelAddress {
         dev: String,
@@ -82,13 +86,27 @@ impl fmt::Display for Op {
         match self {
             Op::DeleteLink { name, reason } => write!(f, "delete link {name} ({reason})"),
             Op::CreateLink(l) => write!(f, "create link {}", l.spec().name),
-            Op::SetLink { name, mtu, mac, up } => {
+            Op::SetLink {
+                name,
+                mtu,
+                mac,
+                up,
+                bridge,
+            } => {
                 write!(f, "set link {name}")?;
                 if let Some(mtu) = mtu {
                     write!(f, " mtu {mtu}")?;
                 }
                 if let Some(mac) = mac {
                     write!(f, " address {mac}")?;
+                }
+                if let Some(b) = bridge {
+                    if let Some(v) = b.no_linklocal_learn {
+                        write!(f, " no_linklocal_learn {}", u8::from(v))?;
+                    }
+                    if let Some(v) = b.fdb_max_learned {
+                        write!(f, " fdb_max_learned {v}")?;
+                    }
                 }
                 if *up {
                     write!(f, " up")?;
@@ -242,6 +260,23 @@ fn incompatibility(
     }
 }
 
+/// The bridge options of [`POD_BRIDGE_OPTIONS`] that `actual` lacks, if any. `fdb_max_learned` is
+/// left alone where the kernel does not report it (before 6.8 it has no such option).
+fn bridge_options_change(actual: &ObservedLink) -> Option<BridgeAttrs> {
+    let have = actual.bridge.unwrap_or_default();
+    let want = POD_BRIDGE_OPTIONS;
+    let change = BridgeAttrs {
+        no_linklocal_learn: (have.no_linklocal_learn != want.no_linklocal_learn)
+            .then_some(want.no_linklocal_learn)
+            .flatten(),
+        fdb_max_learned: (have.fdb_max_learned.is_some()
+            && have.fdb_max_learned != want.fdb_max_learned)
+            .then_some(want.fdb_max_learned)
+            .flatten(),
+    };
+    (change != BridgeAttrs::default()).then_some(change)
+}
+
 /// The pure diff: the writes that turn `actual` into `desired`, in a safe order.
 pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
     let underlay_index = actual
@@ -296,12 +331,17 @@ pub fn plan(actual: &ActualState, desired: &DesiredOverlay) -> Vec<Op> {
             // its MAC changes: whatever the dump showed will be gone.
             neigh_flushed.insert(spec.name.clone());
         }
-        if mtu.is_some() || mac.is_some() || !link.up {
+        let bridge = match want {
+            DesiredLink::Bridge(_) => bridge_options_change(link),
+            DesiredLink::Vxlan(_) => None,
+        };
+        if mtu.is_some() || mac.is_some() || !link.up || bridge.is_some() {
             sets.push(Op::SetLink {
                 name: spec.name.clone(),
                 mtu,
                 mac,
                 up: !link.up,
+                bridge,
             });
         }
         let have: BTreeSet<IpNet> = actual
@@ -637,12 +677,19 @@ async fn execute<K: OverlayKernel>(
             *links = kernel.dump_links().await.map_err(link_err)?;
             resolve(links, &spec.name)?;
         }
-        Op::SetLink { name, mtu, mac, up } => {
+        Op::SetLink {
+            name,
+            mtu,
+            mac,
+            up,
+            bridge,
+        } => {
             let index = resolve(links, name)?;
             let change = LinkChange {
                 mtu: *mtu,
                 mac: *mac,
                 up: *up,
+                bridge: *bridge,
             };
             kernel.set_link(index, &change).await.map_err(link_err)?;
         }
@@ -1227,12 +1274,87 @@ mod tests {
         ObservedLink {
             index,
             name: name.into(),
+            bridge: (kind == LinkKind::Bridge).then_some(POD_BRIDGE_OPTIONS),
             kind,
             mtu: d.pod_mtu,
             mac,
             up: true,
             vxlan,
         }
+    }
+
+    #[test]
+    fn bridge_options_are_set_in_place_and_only_when_they_differ() {
+        let desired = two_peers();
+        let bridge = |opts: Option<BridgeAttrs>| {
+            let mut b = link(2, &desired.bridge.name, LinkKind::Bridge, &desired);
+            b.bridge = opts;
+            b
+        };
+        let want = DesiredLink::Bridge(desired.bridge.clone());
+        assert_eq!(incompatibility(&bridge(None), &want, Some(1)), None);
+        // An old agent's bridge: link-local learning on, the default cap (0: none).
+        let old = bridge(Some(BridgeAttrs {
+            no_linklocal_learn: Some(false),
+            fdb_max_learned: Some(0),
+        }));
+        assert_eq!(bridge_options_change(&old), Some(POD_BRIDGE_OPTIONS));
+        assert_eq!(
+            bridge_options_change(&bridge(Some(POD_BRIDGE_OPTIONS))),
+            None
+        );
+        // A kernel without fdb_max_learned (< 6.8) reports none: only the boolopt is written.
+        let pre_68 = bridge(Some(BridgeAttrs {
+            no_linklocal_learn: Some(false),
+            fdb_max_learned: None,
+        }));
+        assert_eq!(
+            bridge_options_change(&pre_68),
+            Some(BridgeAttrs {
+                no_linklocal_learn: Some(true),
+                fdb_max_learned: None,
+            })
+        );
+        assert_eq!(
+            bridge_options_change(&bridge(Some(BridgeAttrs {
+                no_linklocal_learn: Some(true),
+                fdb_max_learned: None,
+            }))),
+            None
+        );
+    }
+
+    #[test]
+    fn an_old_bridge_gets_its_options_without_a_recreate_and_then_nothing() {
+        let desired = two_peers();
+        let mut k = kernel();
+        run(apply(&mut k, &desired)).unwrap();
+        let index = k.index_of(&desired.bridge.name).unwrap();
+        run(k.set_link(
+            index,
+            &LinkChange {
+                bridge: Some(BridgeAttrs {
+                    no_linklocal_learn: Some(false),
+                    fdb_max_learned: Some(0),
+                }),
+                ..LinkChange::default()
+            },
+        ))
+        .unwrap();
+        let report = run(apply(&mut k, &desired)).unwrap();
+        assert_eq!(
+            report.ops,
+            vec![Op::SetLink {
+                name: desired.bridge.name.clone(),
+                mtu: None,
+                mac: None,
+                up: false,
+                bridge: Some(POD_BRIDGE_OPTIONS),
+            }]
+        );
+        assert!(report.recreated_links.is_empty());
+        assert_eq!(k.index_of(&desired.bridge.name), Some(index));
+        assert_eq!(run(apply(&mut k, &desired)).unwrap().writes(), 0);
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{
-    KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind, ObservedAddress,
-    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule, OverlayKernel,
-    VxlanAttrs, MAIN_TABLE, VEILNET_ROUTE_PROTOCOL,
+    BridgeAttrs, KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind,
+    ObservedAddress, ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule,
+    OverlayKernel, VxlanAttrs, MAIN_TABLE, POD_BRIDGE_OPTIONS, VEILNET_ROUTE_PROTOCOL,
 };
 use crate::model::overlay::RuleSpec;
 use crate::model::MacAddr;
@@ -77,10 +77,11 @@ impl FakeKernel {
             ObservedLink {
                 index,
                 name: name.to_string(),
-                kind,
                 mtu,
                 mac,
                 up: true,
+                bridge: (kind == LinkKind::Bridge).then_some(POD_BRIDGE_OPTIONS),
+                kind,
                 vxlan,
             },
         );
@@ -292,6 +293,15 @@ impl OverlayKernel for FakeKernel {
         }
         if change.up {
             link.up = true;
+        }
+        if let Some(opts) = change.bridge {
+            let have = link.bridge.get_or_insert_with(BridgeAttrs::default);
+            if opts.no_linklocal_learn.is_some() {
+                have.no_linklocal_learn = opts.no_linklocal_learn;
+            }
+            if opts.fdb_max_learned.is_some() {
+                have.fdb_max_learned = opts.fdb_max_learned;
+            }
         }
         Ok(())
     }

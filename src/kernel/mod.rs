@@ -130,6 +130,26 @@ pub struct VxlanAttrs {
     pub learning: Option<bool>,
 }
 
+/// The bridge options veilnet sets on its pod bridge (`None`: not reported / leave alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BridgeAttrs {
+    /// The `no_linklocal_learn` boolopt: frames to `01:80:c2:00:00:0X` never teach the FDB.
+    pub no_linklocal_learn: Option<bool>,
+    /// `fdb_max_learned` (kernel 6.8+): the most learned (dynamic) FDB entries the bridge keeps.
+    pub fdb_max_learned: Option<u32>,
+}
+
+/// The pod bridge's options. Pod ports do not learn at all (the CNI plugin gives each pod's MAC a
+/// static entry on its port), so the bridge learns nothing in normal operation; the cap bounds the
+/// FDB's kernel memory should a port ever learn (a port from before the upgrade, an admin's port).
+pub const POD_BRIDGE_OPTIONS: BridgeAttrs = BridgeAttrs {
+    no_linklocal_learn: Some(true),
+    fdb_max_learned: Some(POD_BRIDGE_FDB_MAX_LEARNED),
+};
+
+/// The learned-entry cap of the pod bridge (~125 bytes of slab per entry).
+pub const POD_BRIDGE_FDB_MAX_LEARNED: u32 = veilnet_cni::netlink::BRIDGE_FDB_MAX_LEARNED;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedLink {
     pub index: u32,
@@ -139,6 +159,8 @@ pub struct ObservedLink {
     pub mac: Option<MacAddr>,
     pub up: bool,
     pub vxlan: Option<VxlanAttrs>,
+    /// Bridge options, for bridges.
+    pub bridge: Option<BridgeAttrs>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -198,7 +220,7 @@ pub enum NewLinkKind {
     },
 }
 
-/// A link to create, administratively up.
+/// A link to create, administratively up. A bridge gets [`POD_BRIDGE_OPTIONS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewLink {
     pub name: String,
@@ -213,6 +235,8 @@ pub struct LinkChange {
     pub mtu: Option<u32>,
     pub mac: Option<MacAddr>,
     pub up: bool,
+    /// Bridge options to set (the `Some` fields of it).
+    pub bridge: Option<BridgeAttrs>,
 }
 
 /// A route to write: always [`VEILNET_ROUTE_PROTOCOL`].

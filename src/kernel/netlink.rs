@@ -6,7 +6,8 @@ use futures::stream::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    BridgeBooleanOptionFlags, BridgeBooleanOptions, InfoBridge, InfoData, InfoKind, InfoVxlan,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -21,9 +22,10 @@ use rtnetlink::{
 };
 
 use super::{
-    KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind, ObservedAddress,
-    ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule, OverlayKernel,
-    VxlanAttrs, MAIN_TABLE, POD_TO_NODE_TABLE, VEILNET_ROUTE_PROTOCOL,
+    BridgeAttrs, KernelError, KernelRoute, LinkChange, LinkKind, NewLink, NewLinkKind,
+    ObservedAddress, ObservedFdb, ObservedLink, ObservedNeigh, ObservedRoute, ObservedRule,
+    OverlayKernel, VxlanAttrs, MAIN_TABLE, POD_BRIDGE_OPTIONS, POD_TO_NODE_TABLE,
+    VEILNET_ROUTE_PROTOCOL,
 };
 use crate::model::overlay::RuleSpec;
 use crate::model::MacAddr;
@@ -103,6 +105,7 @@ fn observe_link(msg: &LinkMessage) -> Option<ObservedLink> {
     let mut mac = None;
     let mut kind = LinkKind::Device;
     let mut vxlan = None;
+    let mut bridge = None;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
@@ -115,6 +118,7 @@ fn observe_link(msg: &LinkMessage) -> Option<ObservedLink> {
                         LinkInfo::Kind(InfoKind::Vxlan) => kind = LinkKind::Vxlan,
                         LinkInfo::Kind(other) => kind = LinkKind::Other(other.to_string()),
                         LinkInfo::Data(InfoData::Vxlan(data)) => vxlan = Some(vxlan_attrs(data)),
+                        LinkInfo::Data(InfoData::Bridge(data)) => bridge = Some(bridge_attrs(data)),
                         _ => {}
                     }
                 }
@@ -130,7 +134,50 @@ fn observe_link(msg: &LinkMessage) -> Option<ObservedLink> {
         mac,
         up: msg.header.flags.contains(LinkFlags::Up),
         vxlan,
+        bridge,
     })
+}
+
+fn bridge_attrs(data: &[InfoBridge]) -> BridgeAttrs {
+    let mut attrs = BridgeAttrs::default();
+    for d in data {
+        match d {
+            InfoBridge::MultiBoolOpt(opts)
+                if opts
+                    .mask
+                    .contains(BridgeBooleanOptionFlags::NoLinkLocalLearn) =>
+            {
+                attrs.no_linklocal_learn = Some(
+                    opts.value
+                        .contains(BridgeBooleanOptionFlags::NoLinkLocalLearn),
+                );
+            }
+            InfoBridge::FdbMaxLearned(max) => attrs.fdb_max_learned = Some(*max),
+            _ => {}
+        }
+    }
+    attrs
+}
+
+/// `IFLA_INFO_DATA` of a bridge carrying the `Some` options of `opts`.
+fn bridge_info(opts: &BridgeAttrs) -> Vec<InfoBridge> {
+    let mut data = Vec::new();
+    if let Some(v) = opts.no_linklocal_learn {
+        let flag = BridgeBooleanOptionFlags::NoLinkLocalLearn;
+        data.push(InfoBridge::MultiBoolOpt(BridgeBooleanOptions {
+            value: if v {
+                flag
+            } else {
+                BridgeBooleanOptionFlags::empty()
+            },
+            mask: flag,
+        }));
+    }
+    if let Some(v) = opts.fdb_max_learned {
+        // Kernels before 6.8 do not know the attribute and ignore it.
+        data.push(InfoBridge::FdbMaxLearned(v));
+    }
+    data
 }
 
 fn vxlan_attrs(data: &[InfoVxlan]) -> VxlanAttrs {
@@ -476,7 +523,11 @@ impl OverlayKernel for NetlinkKernel {
 
     async fn create_link(&mut self, link: &NewLink) -> Result<(), KernelError> {
         let msg = match &link.kind {
-            NewLinkKind::Bridge => LinkBridge::new(&link.name)
+            NewLinkKind::Bridge => bridge_info(&POD_BRIDGE_OPTIONS)
+                .into_iter()
+                .fold(LinkBridge::new(&link.name), |b, info| {
+                    b.append_info_data(info)
+                })
                 .mtu(link.mtu)
                 .address(link.mac.octets().to_vec())
                 .up()
@@ -521,9 +572,16 @@ impl OverlayKernel for NetlinkKernel {
         if change.up {
             b = b.up();
         }
+        let mut msg = b.build();
+        if let Some(opts) = &change.bridge {
+            msg.attributes.push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(bridge_info(opts))),
+            ]));
+        }
         self.handle
             .link()
-            .set(b.build())
+            .set(msg)
             .execute()
             .await
             .map_err(|e| nl_error("set_link", index, e))

@@ -52,7 +52,13 @@
 //!   (IPv6 only if the pod has IPv6 addresses). Everything else from that port is logged
 //!   (`veilnet:spoof:<ns>/<pod>`) and dropped, counted in `spoofed`. With
 //!   [`CompileOptions::drop_unknown_pod_ports`], frames from `veil*` ports unknown to the model
-//!   are dropped too.
+//!   are dropped too. Each port chain starts by dropping (logged, counted) every frame to the
+//!   link-local groups `01:80:c2:00:00:00/44`, whatever its source.
+//! - `chain input` (bridge hook input): the link-local groups the bridge handles locally
+//!   (`…:02`–`0d`, `0f`) never reach prerouting; the same port chains see them here, before the
+//!   bridge could learn from them. (Pod ports forward LLDP, `…:0e`, which has no hook on the local
+//!   path, through prerouting with their `group_fwd_mask`; `…:01`, pause, the bridge drops itself.)
+//!   Pod ports do not learn at all (the CNI plugin pins the pod's MAC as a static FDB entry).
 //!
 //! SCTP rules are plain set elements (`sctp . 80`) and need no SCTP kernel module.
 //! Named counters live as long as their policy selects a local pod: incremental updates keep them

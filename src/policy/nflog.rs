@@ -42,6 +42,7 @@ const NFULA_IFINDEX_PHYSINDEV: u16 = 6;
 const NFULA_IFINDEX_PHYSOUTDEV: u16 = 7;
 const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
+const NFULA_HWHEADER: u16 = 16;
 const NLM_F_ACK: u16 = 4;
 /// How many bytes of each packet the kernel copies: enough for IPv6 + extension headers + ports.
 const COPY_RANGE: u32 = 128;
@@ -69,6 +70,17 @@ pub struct LoggedPacket {
     pub physoutdev: Option<u32>,
     /// From the network header on.
     pub payload: Vec<u8>,
+    /// The link-layer header (`NFULA_HWHEADER`): for Ethernet, destination, source, ethertype.
+    pub hw_header: Vec<u8>,
+}
+
+impl LoggedPacket {
+    /// Destination and source MAC of an Ethernet frame, from its logged header.
+    pub fn ether_addrs(&self) -> Option<([u8; 6], [u8; 6])> {
+        let dst = self.hw_header.get(0..6)?.try_into().ok()?;
+        let src = self.hw_header.get(6..12)?.try_into().ok()?;
+        Some((dst, src))
+    }
 }
 
 /// Transport of a logged packet.
@@ -141,6 +153,7 @@ fn parse_packet(family: u8, attrs: &[u8]) -> LoggedPacket {
             NFULA_IFINDEX_PHYSINDEV => p.physindev = ifindex(value),
             NFULA_IFINDEX_PHYSOUTDEV => p.physoutdev = ifindex(value),
             NFULA_PAYLOAD => p.payload = value.to_vec(),
+            NFULA_HWHEADER => p.hw_header = value.to_vec(),
             _ => {}
         }
     }

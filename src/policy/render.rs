@@ -23,6 +23,10 @@ pub const DENY_INGRESS_COUNTER: &str = "deny_ingress";
 pub const DENY_EGRESS_COUNTER: &str = "deny_egress";
 /// Named counter of frames dropped by anti-spoofing (bridge table).
 pub const SPOOF_COUNTER: &str = "spoofed";
+/// The IEEE 802.1D reserved link-local group addresses, `01:80:c2:00:00:00`–`0f`. Pods have no
+/// business sending to them (STP, pause, LACP, 802.1X, LLDP, ...), and the bridge handles most of
+/// them locally, where they would teach its FDB: from pod ports they are spoofing.
+pub const LINK_LOCAL_GROUPS: &str = "01:80:c2:00:00:00/44";
 
 /// Renders the whole ruleset for `nft -f -` (a full replace, names numbered from 0).
 pub fn render_nft(policy: &CompiledPolicy) -> String {
@@ -456,8 +460,21 @@ impl Renderer<'_> {
                 .map(|(i, port)| format!("\"{}\" : goto {}", port.host_veth, chain(*i)))
                 .collect(),
         });
+        let log = |port: &AntiSpoofPort| {
+            format!(
+                "limit rate {}/second burst {} packets log group {} prefix \"{}\"",
+                o.log_rate_per_second,
+                o.log_burst,
+                o.log_group,
+                spoof_prefix(&port.pod)
+            )
+        };
         for (i, port) in &ports {
-            let mut rules = Vec::new();
+            // Link-local groups first: whatever the source, such a frame from a pod is dropped.
+            let mut rules = vec![
+                format!("ether daddr {LINK_LOCAL_GROUPS} {}", log(port)),
+                format!("ether daddr {LINK_LOCAL_GROUPS} counter name \"{SPOOF_COUNTER}\" drop"),
+            ];
             let mac = port
                 .mac
                 .map(|m| format!("ether saddr {m} "))
@@ -493,13 +510,7 @@ impl Renderer<'_> {
                     v6.join(", ")
                 ));
             }
-            rules.push(format!(
-                "limit rate {}/second burst {} packets log group {} prefix \"{}\"",
-                o.log_rate_per_second,
-                o.log_burst,
-                o.log_group,
-                spoof_prefix(&port.pod)
-            ));
+            rules.push(log(port));
             rules.push(format!("counter name \"{SPOOF_COUNTER}\" drop"));
             objects.push(NftObject {
                 kind: ObjectKind::Chain,
@@ -519,6 +530,22 @@ impl Renderer<'_> {
             name: "prerouting".into(),
             decl: vec!["type filter hook prerouting priority filter; policy accept;".into()],
             content: prerouting,
+        });
+        // Link-local groups the bridge handles locally (01:80:c2:00:00:02–0d, 0f) skip
+        // prerouting and meet only the bridge's local-in hook, before it could learn from them.
+        let mut input = vec![format!(
+            "ether daddr {LINK_LOCAL_GROUPS} iifname vmap @pod_ports"
+        )];
+        if o.drop_unknown_pod_ports {
+            input.push(format!(
+                "ether daddr {LINK_LOCAL_GROUPS} iifname \"veil*\" counter name \"{SPOOF_COUNTER}\" drop"
+            ));
+        }
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "input".into(),
+            decl: vec!["type filter hook input priority filter; policy accept;".into()],
+            content: input,
         });
         NftTable {
             family: Family::Bridge,

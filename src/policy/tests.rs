@@ -605,6 +605,31 @@ fn anti_spoof_rules_pin_mac_and_ips() {
     );
     assert!(script.contains("ether saddr 0a:58:00:00:78:61 ether type arp arp saddr ether 0a:58:00:00:78:61 arp saddr ip { 10.244.0.10 } return"), "{script}");
     assert!(script.contains("prefix \"veilnet:spoof:x/a\""), "{script}");
+    // Link-local groups are dropped first in every port chain, and seen on the local-in path.
+    let port_0 = script
+        .split("chain port_0 {")
+        .nth(1)
+        .and_then(|c| c.split('}').next())
+        .unwrap();
+    let first: Vec<&str> = port_0
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(
+        first[1].starts_with("ether daddr 01:80:c2:00:00:00/44 limit rate")
+            && first[1].ends_with("prefix \"veilnet:spoof:x/a\""),
+        "{port_0}"
+    );
+    assert_eq!(
+        first[2], "ether daddr 01:80:c2:00:00:00/44 counter name \"spoofed\" drop",
+        "{port_0}"
+    );
+    assert!(
+        script.contains("type filter hook input priority filter; policy accept;")
+            && script.contains("ether daddr 01:80:c2:00:00:00/44 iifname vmap @pod_ports"),
+        "{script}"
+    );
     assert!(!script.contains("iifname \"veil*\""), "off by default");
     // A local pod without a host veth is reported.
     let mut s = e2e_state(vec![]);

@@ -15,7 +15,7 @@ use crate::agent_protocol::{self, AdmissionConfig, AdmissionError, PodAttachment
 use crate::config::{Mode, NetConf};
 use crate::env::Target;
 use crate::ipam::{IpamStore, Pool};
-use crate::netlink::{Netlink, VethSpec};
+use crate::netlink::{BridgePortFlags, Netlink, VethSpec};
 use crate::sandbox::PodNetns;
 use crate::spec::{Interface, IpConfig, Route, SuccessResult};
 
@@ -79,6 +79,11 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     let pod_link = pod
         .link_by_name(ifname)?
         .ok_or_else(|| vanished(format!("{ifname} in {}", target.netns.display())))?;
+    // The port never learns: the pod's MAC is a static FDB entry on it, so no frame a pod sends
+    // (link-local or not) can move another MAC on the bridge or grow the FDB. Done before the pod
+    // end is up, so no frame has crossed the port yet.
+    host.set_bridge_port(host_link.index, &BridgePortFlags::pod_port())?;
+    host.replace_static_fdb(host_link.index, &pod_link.mac)?;
     if !pod_link.up {
         pod.set_up(pod_link.index)?;
     }

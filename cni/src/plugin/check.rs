@@ -10,7 +10,7 @@ use super::{host_veth_name, PluginError, Result};
 use crate::config::NetConf;
 use crate::env::Target;
 use crate::ipam::IpamStore;
-use crate::netlink::Netlink;
+use crate::netlink::{pod_port_drift, Netlink};
 use crate::sandbox::PodNetns;
 
 fn failed(message: String) -> PluginError {
@@ -88,6 +88,13 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
             "{ifname} has MAC {}, prevResult says {}",
             link.mac_string(),
             pod_iface.mac
+        )));
+    }
+    // The bridge port: no learning, no flooding to it, the pod's MAC static on it.
+    let static_macs = host.static_fdb_on(host_link.index)?;
+    if let Some(drift) = pod_port_drift(host_link.port.as_ref(), &static_macs, &link.mac) {
+        return Err(failed(format!(
+            "bridge port {host_name} of {ifname}: {drift}"
         )));
     }
     if let Some(mtu) = pod_iface.mtu {

@@ -15,7 +15,9 @@
 //! `vxlan source check` for rejected VXLAN; `pod` is the pod whose chain or port decided (none for
 //! VXLAN). Endpoints that are not pods have only `ip` (and `port`). A rejected VXLAN datagram's
 //! `src` and `dst` are its *outer* addresses (who sent it on the underlay); `reason` says which
-//! check failed and `inner` holds the encapsulated packet's addresses when they can be read:
+//! check failed and `inner` holds the encapsulated packet's addresses when they can be read.
+//! Spoofed frames that carry no IP or ARP (say LLDP to `01:80:c2:00:00:0e`) are logged by MAC:
+//! `"protocol":"ether-0x88cc"`, `"src":{"mac":…}`, `"dst":{"mac":…}`. A rejected VXLAN line:
 //!
 //! ```json
 //! {"time":"…","node":"node-1","verdict":"vxlan-rejected","policy":"vxlan source check",
@@ -42,7 +44,11 @@ const MAX_FILE_BYTES: u64 = 16 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
-    pub ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    /// Only for frames without IP or ARP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -111,11 +117,14 @@ pub fn record(
     time: String,
 ) -> Option<FlowRecord> {
     let prefix = parse_prefix(&packet.prefix)?;
-    let flow = parse_flow(packet)?;
+    let Some(flow) = parse_flow(packet) else {
+        return l2_record(packet, &prefix, node, time);
+    };
     let endpoint = |ip: IpAddr, port: Option<u16>| {
         let who = index.pod(&ip);
         Endpoint {
-            ip,
+            ip: Some(ip),
+            mac: None,
             port,
             namespace: who.map(|w| w.pod.namespace.clone()),
             pod: who.map(|w| w.pod.name.clone()),
@@ -145,6 +154,40 @@ pub fn record(
         src: endpoint(flow.src, flow.src_port),
         dst: endpoint(flow.dst, flow.dst_port),
         inner,
+    })
+}
+
+/// A spoofed frame without IP or ARP (e.g. to a link-local group), by MAC and ethertype.
+fn l2_record(
+    packet: &LoggedPacket,
+    prefix: &crate::policy::LogPrefix,
+    node: &str,
+    time: String,
+) -> Option<FlowRecord> {
+    if prefix.verdict != LogVerdict::Spoof {
+        return None;
+    }
+    let (dst, src) = packet.ether_addrs()?;
+    let endpoint = |mac: [u8; 6]| Endpoint {
+        ip: None,
+        mac: Some(veilnet_cni::netlink::format_mac(&mac)),
+        port: None,
+        namespace: None,
+        pod: None,
+        node: None,
+    };
+    Some(FlowRecord {
+        time,
+        node: node.to_string(),
+        verdict: "spoof",
+        direction: None,
+        policy: "anti-spoofing".to_string(),
+        pod: prefix.object.as_ref().map(ToString::to_string),
+        reason: None,
+        protocol: format!("ether-0x{:04x}", packet.hw_protocol),
+        src: endpoint(src),
+        dst: endpoint(dst),
+        inner: None,
     })
 }
 
@@ -362,7 +405,7 @@ mod tests {
         assert_eq!(r.verdict, "vxlan-rejected");
         assert_eq!(r.reason.as_deref(), Some("not-a-vxlan-peer"));
         assert_eq!(r.pod, None);
-        assert_eq!(r.src.ip, IpAddr::from([172, 30, 0, 99]));
+        assert_eq!(r.src.ip, Some(IpAddr::from([172, 30, 0, 99])));
         assert_eq!(r.dst.port, Some(8472));
         let inner = r.inner.clone().unwrap();
         assert_eq!(inner.src, IpAddr::from([10, 244, 2, 5]));
@@ -374,5 +417,39 @@ mod tests {
         short.payload.truncate(40);
         let r = record(&short, &index(), "node-1", "T".into()).unwrap();
         assert_eq!(r.inner, None);
+    }
+
+    #[test]
+    fn a_spoofed_frame_without_ip_is_logged_by_mac() {
+        let mut hw_header = vec![0x01, 0x80, 0xc2, 0, 0, 0x0e, 0x0a, 0x58, 0, 0, 0x78, 0x61];
+        hw_header.extend_from_slice(&[0x88, 0xcc]);
+        let lldp = LoggedPacket {
+            family: 7,
+            hw_protocol: 0x88cc,
+            prefix: "veilnet:spoof:x/a".into(),
+            payload: vec![2, 7, 4],
+            hw_header,
+            ..Default::default()
+        };
+        let r = record(&lldp, &index(), "node-1", "T".into()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "time": "T", "node": "node-1", "verdict": "spoof", "policy": "anti-spoofing",
+                "pod": "x/a", "protocol": "ether-0x88cc",
+                "src": {"mac": "0a:58:00:00:78:61"}, "dst": {"mac": "01:80:c2:00:00:0e"},
+            })
+        );
+        // Only spoof verdicts; a frame without its header gives nothing.
+        let deny = LoggedPacket {
+            prefix: "veilnet:deny:ingress:x/a".into(),
+            ..lldp.clone()
+        };
+        assert!(record(&deny, &index(), "n", "T".into()).is_none());
+        let bare = LoggedPacket {
+            hw_header: Vec::new(),
+            ..lldp
+        };
+        assert!(record(&bare, &index(), "n", "T".into()).is_none());
     }
 }

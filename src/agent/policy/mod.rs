@@ -411,6 +411,42 @@ async fn sync(
     Ok(())
 }
 
+/// Brings a pod's bridge port to what ADD makes of it (no learning, no unknown-unicast flooding,
+/// LLDP through netfilter, the pod's MAC static on the port) if it differs: ports of pods that
+/// started before veilnet pinned MACs, or an admin's change. Flushes what the port learned.
+fn repair_pod_port(
+    nl: &mut veilnet_cni::netlink::Netlink,
+    link: &veilnet_cni::netlink::Link,
+    mac: &str,
+) {
+    use veilnet_cni::netlink::{parse_mac, pod_port_drift, BridgePortFlags};
+    let Some(pod_mac) = parse_mac(mac) else {
+        return;
+    };
+    if link.controller.is_none() {
+        return; // not on the bridge (yet): nothing to pin
+    }
+    let static_macs = match nl.static_fdb_on(link.index) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(veth = %link.name, error = %e, "cannot read the pod port's FDB");
+            return;
+        }
+    };
+    let Some(drift) = pod_port_drift(link.port.as_ref(), &static_macs, &pod_mac) else {
+        return;
+    };
+    let result = nl
+        .set_bridge_port(link.index, &BridgePortFlags::pod_port())
+        .and_then(|()| nl.replace_static_fdb(link.index, &pod_mac));
+    match result {
+        Ok(()) => tracing::info!(veth = %link.name, %drift, "pod bridge port repaired"),
+        Err(e) => {
+            tracing::warn!(veth = %link.name, %drift, error = %e, "cannot repair the pod bridge port")
+        }
+    }
+}
+
 fn write_status(run_dir: &Path, status: &PolicyStatus) {
     let path = run_dir.join(STATUS_FILE);
     if let Err(e) = status.write(&path) {
@@ -418,19 +454,28 @@ fn write_status(run_dir: &Path, status: &PolicyStatus) {
     }
 }
 
-/// Refreshes counters and the status file, and forgets attachments whose veth is gone (the pod
-/// was deleted). Returns whether a sync is due.
+/// Refreshes counters and the status file, forgets attachments whose veth is gone (the pod
+/// was deleted) and repairs the bridge ports of the others ([`repair_pod_port`]). Returns whether
+/// a sync is due.
 async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
-    let candidates: Vec<String> = lock(&shared.attachments)
+    let candidates: Vec<(String, String)> = lock(&shared.attachments)
         .iter()
-        .map(|a| a.host_veth.clone())
+        .map(|a| (a.host_veth.clone(), a.mac.clone()))
         .collect();
     let kernel = kernel.clone();
     let result = tokio::task::spawn_blocking(move || {
         let gone: Vec<String> = match veilnet_cni::netlink::Netlink::open() {
             Ok(mut nl) => candidates
                 .into_iter()
-                .filter(|veth| matches!(nl.link_by_name(veth), Ok(None)))
+                .filter(|(veth, mac)| match nl.link_by_name(veth) {
+                    Ok(None) => true,
+                    Ok(Some(link)) => {
+                        repair_pod_port(&mut nl, &link, mac);
+                        false
+                    }
+                    Err(_) => false,
+                })
+                .map(|(veth, _)| veth)
                 .collect(),
             Err(_) => Vec::new(),
         };
