@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const NODE_IP: &str = "172.30.0.11";
-const CONNECTIONS: usize = 20_000;
+/// Per holder process; two per port, so that the attack outgrows the agent's 20,000 descriptors.
+const CONNECTIONS: usize = 12_000;
 
 /// The attacker's holder process, killed (and reaped) when dropped.
 struct Holder(Child);
@@ -97,30 +98,34 @@ fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
     let agent = lab.daemon_pid("agent-node-1").expect("agent-node-1 runs");
     let fds_before = open_fds(agent);
 
-    // The attack: every agent port the pod can reach on its node's address.
-    let mut cmd = veilnet();
-    cmd.args(["lab", "agnhost", "hold"])
-        .args([format!("{NODE_IP}:9891"), format!("{NODE_IP}:9892")])
-        .args(["--count", &CONNECTIONS.to_string(), "--duration", "180s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    veilnet::netns::command_in(&lab.pod_netns("default/attacker"), &mut cmd).unwrap();
-    let mut holder = Holder(cmd.spawn().expect("spawn the holder"));
-    let stdout = holder.0.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let summary = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("the holder opened its connections within 120 s");
+    // The attack: every agent port the pod can reach on its node's address, one holder process
+    // per port (a process may hold at most its own RLIMIT_NOFILE, 20,000 here).
+    let attacker_ns = lab.pod_netns("default/attacker");
+    let mut holders = Vec::new();
+    let mut summaries = Vec::new();
+    for port in [9891, 9891, 9892, 9892] {
+        let mut cmd = veilnet();
+        cmd.args(["lab", "agnhost", "hold", &format!("{NODE_IP}:{port}")])
+            .args(["--count", &CONNECTIONS.to_string(), "--duration", "180s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        veilnet::netns::command_in(&attacker_ns, &mut cmd).unwrap();
+        let mut holder = Holder(cmd.spawn().expect("spawn the holder"));
+        let stdout = holder.0.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        holders.push(holder);
+        let summary = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the holder opened its connections within 120 s");
+        summaries.push(format!("port {port}: {}", summary.trim()));
+    }
     let fds_during = open_fds(agent);
-    eprintln!(
-        "holder: {}agent fds: {fds_before} before, {fds_during} during",
-        summary
-    );
+    eprintln!("holders: {summaries:?}; agent fds: {fds_before} before, {fds_during} during");
 
     // A new deny policy while the connections are held.
     lab.apply(
@@ -162,7 +167,7 @@ fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
          test ran {:?}",
         started.elapsed()
     );
-    drop(holder);
+    drop(holders);
 
     assert!(
         enforced_after.is_some_and(|d| d <= Duration::from_secs(5)),

@@ -52,7 +52,7 @@ pub struct HoldArgs {
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Threads opening connections.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub threads: usize,
 }
 
@@ -259,7 +259,7 @@ fn serve_udp(socket: UdpSocket, name: String) {
     }
 }
 
-/// Opens `count` connections (raising this process' descriptor limit to fit), sends each a
+/// Opens up to `count` connections (raising this process' descriptor limit to fit where it may), sends each a
 /// partial HTTP request (headers never finished), prints one summary line
 /// (`holding OPEN refused REFUSED timedout TIMEDOUT failed FAILED`), holds them for `duration`,
 /// then prints how many the server had closed (`closed-by-peer N of OPEN`).
@@ -282,12 +282,15 @@ pub fn hold(args: &HoldArgs) -> Result<(), AgnhostError> {
             std::io::Error::last_os_error()
         );
     }
+    // Workers stop after `count` attempts, when this process runs out of descriptors, or
+    // after 1,000 timed-out connects (the server is saturated: more would only take time).
     let next = AtomicUsize::new(0);
     let (refused, timed_out, failed) = (
         AtomicUsize::new(0),
         AtomicUsize::new(0),
         AtomicUsize::new(0),
     );
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let held: Vec<TcpStream> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..args.threads.max(1))
             .map(|_| {
@@ -295,11 +298,11 @@ pub fn hold(args: &HoldArgs) -> Result<(), AgnhostError> {
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= args.count {
+                        if i >= args.count || stop.load(Ordering::Relaxed) {
                             break mine;
                         }
                         let addr = targets[i % targets.len()];
-                        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
                             Ok(mut c) => {
                                 let _ = c.write_all(
                                     b"GET /healthz HTTP/1.1\r\nHost: agent\r\nX-Slow: 1\r\n",
@@ -312,7 +315,12 @@ pub fn hold(args: &HoldArgs) -> Result<(), AgnhostError> {
                                     Outcome::TimedOut => &timed_out,
                                     _ => &failed,
                                 };
-                                counter.fetch_add(1, Ordering::Relaxed);
+                                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                                if e.raw_os_error() == Some(libc::EMFILE)
+                                    || (std::ptr::eq(counter, &timed_out) && n >= 1_000)
+                                {
+                                    stop.store(true, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
