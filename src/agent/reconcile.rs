@@ -44,7 +44,9 @@ pub enum ReconcileError {
     #[error(transparent)]
     WireGuard(#[from] wireguard::WireGuardError),
     #[error("wire rules: {0}")]
-    Wire(#[from] wire::WireError),
+    Wire(#[from] crate::kernel::nft::NftError),
+    #[error("wire rules: the blocking task failed: {0}")]
+    WireTask(#[from] tokio::task::JoinError),
 }
 
 /// What the agent decided about itself at start; fixed for the life of the process.
@@ -387,9 +389,7 @@ impl Reconciler {
         });
         if self.wire_loaded.as_deref() != Some(rules.as_str()) {
             let script = rules.clone();
-            tokio::task::spawn_blocking(move || wire::apply(&script))
-                .await
-                .map_err(|e| wire::WireError::Nft(e.to_string()))??;
+            tokio::task::spawn_blocking(move || wire::apply(&script)).await??;
             tracing::info!(strict = mode == Mode::Strict, "wire rules loaded");
             self.wire_loaded = Some(rules);
         }

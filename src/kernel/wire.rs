@@ -7,23 +7,15 @@
 //! - Strict mode: no VXLAN at all, in or out, so no pod packet crosses the wire in plaintext.
 //!
 //! These rules live in the kernel, so they keep holding while the agent restarts. The table is
-//! replaced as one `nft -f` transaction; rendering is pure and golden-tested.
-
-use std::io::Write;
-use std::process::{Command, Stdio};
+//! replaced as one nftables transaction (through the shared runner, [`super::nft`]); rendering is
+//! pure and golden-tested.
 
 use ipnet::IpNet;
 
+use super::nft::{self, Flags, NftError};
+
 /// Name of the table (family `inet`).
 pub const TABLE: &str = "veilnet_wire";
-
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("running nft: {0}")]
-    Spawn(std::io::Error),
-    #[error("nft refused the wire rules: {0}")]
-    Nft(String),
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireRules {
@@ -80,28 +72,9 @@ pub fn render(r: &WireRules) -> String {
     s
 }
 
-/// Loads `script` into the current network namespace in one transaction.
-pub fn apply(script: &str) -> Result<(), WireError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(WireError::Spawn)?;
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(WireError::Spawn)?;
-    let out = child.wait_with_output().map_err(WireError::Spawn)?;
-    if !out.status.success() {
-        return Err(WireError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
+/// Loads `script` into the calling thread's network namespace in one transaction.
+pub fn apply(script: &str) -> Result<(), NftError> {
+    nft::run_here(script, Flags::default(), "wire rules").map(|_| ())
 }
 
 #[cfg(test)]
