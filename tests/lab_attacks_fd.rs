@@ -154,6 +154,22 @@ fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
             "2s",
         ) == Some(0);
     let readyz = ready(&lab);
+    // Prometheus (here: pod b) still scrapes the node's metrics.
+    let scraped = veilnet::netns::run_in(&b_ns, || {
+        let addr = format!("{NODE_IP}:9892").parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        Some(raw)
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    let scrape_ok =
+        scraped.starts_with("HTTP/1.1 200") && scraped.contains("veilnet_connections_open");
     let fds_after = open_fds(agent);
     let log = std::fs::read_to_string(format!(
         "/var/lib/veilnet-lab/{}/logs/agent-node-1.log",
@@ -163,7 +179,7 @@ fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
     let emfile = log.matches("Too many open files").count();
     eprintln!(
         "policy enforced after {enforced_after:?}; pod c ip {c_ip:?}, networked {c_networked}; \
-         /readyz {readyz:?}; agent fds {fds_after}; 'Too many open files' in the agent log: {emfile}; \
+         /readyz {readyz:?}; metrics scraped from pod b: {scrape_ok}; agent fds {fds_after}; 'Too many open files' in the agent log: {emfile}; \
          test ran {:?}",
         started.elapsed()
     );

@@ -49,6 +49,18 @@ pub enum ReconcileError {
     WireTask(#[from] tokio::task::JoinError),
 }
 
+/// The agent's TCP ports that are not on loopback (loopback is out of every pod's reach).
+fn agent_ports(cfg: &AgentConfig) -> Vec<u16> {
+    let mut ports: Vec<u16> = [cfg.health_addr, cfg.metrics_addr]
+        .iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// What the agent decided about itself at start; fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct SelfInfo {
@@ -386,6 +398,8 @@ impl Reconciler {
             vxlan_port: self.cfg.vxlan_port,
             cluster_cidr: cluster,
             strict: mode == Mode::Strict,
+            agent_ports: agent_ports(&self.cfg),
+            agent_conns_per_source: wire::AGENT_CONNS_PER_SOURCE,
         });
         if self.wire_loaded.as_deref() != Some(rules.as_str()) {
             let script = rules.clone();

@@ -5,6 +5,10 @@
 //!   that vanished while the agent restarts, falling back to the default route) or an injection.
 //! - Always: TCP MSS is clamped to the route MTU on the WireGuard device.
 //! - Strict mode: no VXLAN at all, in or out, so no pod packet crosses the wire in plaintext.
+//! - Always: each pod address holds at most [`WireRules::agent_conns_per_source`] connections to
+//!   the agent's TCP ports at once (`ct count`, in a dynamic set per source); more are reset
+//!   before they reach the agent and counted in `agent_conn_limited` (issue 23.3). With the
+//!   agent's own connection caps, one pod cannot take the endpoints from the others.
 //!
 //! These rules live in the kernel, so they keep holding while the agent restarts. The table is
 //! replaced as one nftables transaction (through the shared runner, [`super::nft`]); rendering is
@@ -24,7 +28,13 @@ pub struct WireRules {
     pub vxlan_port: u16,
     pub cluster_cidr: IpNet,
     pub strict: bool,
+    /// The agent's TCP ports reachable on the node's addresses (health, metrics).
+    pub agent_ports: Vec<u16>,
+    pub agent_conns_per_source: u32,
 }
+
+/// Connections one pod address may hold to the agent's ports at once: Prometheus needs one.
+pub const AGENT_CONNS_PER_SOURCE: u32 = 8;
 
 fn family(net: &IpNet) -> &'static str {
     match net {
@@ -41,10 +51,16 @@ pub fn render(r: &WireRules) -> String {
         r.cluster_cidr,
         family(&r.cluster_cidr),
     );
+    let addr_type = match r.cluster_cidr {
+        IpNet::V4(_) => "ipv4_addr",
+        IpNet::V6(_) => "ipv6_addr",
+    };
     let mut s = format!(
         "table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n\
          \tcounter raw_pod_traffic {{}}\n\
          \tcounter plaintext_vxlan {{}}\n\
+         \tcounter agent_conn_limited {{}}\n\
+         \tset agent_clients {{\n\t\ttype {addr_type}\n\t\tsize 65535\n\t\tflags dynamic\n\t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority -150; policy accept;\n\
          \t\toifname \"{wg}\" tcp flags syn / syn,rst tcp option maxseg size set rt mtu\n\
@@ -62,6 +78,14 @@ pub fn render(r: &WireRules) -> String {
         ));
     }
     s.push_str("\t}\n\tchain input {\n\t\ttype filter hook input priority -150; policy accept;\n");
+    if !r.agent_ports.is_empty() {
+        let ports: Vec<String> = r.agent_ports.iter().map(u16::to_string).collect();
+        s.push_str(&format!(
+            "\t\t{f} saddr {c} tcp dport {{ {} }} ct state new add @agent_clients {{ {f} saddr ct count over {} }} counter name agent_conn_limited reject with tcp reset\n",
+            ports.join(", "),
+            r.agent_conns_per_source
+        ));
+    }
     if r.strict {
         s.push_str(&format!(
             "\t\tiifname \"{ul}\" udp dport {p} counter name plaintext_vxlan drop\n",
@@ -88,6 +112,8 @@ mod tests {
             vxlan_port: 8472,
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             strict,
+            agent_ports: vec![9891, 9892],
+            agent_conns_per_source: 8,
         }
     }
 
@@ -106,5 +132,9 @@ mod tests {
             2
         );
         assert!(strict.starts_with("table inet veilnet_wire\ndelete table inet veilnet_wire\n"));
+        assert!(on.contains(
+            "ip saddr 10.244.0.0/16 tcp dport { 9891, 9892 } ct state new \
+             add @agent_clients { ip saddr ct count over 8 } counter name agent_conn_limited reject with tcp reset"
+        ));
     }
 }
