@@ -319,4 +319,22 @@ mod tests {
             Err(NftError::Nul { .. })
         ));
     }
+
+    #[test]
+    fn the_binary_fallback_reports_nfts_error() {
+        if Command::new("nft").arg("--version").output().is_err() {
+            eprintln!("nft not installed; skipped");
+            return;
+        }
+        match run_binary(
+            "table inet x { chain c { bogus } }\n",
+            Flags::default(),
+            "t",
+        ) {
+            Err(NftError::Refused { message, .. }) => {
+                assert!(message.contains("syntax error"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
