@@ -329,6 +329,9 @@ mod tests {
         for s in &mut idle {
             assert!(closed_within(s, Duration::from_secs(1)).await);
         }
+        // So is one that never sends a byte.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(closed_within(&mut silent, Duration::from_secs(1)).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(cap.open(), 0);
         // A well-behaved client gets its answer, and the connection is not kept alive.

@@ -204,17 +204,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         crate::listen::ConnLimit::new("metrics", health::Limits::METRICS.max_connections);
     let admission_cap =
         crate::listen::ConnLimit::new("admission", policy::ADMISSION_MAX_CONNECTIONS);
-    *health
-        .metrics
-        .sources
-        .listeners
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = vec![
-        health_cap.clone(),
-        metrics_cap.clone(),
-        admission_cap.clone(),
-    ];
     let mut http_tasks = Vec::new();
+    let mut listeners = vec![admission_cap.clone()];
     if cfg.health_addr == cfg.metrics_addr {
         let router =
             health::health_router(health.clone()).merge(health::metrics_router(health.clone()));
@@ -223,10 +214,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 cfg.health_addr,
                 router,
                 health::Limits::METRICS,
-                metrics_cap,
+                metrics_cap.clone(),
             )
             .await?,
         );
+        listeners.push(metrics_cap);
         tracing::info!(addr = %cfg.health_addr, "health, status and metrics endpoint");
     } else {
         http_tasks.push(
@@ -234,7 +226,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 cfg.health_addr,
                 health::health_router(health.clone()),
                 health::Limits::HEALTH,
-                health_cap,
+                health_cap.clone(),
             )
             .await?,
         );
@@ -243,10 +235,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 cfg.metrics_addr,
                 health::metrics_router(health.clone()),
                 health::Limits::METRICS,
-                metrics_cap,
+                metrics_cap.clone(),
             )
             .await?,
         );
+        listeners.extend([health_cap, metrics_cap]);
         tracing::info!(health = %cfg.health_addr, metrics = %cfg.metrics_addr, "health/status and metrics endpoints");
     }
     // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the
