@@ -201,6 +201,11 @@ fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
         "the agent is not Ready during the attack"
     );
     assert!(
+        scrape_ok,
+        "pod b cannot scrape the metrics:\n{}",
+        scraped.chars().take(2_000).collect::<String>()
+    );
+    assert!(
         fds_during < 2_000,
         "the agent held {fds_during} descriptors during the attack"
     );

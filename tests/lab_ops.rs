@@ -85,6 +85,10 @@ fn agents_serve_health_readiness_and_live_metrics() {
         "veilnet_ipam_addresses_free{",
         "veilnet_reconcile_duration_seconds_count",
         "veilnet_reconcile_errors_total",
+        r#"veilnet_connections_max{listener="health"} 32"#,
+        r#"veilnet_connections_max{listener="metrics"} 64"#,
+        r#"veilnet_connections_max{listener="admission"} 128"#,
+        r#"veilnet_connections_rejected_total{listener="metrics"} 0"#,
     ] {
         assert!(body.contains(name), "missing {name} in:\n{body}");
     }

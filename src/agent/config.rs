@@ -342,6 +342,20 @@ mod tests {
     }
 
     #[test]
+    fn health_is_on_loopback_and_metrics_on_its_own_port() {
+        let c = AgentConfig::resolve(&args()).unwrap();
+        assert_eq!(c.health_addr.to_string(), "127.0.0.1:9891");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9892");
+        // One address for both is one listener; one port on two addresses cannot be bound.
+        let mut a = args();
+        a.metrics_addr = Some("127.0.0.1:9891".parse().unwrap());
+        assert!(AgentConfig::resolve(&a).is_ok());
+        a.metrics_addr = Some("0.0.0.0:9891".parse().unwrap());
+        let e = AgentConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("share a port"), "{e}");
+    }
+
+    #[test]
     fn bad_input_is_named() {
         let mut a = args();
         a.node_name = None;

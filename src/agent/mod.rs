@@ -242,6 +242,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         listeners.extend([health_cap, metrics_cap]);
         tracing::info!(health = %cfg.health_addr, metrics = %cfg.metrics_addr, "health/status and metrics endpoints");
     }
+    *health
+        .metrics
+        .sources
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = listeners;
     // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the
     // node state turns ready, so every ADD on this node waits for its pod's rules.
     let _policy = if args.no_policy {
