@@ -3,7 +3,8 @@
 # `ctr images import` / `docker load` / `podman load`. No base image is pulled: the single layer is
 # the two release binaries plus what they need, taken from this machine's Debian packages:
 #   /usr/local/bin/veilnet, /usr/local/bin/veilnet-cni   (cargo build; glibc, libgcc_s, libm)
-#   /usr/sbin/nft and its shared libraries                (nftables: the policy enforcer runs nft)
+#   /usr/sbin/nft and its shared libraries                (nftables: the agent loads libnftables.so.1,
+#                                                          one of them, with dlopen; nft is its fallback)
 #   /bin/busybox (+ sh, cp, mv, cat, echo links)          (busybox-static: the init containers)
 # The layout is written by this script (index.json, manifest, config, gzip layer, sha256 blobs);
 # `umoci` (Debian) then unpacks it as an independent check, and `runc` (Debian) runs
@@ -117,6 +118,10 @@ for exe in /usr/local/bin/veilnet /usr/local/bin/veilnet-cni /usr/sbin/nft; do
         [ -e "$ROOTFS$lib" ] || die "$exe needs $lib, which is not in the image"
     done
 done
+# The agent dlopens libnftables.so.1 (ldd of veilnet does not show it): it comes with nft's
+# libraries, at the path nft's own loader resolves it to.
+nftlib=$(ldd "$ROOTFS/usr/sbin/nft" | awk '$1 == "libnftables.so.1" {print $3}')
+[ -n "$nftlib" ] && [ -e "$ROOTFS$nftlib" ] || die "libnftables.so.1 is not in the image"
 
 # --- OCI image layout ----------------------------------------------------------------------------
 say "writing the OCI layout to $OUT/oci"

@@ -1,17 +1,16 @@
 //! File helpers shared by the agent, the lab and their state files.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it (`<name>.tmp`), then a rename,
-/// so a reader (the CNI plugin, `veilnet status`, a restarted agent) never sees a half-written
-/// file. The parent directory must exist.
+use veilnet_cni::fsutil::WriteOptions;
+
+/// Writes `bytes` to `path` atomically (mode 0644): an exclusively created temporary file beside
+/// it (`O_CREAT|O_EXCL|O_NOFOLLOW`, an unpredictable name), then a rename, so a reader (the CNI
+/// plugin, `veilnet status`, a restarted agent) never sees a half-written file and a symlink
+/// planted in the directory is never written through. A `path` that is a symlink is refused. The
+/// parent directory must exist. One implementation with the plugin's: `veilnet_cni::fsutil`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    veilnet_cni::fsutil::write_atomic(path, bytes, WriteOptions::STATE)
 }
 
 /// [`write_atomic`] for secrets (private keys, the datapath's saved configuration): the temporary
@@ -19,52 +18,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// by anyone else, not even for a moment; it is fsync'ed before the rename and the directory
 /// after it, so a crash leaves the old file or the complete new one.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
-    })?;
-    // A unique name: two writers of one secret must not share (and truncate) a temporary file.
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:08x}",
-        name.to_string_lossy(),
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PRIVATE_FILE_MODE)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    veilnet_cni::fsutil::write_atomic(path, bytes, WriteOptions::PRIVATE)
 }
 
 /// Mode of files that hold secrets: owner read/write only.
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -89,5 +52,25 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(write_private(&dir.path().join("missing/x"), b"x").is_err());
+    }
+
+    #[test]
+    fn planted_symlinks_are_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let p = dir.path().join("node-state.json");
+        // The temporary name the agent used before (`<name>.tmp`).
+        std::os::unix::fs::symlink(&victim, dir.path().join("node-state.json.tmp")).unwrap();
+        write_atomic(&p, b"state").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"state");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // The target a symlink: refused.
+        let link = dir.path().join("status.json");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(write_private(&link, b"x").is_err());
+        assert!(write_atomic(&link, b"x").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

@@ -19,6 +19,7 @@ pub mod fsutil;
 pub mod install;
 pub mod kernel;
 pub mod lab;
+pub mod listen;
 pub mod logging;
 pub mod model;
 pub mod netns;

@@ -10,7 +10,9 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use manifest_docs::{config_map, daemonset, datapath_daemonset, documents, typed};
-use veilnet::agent::config::{AgentArgs, AgentConfig, FileConfig, DEFAULT_HEALTH_ADDR};
+use veilnet::agent::config::{
+    AgentArgs, AgentConfig, FileConfig, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
+};
 
 const NAMESPACE: &str = "veilnet-system";
 
@@ -426,17 +428,19 @@ fn config_file_keys_are_the_agents_and_resolve_to_a_valid_config() {
     })
     .unwrap();
     assert_eq!(cfg.cluster_cidr.to_string(), json["clusterCidr"]);
-    assert_eq!(cfg.health_addr.port(), 9891);
+    assert_eq!(cfg.health_addr.to_string(), "127.0.0.1:9891");
+    assert_eq!(cfg.metrics_addr.to_string(), "0.0.0.0:9892");
 }
 
+/// Issue 23.3: health on the node's loopback (probed there by the kubelet), metrics on the
+/// node's address for Prometheus.
 #[test]
-fn probes_and_metrics_use_the_agents_health_port() {
-    let port: u16 = DEFAULT_HEALTH_ADDR
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+fn probes_use_the_loopback_health_port_and_prometheus_the_metrics_port() {
+    let health: std::net::SocketAddr = DEFAULT_HEALTH_ADDR.parse().unwrap();
+    let metrics: std::net::SocketAddr = DEFAULT_METRICS_ADDR.parse().unwrap();
+    assert!(health.ip().is_loopback(), "{health}");
+    assert!(!metrics.ip().is_loopback(), "{metrics}");
+    let port = health.port();
     let ds = daemonset();
     let template = &ds.spec.as_ref().unwrap().template;
     let ann = template
@@ -447,7 +451,7 @@ fn probes_and_metrics_use_the_agents_health_port() {
         .clone()
         .unwrap();
     assert_eq!(ann["prometheus.io/scrape"], "true");
-    assert_eq!(ann["prometheus.io/port"], port.to_string());
+    assert_eq!(ann["prometheus.io/port"], metrics.port().to_string());
     assert_eq!(ann["prometheus.io/path"], "/metrics");
     let (_, main) = containers(&ds);
     let agent = main.iter().find(|c| c.name == "agent").unwrap();
@@ -459,7 +463,15 @@ fn probes_and_metrics_use_the_agents_health_port() {
         let get = probe.and_then(|p| p.http_get.as_ref()).unwrap();
         assert_eq!(get.path.as_deref(), Some(path));
         assert_eq!(get.port, IntOrString::Int(i32::from(port)));
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
     }
+    let ports: Vec<i32> = agent
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(ports, [i32::from(port), i32::from(metrics.port())]);
     let requests = agent
         .resources
         .as_ref()

@@ -122,14 +122,12 @@ impl AdmissionConfig {
         Ok(Some(config))
     }
 
-    /// Writes the file atomically (temp file + rename), creating `run_dir`.
+    /// Writes the file atomically (exclusive temp file + rename, see `fsutil`), creating `run_dir`.
     pub fn write(&self, run_dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(run_dir)?;
         let path = Self::path_in(run_dir);
-        let tmp = run_dir.join(format!(".{ADMISSION_FILE}.tmp.{}", std::process::id()));
         let body = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, &path)
+        crate::fsutil::write_atomic(&path, &body, crate::fsutil::WriteOptions::STATE)
     }
 
     /// Removes the file (absent is fine): ADD stops asking the agent.

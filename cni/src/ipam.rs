@@ -14,8 +14,8 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
@@ -233,6 +233,8 @@ impl IpamStore {
             .write(true)
             .create(true)
             .truncate(false)
+            // A symlink planted as the lock file is refused, not followed (and created).
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(io_err("open lock file", &path))?;
         let lock =
@@ -352,7 +354,7 @@ impl Locked<'_> {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with('.') {
-                if name.starts_with(".tmp.") {
+                if name.starts_with(crate::fsutil::TMP_PREFIX) {
                     scan.temp_files.push(entry.path());
                 }
                 continue;
@@ -409,31 +411,13 @@ impl Locked<'_> {
     /// comes back empty is treated as corrupt (reserved until GC), never as free.
     fn write_atomic(&self, name: &str, body: &[u8]) -> Result<()> {
         let path = self.dir.join(name);
-        let tmp = self.dir.join(format!(".tmp.{name}.{}", std::process::id()));
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(body)
-        })();
-        if let Err(source) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(IpamError::Io {
+        crate::fsutil::write_atomic(&path, body, crate::fsutil::WriteOptions::STATE).map_err(
+            |source| IpamError::Io {
                 op: "write",
-                path: tmp,
-                source,
-            });
-        }
-        fs::rename(&tmp, &path).map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            IpamError::Io {
-                op: "rename into",
                 path,
                 source,
-            }
-        })
+            },
+        )
     }
 
     fn remove(&self, ip: Ipv4Addr) -> Result<()> {
@@ -557,6 +541,46 @@ mod tests {
             p.next_free(&HashSet::new(), Some(ip("10.0.0.3"))),
             Some(ip("10.0.0.5"))
         );
+    }
+
+    /// Issue 23.6(b): the plugin's temporary names were `.tmp.<file>.<pid>`, opened without
+    /// `O_EXCL`/`O_NOFOLLOW`, so a symlink planted under that name redirected the write.
+    #[test]
+    fn symlinks_planted_in_the_store_never_redirect_a_write() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let store = IpamStore::new(dir.path(), "net");
+        fs::create_dir_all(store.dir()).unwrap();
+        let pid = std::process::id();
+        for name in ["10.0.0.2", "10.0.0.3", LAST_RESERVED_FILE, LOCK_FILE] {
+            symlink(&victim, store.dir().join(format!(".tmp.{name}.{pid}"))).unwrap();
+        }
+        // The old temporary names: the writes still succeed, elsewhere.
+        let p = pool("10.0.0.0/24", "10.0.0.1");
+        assert_eq!(store.allocate(&p, &att("a")).unwrap().ip, ip("10.0.0.2"));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(store.lookup(&att("a")).unwrap(), Some(ip("10.0.0.2")));
+        // The target itself a symlink (the round-robin hint): that write is refused (a warning:
+        // the hint is optional), the record is written, the outside file untouched.
+        let hint = store.dir().join(LAST_RESERVED_FILE);
+        fs::remove_file(&hint).unwrap();
+        symlink(&victim, &hint).unwrap();
+        assert_eq!(store.allocate(&p, &att("b")).unwrap().ip, ip("10.0.0.3"));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(fs::symlink_metadata(&hint)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // The lock file a symlink: refused, not followed.
+        let locks = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(locks.path(), "net");
+        fs::create_dir_all(store.dir()).unwrap();
+        symlink(outside.path().join("created"), store.dir().join(LOCK_FILE)).unwrap();
+        assert!(store.allocate(&p, &att("c")).is_err());
+        assert!(!outside.path().join("created").exists());
     }
 
     #[test]

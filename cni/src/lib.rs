@@ -7,6 +7,7 @@
 pub mod agent_protocol;
 pub mod config;
 pub mod env;
+pub mod fsutil;
 pub mod ipam;
 pub mod netlink;
 pub mod node_state;

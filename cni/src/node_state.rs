@@ -4,8 +4,7 @@
 //! replaced atomically (temp file, fsync, rename, fsync of the directory) so the plugin never sees
 //! a half-written state, even when the agent crashes mid-write.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
@@ -79,45 +78,14 @@ impl NodeState {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| NODE_STATE_FILE.to_string());
-        let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-        let body = serde_json::to_vec_pretty(self).map_err(|source| NodeStateError::Decode {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let written = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.write_all(b"\n")?;
-            f.sync_all()
-        })();
-        if let Err(source) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(NodeStateError::Io {
-                op: "write",
-                path: tmp,
-                source,
-            });
-        }
-        if let Err(source) = fs::rename(&tmp, path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(NodeStateError::Io {
-                op: "rename into",
+        let mut body =
+            serde_json::to_vec_pretty(self).map_err(|source| NodeStateError::Decode {
                 path: path.to_path_buf(),
                 source,
-            });
-        }
-        // Make the rename itself durable.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync directory", &dir))
+            })?;
+        body.push(b'\n');
+        crate::fsutil::write_atomic(path, &body, crate::fsutil::WriteOptions::DURABLE)
+            .map_err(io("write", path))
     }
 
     /// Reads and validates the file. A missing file is [`NodeStateError::NotFound`], so callers

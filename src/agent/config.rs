@@ -77,9 +77,13 @@ pub struct AgentArgs {
     /// Full resync period, e.g. 30s.
     #[arg(long, env = "VEILNET_RESYNC", value_parser = crate::lab::agnhost::parse_duration)]
     pub resync: Option<Duration>,
-    /// Address of the health and metrics endpoint.
+    /// Address of the health endpoint (`/healthz`, `/readyz`, `/status`); loopback by default,
+    /// where the kubelet's probes reach it and pods cannot.
     #[arg(long, env = "VEILNET_HEALTH_ADDR")]
     pub health_addr: Option<SocketAddr>,
+    /// Address of the metrics endpoint (`/metrics`), where Prometheus scrapes it.
+    #[arg(long, env = "VEILNET_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Encryption mode of nodes without a `veilnet.io/encryption` label.
     #[arg(long, env = "VEILNET_ENCRYPTION", value_enum)]
     pub encryption: Option<Mode>,
@@ -113,6 +117,7 @@ pub struct FileConfig {
     pub mtu: Option<u32>,
     pub resync_seconds: Option<u64>,
     pub health_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub encryption: Option<Mode>,
     pub wireguard_port: Option<u16>,
     /// `text` or `json`; `--log-format` / `VEILNET_LOG_FORMAT` win over it.
@@ -145,6 +150,7 @@ pub struct AgentConfig {
     pub mtu: Option<u32>,
     pub resync: Duration,
     pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub encryption: Mode,
     pub wireguard_port: u16,
 }
@@ -153,7 +159,8 @@ pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
 pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// Linux's default VXLAN port (Flannel's too), not IANA's 4789, to coexist with other VTEPs.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
-pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:9891";
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9891";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9892";
 
 impl AgentConfig {
     pub fn resolve(args: &AgentArgs) -> Result<Self, ConfigError> {
@@ -216,6 +223,10 @@ impl AgentConfig {
                 .health_addr
                 .or(file.health_addr)
                 .unwrap_or_else(|| DEFAULT_HEALTH_ADDR.parse().expect("valid default address")),
+            metrics_addr: args
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default address")),
             encryption: args.encryption.or(file.encryption).unwrap_or(Mode::On),
             wireguard_port: args
                 .wireguard_port
@@ -263,6 +274,15 @@ impl AgentConfig {
         }
         if self.resync < Duration::from_secs(1) {
             return bad("resync period must be at least 1s".into());
+        }
+        if self.health_addr.port() == self.metrics_addr.port()
+            && self.health_addr != self.metrics_addr
+        {
+            return bad(format!(
+                "health address {} and metrics address {} share a port: give them the same \
+                 address (one listener) or different ports",
+                self.health_addr, self.metrics_addr
+            ));
         }
         Ok(())
     }
@@ -319,6 +339,20 @@ mod tests {
         assert_eq!(c.vxlan_vni, 9);
         assert_eq!(c.mtu, Some(1400));
         assert_eq!(c.encryption, Mode::Strict);
+    }
+
+    #[test]
+    fn health_is_on_loopback_and_metrics_on_its_own_port() {
+        let c = AgentConfig::resolve(&args()).unwrap();
+        assert_eq!(c.health_addr.to_string(), "127.0.0.1:9891");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9892");
+        // One address for both is one listener; one port on two addresses cannot be bound.
+        let mut a = args();
+        a.metrics_addr = Some("127.0.0.1:9891".parse().unwrap());
+        assert!(AgentConfig::resolve(&a).is_ok());
+        a.metrics_addr = Some("0.0.0.0:9891".parse().unwrap());
+        let e = AgentConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("share a port"), "{e}");
     }
 
     #[test]

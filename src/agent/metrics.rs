@@ -26,6 +26,8 @@ pub struct Sources {
     pub ipam: Mutex<Option<(PathBuf, String, ipnet::Ipv4Net, std::net::Ipv4Addr)>>,
     /// The policy enforcer's status file (`<run dir>/policy-status.json`), read on scrape.
     pub policy_status: Mutex<Option<PathBuf>>,
+    /// The listeners' connection caps, reported on scrape.
+    pub listeners: Mutex<Vec<Arc<crate::listen::ConnLimit>>>,
 }
 
 pub struct Metrics {
@@ -97,6 +99,49 @@ fn family<M: EncodeMetric>(
 
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let listeners = self
+            .0
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let rows = |f: &dyn Fn(&crate::listen::ConnLimit) -> i64| -> Vec<(Labels, ConstGauge)> {
+            listeners
+                .iter()
+                .map(|l| {
+                    (
+                        vec![("listener", l.name().to_string())],
+                        ConstGauge::new(f(l)),
+                    )
+                })
+                .collect()
+        };
+        family(
+            &mut encoder,
+            "connections_open",
+            "Connections a listener of the agent holds open now",
+            rows(&|l| l.open() as i64),
+        )?;
+        family(
+            &mut encoder,
+            "connections_max",
+            "Connections a listener of the agent holds open at most",
+            rows(&|l| l.max() as i64),
+        )?;
+        family(
+            &mut encoder,
+            "connections_rejected",
+            "Connections closed at once because their listener was at its cap",
+            listeners
+                .iter()
+                .map(|l| {
+                    (
+                        vec![("listener", l.name().to_string())],
+                        ConstCounter::new(l.rejected()),
+                    )
+                })
+                .collect(),
+        )?;
         let status = self
             .0
             .status
@@ -369,8 +414,18 @@ mod tests {
             }),
             updated_at: String::new(),
         });
+        let cap = crate::listen::ConnLimit::new("metrics", 2);
+        *m.sources.listeners.lock().unwrap() = vec![cap.clone()];
+        let _held = cap.try_admit().unwrap();
+        assert!(cap.try_admit().is_some(), "a permit, released at once");
+        let _second = cap.try_admit().unwrap();
+        assert!(cap.try_admit().is_none());
+        drop(_second);
         let text = m.encode();
         for line in [
+            r#"veilnet_connections_open{listener="metrics"} 1"#,
+            r#"veilnet_connections_max{listener="metrics"} 2"#,
+            r#"veilnet_connections_rejected_total{listener="metrics"} 1"#,
             "veilnet_reconcile_errors_total 1",
             "veilnet_reconcile_duration_seconds_count 1",
             r#"veilnet_node_info{node="node-1",mode="on"} 1"#,

@@ -115,6 +115,12 @@ fn internal_ip(node: &Node) -> Option<IpAddr> {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let cfg = AgentConfig::resolve(&args)?;
     tracing::info!(node = %cfg.node_name, cluster_cidr = %cfg.cluster_cidr, "veilnet agent starting");
+    // The descriptor budget (issue 23.3): the whole hard limit for the agent's own work; the
+    // listeners' caps (a few hundred connections in all) stay far below it.
+    match crate::listen::raise_fd_limit() {
+        Ok((soft, _)) => tracing::info!(limit = soft, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let client = client(&cfg).await?;
     let nodes_api: Api<Node> = Api::all(client.clone());
     let mut kernel = NetlinkKernel::connect()?;
@@ -192,15 +198,64 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .policy_status
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = Some(cfg.run_dir.join(policy::STATUS_FILE));
-    let health_task = health::serve(cfg.health_addr, health.clone()).await?;
-    tracing::info!(addr = %cfg.health_addr, "health, metrics and status endpoint");
+    let health_cap =
+        crate::listen::ConnLimit::new("health", health::Limits::HEALTH.max_connections);
+    let metrics_cap =
+        crate::listen::ConnLimit::new("metrics", health::Limits::METRICS.max_connections);
+    let admission_cap =
+        crate::listen::ConnLimit::new("admission", policy::ADMISSION_MAX_CONNECTIONS);
+    let mut http_tasks = Vec::new();
+    let mut listeners = vec![admission_cap.clone()];
+    if cfg.health_addr == cfg.metrics_addr {
+        let router =
+            health::health_router(health.clone()).merge(health::metrics_router(health.clone()));
+        http_tasks.push(
+            health::serve(
+                cfg.health_addr,
+                router,
+                health::Limits::METRICS,
+                metrics_cap.clone(),
+            )
+            .await?,
+        );
+        listeners.push(metrics_cap);
+        tracing::info!(addr = %cfg.health_addr, "health, status and metrics endpoint");
+    } else {
+        http_tasks.push(
+            health::serve(
+                cfg.health_addr,
+                health::health_router(health.clone()),
+                health::Limits::HEALTH,
+                health_cap.clone(),
+            )
+            .await?,
+        );
+        http_tasks.push(
+            health::serve(
+                cfg.metrics_addr,
+                health::metrics_router(health.clone()),
+                health::Limits::METRICS,
+                metrics_cap.clone(),
+            )
+            .await?,
+        );
+        listeners.extend([health_cap, metrics_cap]);
+        tracing::info!(health = %cfg.health_addr, metrics = %cfg.metrics_addr, "health/status and metrics endpoints");
+    }
+    *health
+        .metrics
+        .sources
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = listeners;
     // ---- NetworkPolicy (issue 5): enforcer, CNI admission socket, flow log. Started before the
     // node state turns ready, so every ADD on this node waits for its pod's rules.
     let _policy = if args.no_policy {
         policy::disable(&cfg.run_dir).await?;
         None
     } else {
-        let opts = policy::PolicyOptions::from_agent(&args, &cfg, underlay.ip, &pod_cidrs);
+        let mut opts = policy::PolicyOptions::from_agent(&args, &cfg, underlay.ip, &pod_cidrs);
+        opts.admission_cap = admission_cap;
         Some(policy::PolicyAgent::start(client.clone(), opts).await?)
     };
     // ---- end NetworkPolicy
@@ -265,6 +320,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tracing::info!("shutting down; the dataplane stays in place");
     nodes_task.abort();
     records_task.abort();
-    health_task.abort();
+    for t in http_tasks {
+        t.abort();
+    }
     Ok(())
 }

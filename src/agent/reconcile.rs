@@ -44,7 +44,21 @@ pub enum ReconcileError {
     #[error(transparent)]
     WireGuard(#[from] wireguard::WireGuardError),
     #[error("wire rules: {0}")]
-    Wire(#[from] wire::WireError),
+    Wire(#[from] crate::kernel::nft::NftError),
+    #[error("wire rules: the blocking task failed: {0}")]
+    WireTask(#[from] tokio::task::JoinError),
+}
+
+/// The agent's TCP ports that are not on loopback (loopback is out of every pod's reach).
+fn agent_ports(cfg: &AgentConfig) -> Vec<u16> {
+    let mut ports: Vec<u16> = [cfg.health_addr, cfg.metrics_addr]
+        .iter()
+        .filter(|a| !a.ip().is_loopback())
+        .map(|a| a.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// At most [`ReportLimit::BURST`] reports (log line and Event) per peer per
@@ -442,13 +456,13 @@ impl Reconciler {
             strict: mode == Mode::Strict,
             vxlan_peers: Vec::new(),
             peer_nodes: Default::default(),
+            agent_ports: agent_ports(&self.cfg),
+            agent_conns_per_source: wire::AGENT_CONNS_PER_SOURCE,
         }
         .with_peers(&desired.peers, &paths);
         if self.wire_loaded.as_ref() != Some(&wire_rules) {
             let to_load = wire_rules.clone();
-            let replaced = tokio::task::spawn_blocking(move || wire::load(&to_load))
-                .await
-                .map_err(|e| wire::WireError::Nft(e.to_string()))??;
+            let replaced = tokio::task::spawn_blocking(move || wire::load(&to_load)).await??;
             tracing::info!(
                 strict = mode == Mode::Strict,
                 vxlan_peers = wire_rules.vxlan_peers.len(),

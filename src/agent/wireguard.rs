@@ -176,12 +176,12 @@ impl WireGuard {
         self.public = keys::public_key(&private);
         self.spec = DeviceSpec::new(TUN_NAME, self.spec.listen_port, self.spec.mtu, &private);
         self.request("the new key", Request::Hello).await?;
-        std::fs::write(&self.rotation_marker, request.trim()).map_err(|source| {
-            WireGuardError::Marker {
+        crate::fsutil::write_atomic(&self.rotation_marker, request.trim().as_bytes()).map_err(
+            |source| WireGuardError::Marker {
                 path: self.rotation_marker.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(true)
     }
 

@@ -283,9 +283,9 @@ pub fn run(args: PolicyBenchArgs) -> Result<(), PolicyBenchError> {
             "node-0",
         );
         let model = compile_with(&state, "node-0", &[], &CompileOptions::default());
-        std::fs::write(path, render_nft(&model)).map_err(|e| PolicyError::Spawn {
-            action: format!("write {}", path.display()),
-            source: e,
+        std::fs::write(path, render_nft(&model)).map_err(|source| PolicyError::Write {
+            path: path.to_path_buf(),
+            source,
         })?;
     }
     // Warm repeats (forced through the kernel as full replaces, state rebuilt from scratch) show

@@ -131,7 +131,14 @@ async fn probe(run_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// Connections the control socket holds at once.
+const CONTROL_MAX_CONNECTIONS: usize = 16;
+
 async fn serve(args: DatapathArgs) -> Result<(), DatapathError> {
+    match crate::listen::raise_fd_limit() {
+        Ok((soft, _)) => tracing::debug!(limit = soft, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let socket = socket_path(&args.run_dir);
     let sock_err = |source| DatapathError::Socket {
         path: socket.clone(),
@@ -147,11 +154,21 @@ async fn serve(args: DatapathArgs) -> Result<(), DatapathError> {
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(DatapathError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(DatapathError::Signal)?;
+    // The socket is root-only (0600) and its clients are the agent (two during a rollout) and
+    // liveness probes; the cap keeps the descriptors of the datapath's own work (TUN, UDP
+    // sockets) safe whatever connects (`crate::listen`).
+    let cap = crate::listen::ConnLimit::new("datapath", CONTROL_MAX_CONNECTIONS);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, datapath.clone()));
+                    if let Some(permit) = cap.try_admit() {
+                        let datapath = datapath.clone();
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            serve_connection(stream, datapath).await;
+                        });
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

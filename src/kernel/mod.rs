@@ -22,6 +22,7 @@ pub mod apply;
 pub mod fake;
 pub mod mtu;
 pub mod netlink;
+pub mod nft;
 pub mod sysctl;
 pub mod wire;
 

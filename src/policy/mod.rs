@@ -106,16 +106,12 @@ pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset};
 /// Errors of applying policy to the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("failed to run nft ({action}): {source}")]
-    Spawn {
-        action: String,
+    #[error(transparent)]
+    Nft(#[from] crate::kernel::nft::NftError),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
         source: std::io::Error,
-    },
-    #[error("nft {action} failed ({status}): {stderr}")]
-    Nft {
-        action: String,
-        status: String,
-        stderr: String,
     },
     #[error(transparent)]
     Netns(#[from] crate::netns::NetnsError),

@@ -27,6 +27,7 @@
 
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -272,6 +273,8 @@ fn append(file: &mut Option<std::fs::File>, path: &PathBuf, lines: &[u8]) -> std
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                // A symlink planted as the flow log is refused, not appended through.
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(path)?,
         );
     }

@@ -97,7 +97,14 @@ pub struct PolicyOptions {
     pub flow_log: Option<PathBuf>,
     /// Also log (rate-limited) connections that a policy allowed.
     pub log_allowed: bool,
+    /// The admission socket's connection cap (`crate::listen`).
+    pub admission_cap: Arc<crate::listen::ConnLimit>,
 }
+
+/// At most this many CNI ADDs wait on the admission socket at once (a node runs at most ~110
+/// pods; each ADD holds its connection for at most the plugin's 5 s). One more is closed at once:
+/// that ADD fails and the kubelet retries it.
+pub const ADMISSION_MAX_CONNECTIONS: usize = 128;
 
 impl PolicyOptions {
     /// From the agent's flags: `--flow-log` (default `<runDir>/flows.jsonl`, `off` disables),
@@ -121,6 +128,7 @@ impl PolicyOptions {
             node_addrs,
             flow_log,
             log_allowed: args.flow_log_allowed,
+            admission_cap: crate::listen::ConnLimit::new("admission", ADMISSION_MAX_CONNECTIONS),
         }
     }
 
@@ -237,7 +245,12 @@ impl PolicyAgent {
             pods_task,
             ns_task,
             np_task,
-            tokio::spawn(server::serve(listener, shared.clone(), config.timeout())),
+            tokio::spawn(server::serve(
+                listener,
+                shared.clone(),
+                config.timeout(),
+                shared.options.admission_cap.clone(),
+            )),
             tokio::spawn(run_loop(shared.clone())),
         ];
         Ok(PolicyAgent {

@@ -33,17 +33,41 @@ pub fn bind(run_dir: &Path) -> Result<UnixListener, PolicyAgentError> {
     Ok(listener)
 }
 
-/// Accepts connections forever; each is served on its own task.
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>, client_timeout: Duration) {
+/// Time a client has to send its request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time the answer may take to write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Accepts connections forever; each is served on its own task, at most `cap` at once (one more
+/// is closed at once, see `crate::listen`). A connection lives at most [`READ_TIMEOUT`] + the
+/// admission budget + [`WRITE_TIMEOUT`].
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    client_timeout: Duration,
+    cap: Arc<crate::listen::ConnLimit>,
+) {
     // Answer a little before the plugin gives up, so it gets the reason instead of a timeout.
     let budget = client_timeout.saturating_sub(Duration::from_millis(500));
+    let mut failures: u64 = 0;
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_one(stream, shared.clone(), budget));
+                let Some(permit) = cap.try_admit() else {
+                    drop(stream);
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    serve_one(stream, shared, budget).await;
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "admission socket accept failed");
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, "admission socket accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -54,7 +78,7 @@ async fn serve_one(stream: UnixStream, shared: Arc<Shared>, budget: Duration) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let mut reader = BufReader::new(read).take(MAX_LINE as u64 + 1);
-    let read = tokio::time::timeout(Duration::from_secs(2), reader.read_until(b'\n', &mut line));
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line));
     let response = match read.await {
         Ok(Ok(n)) if n > 0 => match decode_line::<Request>(&line) {
             Ok(Request::Admit {
@@ -73,7 +97,7 @@ async fn serve_one(stream: UnixStream, shared: Arc<Shared>, budget: Duration) {
     if let Response::Refused { reason } = &response {
         tracing::warn!(reason = %reason, "pod admission refused");
     }
-    let _ = write.write_all(&encode_line(&response)).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&encode_line(&response))).await;
 }
 
 /// Records the attachment, triggers a sync and waits until an applied generation guards every
