@@ -5,28 +5,9 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn verify(lab: &Lab, from: &str, to: &str, expect: &str) -> Output {
-    Command::new("./scripts/verify-ciphertext.sh")
-        .args(["--lab", &lab.name, from, to, expect])
-        .env("VEILNET", env!("CARGO_BIN_EXE_veilnet"))
-        .output()
-        .expect("run verify-ciphertext.sh")
-}
-
-fn assert_wire(lab: &Lab, from: &str, to: &str, expect: &str) {
-    let out = verify(lab, from, to, expect);
-    assert!(
-        out.status.success(),
-        "expected {expect} on the wire:\n{}\n{}",
-        text(&out),
-        lab.logs()
-    );
-}
 
 /// Two serving pods, `a` on node-1 and `b` on node-2 (and `c` on node-3 with three nodes).
 fn two_pods(lab: &Lab, nodes: usize) {
@@ -158,20 +139,6 @@ fn annotation(lab: &Lab, node: &str, key: &str) -> String {
         .to_string()
 }
 
-fn record_address(lab: &Lab, node: &str, ip: &str) {
-    let patch =
-        serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
-    lab.kubectl_ok(&[
-        "patch",
-        "node",
-        node,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        &patch.to_string(),
-    ]);
-}
-
 #[test]
 fn rogue_nodes_attract_none_of_a_nodes_traffic() {
     let lab = Lab::up("rog", &["--nodes", "2"]);
@@ -249,7 +216,7 @@ fn rogue_nodes_attract_none_of_a_nodes_traffic() {
         "rogue-unrecorded",
         "10.244.76.0/24",
         serde_json::json!({
-        "veilnet.io/underlay-ip": "172.30.0.12", "veilnet.io/vtep-mac": "06:00:00:00:00:76",
+        "veilnet.io/underlay-ip": "172.30.0.77", "veilnet.io/vtep-mac": "06:00:00:00:00:76",
         "veilnet.io/encryption-mode": "on",
         "veilnet.io/wg-public-key": "cm9ndWUtdW5yZWNvcmRlZC1rZXktMzItYnl0ZXMuLi4=",
         "veilnet.io/wg-endpoint": "172.30.0.12:51820"}),

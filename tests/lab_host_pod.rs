@@ -9,24 +9,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-
-fn wire(lab: &Lab, from: &str, to: &str, expect: &str) {
-    let out = Command::new("./scripts/verify-ciphertext.sh")
-        .args(["--lab", &lab.name, from, to, expect])
-        .env("VEILNET", env!("CARGO_BIN_EXE_veilnet"))
-        .output()
-        .expect("run verify-ciphertext.sh");
-    assert!(
-        out.status.success(),
-        "{from} -> {to}: expected {expect} on the wire:\n{}",
-        text(&out),
-    );
-}
 
 fn two_nodes() -> Lab {
     let lab = Lab::up("hp", &["--nodes", "2"]);
@@ -71,10 +57,10 @@ fn host_and_remote_pods_talk_inside_the_pairs_path_in_every_mode() {
             ("default/a", "node:node-2"),
             ("node:node-2", "default/a"),
         ] {
-            wire(&lab, from, to, expect);
+            assert_wire(&lab, from, to, expect);
         }
         // Pod to pod keeps its path too.
-        wire(&lab, "default/a", "default/b", expect);
+        assert_wire(&lab, "default/a", "default/b", expect);
     }
 }
 

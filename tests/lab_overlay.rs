@@ -421,6 +421,8 @@ fn malformed_and_lying_peers_are_ignored() {
         serde_json::json!({"veilnet.io/underlay-ip": "172.30.0.99", "veilnet.io/vtep-mac": "06:00:00:00:00:99",
                            "veilnet.io/pod-cidrs": "10.244.1.0/24"}),
     ));
+    // The cluster records the liar's address (its kubelet would), so only the CIDR lie remains.
+    record_address(&lab, "rogue-liar", "172.30.0.99");
     eventually(
         Duration::from_secs(10),
         "node-2 accepts the liar only for its own CIDR",

@@ -456,7 +456,8 @@ fn drift_is_repaired_in_place_and_incompatible_vxlan_is_replaced() {
                 "replace neigh 10.244.2.0 lladdr {} dev veilvx1",
                 derive_vtep_mac("node-b")
             ),
-            "replace route 10.244.2.0/24 via 10.244.2.0 dev veilvx1 onlink".to_string(),
+            "replace route 10.244.2.0/24 via 10.244.2.0 dev veilvx1 onlink src 192.168.77.1"
+                .to_string(),
         ]
     );
     assert_eq!(

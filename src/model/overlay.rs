@@ -300,7 +300,7 @@ pub enum RejectReason {
     },
     #[error("pod CIDR {cidr} contains the underlay address {ip} (tunnel traffic would loop)")]
     ContainsUnderlayIp { cidr: IpNet, ip: IpAddr },
-    #[error("underlay address {ip} is also claimed by node {other_node}")]
+    #[error("underlay address {ip} is held by node {other_node}")]
     DuplicateUnderlayIp { ip: IpAddr, other_node: String },
 }
 

@@ -471,3 +471,37 @@ pub fn set_mode(lab: &Lab, node: &str, mode: &str) {
         "--overwrite",
     ]);
 }
+
+/// Runs scripts/verify-ciphertext.sh against the lab (ends are `NS/POD` or `node:NODE`).
+pub fn verify(lab: &Lab, from: &str, to: &str, expect: &str) -> Output {
+    Command::new("./scripts/verify-ciphertext.sh")
+        .args(["--lab", &lab.name, from, to, expect])
+        .env("VEILNET", env!("CARGO_BIN_EXE_veilnet"))
+        .output()
+        .expect("run verify-ciphertext.sh")
+}
+
+pub fn assert_wire(lab: &Lab, from: &str, to: &str, expect: &str) {
+    let out = verify(lab, from, to, expect);
+    assert!(
+        out.status.success(),
+        "expected {expect} on the wire:\n{}\n{}",
+        text(&out),
+        lab.logs()
+    );
+}
+
+/// Writes the addresses the cluster records for a Node (what its kubelet would write).
+pub fn record_address(lab: &Lab, node: &str, ip: &str) {
+    let patch =
+        serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+    lab.kubectl_ok(&[
+        "patch",
+        "node",
+        node,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
