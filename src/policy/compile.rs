@@ -203,6 +203,10 @@ pub struct CompiledPolicy {
     pub chains: Vec<PodChain>,
     pub anti_spoof: Vec<AntiSpoofPort>,
     pub warnings: Vec<Warning>,
+    /// Every pod address of the cluster (not host-network pods): a packet *related* to a
+    /// connection (an ICMP error) from one of them is accepted only from the connection's own
+    /// ends, so a pod cannot forge errors about other pods' connections.
+    pub pod_ips: std::collections::BTreeSet<IpAddr>,
 }
 
 impl CompiledPolicy {
@@ -256,6 +260,7 @@ pub fn compile_with(
     c.out.options = options.clone();
     c.compile_policies();
     c.compile_anti_spoof();
+    c.out.pod_ips = c.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
     c.out
 }
 

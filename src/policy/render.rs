@@ -314,12 +314,38 @@ impl Renderer<'_> {
             objects.push(self.pod_chain(i, chain));
         }
 
+        // `x . x` for every pod address: `saddr . saddr` in it means "from a pod", and
+        // `saddr . <an end of the connection>` in it means "from that end".
+        for v6 in [false, true] {
+            let (f, ty) = fam(v6);
+            objects.push(set(
+                format!("pod_self_{f}"),
+                &format!("{ty} . {ty}"),
+                false,
+                p.pod_ips
+                    .iter()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .map(|ip| format!("{ip} . {ip}"))
+                    .collect(),
+            ));
+        }
+        objects.push(counter("forged_related", None));
         objects.push(NftObject {
             kind: ObjectKind::Chain,
             name: "forward".into(),
             decl: vec!["type filter hook forward priority filter; policy accept;".into()],
             content: [
-                "ct state established,related accept",
+                "ct state established accept",
+                // Related packets (ICMP errors) from a router, a node or outside the cluster, or
+                // from an end of the connection they refer to. A pod's forged error about
+                // another pod's connection matches none of these.
+                "ct state related ip saddr . ip saddr != @pod_self_v4 accept",
+                "ct state related ip saddr . ct original ip saddr @pod_self_v4 accept",
+                "ct state related ip saddr . ct original ip daddr @pod_self_v4 accept",
+                "ct state related ip6 saddr . ip6 saddr != @pod_self_v6 accept",
+                "ct state related ip6 saddr . ct original ip6 saddr @pod_self_v6 accept",
+                "ct state related ip6 saddr . ct original ip6 daddr @pod_self_v6 accept",
+                "ct state related counter name forged_related drop",
                 "ct state invalid drop",
                 "ip saddr @node_v4 accept",
                 "ip6 saddr @node_v6 accept",
