@@ -61,7 +61,56 @@ fn host_and_remote_pods_talk_inside_the_pairs_path_in_every_mode() {
         }
         // Pod to pod keeps its path too.
         assert_wire(&lab, "default/a", "default/b", expect);
+        // The path's device MTU: the TUN's (1440) or the VXLAN device's (1450), both sized for
+        // a 1500-byte underlay.
+        match path {
+            "wireguard" => full_size_packets_cross(&lab, 1440),
+            "vxlan" => full_size_packets_cross(&lab, 1450),
+            _ => {}
+        }
     }
+}
+
+/// MTUs hold on the host paths: a full-size DF packet from the host crosses, one that exceeds
+/// the path device's MTU does not leave; a pod's full-size packet reaches the other host.
+fn full_size_packets_cross(lab: &Lab, mtu: u32) {
+    let b = lab.wait_pod_ip("default/b", Duration::from_secs(5));
+    let ping = |netns: &str, to: &str, payload: u32| {
+        let mut cmd = std::process::Command::new("ping");
+        cmd.args([
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &payload.to_string(),
+            to,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        veilnet::netns::command_in(netns, &mut cmd).unwrap();
+        cmd.status().unwrap().success()
+    };
+    // The pod's MTU (1440) minus 20 (IPv4) and 8 (ICMP) always crosses; beyond the path device's
+    // MTU nothing leaves (between the two, over VXLAN, node-2 answers "fragmentation needed"
+    // for the pod's 1440-byte link: ordinary path MTU discovery).
+    let node1 = lab.node_netns(1);
+    let full = 1440 - 28;
+    assert!(
+        ping(&node1, &b, full),
+        "host(node-1) → pod b: a full-size packet is lost"
+    );
+    assert!(
+        !ping(&node1, &b, mtu - 28 + 1),
+        "host(node-1) → pod b: an oversized DF packet left"
+    );
+    let a = lab.pod_netns("default/a");
+    assert!(
+        ping(&a, "172.30.0.12", 1412),
+        "pod a → host(node-2): a full-size packet is lost"
+    );
 }
 
 /// The node's host network probes pod b on node-2 every 50 ms while `disturb` runs; returns

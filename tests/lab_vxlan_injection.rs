@@ -102,17 +102,19 @@ impl Victim {
     }
 }
 
-fn rejected_count(lab: &Lab, node: usize) -> u64 {
+/// A named counter of a node's wire table.
+fn wire_counter(lab: &Lab, node: usize, counter: &str) -> u64 {
+    let ns = lab.node_netns(node);
     let out = ok(Command::new("ip").args([
         "netns",
         "exec",
-        &lab.node_netns(node),
+        &ns,
         "nft",
         "list",
         "counter",
         "inet",
         "veilnet_wire",
-        "vxlan_rejected",
+        counter,
     ]));
     out.split_whitespace()
         .skip_while(|w| *w != "packets")
@@ -179,13 +181,13 @@ impl Setup {
         to: SocketAddr,
         inner_src: Ipv4Addr,
     ) {
-        let counted = rejected_count(&self.lab, 1);
+        let counted = wire_counter(&self.lab, 1, "vxlan_rejected");
         assert!(
             !self.inject(case, netns, to, inner_src),
             "{case}: the forged frame reached the pod on node-1"
         );
         assert!(
-            rejected_count(&self.lab, 1) > counted,
+            wire_counter(&self.lab, 1, "vxlan_rejected") > counted,
             "{case}: the rejection was not counted"
         );
     }
@@ -273,6 +275,18 @@ fn forged_vxlan_never_reaches_a_pod_unless_a_vxlan_peer_sends_its_own_pods_traff
         gateway,
         s.p2,
         &s.p2.to_string(),
+    );
+    // A pod sending to node-1's WireGuard port: never taken as a peer's (it arrives in a tunnel).
+    let before = wire_counter(lab, 1, "wireguard_rejected");
+    send_from(
+        &p3_ns,
+        "172.30.0.11:51820".parse().unwrap(),
+        vec![1, 0, 0, 0],
+    );
+    eventually(
+        Duration::from_secs(2),
+        "the WireGuard port refuses a pod",
+        || wire_counter(lab, 1, "wireguard_rejected") > before,
     );
     // A pod on node-1 to its own node.
     let victim_ns = s.victim.netns.clone();

@@ -135,8 +135,8 @@ pub struct Reconciler {
     rejected: BTreeMap<String, String>,
     /// Peer → path of the last pass (same purpose).
     paths: BTreeMap<String, String>,
-    /// At most one log line and Event per peer per window: a Node writer who keeps changing a
-    /// value must not be able to flood the log or the Events.
+    /// A few reports (log lines and Events) per peer per minute: a Node writer who keeps changing
+    /// a value must not be able to flood the log or the Events.
     report_limit: ReportLimit,
     /// The wire rules last loaded (reloaded only when they change).
     wire_loaded: Option<WireRules>,
@@ -173,6 +173,14 @@ pub fn own_annotations(
         (annotations::WG_ENDPOINT.to_string(), endpoint.to_string()),
         (annotations::ENCRYPTION_MODE.to_string(), mode.to_string()),
     ])
+}
+
+/// The Node's `metadata.creationTimestamp` in Unix seconds: who was there first.
+fn created_seconds(node: &Node) -> Option<i64> {
+    node.metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
 }
 
 /// The addresses the cluster records for a Node (`status.addresses`: InternalIP and ExternalIP).
@@ -222,11 +230,7 @@ pub fn overlay_input(
                 return None;
             }
             let mut peer = PeerNode::from_annotations(name, anns, cidrs, recorded_addresses(n));
-            peer.created = n
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.as_second());
+            peer.created = created_seconds(n);
             Some(peer)
         })
         .collect();
@@ -384,11 +388,7 @@ impl Reconciler {
                     n.metadata.labels.as_ref().unwrap_or(&empty),
                 );
                 c.underlay_ip = Some(accepted.underlay_ip);
-                c.created = n
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map(|t| t.0.as_second());
+                c.created = created_seconds(n);
                 c.vxlan_unusable = accepted.vxlan_unusable.clone();
                 Some(c)
             })
