@@ -11,30 +11,19 @@ use std::time::Duration;
 
 use common::*;
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// ICMP destination unreachable / port unreachable quoting the UDP datagram `src → dst`.
 fn port_unreachable(src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
     let mut inner = vec![0x45, 0, 0, 28, 0, 1, 0x40, 0, 64, 17, 0, 0];
     inner.extend(src.ip().octets());
     inner.extend(dst.ip().octets());
-    let sum = checksum(&inner);
+    let sum = inet_checksum(&inner);
     inner[10..12].copy_from_slice(&sum.to_be_bytes());
     inner.extend(src.port().to_be_bytes());
     inner.extend(dst.port().to_be_bytes());
     inner.extend([0, 8, 0, 0]);
     let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
     icmp.extend(inner);
-    let sum = checksum(&icmp);
+    let sum = inet_checksum(&icmp);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     icmp
 }

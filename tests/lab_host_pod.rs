@@ -28,6 +28,13 @@ fn two_nodes() -> Lab {
     for name in ["default/a", "default/b"] {
         lab.wait_pod_ip(name, Duration::from_secs(60));
     }
+    wait_path(
+        &lab,
+        "node-1",
+        "node-2",
+        "wireguard",
+        Duration::from_secs(20),
+    );
     lab
 }
 
@@ -142,13 +149,6 @@ fn probing_while(lab: &Lab, disturb: impl FnOnce()) -> (usize, usize) {
 #[test]
 fn host_traffic_to_a_remote_pod_survives_the_peers_agent_restart_and_a_key_rotation() {
     let lab = two_nodes();
-    wait_path(
-        &lab,
-        "node-1",
-        "node-2",
-        "wireguard",
-        Duration::from_secs(20),
-    );
     let (answered, lost) = probing_while(&lab, || {
         std::thread::sleep(Duration::from_secs(1));
         lab.kill_daemon("agent-node-2");
@@ -194,13 +194,6 @@ fn ingress_policy(lab: &Lab, from: &str) {
 #[test]
 fn network_policy_sees_the_remote_nodes_real_address() {
     let lab = two_nodes();
-    wait_path(
-        &lab,
-        "node-1",
-        "node-2",
-        "wireguard",
-        Duration::from_secs(20),
-    );
     let b = format!(
         "{}:80",
         lab.wait_pod_ip("default/b", Duration::from_secs(5))

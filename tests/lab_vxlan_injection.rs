@@ -16,17 +16,6 @@ use common::*;
 /// The port the victim listens on (a socket the test opens in the victim pod's netns).
 const VICTIM_PORT: u16 = 7777;
 
-fn checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// VXLAN (VNI 1) + Ethernet to `vtep_mac` + IPv4/UDP from `inner_src` to `inner_dst:VICTIM_PORT`
 /// carrying `marker`: what the kernel's VXLAN device decapsulates and routes.
 fn vxlan_datagram(
@@ -44,7 +33,7 @@ fn vxlan_datagram(
     ip[2..4].copy_from_slice(&total.to_be_bytes());
     ip.extend(inner_src.octets());
     ip.extend(inner_dst.octets());
-    let sum = checksum(&ip);
+    let sum = inet_checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     d.extend(ip);
     d.extend(40001u16.to_be_bytes());

@@ -505,3 +505,15 @@ pub fn record_address(lab: &Lab, node: &str, ip: &str) {
         &patch.to_string(),
     ]);
 }
+
+/// The Internet checksum (RFC 1071) of `data`, for crafted IPv4 and ICMP headers.
+pub fn inet_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
