@@ -331,6 +331,12 @@ fn encode_policy(
     )?;
     family(
         encoder,
+        "policy_connections_cut",
+        "Established connections cut because a policy change denied them (policyStrictMode)",
+        vec![(vec![], ConstCounter::new(ps.connections_cut))],
+    )?;
+    family(
+        encoder,
         "spoofed_packets",
         "Frames dropped because a pod sent with an IP or MAC that is not its own",
         vec![(vec![], ConstCounter::new(c.spoofed.packets))],

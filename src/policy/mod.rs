@@ -71,6 +71,7 @@ mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
+pub mod conntrack;
 pub mod counters;
 mod diff;
 mod explain;
