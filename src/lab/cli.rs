@@ -99,7 +99,7 @@ pub struct UpArgs {
     pub encryption: Mode,
     /// The agents' `--policy-strict-mode` (cut established connections a policy change denies);
     /// the agents' default when absent.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub policy_strict_mode: Option<bool>,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = agnhost::parse_duration)]

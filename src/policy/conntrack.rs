@@ -70,8 +70,8 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 
-/// A dump larger than this is refused rather than held in memory (the kernel's default
-/// `nf_conntrack_max` is 262,144 on big hosts).
+/// A dump longer than this is given up (a table growing under the walk); the kernel's default
+/// `nf_conntrack_max` is at most 262,144.
 pub const MAX_ENTRIES: usize = 4 << 20;
 
 /// One direction of a connection as conntrack records it.
@@ -367,26 +367,35 @@ impl ConntrackSocket {
         self.seq
     }
 
-    /// The whole conntrack table of the namespace.
-    pub fn dump(&mut self) -> Result<Vec<CtEntry>, ConntrackError> {
+    /// Walks the whole conntrack table of the namespace, handing each entry to `each` as it
+    /// arrives (nothing is held but one receive buffer); returns how many there were.
+    pub fn dump_each(&mut self, mut each: impl FnMut(CtEntry)) -> Result<usize, ConntrackError> {
         let seq = self.next_seq();
         self.send(&dump_request(seq))
             .map_err(ConntrackError::Dump)?;
-        let mut entries = Vec::new();
+        let mut count = 0;
         loop {
             let n = self.recv().map_err(ConntrackError::Dump)?;
             let part = parse_dump(&self.buf[..n]);
-            entries.extend(part.entries);
-            if entries.len() > MAX_ENTRIES {
+            count += part.entries.len();
+            part.entries.into_iter().for_each(&mut each);
+            if count > MAX_ENTRIES {
                 return Err(ConntrackError::TooMany(MAX_ENTRIES));
             }
             if let Some(e) = part.error.filter(|e| *e != 0) {
                 return Err(ConntrackError::Dump(std::io::Error::from_raw_os_error(-e)));
             }
             if part.done || n == 0 {
-                return Ok(entries);
+                return Ok(count);
             }
         }
+    }
+
+    /// The whole conntrack table of the namespace.
+    pub fn dump(&mut self) -> Result<Vec<CtEntry>, ConntrackError> {
+        let mut entries = Vec::new();
+        self.dump_each(|e| entries.push(e))?;
+        Ok(entries)
     }
 
     /// Deletes one entry by its original tuple. `Ok(false)`: it was gone already (ENOENT).
@@ -401,12 +410,17 @@ impl ConntrackSocket {
         }
     }
 
-    /// Dumps, keeps what `model` denies, deletes it.
+    /// Dumps, keeps what `model` denies ([`denies`], as [`connections_to_cut`] does), and deletes
+    /// it once the dump is over.
     pub fn cut(&mut self, model: &CompiledPolicy) -> Result<CutReport, ConntrackError> {
-        let entries = self.dump()?;
-        let denied = connections_to_cut(model, &entries);
+        let mut denied = Vec::new();
+        let examined = self.dump_each(|e| {
+            if denies(model, &e) {
+                denied.push(e);
+            }
+        })?;
         let mut report = CutReport {
-            examined: entries.len(),
+            examined,
             denied: denied.len(),
             ..Default::default()
         };

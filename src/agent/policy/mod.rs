@@ -385,8 +385,7 @@ async fn sync(
             .collect::<Vec<_>>(),
     );
     let kernel = kernel.clone();
-    let strict = opts.strict_mode;
-    let cut = tokio::task::spawn_blocking(move || {
+    let (changed, model) = tokio::task::spawn_blocking(move || {
         let mut k = lock(&kernel);
         let Kernel { applier, bank } = &mut *k;
         // Rendered against the ruleset in the kernel so that names stay put and the update is
@@ -403,11 +402,7 @@ async fn sync(
             }
             ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         }
-        // Strict mode: the new ruleset is in place, so what is cut now comes back as a new
-        // connection and meets it. A failure leaves the connections alone (logged, not retried
-        // by a sync: the next change runs it again).
-        let cut = (strict && outcome != ApplyOutcome::Unchanged).then(|| cut_denied(&model));
-        Ok::<_, PolicyError>(cut.flatten())
+        Ok::<_, PolicyError>((outcome != ApplyOutcome::Unchanged, model))
     })
     .await
     .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
@@ -416,6 +411,18 @@ async fn sync(
     let generation = shared.applied.borrow().generation + 1;
     shared.applied.send_replace(Applied { generation, ports });
     let elapsed = start.elapsed();
+    // Strict mode, after the generation is published (an ADD waiting for it does not wait for
+    // the conntrack pass): the new ruleset is in place, so what is cut now comes back as a new
+    // connection and meets it. A failure leaves the connections alone (logged; the next change
+    // runs the pass again).
+    let cut = if opts.strict_mode && changed {
+        tokio::task::spawn_blocking(move || cut_denied(&model))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
     let status = {
         let mut s = lock(&shared.status);
         s.generation = generation;
