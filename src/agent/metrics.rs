@@ -448,4 +448,22 @@ mod tests {
         }
         assert!(!text.contains(r#"wireguard_sent_bytes_total{peer="node-3"}"#));
     }
+
+    #[test]
+    fn policy_metrics_count_the_strict_modes_cuts() {
+        let m = Metrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy-status.json");
+        let status = super::super::policy::status::PolicyStatus {
+            connections_cut: 3,
+            ..Default::default()
+        };
+        status.write(&path).unwrap();
+        *m.sources.policy_status.lock().unwrap() = Some(path);
+        let text = m.encode();
+        assert!(
+            text.contains("veilnet_policy_connections_cut_total 3"),
+            "{text}"
+        );
+    }
 }
