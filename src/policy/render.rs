@@ -314,13 +314,18 @@ impl Renderer<'_> {
             objects.push(self.pod_chain(i, chain));
         }
 
-        objects.push(NftObject {
-            kind: ObjectKind::Chain,
-            name: "forward".into(),
-            decl: vec!["type filter hook forward priority filter; policy accept;".into()],
-            content: [
-                "ct state established,related accept",
-                "ct state invalid drop",
+        let mut forward: Vec<String> = [
+            "ct state established,related accept",
+            "ct state invalid drop",
+        ]
+        .map(String::from)
+        .to_vec();
+        if p.options.tcp_new_needs_syn {
+            // Only new (or untracked) packets get here.
+            forward.push("tcp flags & (fin | syn | rst | ack) != syn drop".into());
+        }
+        forward.extend(
+            [
                 "ip saddr @node_v4 accept",
                 "ip6 saddr @node_v6 accept",
                 "ip saddr vmap @egress_v4",
@@ -328,8 +333,13 @@ impl Renderer<'_> {
                 "ip daddr vmap @ingress_v4",
                 "ip6 daddr vmap @ingress_v6",
             ]
-            .map(String::from)
-            .to_vec(),
+            .map(String::from),
+        );
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "forward".into(),
+            decl: vec!["type filter hook forward priority filter; policy accept;".into()],
+            content: forward,
         });
         NftTable {
             family: Family::Inet,

@@ -143,6 +143,7 @@ impl PolicyOptions {
         CompileOptions {
             log_allowed: self.log_allowed,
             drop_unknown_pod_ports: true,
+            tcp_new_needs_syn: self.strict_mode,
             ..CompileOptions::default()
         }
     }
