@@ -19,7 +19,9 @@
 //! **`table inet veilnet`** — policy.
 //! - `chain forward` (hook forward, priority filter, policy accept):
 //!   `ct state established,related accept` (replies and ongoing allowed connections);
-//!   `ct state invalid drop`; traffic from the node's own addresses (`@node_v4/6`) is accepted;
+//!   `ct state invalid drop`; with [`CompileOptions::tcp_new_needs_syn`] (strict mode, see
+//!   `conntrack`) new TCP packets that are no SYN are dropped; traffic from the node's own
+//!   addresses (`@node_v4/6`) is accepted;
 //!   then `ip saddr vmap @egress_v4` and `ip daddr vmap @ingress_v4` (and v6). The maps send a
 //!   local pod's IP to that pod's chain, so the per-packet cost is two hash lookups plus the rules
 //!   of the policies that select this very pod, whatever the total number of policies.
