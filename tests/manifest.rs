@@ -404,6 +404,7 @@ fn config_file_keys_are_the_agents_and_resolve_to_a_valid_config() {
     assert_eq!(json["encryption"], "on");
     assert_eq!(json["wireguardPort"], 51820);
     assert_eq!(json["logFormat"], "text");
+    assert_eq!(json["policyStrictMode"], true);
     let mut accepted = serde_json::Map::new();
     for (key, value) in &json {
         let alone = serde_json::json!({ key.clone(): value.clone() });

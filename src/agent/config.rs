@@ -99,6 +99,11 @@ pub struct AgentArgs {
     /// Also log connections that a policy allowed (rate-limited), not only denials.
     #[arg(long, env = "VEILNET_FLOW_LOG_ALLOWED")]
     pub flow_log_allowed: bool,
+    /// Cut established connections that a NetworkPolicy change denies (their conntrack entries
+    /// are deleted); `--policy-strict-mode=false` lets them run on. Default: on.
+    #[arg(long, env = "VEILNET_POLICY_STRICT_MODE", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true)]
+    pub policy_strict_mode: Option<bool>,
 }
 
 /// The config file's shape; every key optional.
@@ -122,6 +127,7 @@ pub struct FileConfig {
     pub wireguard_port: Option<u16>,
     /// `text` or `json`; `--log-format` / `VEILNET_LOG_FORMAT` win over it.
     pub log_format: Option<LogFormat>,
+    pub policy_strict_mode: Option<bool>,
 }
 
 impl AgentArgs {
@@ -153,6 +159,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub encryption: Mode,
     pub wireguard_port: u16,
+    /// Established connections a policy change denies are cut ([`DEFAULT_POLICY_STRICT_MODE`]).
+    pub policy_strict_mode: bool,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
@@ -161,6 +169,9 @@ pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9891";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9892";
+/// A deny is a deny, for connections opened before it too (kube-network-policies' default; the
+/// NetworkPolicy API leaves it open). README: "NetworkPolicy", strict mode.
+pub const DEFAULT_POLICY_STRICT_MODE: bool = true;
 
 impl AgentConfig {
     pub fn resolve(args: &AgentArgs) -> Result<Self, ConfigError> {
@@ -232,6 +243,10 @@ impl AgentConfig {
                 .wireguard_port
                 .or(file.wireguard_port)
                 .unwrap_or(DEFAULT_WG_PORT),
+            policy_strict_mode: args
+                .policy_strict_mode
+                .or(file.policy_strict_mode)
+                .unwrap_or(DEFAULT_POLICY_STRICT_MODE),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -320,6 +335,36 @@ mod tests {
             (1, 8472, 24)
         );
         assert_eq!(c.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert!(c.policy_strict_mode);
+    }
+
+    #[test]
+    fn policy_strict_mode_from_flag_env_and_file() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["agent", "--node-name", "n"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.agent.policy_strict_mode)
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(parse(&["--policy-strict-mode"]).unwrap(), Some(true));
+        assert_eq!(parse(&["--policy-strict-mode=false"]).unwrap(), Some(false));
+        assert!(parse(&["--policy-strict-mode=maybe"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"policyStrictMode": false}"#).unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        assert!(!AgentConfig::resolve(&a).unwrap().policy_strict_mode);
+        // The flag wins over the file.
+        a.policy_strict_mode = Some(true);
+        assert!(AgentConfig::resolve(&a).unwrap().policy_strict_mode);
     }
 
     #[test]

@@ -331,6 +331,12 @@ fn encode_policy(
     )?;
     family(
         encoder,
+        "policy_connections_cut",
+        "Established connections cut because a policy change denied them (policyStrictMode)",
+        vec![(vec![], ConstCounter::new(ps.connections_cut))],
+    )?;
+    family(
+        encoder,
         "spoofed_packets",
         "Frames dropped because a pod sent with an IP or MAC that is not its own",
         vec![(vec![], ConstCounter::new(c.spoofed.packets))],
@@ -441,5 +447,23 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         assert!(!text.contains(r#"wireguard_sent_bytes_total{peer="node-3"}"#));
+    }
+
+    #[test]
+    fn policy_metrics_count_the_strict_modes_cuts() {
+        let m = Metrics::new();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy-status.json");
+        let status = super::super::policy::status::PolicyStatus {
+            connections_cut: 3,
+            ..Default::default()
+        };
+        status.write(&path).unwrap();
+        *m.sources.policy_status.lock().unwrap() = Some(path);
+        let text = m.encode();
+        assert!(
+            text.contains("veilnet_policy_connections_cut_total 3"),
+            "{text}"
+        );
     }
 }

@@ -97,6 +97,10 @@ pub struct UpArgs {
     /// Default encryption mode of the agents; per node, label `veilnet.io/encryption=on|off|strict`.
     #[arg(long, value_enum, default_value_t = Mode::On)]
     pub encryption: Mode,
+    /// The agents' `--policy-strict-mode` (cut established connections a policy change denies);
+    /// the agents' default when absent.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub policy_strict_mode: Option<bool>,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = agnhost::parse_duration)]
     pub timeout: Duration,
@@ -176,6 +180,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         cni: args.cni,
         pod_cidrs: args.pod_cidrs,
         encryption: args.encryption,
+        policy_strict_mode: args.policy_strict_mode,
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
@@ -516,7 +521,7 @@ fn kubelet_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
 
 fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
     let path = |p: std::path::PathBuf| p.display().to_string();
-    vec![
+    let mut args = vec![
         "agent".to_string(),
         "--node-name".into(),
         node.name.clone(),
@@ -546,7 +551,11 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         "127.0.0.1:9891".into(),
         "--metrics-addr".into(),
         format!("{}:9892", node.ip),
-    ]
+    ];
+    if let Some(strict) = lab.spec.policy_strict_mode {
+        args.push(format!("--policy-strict-mode={strict}"));
+    }
+    args
 }
 
 fn node_ready(node: &Node) -> bool {

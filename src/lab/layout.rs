@@ -68,6 +68,9 @@ pub struct LabSpec {
     /// Default encryption mode of the agents (per node: the `veilnet.io/encryption` label).
     #[serde(default = "default_encryption")]
     pub encryption: Mode,
+    /// The agents' `--policy-strict-mode` (`None`: their default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_strict_mode: Option<bool>,
 }
 
 fn default_encryption() -> Mode {
@@ -264,6 +267,7 @@ mod tests {
             cni: CniMode::Reference,
             pod_cidrs: PodCidrMode::Assigned,
             encryption: Mode::On,
+            policy_strict_mode: None,
         }
     }
 

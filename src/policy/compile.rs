@@ -60,6 +60,11 @@ pub struct CompileOptions {
     /// pods the agent has not described yet; off by default so a missing MAC or veth name in the
     /// agent's input cannot black-hole a pod.
     pub drop_unknown_pod_ports: bool,
+    /// Drop TCP packets that conntrack sees as new but that are no SYN (a connection picked up
+    /// mid-stream). Strict mode needs it: once a denied connection's entry is deleted, a segment
+    /// of the *server* could otherwise start a new entry in the reverse direction, which its
+    /// policies allow, and the client's segments would pass as replies.
+    pub tcp_new_needs_syn: bool,
 }
 
 impl Default for CompileOptions {
@@ -70,6 +75,7 @@ impl Default for CompileOptions {
             log_rate_per_second: 10,
             log_burst: 20,
             drop_unknown_pod_ports: false,
+            tcp_new_needs_syn: false,
         }
     }
 }

@@ -148,6 +148,44 @@ impl fmt::Display for Explanation {
     }
 }
 
+impl CompiledPolicy {
+    /// How this node's ruleset treats a new connection in `direction` of the local pod owning
+    /// `local_ip` with `peer_ip` (the remote side): the pod's chain from the verdict map, its
+    /// rules, default deny. `NotIsolated` when no chain guards that IP on this node. The one
+    /// evaluator behind `explain` and the strict mode's conntrack cut.
+    pub fn decide(
+        &self,
+        direction: Direction,
+        local_ip: IpAddr,
+        peer_ip: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Decision {
+        let Some(chain) = self.chain_for(direction, local_ip) else {
+            return Decision::NotIsolated;
+        };
+        let isolated_by: Vec<ObjectRef> = chain
+            .isolated_by
+            .iter()
+            .map(|i| self.policies[*i].clone())
+            .collect();
+        let by: Vec<RuleRef> = chain
+            .rules
+            .iter()
+            .filter(|r| self.rule_matches(r, peer_ip, protocol, port))
+            .map(|r| RuleRef {
+                policy: self.policies[r.policy].clone(),
+                rule_index: r.rule_index,
+            })
+            .collect();
+        if by.is_empty() {
+            Decision::Denied { isolated_by }
+        } else {
+            Decision::Allowed { by, isolated_by }
+        }
+    }
+}
+
 /// Explains many connections against one cluster state, compiling each node's model once.
 pub struct Explainer<'a> {
     state: &'a ClusterState,
@@ -208,32 +246,10 @@ impl<'a> Explainer<'a> {
             return Decision::NotAPod;
         };
         let state = self.state;
-        let model = self
-            .nodes
+        self.nodes
             .entry(node.clone())
-            .or_insert_with(|| compile(state, node, &[]));
-        let Some(chain) = model.chain_for(direction, local_ip) else {
-            return Decision::NotIsolated;
-        };
-        let isolated_by: Vec<ObjectRef> = chain
-            .isolated_by
-            .iter()
-            .map(|i| model.policies[*i].clone())
-            .collect();
-        let by: Vec<RuleRef> = chain
-            .rules
-            .iter()
-            .filter(|r| model.rule_matches(r, peer_ip, protocol, port))
-            .map(|r| RuleRef {
-                policy: model.policies[r.policy].clone(),
-                rule_index: r.rule_index,
-            })
-            .collect();
-        if by.is_empty() {
-            Decision::Denied { isolated_by }
-        } else {
-            Decision::Allowed { by, isolated_by }
-        }
+            .or_insert_with(|| compile(state, node, &[]))
+            .decide(direction, local_ip, peer_ip, protocol, port)
     }
 
     pub fn explain(

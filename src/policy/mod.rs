@@ -21,7 +21,9 @@
 //!   `ct state established accept` (replies and ongoing allowed connections); related packets
 //!   (ICMP errors) only from non-pod addresses or from an end of the connection they refer to
 //!   (`@pod_self_v4/6`: `x . x` per pod address), else counted (`forged_related`) and dropped;
-//!   `ct state invalid drop`; traffic from the node's own addresses (`@node_v4/6`) is accepted;
+//!   `ct state invalid drop`; with [`CompileOptions::tcp_new_needs_syn`] (strict mode, see
+//!   `conntrack`) new TCP packets that are no SYN are dropped; traffic from the node's own
+//!   addresses (`@node_v4/6`) is accepted;
 //!   then `ip saddr vmap @egress_v4` and `ip daddr vmap @ingress_v4` (and v6). The maps send a
 //!   local pod's IP to that pod's chain, so the per-packet cost is two hash lookups plus the rules
 //!   of the policies that select this very pod, whatever the total number of policies.
@@ -73,6 +75,7 @@ mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
+pub mod conntrack;
 pub mod counters;
 mod diff;
 mod explain;

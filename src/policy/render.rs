@@ -330,23 +330,28 @@ impl Renderer<'_> {
             ));
         }
         objects.push(counter("forged_related", None));
-        objects.push(NftObject {
-            kind: ObjectKind::Chain,
-            name: "forward".into(),
-            decl: vec!["type filter hook forward priority filter; policy accept;".into()],
-            content: [
-                "ct state established accept",
-                // Related packets (ICMP errors) from a router, a node or outside the cluster, or
-                // from an end of the connection they refer to. A pod's forged error about
-                // another pod's connection matches none of these.
-                "ct state related ip saddr . ip saddr != @pod_self_v4 accept",
-                "ct state related ip saddr . ct original ip saddr @pod_self_v4 accept",
-                "ct state related ip saddr . ct original ip daddr @pod_self_v4 accept",
-                "ct state related ip6 saddr . ip6 saddr != @pod_self_v6 accept",
-                "ct state related ip6 saddr . ct original ip6 saddr @pod_self_v6 accept",
-                "ct state related ip6 saddr . ct original ip6 daddr @pod_self_v6 accept",
-                "ct state related counter name forged_related drop",
-                "ct state invalid drop",
+        let mut forward: Vec<String> = [
+            "ct state established accept",
+            // Related packets (ICMP errors) from a router, a node or outside the cluster, or
+            // from an end of the connection they refer to. A pod's forged error about another
+            // pod's connection matches none of these.
+            "ct state related ip saddr . ip saddr != @pod_self_v4 accept",
+            "ct state related ip saddr . ct original ip saddr @pod_self_v4 accept",
+            "ct state related ip saddr . ct original ip daddr @pod_self_v4 accept",
+            "ct state related ip6 saddr . ip6 saddr != @pod_self_v6 accept",
+            "ct state related ip6 saddr . ct original ip6 saddr @pod_self_v6 accept",
+            "ct state related ip6 saddr . ct original ip6 daddr @pod_self_v6 accept",
+            "ct state related counter name forged_related drop",
+            "ct state invalid drop",
+        ]
+        .map(String::from)
+        .to_vec();
+        if p.options.tcp_new_needs_syn {
+            // Only new (or untracked) packets get here.
+            forward.push("tcp flags & (fin | syn | rst | ack) != syn drop".into());
+        }
+        forward.extend(
+            [
                 "ip saddr @node_v4 accept",
                 "ip6 saddr @node_v6 accept",
                 "ip saddr vmap @egress_v4",
@@ -354,8 +359,13 @@ impl Renderer<'_> {
                 "ip daddr vmap @ingress_v4",
                 "ip6 daddr vmap @ingress_v6",
             ]
-            .map(String::from)
-            .to_vec(),
+            .map(String::from),
+        );
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "forward".into(),
+            decl: vec!["type filter hook forward priority filter; policy accept;".into()],
+            content: forward,
         });
         NftTable {
             family: Family::Inet,

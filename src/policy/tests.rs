@@ -593,6 +593,25 @@ fn golden_small_script() {
 }
 
 #[test]
+fn strict_mode_drops_tcp_picked_up_mid_stream_after_the_established_accept() {
+    let s = e2e_state(vec![]);
+    let rule = "tcp flags & (fin | syn | rst | ack) != syn drop";
+    assert!(!render_nft(&compile(&s, "n1", &[])).contains(rule));
+    let opts = CompileOptions {
+        tcp_new_needs_syn: true,
+        ..Default::default()
+    };
+    let script = render_nft(&compile_with(&s, "n1", &[], &opts));
+    let at = |needle: &str| {
+        script
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {script}"))
+    };
+    assert!(at("ct state invalid drop") < at(rule));
+    assert!(at(rule) < at("ip saddr @node_v4 accept"));
+}
+
+#[test]
 fn anti_spoof_rules_pin_mac_and_ips() {
     let s = e2e_state(vec![]);
     let script = render_nft(&compile(&s, "n1", &[]));

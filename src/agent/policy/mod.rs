@@ -52,6 +52,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use veilnet_cni::agent_protocol::AdmissionConfig;
 
+use crate::policy::conntrack::ConntrackSocket;
 use crate::policy::{
     compile_with, enable_bridge_netfilter, render, ApplyOutcome, CompileOptions, NftApplier,
     PolicyError,
@@ -67,6 +68,8 @@ pub const ATTACHMENTS_DIR: &str = "attachments";
 
 /// Coalesces a burst of watch events into one sync.
 const DEBOUNCE: Duration = Duration::from_millis(10);
+/// Bounds each receive of the strict mode's conntrack dump.
+const CONNTRACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Counters, status file and attachment pruning.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
@@ -99,6 +102,9 @@ pub struct PolicyOptions {
     pub log_allowed: bool,
     /// The admission socket's connection cap (`crate::listen`).
     pub admission_cap: Arc<crate::listen::ConnLimit>,
+    /// `policyStrictMode`: after each ruleset change, cut the established connections the new
+    /// policy denies (their conntrack entries are deleted, see `crate::policy::conntrack`).
+    pub strict_mode: bool,
 }
 
 /// At most this many CNI ADDs wait on the admission socket at once (a node runs at most ~110
@@ -129,6 +135,7 @@ impl PolicyOptions {
             flow_log,
             log_allowed: args.flow_log_allowed,
             admission_cap: crate::listen::ConnLimit::new("admission", ADMISSION_MAX_CONNECTIONS),
+            strict_mode: cfg.policy_strict_mode,
         }
     }
 
@@ -136,6 +143,7 @@ impl PolicyOptions {
         CompileOptions {
             log_allowed: self.log_allowed,
             drop_unknown_pod_ports: true,
+            tcp_new_needs_syn: self.strict_mode,
             ..CompileOptions::default()
         }
     }
@@ -378,14 +386,15 @@ async fn sync(
             .collect::<Vec<_>>(),
     );
     let kernel = kernel.clone();
-    tokio::task::spawn_blocking(move || {
+    let (changed, model) = tokio::task::spawn_blocking(move || {
         let mut k = lock(&kernel);
         let Kernel { applier, bank } = &mut *k;
         // Rendered against the ruleset in the kernel so that names stay put and the update is
         // the few elements and chains that changed. Counters are not read here: the applier
         // reads only those its transaction destroys (usually none) and `bank` keeps them.
         let ruleset = render(&model, applier.current());
-        match applier.update(ruleset, &mut |old, destroyed| bank.bank(old, destroyed))? {
+        let outcome = applier.update(ruleset, &mut |old, destroyed| bank.bank(old, destroyed))?;
+        match &outcome {
             ApplyOutcome::Replaced { reason } => {
                 tracing::info!(%reason, "policy ruleset replaced whole")
             }
@@ -394,7 +403,7 @@ async fn sync(
             }
             ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         }
-        Ok::<(), PolicyError>(())
+        Ok::<_, PolicyError>((outcome != ApplyOutcome::Unchanged, model))
     })
     .await
     .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
@@ -403,6 +412,18 @@ async fn sync(
     let generation = shared.applied.borrow().generation + 1;
     shared.applied.send_replace(Applied { generation, ports });
     let elapsed = start.elapsed();
+    // Strict mode, after the generation is published (an ADD waiting for it does not wait for
+    // the conntrack pass): the new ruleset is in place, so what is cut now comes back as a new
+    // connection and meets it. A failure leaves the connections alone (logged; the next change
+    // runs the pass again).
+    let cut = if opts.strict_mode && changed {
+        tokio::task::spawn_blocking(move || cut_denied(&model))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
     let status = {
         let mut s = lock(&shared.status);
         s.generation = generation;
@@ -417,11 +438,38 @@ async fn sync(
         ) = summary;
         s.last_sync_ms = elapsed.as_secs_f64() * 1000.0;
         s.last_error = None;
+        if let Some(cut) = cut {
+            s.connections_cut = s.connections_cut.saturating_add(cut as u64);
+        }
         s.clone()
     };
     tracing::debug!(generation, ms = status.last_sync_ms, "policy synced");
     write_status(&shared.options.run_dir, &status);
     Ok(())
+}
+
+/// Strict mode's pass over the node's conntrack table (blocking): the entries `model` denies as
+/// new connections are deleted. One log line per pass; `None` if the table could not be read.
+fn cut_denied(model: &crate::policy::CompiledPolicy) -> Option<usize> {
+    let start = Instant::now();
+    let report = ConntrackSocket::open(CONNTRACK_TIMEOUT).and_then(|mut s| s.cut(model));
+    match report {
+        Ok(r) => {
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(
+                cut = r.cut,
+                failed = r.failed,
+                examined = r.examined,
+                ms,
+                "strict mode: established connections the new policy denies cut"
+            );
+            Some(r.cut)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "strict mode: cannot read the conntrack table; established connections stay");
+            None
+        }
+    }
 }
 
 /// Brings a pod's bridge port to what ADD makes of it (no learning, no unknown-unicast flooding,

@@ -134,6 +134,10 @@ pub struct PolicyStatus {
     pub warnings: Vec<String>,
     pub last_error: Option<String>,
     pub counters: CounterSnapshot,
+    /// Strict mode: established connections cut because a ruleset change denied them, since
+    /// the agent started.
+    #[serde(default)]
+    pub connections_cut: u64,
 }
 
 impl PolicyStatus {
