@@ -159,7 +159,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let notify = Arc::new(Notify::new());
     let (nodes, nodes_task) =
-        watch::spawn_reflector(nodes_api, watcher::Config::default(), notify.clone());
+        watch::spawn_reflector_where(nodes_api, watcher::Config::default(), notify.clone(), |n| {
+            watch::node_view(n)
+        });
     let (records, records_task) = watch::spawn_reflector(
         Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", podcidr::RECORD_NAME)),

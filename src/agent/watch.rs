@@ -4,6 +4,7 @@
 //! Plans are always computed from the stores' current state, never from individual events, so a
 //! missed or reordered event cannot leave stale state behind.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -26,13 +27,46 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    spawn_reflector_where(api, config, notify, |_| None)
+}
+
+/// Like [`spawn_reflector`], but an applied object wakes `notify` only when `relevant` (what the
+/// planners read of it) changed since that object last woke it; `None` means "always". The store
+/// itself always holds the latest object. Deletions and re-lists always wake.
+pub fn spawn_reflector_where<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    notify: Arc<Notify>,
+    relevant: fn(&K) -> Option<String>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store();
     let kind = K::kind(&Default::default()).to_string();
     let task = tokio::spawn(async move {
         let stream = watcher(api, config).default_backoff().reflect(writer);
         futures::pin_mut!(stream);
+        // Object name → what the planners last saw of it.
+        let mut seen: HashMap<String, String> = HashMap::new();
         while let Some(event) = stream.next().await {
             match event {
+                Ok(watcher::Event::Apply(obj)) | Ok(watcher::Event::InitApply(obj)) => {
+                    let name = obj.meta().name.clone().unwrap_or_default();
+                    match relevant(&obj) {
+                        Some(view) if seen.get(&name) == Some(&view) => {}
+                        Some(view) => {
+                            seen.insert(name, view);
+                            notify.notify_one();
+                        }
+                        None => notify.notify_one(),
+                    }
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    seen.remove(&obj.meta().name.clone().unwrap_or_default());
+                    notify.notify_one();
+                }
                 Ok(_) => notify.notify_one(),
                 // The backoff retries; the store keeps the last good state meanwhile.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; retrying"),
@@ -40,4 +74,55 @@ where
         }
     });
     (store, task)
+}
+
+/// What the planners read of a Node: its labels and annotations, spec (pod CIDRs), recorded
+/// addresses and creation time. Heartbeats (conditions, `lastHeartbeatTime`, images, capacity)
+/// change none of it, so another node's heartbeat wakes no reconcile pass.
+pub fn node_view(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
+    let addresses = node.status.as_ref().map(|s| &s.addresses);
+    serde_json::to_string(&(
+        &node.metadata.labels,
+        &node.metadata.annotations,
+        &node.metadata.creation_timestamp,
+        &node.metadata.deletion_timestamp,
+        &node.spec,
+        addresses,
+    ))
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(extra: serde_json::Value) -> k8s_openapi::api::core::v1::Node {
+        let mut base = serde_json::json!({
+            "metadata": {"name": "n2", "labels": {"a": "b"}, "annotations": {"veilnet.io/x": "1"}},
+            "spec": {"podCIDR": "10.244.2.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.12"}],
+                       "conditions": [{"type": "Ready", "status": "True",
+                                       "lastHeartbeatTime": "2026-12-01T00:00:00Z"}]}
+        });
+        json_patch::merge(&mut base, &extra);
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn heartbeats_do_not_change_the_node_view_but_planner_inputs_do() {
+        let base = node_view(&node(serde_json::json!({}))).unwrap();
+        let heartbeat = node(
+            serde_json::json!({"status": {"conditions": [{"type": "Ready",
+            "status": "True", "lastHeartbeatTime": "2026-12-01T00:00:10Z"}]}}),
+        );
+        assert_eq!(node_view(&heartbeat).unwrap(), base);
+        for change in [
+            serde_json::json!({"metadata": {"labels": {"veilnet.io/encryption": "off"}}}),
+            serde_json::json!({"metadata": {"annotations": {"veilnet.io/x": "2"}}}),
+            serde_json::json!({"spec": {"podCIDR": "10.244.9.0/24"}}),
+            serde_json::json!({"status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.99"}]}}),
+        ] {
+            assert_ne!(node_view(&node(change.clone())).unwrap(), base, "{change}");
+        }
+    }
 }
