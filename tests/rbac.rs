@@ -7,7 +7,7 @@
 //! - `Api<Kind>` bindings (`let x: Api<K>`, parameters `x: &Api<K>`, `let x = Api::<K>::…`) and
 //!   kube `Api` methods called on them (`x.get_opt(`, `x.replace(`, `x.patch_status(` …);
 //! - methods called directly on `Api::<K>::all(…)` / `Api::<K>::namespaced(…)`;
-//! - an `Api` handed to `spawn_reflector(` or `watcher(` (list + watch).
+//! - an `Api` handed to `spawn_reflector(`, `spawn_reflector_where(` or `watcher(` (list + watch).
 //!
 //! Kinds resolve to API groups through `k8s_openapi::api::<group>::<version>::…` paths in the same
 //! file. It does not follow an `Api` across files or through struct fields, dynamic types
@@ -391,7 +391,7 @@ fn scan(source: &str) -> Result<Vec<Found>, String> {
         }
     }
     // Reflectors and watchers: list + watch.
-    for call in ["spawn_reflector(", "watcher("] {
+    for call in ["spawn_reflector(", "spawn_reflector_where(", "watcher("] {
         for (j, _) in s.match_indices(call) {
             let arg = j + call.len();
             let kind = if s[arg..].starts_with("Api::<") {
