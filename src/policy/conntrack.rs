@@ -20,7 +20,7 @@
 //! entries expire within seconds.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use super::compile::{CompiledPolicy, Direction};
@@ -338,28 +338,11 @@ impl ConntrackSocket {
     }
 
     fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
-        // SAFETY: send(2) of a buffer we own; netlink to the kernel (unbound: autobind).
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        super::netlink::send(&self.fd, msg)
     }
 
     fn recv(&mut self) -> std::io::Result<usize> {
-        // SAFETY: recv(2) into our buffer, bounded by its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        super::netlink::recv(&self.fd, &mut self.buf)
     }
 
     fn next_seq(&mut self) -> u32 {

@@ -95,6 +95,27 @@ pub(super) fn open_socket() -> std::io::Result<OwnedFd> {
 
 /// Bounds every `recv` on `fd` by `timeout` (`SO_RCVTIMEO`): a kernel that never answers must
 /// not hang the reader.
+/// Sends one message to the kernel on a netfilter socket (unbound or bound, never connected
+/// elsewhere: the kernel is the default peer).
+pub(super) fn send(fd: &OwnedFd, msg: &[u8]) -> std::io::Result<()> {
+    // SAFETY: send(2) of a buffer we own, on a socket we own.
+    let n = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one datagram into `buf`; returns its length.
+pub(super) fn recv(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: recv(2) into our buffer, bounded by its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 pub(super) fn set_recv_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,

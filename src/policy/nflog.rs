@@ -359,28 +359,11 @@ impl NflogSocket {
     }
 
     fn send(&self, msg: &[u8]) -> std::io::Result<()> {
-        // SAFETY: send(2) of a buffer we own; the socket is bound and unconnected (kernel = 0).
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        super::netlink::send(&self.fd, msg)
     }
 
     fn recv_raw(&mut self) -> std::io::Result<usize> {
-        // SAFETY: recv(2) into our buffer, bounded by its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(n as usize)
+        super::netlink::recv(&self.fd, &mut self.buf)
     }
 
     /// Waits (at most the poll interval) for logged packets. `Ok(empty)` on timeout; ENOBUFS
