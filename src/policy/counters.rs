@@ -9,11 +9,9 @@
 //!
 //! The request builder and the parser are pure and never panic on malformed input.
 
-use std::os::fd::AsRawFd;
-
 use super::apply::CounterValue;
 use super::netlink::{
-    attributes, message, messages, open_socket, push_attr, set_recv_timeout, u32_ne_at,
+    attributes, message, messages, open_socket, push_attr, recv, send, set_recv_timeout, u32_ne_at,
     NFGENMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_REQUEST,
 };
 use super::render::TABLE;
@@ -146,35 +144,16 @@ pub fn read_counters_of(table: &str) -> Result<Vec<CounterValue>, PolicyError> {
     let fd = open_socket().map_err(err("socket"))?;
     set_recv_timeout(&fd, std::time::Duration::from_secs(5)).map_err(err("SO_RCVTIMEO"))?;
     let request = dump_request(1, table);
-    // SAFETY: zeroed sockaddr_nl (pid 0: the kernel); sendto(2) of a buffer we own.
-    let sent = unsafe {
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        libc::sendto(
-            fd.as_raw_fd(),
-            request.as_ptr().cast(),
-            request.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(err("send")(std::io::Error::last_os_error()));
-    }
+    send(&fd, &request).map_err(err("send"))?;
     // Dump replies come in skbs of at most 32 KiB (more with big pages); 64 KiB never truncates.
     let mut buf = vec![0u8; 1 << 16];
     let mut counters = Vec::new();
     loop {
-        // SAFETY: recv(2) into our buffer, bounded by its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(err("recv")(std::io::Error::last_os_error()));
-        }
+        let n = recv(&fd, &mut buf).map_err(err("recv"))?;
         if n == 0 {
             return Err(err("recv")(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        match parse_dump(&buf[..n as usize], table) {
+        match parse_dump(&buf[..n], table) {
             DumpPart::More(c) => counters.extend(c),
             DumpPart::Done(c) => {
                 counters.extend(c);
