@@ -7,18 +7,23 @@
 //! - `wg`: the userspace WireGuard datapath (boringtun over TUN).
 //! - `cluster`: the Kubernetes side (pod CIDR ownership, publishing this node's annotations).
 //! - `agent`: the per-node daemon wiring it together.
-//! - `install`: what the install manifest must grant (the agent's API calls, an RBAC evaluator).
-//! - `lab`: the netns test bed (API stand-in, kubelet, topology); `netns`: namespace helpers;
-//!   `logging`: the tracing setup shared by every daemon.
+//! - `install`: what the install manifest must grant (the agent's API calls).
+//! - `netns`: namespace helpers; `logging`: the tracing setup shared by every daemon;
+//!   `duration`: duration flags; `lab_paths`: where a lab keeps the files `veilnet status --lab`
+//!   and `veilnet policy explain --lab` read.
+//!
+//! The lab itself (API stand-in, lab kubelet, topology, benchmarks, test scenarios) is the
+//! `veilnet-lab` crate under `tests/lab/`: it uses this crate; this crate never uses it. The
+//! `veilnet lab …` and `veilnet bench …` commands hand off to its `veilnet-lab` binary.
 
 pub mod agent;
-pub mod bench;
 pub mod cluster;
 pub mod datapath;
+pub mod duration;
 pub mod fsutil;
 pub mod install;
 pub mod kernel;
-pub mod lab;
+pub mod lab_paths;
 pub mod listen;
 pub mod logging;
 pub mod model;

@@ -1,8 +1,17 @@
-//! The `veilnet` binary: agent, lab and operator commands.
+//! The `veilnet` binary: agent, datapath and operator commands. `veilnet lab …` and
+//! `veilnet bench …` hand off to the `veilnet-lab` binary (the test bed, not shipped).
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand, ValueEnum};
+use veilnet::agent;
 use veilnet::logging::{self, LogFormat};
-use veilnet::{agent, lab};
+
+/// The lab's binary, built from `tests/lab` beside this one.
+const LAB_BINARY: &str = "veilnet-lab";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -14,7 +23,8 @@ struct Cli {
     /// Log format (logs go to stderr).
     #[arg(long, global = true, value_enum, env = "VEILNET_LOG_FORMAT")]
     log_format: Option<LogFormat>,
-    /// Marks a lab daemon's command line so `veilnet lab` can find it again (set by `lab up`).
+    /// Marks a daemon's command line so the lab that started it can find it again (otherwise
+    /// ignored).
     #[arg(long, global = true, hide = true)]
     lab_role: Option<String>,
     #[command(subcommand)]
@@ -29,59 +39,90 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// The WireGuard datapath: owns the TUN and sessions, configured by the agent over a socket.
     Datapath(veilnet::datapath::DatapathArgs),
-    /// Benchmarks (used by scripts/bench-*.sh).
-    #[command(subcommand, hide = true)]
-    Bench(BenchCommand),
-    /// Run a whole multi-node cluster in network namespaces on this machine.
-    #[command(subcommand)]
-    Lab(lab::cli::LabCommand),
+    /// Benchmarks (used by scripts/bench-*.sh; run by the veilnet-lab binary).
+    #[command(hide = true, disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run a whole multi-node cluster in network namespaces on this machine (the veilnet-lab
+    /// binary; `veilnet lab --help` for its commands).
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
     #[command(subcommand)]
     Policy(veilnet::policy::cli::PolicyCommand),
 }
 
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// CNI ADD/DEL latency: veilnet-cni vs the reference bridge + host-local plugins.
-    Cni(veilnet::bench::cni::CniBenchArgs),
-    /// One userspace WireGuard device in this namespace until SIGTERM (used by scripts/bench.sh).
-    WgNode(veilnet::bench::wg::WgNodeArgs),
-    /// A no-crypto TUN/UDP relay: the RTT floor of a userspace datapath (scripts/bench.sh).
-    TunRelay(veilnet::bench::relay::RelayArgs),
-    /// NetworkPolicy sync and label-change time on a synthetic cluster.
-    Policy(veilnet::bench::policy::PolicyBenchArgs),
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    match cli.command {
+        // `veilnet lab up` is `veilnet-lab up`, shown as `veilnet lab` in its help and errors.
+        Command::Lab { args } => hand_off("veilnet lab", &[], args, cli.log_format),
+        Command::Bench { args } => hand_off("veilnet", &["bench"], args, cli.log_format),
+        command => run(command, cli.log_format),
+    }
+}
+
+fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     // Daemons log what they do; one-shot commands report errors themselves and stay quiet.
-    let default_level = match &cli.command {
+    let default_level = match &command {
         Command::Agent(_) | Command::Datapath(_) => "info",
-        Command::Lab(cmd) if cmd.is_daemon() => "info",
         _ => "warn,kube_client=off",
     };
     // The agent's config file may set the format too; the flag and the environment win.
-    let format = cli.log_format.or_else(|| match &cli.command {
+    let format = log_format.or_else(|| match &command {
         Command::Agent(args) => args.file_log_format(),
         _ => None,
     });
     logging::init(format.unwrap_or_default(), default_level);
-    match cli.command {
-        Command::Lab(cmd) => lab::cli::run(cmd),
+    match command {
         Command::Status(args) => veilnet::status_cmd::run(args),
-        Command::Bench(BenchCommand::Cni(args)) => Ok(veilnet::bench::cni::run(args)?),
-        Command::Bench(BenchCommand::WgNode(args)) => Ok(veilnet::bench::wg::run_node(args)?),
-        Command::Bench(BenchCommand::TunRelay(args)) => Ok(veilnet::bench::relay::run(args)?),
         Command::Policy(cmd) => {
             println!("{}", veilnet::policy::cli::run(cmd)?);
             Ok(())
         }
-        Command::Bench(BenchCommand::Policy(args)) => Ok(veilnet::bench::policy::run(args)?),
         Command::Datapath(args) => Ok(veilnet::datapath::run(args)?),
         Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
             .block_on(agent::run(*args))
             .map_err(Into::into),
+        Command::Lab { .. } | Command::Bench { .. } => unreachable!("handed off in main"),
     }
+}
+
+/// Replaces this process with `veilnet-lab PREFIX… ARGS…`: the one beside this binary, else the
+/// one on `PATH`. Being an exec, the exit code, signals and the process tree are the lab's own.
+fn hand_off(
+    shown_as: &str,
+    prefix: &[&str],
+    args: Vec<OsString>,
+    log_format: Option<LogFormat>,
+) -> anyhow::Result<()> {
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(LAB_BINARY))
+        .filter(|p| p.is_file());
+    let program = beside.clone().unwrap_or_else(|| PathBuf::from(LAB_BINARY));
+    let mut cmd = std::process::Command::new(&program);
+    cmd.arg0(shown_as).args(prefix);
+    if let Some(format) = log_format.and_then(|f| f.to_possible_value()) {
+        cmd.args(["--log-format", format.get_name()]);
+    }
+    let err = cmd.args(args).exec();
+    let here = std::env::current_exe()
+        .map(|p| p.with_file_name(LAB_BINARY).display().to_string())
+        .unwrap_or_else(|_| format!("beside {}", std::env::args().next().unwrap_or_default()));
+    if err.kind() == std::io::ErrorKind::NotFound && beside.is_none() {
+        bail!(
+            "`{shown_as}{}` needs the {LAB_BINARY} binary, found neither at {here} nor on PATH: \
+             build it with `cargo build -p {LAB_BINARY}` (or `cargo build --workspace`)",
+            prefix.iter().map(|p| format!(" {p}")).collect::<String>()
+        );
+    }
+    bail!("failed to run {}: {err}", program.display())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::agent::status;
-use crate::lab::layout;
+use crate::lab_paths::LabPaths;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -25,14 +25,7 @@ pub struct StatusArgs {
 
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     let run_dir = match (&args.lab, &args.node) {
-        (Some(lab), Some(node)) => {
-            layout::validate_name(lab)?;
-            layout::labs_root()
-                .join(lab)
-                .join("nodes")
-                .join(node)
-                .join("run")
-        }
+        (Some(lab), Some(node)) => LabPaths::new(lab)?.node_run_dir(node),
         _ => args.run_dir.clone(),
     };
     let st = status::read(&run_dir).with_context(|| {

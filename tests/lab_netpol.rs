@@ -1,5 +1,5 @@
 //! NetworkPolicy in the lab, as a user checks it (needs root):
-//! - the upstream Kubernetes netpol e2e scenarios (`veilnet::policy::scenarios`, the same data the
+//! - the upstream Kubernetes netpol e2e scenarios (`veilnet_lab::scenarios`, the same data the
 //!   pure truth-table test checks) probed as a 9×9 matrix over three nodes;
 //! - anti-spoofing: a pod forging an ARP reply or a source IP gets nothing through; a pod can
 //!   never move another MAC on the bridge (link-local groups or ordinary frames), nor grow the FDB;
@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use veilnet::policy::scenarios::{self, LabelChange, Step, N, NAMESPACES, PODS};
 use veilnet::policy::Protocol;
+use veilnet_lab::scenarios::{self, LabelChange, Step, N, NAMESPACES, PODS};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

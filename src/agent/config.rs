@@ -75,7 +75,7 @@ pub struct AgentArgs {
     #[arg(long, env = "VEILNET_MTU")]
     pub mtu: Option<u32>,
     /// Full resync period, e.g. 30s.
-    #[arg(long, env = "VEILNET_RESYNC", value_parser = crate::lab::agnhost::parse_duration)]
+    #[arg(long, env = "VEILNET_RESYNC", value_parser = crate::duration::parse_duration)]
     pub resync: Option<Duration>,
     /// Address of the health endpoint (`/healthz`, `/readyz`, `/status`); loopback by default,
     /// where the kubelet's probes reach it and pods cannot.

@@ -2,7 +2,8 @@
 //! verdict, computed by the same compiler the agents enforce with (each side's node model).
 //!
 //! The cluster is read through a kubeconfig (`--kubeconfig`, `$KUBECONFIG`, in-cluster), or with
-//! `--lab NAME` from a `veilnet lab` (whose API lives inside the lab's control-plane namespace).
+//! `--lab NAME` from a `veilnet lab`: its kubeconfig and control-plane namespace (where its API
+//! listens) are found by the [`crate::lab_paths`] convention, without any lab code.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -26,8 +27,12 @@ pub enum PolicyCliError {
     },
     #[error("no pod {0} with an IP in the cluster")]
     NoSuchPod(String),
+    #[error(transparent)]
+    LabName(#[from] crate::lab_paths::InvalidLabName),
+    #[error("lab {name:?} is not up (no {})", kubeconfig.display())]
+    LabNotUp { name: String, kubeconfig: PathBuf },
     #[error("lab: {0}")]
-    Lab(String),
+    LabNetns(#[from] crate::netns::NetnsError),
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     #[error("kubernetes API: {0}")]
@@ -142,22 +147,37 @@ async fn kube_client(path: Option<&PathBuf>) -> Result<kube::Client, PolicyCliEr
     Ok(kube::Client::try_from(config)?)
 }
 
+/// Reads the cluster with a kubeconfig (`None`: inferred), on a runtime of its own.
+fn read_cluster(
+    kubeconfig: Option<&PathBuf>,
+) -> Result<(ClusterState, Vec<IpAddr>), PolicyCliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(PolicyCliError::Runtime)?
+        .block_on(async { fetch(kube_client(kubeconfig).await?).await })
+}
+
 /// Runs the command and returns what to print.
 pub fn run(cmd: PolicyCommand) -> Result<String, PolicyCliError> {
     let PolicyCommand::Explain(args) = cmd;
     let (port, protocol) = parse_port(&args.port)?;
     let (state, node_addrs) = match &args.lab {
         Some(name) => {
-            let lab =
-                crate::lab::cli::load(name).map_err(|e| PolicyCliError::Lab(e.to_string()))?;
-            crate::lab::client::with_client(&lab, fetch)
-                .map_err(|e| PolicyCliError::Lab(e.to_string()))??
+            let lab = crate::lab_paths::LabPaths::new(name)?;
+            let kubeconfig = lab.kubeconfig();
+            if !kubeconfig.exists() {
+                return Err(PolicyCliError::LabNotUp {
+                    name: name.clone(),
+                    kubeconfig,
+                });
+            }
+            // The lab's API listens inside its control plane's namespace: read it from there.
+            crate::netns::run_in(&lab.control_plane_netns(), move || {
+                read_cluster(Some(&kubeconfig))
+            })??
         }
-        None => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(PolicyCliError::Runtime)?
-            .block_on(async { fetch(kube_client(args.kubeconfig.as_ref()).await?).await })?,
+        None => read_cluster(args.kubeconfig.as_ref())?,
     };
     let from = resolve(&state, &args.from)?;
     let to = resolve(&state, &args.to)?;

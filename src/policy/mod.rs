@@ -85,7 +85,6 @@ mod netlink;
 pub mod nflog;
 mod render;
 mod ruleset;
-pub mod scenarios;
 mod selector;
 
 pub use addrset::AddrSet;
@@ -138,5 +137,3 @@ pub enum PolicyError {
 mod tests;
 #[cfg(test)]
 mod testutil;
-#[cfg(test)]
-mod truth_tables;

@@ -1,6 +1,7 @@
 //! Fixtures for the pure tests: the upstream netpol e2e model (namespaces x, y, z, each with pods
 //! a, b, c labelled `pod=<name>`, serving 80 and 81 over TCP, UDP and SCTP with named ports
-//! `serve-<port>-<proto>`), spread over three nodes.
+//! `serve-<port>-<proto>`), spread over three nodes. The upstream scenarios on this model, and
+//! their truth tables, live in the lab crate (`tests/lab/src/scenarios.rs`).
 
 use std::net::IpAddr;
 
@@ -8,8 +9,21 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::model::{ClusterState, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
-pub(crate) use super::scenarios::{np, policy};
-pub use super::scenarios::{NAMESPACES, PODS};
+use serde_json::{json, Value};
+
+/// The model's namespaces and pods.
+pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub const PODS: [&str; 3] = ["a", "b", "c"];
+
+/// A policy from its JSON shape, as `kubectl` would send it.
+pub fn policy(v: Value) -> NetworkPolicy {
+    serde_json::from_value(v).expect("fixture policies are valid NetworkPolicies")
+}
+
+/// A policy named `namespace/name` with this spec.
+pub fn np(namespace: &str, name: &str, spec: Value) -> NetworkPolicy {
+    policy(json!({"metadata": {"namespace": namespace, "name": name}, "spec": spec}))
+}
 
 pub fn ip_of(ns: &str, pod: &str) -> IpAddr {
     let n = NAMESPACES.iter().position(|x| *x == ns).unwrap() as u8;

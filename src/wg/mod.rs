@@ -18,11 +18,11 @@ mod ingress;
 pub mod keys;
 mod offload;
 mod peers;
-pub(crate) mod readiness;
+pub mod readiness;
 mod state;
 mod stats;
 mod timers;
-pub(crate) mod tun;
+pub mod tun;
 mod udp;
 mod worker;
 
@@ -42,7 +42,7 @@ use state::State;
 use worker::{Datapath, DatapathThread};
 
 /// Largest IP packet we read or write (the IPv4/IPv6 length field's limit).
-pub(crate) const MAX_PACKET: usize = 65536;
+pub const MAX_PACKET: usize = 65536;
 
 // WireGuard message types (first byte; the next three are zero) and fixed sizes.
 pub(crate) const MESSAGE_HANDSHAKE_INIT: u8 = 1;

@@ -51,7 +51,7 @@ impl Waker {
 
 /// Waits until one of `fds` is readable (or has an error) or `timeout` passes (`None`: forever);
 /// `ready[i]` tells which. EINTR counts as a timeout, so callers simply loop.
-pub(crate) fn wait_readable(
+pub fn wait_readable(
     fds: &[RawFd],
     timeout: Option<Duration>,
     ready: &mut [bool],

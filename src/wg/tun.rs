@@ -49,7 +49,7 @@ pub enum TunError {
 }
 
 /// An open TUN device.
-pub(crate) struct Tun {
+pub struct Tun {
     file: File,
     name: String,
     /// The `TUN_F_*` offloads the kernel accepted.
@@ -102,7 +102,7 @@ impl Tun {
     /// Creates the TUN `name` (or attaches to an existing persistent one), makes it persistent or
     /// not as asked, negotiates offloads, sets its MTU and brings it up. Must run on a thread in
     /// the target namespace.
-    pub(crate) fn open(name: &str, mtu: u32, persistent: bool) -> Result<Tun, TunError> {
+    pub fn open(name: &str, mtu: u32, persistent: bool) -> Result<Tun, TunError> {
         validate_name(name)?;
         if !(576..=65535).contains(&mtu) {
             return Err(TunError::InvalidMtu { mtu });
@@ -151,22 +151,22 @@ impl Tun {
         })
     }
 
-    pub(crate) fn name(&self) -> &str {
+    pub fn name(&self) -> &str {
         &self.name
     }
 
-    pub(crate) fn raw_fd(&self) -> RawFd {
+    pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
 
     /// Reads one packet (`virtio_net_hdr` first) if one is ready (`WouldBlock` otherwise).
-    pub(crate) fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.file).read(buf)
     }
 
     /// Writes one packet (`virtio_net_hdr` first). A TUN takes writes without blocking in
     /// practice; should it refuse, we wait a bounded time for space rather than spin or drop.
-    pub(crate) fn send(&self, packet: &[u8]) -> io::Result<usize> {
+    pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
         write_waiting(self.raw_fd(), WRITE_WAIT, || (&self.file).write(packet))
     }
 }

@@ -1,0 +1,870 @@
+//! `veilnet lab …`: bring a lab up and down, look at it, and use it.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::Api;
+use serde::Serialize;
+
+use super::client::{kubeconfig, with_client};
+use super::daemon::{lab_binary, running_pid, veilnet_binary, Daemon};
+use super::layout::{self, CniMode, LabLayout, LabSpec, NodeLayout, PodCidrMode};
+use super::{agnhost, apiserver, kubelet, topology};
+use veilnet::model::encryption::Mode;
+use veilnet::netns;
+
+/// Name of the lab when `--name` is not given.
+pub const DEFAULT_LAB: &str = "veilnet";
+/// veilnet's own namespace (the install manifest creates it on a real cluster).
+pub const VEILNET_NAMESPACE: &str = "veilnet-system";
+/// Debian's containernetworking-plugins.
+pub const REFERENCE_CNI_DIR: &str = "/usr/lib/cni";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Create the lab (idempotent): namespaces, underlay, API stand-in, kubelets.
+    Up(UpArgs),
+    /// Remove every namespace, process and file of the lab (idempotent).
+    Down(NameArg),
+    /// Show the lab's nodes, pods and namespaces.
+    Status(StatusArgs),
+    /// Run the installed kubectl against the lab's API: `veilnet lab kubectl -- get pods`.
+    Kubectl {
+        #[command(flatten)]
+        name: NameArg,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a command inside a pod's network namespace: `veilnet lab exec NS/POD -- CMD…`.
+    Exec {
+        #[command(flatten)]
+        name: NameArg,
+        /// NAMESPACE/POD (or POD in namespace `default`).
+        pod: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// The built-in test workload.
+    #[command(subcommand)]
+    Agnhost(agnhost::AgnhostCommand),
+    /// Serve the Kubernetes API stand-in (started by `lab up`).
+    #[command(hide = true)]
+    Apiserver(apiserver::ApiServerArgs),
+    /// Run the lab kubelet of one node (started by `lab up`).
+    #[command(hide = true)]
+    Kubelet(kubelet::KubeletArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct NameArg {
+    /// Lab name (namespaces are called NAME.cp, NAME.ul, NAME.n1, …).
+    #[arg(long, default_value = DEFAULT_LAB)]
+    pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// MTU of the underlay (try 1500, 9000, 1400).
+    #[arg(long, default_value_t = 1500)]
+    pub underlay_mtu: u32,
+    /// Underlay subnet: .1 is the control plane, nodes are .11, .12, …
+    #[arg(long, default_value = "172.30.0.0/24")]
+    pub underlay_cidr: Ipv4Net,
+    /// Cluster pod CIDR, split into one subnet per node.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: Ipv4Net,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_prefix: u8,
+    /// CNI plugin chain of the kubelets.
+    #[arg(long, value_enum, default_value_t = CniMode::Veilnet)]
+    pub cni: CniMode,
+    /// Who sets the Nodes' pod CIDRs.
+    #[arg(long, value_enum, default_value_t = PodCidrMode::Assigned)]
+    pub pod_cidrs: PodCidrMode,
+    /// Default encryption mode of the agents; per node, label `veilnet.io/encryption=on|off|strict`.
+    #[arg(long, value_enum, default_value_t = Mode::On)]
+    pub encryption: Mode,
+    /// The agents' `--policy-strict-mode` (cut established connections a policy change denies);
+    /// the agents' default when absent.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub policy_strict_mode: Option<bool>,
+    /// How long to wait for every node to become Ready.
+    #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub name: NameArg,
+    /// Machine-readable output (see README: "lab status --json").
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LabCommand {
+    /// Long-running processes started by `lab up` (as opposed to one-shot commands).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, LabCommand::Apiserver(_) | LabCommand::Kubelet(_))
+    }
+}
+
+pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
+    match cmd {
+        LabCommand::Up(args) => up(args),
+        LabCommand::Down(n) => down(&n.name),
+        LabCommand::Status(args) => status(args),
+        LabCommand::Kubectl { name, args } => kubectl(&name.name, &args),
+        LabCommand::Exec { name, pod, cmd } => exec(&name.name, &pod, &cmd),
+        LabCommand::Agnhost(cmd) => {
+            let code = agnhost::run(cmd)?;
+            std::process::exit(code)
+        }
+        LabCommand::Apiserver(args) => block_on(async { Ok(apiserver::run(args).await?) }),
+        LabCommand::Kubelet(args) => block_on(async { Ok(kubelet::run(args).await?) }),
+    }
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn need_root() -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the lab needs root: it creates network namespaces");
+    }
+    Ok(())
+}
+
+/// Loads a lab's saved spec.
+pub fn load(name: &str) -> anyhow::Result<LabLayout> {
+    layout::validate_name(name)?;
+    let path = layout::labs_root().join(name).join("lab.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("lab {name:?} is not up (no {})", path.display()))?;
+    let spec: LabSpec =
+        serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+    Ok(LabLayout::new(spec)?)
+}
+
+fn step(n: usize, total: usize, what: &str) {
+    eprintln!("==> [{n}/{total}] {what}");
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    need_root()?;
+    let started = Instant::now();
+    let spec = LabSpec {
+        name: args.name.name.clone(),
+        nodes: args.nodes,
+        underlay_mtu: args.underlay_mtu,
+        underlay_cidr: args.underlay_cidr,
+        cluster_cidr: args.cluster_cidr,
+        node_cidr_prefix: args.node_cidr_prefix,
+        cni: args.cni,
+        pod_cidrs: args.pod_cidrs,
+        encryption: args.encryption,
+        policy_strict_mode: args.policy_strict_mode,
+    };
+    if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
+        bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
+    }
+    let lab = LabLayout::new(spec.clone())?;
+    let pid_dir = lab.root().join("pids");
+    let log_dir = lab.log_dir();
+    if let Ok(existing) = load(lab.name()) {
+        if existing.spec != spec {
+            bail!(
+                "lab {:?} is already up with a different configuration; run `veilnet lab down --name {}` first",
+                lab.name(),
+                lab.name()
+            );
+        }
+        // Already up: bring dead node daemons back first, as a kubelet restarts a crashed
+        // DaemonSet pod, before the full idempotent pass below (which can take a second on a
+        // loaded machine, and every millisecond an agent is down its node's datapath is too).
+        let namespaces_up = netns::exists(&lab.control_plane_netns())
+            && lab.nodes().iter().all(|n| netns::exists(&n.netns));
+        if namespaces_up && wait_api(&lab, Duration::ZERO).is_ok() {
+            start_node_daemons(&lab, &pid_dir, &log_dir)?;
+        }
+    }
+    if lab.spec.cni == CniMode::Reference && !Path::new(REFERENCE_CNI_DIR).join("bridge").exists() {
+        bail!("--cni reference needs Debian's containernetworking-plugins in {REFERENCE_CNI_DIR} (apt install containernetworking-plugins)");
+    }
+    let total = if lab.spec.cni == CniMode::Veilnet {
+        6
+    } else {
+        5
+    };
+    step(
+        1,
+        total,
+        &format!(
+            "namespaces and the underlay ({} nodes, MTU {})",
+            spec.nodes, spec.underlay_mtu
+        ),
+    );
+    std::fs::create_dir_all(lab.root())?;
+    topology::up(&lab)?;
+    write_json(&lab.spec_file(), &lab.spec)?;
+    write_json(&lab.kubeconfig(), &kubeconfig(&lab))?;
+
+    step(
+        2,
+        total,
+        &format!(
+            "API stand-in at {} (netns {})",
+            lab.api_url(),
+            lab.control_plane_netns()
+        ),
+    );
+    Daemon {
+        role: "apiserver".into(),
+        program: lab_binary()?,
+        netns: lab.control_plane_netns(),
+        args: vec![
+            "apiserver".into(),
+            "--listen".into(),
+            lab.api_addr().to_string(),
+        ],
+        pid_dir: &pid_dir,
+        log_dir: &log_dir,
+    }
+    .ensure_started()?;
+    wait_api(&lab, Duration::from_secs(20))?;
+
+    step(3, total, "Node objects");
+    register_nodes(&lab)?;
+    if lab.spec.cni == CniMode::Veilnet {
+        // What `kubectl apply -f manifests/veilnet.yaml` creates on a real cluster.
+        create_namespace(&lab, VEILNET_NAMESPACE)?;
+    }
+
+    step(
+        4,
+        total,
+        &format!("kubelets ({:?} CNI)", lab.spec.cni).to_lowercase(),
+    );
+    if lab.spec.cni == CniMode::Veilnet {
+        step(5, total, "veilnet datapaths and agents");
+    }
+    for node in lab.nodes() {
+        prepare_node(&lab, &node)?;
+    }
+    start_node_daemons(&lab, &pid_dir, &log_dir)?;
+
+    step(total, total, "waiting for every node to be Ready");
+    wait_nodes_ready(&lab, args.timeout)?;
+    eprintln!(
+        "lab {:?} is up in {:.1}s: `veilnet lab status{}` and `veilnet lab kubectl{} -- get nodes`",
+        lab.name(),
+        started.elapsed().as_secs_f64(),
+        name_flag(lab.name()),
+        name_flag(lab.name())
+    );
+    Ok(())
+}
+
+/// Starts every node's kubelet and (with veilnet's CNI) agent that is not running. The nodes'
+/// directories and plugin must be in place (`prepare_node`).
+fn start_node_daemons(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
+    for node in lab.nodes() {
+        Daemon {
+            role: format!("kubelet-{}", node.name),
+            program: lab_binary()?,
+            netns: node.netns.clone(),
+            args: kubelet_args(lab, &node),
+            pid_dir,
+            log_dir,
+        }
+        .ensure_started()?;
+    }
+    if lab.spec.cni == CniMode::Veilnet {
+        let veilnet = veilnet_binary()?;
+        // The datapath first: the agent waits for it. It is a process of its own, as on a real
+        // node (a DaemonSet of its own), so restarting an agent never stops encrypted traffic.
+        for node in lab.nodes() {
+            Daemon {
+                role: format!("datapath-{}", node.name),
+                program: veilnet.clone(),
+                netns: node.netns.clone(),
+                args: vec![
+                    "datapath".into(),
+                    "--run-dir".into(),
+                    node.run_dir().display().to_string(),
+                ],
+                pid_dir,
+                log_dir,
+            }
+            .ensure_started()?;
+        }
+        for node in lab.nodes() {
+            Daemon {
+                role: format!("agent-{}", node.name),
+                program: veilnet.clone(),
+                netns: node.netns.clone(),
+                args: agent_args(lab, &node),
+                pid_dir,
+                log_dir,
+            }
+            .ensure_started()?;
+        }
+    }
+    Ok(())
+}
+
+fn name_flag(name: &str) -> String {
+    if name == DEFAULT_LAB {
+        String::new()
+    } else {
+        format!(" --name {name}")
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    veilnet::fsutil::write_atomic(path, &serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn wait_api(lab: &LabLayout, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ready = with_client(lab, |client| async move {
+            let req = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("static request");
+            client.request_text(req).await
+        })?;
+        match ready {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => {
+                bail!("the API stand-in did not answer within {timeout:?}: {e} (see {}/apiserver.log)", lab.log_dir().display())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Creates the Node objects, as the nodes' provisioning would; in `assigned` mode with their pod
+/// CIDRs set, as kube-controller-manager's node IPAM would.
+fn register_nodes(lab: &LabLayout) -> anyhow::Result<()> {
+    let mut nodes = Vec::new();
+    for n in lab.nodes() {
+        let mut node = Node {
+            metadata: ObjectMeta {
+                name: Some(n.name.clone()),
+                labels: Some(BTreeMap::from([
+                    ("kubernetes.io/hostname".to_string(), n.name.clone()),
+                    ("kubernetes.io/os".to_string(), "linux".to_string()),
+                    (
+                        "kubernetes.io/arch".to_string(),
+                        std::env::consts::ARCH
+                            .replace("x86_64", "amd64")
+                            .replace("aarch64", "arm64"),
+                    ),
+                ])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if lab.spec.pod_cidrs == PodCidrMode::Assigned {
+            let cidr = lab
+                .assigned_pod_cidr(n.index)
+                .context("the cluster CIDR has too few subnets for this many nodes")?
+                .to_string();
+            node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+                pod_cidr: Some(cidr.clone()),
+                pod_cidrs: Some(vec![cidr]),
+                ..Default::default()
+            });
+        }
+        nodes.push(node);
+    }
+    with_client(lab, |client| async move {
+        let api: Api<Node> = Api::all(client);
+        for node in nodes {
+            match api.create(&PostParams::default(), &node).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(anyhow::Error::from(e).context("creating Node objects")),
+            }
+        }
+        Ok(())
+    })?
+}
+
+fn create_namespace(lab: &LabLayout, name: &'static str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    with_client(lab, move |client| async move {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match Api::<Namespace>::all(client)
+            .create(&PostParams::default(), &ns)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(anyhow::Error::from(e).context(format!("creating namespace {name}"))),
+        }
+    })?
+}
+
+/// The `veilnet-cni` binary built beside this `veilnet-lab` binary.
+fn cni_plugin_binary() -> anyhow::Result<std::path::PathBuf> {
+    let plugin = std::env::current_exe()?.with_file_name("veilnet-cni");
+    if !plugin.exists() {
+        bail!(
+            "{} not found: build the whole workspace (cargo build --workspace) so the CNI plugin sits beside veilnet-lab",
+            plugin.display()
+        );
+    }
+    Ok(plugin)
+}
+
+fn prepare_node(lab: &LabLayout, node: &NodeLayout) -> anyhow::Result<()> {
+    for dir in [
+        node.cni_conf_dir(),
+        node.cni_bin_dir(),
+        node.state_dir(),
+        node.run_dir(),
+        node.kubelet_dir(),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if lab.spec.cni == CniMode::Veilnet {
+        // The DaemonSet's init container does this on a real node. Copy to a temporary name and
+        // rename, so a kubelet never executes a half-written plugin.
+        let dst = node.cni_bin_dir().join("veilnet-cni");
+        let tmp = node.cni_bin_dir().join(".veilnet-cni.tmp");
+        std::fs::copy(cni_plugin_binary()?, &tmp)
+            .with_context(|| format!("installing {}", dst.display()))?;
+        std::fs::rename(&tmp, &dst).with_context(|| format!("installing {}", dst.display()))?;
+    }
+    if lab.spec.cni == CniMode::Reference {
+        let subnet = lab
+            .assigned_pod_cidr(node.index)
+            .context("the cluster CIDR has too few subnets for this many nodes")?;
+        let conf = reference_conflist(
+            &subnet.to_string(),
+            lab.spec.underlay_mtu,
+            &node.state_dir(),
+        );
+        write_json(&node.cni_conf_dir().join("10-reference.conflist"), &conf)?;
+    }
+    Ok(())
+}
+
+/// Debian's bridge + host-local plugins: same-node pod networking without veilnet.
+fn reference_conflist(subnet: &str, mtu: u32, state_dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "lab-reference",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "hairpinMode": true,
+            "mtu": mtu,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": state_dir.join("host-local"),
+            }
+        }]
+    })
+}
+
+fn kubelet_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
+    let mut args = vec![
+        "kubelet".to_string(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--node-ip".into(),
+        node.ip.to_string(),
+        "--kubeconfig".into(),
+        lab.kubeconfig().display().to_string(),
+        "--cni-conf-dir".into(),
+        node.cni_conf_dir().display().to_string(),
+        "--cni-bin-dir".into(),
+        node.cni_bin_dir().display().to_string(),
+        "--kubelet-dir".into(),
+        node.kubelet_dir().display().to_string(),
+        "--netns-prefix".into(),
+        node.pod_netns_prefix(),
+    ];
+    if lab.spec.cni == CniMode::Reference {
+        args.extend(["--cni-bin-dir".into(), REFERENCE_CNI_DIR.into()]);
+    }
+    args
+}
+
+fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let mut args = vec![
+        "agent".to_string(),
+        "--node-name".into(),
+        node.name.clone(),
+        "--kubeconfig".into(),
+        path(lab.kubeconfig()),
+        "--namespace".into(),
+        VEILNET_NAMESPACE.into(),
+        "--cluster-cidr".into(),
+        lab.spec.cluster_cidr.to_string(),
+        "--node-cidr-prefix".into(),
+        lab.spec.node_cidr_prefix.to_string(),
+        "--state-dir".into(),
+        path(node.state_dir()),
+        "--run-dir".into(),
+        path(node.run_dir()),
+        "--cni-conf-dir".into(),
+        path(node.cni_conf_dir()),
+        "--cni-bin-dir".into(),
+        path(node.cni_bin_dir()),
+        "--underlay-ip".into(),
+        node.ip.to_string(),
+        "--encryption".into(),
+        lab.spec.encryption.to_string(),
+        // As on a real node (the manifest's defaults): health on the node's loopback, where only
+        // the node itself reaches it, metrics on the node's address.
+        "--health-addr".into(),
+        "127.0.0.1:9891".into(),
+        "--metrics-addr".into(),
+        format!("{}:9892", node.ip),
+    ];
+    if let Some(strict) = lab.spec.policy_strict_mode {
+        args.push(format!("--policy-strict-mode={strict}"));
+    }
+    args
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn wait_nodes_ready(lab: &LabLayout, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let want = lab.spec.nodes;
+    let mut last = usize::MAX;
+    loop {
+        let nodes = with_client(lab, |client| async move {
+            Api::<Node>::all(client).list(&ListParams::default()).await
+        })??;
+        let ready = nodes.items.iter().filter(|n| node_ready(n)).count();
+        if ready != last {
+            eprintln!("    {ready}/{want} nodes Ready");
+            last = ready;
+        }
+        if ready >= want {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "only {ready}/{want} nodes became Ready within {timeout:?}; see the logs in {}",
+                lab.log_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn down(name: &str) -> anyhow::Result<()> {
+    need_root()?;
+    layout::validate_name(name)?;
+    let root = layout::labs_root().join(name);
+    let had = !topology::lab_namespaces(name).is_empty() || root.exists();
+    topology::down(name, &root)?;
+    if had {
+        eprintln!("lab {name:?} removed");
+    } else {
+        eprintln!("lab {name:?} is not up: nothing to remove");
+    }
+    Ok(())
+}
+
+/// `lab status --json` output. Field names are part of the CLI's contract (see the README).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabStatus {
+    pub name: String,
+    pub api_url: String,
+    pub api_reachable: bool,
+    pub control_plane_netns: String,
+    pub underlay_netns: String,
+    pub underlay_cidr: String,
+    pub underlay_mtu: u32,
+    pub cni: CniMode,
+    pub pod_cidrs: PodCidrMode,
+    pub kubeconfig: String,
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: String,
+    pub pod_cidr: Option<String>,
+    pub ready: bool,
+    pub kubelet_running: bool,
+    /// Only meaningful with `--cni veilnet`.
+    pub agent_running: bool,
+    /// Only meaningful with `--cni veilnet`.
+    pub datapath_running: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub node: Option<String>,
+    pub ip: Option<String>,
+    pub phase: Option<String>,
+    pub netns: Option<String>,
+}
+
+pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
+    let listed = with_client(lab, |client| async move {
+        let nodes = Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let pods = Api::<Pod>::all(client).list(&ListParams::default()).await?;
+        Ok::<_, kube::Error>((nodes.items, pods.items))
+    })?;
+    let (api_nodes, api_pods, reachable) = match listed {
+        Ok((n, p)) => (n, p, true),
+        Err(_) => (Vec::new(), Vec::new(), false),
+    };
+    let pid_dir = lab.root().join("pids");
+    let nodes = lab
+        .nodes()
+        .into_iter()
+        .map(|n| {
+            let api = api_nodes
+                .iter()
+                .find(|a| a.metadata.name.as_deref() == Some(&n.name));
+            NodeStatus {
+                pod_cidr: api
+                    .and_then(|a| a.spec.as_ref())
+                    .and_then(|s| s.pod_cidr.clone()),
+                ready: api.is_some_and(node_ready),
+                kubelet_running: running_pid(&pid_dir, &format!("kubelet-{}", n.name)).is_some(),
+                agent_running: running_pid(&pid_dir, &format!("agent-{}", n.name)).is_some(),
+                datapath_running: running_pid(&pid_dir, &format!("datapath-{}", n.name)).is_some(),
+                name: n.name,
+                netns: n.netns,
+                underlay_ip: n.ip.to_string(),
+            }
+        })
+        .collect();
+    let pods = api_pods
+        .iter()
+        .map(|p| {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+            let netns = node
+                .as_deref()
+                .and_then(|n| node_by_name(lab, n))
+                .zip(p.metadata.uid.as_deref())
+                .map(|(n, uid)| n.pod_netns(uid))
+                .filter(|ns| netns::exists(ns));
+            PodStatus {
+                namespace: p.metadata.namespace.clone().unwrap_or_default(),
+                name: p.metadata.name.clone().unwrap_or_default(),
+                ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+                node,
+                netns,
+            }
+        })
+        .collect();
+    Ok(LabStatus {
+        name: lab.name().to_string(),
+        api_url: lab.api_url(),
+        api_reachable: reachable,
+        control_plane_netns: lab.control_plane_netns(),
+        underlay_netns: lab.underlay_netns(),
+        underlay_cidr: lab.spec.underlay_cidr.to_string(),
+        underlay_mtu: lab.spec.underlay_mtu,
+        cni: lab.spec.cni,
+        pod_cidrs: lab.spec.pod_cidrs,
+        kubeconfig: lab.kubeconfig().display().to_string(),
+        nodes,
+        pods,
+    })
+}
+
+fn node_by_name(lab: &LabLayout, name: &str) -> Option<NodeLayout> {
+    lab.nodes().into_iter().find(|n| n.name == name)
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    need_root()?;
+    let lab = load(&args.name.name)?;
+    let st = collect_status(&lab)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!(
+        "lab {}: {} nodes, CNI {:?}, pod CIDRs {:?}",
+        st.name,
+        st.nodes.len(),
+        st.cni,
+        st.pod_cidrs
+    );
+    println!(
+        "control plane: netns {}, API {} ({})",
+        st.control_plane_netns,
+        st.api_url,
+        if st.api_reachable {
+            "reachable"
+        } else {
+            "NOT reachable"
+        }
+    );
+    println!(
+        "underlay:      netns {}, {} MTU {}",
+        st.underlay_netns, st.underlay_cidr, st.underlay_mtu
+    );
+    println!();
+    let veilnet = st.cni == CniMode::Veilnet;
+    let state = |running: bool| if running { "running" } else { "stopped" };
+    println!(
+        "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
+        "NODE",
+        "NETNS",
+        "UNDERLAY IP",
+        "POD CIDR",
+        "READY",
+        "KUBELET",
+        if veilnet { "AGENT     DATAPATH" } else { "" }
+    );
+    for n in &st.nodes {
+        println!(
+            "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
+            n.name,
+            n.netns,
+            n.underlay_ip,
+            n.pod_cidr.as_deref().unwrap_or("<none>"),
+            n.ready,
+            state(n.kubelet_running),
+            if veilnet {
+                format!(
+                    "{:<9} {}",
+                    state(n.agent_running),
+                    state(n.datapath_running)
+                )
+            } else {
+                String::new()
+            },
+        );
+    }
+    println!();
+    if st.pods.is_empty() {
+        println!("no pods");
+    } else {
+        println!(
+            "{:<32} {:<10} {:<15} {:<10} NETNS",
+            "POD", "NODE", "IP", "PHASE"
+        );
+        for p in &st.pods {
+            println!(
+                "{:<32} {:<10} {:<15} {:<10} {}",
+                format!("{}/{}", p.namespace, p.name),
+                p.node.as_deref().unwrap_or("<none>"),
+                p.ip.as_deref().unwrap_or("<none>"),
+                p.phase.as_deref().unwrap_or("<none>"),
+                p.netns.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
+    need_root()?;
+    let lab = load(name)?;
+    let mut cmd = Command::new("kubectl");
+    cmd.args(args).env("KUBECONFIG", lab.kubeconfig());
+    netns::command_in(&lab.control_plane_netns(), &mut cmd)?;
+    let err = cmd.exec();
+    bail!("failed to run kubectl: {err}")
+}
+
+/// PATH with the directory of this veilnet binary first, so that `veilnet …` runs this build.
+pub fn path_with_self() -> String {
+    let mut parts = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        parts.push(dir.display().to_string());
+    }
+    parts.push(std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    parts.join(":")
+}
+
+fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<()> {
+    need_root()?;
+    let lab = load(name)?;
+    let (ns, pod_name) = pod.split_once('/').unwrap_or(("default", pod));
+    let (ns_owned, name_owned) = (ns.to_string(), pod_name.to_string());
+    let found = with_client(&lab, move |client| async move {
+        Api::<Pod>::namespaced(client, &ns_owned)
+            .get_opt(&name_owned)
+            .await
+    })??;
+    let Some(p) = found else {
+        bail!("pod {ns}/{pod_name} not found")
+    };
+    let node = p
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .with_context(|| format!("pod {ns}/{pod_name} is not bound to a node"))?;
+    let node =
+        node_by_name(&lab, &node).with_context(|| format!("node {node} is not a lab node"))?;
+    let uid = p.metadata.uid.clone().unwrap_or_default();
+    let pod_ns = node.pod_netns(&uid);
+    if !netns::exists(&pod_ns) {
+        bail!(
+            "pod {ns}/{pod_name} has no network namespace yet (phase {:?})",
+            p.status.and_then(|s| s.phase)
+        );
+    }
+    let (program, rest) = cmd.split_first().context("no command given")?;
+    let mut c = Command::new(program);
+    c.args(rest).env("PATH", path_with_self());
+    netns::command_in(&pod_ns, &mut c)?;
+    let err = c.exec();
+    bail!("failed to run {program}: {err}")
+}
