@@ -38,8 +38,8 @@ VEILNET_APT_PACKAGES+=(jq wireguard-tools)
 ensure_packages
 ensure_rust
 
-echo "==> building veilnet (release)" >&2
-cargo build --release --locked -q --bin veilnet
+echo "==> building veilnet and veilnet-lab (release; veilnet bench hands off to veilnet-lab)" >&2
+cargo build --release --locked -q -p veilnet -p veilnet-lab --bins
 VEILNET=$PWD/target/release/veilnet
 
 BT_ROOT=$PWD/target/bench-tools
