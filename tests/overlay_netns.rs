@@ -15,10 +15,10 @@ use veilnet::kernel::{
     apply, sysctl, ApplyError, ApplyReport, NetlinkKernel, ObservedLink, ObservedRoute,
     OverlayKernel, VEILNET_ROUTE_PROTOCOL,
 };
+use veilnet::model::annotations;
 use veilnet::model::mac::derive_vtep_mac;
-use veilnet::model::overlay::{
-    plan_overlay, DesiredOverlay, OverlayInput, PeerNode, SelfNode, VxlanConfig,
-};
+use veilnet::model::overlay::{plan_overlay, DesiredOverlay, OverlayInput, SelfNode, VxlanConfig};
+use veilnet::model::peer::{NodeFacts, PeerRecord};
 use veilnet::netns;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -249,14 +249,28 @@ fn desired_for(lab: &Lab, i: usize, peers: &[usize]) -> DesiredOverlay {
         underlay_mtu: underlay.mtu(),
         peers: peers
             .iter()
-            .map(|&p| PeerNode {
-                name: NODE_NAMES[p].into(),
-                underlay_ip: Some(UNDERLAY_IPS[p].into()),
-                vtep_mac: Some(derive_vtep_mac(NODE_NAMES[p]).to_string()),
-                vxlan_vni: Some("1".into()),
-                pod_cidrs: vec![POD_CIDRS[p].into()],
-                node_addresses: vec![UNDERLAY_IPS[p].parse().unwrap()],
-                created: None,
+            .map(|&p| {
+                let anns = [
+                    (annotations::UNDERLAY_IP, UNDERLAY_IPS[p].to_string()),
+                    (
+                        annotations::VTEP_MAC,
+                        derive_vtep_mac(NODE_NAMES[p]).to_string(),
+                    ),
+                    (annotations::VXLAN_VNI, "1".to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                PeerRecord::parse(
+                    NODE_NAMES[p],
+                    &anns,
+                    &Default::default(),
+                    NodeFacts {
+                        pod_cidrs: vec![POD_CIDRS[p].parse().unwrap()],
+                        node_addresses: vec![UNDERLAY_IPS[p].parse().unwrap()],
+                        created: None,
+                    },
+                )
             })
             .collect(),
     };

@@ -4,7 +4,9 @@
 //! - `config`: flags, environment and config file, resolved and validated once.
 //! - `underlay`: the interface carrying this node's address.
 //! - `watch`: reflectors feeding the planners.
-//! - `reconcile`: the overlay loop (plan → apply → CNI hand-off).
+//! - `snapshot`: one typed record per Node, built once per pass.
+//! - `plan`: the pure planner from a snapshot to the node's whole desired state.
+//! - `reconcile`: the loop (snapshot → plan → apply), generic over what it writes to (`ports`).
 //! - `cni_config`: the node state file and conflist for `veilnet-cni`.
 //! - `events`: Kubernetes Events for what the agent refuses.
 //!
@@ -14,10 +16,15 @@
 pub mod cni_config;
 pub mod config;
 pub mod events;
+#[cfg(test)]
+mod fakes;
 pub mod health;
 pub mod metrics;
+pub mod plan;
 pub mod policy;
+pub mod ports;
 pub mod reconcile;
+pub mod snapshot;
 pub mod status;
 pub mod underlay;
 pub mod watch;
@@ -262,10 +269,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
     // ---- end NetworkPolicy
 
-    let me = reconcile::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
+    let me = snapshot::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);
     let resync = cfg.resync;
-    let mut rec = reconcile::Reconciler::new(cfg, client, kernel, events, nodes, records, me, wg);
+    let publisher = ports::KubePublisher::new(client.clone(), events);
+    let mut rec = reconcile::Reconciler::new(
+        cfg,
+        kernel,
+        publisher,
+        ports::NftWireTable,
+        nodes,
+        records,
+        me,
+        wg,
+    );
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
@@ -309,7 +326,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 // Coalesce a burst of watch events into one pass.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            _ = ticker.tick() => rec.release_deleted().await,
+            _ = ticker.tick() => reconcile::release_deleted(client.clone(), &rec.cfg, &rec.me).await,
             _ = status_ticker.tick() => {
                 // Refresh the counters in the status file and metrics; no reconcile needed.
                 pending = false;

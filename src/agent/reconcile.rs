@@ -1,35 +1,36 @@
-//! The overlay reconcile loop: cluster state → `plan_overlay` → `kernel::apply` → CNI hand-off.
+//! The reconcile loop: one [`ClusterSnapshot`] → one [`NodePlan`] ([`plan_node`]) → apply.
 //!
 //! Every pass plans from the reflectors' complete current state, so it is safe to run at any time
 //! and any number of times; a pass with nothing to change writes nothing (no netlink write, no API
-//! write, no file write).
+//! write, no datapath or nftables write, no file write).
+//!
+//! The [`Reconciler`] is generic over what it writes to: the kernel ([`OverlayKernel`]), the
+//! WireGuard datapath ([`Datapath`]), the API server ([`Publisher`]) and the wire table
+//! ([`WireTable`]), so whole passes are tested in memory (see `tests` below).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::runtime::reflector::Store;
 
 use super::cni_config;
 use super::config::AgentConfig;
-use super::events::{EventSink, EventType};
+use super::events::EventType;
+use super::plan::{plan_node, NodePlan, PlanInput};
+use super::ports::{Publisher, WireError, WireTable};
+use super::snapshot::{ClusterSnapshot, SelfInfo};
 use super::status;
-use super::underlay::UnderlayDevice;
 use super::wireguard::{self, WireGuard};
 use crate::cluster::podcidr::{self, AllocationRecord};
 use crate::cluster::publish;
+use crate::datapath::client::{Datapath, DatapathClient};
 use crate::kernel::apply::{apply, ApplyError};
 use crate::kernel::netlink::NetlinkKernel;
-use crate::kernel::wire::{self, WireRules};
-use crate::model::annotations;
-use crate::model::encryption::{own_mode, plan_paths, Mode, Path, PeerCrypto, PeerPath};
-use crate::model::mac::{derive_vtep_mac, MacAddr};
-use crate::model::overlay::{
-    plan_overlay, AcceptedPeer, OverlayError, OverlayInput, PeerNode, SelfNode, VxlanConfig,
-};
-use crate::model::routing::{plan_routing, wireguard_allowed_ips, RoutingInput};
-use crate::wg::OVERHEAD_IPV4;
+use crate::kernel::wire::WireRules;
+use crate::kernel::OverlayKernel;
+use crate::model::encryption::{Mode, Path, PeerPath};
+use crate::model::overlay::{OverlayError, RejectedPeer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -43,22 +44,8 @@ pub enum ReconcileError {
     Cni(#[from] cni_config::CniConfigError),
     #[error(transparent)]
     WireGuard(#[from] wireguard::WireGuardError),
-    #[error("wire rules: {0}")]
-    Wire(#[from] crate::kernel::nft::NftError),
-    #[error("wire rules: the blocking task failed: {0}")]
-    WireTask(#[from] tokio::task::JoinError),
-}
-
-/// The agent's TCP ports that are not on loopback (loopback is out of every pod's reach).
-fn agent_ports(cfg: &AgentConfig) -> Vec<u16> {
-    let mut ports: Vec<u16> = [cfg.health_addr, cfg.metrics_addr]
-        .iter()
-        .filter(|a| !a.ip().is_loopback())
-        .map(|a| a.port())
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+    #[error(transparent)]
+    Wire(#[from] WireError),
 }
 
 /// At most [`ReportLimit::BURST`] reports (log line and Event) per peer per
@@ -95,41 +82,20 @@ impl ReportLimit {
     }
 }
 
-/// What the agent decided about itself at start; fixed for the life of the process.
-#[derive(Debug, Clone)]
-pub struct SelfInfo {
-    pub underlay: UnderlayDevice,
-    pub pod_cidrs: Vec<IpNet>,
-    pub vtep_mac: MacAddr,
-    /// True when the pod CIDR came from veilnet's allocation record (not `spec.podCIDR`).
-    pub allocated: bool,
-}
-
-impl SelfInfo {
-    pub fn new(
-        node: &str,
-        underlay: UnderlayDevice,
-        pod_cidrs: Vec<IpNet>,
-        allocated: bool,
-    ) -> Self {
-        Self {
-            underlay,
-            pod_cidrs,
-            vtep_mac: derive_vtep_mac(node),
-            allocated,
-        }
-    }
-}
-
-pub struct Reconciler {
+pub struct Reconciler<
+    K = NetlinkKernel,
+    D = DatapathClient,
+    P = super::ports::KubePublisher,
+    W = super::ports::NftWireTable,
+> {
     pub cfg: AgentConfig,
-    pub client: kube::Client,
-    pub kernel: NetlinkKernel,
-    pub events: EventSink,
+    pub kernel: K,
+    pub publisher: P,
+    pub wire: W,
     pub nodes: Store<Node>,
     pub records: Store<ConfigMap>,
     pub me: SelfInfo,
-    pub wg: WireGuard,
+    pub wg: WireGuard<D>,
     /// Peer → reason of the last pass, so a refusal is logged when it starts or changes, not on
     /// every pass.
     rejected: BTreeMap<String, String>,
@@ -147,129 +113,45 @@ pub struct Reconciler {
     pub dataplane_ready: bool,
 }
 
-/// The annotations this node publishes (pure).
-pub fn own_annotations(
-    cfg: &AgentConfig,
-    me: &SelfInfo,
-    wg_key: &str,
-    mode: Mode,
-) -> BTreeMap<String, String> {
-    let endpoint = std::net::SocketAddr::new(me.underlay.ip, cfg.wireguard_port);
-    BTreeMap::from([
-        (annotations::VTEP_MAC.to_string(), me.vtep_mac.to_string()),
-        (
-            annotations::UNDERLAY_IP.to_string(),
-            me.underlay.ip.to_string(),
-        ),
-        (
-            annotations::POD_CIDRS.to_string(),
-            annotations::format_cidr_list(&me.pod_cidrs),
-        ),
-        (
-            annotations::VXLAN_VNI.to_string(),
-            cfg.vxlan_vni.to_string(),
-        ),
-        (annotations::WG_PUBLIC_KEY.to_string(), wg_key.to_string()),
-        (annotations::WG_ENDPOINT.to_string(), endpoint.to_string()),
-        (annotations::ENCRYPTION_MODE.to_string(), mode.to_string()),
-    ])
+/// What the apply steps wrote, by target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassWrites {
+    pub kernel: usize,
+    pub annotations: usize,
+    pub wireguard: bool,
+    pub wire: bool,
+    pub cni: bool,
 }
 
-/// The Node's `metadata.creationTimestamp` in Unix seconds: who was there first.
-fn created_seconds(node: &Node) -> Option<i64> {
-    node.metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second())
-}
-
-/// The addresses the cluster records for a Node (`status.addresses`: InternalIP and ExternalIP).
-pub fn recorded_addresses(node: &Node) -> Vec<std::net::IpAddr> {
-    node.status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
-}
-
-fn has_veilnet_annotations(anns: &BTreeMap<String, String>) -> bool {
-    anns.keys().any(|k| k.starts_with(annotations::PREFIX))
-}
-
-/// The planner's input from the cluster state (pure). A peer's pod CIDRs come from its
-/// `spec.podCIDR(s)`, else from the allocation record: never from what the peer claims.
-pub fn overlay_input(
-    cfg: &AgentConfig,
-    me: &SelfInfo,
-    nodes: &[std::sync::Arc<Node>],
-    record: &AllocationRecord,
-    incumbents: BTreeMap<String, AcceptedPeer>,
-) -> OverlayInput {
-    let peers = nodes
-        .iter()
-        .filter_map(|n| {
-            let name = n.metadata.name.as_deref()?;
-            if name == cfg.node_name {
-                return None;
-            }
-            let mut cidrs: Vec<String> = podcidr::spec_cidrs(n)
-                .iter()
-                .map(|c| c.to_string())
-                .collect();
-            if cidrs.is_empty() {
-                cidrs.extend(record.cidrs.get(name).map(|c| c.to_string()));
-            }
-            let empty = BTreeMap::new();
-            let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
-            if !has_veilnet_annotations(anns) {
-                // Its agent has not started yet (or it runs no veilnet): not a fault to report.
-                tracing::debug!(peer = name, "peer has not published its overlay data yet");
-                return None;
-            }
-            let mut peer = PeerNode::from_annotations(name, anns, cidrs, recorded_addresses(n));
-            peer.created = created_seconds(n);
-            Some(peer)
-        })
-        .collect();
-    OverlayInput {
-        node: SelfNode {
-            name: cfg.node_name.clone(),
-            underlay_ip: me.underlay.ip,
-            underlay_dev: me.underlay.dev.clone(),
-            pod_cidrs: me.pod_cidrs.clone(),
-            vtep_mac: Some(me.vtep_mac),
-        },
-        vxlan: VxlanConfig {
-            vni: cfg.vxlan_vni,
-            port: cfg.vxlan_port,
-            ..VxlanConfig::default()
-        },
-        underlay_mtu: me.underlay.mtu,
-        peers,
-        incumbents,
+impl PassWrites {
+    pub fn none(&self) -> bool {
+        *self == PassWrites::default()
     }
 }
 
-impl Reconciler {
+impl<K, D, P, W> Reconciler<K, D, P, W>
+where
+    K: OverlayKernel + Send,
+    D: Datapath,
+    P: Publisher,
+    W: WireTable,
+{
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: AgentConfig,
-        client: kube::Client,
-        kernel: NetlinkKernel,
-        events: EventSink,
+        kernel: K,
+        publisher: P,
+        wire: W,
         nodes: Store<Node>,
         records: Store<ConfigMap>,
         me: SelfInfo,
-        wg: WireGuard,
+        wg: WireGuard<D>,
     ) -> Self {
         Self {
             cfg,
-            client,
             kernel,
-            events,
+            publisher,
+            wire,
             nodes,
             records,
             me,
@@ -295,53 +177,79 @@ impl Reconciler {
 
     /// One pass. Returns the number of kernel writes.
     pub async fn reconcile(&mut self) -> Result<usize, ReconcileError> {
-        let started = Instant::now();
-        let nodes = self.nodes.state();
-        let own = nodes
-            .iter()
-            .find(|n| n.metadata.name.as_deref() == Some(self.cfg.node_name.as_str()))
-            .cloned();
-        let empty = BTreeMap::new();
-        let own_labels = own
-            .as_ref()
-            .and_then(|n| n.metadata.labels.as_ref())
-            .unwrap_or(&empty);
-        let own_anns = own
-            .as_ref()
-            .and_then(|n| n.metadata.annotations.as_ref())
-            .unwrap_or(&empty);
+        Ok(self.pass().await?.kernel)
+    }
 
-        // This node's mode: its label, else the configured default.
-        let (mode, bad_label) = own_mode(
-            own_labels
-                .get(annotations::ENCRYPTION_LABEL)
-                .map(String::as_str),
-            self.cfg.encryption,
-        );
-        if let Some(e) = bad_label {
-            tracing::warn!(error = %e, default = %self.cfg.encryption, "bad encryption label; using the default");
-            let msg = format!(
-                "label {}: {e}; using the default mode {}",
-                annotations::ENCRYPTION_LABEL,
-                self.cfg.encryption
+    /// One pass: snapshot → plan → apply. Returns what it wrote.
+    pub async fn pass(&mut self) -> Result<PassWrites, ReconcileError> {
+        let started = Instant::now();
+        let cluster =
+            ClusterSnapshot::take(&self.cfg.node_name, &self.nodes.state(), &self.record());
+        // The key is an input of the plan (published, and refused to peers), so a requested
+        // rotation happens first.
+        self.rotate_if_requested(&cluster).await?;
+        let (incumbents, key_bindings) = self.history();
+        let plan = plan_node(&PlanInput {
+            cfg: &self.cfg,
+            me: &self.me,
+            cluster: &cluster,
+            wg_key: self.wg.public_key(),
+            incumbents: &incumbents,
+            key_bindings: &key_bindings,
+        })?;
+        self.report(&plan).await;
+        let writes = self.apply(&plan).await?;
+        if writes.kernel > 0 {
+            tracing::info!(
+                writes = writes.kernel,
+                peers = plan.overlay.accepted.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "dataplane updated"
             );
-            self.events
-                .node_event(
-                    &self.cfg.node_name,
-                    EventType::Warning,
-                    "VeilnetBadEncryptionLabel",
-                    &msg,
-                )
-                .await;
+        } else {
+            tracing::debug!(
+                peers = plan.overlay.accepted.len(),
+                "dataplane already up to date"
+            );
         }
-        if self
-            .wg
-            .rotate_if_requested(own_anns.get(annotations::ROTATE_KEY).map(String::as_str))
-            .await?
-        {
+        self.dataplane_ready = true;
+        self.last = Some(status::Snapshot::of(&plan));
+        Ok(writes)
+    }
+
+    /// The previous pass's bindings: accepted peers and the WireGuard keys used for them.
+    fn history(
+        &self,
+    ) -> (
+        BTreeMap<String, crate::model::overlay::AcceptedPeer>,
+        BTreeMap<String, [u8; 32]>,
+    ) {
+        let Some(last) = &self.last else {
+            return Default::default();
+        };
+        let keys = last
+            .paths
+            .iter()
+            .filter_map(|p| match &p.path {
+                Path::Wireguard { public_key, .. } => Some((p.node.clone(), *public_key)),
+                _ => None,
+            })
+            .collect();
+        (last.bindings.clone(), keys)
+    }
+
+    async fn rotate_if_requested(
+        &mut self,
+        cluster: &ClusterSnapshot,
+    ) -> Result<(), ReconcileError> {
+        let request = cluster
+            .own
+            .as_ref()
+            .and_then(|o| o.rotate_request.as_deref());
+        if self.wg.rotate_if_requested(request).await? {
             tracing::info!(fingerprint = %self.wg.fingerprint(), "WireGuard key rotated");
             let msg = format!("WireGuard key rotated; new key {}", self.wg.fingerprint());
-            self.events
+            self.publisher
                 .node_event(
                     &self.cfg.node_name,
                     EventType::Normal,
@@ -350,186 +258,91 @@ impl Reconciler {
                 )
                 .await;
         }
+        Ok(())
+    }
 
-        // Our own annotations: re-published if anyone changed or removed them.
-        let desired_annotations =
-            own_annotations(&self.cfg, &self.me, &self.wg.public_key_b64(), mode);
-        let changes = publish::diff(
-            own.as_ref().and_then(|n| n.metadata.annotations.as_ref()),
-            &desired_annotations,
-            &desired_annotations
-                .keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        if !changes.is_empty() && own.is_some() {
-            tracing::info!(changes = ?changes.keys().collect::<Vec<_>>(), "publishing this node's annotations");
-            publish::publish(self.client.clone(), &self.cfg.node_name, &changes).await?;
-        }
-
-        let incumbents = self
-            .last
-            .as_ref()
-            .map(|l| l.bindings.clone())
-            .unwrap_or_default();
-        let input = overlay_input(&self.cfg, &self.me, &nodes, &self.record(), incumbents);
-        let mut desired = plan_overlay(&input)?;
-        self.report_rejections(&desired.rejected).await;
-
-        // Paths: only peers the overlay accepted (their CIDRs are proven theirs) are candidates.
-        let crypto: Vec<PeerCrypto> = nodes
-            .iter()
-            .filter_map(|n| {
-                let name = n.metadata.name.as_deref()?;
-                let accepted = desired.peers.iter().find(|p| p.name == name)?;
-                let mut c = PeerCrypto::from_node(
-                    name,
-                    n.metadata.annotations.as_ref().unwrap_or(&empty),
-                    n.metadata.labels.as_ref().unwrap_or(&empty),
-                );
-                c.underlay_ip = Some(accepted.underlay_ip);
-                c.created = created_seconds(n);
-                c.vxlan_unusable = accepted.vxlan_unusable.clone();
-                Some(c)
-            })
-            .collect();
-        let key_bindings: BTreeMap<String, [u8; 32]> = self
-            .last
-            .iter()
-            .flat_map(|l| &l.paths)
-            .filter_map(|p| match &p.path {
-                Path::Wireguard { public_key, .. } => Some((p.node.clone(), *public_key)),
-                _ => None,
-            })
-            .collect();
-        let paths = plan_paths(
-            mode,
-            self.cfg.encryption,
-            self.wg.public_key().as_bytes(),
-            &crypto,
-            &key_bindings,
-        );
-        self.report_paths(&paths).await;
-        let cluster = IpNet::V4(self.cfg.cluster_cidr);
-        let routing = plan_routing(&RoutingInput {
-            underlay_ip: self.me.underlay.ip,
-            pod_cidrs: &self.me.pod_cidrs,
-            cluster_cidr: cluster,
-            vxlan_dev: &desired.vxlan.link.name,
-            wg_dev: wireguard::TUN_NAME,
-            peers: &desired.peers,
-            paths: &paths,
-        });
-        desired.routes = routing.routes;
-        desired.rules = routing.rules;
-        desired
-            .external_devices
-            .insert(wireguard::TUN_NAME.to_string());
-        let allowed_ips = |name: &str| {
-            desired
-                .peers
-                .iter()
-                .find(|p| p.name == name)
-                .map(wireguard_allowed_ips)
-                .unwrap_or_default()
-        };
-
-        // Peers first, then routes: a route to the TUN before its peer exists only drops.
-        let changed = self.wg.set_peers(&paths, &allowed_ips).await?;
-        if !changed.is_empty() {
-            tracing::info!(
-                added = changed.added.len(),
-                removed = changed.removed.len(),
-                updated = changed.updated.len(),
-                "WireGuard peers updated"
+    /// Logs and Events for what the plan refuses or changes (rate-limited per peer).
+    async fn report(&mut self, plan: &NodePlan) {
+        if let Some(e) = &plan.bad_label {
+            tracing::warn!(error = %e, default = %self.cfg.encryption, "bad encryption label; using the default");
+            let msg = format!(
+                "label {}: {e}; using the default mode {}",
+                crate::model::annotations::ENCRYPTION_LABEL,
+                self.cfg.encryption
             );
+            self.publisher
+                .node_event(
+                    &self.cfg.node_name,
+                    EventType::Warning,
+                    "VeilnetBadEncryptionLabel",
+                    &msg,
+                )
+                .await;
         }
-        // Wire rules before routes: a pair moving to VXLAN accepts the peer's VXLAN before this
-        // node sends any, so the first replies are not dropped.
-        let wire_rules = WireRules {
-            underlay_dev: self.me.underlay.dev.clone(),
-            underlay_ip: self.me.underlay.ip,
-            wg_dev: wireguard::TUN_NAME.into(),
-            vxlan_port: self.cfg.vxlan_port,
-            wg_port: self.cfg.wireguard_port,
-            cluster_cidr: cluster,
-            strict: mode == Mode::Strict,
-            vxlan_peers: Vec::new(),
-            peer_nodes: Default::default(),
-            agent_ports: agent_ports(&self.cfg),
-            agent_conns_per_source: wire::AGENT_CONNS_PER_SOURCE,
+        self.report_rejections(&plan.overlay.rejected).await;
+        self.report_paths(&plan.paths).await;
+    }
+
+    /// Writes the plan, in an order that never drops or leaks a packet on the way: annotations,
+    /// WireGuard peers before the routes into the TUN (a route before its peer only drops), wire
+    /// rules before the routes (a pair moving to VXLAN accepts the peer's VXLAN before this node
+    /// sends any), the kernel, then the CNI hand-off.
+    async fn apply(&mut self, plan: &NodePlan) -> Result<PassWrites, ReconcileError> {
+        let mut writes = PassWrites::default();
+        if !plan.publish.is_empty() {
+            tracing::info!(changes = ?plan.publish.keys().collect::<Vec<_>>(), "publishing this node's annotations");
+            self.publisher
+                .publish(&self.cfg.node_name, &plan.publish)
+                .await?;
+            writes.annotations = plan.publish.len();
         }
-        .with_peers(&desired.peers, &paths);
-        if self.wire_loaded.as_ref() != Some(&wire_rules) {
-            let to_load = wire_rules.clone();
-            let replaced = tokio::task::spawn_blocking(move || wire::load(&to_load)).await??;
+
+        if let Some(changed) = self.wg.set_peers(&plan.wg_peers).await? {
+            writes.wireguard = true;
+            if !changed.is_empty() {
+                tracing::info!(
+                    added = changed.added.len(),
+                    removed = changed.removed.len(),
+                    updated = changed.updated.len(),
+                    "WireGuard peers updated"
+                );
+            }
+        }
+
+        if self.wire_loaded.as_ref() != Some(&plan.wire) {
+            let replaced = self.wire.load(&plan.wire).await?;
             tracing::info!(
-                strict = mode == Mode::Strict,
-                vxlan_peers = wire_rules.vxlan_peers.len(),
+                strict = plan.mode == Mode::Strict,
+                vxlan_peers = plan.wire.vxlan_peers.len(),
                 replaced,
                 "wire rules loaded"
             );
-            self.wire_loaded = Some(wire_rules);
+            self.wire_loaded = Some(plan.wire.clone());
+            writes.wire = true;
         }
 
-        let report = apply(&mut self.kernel, &desired).await?;
-        let writes = report.writes();
+        writes.kernel = apply(&mut self.kernel, &plan.overlay).await?.writes();
 
-        if writes > 0 {
-            tracing::info!(
-                writes,
-                peers = desired.accepted.len(),
-                took_ms = started.elapsed().as_millis() as u64,
-                "dataplane updated"
-            );
-        } else {
-            tracing::debug!(
-                peers = desired.accepted.len(),
-                "dataplane already up to date"
-            );
-        }
-
-        // Pods get the WireGuard MTU whatever the current paths: a live mode toggle must not leave
-        // running pods with packets too large for the new path.
-        let wg_mtu = self.me.underlay.mtu.saturating_sub(OVERHEAD_IPV4);
-        let mtu = self.cfg.mtu.unwrap_or(desired.pod_mtu.min(wg_mtu));
-        let state =
-            cni_config::node_state(&self.cfg.node_name, &self.me.pod_cidrs, &desired, Some(mtu));
-        if cni_config::install(
-            &state,
+        writes.cni = cni_config::install(
+            &plan.cni,
             &self.cfg.run_dir,
             &self.cfg.state_dir,
             &self.cfg.cni_conf_dir,
-        )? {
-            tracing::info!(mtu = state.mtu, conf_dir = %self.cfg.cni_conf_dir.display(), "CNI configuration installed");
+        )?;
+        if writes.cni {
+            tracing::info!(mtu = plan.cni.mtu, conf_dir = %self.cfg.cni_conf_dir.display(), "CNI configuration installed");
         }
-        self.dataplane_ready = true;
-        self.last = Some(status::Snapshot {
-            mode,
-            pod_mtu: mtu,
-            paths,
-            rejected: desired
-                .rejected
-                .iter()
-                .map(|r| (r.node.clone(), r.reason.to_string()))
-                .collect(),
-            matrix: status::path_matrix(&nodes, self.cfg.encryption),
-            bindings: desired
-                .peers
-                .iter()
-                .map(|p| (p.name.clone(), p.clone()))
-                .collect(),
-        });
         Ok(writes)
     }
 
-    /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included) and
-    /// returns it for the metrics endpoint.
     /// Refreshes the datapath's counters (and thereby notices, and repairs, a datapath that
     /// restarted without its configuration). A failure shows in the status; it is not a
     /// reconcile failure.
     pub async fn refresh_datapath(&mut self) {
-        self.refresh_wire_drops().await;
+        match self.wire.drops().await {
+            Ok(drops) => self.wire_drops = drops,
+            Err(e) => tracing::debug!(error = %e, "could not read the wire table's counters"),
+        }
         let was_down = self.wg.datapath().error.is_some();
         match self.wg.refresh().await {
             // Logged when it goes down and when it is back, not every 2 s in between.
@@ -541,20 +354,8 @@ impl Reconciler {
         }
     }
 
-    /// Reads the wire table's counters (one netlink dump of its counter objects).
-    async fn refresh_wire_drops(&mut self) {
-        let read =
-            tokio::task::spawn_blocking(|| crate::policy::counters::read_counters_of(wire::TABLE))
-                .await;
-        match read {
-            Ok(Ok(counters)) => {
-                self.wire_drops = counters.into_iter().map(|c| (c.name, c.packets)).collect();
-            }
-            Ok(Err(e)) => tracing::debug!(error = %e, "could not read the wire table's counters"),
-            Err(e) => tracing::debug!(error = %e, "wire counter reader failed"),
-        }
-    }
-
+    /// Writes `<run dir>/status.json` for `veilnet status` (live WireGuard counters included) and
+    /// returns it for the metrics endpoint.
     pub fn write_status(&self) -> Option<status::NodeStatus> {
         let last = self.last.as_ref()?;
         let st = status::build(&self.cfg, &self.me, &self.wg, last, &self.wire_drops);
@@ -590,7 +391,7 @@ impl Reconciler {
                     "node {} carries no pod traffic with this node: {path}",
                     self.cfg.node_name
                 );
-                self.events
+                self.publisher
                     .node_event(node, EventType::Warning, "VeilnetPathBlocked", &msg)
                     .await;
             } else if path == "vxlan" && before.is_some_and(|b| b.starts_with("wireguard")) {
@@ -599,7 +400,7 @@ impl Reconciler {
                     "node {}'s pod traffic with this node is no longer encrypted: the pair moved from WireGuard to plaintext VXLAN",
                     self.cfg.node_name
                 );
-                self.events
+                self.publisher
                     .node_event(node, EventType::Warning, "VeilnetPathDowngraded", &msg)
                     .await;
             } else {
@@ -609,7 +410,7 @@ impl Reconciler {
         self.paths = now;
     }
 
-    async fn report_rejections(&mut self, rejected: &[crate::model::overlay::RejectedPeer]) {
+    async fn report_rejections(&mut self, rejected: &[RejectedPeer]) {
         let now: BTreeMap<String, String> = rejected
             .iter()
             .map(|r| (r.node.clone(), r.reason.to_string()))
@@ -621,7 +422,7 @@ impl Reconciler {
                     "node {} ignores this node as a peer: {reason}",
                     self.cfg.node_name
                 );
-                self.events
+                self.publisher
                     .node_event(node, EventType::Warning, "VeilnetPeerRejected", &msg)
                     .await;
             }
@@ -633,136 +434,499 @@ impl Reconciler {
         }
         self.rejected = now;
     }
+}
 
-    /// Releases the pod CIDRs of deleted nodes (only meaningful when veilnet allocates them).
-    pub async fn release_deleted(&self) {
-        if !self.me.allocated {
-            return;
+/// Releases the pod CIDRs of deleted nodes (only meaningful when veilnet allocates them).
+pub async fn release_deleted(client: kube::Client, cfg: &AgentConfig, me: &SelfInfo) {
+    if !me.allocated {
+        return;
+    }
+    match podcidr::release_deleted(client, &cfg.namespace).await {
+        Ok(released) if !released.is_empty() => {
+            tracing::info!(nodes = ?released, "released the pod CIDRs of deleted nodes")
         }
-        match podcidr::release_deleted(self.client.clone(), &self.cfg.namespace).await {
-            Ok(released) if !released.is_empty() => {
-                tracing::info!(nodes = ?released, "released the pod CIDRs of deleted nodes")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes")
-            }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release the pod CIDRs of deleted nodes")
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::net::IpAddr;
+
+    use ipnet::IpNet;
+    use kube::runtime::reflector;
 
     use super::*;
     use crate::agent::config::AgentArgs;
+    use crate::agent::fakes::{FakeApi, FakeDatapath, FakeWire};
+    use crate::agent::snapshot::tests::node;
+    use crate::agent::underlay::UnderlayDevice;
+    use crate::kernel::fake::FakeKernel;
+    use crate::kernel::VEILNET_ROUTE_PROTOCOL;
+    use crate::model::annotations;
+    use crate::model::overlay::POD_TO_NODE_TABLE;
+    use crate::wg::{keys, PublicKey};
 
-    fn cfg() -> AgentConfig {
-        AgentConfig::resolve(&AgentArgs {
-            node_name: Some("n1".into()),
-            ..Default::default()
-        })
-        .unwrap()
+    const MAIN: u32 = 254;
+
+    type TestReconciler = Reconciler<FakeKernel, FakeDatapath, FakeApi, FakeWire>;
+
+    /// One node (`n1`, 172.30.0.11, 10.244.1.0/24) of a cluster that lives in memory.
+    struct Node1 {
+        rec: TestReconciler,
+        datapath: FakeDatapath,
+        _dir: tempfile::TempDir,
     }
 
-    fn me() -> SelfInfo {
-        SelfInfo::new(
-            "n1",
-            UnderlayDevice {
-                ip: "172.30.0.11".parse().unwrap(),
-                dev: "eth0".into(),
-                mtu: 1500,
-            },
-            vec!["10.244.1.0/24".parse().unwrap()],
-            false,
-        )
+    fn key(n: u8) -> PublicKey {
+        PublicKey::from([n; 32])
     }
 
-    fn node(name: &str, spec_cidr: Option<&str>, anns: &[(&str, &str)]) -> Arc<Node> {
-        let annotations: BTreeMap<String, String> = anns
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        // The cluster records the address the node publishes (the kubelet's InternalIP).
-        let addresses: Vec<serde_json::Value> = annotations
-            .get(annotations::UNDERLAY_IP)
-            .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip}))
-            .into_iter()
-            .collect();
-        Arc::new(
-            serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "annotations": annotations},
-                "spec": {"podCIDR": spec_cidr},
-                "status": {"addresses": addresses},
-            }))
-            .unwrap(),
-        )
-    }
-
-    fn good_anns(ip: &str, mac: &str, claimed: &str) -> Vec<(&'static str, String)> {
-        vec![
-            (annotations::UNDERLAY_IP, ip.to_string()),
-            (annotations::VTEP_MAC, mac.to_string()),
-            (annotations::POD_CIDRS, claimed.to_string()),
-        ]
-    }
-
-    fn node_owned(name: &str, spec: Option<&str>, anns: Vec<(&'static str, String)>) -> Arc<Node> {
-        let refs: Vec<(&str, &str)> = anns.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        node(name, spec, &refs)
-    }
-
-    #[test]
-    fn peer_cidrs_come_from_the_cluster_never_from_the_claim() {
-        let record = AllocationRecord::from_data(Some(&BTreeMap::from([(
-            "n3".to_string(),
-            "10.244.3.0/24".to_string(),
-        )])));
-        let nodes = vec![
-            node_owned(
-                "n1",
-                Some("10.244.1.0/24"),
-                good_anns("172.30.0.11", "06:00:00:00:00:01", "10.244.1.0/24"),
+    /// Node `n<n>` as its agent publishes it in `mode` (its label says the same), with
+    /// WireGuard key `key`.
+    fn peer(n: u8, mode: &str, key_byte: u8) -> k8s_openapi::api::core::v1::Node {
+        let ip = format!("172.30.0.{}", 10 + n);
+        let anns = [
+            (annotations::UNDERLAY_IP, ip.clone()),
+            (annotations::VTEP_MAC, format!("06:00:00:00:00:{n:02x}")),
+            (annotations::VXLAN_VNI, "1".into()),
+            (annotations::ENCRYPTION_MODE, mode.into()),
+            (
+                annotations::WG_PUBLIC_KEY,
+                keys::encode_public(&key(key_byte)),
             ),
-            // Spec wins over the (lying) annotation.
-            node_owned(
-                "n2",
-                Some("10.244.2.0/24"),
-                good_anns("172.30.0.12", "06:00:00:00:00:02", "10.244.1.0/24"),
-            ),
-            // No spec: the allocation record.
-            node_owned(
-                "n3",
-                None,
-                good_anns("172.30.0.13", "06:00:00:00:00:03", "10.244.99.0/24"),
-            ),
-            // Neither: no CIDR at all, whatever it claims.
-            node_owned(
-                "n4",
-                None,
-                good_anns("172.30.0.14", "06:00:00:00:00:04", "10.244.4.0/24"),
-            ),
-            // No veilnet annotations yet: not a peer (its agent has not started).
-            node("n5", Some("10.244.5.0/24"), &[]),
+            (annotations::WG_ENDPOINT, format!("{ip}:51820")),
         ];
-        let input = overlay_input(&cfg(), &me(), &nodes, &record, BTreeMap::new());
-        let peers: BTreeMap<&str, &Vec<String>> = input
-            .peers
-            .iter()
-            .map(|p| (p.name.as_str(), &p.pod_cidrs))
-            .collect();
-        assert_eq!(peers.len(), 3, "{peers:?}");
-        assert_eq!(peers["n2"], &vec!["10.244.2.0/24".to_string()]);
-        assert_eq!(peers["n3"], &vec!["10.244.3.0/24".to_string()]);
-        assert!(peers["n4"].is_empty());
+        let refs: Vec<(&str, &str)> = anns.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let cidr = format!("10.244.{n}.0/24");
+        (*node(
+            &format!("n{n}"),
+            Some(&cidr),
+            &refs,
+            &[(annotations::ENCRYPTION_LABEL, mode)],
+        ))
+        .clone()
+    }
 
-        let desired = plan_overlay(&input).unwrap();
-        assert_eq!(desired.accepted, vec!["n2".to_string(), "n3".to_string()]);
-        assert_eq!(desired.rejected.len(), 1);
-        assert_eq!(desired.rejected[0].node, "n4");
-        let dsts: Vec<String> = desired.routes.iter().map(|r| r.dst.to_string()).collect();
-        assert_eq!(dsts, vec!["10.244.2.0/24", "10.244.3.0/24"]);
+    fn set_annotation(n: &mut k8s_openapi::api::core::v1::Node, key: &str, value: &str) {
+        n.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), value.into());
+    }
+
+    /// What an operator relabelling a peer does, and its agent then publishes.
+    fn set_mode(n: &mut k8s_openapi::api::core::v1::Node, mode: &str) {
+        set_annotation(n, annotations::ENCRYPTION_MODE, mode);
+        set_label(n, mode);
+    }
+
+    fn set_label(n: &mut k8s_openapi::api::core::v1::Node, mode: &str) {
+        n.metadata
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(annotations::ENCRYPTION_LABEL.into(), mode.into());
+    }
+
+    impl Node1 {
+        fn new(own_label: Option<&str>) -> Node1 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = AgentConfig::resolve(&AgentArgs {
+                node_name: Some("n1".into()),
+                state_dir: Some(dir.path().join("state")),
+                run_dir: Some(dir.path().join("run")),
+                cni_conf_dir: Some(dir.path().join("net.d")),
+                ..Default::default()
+            })
+            .unwrap();
+            cfg.encryption = Mode::On;
+            for d in [
+                cfg.state_dir.join("wireguard"),
+                cfg.run_dir.clone(),
+                cfg.cni_conf_dir.clone(),
+            ] {
+                std::fs::create_dir_all(d).unwrap();
+            }
+            let (api, nodes) = FakeApi::new();
+            let labels: Vec<(&str, &str)> = own_label
+                .map(|l| (annotations::ENCRYPTION_LABEL, l))
+                .into_iter()
+                .collect();
+            let mut own = (*node("n1", Some("10.244.1.0/24"), &[], &labels)).clone();
+            own.status = serde_json::from_value(serde_json::json!(
+                {"addresses": [{"type": "InternalIP", "address": "172.30.0.11"}]}
+            ))
+            .unwrap();
+            api.put(own);
+            let (records, _) = reflector::store();
+            let mut kernel = FakeKernel::new();
+            kernel.add_device("eth0", 1500);
+            // The datapath's TUN (the datapath process creates it).
+            kernel.add_device(wireguard::TUN_NAME, 1440);
+            let me = SelfInfo::new(
+                "n1",
+                UnderlayDevice {
+                    ip: "172.30.0.11".parse().unwrap(),
+                    dev: "eth0".into(),
+                    mtu: 1500,
+                },
+                vec!["10.244.1.0/24".parse().unwrap()],
+                false,
+            );
+            let datapath = FakeDatapath::default();
+            let wg =
+                WireGuard::with_client(datapath.clone(), &cfg.state_dir, cfg.wireguard_port, 1440)
+                    .unwrap();
+            let rec = Reconciler::new(
+                cfg,
+                kernel,
+                api,
+                FakeWire::default(),
+                nodes,
+                records,
+                me,
+                wg,
+            );
+            Node1 {
+                rec,
+                datapath,
+                _dir: dir,
+            }
+        }
+
+        fn api(&self) -> &FakeApi {
+            &self.rec.publisher
+        }
+
+        async fn pass(&mut self) -> PassWrites {
+            self.rec.pass().await.unwrap()
+        }
+
+        /// Runs passes until one writes nothing (at most three) and returns the first's writes.
+        async fn converge(&mut self) -> PassWrites {
+            let first = self.pass().await;
+            for _ in 0..2 {
+                if self.pass().await.none() {
+                    return first;
+                }
+            }
+            panic!("no quiet pass after {first:?}");
+        }
+
+        /// The device veilnet's route to `dst` in `table` leaves on, in the (fake) kernel.
+        fn route_dev(&self, dst: &str, table: u32) -> Option<String> {
+            let dst: IpNet = dst.parse().unwrap();
+            let st = self.rec.kernel.state();
+            let route = st.routes.iter().find(|r| {
+                r.dst == dst && r.table == table && r.protocol == VEILNET_ROUTE_PROTOCOL
+            })?;
+            st.links.get(&route.oif?).map(|l| l.name.clone())
+        }
+
+        fn fdb_dsts(&self) -> Vec<IpAddr> {
+            self.rec
+                .kernel
+                .state()
+                .fdb
+                .iter()
+                .filter_map(|f| f.dst)
+                .collect()
+        }
+
+        fn datapath_keys(&self) -> Vec<PublicKey> {
+            self.datapath
+                .state()
+                .peers
+                .iter()
+                .map(|p| p.public_key)
+                .collect()
+        }
+
+        fn path(&self, peer: &str) -> String {
+            let last = self.rec.last.as_ref().unwrap();
+            let p = last.paths.iter().find(|p| p.node == peer).unwrap();
+            p.path.name().to_string()
+        }
+
+        fn last_wire(&self) -> &WireRules {
+            self.rec.wire.loads.last().unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_pass_writes_everything_and_the_second_nothing() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        n1.api().put(peer(3, "on", 3));
+        let first = n1.pass().await;
+        assert!(first.kernel > 0, "{first:?}");
+        assert!(first.wireguard && first.wire && first.cni, "{first:?}");
+        assert_eq!(first.annotations, 7, "every annotation of this node");
+        let own = n1.api().get("n1").unwrap();
+        let anns = own.metadata.annotations.unwrap();
+        assert_eq!(
+            anns[annotations::WG_PUBLIC_KEY],
+            keys::encode_public(n1.rec.wg.public_key())
+        );
+        assert_eq!(
+            n1.route_dev("10.244.2.0/24", MAIN).as_deref(),
+            Some(wireguard::TUN_NAME)
+        );
+        assert_eq!(n1.datapath_keys(), [key(2), key(3)]);
+        let written =
+            veilnet_cni::NodeState::load(&veilnet_cni::NodeState::path_in(&n1.rec.cfg.run_dir))
+                .unwrap();
+        assert_eq!(
+            (written.bridge.as_str(), written.mtu, written.ready),
+            ("veilbr0", 1440, true)
+        );
+        assert_eq!(written.pod_cidrs, n1.rec.me.pod_cidrs);
+        assert!(n1
+            .rec
+            .cfg
+            .cni_conf_dir
+            .join(cni_config::CONFLIST_NAME)
+            .exists());
+
+        let kernel_writes = n1.rec.kernel.writes().len();
+        let (patches, sets, loads) = (
+            n1.api().patch_count(),
+            n1.datapath.state().peer_sets,
+            n1.rec.wire.loads.len(),
+        );
+        let second = n1.pass().await;
+        assert!(second.none(), "{second:?}");
+        assert_eq!(n1.rec.kernel.writes().len(), kernel_writes);
+        assert_eq!(n1.api().patch_count(), patches);
+        assert_eq!(n1.datapath.state().peer_sets, sets);
+        assert_eq!(n1.rec.wire.loads.len(), loads);
+    }
+
+    #[tokio::test]
+    async fn a_mode_toggle_moves_the_pair_between_vxlan_wireguard_and_blocked() {
+        let mut n1 = Node1::new(Some("off"));
+        n1.api().put(peer(2, "off", 2));
+        n1.converge().await;
+        // Plaintext: VXLAN routes, no WireGuard peer, the wire accepts n2's VXLAN only.
+        assert_eq!(n1.path("n2"), "vxlan");
+        assert_eq!(
+            n1.route_dev("10.244.2.0/24", MAIN).as_deref(),
+            Some("veilvx1")
+        );
+        assert_eq!(
+            n1.route_dev("172.30.0.12/32", POD_TO_NODE_TABLE).as_deref(),
+            Some("veilvx1")
+        );
+        assert!(n1.datapath_keys().is_empty());
+        let vxlan: Vec<IpAddr> = n1
+            .last_wire()
+            .vxlan_peers
+            .iter()
+            .map(|p| p.underlay_ip)
+            .collect();
+        assert_eq!(vxlan, ["172.30.0.12".parse::<IpAddr>().unwrap()]);
+        assert!(!n1.last_wire().strict);
+
+        // Both nodes on: WireGuard.
+        n1.api().edit("n1", |n| set_label(n, "on"));
+        n1.api().edit("n2", |n| set_mode(n, "on"));
+        let toggle = n1.converge().await;
+        assert!(
+            toggle.kernel > 0 && toggle.wireguard && toggle.wire,
+            "{toggle:?}"
+        );
+        assert_eq!(toggle.annotations, 1, "the published mode");
+        assert_eq!(n1.path("n2"), "wireguard");
+        assert_eq!(
+            n1.route_dev("10.244.2.0/24", MAIN).as_deref(),
+            Some(wireguard::TUN_NAME)
+        );
+        assert_eq!(
+            n1.route_dev("172.30.0.12/32", POD_TO_NODE_TABLE).as_deref(),
+            Some(wireguard::TUN_NAME)
+        );
+        assert_eq!(n1.datapath_keys(), [key(2)]);
+        assert!(n1.last_wire().vxlan_peers.is_empty());
+
+        // This node strict, the peer back to off: blocked, no plaintext anywhere.
+        n1.api().edit("n1", |n| set_label(n, "strict"));
+        n1.api().edit("n2", |n| set_mode(n, "off"));
+        n1.converge().await;
+        assert_eq!(n1.path("n2"), "blocked");
+        assert_eq!(n1.route_dev("10.244.2.0/24", MAIN), None);
+        assert_eq!(
+            n1.route_dev("172.30.0.12/32", POD_TO_NODE_TABLE).as_deref(),
+            Some(wireguard::TUN_NAME),
+            "into the TUN, which has no peer for it: dropped"
+        );
+        assert!(n1.datapath_keys().is_empty());
+        assert!(n1.last_wire().strict && n1.last_wire().vxlan_peers.is_empty());
+        let own = n1.api().get("n1").unwrap().metadata.annotations.unwrap();
+        assert_eq!(own[annotations::ENCRYPTION_MODE], "strict");
+        assert!(n1
+            .api()
+            .events()
+            .iter()
+            .any(|e| e.node == "n2" && e.reason == "VeilnetPathBlocked"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_key_change_reaches_the_datapath_and_nothing_else() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        n1.converge().await;
+        assert_eq!(n1.datapath_keys(), [key(2)]);
+        let kernel_writes = n1.rec.kernel.writes().len();
+        n1.api().edit("n2", |n| {
+            set_annotation(
+                n,
+                annotations::WG_PUBLIC_KEY,
+                &keys::encode_public(&key(22)),
+            )
+        });
+        let change = n1.converge().await;
+        assert!(change.wireguard, "{change:?}");
+        assert_eq!(change.kernel, 0, "routes do not depend on the key");
+        assert_eq!(n1.rec.kernel.writes().len(), kernel_writes);
+        assert_eq!(n1.datapath_keys(), [key(22)]);
+        assert_eq!(
+            n1.datapath.state().peers[0].endpoint.to_string(),
+            "172.30.0.12:51820"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removed_peer_loses_its_routes_fdb_and_datapath_entry() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        let mut plain = peer(3, "off", 3);
+        set_mode(&mut plain, "off");
+        n1.api().put(plain);
+        n1.api().edit("n1", |n| set_label(n, "on"));
+        n1.converge().await;
+        assert_eq!(n1.path("n3"), "vxlan");
+        assert_eq!(
+            n1.route_dev("10.244.3.0/24", MAIN).as_deref(),
+            Some("veilvx1")
+        );
+        assert!(n1.fdb_dsts().contains(&"172.30.0.13".parse().unwrap()));
+
+        n1.api().delete("n3");
+        n1.api().delete("n2");
+        let removal = n1.converge().await;
+        assert!(
+            removal.kernel > 0 && removal.wireguard && removal.wire,
+            "{removal:?}"
+        );
+        assert_eq!(n1.route_dev("10.244.3.0/24", MAIN), None);
+        assert_eq!(n1.route_dev("10.244.2.0/24", MAIN), None);
+        assert_eq!(n1.route_dev("172.30.0.13/32", POD_TO_NODE_TABLE), None);
+        assert!(n1.fdb_dsts().is_empty());
+        assert!(n1.datapath_keys().is_empty());
+        assert!(n1.last_wire().vxlan_peers.is_empty() && n1.last_wire().peer_nodes.is_empty());
+        // The fallback for the whole cluster CIDR stays.
+        assert_eq!(
+            n1.route_dev("10.244.0.0/16", MAIN).as_deref(),
+            Some(wireguard::TUN_NAME)
+        );
+    }
+
+    #[tokio::test]
+    async fn rogue_peers_are_refused_with_the_reason_and_the_incumbent_keeps_working() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        n1.converge().await;
+        let kernel_writes = n1.rec.kernel.writes().len();
+
+        // n4: its pod CIDR overlaps this node's.
+        let mut overlap = peer(4, "on", 4);
+        overlap.spec.as_mut().unwrap().pod_cidr = Some("10.244.1.128/25".into());
+        n1.api().put(overlap);
+        // n5: n2's WireGuard key.
+        n1.api().put(peer(5, "on", 2));
+        // n6: n2's underlay address (and the cluster records it for n6 too).
+        let mut twin = peer(6, "on", 6);
+        set_annotation(&mut twin, annotations::UNDERLAY_IP, "172.30.0.12");
+        set_annotation(&mut twin, annotations::WG_ENDPOINT, "172.30.0.12:51820");
+        twin.status = serde_json::from_value(serde_json::json!(
+            {"addresses": [{"type": "InternalIP", "address": "172.30.0.12"}]}
+        ))
+        .unwrap();
+        n1.api().put(twin);
+        n1.converge().await;
+
+        let st = n1.rec.write_status().unwrap();
+        assert!(
+            st.rejected["n4"].contains("overlaps this node's pod CIDR"),
+            "{:?}",
+            st.rejected
+        );
+        assert!(
+            st.rejected["n6"].contains("172.30.0.12 is held by node n2"),
+            "{:?}",
+            st.rejected
+        );
+        let n5 = st.peers.iter().find(|p| p.node == "n5").unwrap();
+        assert_eq!(n5.path, "blocked");
+        assert!(
+            n5.reason.as_deref().unwrap().contains("held by n2"),
+            "{n5:?}"
+        );
+        // The same reasons went out as Events about the rogue nodes.
+        let events = n1.api().events();
+        let event = |node: &str, reason: &str| {
+            events
+                .iter()
+                .find(|e| e.node == node && e.reason == reason)
+                .map(|e| e.message.clone())
+                .unwrap_or_else(|| panic!("no {reason} for {node}: {events:?}"))
+        };
+        assert!(event("n4", "VeilnetPeerRejected").contains(&st.rejected["n4"]));
+        assert!(event("n6", "VeilnetPeerRejected").contains(&st.rejected["n6"]));
+        assert!(event("n5", "VeilnetPathBlocked").contains("held by n2"));
+
+        // n2 is untouched: same routes, same (only) datapath peer.
+        assert_eq!(n1.path("n2"), "wireguard");
+        assert_eq!(n1.datapath_keys(), [key(2)]);
+        assert_eq!(
+            n1.route_dev("10.244.2.0/24", MAIN).as_deref(),
+            Some(wireguard::TUN_NAME)
+        );
+        assert_eq!(n1.route_dev("10.244.1.128/25", MAIN), None);
+        assert_eq!(n1.route_dev("10.244.6.0/24", MAIN), None);
+        // The only kernel writes are for n5 (accepted by the overlay, blocked by its key): its
+        // node address into the TUN, its VTEP's neighbour and FDB entries.
+        let new: Vec<&String> = n1.rec.kernel.writes()[kernel_writes..].iter().collect();
+        assert!(!new.is_empty());
+        assert!(
+            new.iter()
+                .all(|w| w.contains("172.30.0.15") || w.contains("10.244.5.0")),
+            "{new:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_datapath_gets_its_device_and_peer_set_back() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        n1.api().put(peer(3, "on", 3));
+        n1.converge().await;
+        n1.rec.refresh_datapath().await;
+        let configures = n1.datapath.state().configures;
+        assert_eq!(n1.datapath_keys(), [key(2), key(3)]);
+
+        n1.datapath.restart();
+        assert!(n1.datapath_keys().is_empty());
+        // The status refresh notices the new instance and sends everything again.
+        n1.rec.refresh_datapath().await;
+        assert_eq!(n1.datapath.state().configures, configures + 1);
+        assert_eq!(n1.datapath_keys(), [key(2), key(3)]);
+        assert!(n1.rec.wg.datapath().error.is_none());
+        // And the next pass has nothing to do.
+        assert!(n1.pass().await.none());
     }
 
     #[test]
@@ -777,16 +941,5 @@ mod tests {
         assert!(!l.allow_at("a", t0 + second));
         assert!(l.allow_at("b", t0 + second), "other peers are not affected");
         assert!(l.allow_at("a", t0 + ReportLimit::WINDOW));
-    }
-
-    #[test]
-    fn own_annotations_describe_this_node() {
-        let a = own_annotations(&cfg(), &me(), "KEY", Mode::Strict);
-        assert_eq!(a[annotations::WG_ENDPOINT], "172.30.0.11:51820");
-        assert_eq!(a[annotations::ENCRYPTION_MODE], "strict");
-        assert_eq!(a[annotations::UNDERLAY_IP], "172.30.0.11");
-        assert_eq!(a[annotations::POD_CIDRS], "10.244.1.0/24");
-        assert_eq!(a[annotations::VXLAN_VNI], "1");
-        assert_eq!(a[annotations::VTEP_MAC], derive_vtep_mac("n1").to_string());
     }
 }

@@ -4,16 +4,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Node;
 use serde::{Deserialize, Serialize};
 
 use super::config::AgentConfig;
-use super::reconcile::SelfInfo;
+use super::plan::{NodePlan, PathMatrix};
+use super::snapshot::SelfInfo;
 use super::wireguard::WireGuard;
-use crate::model::annotations;
-use crate::model::encryption::{plan_paths, Mode, Path, PeerCrypto, PeerPath};
+use crate::model::encryption::{Mode, Path, PeerPath};
+use crate::model::overlay::AcceptedPeer;
 use crate::wg::keys;
 
 pub const STATUS_FILE: &str = "status.json";
@@ -25,9 +24,32 @@ pub struct Snapshot {
     pub pod_mtu: u32,
     pub paths: Vec<PeerPath>,
     pub rejected: BTreeMap<String, String>,
-    pub matrix: BTreeMap<String, BTreeMap<String, String>>,
+    pub matrix: PathMatrix,
     /// The peers this pass accepted: the bindings the next pass defends against newcomers.
-    pub bindings: BTreeMap<String, crate::model::overlay::AcceptedPeer>,
+    pub bindings: BTreeMap<String, AcceptedPeer>,
+}
+
+impl Snapshot {
+    pub fn of(plan: &NodePlan) -> Self {
+        Snapshot {
+            mode: plan.mode,
+            pod_mtu: plan.cni.mtu,
+            paths: plan.paths.clone(),
+            rejected: plan
+                .overlay
+                .rejected
+                .iter()
+                .map(|r| (r.node.clone(), r.reason.to_string()))
+                .collect(),
+            matrix: plan.matrix.clone(),
+            bindings: plan
+                .overlay
+                .peers
+                .iter()
+                .map(|p| (p.name.clone(), p.clone()))
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,57 +104,10 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
-/// The node-pair path matrix from every node's published mode and key (pure).
-pub fn path_matrix(
-    nodes: &[Arc<Node>],
-    default: Mode,
-) -> BTreeMap<String, BTreeMap<String, String>> {
-    let empty = BTreeMap::new();
-    let published: Vec<(String, &BTreeMap<String, String>, PeerCrypto)> = nodes
-        .iter()
-        .filter_map(|n| {
-            let anns = n.metadata.annotations.as_ref().unwrap_or(&empty);
-            let labels = n.metadata.labels.as_ref().unwrap_or(&empty);
-            let name = n.metadata.name.clone()?;
-            let mut crypto = PeerCrypto::from_node(&name, anns, labels);
-            crypto.underlay_ip = anns
-                .get(annotations::UNDERLAY_IP)
-                .and_then(|ip| ip.parse().ok())
-                .filter(|ip| crate::agent::reconcile::recorded_addresses(n).contains(ip));
-            anns.contains_key(annotations::ENCRYPTION_MODE)
-                .then_some((name, anns, crypto))
-        })
-        .collect();
-    let mut matrix = BTreeMap::new();
-    for (name, anns, _) in &published {
-        let Some(Ok(mode)) = anns
-            .get(annotations::ENCRYPTION_MODE)
-            .map(|m| m.parse::<Mode>())
-        else {
-            continue;
-        };
-        let key = anns
-            .get(annotations::WG_PUBLIC_KEY)
-            .and_then(|k| annotations::parse_wg_public_key(k).ok())
-            .unwrap_or([0; 32]);
-        let others: Vec<PeerCrypto> = published
-            .iter()
-            .filter(|(n, _, _)| n != name)
-            .map(|(_, _, c)| c.clone())
-            .collect();
-        let row = plan_paths(mode, default, &key, &others, &BTreeMap::new())
-            .into_iter()
-            .map(|p| (p.node, p.path.name().to_string()))
-            .collect();
-        matrix.insert(name.clone(), row);
-    }
-    matrix
-}
-
-pub fn build(
+pub fn build<D>(
     cfg: &AgentConfig,
     me: &SelfInfo,
-    wg: &WireGuard,
+    wg: &WireGuard<D>,
     last: &Snapshot,
     wire_drops: &BTreeMap<String, u64>,
 ) -> NodeStatus {
@@ -181,7 +156,7 @@ pub fn build(
     }
 }
 
-fn datapath_status(wg: &WireGuard) -> DatapathStatus {
+fn datapath_status<D>(wg: &WireGuard<D>) -> DatapathStatus {
     let view = wg.datapath();
     let info = view.info.as_ref();
     DatapathStatus {
@@ -314,42 +289,7 @@ fn render_datapath(dp: &DatapathStatus, now: jiff::Timestamp) -> String {
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine;
-
     use super::*;
-
-    fn node(name: &str, mode: &str, key: u8) -> Arc<Node> {
-        let k = base64::engine::general_purpose::STANDARD.encode([key; 32]);
-        Arc::new(
-            serde_json::from_value(
-                serde_json::json!({"metadata": {"name": name, "annotations": {
-                    "veilnet.io/encryption-mode": mode,
-                    "veilnet.io/wg-public-key": k,
-                    "veilnet.io/wg-endpoint": "172.30.0.11:51820",
-                    "veilnet.io/underlay-ip": "172.30.0.11",
-                }, "labels": {"veilnet.io/encryption": mode}},
-                "status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.11"}]}}),
-            )
-            .unwrap(),
-        )
-    }
-
-    #[test]
-    fn matrix_follows_the_published_modes() {
-        let m = path_matrix(
-            &[
-                node("a", "on", 1),
-                node("b", "off", 2),
-                node("c", "strict", 3),
-            ],
-            Mode::Off,
-        );
-        assert_eq!(m["a"]["b"], "vxlan");
-        assert_eq!(m["a"]["c"], "wireguard");
-        assert_eq!(m["b"]["c"], "blocked");
-        assert_eq!(m["c"]["b"], "blocked");
-        assert_eq!(m["c"]["a"], "wireguard");
-    }
 
     #[test]
     fn render_shows_peers_and_the_matrix() {
@@ -374,7 +314,16 @@ mod tests {
             }],
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
-            matrix: path_matrix(&[node("a", "on", 1), node("b", "on", 2)], Mode::On),
+            matrix: BTreeMap::from([
+                (
+                    "a".to_string(),
+                    BTreeMap::from([("b".into(), "wireguard".into())]),
+                ),
+                (
+                    "b".to_string(),
+                    BTreeMap::from([("a".into(), "wireguard".into())]),
+                ),
+            ]),
             datapath: Some(DatapathStatus {
                 pid: Some(812),
                 version: Some("0.1.0".into()),

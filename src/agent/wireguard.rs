@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::datapath::client::{ClientError, DatapathClient};
+use crate::datapath::client::{ClientError, Datapath, DatapathClient};
 use crate::datapath::protocol::{DeviceSpec, Info, Outcome, Reply, Request};
 use crate::model::encryption::{Path as PeerPathKind, PeerPath};
 use crate::wg::{keys, PeerChanges, PeerConfig, PeerStats, PublicKey};
@@ -49,14 +49,16 @@ pub struct DatapathView {
     pub error: Option<String>,
 }
 
-pub struct WireGuard {
-    client: DatapathClient,
+pub struct WireGuard<D = DatapathClient> {
+    client: D,
     spec: DeviceSpec,
     key_path: PathBuf,
     public: PublicKey,
     rotation_marker: PathBuf,
     /// The last peer set asked for, sent again to a datapath that lost it.
     peers: Option<Vec<PeerConfig>>,
+    /// The peer set the datapath last took: an unchanged set is not sent again.
+    sent: Option<Vec<PeerConfig>>,
     stats: Vec<PeerStats>,
     view: DatapathView,
 }
@@ -66,7 +68,7 @@ pub fn key_path(state_dir: &Path) -> PathBuf {
     state_dir.join("wireguard").join("private.key")
 }
 
-impl WireGuard {
+impl WireGuard<DatapathClient> {
     /// Loads (or creates, mode 0600) the node's key, then waits until the datapath at `socket`
     /// answers and runs a device with this key, port and MTU. A datapath that already does (the
     /// agent restarted) is left alone: its sessions and traffic carry on.
@@ -76,21 +78,7 @@ impl WireGuard {
         port: u16,
         mtu: u32,
     ) -> Result<Self, WireGuardError> {
-        let key_path = key_path(state_dir);
-        let private = keys::load_or_create(&key_path).map_err(|source| WireGuardError::Key {
-            path: key_path.clone(),
-            source,
-        })?;
-        let mut wg = WireGuard {
-            client: DatapathClient::new(socket),
-            spec: DeviceSpec::new(TUN_NAME, port, mtu, &private),
-            public: keys::public_key(&private),
-            rotation_marker: key_path.with_file_name("rotation-handled"),
-            key_path,
-            peers: None,
-            stats: Vec::new(),
-            view: DatapathView::default(),
-        };
+        let mut wg = WireGuard::with_client(DatapathClient::new(socket), state_dir, port, mtu)?;
         // Unreachable, or refusing the device (e.g. the TUN is still held by an agent of the
         // release before the datapath split, during that upgrade): both pass, so keep trying.
         let mut attempts: u64 = 0;
@@ -107,7 +95,36 @@ impl WireGuard {
             }
         }
     }
+}
 
+impl<D: Datapath> WireGuard<D> {
+    /// Loads (or creates, mode 0600) the node's key; nothing is sent to `client` yet.
+    pub fn with_client(
+        client: D,
+        state_dir: &Path,
+        port: u16,
+        mtu: u32,
+    ) -> Result<Self, WireGuardError> {
+        let key_path = key_path(state_dir);
+        let private = keys::load_or_create(&key_path).map_err(|source| WireGuardError::Key {
+            path: key_path.clone(),
+            source,
+        })?;
+        Ok(WireGuard {
+            client,
+            spec: DeviceSpec::new(TUN_NAME, port, mtu, &private),
+            public: keys::public_key(&private),
+            rotation_marker: key_path.with_file_name("rotation-handled"),
+            key_path,
+            peers: None,
+            sent: None,
+            stats: Vec::new(),
+            view: DatapathView::default(),
+        })
+    }
+}
+
+impl<D> WireGuard<D> {
     pub fn public_key(&self) -> &PublicKey {
         &self.public
     }
@@ -124,20 +141,33 @@ impl WireGuard {
     pub fn datapath(&self) -> &DatapathView {
         &self.view
     }
+}
 
-    /// Sets exactly the peers whose path is WireGuard, each allowed only its cluster-recorded CIDRs.
+impl<D: Datapath> WireGuard<D> {
+    /// Sets exactly these peers (see [`wireguard_peers`]). A set the datapath already took is
+    /// not sent again (`None`; a datapath that lost it gets it back on the next call that
+    /// notices).
     pub async fn set_peers(
         &mut self,
-        paths: &[PeerPath],
-        cidrs: &dyn Fn(&str) -> Vec<IpNet>,
-    ) -> Result<PeerChanges, WireGuardError> {
-        let peers = wireguard_peers(paths, cidrs);
-        self.peers = Some(peers.clone());
-        match self
-            .request("the peer set", Request::SetPeers { peers })
-            .await?
-        {
-            Reply::PeerChanges(changes) => Ok(changes),
+        peers: &[PeerConfig],
+    ) -> Result<Option<PeerChanges>, WireGuardError> {
+        self.peers = Some(peers.to_vec());
+        if self.sent.as_deref() == Some(peers) {
+            return Ok(None);
+        }
+        let reply = self
+            .request(
+                "the peer set",
+                Request::SetPeers {
+                    peers: peers.to_vec(),
+                },
+            )
+            .await?;
+        match reply {
+            Reply::PeerChanges(changes) => {
+                self.sent = Some(peers.to_vec());
+                Ok(Some(changes))
+            }
             _ => Err(WireGuardError::UnexpectedReply {
                 what: "the peer set",
             }),
@@ -245,14 +275,22 @@ impl WireGuard {
             }
             tracing::info!(pid = resp.info.pid, instance = %resp.info.instance, port = self.spec.listen_port, mtu = self.spec.mtu, "datapath configured");
         }
+        self.sent = None;
         if let Some(peers) = self.peers.clone() {
-            let resp = self.client.call(&Request::SetPeers { peers }).await?;
+            let resp = self
+                .client
+                .call(&Request::SetPeers {
+                    peers: peers.clone(),
+                })
+                .await?;
             if let Outcome::Error(message) = resp.outcome {
                 return Err(WireGuardError::Refused {
                     what: "the peer set",
                     message,
                 });
             }
+            tracing::info!(peers = peers.len(), "peer set sent again to the datapath");
+            self.sent = Some(peers);
         }
         Ok(())
     }

@@ -31,6 +31,24 @@ pub enum ClientError {
     IncompatibleProtocol { theirs: u32 },
 }
 
+/// The agent's side of the control socket: one request, one response. [`DatapathClient`] is the
+/// real one; the agent's whole-pass tests answer in memory.
+pub trait Datapath: Send {
+    fn call(
+        &mut self,
+        req: &Request,
+    ) -> impl std::future::Future<Output = Result<Response, ClientError>> + Send;
+}
+
+impl Datapath for DatapathClient {
+    fn call(
+        &mut self,
+        req: &Request,
+    ) -> impl std::future::Future<Output = Result<Response, ClientError>> + Send {
+        DatapathClient::call(self, req)
+    }
+}
+
 pub struct DatapathClient {
     socket: PathBuf,
     conn: Option<(BufReader<OwnedReadHalf>, OwnedWriteHalf)>,

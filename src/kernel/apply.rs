@@ -757,21 +757,27 @@ async fn execute<K: OverlayKernel>(
 mod tests {
     use super::*;
     use crate::kernel::fake::FakeKernel;
-    use crate::model::overlay::{plan_overlay, OverlayInput, PeerNode, SelfNode, VxlanConfig};
+    use crate::model::annotations;
+    use crate::model::overlay::{plan_overlay, OverlayInput, SelfNode, VxlanConfig};
+    use crate::model::peer::{NodeFacts, PeerRecord};
 
-    fn peer(name: &str, ip: &str, mac: &str, cidr: &str) -> PeerNode {
-        PeerNode {
-            name: name.into(),
-            underlay_ip: Some(ip.into()),
-            vtep_mac: Some(mac.into()),
-            vxlan_vni: None,
-            pod_cidrs: vec![cidr.into()],
-            node_addresses: vec![ip.parse().unwrap()],
-            created: None,
-        }
+    fn peer(name: &str, ip: &str, mac: &str, cidr: &str) -> PeerRecord {
+        PeerRecord::parse(
+            name,
+            &[(annotations::UNDERLAY_IP, ip), (annotations::VTEP_MAC, mac)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            &Default::default(),
+            NodeFacts {
+                pod_cidrs: vec![cidr.parse().unwrap()],
+                node_addresses: vec![ip.parse().unwrap()],
+                created: None,
+            },
+        )
     }
 
-    fn desired_with(peers: Vec<PeerNode>) -> DesiredOverlay {
+    fn desired_with(peers: Vec<PeerRecord>) -> DesiredOverlay {
         plan_overlay(&OverlayInput {
             incumbents: Default::default(),
             node: SelfNode {

@@ -2,9 +2,10 @@
 //!
 //! Netlink sits behind [`OverlayKernel`], a small domain-level trait (dump links, replace a route,
 //! ...), with one implementation over `rtnetlink` ([`NetlinkKernel`]) and one in memory
-//! ([`FakeKernel`]) for tests without root. [`apply`] reads the actual state, diffs it against the
-//! planner's [`DesiredOverlay`](crate::model::overlay::DesiredOverlay) with the pure [`plan`], and
-//! writes only the difference.
+//! (`fake::FakeKernel`, compiled only for this crate's unit tests) for tests without root.
+//! [`apply`] reads the actual state, diffs it against the planner's
+//! [`DesiredOverlay`](crate::model::overlay::DesiredOverlay) with the pure [`plan`], and writes
+//! only the difference.
 //!
 //! One netlink connection belongs to one network namespace for its whole life: open it on a
 //! thread that is inside the namespace ([`NetlinkKernel::connect_in`]) or from a process that
@@ -19,6 +20,7 @@ use crate::model::MacAddr;
 use crate::netns::NetnsError;
 
 pub mod apply;
+#[cfg(test)]
 pub mod fake;
 pub mod mtu;
 pub mod netlink;
@@ -27,6 +29,7 @@ pub mod sysctl;
 pub mod wire;
 
 pub use apply::{apply, plan, ActualState, ApplyError, ApplyReport, DesiredLink, Op};
+#[cfg(test)]
 pub use fake::FakeKernel;
 pub use netlink::NetlinkKernel;
 

@@ -29,8 +29,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use super::annotations::{self, AnnotationError};
+use super::annotations::AnnotationError;
 use super::overlay::Seniority;
+use super::peer::{Claim, PeerRecord};
 
 /// Default WireGuard UDP port (the conventional one).
 pub const DEFAULT_WG_PORT: u16 = 51820;
@@ -113,25 +114,25 @@ impl FromStr for Mode {
 
 /// This node's mode from its label, else the default. A bad label value falls back to the default
 /// and is reported (the caller logs it and posts an Event).
-pub fn own_mode(label: Option<&str>, default: Mode) -> (Mode, Option<InvalidMode>) {
-    match label.map(str::parse::<Mode>) {
-        None => (default, None),
-        Some(Ok(m)) => (m, None),
-        Some(Err(e)) => (default, Some(e)),
+pub fn own_mode(label: &Claim<Mode, InvalidMode>, default: Mode) -> (Mode, Option<InvalidMode>) {
+    match label {
+        Claim::Missing => (default, None),
+        Claim::Valid(m) => (*m, None),
+        Claim::Malformed(e) => (default, Some(e.clone())),
     }
 }
 
-/// A peer as its Node describes it (raw strings, validated here), with what the overlay planner
-/// already proved about it.
+/// A peer as the path planner sees it: its record's claims (parsed once, in
+/// [`PeerRecord::parse`]) with what the overlay planner proved about it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerCrypto {
     pub name: String,
     /// The published mode (annotation).
-    pub mode: Option<String>,
+    pub mode: Claim<Mode, InvalidMode>,
     /// The Node's `veilnet.io/encryption` label.
-    pub label: Option<String>,
-    pub public_key: Option<String>,
-    pub endpoint: Option<String>,
+    pub label: Claim<Mode, InvalidMode>,
+    pub public_key: Claim<[u8; 32]>,
+    pub endpoint: Claim<SocketAddr>,
     /// The peer's underlay address as the cluster records it (the endpoint must match it).
     pub underlay_ip: Option<std::net::IpAddr>,
     /// `metadata.creationTimestamp` (Unix seconds), for [`Seniority`].
@@ -141,36 +142,36 @@ pub struct PeerCrypto {
 }
 
 impl PeerCrypto {
-    pub fn from_node(
-        name: &str,
-        anns: &BTreeMap<String, String>,
-        labels: &BTreeMap<String, String>,
+    /// The claims of `record`; `underlay_ip` and `vxlan_unusable` are the overlay planner's
+    /// verdict on it (the accepted peer's recorded address, and why VXLAN cannot serve it).
+    pub fn of(
+        record: &PeerRecord,
+        underlay_ip: Option<std::net::IpAddr>,
+        vxlan_unusable: Option<String>,
     ) -> Self {
         PeerCrypto {
-            name: name.to_string(),
-            mode: anns.get(annotations::ENCRYPTION_MODE).cloned(),
-            label: labels.get(annotations::ENCRYPTION_LABEL).cloned(),
-            public_key: anns.get(annotations::WG_PUBLIC_KEY).cloned(),
-            endpoint: anns.get(annotations::WG_ENDPOINT).cloned(),
-            ..Default::default()
+            name: record.name.clone(),
+            mode: record.mode.clone(),
+            label: record.label.clone(),
+            public_key: record.public_key.clone(),
+            endpoint: record.endpoint.clone(),
+            underlay_ip,
+            created: record.created,
+            vxlan_unusable,
         }
     }
 
     /// The mode this node acts on for the peer: the published one, never below what its label
     /// (else `default`) says. Also whether a published downgrade was refused.
     pub fn effective_mode(&self, default: Mode) -> (Mode, bool) {
-        let intended = self
-            .label
-            .as_deref()
-            .and_then(|l| l.parse::<Mode>().ok())
-            .unwrap_or(default);
-        match self.mode.as_deref().map(str::parse::<Mode>) {
-            Some(Ok(published)) => {
+        let intended = self.label.valid().copied().unwrap_or(default);
+        match self.mode.valid() {
+            Some(&published) => {
                 let effective = published.stronger(intended);
                 (effective, effective != published)
             }
             // Missing or malformed: what the cluster says for that node.
-            _ => (intended, false),
+            None => (intended, false),
         }
     }
 }
@@ -244,11 +245,7 @@ pub fn plan_paths(
     // Who holds which (valid) key: the senior claimant.
     let mut holder: BTreeMap<[u8; 32], (Seniority, &str)> = BTreeMap::new();
     for p in peers {
-        if let Some(Ok(k)) = p
-            .public_key
-            .as_deref()
-            .map(annotations::parse_wg_public_key)
-        {
+        if let Claim::Valid(k) = p.public_key {
             let seniority =
                 Seniority::new(key_bindings.get(&p.name) == Some(&k), p.created, &p.name);
             let senior = holder.get(&k).is_none_or(|(s, _)| seniority < *s);
@@ -296,14 +293,10 @@ fn wireguard(
     peer: &PeerCrypto,
     holder: &BTreeMap<[u8; 32], (Seniority, &str)>,
 ) -> Path {
-    let key = match peer
-        .public_key
-        .as_deref()
-        .map(annotations::parse_wg_public_key)
-    {
-        None => return Path::Blocked(BlockReason::NoKey),
-        Some(Err(e)) => return Path::Blocked(BlockReason::BadKey(e)),
-        Some(Ok(k)) => k,
+    let key = match &peer.public_key {
+        Claim::Missing => return Path::Blocked(BlockReason::NoKey),
+        Claim::Malformed(e) => return Path::Blocked(BlockReason::BadKey(e.clone())),
+        Claim::Valid(k) => *k,
     };
     if &key == my_key {
         return Path::Blocked(BlockReason::DuplicateKey("this node".into()));
@@ -311,10 +304,10 @@ fn wireguard(
     if let Some((_, name)) = holder.get(&key).filter(|(_, name)| *name != peer.name) {
         return Path::Blocked(BlockReason::DuplicateKey((*name).to_string()));
     }
-    let endpoint = match peer.endpoint.as_deref().map(annotations::parse_wg_endpoint) {
-        None => return Path::Blocked(BlockReason::NoEndpoint),
-        Some(Err(e)) => return Path::Blocked(BlockReason::BadEndpoint(e)),
-        Some(Ok(e)) => e,
+    let endpoint = match &peer.endpoint {
+        Claim::Missing => return Path::Blocked(BlockReason::NoEndpoint),
+        Claim::Malformed(e) => return Path::Blocked(BlockReason::BadEndpoint(e.clone())),
+        Claim::Valid(e) => *e,
     };
     match peer.underlay_ip {
         Some(underlay) if underlay == endpoint.ip() => Path::Wireguard {
@@ -332,19 +325,25 @@ mod tests {
     use base64::Engine;
 
     use super::*;
+    use crate::model::annotations;
 
     fn key(n: u8) -> String {
         base64::engine::general_purpose::STANDARD.encode([n; 32])
     }
 
+    /// A mode as a Node would publish it (or label it).
+    fn m(raw: Option<&str>) -> Claim<Mode, InvalidMode> {
+        Claim::parse(raw, str::parse)
+    }
+
     fn peer(name: &str, mode: Option<&str>, k: Option<String>, ep: Option<&str>) -> PeerCrypto {
         PeerCrypto {
             name: name.into(),
-            mode: mode.map(String::from),
+            mode: m(mode),
             // The operator's label agrees with what the peer publishes, unless a test says not.
-            label: mode.map(String::from),
-            public_key: k,
-            endpoint: ep.map(String::from),
+            label: m(mode),
+            public_key: Claim::parse(k.as_deref(), annotations::parse_wg_public_key),
+            endpoint: Claim::parse(ep, annotations::parse_wg_endpoint),
             underlay_ip: Some("172.30.0.12".parse().unwrap()),
             ..Default::default()
         }
@@ -390,28 +389,28 @@ mod tests {
     fn a_published_mode_never_lowers_what_the_label_or_the_default_says() {
         let mut p = good("b", "on", 1);
         // Annotation removed, or garbage: the label (on) decides, the pair stays encrypted.
-        p.mode = None;
+        p.mode = Claim::Missing;
         assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
-        p.mode = Some("garbage".into());
+        p.mode = m(Some("garbage"));
         assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
         // Published off against a label that says on: refused, still WireGuard.
-        p.mode = Some("off".into());
+        p.mode = m(Some("off"));
         let planned = plan(Mode::On, &[p.clone()]).remove(0);
         assert_eq!(planned.path.name(), "wireguard");
         assert!(planned.refused_downgrade);
         assert_eq!(planned.mode, Some(Mode::On));
         // No label: the cluster default (on) decides the same way.
-        p.label = None;
+        p.label = Claim::Missing;
         assert_eq!(path_of(Mode::On, p.clone()).name(), "wireguard");
         // Off takes effect once the label says off as well.
-        p.label = Some("off".into());
+        p.label = m(Some("off"));
         let planned = plan(Mode::On, &[p.clone()]).remove(0);
         assert_eq!(
             (planned.path.name(), planned.refused_downgrade),
             ("vxlan", false)
         );
         // A published strict is more protection: honoured whatever the label.
-        p.mode = Some("strict".into());
+        p.mode = m(Some("strict"));
         assert_eq!(
             path_of(Mode::Off, p.clone()),
             Path::Blocked(BlockReason::PeerIsStrict)
@@ -419,7 +418,7 @@ mod tests {
         // An old peer that publishes nothing, on a cluster whose default is on: no key, blocked,
         // never plaintext.
         let mut old = peer("c", None, None, None);
-        old.label = None;
+        old.label = Claim::Missing;
         assert_eq!(path_of(Mode::On, old), Path::Blocked(BlockReason::NoKey));
     }
 
@@ -516,10 +515,10 @@ mod tests {
 
     #[test]
     fn own_mode_falls_back_to_the_default_on_a_bad_label() {
-        assert_eq!(own_mode(None, Mode::On), (Mode::On, None));
-        assert_eq!(own_mode(Some("strict"), Mode::On), (Mode::Strict, None));
-        let (m, err) = own_mode(Some("stirct"), Mode::On);
-        assert_eq!(m, Mode::On);
+        assert_eq!(own_mode(&Claim::Missing, Mode::On), (Mode::On, None));
+        assert_eq!(own_mode(&m(Some("strict")), Mode::On), (Mode::Strict, None));
+        let (mode, err) = own_mode(&m(Some("stirct")), Mode::On);
+        assert_eq!(mode, Mode::On);
         assert!(err.is_some());
     }
 

@@ -9,6 +9,7 @@ pub mod encryption;
 pub mod mac;
 pub mod mtu;
 pub mod overlay;
+pub mod peer;
 pub mod routing;
 
 pub use mac::MacAddr;

@@ -1,0 +1,92 @@
+//! What a reconcile pass writes to besides the kernel: the Kubernetes API ([`Publisher`]: this
+//! node's annotations and Events) and the `veilnet_wire` nftables table ([`WireTable`]). Each is a
+//! small trait with the real implementation here; the whole-pass tests put fakes behind them (and
+//! behind [`crate::kernel::OverlayKernel`] and [`crate::datapath::client::Datapath`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use super::events::{EventSink, EventType};
+use crate::cluster::publish::{self, AnnotationChanges, PublishError};
+use crate::kernel::nft::NftError;
+use crate::kernel::wire::{self, WireRules};
+
+/// Writes to the cluster on this node's behalf.
+pub trait Publisher: Send + Sync {
+    /// Patches `node`'s annotations (`None` removes one).
+    fn publish(
+        &self,
+        node: &str,
+        changes: &AnnotationChanges,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
+    /// Posts an Event about `node` (best effort: a failure is logged, never fatal).
+    fn node_event(
+        &self,
+        node: &str,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// The API server through the agent's client.
+pub struct KubePublisher {
+    client: kube::Client,
+    events: EventSink,
+}
+
+impl KubePublisher {
+    pub fn new(client: kube::Client, events: EventSink) -> Self {
+        KubePublisher { client, events }
+    }
+}
+
+impl Publisher for KubePublisher {
+    async fn publish(&self, node: &str, changes: &AnnotationChanges) -> Result<(), PublishError> {
+        publish::publish(self.client.clone(), node, changes).await
+    }
+
+    async fn node_event(&self, node: &str, kind: EventType, reason: &str, message: &str) {
+        self.events.node_event(node, kind, reason, message).await
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("wire rules: {0}")]
+    Nft(#[from] NftError),
+    #[error("reading the wire table's counters: {message}")]
+    Counters { message: String },
+    #[error("wire rules: the blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The `veilnet_wire` table.
+pub trait WireTable: Send {
+    /// Loads `rules` (one transaction). Ok(true) when the table had to be replaced whole.
+    fn load(&mut self, rules: &WireRules) -> impl Future<Output = Result<bool, WireError>> + Send;
+    /// The table's drop counters, by name.
+    fn drops(&mut self) -> impl Future<Output = Result<BTreeMap<String, u64>, WireError>> + Send;
+}
+
+/// The kernel's table, through `nft` and the netfilter counter dump (blocking: run off the
+/// runtime's workers).
+#[derive(Debug, Default)]
+pub struct NftWireTable;
+
+impl WireTable for NftWireTable {
+    async fn load(&mut self, rules: &WireRules) -> Result<bool, WireError> {
+        let rules = rules.clone();
+        Ok(tokio::task::spawn_blocking(move || wire::load(&rules)).await??)
+    }
+
+    async fn drops(&mut self) -> Result<BTreeMap<String, u64>, WireError> {
+        let counters =
+            tokio::task::spawn_blocking(|| crate::policy::counters::read_counters_of(wire::TABLE))
+                .await?
+                .map_err(|e| WireError::Counters {
+                    message: e.to_string(),
+                })?;
+        Ok(counters.into_iter().map(|c| (c.name, c.packets)).collect())
+    }
+}
