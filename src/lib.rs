@@ -22,6 +22,7 @@ pub mod lab;
 pub mod listen;
 pub mod logging;
 pub mod model;
+pub mod netfilter;
 pub mod netns;
 pub mod policy;
 pub mod status_cmd;

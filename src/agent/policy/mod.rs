@@ -52,7 +52,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use veilnet_cni::agent_protocol::AdmissionConfig;
 
-use crate::policy::conntrack::ConntrackSocket;
+use crate::netfilter::conntrack::ConntrackSocket;
 use crate::policy::{
     compile_with, enable_bridge_netfilter, render, ApplyOutcome, CompileOptions, NftApplier,
     PolicyError,
@@ -452,7 +452,8 @@ async fn sync(
 /// new connections are deleted. One log line per pass; `None` if the table could not be read.
 fn cut_denied(model: &crate::policy::CompiledPolicy) -> Option<usize> {
     let start = Instant::now();
-    let report = ConntrackSocket::open(CONNTRACK_TIMEOUT).and_then(|mut s| s.cut(model));
+    let report = ConntrackSocket::open(CONNTRACK_TIMEOUT)
+        .and_then(|mut s| crate::policy::conntrack::cut(&mut s, model));
     match report {
         Ok(r) => {
             let ms = start.elapsed().as_secs_f64() * 1000.0;
