@@ -86,8 +86,8 @@ const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
 
 // The entry points' C prototypes. No crate in the tree wraps libnftables (the `nftables` crate
 // spawns the binary; `libloading` is not in the tree), so the library is opened with
-// `dlopen(3)` and called through these pointer types: the `unsafe` below is that FFI, each block
-// with its `SAFETY` reasoning.
+// `dlopen(3)` and called through these pointer types; each FFI block below states its
+// `SAFETY` reasoning.
 type CtxNew = unsafe extern "C" fn(c_uint) -> *mut c_void;
 type CtxFree = unsafe extern "C" fn(*mut c_void);
 type CtxBuffer = unsafe extern "C" fn(*mut c_void) -> c_int;
@@ -198,9 +198,12 @@ impl Library {
             action: action.to_string(),
         })?;
         let _serial = CALLS.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: nft_ctx_new returns a fresh context or NULL (checked); the context is used only
-        // on this thread, under CALLS, and freed exactly once below, after the buffers it owns
-        // have been copied out.
+        // SAFETY: every pointer is a libnftables entry point of the matching prototype (see
+        // `Library::open`). nft_ctx_new returns a fresh context or NULL (checked); the context is
+        // used only on this thread, under CALLS, and freed exactly once, on the only path past
+        // its creation. `buf` is NUL-terminated and outlives the run. The output and error
+        // buffers are NULL or NUL-terminated strings owned by the context, copied out before it
+        // is freed.
         unsafe {
             let ctx = (self.ctx_new)(NFT_CTX_DEFAULT);
             if ctx.is_null() {
