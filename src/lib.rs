@@ -27,6 +27,7 @@ pub mod lab_paths;
 pub mod listen;
 pub mod logging;
 pub mod model;
+pub mod netfilter;
 pub mod netns;
 pub mod policy;
 pub mod status_cmd;

@@ -16,6 +16,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use tokio::sync::watch;
+
+use super::policy::status::PolicyStatus;
 use super::status::NodeStatus;
 
 /// Where the scrape-time collector finds its data.
@@ -24,8 +27,9 @@ pub struct Sources {
     pub status: Mutex<Option<NodeStatus>>,
     /// `(state dir, network name, pod CIDR, gateway)` of the IPAM store to report on.
     pub ipam: Mutex<Option<(PathBuf, String, ipnet::Ipv4Net, std::net::Ipv4Addr)>>,
-    /// The policy enforcer's status file (`<run dir>/policy-status.json`), read on scrape.
-    pub policy_status: Mutex<Option<PathBuf>>,
+    /// The policy enforcer's status, in memory ([`crate::agent::policy::PolicyAgent::status_feed`]),
+    /// read on scrape; `None` while no enforcer runs.
+    pub policy_status: Mutex<Option<watch::Receiver<PolicyStatus>>>,
     /// The listeners' connection caps, reported on scrape.
     pub listeners: Mutex<Vec<Arc<crate::listen::ConnLimit>>>,
 }
@@ -251,10 +255,9 @@ impl Collector for SnapshotCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(ps) = policy
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str::<super::policy::status::PolicyStatus>(&t).ok())
-        {
+        if let Some(feed) = policy {
+            // Cloned so the enforcer is never held up by an encoder.
+            let ps = feed.borrow().clone();
             encode_policy(&mut encoder, &ps)?;
         }
         let ipam = self
@@ -294,7 +297,7 @@ impl Collector for SnapshotCollector {
 /// Policy verdicts by policy, drops by direction, spoofing, and the enforcer's size.
 fn encode_policy(
     encoder: &mut DescriptorEncoder,
-    ps: &super::policy::status::PolicyStatus,
+    ps: &PolicyStatus,
 ) -> Result<(), std::fmt::Error> {
     let c = &ps.counters;
     family(
@@ -450,20 +453,30 @@ mod tests {
     }
 
     #[test]
-    fn policy_metrics_count_the_strict_modes_cuts() {
+    fn policy_status_reaches_a_scrape_from_memory() {
         let m = Metrics::new();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy-status.json");
-        let status = super::super::policy::status::PolicyStatus {
-            connections_cut: 3,
-            ..Default::default()
-        };
-        status.write(&path).unwrap();
-        *m.sources.policy_status.lock().unwrap() = Some(path);
-        let text = m.encode();
         assert!(
-            text.contains("veilnet_policy_connections_cut_total 3"),
-            "{text}"
+            !m.encode().contains("veilnet_policy"),
+            "no enforcer, no policy metrics"
         );
+        let (tx, rx) = watch::channel(PolicyStatus::default());
+        *m.sources.policy_status.lock().unwrap() = Some(rx);
+        assert!(m
+            .encode()
+            .contains("veilnet_policy_connections_cut_total 0"));
+        // An update by the enforcer is what the next scrape reports; no file is involved.
+        tx.send_modify(|s| {
+            s.connections_cut = 3;
+            s.policies_total = 2;
+            s.counters.spoofed.packets = 5;
+        });
+        let text = m.encode();
+        for line in [
+            "veilnet_policy_connections_cut_total 3",
+            r#"veilnet_policies{scope="cluster"} 2"#,
+            "veilnet_spoofed_packets_total 5",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
     }
 }

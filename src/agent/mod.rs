@@ -201,12 +201,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             gateway,
         ));
     }
-    *health
-        .metrics
-        .sources
-        .policy_status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner()) = Some(cfg.run_dir.join(policy::STATUS_FILE));
     let health_cap =
         crate::listen::ConnLimit::new("health", health::Limits::HEALTH.max_connections);
     let metrics_cap =
@@ -267,6 +261,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         opts.admission_cap = admission_cap;
         Some(policy::PolicyAgent::start(client.clone(), opts).await?)
     };
+    if let Some(enforcer) = &_policy {
+        *health
+            .metrics
+            .sources
+            .policy_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(enforcer.status_feed());
+    }
     // ---- end NetworkPolicy
 
     let me = snapshot::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);

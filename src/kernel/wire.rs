@@ -32,7 +32,7 @@
 //! WireGuard (`on`, `strict`) authenticates every packet.
 //!
 //! These rules live in the kernel, so they keep holding while the agent restarts. Each load is one
-//! nftables transaction (through the shared runner, [`super::nft`]) that declares the table's objects, flushes its rules and set elements and
+//! nftables transaction (through the shared runner, [`crate::netfilter::nft`]) that declares the table's objects, flushes its rules and set elements and
 //! fills them again, so the counters keep counting across loads; only if that fails (an object of
 //! an older shape) is the table replaced whole. Rendering is pure and golden-tested.
 
@@ -41,10 +41,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::nft::{self, Flags, NftError};
 use crate::model::encryption::{Path, PeerPath};
 use crate::model::overlay::AcceptedPeer;
 use crate::model::routing::host_net;
+use crate::netfilter::nft::{self, Flags};
+use crate::netfilter::NetfilterError;
 
 /// Name of the table (family `inet`).
 pub const TABLE: &str = "veilnet_wire";
@@ -309,10 +310,10 @@ pub fn render_replace(r: &WireRules) -> String {
 }
 
 /// Loads the rules: in place, else by replacing the table. Returns whether it had to replace.
-pub fn load(r: &WireRules) -> Result<bool, NftError> {
+pub fn load(r: &WireRules) -> Result<bool, NetfilterError> {
     match apply(&render(r)) {
         Ok(()) => Ok(false),
-        Err(NftError::Refused { message, .. }) => {
+        Err(NetfilterError::NftRefused { message, .. }) => {
             tracing::warn!(error = %message, "the wire table could not be updated in place; replacing it (its counters restart)");
             apply(&render_replace(r)).map(|()| true)
         }
@@ -321,7 +322,7 @@ pub fn load(r: &WireRules) -> Result<bool, NftError> {
 }
 
 /// Loads `script` into the calling thread's network namespace in one transaction.
-pub fn apply(script: &str) -> Result<(), NftError> {
+pub fn apply(script: &str) -> Result<(), NetfilterError> {
     nft::run_here(script, Flags::default(), "wire rules").map(|_| ())
 }
 

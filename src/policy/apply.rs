@@ -1,6 +1,6 @@
 //! The thin applier: hands rendered scripts to nftables (in-process libnftables through
-//! [`crate::kernel::nft`], the `nft` binary only as a fallback), one transaction each, in the
-//! node's network namespace, and reads counters back.
+//! [`crate::netfilter::nft`], the `nft` binary only as a fallback), one transaction each, in the
+//! node's network namespace, and reads counters back ([`crate::netfilter::counters`]).
 //!
 //! Why nft's text language rather than raw netlink or the `nftables` JSON crate: the script is the
 //! golden-tested artefact itself (what tests check, what `nft -c` validates and what an operator
@@ -17,12 +17,12 @@
 //! `tokio::task::spawn_blocking`.
 
 use super::compile::CompiledPolicy;
-use super::counters::read_counters;
 use super::diff::{diff, Plan};
-use super::render::{render_nft, TABLE};
-use super::ruleset::{Family, Ruleset};
+use super::render::render_nft;
+use super::ruleset::{Family, Ruleset, TABLE};
 use super::PolicyError;
-use crate::kernel::nft::{self, Flags};
+use crate::netfilter::counters::{read_counters_of, CounterValue};
+use crate::netfilter::nft::{self, Flags};
 use crate::netns;
 
 /// Result of [`NftApplier::apply`] and [`NftApplier::update`].
@@ -201,8 +201,8 @@ impl NftApplier {
     /// counter objects (see `counters`); through `nft -j list counters` only if netlink fails.
     pub fn counters(&self) -> Result<Vec<CounterValue>, PolicyError> {
         let read = match &self.netns {
-            None => read_counters(),
-            Some(ns) => netns::run_in(ns, read_counters)?,
+            None => read_counters_of(TABLE),
+            Some(ns) => netns::run_in(ns, || read_counters_of(TABLE))?,
         };
         read.or_else(|e| {
             tracing::debug!(error = %e, "netlink counter dump failed; asking nft");
@@ -219,15 +219,6 @@ impl NftApplier {
             parse_counters(&out)
         })
     }
-}
-
-/// One named counter.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CounterValue {
-    pub family: String,
-    pub name: String,
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 /// Picks veilnet's counters out of `nft -j list counters`.

@@ -17,8 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
 
-use super::render::TABLE;
-use super::ruleset::{Family, NftObject, ObjectKind, Ruleset};
+use super::ruleset::{Family, NftObject, ObjectKind, Ruleset, TABLE};
 
 /// One step of an incremental update.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -68,27 +68,30 @@
 //! Named counters live as long as their policy selects a local pod: incremental updates keep them
 //! (flushing a chain does not touch the counter objects its rules count into), and the applier
 //! reads the few a change destroys right before it, for the agent to bank. They are read with one
-//! netlink dump of the counter objects (see `counters`), not with `nft list`, which would fetch
-//! the whole ruleset first.
+//! netlink dump of the counter objects ([`crate::netfilter::counters`]), not with `nft list`,
+//! which would fetch the whole ruleset first. Scripts, counters, NFLOG and conntrack all go
+//! through [`crate::netfilter`]; this module decides what to say, never how.
 
 mod addrset;
 mod apply;
 pub mod cli;
 mod compile;
 pub mod conntrack;
-pub mod counters;
+/// The counter reader's old path, kept for `agent::reconcile` (the wire table's counters) until
+/// it imports [`crate::netfilter::counters`] directly.
+pub use crate::netfilter::counters;
 mod diff;
 mod explain;
+pub mod flow;
 mod logprefix;
 mod model;
-mod netlink;
-pub mod nflog;
 mod render;
 mod ruleset;
 mod selector;
 
+pub use crate::netfilter::CounterValue;
 pub use addrset::AddrSet;
-pub use apply::{enable_bridge_netfilter, parse_counters, ApplyOutcome, CounterValue, NftApplier};
+pub use apply::{enable_bridge_netfilter, parse_counters, ApplyOutcome, NftApplier};
 pub use compile::{
     compile, compile_with, AntiSpoofPort, CompileOptions, CompiledPolicy, CompiledRule, DestTuple,
     Direction, PodChain, PortRange, PortSet, RuleMatch, Warning,
@@ -102,16 +105,14 @@ pub use model::{
     ClusterState, InvalidMac, MacAddr, NamedPort, NamespaceInfo, ObjectRef, PodInfo, Protocol,
     NAMESPACE_NAME_LABEL,
 };
-pub use render::{
-    render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER, TABLE,
-};
-pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset};
+pub use render::{render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER};
+pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset, TABLE};
 
 /// Errors of applying policy to the kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error(transparent)]
-    Nft(#[from] crate::kernel::nft::NftError),
+    Netfilter(#[from] crate::netfilter::NetfilterError),
     #[error("writing {path}: {source}")]
     Write {
         path: std::path::PathBuf,
@@ -126,11 +127,6 @@ pub enum PolicyError {
     },
     #[error("unexpected nft JSON output: {0}")]
     Json(String),
-    #[error("reading counters over netlink ({op}): {source}")]
-    Netlink {
-        op: &'static str,
-        source: std::io::Error,
-    },
 }
 
 #[cfg(test)]

@@ -16,8 +16,6 @@ use super::compile::{AntiSpoofPort, CompiledPolicy, CompiledRule, Direction, Pod
 use super::logprefix::{allow_prefix, deny_prefix, spoof_prefix};
 use super::ruleset::{Family, Names, NftObject, NftTable, Numbering, ObjectKind, Ruleset};
 
-/// Name of both veilnet tables (`inet veilnet` for policy, `bridge veilnet` for anti-spoofing).
-pub const TABLE: &str = "veilnet";
 /// Named counter of default-deny drops, per direction.
 pub const DENY_INGRESS_COUNTER: &str = "deny_ingress";
 pub const DENY_EGRESS_COUNTER: &str = "deny_egress";

@@ -13,7 +13,9 @@ use std::hash::Hash;
 
 use super::compile::{Direction, PortSet};
 use super::model::ObjectRef;
-use super::render::TABLE;
+
+/// Name of both veilnet tables (`inet veilnet` for policy, `bridge veilnet` for anti-spoofing).
+pub const TABLE: &str = "veilnet";
 
 /// Address family of a veilnet table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

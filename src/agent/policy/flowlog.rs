@@ -37,8 +37,19 @@ use serde::Serialize;
 
 use super::state::IpIndex;
 use super::Shared;
-use crate::policy::nflog::{parse_flow, LoggedPacket, NflogError, NflogSocket};
+use crate::netfilter::nflog::{LoggedPacket, NflogSocket};
+use crate::netfilter::NetfilterError;
+use crate::policy::flow::parse_flow;
 use crate::policy::{parse_prefix, CompileOptions, LogVerdict};
+
+/// Why the flow log could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowLogError {
+    #[error("NFLOG: {0}")]
+    Nflog(#[from] NetfilterError),
+    #[error("cannot start the flow log reader thread: {0}")]
+    Thread(std::io::Error),
+}
 
 /// The flow log file is rotated (to `<file>.1`) beyond this size.
 const MAX_FILE_BYTES: u64 = 16 << 20;
@@ -205,7 +216,7 @@ impl FlowLogHandle {
 
 /// Subscribes to the ruleset's NFLOG group (in this thread's netns, the node's) and appends
 /// records to `path` from a dedicated thread.
-pub fn spawn(shared: Arc<Shared>, path: PathBuf) -> Result<FlowLogHandle, NflogError> {
+pub fn spawn(shared: Arc<Shared>, path: PathBuf) -> Result<FlowLogHandle, FlowLogError> {
     let group = CompileOptions::default().log_group;
     let mut socket = NflogSocket::open(group, Duration::from_millis(500))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -251,10 +262,7 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf) -> Result<FlowLogHandle, NflogE
                 }
             }
         })
-        .map_err(|source| NflogError::Socket {
-            op: "spawn reader thread",
-            source,
-        })?;
+        .map_err(FlowLogError::Thread)?;
     Ok(FlowLogHandle { stop })
 }
 

@@ -4,7 +4,9 @@
 //! - `attachments`: what the plugin reported at ADD (host veth, MAC, IP), persisted in the run dir.
 //! - `state`: watch caches + attachments → the compiler's input (pure).
 //! - `server`: the admission socket `<runDir>/agent.sock` (protocol in `veilnet_cni::agent_protocol`).
-//! - `status`: counters banked across ruleset changes, `<runDir>/policy-status.json`.
+//! - `status`: counters banked across ruleset changes; the status is held in a `watch` channel
+//!   the metrics endpoint reads ([`PolicyAgent::status_feed`]) and written to
+//!   `<runDir>/policy-status.json` for `veilnet status`, a separate process.
 //! - `flowlog`: NFLOG group 100 → JSON lines in `<runDir>/flows.jsonl`.
 //!
 //! # The loop
@@ -52,7 +54,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use veilnet_cni::agent_protocol::AdmissionConfig;
 
-use crate::policy::conntrack::ConntrackSocket;
+use crate::netfilter::conntrack::ConntrackSocket;
 use crate::policy::{
     compile_with, enable_bridge_netfilter, render, ApplyOutcome, CompileOptions, NftApplier,
     PolicyError,
@@ -163,7 +165,9 @@ pub struct Shared {
     pub wake: Arc<Notify>,
     pub applied: watch::Sender<Applied>,
     pub index: RwLock<Arc<IpIndex>>,
-    pub status: Mutex<PolicyStatus>,
+    /// The enforcer's status: read in memory by the metrics endpoint ([`PolicyAgent::status_feed`])
+    /// and written to `<runDir>/policy-status.json` for `veilnet status`, another process.
+    pub status: watch::Sender<PolicyStatus>,
     pub pods: Store<Pod>,
     namespaces: Store<Namespace>,
     policies: Store<NetworkPolicy>,
@@ -217,10 +221,11 @@ impl PolicyAgent {
             wake.clone(),
         );
         let shared = Arc::new(Shared {
-            status: Mutex::new(PolicyStatus {
+            status: watch::channel(PolicyStatus {
                 node: options.node.clone(),
                 ..Default::default()
-            }),
+            })
+            .0,
             options,
             attachments: Mutex::new(attachments),
             wake,
@@ -271,12 +276,17 @@ impl PolicyAgent {
     /// The node's counters as of the last housekeeping pass (at most a few seconds old), for the
     /// metrics endpoint.
     pub fn counters(&self) -> CounterSnapshot {
-        lock(&self.shared.status).counters.clone()
+        self.shared.status.borrow().counters.clone()
     }
 
     /// The current status (what `policy-status.json` holds).
     pub fn status(&self) -> PolicyStatus {
-        lock(&self.shared.status).clone()
+        self.shared.status.borrow().clone()
+    }
+
+    /// The status as it changes, for the metrics endpoint in this process (no file read back).
+    pub fn status_feed(&self) -> watch::Receiver<PolicyStatus> {
+        self.shared.status.subscribe()
     }
 }
 
@@ -331,7 +341,8 @@ async fn run_loop(shared: Arc<Shared>) {
                 Err(e) => {
                     failures += 1;
                     tracing::error!(error = %e, failures, "policy sync failed; retrying");
-                    lock(&shared.status).last_error = Some(e.to_string());
+                    let error = e.to_string();
+                    shared.status.send_modify(|s| s.last_error = Some(error));
                 }
             }
         }
@@ -424,8 +435,7 @@ async fn sync(
     } else {
         None
     };
-    let status = {
-        let mut s = lock(&shared.status);
+    let status = update_status(shared, |s| {
         s.generation = generation;
         s.synced_at = Some(jiff::Timestamp::now().to_string());
         (
@@ -441,8 +451,7 @@ async fn sync(
         if let Some(cut) = cut {
             s.connections_cut = s.connections_cut.saturating_add(cut as u64);
         }
-        s.clone()
-    };
+    });
     tracing::debug!(generation, ms = status.last_sync_ms, "policy synced");
     write_status(&shared.options.run_dir, &status);
     Ok(())
@@ -452,7 +461,8 @@ async fn sync(
 /// new connections are deleted. One log line per pass; `None` if the table could not be read.
 fn cut_denied(model: &crate::policy::CompiledPolicy) -> Option<usize> {
     let start = Instant::now();
-    let report = ConntrackSocket::open(CONNTRACK_TIMEOUT).and_then(|mut s| s.cut(model));
+    let report = ConntrackSocket::open(CONNTRACK_TIMEOUT)
+        .and_then(|mut s| crate::policy::conntrack::cut(&mut s, model));
     match report {
         Ok(r) => {
             let ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -508,6 +518,13 @@ fn repair_pod_port(
     }
 }
 
+/// Changes the status in memory (the metrics endpoint sees the change at once) and returns it.
+fn update_status(shared: &Shared, change: impl FnOnce(&mut PolicyStatus)) -> PolicyStatus {
+    shared.status.send_modify(change);
+    shared.status.borrow().clone()
+}
+
+/// The status file, for `veilnet status` (a separate process; the agent itself reads memory).
 fn write_status(run_dir: &Path, status: &PolicyStatus) {
     let path = run_dir.join(STATUS_FILE);
     if let Err(e) = status.write(&path) {
@@ -559,13 +576,11 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
     for a in &removed {
         tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), veth = %a.host_veth, "pod interface gone; attachment forgotten");
     }
-    let status = {
-        let mut s = lock(&shared.status);
+    let status = update_status(shared, |s| {
         if let Some(c) = counters {
             s.counters = c;
         }
-        s.clone()
-    };
+    });
     write_status(&shared.options.run_dir, &status);
     !removed.is_empty()
 }

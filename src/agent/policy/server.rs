@@ -157,7 +157,7 @@ fn refusal_reason(shared: &Shared, a: &PodAttachment) -> String {
                     node.unwrap_or(""),
                     shared.options.node
                 )
-            } else if let Some(e) = &lock(&shared.status).last_error {
+            } else if let Some(e) = shared.status.borrow().last_error.clone() {
                 format!("the ruleset for pod {pod} could not be applied: {e}")
             } else {
                 format!("pod {pod} was not programmed in time")

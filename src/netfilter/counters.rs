@@ -9,18 +9,16 @@
 //!
 //! The request builder and the parser are pure and never panic on malformed input.
 
-use super::apply::CounterValue;
-use super::netlink::{
-    attributes, message, messages, open_socket, push_attr, recv, send, set_recv_timeout, u32_ne_at,
-    NFGENMSG_LEN, NLMSG_DONE, NLMSG_ERROR, NLM_F_REQUEST,
+use super::socket::{
+    attr, attributes, error_code, message_type, messages, nfgen_body, NfRequest, NfSocket,
+    NLMSG_DONE, NLMSG_ERROR, NLM_F_DUMP, NLM_F_REQUEST,
 };
-use super::render::TABLE;
-use super::PolicyError;
+use super::{NetfilterError, Result};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_SUBSYS_NFTABLES: u8 = 10;
 /// Dump replies carry `NEWOBJ`, as every nf_tables dump answers with the `NEW` message type.
-const NFT_MSG_NEWOBJ: u16 = 18;
-const NFT_MSG_GETOBJ: u16 = 19;
+const NFT_MSG_NEWOBJ: u8 = 18;
+const NFT_MSG_GETOBJ: u8 = 19;
 const NFTA_OBJ_TABLE: u16 = 1;
 const NFTA_OBJ_NAME: u16 = 2;
 const NFTA_OBJ_TYPE: u16 = 3;
@@ -28,22 +26,31 @@ const NFTA_OBJ_DATA: u16 = 4;
 const NFT_OBJECT_COUNTER: u32 = 1;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
-const NLM_F_DUMP: u16 = 0x300;
+
+/// One named counter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterValue {
+    pub family: String,
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 /// The dump request: every counter object of `table`, in every family.
 pub fn dump_request(seq: u32, table: &str) -> Vec<u8> {
-    // nfgenmsg: family unspecified (all), version 0, res_id 0.
-    let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
-    let mut table = table.as_bytes().to_vec();
-    table.push(0);
-    push_attr(&mut body, NFTA_OBJ_TABLE, &table);
-    push_attr(&mut body, NFTA_OBJ_TYPE, &NFT_OBJECT_COUNTER.to_be_bytes());
-    message(
-        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        &body,
-    )
+    let mut name = table.as_bytes().to_vec();
+    name.push(0);
+    NfRequest {
+        message_type: message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_GETOBJ),
+        // Family unspecified: every family.
+        family: libc::AF_UNSPEC as u8,
+        res_id: 0,
+        attrs: vec![
+            attr(NFTA_OBJ_TABLE, name),
+            attr(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER.to_be_bytes()),
+        ],
+    }
+    .to_bytes(NLM_F_REQUEST | NLM_F_DUMP, seq)
 }
 
 /// nft's name of an `NFPROTO_*` family.
@@ -114,16 +121,14 @@ pub fn parse_dump(buf: &[u8], table: &str) -> DumpPart {
     for (kind, body) in messages(buf) {
         match kind {
             NLMSG_DONE => return DumpPart::Done(out),
-            NLMSG_ERROR => {
-                let errno = u32_ne_at(body, 0).map_or(0, |e| e as i32);
-                if errno != 0 {
-                    return DumpPart::Error(-errno);
-                }
-            }
-            k if k == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
-                && body.len() >= NFGENMSG_LEN =>
-            {
-                if let Some(c) = counter_of(body[0], &body[NFGENMSG_LEN..], table) {
+            NLMSG_ERROR => match error_code(body) {
+                Some(0) => {}
+                errno => return DumpPart::Error(-errno.unwrap_or(-libc::EBADMSG)),
+            },
+            k if k == message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWOBJ) => {
+                if let Some(c) =
+                    nfgen_body(body).and_then(|(family, attrs)| counter_of(family, attrs, table))
+                {
                     out.push(c);
                 }
             }
@@ -133,34 +138,33 @@ pub fn parse_dump(buf: &[u8], table: &str) -> DumpPart {
     DumpPart::More(out)
 }
 
-/// Reads the policy table's named counters in the calling thread's network namespace.
-pub fn read_counters() -> Result<Vec<CounterValue>, PolicyError> {
-    read_counters_of(TABLE)
-}
-
 /// Reads the named counters of `table` (any family) in the calling thread's network namespace.
-pub fn read_counters_of(table: &str) -> Result<Vec<CounterValue>, PolicyError> {
-    let err = |op: &'static str| move |source| PolicyError::Netlink { op, source };
-    let fd = open_socket().map_err(err("socket"))?;
-    set_recv_timeout(&fd, std::time::Duration::from_secs(5)).map_err(err("SO_RCVTIMEO"))?;
-    let request = dump_request(1, table);
-    send(&fd, &request).map_err(err("send"))?;
-    // Dump replies come in skbs of at most 32 KiB (more with big pages); 64 KiB never truncates.
-    let mut buf = vec![0u8; 1 << 16];
+pub fn read_counters_of(table: &str) -> Result<Vec<CounterValue>> {
+    let refused = |source| NetfilterError::Refused {
+        op: "counter dump",
+        source,
+    };
+    let mut socket = NfSocket::open(std::time::Duration::from_secs(5))?;
+    let seq = socket.next_seq();
+    socket
+        .send(&dump_request(seq, table))
+        .map_err(|source| NetfilterError::Socket { op: "send", source })?;
     let mut counters = Vec::new();
     loop {
-        let n = recv(&fd, &mut buf).map_err(err("recv"))?;
-        if n == 0 {
-            return Err(err("recv")(std::io::ErrorKind::UnexpectedEof.into()));
+        let buf = socket
+            .recv()
+            .map_err(|source| NetfilterError::Socket { op: "recv", source })?;
+        if buf.is_empty() {
+            return Err(refused(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        match parse_dump(&buf[..n], table) {
+        match parse_dump(buf, table) {
             DumpPart::More(c) => counters.extend(c),
             DumpPart::Done(c) => {
                 counters.extend(c);
                 return Ok(counters);
             }
             DumpPart::Error(errno) => {
-                return Err(err("dump")(std::io::Error::from_raw_os_error(errno)))
+                return Err(refused(std::io::Error::from_raw_os_error(errno)))
             }
         }
     }
@@ -168,20 +172,16 @@ pub fn read_counters_of(table: &str) -> Result<Vec<CounterValue>, PolicyError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::netlink::{u16_ne_at, NLMSG_HDRLEN};
+    use super::super::socket::testing::{push_attr, raw_message, u16_at, u32_at, NLMSG_HDRLEN};
+    use super::super::socket::NFGENMSG_LEN;
     use super::*;
 
+    const TABLE: &str = "veilnet";
+
     fn message(kind: u16, family: u8, attrs: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
-        m.extend_from_slice(&(len as u32).to_ne_bytes());
-        m.extend_from_slice(&kind.to_ne_bytes());
-        m.extend_from_slice(&0x2u16.to_ne_bytes());
-        m.extend_from_slice(&1u32.to_ne_bytes());
-        m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[family, 0, 0, 0]);
-        m.extend_from_slice(attrs);
-        m
+        let mut body = vec![family, 0, 0, 0];
+        body.extend_from_slice(attrs);
+        raw_message(kind, 0x2, 1, &body)
     }
 
     fn counter_msg(
@@ -200,16 +200,20 @@ mod tests {
         push_attr(&mut data, NFTA_COUNTER_BYTES, &bytes.to_be_bytes());
         push_attr(&mut data, NFTA_COUNTER_PACKETS, &packets.to_be_bytes());
         push_attr(&mut a, NFTA_OBJ_DATA | 0x8000, &data);
-        message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ, family, &a)
+        message(
+            message_type(NFNL_SUBSYS_NFTABLES, NFT_MSG_NEWOBJ),
+            family,
+            &a,
+        )
     }
 
     #[test]
     fn the_request_asks_for_veilnet_counters_only() {
         let m = dump_request(7, TABLE);
-        assert_eq!(u32_ne_at(&m, 0), Some(m.len() as u32));
-        assert_eq!(u16_ne_at(&m, 4), Some((10 << 8) | 19));
-        assert_eq!(u16_ne_at(&m, 6), Some(0x301));
-        assert_eq!(u32_ne_at(&m, 8), Some(7));
+        assert_eq!(u32_at(&m, 0), Some(m.len() as u32));
+        assert_eq!(u16_at(&m, 4), Some((10 << 8) | 19));
+        assert_eq!(u16_at(&m, 6), Some(0x301));
+        assert_eq!(u32_at(&m, 8), Some(7));
         let attrs: Vec<(u16, Vec<u8>)> = attributes(&m[NLMSG_HDRLEN + NFGENMSG_LEN..])
             .map(|(k, v)| (k, v.to_vec()))
             .collect();
