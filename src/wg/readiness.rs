@@ -52,7 +52,9 @@ pub(crate) fn wait_readable<const N: usize>(
     let mut pfds = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
     let n = poll(&mut pfds, timeout)?;
     for (r, p) in ready.iter_mut().zip(&pfds) {
-        *r = n > 0 && p.revents().is_some_and(|e| !e.is_empty());
+        // Bits nix does not know (`None`) count as ready: a wrong guess costs one non-blocking
+        // attempt, the other way round a stall.
+        *r = n > 0 && p.any().unwrap_or(true);
     }
     Ok(())
 }
