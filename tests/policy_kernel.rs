@@ -18,32 +18,14 @@ use veilnet::policy::{
     compile, enable_bridge_netfilter, parse_counters, render, render_nft, ApplyOutcome,
     ClusterState, CounterValue, NamespaceInfo, NftApplier, PodInfo, Ruleset,
 };
+use veilnet_test_support::Netns;
 
-/// A namespace that is deleted (with its processes) when dropped.
-struct Ns(String);
+/// A namespace `veilpol-<pid>-<n>-<tag>`, deleted (with its processes) when dropped.
+struct Ns(Netns);
 
 impl Ns {
     fn new(tag: &str) -> Ns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "veilpol-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        netns::add(&name).unwrap();
-        Ns(name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for pid in netns::pids(&self.0).unwrap_or_default() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = netns::delete(&self.0);
+        Ns(Netns::new("veilpol", tag))
     }
 }
 

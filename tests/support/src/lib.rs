@@ -203,6 +203,12 @@ impl Deref for Netns {
     }
 }
 
+impl std::fmt::Display for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         self.delete();
