@@ -16,23 +16,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns `(soft, hard)` as they are now.
 pub fn raise_fd_limit() -> std::io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        // Raising the soft limit up to the hard one needs no privilege.
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit reads the valid, initialised struct; raising the soft limit up to
-        // the hard one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok((lim.rlim_cur, lim.rlim_max))
+    Ok((soft.max(hard), hard))
 }
 
 /// A cap on the connections one listener holds open at once.

@@ -7,7 +7,6 @@
 //! Never `setns` a tokio worker thread: the namespace would leak into unrelated tasks.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -41,6 +40,8 @@ pub enum NetnsError {
     },
     #[error("thread running inside {name} panicked")]
     ThreadPanicked { name: String },
+    #[error("{0} is not a signal that can be sent")]
+    InvalidSignal(i32),
 }
 
 pub type Result<T> = std::result::Result<T, NetnsError>;
@@ -170,14 +171,16 @@ where
 /// Makes `cmd` start inside the namespace (setns between fork and exec).
 pub fn command_in(name: &str, cmd: &mut Command) -> Result<()> {
     let file = open(name)?;
-    // SAFETY: setns(2) is async-signal-safe; the closure allocates nothing and only reads the fd
-    // that `file` keeps open until the Command is dropped.
+    // `pre_exec` is `unsafe` in std and has no safe counterpart in a well-kept crate (the
+    // alternative, `ip netns exec` or `nsenter` in front of the program, changes what runs).
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // work is allowed: it makes one setns(2) call through nix (no allocation, no lock) on the
+    // descriptor that `file`, moved into the closure, keeps open; an error becomes an
+    // `io::Error` from the raw errno, which allocates nothing either.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
         });
     }
     Ok(())
@@ -190,8 +193,10 @@ pub fn command_in(name: &str, cmd: &mut Command) -> Result<()> {
 /// was handed to an unrelated process between the scan and the signal is never hit (with a small
 /// `pid_max` and many short-lived processes, that reuse does happen).
 pub fn signal_members(name: &str, signal: i32) -> Result<usize> {
+    use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
     use std::os::unix::fs::MetadataExt;
     validate(name)?;
+    let signal = Signal::from_named_raw(signal).ok_or(NetnsError::InvalidSignal(signal))?;
     let Ok(target) = std::fs::metadata(path(name)) else {
         return Ok(0);
     };
@@ -215,27 +220,16 @@ pub fn signal_members(name: &str, signal: i32) -> Result<usize> {
         if pid == me || !same_ns(pid) {
             continue;
         }
-        // SAFETY: plain syscalls on integers; the fd is closed below.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        if fd < 0 {
+        let Some(target_pid) = Pid::from_raw(pid) else {
+            continue;
+        };
+        let Ok(pidfd) = pidfd_open(target_pid, PidfdFlags::empty()) else {
             continue; // already gone
-        }
+        };
         // Pinned now: if the PID was reused before pidfd_open, this check fails.
-        if same_ns(pid) {
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd,
-                    signal,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if rc == 0 {
-                signalled += 1;
-            }
+        if same_ns(pid) && pidfd_send_signal(&pidfd, signal).is_ok() {
+            signalled += 1;
         }
-        unsafe { libc::close(fd) };
     }
     Ok(signalled)
 }

@@ -9,31 +9,23 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use veilnet::datapath::protocol::{DeviceSpec, Outcome, Reply, Request, Response};
 use veilnet::netns;
 use veilnet::wg::{keys, PeerConfig};
+use veilnet_test_support::{require_root, Netns};
 
 struct Node {
-    ns: String,
+    ns: Netns,
     run_dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Node {
     fn new() -> Node {
-        assert!(nix::unistd::Uid::effective().is_root(), "needs root");
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let ns = format!(
-            "veildp-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        netns::add(&ns).unwrap();
         Node {
-            ns,
+            ns: Netns::new("veildp", ""),
             run_dir: tempfile::tempdir().unwrap(),
             child: None,
         }
@@ -86,12 +78,12 @@ impl Node {
 }
 
 impl Drop for Node {
+    /// The datapath first (reaped); the namespace goes after this.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = netns::delete(&self.ns);
     }
 }
 
@@ -151,6 +143,7 @@ fn error_of(resp: &Response) -> String {
 
 #[test]
 fn the_datapath_serves_the_agent_survives_bad_input_and_restores_itself() {
+    require_root!();
     let mut node = Node::new();
     node.start();
     let mut c = Conn::open(&node.socket());

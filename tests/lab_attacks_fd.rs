@@ -74,6 +74,7 @@ fn pod_running_ip(lab: &Lab, name: &str, timeout: Duration) -> Option<String> {
 
 #[test]
 fn a_pod_holding_thousands_of_connections_cannot_stop_policy_or_admission() {
+    veilnet_test_support::require_root!();
     let started = Instant::now();
     let lab = Lab::up("fd", &["--nodes", "1"]);
     lab.apply(&pod_manifest(

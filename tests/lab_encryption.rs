@@ -27,6 +27,7 @@ fn two_pods(lab: &Lab, nodes: usize) {
 
 #[test]
 fn encrypted_by_default_everything_works_and_the_wire_carries_only_ciphertext() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("enc", &["--nodes", "3"]);
     two_pods(&lab, 3);
     for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
@@ -64,6 +65,7 @@ fn encrypted_by_default_everything_works_and_the_wire_carries_only_ciphertext() 
 
 #[test]
 fn toggling_a_node_off_and_on_changes_the_path_within_five_seconds() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("tog", &["--nodes", "2"]);
     two_pods(&lab, 2);
     assert_wire(&lab, "default/a", "default/b", "encrypted");
@@ -104,6 +106,7 @@ fn toggling_a_node_off_and_on_changes_the_path_within_five_seconds() {
 
 #[test]
 fn strict_against_off_is_blocked_even_while_the_agent_restarts() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("str", &["--nodes", "2"]);
     two_pods(&lab, 2);
     set_mode(&lab, "node-1", "strict");
@@ -141,6 +144,7 @@ fn annotation(lab: &Lab, node: &str, key: &str) -> String {
 
 #[test]
 fn rogue_nodes_attract_none_of_a_nodes_traffic() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("rog", &["--nodes", "2"]);
     two_pods(&lab, 2);
     let key1 = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
@@ -291,6 +295,7 @@ fn rogue_nodes_attract_none_of_a_nodes_traffic() {
 
 #[test]
 fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("key", &["--nodes", "2"]);
     two_pods(&lab, 2);
     let key = annotation(&lab, "node-1", "veilnet.io/wg-public-key");

@@ -69,6 +69,7 @@ fn refused(s: &UdpSocket) -> bool {
 
 #[test]
 fn a_denied_pod_cannot_forge_icmp_errors_about_another_pods_connection() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("icmp", &["--nodes", "2"]);
     for (name, node, role) in [
         ("victim", "node-1", "victim"),

@@ -47,6 +47,7 @@ fn modes(lab: &Lab, one: &str, two: &str, path: &str) {
 
 #[test]
 fn host_and_remote_pods_talk_inside_the_pairs_path_in_every_mode() {
+    veilnet_test_support::require_root!();
     let lab = two_nodes();
     // (node-1 mode, node-2 mode, the pair's path, what the wire must show)
     let matrix = [
@@ -148,6 +149,7 @@ fn probing_while(lab: &Lab, disturb: impl FnOnce()) -> (usize, usize) {
 
 #[test]
 fn host_traffic_to_a_remote_pod_survives_the_peers_agent_restart_and_a_key_rotation() {
+    veilnet_test_support::require_root!();
     let lab = two_nodes();
     let (answered, lost) = probing_while(&lab, || {
         std::thread::sleep(Duration::from_secs(1));
@@ -193,6 +195,7 @@ fn ingress_policy(lab: &Lab, from: &str) {
 
 #[test]
 fn network_policy_sees_the_remote_nodes_real_address() {
+    veilnet_test_support::require_root!();
     let lab = two_nodes();
     let b = format!(
         "{}:80",

@@ -9,7 +9,7 @@ use common::*;
 
 #[test]
 fn up_status_down_leaves_nothing_behind() {
-    require_root();
+    veilnet_test_support::require_root!();
     let before = root_netns_snapshot();
     let lab = Lab::up("lc", &["--nodes", "3"]);
 
@@ -112,7 +112,7 @@ fn up_status_down_leaves_nothing_behind() {
 
 #[test]
 fn down_cleans_up_a_half_finished_up() {
-    require_root();
+    veilnet_test_support::require_root!();
     let name = unique_name("half");
     // Namespaces and processes left by a crashed `up`: no lab.json, a process inside.
     for role in ["cp", "ul", "n1"] {
@@ -132,6 +132,7 @@ fn down_cleans_up_a_half_finished_up() {
 
 #[test]
 fn pods_on_one_node_reach_each_other_with_reference_cni() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("ref", &["--nodes", "1", "--cni", "reference"]);
     lab.apply(
         r#"
@@ -204,6 +205,7 @@ spec:
 
 #[test]
 fn underlay_mtu_is_configurable() {
+    veilnet_test_support::require_root!();
     for mtu in ["9000", "1400"] {
         let lab = Lab::up("mtu", &["--nodes", "2", "--underlay-mtu", mtu]);
         let n1 = format!("{}.n1", lab.name);
@@ -246,6 +248,7 @@ fn underlay_mtu_is_configurable() {
 
 #[test]
 fn two_labs_coexist() {
+    veilnet_test_support::require_root!();
     let a = Lab::up("a", &["--nodes", "1"]);
     let b = Lab::up("b", &["--nodes", "1"]);
     a.down();
@@ -262,6 +265,7 @@ fn two_labs_coexist() {
 
 #[test]
 fn kubectl_works_on_nodes_pods_namespaces_and_networkpolicies() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("kc", &["--nodes", "1"]);
     let manifest = r#"
 apiVersion: v1

@@ -279,6 +279,7 @@ impl InNetns for Command {
 
 #[test]
 fn upstream_netpol_scenarios_in_the_lab() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let started = Instant::now();
     let model = Model::up("np");
@@ -343,6 +344,9 @@ fn send_rounds(
     period: Duration,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
+    // SAFETY: plain AF_PACKET socket calls (nix cannot build the `sockaddr_ll` to send to one
+    // interface) on a descriptor this closure owns and closes; every pointer passed refers to a
+    // live, initialised value of the length given.
     veilnet::netns::run_in(netns, move || unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
         assert!(
@@ -479,6 +483,7 @@ fn captured(netns: &str, args: &[&str], send: impl FnOnce()) -> usize {
 
 #[test]
 fn anti_spoofing_forged_arp_and_source_ip_get_nothing_through() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let lab = Lab::up("as", &["--nodes", "2"]);
     lab.apply(&namespace_manifest("x"));
@@ -706,6 +711,7 @@ impl Theft {
 
 #[test]
 fn mac_theft_by_any_frame_never_moves_the_victims_mac() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let t = Theft::up("mt");
     let lab = &t.lab;
@@ -844,6 +850,7 @@ fn mac_theft_by_any_frame_never_moves_the_victims_mac() {
 
 #[test]
 fn fdb_flooding_100000_source_macs_from_one_pod_leaves_the_fdb_unchanged() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let t = Theft::up("ff");
     let lab = &t.lab;
@@ -984,6 +991,7 @@ fn hammer(
 
 #[test]
 fn no_race_a_new_pod_under_default_deny_gets_zero_packets_in_its_first_second() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let lab = Lab::up("nr", &["--nodes", "2"]);
     for ns in ["x", "open"] {
@@ -1066,6 +1074,7 @@ fn time_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Durat
 
 #[test]
 fn label_changes_take_effect_within_a_second_and_are_explained() {
+    veilnet_test_support::require_root!();
     let _serial = serial();
     let lab = Lab::up("lc", &["--nodes", "2"]);
     for ns in ["x", "y"] {

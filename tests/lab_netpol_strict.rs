@@ -140,6 +140,7 @@ fn wait_denied(s: &Setup) {
 
 #[test]
 fn without_strict_mode_established_connections_survive_a_deny() {
+    veilnet_test_support::require_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup("so", false);
     apply_only_good(&s);
@@ -160,6 +161,7 @@ fn without_strict_mode_established_connections_survive_a_deny() {
 
 #[test]
 fn strict_mode_cuts_denied_connections_and_keeps_allowed_ones() {
+    veilnet_test_support::require_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut s = setup("sc", true);
     let applied = apply_only_good(&s);

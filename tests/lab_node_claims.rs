@@ -38,6 +38,7 @@ fn three_nodes() -> Lab {
 
 #[test]
 fn removing_or_garbling_a_published_mode_never_downgrades_a_pair() {
+    veilnet_test_support::require_root!();
     let lab = three_nodes();
     // The agent is dead: nobody repairs the annotation.
     lab.kill_daemon("agent-node-2");
@@ -133,6 +134,7 @@ fn events_about(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_compromised_node_cannot_cut_honest_nodes_off() {
+    veilnet_test_support::require_root!();
     let lab = three_nodes();
     let key1 = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
     let key2 = annotation(&lab, "node-2", "veilnet.io/wg-public-key");

@@ -44,6 +44,7 @@ fn metric(body: &str, prefix: &str) -> Option<f64> {
 
 #[test]
 fn agents_serve_health_readiness_and_live_metrics() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("ops", &["--nodes", "2"]);
     lab.apply(&pod_manifest("default", "a", "node-1", &[], SERVE));
     lab.apply(&pod_manifest("default", "b", "node-2", &[], SERVE));

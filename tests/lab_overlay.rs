@@ -29,6 +29,7 @@ fn parallel<T: Send>(jobs: Vec<T>, threads: usize, f: impl Fn(&T) + Sync) {
 
 #[test]
 fn every_pod_reaches_every_other_pod_across_three_nodes() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("ov", &["--nodes", "3", "--encryption", "off"]);
     let mut pods = Vec::new();
     for node in 1..=3 {
@@ -99,6 +100,7 @@ fn every_pod_reaches_every_other_pod_across_three_nodes() {
 
 #[test]
 fn agents_allocate_distinct_cidrs_when_nodes_have_none() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("alloc", &["--nodes", "5", "--pod-cidrs", "agent"]);
     let mut cidrs = BTreeSet::new();
     eventually(
@@ -177,6 +179,7 @@ fn veilnet_links(lab: &Lab, node: usize) -> Vec<String> {
 
 #[test]
 fn agent_restart_keeps_links_and_flows() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("rs", &["--nodes", "2"]);
     let ip = iperf_server_and_client(&lab);
     let links_before = (veilnet_links(&lab, 1), veilnet_links(&lab, 2));
@@ -279,6 +282,7 @@ fn longest_stall(report: &serde_json::Value) -> (f64, usize) {
 
 #[test]
 fn a_restarted_datapath_resumes_from_its_saved_state_or_from_the_agent() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("dpr", &["--nodes", "2"]);
     let ip = iperf_server_and_client(&lab);
 
@@ -350,6 +354,7 @@ fn lab_exec_spawn(lab: &Lab, pod: &str, cmd: &[&str]) -> std::process::Child {
 
 #[test]
 fn a_deleted_node_disappears_from_its_peers() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("del", &["--nodes", "3", "--encryption", "off"]);
     let routes_to_n3 = |lab: &Lab| lab.ip(1, &["route", "show", "10.244.3.0/24"]);
     let fdb_to_n3 =
@@ -396,6 +401,7 @@ fn a_deleted_node_disappears_from_its_peers() {
 
 #[test]
 fn malformed_and_lying_peers_are_ignored() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("bad", &["--nodes", "2", "--encryption", "off"]);
     eventually(Duration::from_secs(20), "node-1 routes to node-2", || {
         !lab.ip(1, &["route", "show", "10.244.2.0/24"]).is_empty()
@@ -457,6 +463,7 @@ fn malformed_and_lying_peers_are_ignored() {
 
 #[test]
 fn full_size_packets_cross_at_the_computed_pod_mtu() {
+    veilnet_test_support::require_root!();
     // Pods get the WireGuard MTU (underlay − 60) whatever the path, so a live toggle never
     // strands a pod with packets too big for the new path.
     for (underlay, pod_mtu) in [(1500u32, 1440u32), (9000, 8940), (1400, 1340)] {

@@ -227,6 +227,7 @@ fn setup() -> Setup {
 
 #[test]
 fn forged_vxlan_never_reaches_a_pod_unless_a_vxlan_peer_sends_its_own_pods_traffic() {
+    veilnet_test_support::require_root!();
     let s = setup();
     let lab = &s.lab;
     let cp = format!("{}.cp", lab.name);

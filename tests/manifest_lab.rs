@@ -15,6 +15,7 @@ fn manifest() -> String {
 
 #[test]
 fn the_install_manifest_applies_to_the_lab_api() {
+    veilnet_test_support::require_root!();
     let lab = Lab::up("man", &["--nodes", "1"]);
     let out = lab.kubectl_ok(&["apply", "-f", &manifest()]);
     // The lab creates veilnet-system itself (its agents' namespace), so apply adopts it.

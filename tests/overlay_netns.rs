@@ -8,7 +8,6 @@
 
 use std::net::IpAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use veilnet::kernel::mtu::{underlay_for, Underlay};
 use veilnet::kernel::{
@@ -20,12 +19,7 @@ use veilnet::model::mac::derive_vtep_mac;
 use veilnet::model::overlay::{plan_overlay, DesiredOverlay, OverlayInput, SelfNode, VxlanConfig};
 use veilnet::model::peer::{NodeFacts, PeerRecord};
 use veilnet::netns;
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
+use veilnet_test_support::{require_root, Netns};
 
 /// Runs `ip` (or another tool) and panics with its stderr on failure.
 fn sh(args: &[&str]) -> String {
@@ -48,9 +42,9 @@ fn sh_ok(args: &[&str]) -> bool {
 
 /// The namespaces of one test; deleted (with anything left running in them) on drop.
 struct Lab {
-    underlay: String,
-    nodes: [String; 2],
-    pods: [String; 2],
+    underlay: Netns,
+    nodes: [Netns; 2],
+    pods: [Netns; 2],
 }
 
 const UNDERLAY_IPS: [&str; 2] = ["192.168.77.1", "192.168.77.2"];
@@ -60,21 +54,17 @@ const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
 
 impl Lab {
     fn new(tag: &str) -> Lab {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let base = format!("veilov-{}-{n}-{tag}", std::process::id());
+        let ns = |part: &str| Netns::new("veilov", &format!("{tag}-{part}"));
         let lab = Lab {
-            underlay: format!("{base}-u"),
-            nodes: [format!("{base}-a"), format!("{base}-b")],
-            pods: [format!("{base}-pa"), format!("{base}-pb")],
+            underlay: ns("u"),
+            nodes: [ns("a"), ns("b")],
+            pods: [ns("pa"), ns("pb")],
         };
-        for ns in lab.all() {
-            netns::add(ns).unwrap();
-        }
-        let u = lab.underlay.as_str();
+        let u = lab.underlay.name();
         sh(&["ip", "-n", u, "link", "add", "ubr", "type", "bridge"]);
         sh(&["ip", "-n", u, "link", "set", "ubr", "up"]);
         for (i, node) in lab.nodes.iter().enumerate() {
-            let node = node.as_str();
+            let node = node.name();
             let port = format!("u{i}");
             sh(&[
                 "ip", "-n", u, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
@@ -85,7 +75,7 @@ impl Lab {
             sh(&["ip", "-n", node, "addr", "add", &addr, "dev", "eth0"]);
             sh(&["ip", "-n", node, "link", "set", "eth0", "up"]);
             // The pod's veth; its node end joins the pod bridge once the agent created it.
-            let pod = lab.pods[i].as_str();
+            let pod = lab.pods[i].name();
             sh(&[
                 "ip", "-n", node, "link", "add", "vpod", "type", "veth", "peer", "name", "eth0",
                 "netns", pod,
@@ -94,17 +84,10 @@ impl Lab {
         lab
     }
 
-    fn all(&self) -> Vec<&str> {
-        let mut v = vec![self.underlay.as_str()];
-        v.extend(self.nodes.iter().map(String::as_str));
-        v.extend(self.pods.iter().map(String::as_str));
-        v
-    }
-
     /// Plugs node `i`'s pod into its bridge, the way a CNI plugin would.
     fn attach_pod(&self, i: usize, desired: &DesiredOverlay) {
-        let node = self.nodes[i].as_str();
-        let pod = self.pods[i].as_str();
+        let node = self.nodes[i].name();
+        let pod = self.pods[i].name();
         let mtu = desired.pod_mtu.to_string();
         let gw = veilnet::model::overlay::gateway_address(&POD_CIDRS[i].parse().unwrap());
         sh(&["ip", "-n", node, "link", "set", "vpod", "mtu", &mtu]);
@@ -163,22 +146,6 @@ impl Lab {
             &size.to_string(),
             POD_IPS[to],
         ])
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in self.all() {
-            for pid in netns::pids(ns).unwrap_or_default() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if let Err(e) = netns::delete(ns) {
-                eprintln!("cleanup of {ns} failed: {e}");
-            }
-        }
     }
 }
 
@@ -293,10 +260,7 @@ fn converge(lab: &Lab) -> [DesiredOverlay; 2] {
 
 #[test]
 fn pods_talk_across_vxlan_and_reapply_is_a_no_op() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let host_forwarding = sysctl::read(None, sysctl::IPV4_FORWARD).unwrap();
     let lab = Lab::new("ping");
     let desired = converge(&lab);
@@ -356,13 +320,10 @@ fn pods_talk_across_vxlan_and_reapply_is_a_no_op() {
 
 #[test]
 fn removing_a_peer_removes_only_its_entries() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let lab = Lab::new("rm");
     let desired = converge(&lab);
-    let a = lab.nodes[0].as_str();
+    let a = lab.nodes[0].name();
     assert!(lab.ping(0, 1, 56));
 
     // Things that are not ours: a foreign link with a route, and an admin's route on our bridge.
@@ -446,13 +407,10 @@ fn removing_a_peer_removes_only_its_entries() {
 
 #[test]
 fn drift_is_repaired_in_place_and_incompatible_vxlan_is_replaced() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let lab = Lab::new("drift");
     let desired = converge(&lab);
-    let a = lab.nodes[0].as_str();
+    let a = lab.nodes[0].name();
     let before = links_in(a);
 
     // Someone lowers the MTU, downs the VXLAN device and deletes our route.
@@ -530,12 +488,9 @@ fn drift_is_repaired_in_place_and_incompatible_vxlan_is_replaced() {
 
 #[test]
 fn underlay_mtu_honours_route_metric_and_connect_in_works() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root!();
     let lab = Lab::new("mtu");
-    let a = lab.nodes[0].clone();
+    let a = lab.nodes[0].name().to_string();
     sh(&["ip", "-n", &a, "link", "set", "eth0", "mtu", "1400"]);
     sh(&[
         "ip",

@@ -18,39 +18,14 @@ use veilnet::policy::{
     compile, enable_bridge_netfilter, parse_counters, render, render_nft, ApplyOutcome,
     ClusterState, CounterValue, NamespaceInfo, NftApplier, PodInfo, Ruleset,
 };
+use veilnet_test_support::Netns;
 
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the policy kernel tests need root"
-    );
-}
-
-/// A namespace that is deleted (with its processes) when dropped.
-struct Ns(String);
+/// A namespace `veilpol-<pid>-<n>-<tag>`, deleted (with its processes) when dropped.
+struct Ns(Netns);
 
 impl Ns {
     fn new(tag: &str) -> Ns {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "veilpol-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        netns::add(&name).unwrap();
-        Ns(name)
-    }
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        for pid in netns::pids(&self.0).unwrap_or_default() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = netns::delete(&self.0);
+        Ns(Netns::new("veilpol", tag))
     }
 }
 
@@ -78,7 +53,7 @@ fn policy(v: serde_json::Value) -> k8s_openapi::api::networking::v1::NetworkPoli
 
 #[test]
 fn rendered_scripts_pass_check_and_load_atomically() {
-    require_root();
+    veilnet_test_support::require_root!();
     let ns = Ns::new("load");
     let mut applier = NftApplier::new(Some(&ns.0));
 
@@ -448,7 +423,7 @@ fn arp_poison_attempt(lab: &BridgeLab) -> Option<String> {
 
 #[test]
 fn bridged_pods_are_filtered_and_cannot_spoof() {
-    require_root();
+    veilnet_test_support::require_root!();
     let lab = BridgeLab::new();
     let mut applier = NftApplier::new(Some(&lab.node.0));
     serve_tcp(&lab.b.0, B_IP, 80);
@@ -687,7 +662,7 @@ fn pod_mut<'a>(state: &'a mut ClusterState, ns: &str, name: &str) -> &'a mut Pod
 
 #[test]
 fn incremental_updates_leave_the_kernel_as_a_fresh_full_load_would() {
-    require_root();
+    veilnet_test_support::require_root!();
     let inc = Ns::new("inc");
     let fresh = Ns::new("fresh");
     let mut applier = NftApplier::new(Some(&inc.0));
@@ -823,7 +798,7 @@ fn incremental_updates_leave_the_kernel_as_a_fresh_full_load_would() {
 
 #[test]
 fn incremental_updates_keep_counters_and_bank_the_destroyed_ones() {
-    require_root();
+    veilnet_test_support::require_root!();
     let lab = BridgeLab::new();
     let mut applier = NftApplier::new(Some(&lab.node.0));
     serve_tcp(&lab.b.0, B_IP, 80);

@@ -6,13 +6,14 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use veilnet::netns;
 use veilnet::wg::{keys, PeerConfig, StaticSecret, WgConfig, WgDevice};
+use veilnet_test_support::{require_root, Netns};
 
 const WG_PORT: u16 = 51820;
 const TUN: &str = "veilwg0";
@@ -21,31 +22,18 @@ const MARKER: &[u8] = b"VEILNET-PLAINTEXT-MARKER";
 /// The tests here share the 2 CPUs badly (throughput) and are long; run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the WireGuard netns tests need root"
-    );
-}
-
 /// Two node namespaces and the veth between them; deleted on drop with any process we started.
 struct Underlay {
-    ns: [String; 2],
+    ns: [Netns; 2],
     children: Vec<Child>,
 }
 
 impl Underlay {
     fn new() -> Underlay {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let base = format!("veilwg-{}-{n}", std::process::id());
         let u = Underlay {
-            ns: [format!("{base}-a"), format!("{base}-b")],
+            ns: [Netns::new("veilwg", "a"), Netns::new("veilwg", "b")],
             children: Vec::new(),
         };
-        for ns in &u.ns {
-            netns::add(ns).unwrap();
-        }
         let (a, b) = (&u.ns[0], &u.ns[1]);
         ip(
             a,
@@ -69,13 +57,12 @@ impl Underlay {
 }
 
 impl Drop for Underlay {
+    /// Our children first (reaped, so they leave no zombies); the namespaces go after this,
+    /// with anything else still inside them.
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
-        }
-        for ns in &self.ns {
-            let _ = netns::delete(ns);
         }
     }
 }
@@ -155,7 +142,6 @@ impl Node {
 
 /// Brings up the underlay, both devices, TUN addresses and routes, and peers them.
 fn setup() -> (Underlay, Node, Node) {
-    require_root();
     let u = Underlay::new();
     let a = Node::start(&u.ns[0], keys::generate(), "192.168.77.1", "10.99.1.0/24");
     let b = Node::start(&u.ns[1], keys::generate(), "192.168.77.2", "10.99.2.0/24");
@@ -219,6 +205,10 @@ struct Capture {
 }
 
 /// Captures every frame on `ifname` in `ns` until `stop` is set (raw AF_PACKET, no tcpdump).
+///
+/// Plain libc: nix can open the socket but cannot build the `sockaddr_ll` to bind it to one
+/// interface (its `LinkAddr` has no public constructor), and unbound it would also see the TUN's
+/// plaintext.
 fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture>) {
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -226,6 +216,7 @@ fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture
     let handle = std::thread::spawn(move || {
         netns::enter_current_thread(&ns).unwrap();
         let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket(2) takes no pointers; the descriptor is closed at the end.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32) };
         assert!(
             fd >= 0,
@@ -233,12 +224,15 @@ fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture
             std::io::Error::last_os_error()
         );
         let name = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: `name` is a valid NUL-terminated string for the call.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         assert!(ifindex > 0);
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = proto;
         sll.sll_ifindex = ifindex as i32;
+        // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
         let rc = unsafe {
             libc::bind(
                 fd,
@@ -252,6 +246,7 @@ fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture
             tv_usec: 100_000,
         };
         let buf_size: libc::c_int = 32 << 20;
+        // SAFETY: each option value points at a live value of the length passed.
         unsafe {
             libc::setsockopt(
                 fd,
@@ -272,6 +267,7 @@ fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture
         let mut cap = Capture::default();
         let mut buf = vec![0u8; 70000];
         loop {
+            // SAFETY: `buf` is writable for `buf.len()` bytes.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n <= 0 {
                 if stop2.load(Ordering::SeqCst) {
@@ -281,6 +277,7 @@ fn start_capture(ns: &str, ifname: &str) -> (Arc<AtomicBool>, JoinHandle<Capture
             }
             classify(&buf[..n as usize], &mut cap);
         }
+        // SAFETY: `fd` is ours and closed once.
         unsafe { libc::close(fd) };
         cap
     });
@@ -353,6 +350,7 @@ fn tcp_transfer(u: &Underlay, dst: &str, len: usize) -> usize {
 
 #[test]
 fn wireguard_between_two_node_namespaces() {
+    require_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (u, a, b) = setup();
     // The devices exist in their namespaces with the configured MTU, and nowhere else.
@@ -497,6 +495,7 @@ fn wireguard_between_two_node_namespaces() {
 #[test]
 #[ignore = "a measurement: use scripts/bench.sh"]
 fn throughput_single_tcp_stream() {
+    require_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (mut u, a, b) = setup();
     u.spawn(1, "iperf3", &["-s", "-p", "5201"]);
@@ -534,8 +533,8 @@ fn throughput_single_tcp_stream() {
 /// it has nothing to send that would start a handshake) must survive with a stall of at most 1 s.
 #[test]
 fn tcp_stream_survives_a_datapath_restart_on_a_persistent_tun() {
+    require_root!();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    require_root();
     let u = Underlay::new();
     let key_a = keys::generate();
     let mut a = Node::start_with(

@@ -44,12 +44,10 @@ impl WriteOptions {
     };
 }
 
-/// A random 64-bit value from the kernel (the plugin has no RNG crate).
+/// A random 64-bit value from the kernel (getrandom(2)).
 fn random_u64() -> u64 {
     let mut buf = [0u8; 8];
-    // SAFETY: getrandom writes at most `buf.len()` bytes into the valid, writable buffer.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n != buf.len() as isize {
+    if getrandom::fill(&mut buf).is_err() {
         // Never fails for 8 bytes once the pool is initialised; fall back to the clock.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -4,6 +4,8 @@
 //! The binary (`veilnet-cni`) is a thin wrapper around [`run`]. The agent depends on this crate
 //! for [`NodeState`] (what it writes to `<runDir>/node-state.json`).
 
+#![forbid(unsafe_code)]
+
 pub mod agent_protocol;
 pub mod config;
 pub mod env;

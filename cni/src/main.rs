@@ -1,6 +1,8 @@
 //! `veilnet-cni`: reads the CNI environment and stdin, runs one command, prints the result or
 //! error JSON on stdout and exits non-zero on failure. Logs go to stderr.
 
+#![forbid(unsafe_code)]
+
 use std::io::{Read, Write};
 
 use veilnet_cni::Outcome;

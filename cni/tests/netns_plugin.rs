@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use common::{ipam_records, is_root, standalone_conf, Call, Netns};
+use common::{ipam_records, require_root, standalone_conf, Call, Netns};
 use serde_json::{json, Value};
 use veilnet_cni::{NodeState, NODE_STATE_VERSION};
 
@@ -50,9 +50,7 @@ fn with_prev(conf: &Value, prev: &Value) -> Value {
 
 #[test]
 fn add_check_del_lifecycle() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -138,9 +136,7 @@ fn add_check_del_lifecycle() {
 
 #[test]
 fn older_versions_get_their_result_shape() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -167,9 +163,7 @@ fn older_versions_get_their_result_shape() {
 
 #[test]
 fn check_detects_drift() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -250,9 +244,7 @@ fn check_detects_drift() {
 
 #[test]
 fn del_after_netns_deleted() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -286,9 +278,7 @@ fn del_after_netns_deleted() {
 
 #[test]
 fn fifty_parallel_adds_then_dels() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     const PODS: usize = 50;
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
@@ -351,9 +341,7 @@ fn fifty_parallel_adds_then_dels() {
 
 #[test]
 fn error_codes() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -393,9 +381,7 @@ fn error_codes() {
 
 #[test]
 fn failed_add_rolls_back() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -437,9 +423,7 @@ fn node_state(ready: bool) -> NodeState {
 
 #[test]
 fn agent_mode_status_and_add() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let dir = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pod = Netns::new("pod");
@@ -490,9 +474,7 @@ fn agent_mode_status_and_add() {
 
 #[test]
 fn standalone_status_is_ready() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let conf = standalone_conf(state.path(), "10.250.6.0/24");
@@ -501,9 +483,7 @@ fn standalone_status_is_ready() {
 
 #[test]
 fn gc_releases_stale_attachments() {
-    if !is_root() {
-        return;
-    }
+    require_root!();
     let state = tempfile::tempdir().unwrap();
     let node = Netns::new("node");
     let pods: Vec<Netns> = (0..3).map(|i| Netns::new(&format!("gc{i}"))).collect();

@@ -20,7 +20,7 @@ use super::peers::Peer;
 use super::state::State;
 use super::stats::{add, bump};
 use super::tun::Tun;
-use super::udp::UdpSockets;
+use super::udp::{SendHeaders, UdpSockets};
 use super::{message_type, MAX_PACKET, MESSAGE_DATA, MESSAGE_HANDSHAKE_INIT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +186,7 @@ pub(crate) struct Egress {
     packet: Vec<u8>,
     segments: Segments,
     batches: TxBatches,
+    send_headers: SendHeaders,
     errors: super::ErrorStreak,
 }
 
@@ -195,6 +196,7 @@ impl Egress {
             packet: vec![0u8; VNET_HDR_LEN + MAX_PACKET],
             segments: Segments::default(),
             batches: TxBatches::default(),
+            send_headers: SendHeaders::default(),
             errors: super::ErrorStreak::default(),
         }
     }
@@ -228,7 +230,7 @@ impl Egress {
             }
         }
         for b in &self.batches.batches {
-            let result = udp.send_batch(b.to, b.data(), &b.lens);
+            let result = udp.send_batch(&mut self.send_headers, b.to, b.data(), &b.lens);
             account_send(state, &b.peer, b.used, &result);
         }
         self.batches.clear();

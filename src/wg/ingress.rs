@@ -55,16 +55,33 @@ pub(crate) enum IngressDrop {
     Rejected,
     /// Authenticated, but the inner source is not in the peer's allowed IPs.
     NotAllowed,
+    /// The caller broke [`handle`]'s contract (an output buffer too small): a bug, counted in
+    /// `dropped_internal` instead of panicking on the datapath thread.
+    Internal,
 }
 
+/// The smallest output buffer [`handle`] accepts: a handshake message's worth (boringtun writes
+/// replies of up to 148 bytes).
+pub(crate) const MIN_OUT: usize = 148;
+
 /// Processes one datagram received from `from` (on either socket; v4-mapped addresses are
-/// canonicalised). `out` must be at least as long as the datagram and at least 148 bytes.
+/// canonicalised). `out` must be at least as long as the datagram and at least [`MIN_OUT`]
+/// bytes; a shorter one drops the datagram as [`IngressDrop::Internal`].
 pub(crate) fn handle<'a>(
     state: &State,
     from: SocketAddr,
     datagram: &[u8],
     out: &'a mut [u8],
 ) -> Step<'a> {
+    if out.len() < datagram.len().max(MIN_OUT) {
+        bump(&state.counters.dropped_internal);
+        tracing::debug!(
+            out = out.len(),
+            datagram = datagram.len(),
+            "ingress output buffer too small, datagram dropped"
+        );
+        return Step::Dropped(IngressDrop::Internal);
+    }
     let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     let packet = match Tunn::parse_incoming_packet(datagram) {
         Ok(p) => p,
@@ -302,7 +319,7 @@ impl Ingress {
             ..
         } = self;
         for i in 0..received {
-            let from = batch.received[i].1;
+            let from = batch.received[i].from;
             for datagram in batch.datagrams(i) {
                 match handle(state, from, datagram, out) {
                     Step::ToTun(packet) => coalescer.push(packet),

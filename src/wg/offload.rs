@@ -536,28 +536,30 @@ impl Coalescer {
         // one would reorder the flow. Flows are told apart by addresses and ports.
         let (src, dst) = addresses(packet);
         let ports = &packet[s.ip_len..s.ip_len + 4];
-        let flow_of = |p: &Pending| {
-            let ip = &p.buf[VNET_HDR_LEN..];
-            let m = p.merge.as_ref()?;
+        let same_flow = |buf: &[u8], m: &Merge| {
+            let ip = &buf[VNET_HDR_LEN..];
             let (a, b) = addresses(ip);
-            (m.seg.v6 == s.v6
-                && a == src
-                && b == dst
-                && &ip[m.seg.ip_len..m.seg.ip_len + 4] == ports)
-                .then_some(())
+            m.seg.v6 == s.v6 && a == src && b == dst && &ip[m.seg.ip_len..m.seg.ip_len + 4] == ports
         };
-        let latest = self.pending.iter_mut().rev().find(|p| flow_of(p).is_some());
-        if let Some(p) = latest {
-            let m = p.merge.as_mut().expect("flow_of checked it");
-            if m.accepts(&p.buf[VNET_HDR_LEN..], &s, packet) {
-                p.buf.extend_from_slice(&packet[s.ip_len + s.tcp_len..]);
+        // Only pending packets with merge state are candidates, so the match hands that state
+        // over directly: there is no "it was checked before" invariant to rely on here.
+        let latest = self.pending.iter_mut().rev().find_map(|p| match p {
+            Pending {
+                buf,
+                merge: Some(m),
+            } if same_flow(buf, m) => Some((buf, m)),
+            _ => None,
+        });
+        if let Some((buf, m)) = latest {
+            if m.accepts(&buf[VNET_HDR_LEN..], &s, packet) {
+                buf.extend_from_slice(&packet[s.ip_len + s.tcp_len..]);
                 m.count += 1;
                 m.next_seq = s.seq.wrapping_add(s.payload_len as u32);
                 if s.payload_len < m.gso_size {
                     m.closed = true;
                 }
                 if s.flags & TCP_PSH != 0 {
-                    p.buf[VNET_HDR_LEN + m.seg.ip_len + 13] |= TCP_PSH;
+                    buf[VNET_HDR_LEN + m.seg.ip_len + 13] |= TCP_PSH;
                     m.closed = true;
                 }
                 return;

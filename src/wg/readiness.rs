@@ -6,71 +6,55 @@
 //! task hand-off and often a second thread. That hop repeats four times per round trip.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 /// An eventfd another thread writes to wake the datapath out of `poll`.
 #[derive(Debug)]
 pub(crate) struct Waker {
-    fd: OwnedFd,
+    fd: EventFd,
 }
 
 impl Waker {
     pub(crate) fn new() -> io::Result<Waker> {
-        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor nobody else owns.
-        Ok(Waker {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        Ok(Waker { fd })
     }
 
     /// Makes the descriptor readable until [`Waker::drain`]. Never blocks: when the counter is
-    /// saturated the thread is being woken already.
+    /// saturated (EAGAIN) the thread is being woken already.
     pub(crate) fn wake(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let _ = self.fd.write(1);
     }
 
     /// Resets the counter; returns whether anyone had woken us.
     pub(crate) fn drain(&self) -> bool {
-        let mut value: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
-        n == 8 && value > 0
+        self.fd.read().is_ok_and(|value| value > 0)
     }
 
-    pub(crate) fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
 /// Waits until one of `fds` is readable (or has an error) or `timeout` passes (`None`: forever);
-/// `ready[i]` tells which. EINTR counts as a timeout, so callers simply loop.
-pub fn wait_readable(
-    fds: &[RawFd],
+/// `ready[i]` tells which. EINTR counts as a timeout, so callers simply loop. A descriptor may
+/// appear twice (a caller with a fixed layout fills an unused slot that way).
+pub fn wait_readable<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
     timeout: Option<Duration>,
-    ready: &mut [bool],
+    ready: &mut [bool; N],
 ) -> io::Result<()> {
-    const MAX: usize = 8;
-    debug_assert!(fds.len() <= MAX && ready.len() >= fds.len());
-    let mut pfds = [libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    }; MAX];
-    for (p, &fd) in pfds.iter_mut().zip(fds) {
-        p.fd = fd;
-        p.events = libc::POLLIN;
-    }
-    let n = fds.len().min(MAX);
-    let rc = poll(&mut pfds[..n], timeout)?;
-    for (r, p) in ready.iter_mut().zip(&pfds[..n]) {
-        *r = rc > 0 && p.revents != 0;
+    let mut pfds = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
+    let n = poll(&mut pfds, timeout)?;
+    for (r, p) in ready.iter_mut().zip(&pfds) {
+        // Bits nix does not know (`None`) count as ready: a wrong guess costs one non-blocking
+        // attempt, the other way round a stall.
+        *r = n > 0 && p.any().unwrap_or(true);
     }
     Ok(())
 }
@@ -79,7 +63,7 @@ pub fn wait_readable(
 /// space in between, `limit` in all; after that the `WouldBlock` is returned. Backpressure rather
 /// than a drop or a spin, bounded so that a wedged descriptor cannot stall the datapath thread.
 pub(crate) fn write_waiting<T>(
-    fd: RawFd,
+    fd: BorrowedFd<'_>,
     limit: Duration,
     mut write: impl FnMut() -> io::Result<T>,
 ) -> io::Result<T> {
@@ -99,31 +83,25 @@ pub(crate) fn write_waiting<T>(
 
 /// Waits at most `timeout` for `fd` to take a write. True if it can (or reports an error, which
 /// the retried write will then return).
-fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = [libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    }];
+fn wait_writable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLOUT)];
     Ok(poll(&mut pfd, Some(timeout))? > 0)
 }
 
-fn poll(pfds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<i32> {
-    let ms = match timeout {
-        None => -1,
+fn poll(pfds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<i32> {
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
         // Round up, so a 100 µs timeout does not become a busy 0 ms poll.
-        Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-    };
-    // SAFETY: `pfds` is a valid array of pollfd for its length.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
+        Some(t) => {
+            let ms = t.as_micros().div_ceil(1000);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         }
-        return Err(e);
+    };
+    match nix::poll::poll(pfds, timeout) {
+        Ok(n) => Ok(n),
+        Err(Errno::EINTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
-    Ok(rc)
 }
 
 #[cfg(test)]
@@ -134,29 +112,29 @@ mod tests {
     fn a_woken_eventfd_is_readable_until_drained() {
         let w = Waker::new().unwrap();
         let mut ready = [false];
-        wait_readable(&[w.raw_fd()], Some(Duration::ZERO), &mut ready).unwrap();
+        wait_readable([w.fd()], Some(Duration::ZERO), &mut ready).unwrap();
         assert!(!ready[0]);
         assert!(!w.drain());
         w.wake();
         w.wake();
-        wait_readable(&[w.raw_fd()], Some(Duration::from_secs(1)), &mut ready).unwrap();
+        wait_readable([w.fd()], Some(Duration::from_secs(1)), &mut ready).unwrap();
         assert!(ready[0]);
         assert!(w.drain());
-        wait_readable(&[w.raw_fd()], Some(Duration::ZERO), &mut ready).unwrap();
+        wait_readable([w.fd()], Some(Duration::ZERO), &mut ready).unwrap();
         assert!(!ready[0]);
     }
 
     #[test]
     fn an_eventfd_is_writable() {
         let w = Waker::new().unwrap();
-        assert!(wait_writable(w.raw_fd(), Duration::ZERO).unwrap());
+        assert!(wait_writable(w.fd(), Duration::ZERO).unwrap());
     }
 
     #[test]
     fn writes_are_retried_while_they_would_block_then_given_up() {
         let w = Waker::new().unwrap();
         let mut tries = 0;
-        let r = write_waiting(w.raw_fd(), Duration::from_secs(1), || {
+        let r = write_waiting(w.fd(), Duration::from_secs(1), || {
             tries += 1;
             if tries < 3 {
                 Err(io::Error::from(io::ErrorKind::WouldBlock))
@@ -166,7 +144,7 @@ mod tests {
         });
         assert_eq!(r.unwrap(), 3);
         let started = Instant::now();
-        let r: io::Result<()> = write_waiting(w.raw_fd(), Duration::from_millis(20), || {
+        let r: io::Result<()> = write_waiting(w.fd(), Duration::from_millis(20), || {
             Err(io::Error::from(io::ErrorKind::WouldBlock))
         });
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::WouldBlock);

@@ -34,6 +34,7 @@ pub(crate) struct DeviceCounters {
     pub rx_invalid: AtomicU64,
     pub cookies_sent: AtomicU64,
     pub tun_write_errors: AtomicU64,
+    pub dropped_internal: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {
@@ -98,6 +99,11 @@ pub struct DeviceStats {
     /// Cookie replies sent because the handshake rate limit was hit.
     pub cookies_sent: u64,
     pub tun_write_errors: u64,
+    /// Packets dropped because an invariant of the datapath did not hold (a bug): the packet is
+    /// dropped and counted here rather than stopping the datapath thread. Zero unless something
+    /// is wrong. Absent from an older datapath's reply, hence the default.
+    #[serde(default)]
+    pub dropped_internal: u64,
 }
 
 impl PeerCounters {
@@ -123,6 +129,7 @@ impl DeviceCounters {
             rx_invalid: get(&self.rx_invalid),
             cookies_sent: get(&self.cookies_sent),
             tun_write_errors: get(&self.tun_write_errors),
+            dropped_internal: get(&self.dropped_internal),
         }
     }
 }

@@ -501,3 +501,31 @@ fn ipv6_inner_packets_are_routed_and_source_checked() {
     );
     assert_no_plaintext(&net);
 }
+
+#[test]
+fn a_too_small_output_buffer_drops_the_datagram_and_counts_it() {
+    let mut net = Net::new();
+    // A real handshake initiation, captured off the wire.
+    net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+    let (_, from, init) = net.wire.pop_front().unwrap();
+    let mut small = vec![0u8; ingress::MIN_OUT - 1];
+    assert!(matches!(
+        ingress::handle(&net.nodes[1], from, &init, &mut small),
+        Step::Dropped(IngressDrop::Internal)
+    ));
+    // Shorter than the datagram, though above the minimum: dropped too.
+    let data = vec![0u8; 4 * ingress::MIN_OUT];
+    let mut out = vec![0u8; 2 * ingress::MIN_OUT];
+    assert!(matches!(
+        ingress::handle(&net.nodes[1], from, &data, &mut out),
+        Step::Dropped(IngressDrop::Internal)
+    ));
+    assert_eq!(net.nodes[1].device_stats().dropped_internal, 2);
+    // With room, the same initiation is answered: nothing else was disturbed.
+    let mut out = vec![0u8; MAX_PACKET + 64];
+    assert!(matches!(
+        ingress::handle(&net.nodes[1], from, &init, &mut out),
+        Step::ToNetwork { .. }
+    ));
+    assert_eq!(net.nodes[1].device_stats().dropped_internal, 2);
+}

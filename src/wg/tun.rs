@@ -17,18 +17,26 @@
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 use super::readiness::write_waiting;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
-// ioctl request numbers from <linux/sockios.h>; stable kernel ABI.
-const SIOCGIFFLAGS: libc::Ioctl = 0x8913;
-const SIOCSIFFLAGS: libc::Ioctl = 0x8914;
-const SIOCSIFMTU: libc::Ioctl = 0x8922;
+// The ioctls that take a `struct ifreq` (<linux/if_tun.h>, <linux/sockios.h>; stable kernel
+// ABI). Neither nix nor rustix wraps the TUN ioctls or these interface ones, so nix's macros
+// generate typed (still `unsafe`) callers, all funnelled through [`ifreq_ioctl`].
+nix::ioctl_readwrite_bad!(tun_set_iff, libc::TUNSETIFF, IfReq);
+nix::ioctl_readwrite_bad!(siocgifflags, libc::SIOCGIFFLAGS, IfReq);
+nix::ioctl_readwrite_bad!(siocsifflags, libc::SIOCSIFFLAGS, IfReq);
+nix::ioctl_readwrite_bad!(siocsifmtu, libc::SIOCSIFMTU, IfReq);
+
+/// A typed caller of one of the `struct ifreq` ioctls above.
+type IfReqIoctl = unsafe fn(libc::c_int, *mut IfReq) -> nix::Result<libc::c_int>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
@@ -74,13 +82,57 @@ impl std::fmt::Debug for Tun {
     }
 }
 
-fn ifreq_for(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *dst = *src as libc::c_char;
+/// `struct ifreq` as the kernel reads it: the interface name, then a 24-byte union of which these
+/// ioctls use the leading `short` (flags) or `int` (MTU), in native byte order. Plain bytes, so
+/// it is built and read without `unsafe` (`libc::ifreq`'s union is not).
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    ifru: [u8; 24],
+}
+
+// The kernel copies exactly `sizeof(struct ifreq)` bytes in and out.
+const _: () = assert!(std::mem::size_of::<IfReq>() == std::mem::size_of::<libc::ifreq>());
+
+impl IfReq {
+    /// The name (validated by the callers: shorter than IFNAMSIZ, so NUL-terminated).
+    fn name(&self) -> String {
+        CStr::from_bytes_until_nul(&self.name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.ifru[0], self.ifru[1]])
+    }
+
+    fn set_flags(&mut self, flags: libc::c_short) {
+        self.ifru[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
+    fn set_int(&mut self, value: libc::c_int) {
+        self.ifru[..4].copy_from_slice(&value.to_ne_bytes());
+    }
+}
+
+fn ifreq_for(name: &str) -> IfReq {
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        ifru: [0; 24],
+    };
+    for (dst, src) in req.name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src;
     }
     req
+}
+
+/// Runs one of the `struct ifreq` ioctls on `fd`.
+fn ifreq_ioctl(fd: BorrowedFd<'_>, ioctl: IfReqIoctl, req: &mut IfReq) -> io::Result<()> {
+    // SAFETY: every `IfReqIoctl` (TUNSETIFF, SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFMTU) reads and
+    // writes at most one `struct ifreq`, and `req` is one (size checked above), exclusively
+    // borrowed for the call; `fd` is open for its duration.
+    unsafe { ioctl(fd.as_raw_fd(), req) }?;
+    Ok(())
 }
 
 fn validate_name(name: &str) -> Result<(), TunError> {
@@ -155,8 +207,8 @@ impl Tun {
         &self.name
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 
     /// Reads one packet (`virtio_net_hdr` first) if one is ready (`WouldBlock` otherwise).
@@ -167,7 +219,7 @@ impl Tun {
     /// Writes one packet (`virtio_net_hdr` first). A TUN takes writes without blocking in
     /// practice; should it refuse, we wait a bounded time for space rather than spin or drop.
     pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        write_waiting(self.raw_fd(), WRITE_WAIT, || (&self.file).write(packet))
+        write_waiting(self.file.as_fd(), WRITE_WAIT, || (&self.file).write(packet))
     }
 }
 
@@ -203,27 +255,22 @@ fn attach(name: &str, flags: libc::c_int) -> Result<(File, String), TunError> {
         .open(TUN_PATH)
         .map_err(|source| TunError::Open { source })?;
     let mut req = ifreq_for(name);
-    req.ifr_ifru.ifru_flags = flags as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req` is.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-    if rc < 0 {
-        return Err(TunError::SetIff {
-            name: name.to_string(),
-            source: io::Error::last_os_error(),
-        });
-    }
+    req.set_flags(flags as libc::c_short);
+    ifreq_ioctl(file.as_fd(), tun_set_iff, &mut req).map_err(|source| TunError::SetIff {
+        name: name.to_string(),
+        source,
+    })?;
     // The kernel may have adjusted the name (it does not for a literal name, but read it back
     // rather than assume).
-    // SAFETY: the kernel NUL-terminates ifr_name within IFNAMSIZ.
-    let actual = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    Ok((file, actual))
+    Ok((file, req.name()))
 }
 
-/// A TUN ioctl that takes its argument by value.
+/// A TUN ioctl that takes its argument by value (TUNSETPERSIST, TUNSETOFFLOAD).
+///
+/// Plain `libc::ioctl`, not nix's `ioctl_write_int_bad!`: that one passes a C `int`, and these
+/// requests read an `unsigned long` whose upper half would then be unspecified.
 fn tun_ioctl(file: &File, request: libc::Ioctl, arg: libc::c_ulong) -> io::Result<()> {
-    // SAFETY: TUNSETPERSIST and TUNSETOFFLOAD take an integer argument, not a pointer.
+    // SAFETY: both requests take an integer by value, no pointer; the fd is open for the call.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), request, arg) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -231,52 +278,42 @@ fn tun_ioctl(file: &File, request: libc::Ioctl, arg: libc::c_ulong) -> io::Resul
     Ok(())
 }
 
-/// A throwaway socket for interface ioctls (in the calling thread's namespace).
-fn control_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned immediately.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn ifreq_ioctl(
+/// Runs an interface ioctl on a throwaway socket (in the calling thread's namespace).
+fn interface_ioctl(
     name: &str,
     op: &'static str,
-    request: libc::Ioctl,
-    req: &mut libc::ifreq,
+    ioctl: IfReqIoctl,
+    req: &mut IfReq,
 ) -> Result<(), TunError> {
     let err = |source| TunError::Ioctl {
         op,
         name: name.to_string(),
         source,
     };
-    let sock = control_socket().map_err(err)?;
-    // SAFETY: every request used here takes a `struct ifreq`.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, req as *mut libc::ifreq) };
-    if rc < 0 {
-        return Err(err(io::Error::last_os_error()));
-    }
-    Ok(())
+    let sock: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err(e.into()))?;
+    ifreq_ioctl(sock.as_fd(), ioctl, req).map_err(err)
 }
 
 /// Sets the MTU of interface `name`.
 pub(crate) fn set_mtu(name: &str, mtu: u32) -> Result<(), TunError> {
     let mut req = ifreq_for(name);
-    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
-    ifreq_ioctl(name, "SIOCSIFMTU", SIOCSIFMTU, &mut req)
+    req.set_int(mtu as libc::c_int);
+    interface_ioctl(name, "SIOCSIFMTU", siocsifmtu, &mut req)
 }
 
 /// Sets IFF_UP on interface `name`, keeping its other flags.
 pub(crate) fn set_up(name: &str) -> Result<(), TunError> {
     let mut req = ifreq_for(name);
-    ifreq_ioctl(name, "SIOCGIFFLAGS", SIOCGIFFLAGS, &mut req)?;
-    // SAFETY: SIOCGIFFLAGS filled the flags member.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    ifreq_ioctl(name, "SIOCSIFFLAGS", SIOCSIFFLAGS, &mut req)
+    interface_ioctl(name, "SIOCGIFFLAGS", siocgifflags, &mut req)?;
+    let flags = req.flags();
+    req.set_flags(flags | libc::IFF_UP as libc::c_short);
+    interface_ioctl(name, "SIOCSIFFLAGS", siocsifflags, &mut req)
 }
 
 #[cfg(test)]
@@ -294,9 +331,14 @@ mod tests {
     }
 
     #[test]
-    fn ifreq_carries_the_name() {
-        let req = ifreq_for("veilwg0");
-        let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
-        assert_eq!(name.to_str().unwrap(), "veilwg0");
+    fn ifreq_carries_the_name_and_native_endian_values() {
+        let mut req = ifreq_for("veilwg0");
+        assert_eq!(req.name(), "veilwg0");
+        assert_eq!(req.name[7], 0);
+        req.set_flags(0x1003);
+        assert_eq!(req.flags(), 0x1003);
+        req.set_int(1420);
+        assert_eq!(&req.ifru[..4], &1420i32.to_ne_bytes());
+        assert_eq!(req.ifru[4..], [0; 20]);
     }
 }

@@ -8,18 +8,22 @@
 //!
 //! Sockets get large buffers (bursts of a TCP stream must not overflow a 208 KiB default) and the
 //! optional fwmark, which lets policy routing keep the encrypted traffic off the tunnel routes.
+//!
+//! Nothing on the packet path allocates. Sends are nix's (`sendmmsg` over headers preallocated
+//! once, [`SendHeaders`]: nix's `sendmsg` would allocate its control buffer on every GSO send).
+//! Receives call `recvmmsg(2)` directly, see [`recv_mmsg`] for why.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::UdpSocket;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6,
-    SockaddrLike, SockaddrStorage,
+    bind, sendmmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessage, MsgFlags,
+    MultiHeaders, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
 };
 
 use super::readiness::write_waiting;
@@ -47,10 +51,6 @@ pub enum UdpError {
     #[error("binding UDP {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
 }
-
-/// Linux `UDP_SEGMENT` / `UDP_GRO` socket options (level `SOL_UDP`); not in libc for glibc.
-const UDP_SEGMENT: libc::c_int = 103;
-const UDP_GRO: libc::c_int = 104;
 
 /// Most datagrams in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 on older kernels).
 const GSO_MAX_SEGMENTS: usize = 64;
@@ -135,8 +135,15 @@ impl UdpSockets {
     }
 
     /// Sends the datagrams stored back to back in `buf` (lengths in `lens`) to `to`: runs of
-    /// equal-sized datagrams go out as one UDP GSO send each, the rest one by one.
-    pub(crate) fn send_batch(&self, to: SocketAddr, buf: &[u8], lens: &[usize]) -> io::Result<()> {
+    /// equal-sized datagrams go out as one UDP GSO send each (through `headers`), the rest one by
+    /// one.
+    pub(crate) fn send_batch(
+        &self,
+        headers: &mut SendHeaders,
+        to: SocketAddr,
+        buf: &[u8],
+        lens: &[usize],
+    ) -> io::Result<()> {
         let (socket, to) = self.route(to)?;
         let addr = SockaddrStorage::from(to);
         let mut offset = 0;
@@ -150,7 +157,10 @@ impl UdpSockets {
             let bytes: usize = lens[i..i + run].iter().sum();
             let data = &buf[offset..offset + bytes];
             let segment = (run > 1).then(|| lens[i] as u16);
-            let sent = socket.send_waiting(|| send_segments(&socket.io, &addr, data, segment));
+            let sent = socket.send_waiting(|| match segment {
+                Some(size) => send_segments(&socket.io, headers, addr, data, size),
+                None => socket.io.send_to(data, to),
+            });
             match sent {
                 Ok(_) => {}
                 Err(e) if segment.is_some() && e.kind() != io::ErrorKind::WouldBlock => {
@@ -197,62 +207,72 @@ pub(crate) fn gso_run(lens: &[usize]) -> usize {
     n.max(1)
 }
 
-/// One `sendmsg`, with a `UDP_SEGMENT` control message when `segment` is set.
-fn send_segments(
-    socket: &UdpSocket,
-    to: &SockaddrStorage,
-    data: &[u8],
-    segment: Option<u16>,
-) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // u64 keeps the control buffer aligned for `cmsghdr`.
-    let mut control = [0u64; 4];
-    // SAFETY: msghdr is plain old data; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = to.as_ptr() as *mut libc::c_void;
-    msg.msg_namelen = to.len();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(size) = segment {
-        // SAFETY: CMSG_SPACE(2) = 24 bytes fit in `control` (32 bytes); CMSG_FIRSTHDR of a
-        // msghdr whose controllen covers one header is non-null and points into `control`.
-        unsafe {
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(2) as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), size);
-        }
+/// Preallocated headers for GSO sends (one message with a `UDP_SEGMENT` control message),
+/// reused by one sending thread.
+#[derive(Debug)]
+pub(crate) struct SendHeaders(MultiHeaders<SockaddrStorage>);
+
+impl Default for SendHeaders {
+    fn default() -> SendHeaders {
+        SendHeaders(MultiHeaders::preallocate(1, Some(nix::cmsg_space!(u16))))
     }
-    // SAFETY: `msg` describes valid buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
-/// Reusable buffers for [`Socket::recv_batch`].
-pub(crate) struct RecvBatch {
-    bufs: Vec<Vec<u8>>,
-    names: Vec<libc::sockaddr_storage>,
-    controls: Vec<[u64; 8]>,
-    /// Per received buffer: bytes, sender, and the size of each datagram in it (GRO).
-    pub received: Vec<(usize, SocketAddr, usize)>,
+/// One UDP GSO send: `data` leaves as datagrams of `segment` bytes (the last may be shorter).
+fn send_segments(
+    socket: &UdpSocket,
+    headers: &mut SendHeaders,
+    to: SockaddrStorage,
+    data: &[u8],
+    segment: u16,
+) -> io::Result<usize> {
+    let iov = [IoSlice::new(data)];
+    let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+    // One message: success means it was sent whole (a datagram socket never sends part of
+    // one). The results are not iterated: for sends nix would read never-written addresses.
+    sendmmsg(
+        socket.as_raw_fd(),
+        &mut headers.0,
+        [&iov],
+        [Some(to)],
+        cmsgs,
+        MsgFlags::empty(),
+    )?;
+    Ok(data.len())
 }
+
+/// One receive buffer's worth of datagrams from one sender.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Received {
+    /// Which buffer of the batch holds them.
+    slot: usize,
+    pub len: usize,
+    pub from: SocketAddr,
+    /// The size of each datagram in the buffer (GRO), the last may be shorter.
+    pub segment: usize,
+}
+
+/// Reusable buffers for [`Socket::try_recv_batch`].
+pub(crate) struct RecvBatch {
+    bufs: [Vec<u8>; RECV_BATCH],
+    names: [SockaddrStorage; RECV_BATCH],
+    controls: [Control; RECV_BATCH],
+    pub received: Vec<Received>,
+}
+
+/// Room for the control messages of one receive (the `UDP_GRO` one, 24 bytes), aligned for
+/// `cmsghdr`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Control([u8; 64]);
 
 impl Default for RecvBatch {
     fn default() -> RecvBatch {
+        let unspecified = SockaddrStorage::from(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
         RecvBatch {
-            bufs: vec![vec![0u8; RECV_BUFFER]; RECV_BATCH],
-            // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-            names: vec![unsafe { std::mem::zeroed() }; RECV_BATCH],
-            controls: vec![[0u64; 8]; RECV_BATCH],
+            bufs: std::array::from_fn(|_| vec![0u8; RECV_BUFFER]),
+            names: [unspecified; RECV_BATCH],
+            controls: [Control([0; 64]); RECV_BATCH],
             received: Vec::with_capacity(RECV_BATCH),
         }
     }
@@ -261,8 +281,9 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// The datagrams of received buffer `i`, split at the GRO segment size.
     pub(crate) fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
-        let (len, _, segment) = self.received[i];
-        self.bufs[i][..len].chunks(segment.max(1))
+        let r = self.received[i];
+        let buf = &self.bufs[r.slot];
+        buf[..r.len.min(buf.len())].chunks(r.segment.max(1))
     }
 }
 
@@ -273,39 +294,55 @@ impl Socket {
         recv_mmsg(&self.io, batch)
     }
 
-    pub(crate) fn raw_fd(&self) -> RawFd {
-        self.io.as_raw_fd()
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.io.as_fd()
     }
 
     /// Runs a non-blocking send, waiting (at most [`SEND_WAIT`] in all) for buffer space while it
     /// would block.
     fn send_waiting<T>(&self, send: impl FnMut() -> io::Result<T>) -> io::Result<()> {
-        write_waiting(self.raw_fd(), SEND_WAIT, send).map(drop)
+        write_waiting(self.fd(), SEND_WAIT, send).map(drop)
     }
 }
 
+/// One `recvmmsg(2)` into the batch's buffers.
+///
+/// Not nix's `recvmmsg`: its reusable `MultiHeaders` keep the control-buffer length the kernel
+/// wrote back, so once a buffer receives a datagram without a `UDP_GRO` message its control
+/// space stays zero, and every later GRO buffer in that slot would come back truncated and be
+/// taken for one datagram (nix-rust/nix#2813, open). Fresh headers per call would allocate per
+/// call; these are rebuilt on the stack, pointing into the batch's preallocated buffers.
 fn recv_mmsg(socket: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
-    b.received.clear();
+    let RecvBatch {
+        bufs,
+        names,
+        controls,
+        received,
+    } = b;
+    received.clear();
     let mut iovs: [libc::iovec; RECV_BATCH] = std::array::from_fn(|i| libc::iovec {
-        iov_base: b.bufs[i].as_mut_ptr().cast(),
-        iov_len: b.bufs[i].len(),
+        iov_base: bufs[i].as_mut_ptr().cast(),
+        iov_len: bufs[i].len(),
     });
-    // SAFETY: mmsghdr is plain old data; every pointer set below stays valid during the call.
+    // SAFETY: `mmsghdr` is plain old data (integers and raw pointers), for which all-zero is a
+    // valid value; every pointer that matters is set below.
     let mut hdrs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
     for (i, h) in hdrs.iter_mut().enumerate() {
-        h.msg_hdr.msg_name = (&mut b.names[i] as *mut libc::sockaddr_storage).cast();
-        h.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        h.msg_hdr.msg_name = (&mut names[i] as *mut SockaddrStorage).cast();
+        h.msg_hdr.msg_namelen = std::mem::size_of::<SockaddrStorage>() as libc::socklen_t;
         h.msg_hdr.msg_iov = &mut iovs[i];
         h.msg_hdr.msg_iovlen = 1;
-        h.msg_hdr.msg_control = b.controls[i].as_mut_ptr().cast();
-        h.msg_hdr.msg_controllen = std::mem::size_of::<[u64; 8]>() as _;
+        h.msg_hdr.msg_control = controls[i].0.as_mut_ptr().cast();
+        h.msg_hdr.msg_controllen = controls[i].0.len() as _;
     }
-    // SAFETY: `hdrs` holds RECV_BATCH initialised headers; the socket is non-blocking.
+    // SAFETY: `hdrs` holds RECV_BATCH headers whose name, iovec and control pointers point into
+    // `names`, `iovs`/`bufs` and `controls`, each exclusively borrowed for this call and as long
+    // as its recorded length; the socket is non-blocking, so no timeout is passed.
     let n = unsafe {
         libc::recvmmsg(
             socket.as_raw_fd(),
             hdrs.as_mut_ptr(),
-            RECV_BATCH as u32,
+            RECV_BATCH as libc::c_uint,
             0,
             std::ptr::null_mut(),
         )
@@ -313,15 +350,21 @@ fn recv_mmsg(socket: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    for h in &hdrs[..n as usize] {
+    for (slot, h) in hdrs.iter().enumerate().take(n as usize) {
         let len = h.msg_len as usize;
-        let from = sockaddr_to_std(h.msg_hdr.msg_name.cast_const().cast());
+        // The kernel wrote the sender's address into `names[slot]`, a sockaddr_storage-sized
+        // union that nix reads by its family.
+        let Some(from) = socket_addr(&names[slot]) else {
+            continue;
+        };
         let mut segment = len;
-        // SAFETY: the kernel filled msg_control up to msg_controllen with well-formed cmsgs.
+        // SAFETY: the kernel wrote well-formed control messages into `controls[slot]` and set
+        // `msg_controllen` to their length; CMSG_FIRSTHDR/CMSG_NXTHDR stay within that length
+        // and return null past it, and CMSG_DATA of a `UDP_GRO` message holds an int.
         unsafe {
             let mut cmsg = libc::CMSG_FIRSTHDR(&h.msg_hdr);
             while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
                     let size =
                         std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
                     if size > 0 {
@@ -331,36 +374,22 @@ fn recv_mmsg(socket: &UdpSocket, b: &mut RecvBatch) -> io::Result<usize> {
                 cmsg = libc::CMSG_NXTHDR(&h.msg_hdr, cmsg);
             }
         }
-        if let Some(from) = from {
-            b.received.push((len, from, segment));
-        }
+        received.push(Received {
+            slot,
+            len,
+            from,
+            segment,
+        });
     }
-    Ok(b.received.len())
+    Ok(received.len())
 }
 
-/// A kernel-filled socket address as a `SocketAddr` (None for a family we do not use).
-fn sockaddr_to_std(addr: *const libc::sockaddr_storage) -> Option<SocketAddr> {
-    // SAFETY: `addr` points at a sockaddr_storage the kernel filled; the family tells which
-    // variant it holds, and both variants fit in the storage.
-    unsafe {
-        match i32::from((*addr).ss_family) {
-            libc::AF_INET => {
-                let a = &*addr.cast::<libc::sockaddr_in>();
-                Some(SocketAddr::from((
-                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                    u16::from_be(a.sin_port),
-                )))
-            }
-            libc::AF_INET6 => {
-                let a = &*addr.cast::<libc::sockaddr_in6>();
-                Some(SocketAddr::from((
-                    Ipv6Addr::from(a.sin6_addr.s6_addr),
-                    u16::from_be(a.sin6_port),
-                )))
-            }
-            _ => None,
-        }
+/// A received socket address as a `SocketAddr` (None for a family we do not use).
+fn socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
     }
+    addr.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
 fn open(family: AddressFamily, addr: SocketAddr, fwmark: Option<u32>) -> Result<Socket, UdpError> {
@@ -408,17 +437,7 @@ fn open(family: AddressFamily, addr: SocketAddr, fwmark: Option<u32>) -> Result<
         source: e.into(),
     })?;
     // Best effort: without GRO every datagram is its own receive buffer.
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from a valid pointer.
-    let gro = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-    } == 0;
+    let gro = setsockopt(&fd, sockopt::UdpGroSegment, &true).is_ok();
     // Non-blocking already (SOCK_NONBLOCK): the datapath thread polls.
     let io = UdpSocket::from(fd);
     Ok(Socket {

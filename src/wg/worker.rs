@@ -14,7 +14,6 @@
 //! while after work: the answer to what it just sent may arrive within that window, caught
 //! without a sleep/wakeup cycle. It only pays where the datapath has cores to spare.
 
-use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -102,12 +101,12 @@ fn run(dp: Datapath, stop: &AtomicBool, waker: &Waker) {
     let mut ingress4 = Ingress::new();
     let mut ingress6 = Ingress::new();
     let mut timers = Timers::new(Instant::now());
-    // Without an IPv6 socket its slot polls fd -1, which poll(2) ignores.
-    let fds: [RawFd; 4] = [
-        tun.raw_fd(),
-        udp.v4.raw_fd(),
-        udp.v6.as_ref().map_or(-1, |s| s.raw_fd()),
-        waker.raw_fd(),
+    // Without an IPv6 socket its slot polls the IPv4 socket a second time, and is never read.
+    let fds = [
+        tun.fd(),
+        udp.v4.fd(),
+        udp.v6.as_ref().map_or(udp.v4.fd(), |s| s.fd()),
+        waker.fd(),
     ];
     let mut ready = [true; 4];
     let mut last_work = Instant::now();
@@ -140,7 +139,7 @@ fn run(dp: Datapath, stop: &AtomicBool, waker: &Waker) {
         } else {
             timers.next_due().saturating_duration_since(now)
         };
-        if let Err(e) = wait_readable(&fds, Some(timeout), &mut ready) {
+        if let Err(e) = wait_readable(fds, Some(timeout), &mut ready) {
             // Only EFAULT/EINVAL/ENOMEM are possible here; pause instead of spinning on them.
             tracing::warn!(error = %e, "poll failed");
             std::thread::sleep(Duration::from_millis(10));

@@ -30,10 +30,12 @@ pub fn text(out: &Output) -> String {
     )
 }
 
-pub fn require_root() {
+/// Lab tests start with `veilnet_test_support::require_root!()`, which skips them (with a printed
+/// reason) without root; [`Lab::up`] checks again, so a test that forgot fails loudly instead.
+fn assert_root() {
     assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "the netns integration tests need root (run ./scripts/test.sh as root)"
+        veilnet_test_support::is_root(),
+        "the lab needs root: start the test with veilnet_test_support::require_root!()"
     );
 }
 
@@ -53,7 +55,7 @@ pub struct Lab {
 impl Lab {
     /// `veilnet lab up --name <unique> ARGS`; panics (after tearing down) if it fails.
     pub fn up(tag: &str, args: &[&str]) -> Lab {
-        require_root();
+        assert_root();
         let lab = Lab {
             name: unique_name(tag),
         };

@@ -45,6 +45,11 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
         )));
     };
 
+    // The sandbox first: once its namespace is gone the container is unknown, whatever is left
+    // of its veth (the kernel removes the host end asynchronously, so checking the host side
+    // first would answer "differs" or "unknown" depending on timing).
+    let pod_ns = PodNetns::open(&target.netns)?;
+
     // Host side: the veth is up and on the bridge.
     let params = network::params(conf)?;
     let host_name = host_veth_name(&target.attachment);
@@ -75,7 +80,6 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
     }
 
     // Pod side.
-    let pod_ns = PodNetns::open(&target.netns)?;
     let mut pod = pod_ns.netlink()?;
     let link = pod
         .link_by_name(ifname)?

@@ -1,75 +1,29 @@
-//! Helpers for the root integration tests: throwaway named network namespaces (RAII) and a
-//! runner for the built plugin binary inside a "node" namespace.
-//!
-//! The root crate's `src/netns.rs` has similar helpers, but this crate cannot depend on the root
-//! crate (the root crate depends on this one), so the few lines needed live here.
+//! Helpers for the root integration tests: a runner for the built plugin binary inside a "node"
+//! namespace, and JSON views of `ip`. The namespaces themselves (deleted on drop) and the root
+//! check come from the shared `veilnet-test-support` crate.
 
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
+pub use veilnet_test_support::require_root;
+use veilnet_test_support::Netns as SharedNetns;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_veilnet-cni");
 
-/// True when the tests may create namespaces. Root tests print a notice and pass otherwise.
-pub fn is_root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("skipping: needs root to create network namespaces");
-    }
-    root
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A named network namespace, deleted on drop (also when the test panics).
-pub struct Netns {
-    pub name: String,
-}
+/// A throwaway namespace named `veilcni-<pid>-<n>-<tag>`.
+pub struct Netns(SharedNetns);
 
 impl Netns {
     pub fn new(tag: &str) -> Netns {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("veilcni-{}-{n}-{tag}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        Netns { name }
+        Netns(SharedNetns::new("veilcni", tag))
     }
 
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    pub fn path_str(&self) -> String {
-        self.path().to_string_lossy().into_owned()
-    }
-
-    /// `ip -n <ns> <args>`, panicking on failure; returns stdout.
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        String::from_utf8(run("ip", &full).stdout).unwrap()
-    }
-
-    /// `ip -j -n <ns> <args>` parsed.
+    /// `ip -j -n <ns> <args>` parsed (an empty array when it fails).
     pub fn ip_json(&self, args: &[&str]) -> Value {
-        let mut full = vec!["-j", "-n", self.name.as_str()];
+        let mut full = vec!["-j", "-n", self.name()];
         full.extend_from_slice(args);
         let out = Command::new("ip").args(&full).output().unwrap();
         if !out.status.success() {
@@ -87,26 +41,13 @@ impl Netns {
             .map(|l| l["ifname"].as_str().unwrap().to_string())
             .collect()
     }
-
-    /// Runs a command inside the namespace.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    pub fn delete(&self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
-    }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.delete();
+impl std::ops::Deref for Netns {
+    type Target = SharedNetns;
+
+    fn deref(&self) -> &SharedNetns {
+        &self.0
     }
 }
 
@@ -145,24 +86,14 @@ impl<'a> Call<'a> {
         self
     }
 
-    /// Starts the binary with its network namespace set to the node's before exec.
+    /// Starts the binary inside the node's network namespace, with only the CNI environment.
     pub fn spawn(&self) -> Child {
-        let ns = File::open(self.node.path()).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = self.node.command(BIN);
         cmd.env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: setns(2) is async-signal-safe and only reads the fd `ns` keeps open.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().unwrap();
         child
             .stdin

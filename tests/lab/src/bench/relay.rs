@@ -5,7 +5,7 @@
 //! VXLAN is the userspace design itself and how much is veilnet's own work.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 use veilnet::wg::readiness::wait_readable;
 use veilnet::wg::tun::{Tun, TunError};
@@ -49,11 +49,11 @@ pub fn run(args: RelayArgs) -> Result<(), RelayError> {
             source,
         })?;
     println!("ready tun={} port={}", tun.name(), args.port);
-    let fds = [tun.raw_fd(), sock.as_raw_fd()];
+    let fds = [tun.fd(), sock.as_fd()];
     let mut ready = [false; 2];
     let mut buf = vec![0u8; veilnet::wg::MAX_PACKET + 64];
     loop {
-        wait_readable(&fds, None, &mut ready).map_err(RelayError::Poll)?;
+        wait_readable(fds, None, &mut ready).map_err(RelayError::Poll)?;
         if ready[0] {
             while let Ok(n) = tun.try_recv(&mut buf) {
                 let _ = sock.send_to(&buf[..n], args.peer);
