@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -103,23 +103,25 @@ fn hand_off(
     args: Vec<OsString>,
     log_format: Option<LogFormat>,
 ) -> anyhow::Result<()> {
-    let beside = std::env::current_exe()
-        .ok()
-        .map(|exe| exe.with_file_name(LAB_BINARY))
-        .filter(|p| p.is_file());
-    let program = beside.clone().unwrap_or_else(|| PathBuf::from(LAB_BINARY));
+    let beside = std::env::current_exe().map(|exe| exe.with_file_name(LAB_BINARY));
+    let program = match &beside {
+        Ok(path) if path.is_file() => path.clone(),
+        // A bare name: exec looks it up on PATH.
+        _ => PathBuf::from(LAB_BINARY),
+    };
     let mut cmd = std::process::Command::new(&program);
     cmd.arg0(shown_as).args(prefix);
     if let Some(format) = log_format.and_then(|f| f.to_possible_value()) {
         cmd.args(["--log-format", format.get_name()]);
     }
     let err = cmd.args(args).exec();
-    let here = std::env::current_exe()
-        .map(|p| p.with_file_name(LAB_BINARY).display().to_string())
-        .unwrap_or_else(|_| format!("beside {}", std::env::args().next().unwrap_or_default()));
-    if err.kind() == std::io::ErrorKind::NotFound && beside.is_none() {
+    if err.kind() == std::io::ErrorKind::NotFound && program == Path::new(LAB_BINARY) {
+        let beside = match beside {
+            Ok(path) => path.display().to_string(),
+            Err(e) => format!("beside this binary ({e})"),
+        };
         bail!(
-            "`{shown_as}{}` needs the {LAB_BINARY} binary, found neither at {here} nor on PATH: \
+            "`{shown_as}{}` needs the {LAB_BINARY} binary, found neither at {beside} nor on PATH: \
              build it with `cargo build -p {LAB_BINARY}` (or `cargo build --workspace`)",
             prefix.iter().map(|p| format!(" {p}")).collect::<String>()
         );
