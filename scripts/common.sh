@@ -1,7 +1,8 @@
 # Shared by scripts/*.sh: package installation and toolchain checks. Source it, don't run it.
 
 # System packages veilnet's lab, tests and demo need, from Debian's archive.
-VEILNET_APT_PACKAGES=(iproute2 iputils-ping nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod)
+# openssl makes the certificates of a lab on the real Kubernetes control plane.
+VEILNET_APT_PACKAGES=(iproute2 iputils-ping nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod openssl)
 
 die() { echo "error: $*" >&2; exit 1; }
 

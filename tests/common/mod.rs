@@ -47,12 +47,53 @@ pub fn unique_name(tag: &str) -> String {
     name.chars().take(24).collect()
 }
 
+/// Which control plane a lab test runs on (`veilnet lab up --control-plane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlPlane {
+    StandIn,
+    Kubernetes,
+}
+
+impl ControlPlane {
+    pub fn flag(self) -> &'static str {
+        match self {
+            ControlPlane::StandIn => "stand-in",
+            ControlPlane::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+/// Why the real control plane cannot run here (its binaries are not built), if it cannot.
+pub fn kubernetes_unavailable() -> Option<String> {
+    veilnet_lab::control_plane::kubernetes::bin_dir()
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// Skips the test (with the reason printed) when the real control plane is not built.
+#[macro_export]
+macro_rules! require_kubernetes {
+    () => {
+        if let Some(why) = $crate::common::kubernetes_unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
 /// A lab that is torn down when the guard drops, whether the test passed or panicked.
 pub struct Lab {
     pub name: String,
 }
 
 impl Lab {
+    /// `veilnet lab up --name <unique> --control-plane PLANE ARGS`.
+    pub fn up_on(plane: ControlPlane, tag: &str, args: &[&str]) -> Lab {
+        let mut full = vec!["--control-plane", plane.flag()];
+        full.extend_from_slice(args);
+        Lab::up(tag, &full)
+    }
+
     /// `veilnet lab up --name <unique> ARGS`; panics (after tearing down) if it fails.
     pub fn up(tag: &str, args: &[&str]) -> Lab {
         assert_root();
@@ -297,7 +338,9 @@ impl Lab {
             self.name
         ))
         .ok()?;
-        let pid: i32 = text.trim().parse().ok()?;
+        // The first line; a foreign program's pid file (etcd, kube-apiserver, …) names the
+        // program on a second.
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
         std::path::Path::new(&format!("/proc/{pid}"))
             .exists()
             .then_some(pid)

@@ -14,8 +14,9 @@ use kube::Api;
 use serde::Serialize;
 
 use super::client::{kubeconfig, with_client};
+use super::control_plane::kubernetes;
 use super::daemon::{lab_binary, running_pid, veilnet_binary, Daemon};
-use super::layout::{self, CniMode, LabLayout, LabSpec, NodeLayout, PodCidrMode};
+use super::layout::{self, CniMode, ControlPlane, LabLayout, LabSpec, NodeLayout, PodCidrMode};
 use super::{agnhost, apiserver, kubelet, topology};
 use veilnet::model::encryption::Mode;
 use veilnet::netns;
@@ -24,12 +25,15 @@ use veilnet::netns;
 pub const DEFAULT_LAB: &str = "veilnet";
 /// veilnet's own namespace (the install manifest creates it on a real cluster).
 pub const VEILNET_NAMESPACE: &str = "veilnet-system";
+/// The agent's ServiceAccount in the install manifest (what the agents run as on the real control
+/// plane).
+pub const VEILNET_SERVICE_ACCOUNT: &str = "veilnet";
 /// Debian's containernetworking-plugins.
 pub const REFERENCE_CNI_DIR: &str = "/usr/lib/cni";
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
-    /// Create the lab (idempotent): namespaces, underlay, API stand-in, kubelets.
+    /// Create the lab (idempotent): namespaces, underlay, control plane, kubelets.
     Up(UpArgs),
     /// Remove every namespace, process and file of the lab (idempotent).
     Down(NameArg),
@@ -101,6 +105,10 @@ pub struct UpArgs {
     /// the agents' default when absent.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub policy_strict_mode: Option<bool>,
+    /// Who serves the Kubernetes API: veilnet's embedded stand-in, or the real kube-apiserver,
+    /// etcd, kube-controller-manager and kube-scheduler (built by scripts/build-kubernetes.sh).
+    #[arg(long, value_enum, default_value_t = ControlPlane::StandIn)]
+    pub control_plane: ControlPlane,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
     pub timeout: Duration,
@@ -181,6 +189,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         pod_cidrs: args.pod_cidrs,
         encryption: args.encryption,
         policy_strict_mode: args.policy_strict_mode,
+        control_plane: args.control_plane,
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
@@ -205,6 +214,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             start_node_daemons(&lab, &pid_dir, &log_dir)?;
         }
     }
+    if lab.spec.control_plane == ControlPlane::Kubernetes {
+        // Before anything is created: a missing build is the likeliest failure, and says what to run.
+        kubernetes::bin_dir()?;
+    }
     if lab.spec.cni == CniMode::Reference && !Path::new(REFERENCE_CNI_DIR).join("bridge").exists() {
         bail!("--cni reference needs Debian's containernetworking-plugins in {REFERENCE_CNI_DIR} (apt install containernetworking-plugins)");
     }
@@ -224,37 +237,72 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(lab.root())?;
     topology::up(&lab)?;
     write_json(&lab.spec_file(), &lab.spec)?;
-    write_json(&lab.kubeconfig(), &kubeconfig(&lab))?;
 
-    step(
-        2,
-        total,
-        &format!(
-            "API stand-in at {} (netns {})",
-            lab.api_url(),
-            lab.control_plane_netns()
-        ),
-    );
-    Daemon {
-        role: "apiserver".into(),
-        program: lab_binary()?,
-        netns: lab.control_plane_netns(),
-        args: vec![
-            "apiserver".into(),
-            "--listen".into(),
-            lab.api_addr().to_string(),
-        ],
-        pid_dir: &pid_dir,
-        log_dir: &log_dir,
+    match lab.spec.control_plane {
+        ControlPlane::StandIn => {
+            write_json(&lab.kubeconfig(), &kubeconfig(&lab))?;
+            step(
+                2,
+                total,
+                &format!(
+                    "API stand-in at {} (netns {})",
+                    lab.api_url(),
+                    lab.control_plane_netns()
+                ),
+            );
+            Daemon {
+                role: "apiserver".into(),
+                program: lab_binary()?,
+                netns: lab.control_plane_netns(),
+                args: vec![
+                    "apiserver".into(),
+                    "--listen".into(),
+                    lab.api_addr().to_string(),
+                ],
+                pid_dir: &pid_dir,
+                log_dir: &log_dir,
+            }
+            .ensure_started()?;
+            wait_api(&lab, Duration::from_secs(20))?;
+        }
+        ControlPlane::Kubernetes => {
+            step(
+                2,
+                total,
+                &format!(
+                    "Kubernetes {} control plane at {} (netns {}): etcd, kube-apiserver, kube-controller-manager, kube-scheduler",
+                    kubernetes::pinned_version(),
+                    lab.api_url(),
+                    lab.control_plane_netns()
+                ),
+            );
+            kubernetes::prepare(&lab)?;
+            kubernetes::start_apiserver(&lab, &pid_dir, &log_dir)?;
+            wait_api(&lab, Duration::from_secs(90))?;
+            kubernetes::start_controllers(&lab, &pid_dir, &log_dir)?;
+            // The ServiceAccount admission plugin refuses pods until their namespace's `default`
+            // ServiceAccount exists, which kube-controller-manager creates a moment after start.
+            wait_default_service_account(&lab, Duration::from_secs(60))?;
+        }
     }
-    .ensure_started()?;
-    wait_api(&lab, Duration::from_secs(20))?;
 
     step(3, total, "Node objects");
     register_nodes(&lab)?;
     if lab.spec.cni == CniMode::Veilnet {
-        // What `kubectl apply -f manifests/veilnet.yaml` creates on a real cluster.
-        create_namespace(&lab, VEILNET_NAMESPACE)?;
+        match lab.spec.control_plane {
+            // What `kubectl apply -f manifests/veilnet.yaml` creates on a real cluster.
+            ControlPlane::StandIn => create_namespace(&lab, VEILNET_NAMESPACE)?,
+            // The same objects, applied for real, and the agents' identity: a token of the
+            // manifest's ServiceAccount, so RBAC decides every call an agent makes.
+            ControlPlane::Kubernetes => {
+                kubernetes::apply_manifest_rbac(&lab)?;
+                kubernetes::write_agent_kubeconfigs(
+                    &lab,
+                    VEILNET_NAMESPACE,
+                    VEILNET_SERVICE_ACCOUNT,
+                )?;
+            }
+        }
     }
 
     step(
@@ -355,15 +403,44 @@ fn wait_api(lab: &LabLayout, timeout: Duration) -> anyhow::Result<()> {
         match ready {
             Ok(_) => return Ok(()),
             Err(e) if Instant::now() >= deadline => {
-                bail!("the API stand-in did not answer within {timeout:?}: {e} (see {}/apiserver.log)", lab.log_dir().display())
+                let log = match lab.spec.control_plane {
+                    ControlPlane::StandIn => "apiserver.log",
+                    ControlPlane::Kubernetes => "kube-apiserver.log",
+                };
+                bail!(
+                    "the lab's API did not answer within {timeout:?}: {e} (see {}/{log})",
+                    lab.log_dir().display()
+                )
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }
 
-/// Creates the Node objects, as the nodes' provisioning would; in `assigned` mode with their pod
-/// CIDRs set, as kube-controller-manager's node IPAM would.
+fn wait_default_service_account(lab: &LabLayout, timeout: Duration) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = with_client(lab, |client| async move {
+            Api::<ServiceAccount>::namespaced(client, "default")
+                .get_opt("default")
+                .await
+        })?;
+        if let Ok(Some(_)) = found {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "kube-controller-manager created no default ServiceAccount within {timeout:?} (see {}/kube-controller-manager.log)",
+                lab.log_dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates the Node objects, as the nodes' provisioning would; in `assigned` mode on the stand-in
+/// with their pod CIDRs set, as kube-controller-manager's node IPAM does on the real control plane.
 fn register_nodes(lab: &LabLayout) -> anyhow::Result<()> {
     let mut nodes = Vec::new();
     for n in lab.nodes() {
@@ -384,7 +461,9 @@ fn register_nodes(lab: &LabLayout) -> anyhow::Result<()> {
             },
             ..Default::default()
         };
-        if lab.spec.pod_cidrs == PodCidrMode::Assigned {
+        if lab.spec.pod_cidrs == PodCidrMode::Assigned
+            && lab.spec.control_plane == ControlPlane::StandIn
+        {
             let cidr = lab
                 .assigned_pod_cidr(n.index)
                 .context("the cluster CIDR has too few subnets for this many nodes")?
@@ -498,6 +577,24 @@ fn reference_conflist(subnet: &str, mtu: u32, state_dir: &Path) -> serde_json::V
     })
 }
 
+/// The kubeconfig a node's kubelet uses: its own `system:node:<name>` identity on the real control
+/// plane, the lab's (credential-less) one on the stand-in.
+fn kubelet_kubeconfig(lab: &LabLayout, node: &NodeLayout) -> std::path::PathBuf {
+    match lab.spec.control_plane {
+        ControlPlane::StandIn => lab.kubeconfig(),
+        ControlPlane::Kubernetes => node.kubelet_kubeconfig(),
+    }
+}
+
+/// The kubeconfig a node's agent uses: a token of the `veilnet` ServiceAccount on the real
+/// control plane, the lab's one on the stand-in.
+fn agent_kubeconfig(lab: &LabLayout, node: &NodeLayout) -> std::path::PathBuf {
+    match lab.spec.control_plane {
+        ControlPlane::StandIn => lab.kubeconfig(),
+        ControlPlane::Kubernetes => node.agent_kubeconfig(),
+    }
+}
+
 fn kubelet_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
     let mut args = vec![
         "kubelet".to_string(),
@@ -506,7 +603,7 @@ fn kubelet_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         "--node-ip".into(),
         node.ip.to_string(),
         "--kubeconfig".into(),
-        lab.kubeconfig().display().to_string(),
+        kubelet_kubeconfig(lab, node).display().to_string(),
         "--cni-conf-dir".into(),
         node.cni_conf_dir().display().to_string(),
         "--cni-bin-dir".into(),
@@ -529,7 +626,7 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         "--node-name".into(),
         node.name.clone(),
         "--kubeconfig".into(),
-        path(lab.kubeconfig()),
+        path(agent_kubeconfig(lab, node)),
         "--namespace".into(),
         VEILNET_NAMESPACE.into(),
         "--cluster-cidr".into(),
@@ -616,6 +713,10 @@ pub struct LabStatus {
     pub api_url: String,
     pub api_reachable: bool,
     pub control_plane_netns: String,
+    /// `stand-in` or `kubernetes`.
+    pub control_plane: ControlPlane,
+    /// The API server's `/version` gitVersion, when it answers.
+    pub server_version: Option<String>,
     pub underlay_netns: String,
     pub underlay_cidr: String,
     pub underlay_mtu: u32,
@@ -657,12 +758,16 @@ pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
         let nodes = Api::<Node>::all(client.clone())
             .list(&ListParams::default())
             .await?;
-        let pods = Api::<Pod>::all(client).list(&ListParams::default()).await?;
-        Ok::<_, kube::Error>((nodes.items, pods.items))
-    })?;
-    let (api_nodes, api_pods, reachable) = match listed {
-        Ok((n, p)) => (n, p, true),
-        Err(_) => (Vec::new(), Vec::new(), false),
+        let pods = Api::<Pod>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        // Best effort: a `/version` the client cannot read does not make the API unreachable.
+        let version = client.apiserver_version().await.ok().map(|v| v.git_version);
+        Ok::<_, kube::Error>((nodes.items, pods.items, version))
+    });
+    let (api_nodes, api_pods, server_version, reachable) = match listed {
+        Ok(Ok((n, p, v))) => (n, p, v, true),
+        _ => (Vec::new(), Vec::new(), None, false),
     };
     let pid_dir = lab.root().join("pids");
     let nodes = lab
@@ -711,6 +816,8 @@ pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
         api_url: lab.api_url(),
         api_reachable: reachable,
         control_plane_netns: lab.control_plane_netns(),
+        control_plane: lab.spec.control_plane,
+        server_version,
         underlay_netns: lab.underlay_netns(),
         underlay_cidr: lab.spec.underlay_cidr.to_string(),
         underlay_mtu: lab.spec.underlay_mtu,
@@ -741,8 +848,13 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         st.cni,
         st.pod_cidrs
     );
+    let plane = match st.control_plane {
+        ControlPlane::StandIn => "API stand-in",
+        ControlPlane::Kubernetes => "Kubernetes",
+    };
     println!(
-        "control plane: netns {}, API {} ({})",
+        "control plane: {plane} {}, netns {}, API {} ({})",
+        st.server_version.as_deref().unwrap_or("(version unknown)"),
         st.control_plane_netns,
         st.api_url,
         if st.api_reachable {
@@ -813,9 +925,18 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
 fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
     need_root()?;
     let lab = load(name)?;
-    let mut cmd = Command::new("kubectl");
-    cmd.args(args).env("KUBECONFIG", lab.kubeconfig());
-    netns::command_in(&lab.control_plane_netns(), &mut cmd)?;
+    // The installed kubectl talks to the stand-in; the real control plane comes with the kubectl
+    // of its own release, built beside it.
+    let mut cmd = match lab.spec.control_plane {
+        ControlPlane::StandIn => {
+            let mut cmd = Command::new("kubectl");
+            cmd.env("KUBECONFIG", lab.kubeconfig());
+            netns::command_in(&lab.control_plane_netns(), &mut cmd)?;
+            cmd
+        }
+        ControlPlane::Kubernetes => kubernetes::kubectl(&lab)?,
+    };
+    cmd.args(args);
     let err = cmd.exec();
     bail!("failed to run kubectl: {err}")
 }

@@ -2,6 +2,9 @@
 //! namespace, so the client runs on a thread that entered it, with its own small runtime.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use super::layout::LabLayout;
 use veilnet::netns::{self, NetnsError};
@@ -14,6 +17,8 @@ pub enum ClientError {
     Url { url: String, reason: String },
     #[error("kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("kubeconfig {path}: {reason}")]
+    Kubeconfig { path: PathBuf, reason: String },
     #[error("failed to build a runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -31,27 +36,43 @@ pub fn client_for(url: &str) -> Result<kube::Client, ClientError> {
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Runs `f` with a client of the lab's API, inside the control plane's namespace.
+/// A kube client from a kubeconfig file (the lab's admin one, a kubelet's, an agent's).
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, ClientError> {
+    let err = |reason: String| ClientError::Kubeconfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Runs `f` with a client of the lab's API (as the lab's admin: its kubeconfig), inside the
+/// control plane's namespace.
 pub fn with_client<T, F, Fut>(lab: &LabLayout, f: F) -> Result<T, ClientError>
 where
     T: Send + 'static,
     F: FnOnce(kube::Client) -> Fut + Send + 'static,
     Fut: Future<Output = T>,
 {
-    let url = lab.api_url();
+    let kubeconfig = lab.kubeconfig();
     netns::run_in(&lab.control_plane_netns(), move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(ClientError::Runtime)?;
         rt.block_on(async move {
-            let client = client_for(&url)?;
+            let client = client_from_kubeconfig(&kubeconfig).await?;
             Ok(f(client).await)
         })
     })?
 }
 
-/// The kubeconfig of a lab: one cluster, no credentials (the stand-in has no auth).
+/// The kubeconfig of a stand-in lab: one cluster, no credentials (the stand-in has no auth). A
+/// lab on the real control plane has the admin's client certificate instead
+/// (`control_plane::kubernetes::prepare`).
 pub fn kubeconfig(lab: &LabLayout) -> serde_json::Value {
     let name = lab.name();
     serde_json::json!({

@@ -75,11 +75,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
 }
 
 /// The pid a daemon's pid file names, if that process is still alive and is still the daemon (a
-/// recycled pid running something else does not count).
+/// recycled pid running something else does not count). Our own daemons carry a `--lab-role`
+/// marker on their command line; a foreign program (etcd, kube-apiserver, …, which refuse unknown
+/// flags) is recognised by the program path its pid file records.
 pub fn running_pid(pid_dir: &Path, role: &str) -> Option<i32> {
     let text = std::fs::read_to_string(pid_dir.join(format!("{role}.pid"))).ok()?;
-    let pid: i32 = text.trim().parse().ok()?;
+    let mut lines = text.lines();
+    let pid: i32 = lines.next()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if let Some(program) = lines.next().filter(|l| !l.is_empty()) {
+        let argv0 = cmdline.split(|b| *b == 0).next()?;
+        return (argv0 == program.as_bytes()).then_some(pid);
+    }
     let marker = format!("--lab-role\0{role}\0");
     let haystack = [cmdline.as_slice(), b"\0"].concat();
     haystack
@@ -91,6 +98,15 @@ pub fn running_pid(pid_dir: &Path, role: &str) -> Option<i32> {
 impl Daemon<'_> {
     /// Starts the daemon unless it already runs. Returns its pid and whether it was started now.
     pub fn ensure_started(&self) -> Result<(i32, bool)> {
+        self.start(true)
+    }
+
+    /// [`Self::ensure_started`] for a program that is not ours and takes no `--lab-role` flag.
+    pub fn ensure_started_foreign(&self) -> Result<(i32, bool)> {
+        self.start(false)
+    }
+
+    fn start(&self, marked: bool) -> Result<(i32, bool)> {
         if let Some(pid) = running_pid(self.pid_dir, &self.role) {
             return Ok((pid, false));
         }
@@ -110,7 +126,9 @@ impl Daemon<'_> {
             .stderr(Stdio::from(log2));
         // Lets `running_pid` recognise the process (a hidden global flag of both binaries,
         // otherwise ignored).
-        cmd.arg("--lab-role").arg(&self.role);
+        if marked {
+            cmd.arg("--lab-role").arg(&self.role);
+        }
         netns::command_in(&self.netns, &mut cmd)?;
         // Own session: the daemon outlives `lab up` and ignores the terminal's signals. std's
         // `process_group` would only give a new process group, still on the terminal, and no
@@ -129,7 +147,12 @@ impl Daemon<'_> {
         })?;
         let pid = child.id() as i32;
         let pid_path = self.pid_dir.join(format!("{}.pid", self.role));
-        write_file(&pid_path, &format!("{pid}\n"))?;
+        let record = if marked {
+            format!("{pid}\n")
+        } else {
+            format!("{pid}\n{}\n", self.program.display())
+        };
+        write_file(&pid_path, &record)?;
         Ok((pid, true))
     }
 }

@@ -49,6 +49,18 @@ pub enum PodCidrMode {
     Agent,
 }
 
+/// Which Kubernetes control plane serves the lab's API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlPlane {
+    /// veilnet's embedded API stand-in: instant, no auth (the demo's).
+    #[default]
+    StandIn,
+    /// The real kube-apiserver, etcd, kube-controller-manager and kube-scheduler, built by
+    /// scripts/build-kubernetes.sh, with TLS, client certificates, Node and RBAC authorization.
+    Kubernetes,
+}
+
 /// What the user asked for; saved as `lab.json` so later commands know the lab.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabSpec {
@@ -66,6 +78,9 @@ pub struct LabSpec {
     /// The agents' `--policy-strict-mode` (`None`: their default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_strict_mode: Option<bool>,
+    /// Who serves the API (absent in labs made before the option: the stand-in).
+    #[serde(default)]
+    pub control_plane: ControlPlane,
 }
 
 fn default_encryption() -> Mode {
@@ -144,6 +159,16 @@ impl NodeLayout {
     pub fn pod_netns(&self, pod_uid: &str) -> String {
         pod_netns_name(&self.pod_netns_prefix(), pod_uid)
     }
+    /// The kubelet's kubeconfig with the real control plane (its `system:node:<name>` client
+    /// certificate); with the stand-in the kubelet uses the lab's kubeconfig.
+    pub fn kubelet_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubelet.kubeconfig")
+    }
+    /// The agent's kubeconfig with the real control plane (a token of the `veilnet`
+    /// ServiceAccount); with the stand-in the agent uses the lab's kubeconfig.
+    pub fn agent_kubeconfig(&self) -> PathBuf {
+        self.dir.join("agent.kubeconfig")
+    }
 }
 
 impl LabLayout {
@@ -178,7 +203,14 @@ impl LabLayout {
         SocketAddr::from((self.control_plane_ip(), API_PORT))
     }
     pub fn api_url(&self) -> String {
-        format!("http://{}", self.api_addr())
+        match self.spec.control_plane {
+            ControlPlane::StandIn => format!("http://{}", self.api_addr()),
+            ControlPlane::Kubernetes => format!("https://{}", self.api_addr()),
+        }
+    }
+    /// The real control plane's files: certificates and keys, kubeconfigs, etcd's data.
+    pub fn control_plane_dir(&self) -> PathBuf {
+        self.root().join("control-plane")
     }
     pub fn kubeconfig(&self) -> PathBuf {
         self.paths.kubeconfig()
@@ -249,6 +281,7 @@ mod tests {
             pod_cidrs: PodCidrMode::Assigned,
             encryption: Mode::On,
             policy_strict_mode: None,
+            control_plane: ControlPlane::StandIn,
         }
     }
 

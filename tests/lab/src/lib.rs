@@ -10,6 +10,7 @@
 //! - `daemon`: the lab's long-running processes (pid and log files).
 //! - `client`: talking to a lab's API from the root namespace.
 //! - `apiserver`: the Kubernetes API stand-in served on the control plane's underlay address.
+//! - `control_plane`: the real Kubernetes control plane (`lab up --control-plane kubernetes`).
 //! - `kubelet`: the per-node pod runner that drives CNI plugins as a container runtime does.
 //! - `agnhost`: the built-in test workload (serve / connect).
 //! - `cli`: the `veilnet-lab …` commands (also reached as `veilnet lab …`).
@@ -23,6 +24,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod control_plane;
 pub mod daemon;
 pub mod kubelet;
 pub mod layout;
