@@ -936,6 +936,10 @@ fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
         }
         ControlPlane::Kubernetes => kubernetes::kubectl(&lab)?,
     };
+    // Discovery cached per lab: the stand-in and the real server share an address (and kubectl's
+    // default cache key), and a cache filled by one would make kubectl believe the other serves
+    // what it does not.
+    cmd.env("KUBECACHEDIR", lab.root().join("kubectl-cache"));
     cmd.args(args);
     let err = cmd.exec();
     bail!("failed to run kubectl: {err}")

@@ -30,8 +30,23 @@ pub fn api_versions() -> Value {
     })
 }
 
+/// The self-review group of `kubectl auth can-i` (`authorization`): create-only resources that
+/// store nothing, so they are not in `RESOURCES`.
+pub const AUTHORIZATION_GROUP: (&str, &str) = ("authorization.k8s.io", "v1");
+const REVIEWS: &[(&str, &str)] = &[
+    ("selfsubjectaccessreviews", "SelfSubjectAccessReview"),
+    ("selfsubjectrulesreviews", "SelfSubjectRulesReview"),
+];
+
+/// Every served group version: the stored resources' and the self-review group.
+fn served_group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut all = group_versions();
+    all.push(AUTHORIZATION_GROUP);
+    all
+}
+
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = group_versions()
+    let groups: Vec<Value> = served_group_versions()
         .into_iter()
         .filter(|(g, _)| !g.is_empty())
         .map(|(g, v)| {
@@ -44,7 +59,7 @@ pub fn api_group_list() -> Value {
 
 /// `/apis/<group>` (an `APIGroup`).
 pub fn api_group(group: &str) -> Option<Value> {
-    let (g, v) = group_versions()
+    let (g, v) = served_group_versions()
         .into_iter()
         .find(|(g, _)| *g == group && !g.is_empty())?;
     let gv = json!({ "groupVersion": format!("{g}/{v}"), "version": v });
@@ -91,11 +106,20 @@ fn resource_entries(d: &ResourceDef) -> Vec<Value> {
 
 /// `/api/v1` or `/apis/<group>/<version>`; None for a group version this server does not serve.
 pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<Value> = RESOURCES
-        .iter()
-        .filter(|d| d.group == group && d.version == version)
-        .flat_map(resource_entries)
-        .collect();
+    let resources: Vec<Value> = if (group, version) == AUTHORIZATION_GROUP {
+        REVIEWS
+            .iter()
+            .map(|(plural, kind)| {
+                json!({ "name": plural, "singularName": "", "namespaced": false, "kind": kind, "verbs": ["create"] })
+            })
+            .collect()
+    } else {
+        RESOURCES
+            .iter()
+            .filter(|d| d.group == group && d.version == version)
+            .flat_map(resource_entries)
+            .collect()
+    };
     if resources.is_empty() {
         return None;
     }
@@ -167,10 +191,15 @@ mod tests {
                 "networking.k8s.io",
                 "events.k8s.io",
                 "apps",
-                "rbac.authorization.k8s.io"
+                "rbac.authorization.k8s.io",
+                "authorization.k8s.io"
             ]
         );
         assert!(api_group("networking.k8s.io").is_some());
+        assert!(api_group("authorization.k8s.io").is_some());
+        let reviews = api_resource_list("authorization.k8s.io", "v1").unwrap();
+        assert_eq!(reviews["resources"][0]["name"], "selfsubjectaccessreviews");
+        assert_eq!(reviews["resources"][0]["verbs"], json!(["create"]));
         assert!(api_group("").is_none());
     }
 }

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
+use super::authorization;
 use super::crud::{self, ListOptions, WriteOptions};
 use super::discovery;
 use super::errors::{success_status, ApiError};
@@ -73,6 +74,18 @@ fn json_response(status: StatusCode, value: &Value, warnings: &[String]) -> Resp
 
 fn ok(value: &Value) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::OK, value, &[]))
+}
+
+fn body_encoding(headers: &HeaderMap) -> authorization::Encoding {
+    authorization::Encoding::from_content_type(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+fn created(value: &Value) -> Result<Response, ApiError> {
+    Ok(json_response(StatusCode::CREATED, value, &[]))
 }
 
 /// Picks the response form from `Accept`: plain JSON, a `meta.k8s.io` Table, or
@@ -234,6 +247,28 @@ fn handle(
         ["api"] if is_get => ok(&discovery::api_versions()),
         ["apis"] if is_get => ok(&discovery::api_group_list()),
         ["openapi", "v3"] if is_get => ok(openapi::index()),
+        ["openapi", "v2"] if is_get => Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, openapi::V2_PROTOBUF)],
+            openapi::v2_protobuf(),
+        )
+            .into_response()),
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]
+            if method == Method::POST =>
+        {
+            created(&authorization::self_subject_access_review(
+                body,
+                body_encoding(headers),
+            )?)
+        }
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectrulesreviews"]
+            if method == Method::POST =>
+        {
+            created(&authorization::self_subject_rules_review(
+                body,
+                body_encoding(headers),
+            )?)
+        }
         ["openapi", "v3", rest @ ..] if is_get => openapi::document(&rest.join("/"))
             .ok_or_else(ApiError::no_such_path)
             .and_then(ok),

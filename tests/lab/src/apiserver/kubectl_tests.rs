@@ -375,3 +375,56 @@ fn kubectl_drives_the_lab_api() {
         "{err}"
     );
 }
+
+/// What the real server serves and a new user tries first: `kubectl apply -f` of a `kind: List`
+/// (kubectl validates it against `/openapi/v2`) and `kubectl auth can-i` (a
+/// SelfSubjectAccessReview, sent as protobuf). The stand-in allows everything and says so.
+#[test]
+fn kubectl_applies_a_list_and_answers_auth_can_i() {
+    if !can_run() {
+        return;
+    }
+    let api = LabApi::start();
+    let list = api.write(
+        "list.json",
+        r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "one", "namespace": "default"}, "data": {"k": "1"}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "two", "namespace": "default"}, "data": {"k": "2"}}
+        ]}"#,
+    );
+    let out = api.ok(&["apply", "-f", &list]);
+    assert!(
+        out.contains("configmap/one created") && out.contains("configmap/two created"),
+        "{out}"
+    );
+    assert_eq!(
+        api.ok(&["get", "configmap", "two", "-o", "jsonpath={.data.k}"]),
+        "2"
+    );
+    // Each item still gets the server's strict field validation.
+    let bad = api.write(
+        "bad.json",
+        r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "three", "namespace": "default"}, "bogus": 1}
+        ]}"#,
+    );
+    let (code, _, err) = api.kubectl(&["apply", "-f", &bad]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown field \"bogus\""), "{err}");
+
+    let (code, out, err) = api.kubectl(&["auth", "can-i", "create", "pods", "-n", "default"]);
+    assert_eq!((code, out.trim()), (0, "yes"), "{err}");
+    let (code, out, err) = api.kubectl(&["auth", "can-i", "get", "/healthz"]);
+    assert_eq!((code, out.trim()), (0, "yes"), "{err}");
+    let rules = api.ok(&["auth", "can-i", "--list", "-n", "default"]);
+    assert!(rules.contains("*.*"), "{rules}");
+    let review = api.write(
+        "review.json",
+        r#"{"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"verb": "get", "resource": "secrets"}}}"#,
+    );
+    let created: serde_json::Value =
+        serde_json::from_str(&api.ok(&["create", "-f", &review, "-o", "json"])).unwrap();
+    assert_eq!(created["status"]["allowed"], true, "{created}");
+    assert_eq!(created["status"]["reason"], super::authorization::REASON);
+}

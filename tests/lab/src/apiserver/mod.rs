@@ -7,8 +7,10 @@
 //!   the verbs and the deletion rules on top of it.
 //! - `patch`: merge, JSON, strategic merge and server-side apply patches.
 //! - `selectors`, `watch`, `tables`, `discovery`, `openapi`: the read side.
+//! - `authorization`: the self-reviews of `kubectl auth can-i` (everything is allowed).
 //! - `http`: URL grammar, content negotiation and the axum router; `errors`: `metav1.Status`.
 
+mod authorization;
 mod crud;
 mod discovery;
 mod errors;

@@ -5,6 +5,11 @@
 //! `x-kubernetes-group-version-kind` makes `kubectl apply` leave validation to the server
 //! (`fieldValidation=Strict`); without schemas, kubectl computes apply patches from its
 //! built-in types, which carry the same patch strategies as the real documents.
+//!
+//! `/openapi/v2` (protobuf, as kubectl asks for it) is a document with no definitions. kubectl
+//! falls back to it for the one thing v3 cannot answer, validating a `kind: List`: it checks the
+//! List's shape and skips items whose kind the document does not define, so each item is left to
+//! the server's strict field validation, as with a single object.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -241,9 +246,53 @@ pub fn document(gv_path: &str) -> Option<&'static Value> {
     documents().by_gv.get(gv_path.trim_matches('/'))
 }
 
+/// Media type of `/openapi/v2` in protobuf (gnostic's `openapi.v2.Document`).
+pub const V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// One length-delimited protobuf field (wire type 2).
+fn proto_field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+    out.push((tag << 3) | 2);
+    let mut len = bytes.len();
+    loop {
+        let b = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    out.extend_from_slice(bytes);
+}
+
+/// `/openapi/v2`: `Document { swagger: "2.0", info: { title, version } }`, no paths or definitions.
+pub fn v2_protobuf() -> Vec<u8> {
+    let mut info = Vec::new();
+    proto_field(1, b"Kubernetes", &mut info);
+    proto_field(2, GIT_VERSION.as_bytes(), &mut info);
+    let mut doc = Vec::new();
+    proto_field(1, b"2.0", &mut doc);
+    proto_field(2, &info, &mut doc);
+    doc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_v2_document_is_a_protobuf_document_with_swagger_and_info() {
+        let doc = v2_protobuf();
+        // swagger = 1: "2.0"
+        assert_eq!(&doc[..5], &[0x0a, 3, b'2', b'.', b'0']);
+        // info = 2: { title = 1: "Kubernetes", version = 2: GIT_VERSION }
+        assert_eq!(doc[5], 0x12);
+        assert_eq!(doc[6] as usize, doc.len() - 7);
+        assert_eq!(&doc[7..9], &[0x0a, 10]);
+        assert_eq!(&doc[9..19], b"Kubernetes");
+        assert_eq!(&doc[19..21], &[0x12, GIT_VERSION.len() as u8]);
+        assert_eq!(&doc[21..], GIT_VERSION.as_bytes());
+    }
 
     #[test]
     fn index_points_at_every_group_version() {

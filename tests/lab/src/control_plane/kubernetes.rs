@@ -440,7 +440,8 @@ fn start(
 /// The built kubectl, run in the control plane's namespace with the lab's admin kubeconfig.
 pub fn kubectl(lab: &LabLayout) -> Result<Command> {
     let mut cmd = Command::new(bin_dir()?.join("kubectl"));
-    cmd.env("KUBECONFIG", lab.kubeconfig());
+    cmd.env("KUBECONFIG", lab.kubeconfig())
+        .env("KUBECACHEDIR", lab.root().join("kubectl-cache"));
     netns::command_in(&lab.control_plane_netns(), &mut cmd)?;
     Ok(cmd)
 }
