@@ -94,7 +94,9 @@ impl Lab {
         Lab::up(tag, &full)
     }
 
-    /// `veilnet lab up --name <unique> ARGS`; panics (after tearing down) if it fails.
+    /// `veilnet lab up --name <unique> ARGS`; panics (after tearing down) if it fails. Without a
+    /// `--control-plane` in ARGS, `$VEILNET_LAB_CONTROL_PLANE` (`stand-in` or `kubernetes`, read
+    /// by `veilnet lab up` itself) picks it, so a whole suite can run on the real control plane.
     pub fn up(tag: &str, args: &[&str]) -> Lab {
         assert_root();
         let lab = Lab {

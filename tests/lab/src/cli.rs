@@ -28,6 +28,9 @@ pub const VEILNET_NAMESPACE: &str = "veilnet-system";
 /// The agent's ServiceAccount in the install manifest (what the agents run as on the real control
 /// plane).
 pub const VEILNET_SERVICE_ACCOUNT: &str = "veilnet";
+/// Sets `lab up --control-plane` when the flag is absent (e.g. to run a whole test suite on the
+/// real control plane).
+pub const CONTROL_PLANE_ENV: &str = "VEILNET_LAB_CONTROL_PLANE";
 /// Debian's containernetworking-plugins.
 pub const REFERENCE_CNI_DIR: &str = "/usr/lib/cni";
 
@@ -107,7 +110,7 @@ pub struct UpArgs {
     pub policy_strict_mode: Option<bool>,
     /// Who serves the Kubernetes API: veilnet's embedded stand-in, or the real kube-apiserver,
     /// etcd, kube-controller-manager and kube-scheduler (built by scripts/build-kubernetes.sh).
-    #[arg(long, value_enum, default_value_t = ControlPlane::StandIn)]
+    #[arg(long, value_enum, env = CONTROL_PLANE_ENV, default_value_t = ControlPlane::StandIn)]
     pub control_plane: ControlPlane,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]

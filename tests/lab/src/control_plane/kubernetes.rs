@@ -8,7 +8,7 @@
 //!   certificates from the lab's CA ([`super::pki`]), ServiceAccount tokens signed by the lab's
 //!   key, `--authorization-mode=Node,RBAC` and the `NodeRestriction` admission plugin.
 //! - kube-controller-manager runs node IPAM (`--allocate-node-cidrs` with the lab's cluster CIDR,
-//!   for `--pod-cidrs assigned`) and the namespace, garbage-collector, ServiceAccount, token,
+//!   for `--pod-cidrs assigned`; [`service_cidr`] says why node-N gets subnet N) and the namespace, garbage-collector, ServiceAccount, token,
 //!   root-CA publisher, DaemonSet and node lifecycle controllers, each with its own
 //!   ServiceAccount's credentials.
 //! - kube-scheduler binds pods created without `spec.nodeName`.
@@ -46,10 +46,8 @@ const APPLIED_KINDS: &[&str] = &[
 ];
 /// Overrides where the binaries are looked for (default: `target/kubernetes/<version>/bin`).
 pub const BIN_DIR_ENV: &str = "VEILNET_KUBERNETES_BIN";
-/// The Service CIDR (apiserver `--service-cluster-ip-range`); the first address is the
-/// `kubernetes` Service's.
-pub const SERVICE_CIDR: &str = "10.96.0.0/16";
-const SERVICE_IP: &str = "10.96.0.1";
+/// The Service CIDR when the agents allocate pod CIDRs (`--pod-cidrs agent`).
+pub const AGENT_MODE_SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Issuer of the lab's ServiceAccount tokens.
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// The agents' token lifetime: as long as a lab is expected to live.
@@ -83,14 +81,20 @@ pub const COMPONENTS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesError {
-    #[error("Kubernetes {version} is not built ({missing} missing in {dir}): run scripts/build-kubernetes.sh (about 20 minutes the first time)")]
+    #[error("Kubernetes {version} is not built ({missing} missing in {dir}): run scripts/build-kubernetes.sh (about 11 minutes on 2 cores the first time)")]
     NotBuilt {
         version: String,
         missing: String,
         dir: PathBuf,
     },
-    #[error("the lab's cluster CIDR {0} overlaps the Service CIDR {SERVICE_CIDR}")]
+    #[error("the lab's cluster CIDR {0} overlaps the Service CIDR {AGENT_MODE_SERVICE_CIDR}")]
     CidrOverlap(Ipv4Net),
+    #[error("the cluster CIDR {cluster} has too few /{prefix} subnets for {nodes} nodes and the Service range")]
+    TooFewSubnets {
+        cluster: Ipv4Net,
+        prefix: u8,
+        nodes: usize,
+    },
     #[error(transparent)]
     Pki(#[from] PkiError),
     #[error(transparent)]
@@ -160,6 +164,41 @@ pub fn bin_dir() -> Result<PathBuf> {
         missing: complete(&dir).unwrap_or_default(),
         dir,
     })
+}
+
+/// The Service CIDR (apiserver and controller-manager `--service-cluster-ip-range`).
+///
+/// With `--pod-cidrs assigned` it is the cluster CIDR's first node-sized subnet: node IPAM leaves
+/// a Service range inside the cluster CIDR out, so `node-N` gets subnet N, the same CIDR the
+/// stand-in pre-assigns (`LabLayout::assigned_pod_cidr`). Nothing in the lab uses Service IPs
+/// (there is no kube-proxy); only the `kubernetes` Service gets the range's first address.
+pub fn service_cidr(lab: &LabLayout) -> Result<Ipv4Net> {
+    match lab.spec.pod_cidrs {
+        PodCidrMode::Assigned => {
+            let last = lab.assigned_pod_cidr(lab.spec.nodes);
+            match (lab.assigned_pod_cidr(0), last) {
+                (Some(first), Some(_)) => Ok(first),
+                _ => Err(KubernetesError::TooFewSubnets {
+                    cluster: lab.spec.cluster_cidr,
+                    prefix: lab.spec.node_cidr_prefix,
+                    nodes: lab.spec.nodes,
+                }),
+            }
+        }
+        PodCidrMode::Agent => {
+            let service: Ipv4Net = AGENT_MODE_SERVICE_CIDR.parse().expect("static CIDR");
+            let cluster = lab.spec.cluster_cidr;
+            if service.contains(&cluster.network()) || cluster.contains(&service.network()) {
+                return Err(KubernetesError::CidrOverlap(cluster));
+            }
+            Ok(service)
+        }
+    }
+}
+
+/// The `kubernetes` Service's address: the Service CIDR's first.
+fn service_ip(cidr: Ipv4Net) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(cidr.network()) + 1)
 }
 
 /// The lab's PKI.
@@ -253,16 +292,11 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Makes the PKI and every certificate-based kubeconfig: the lab's (admin), the controller
 /// manager's, the scheduler's and each kubelet's. Idempotent.
 pub fn prepare(lab: &LabLayout) -> Result<()> {
-    let service: Ipv4Net = SERVICE_CIDR.parse().expect("static CIDR");
-    if service.contains(&lab.spec.cluster_cidr.network())
-        || lab.spec.cluster_cidr.contains(&service.network())
-    {
-        return Err(KubernetesError::CidrOverlap(lab.spec.cluster_cidr));
-    }
+    let service = service_cidr(lab)?;
     let sans = vec![
         format!("IP:{}", lab.control_plane_ip()),
         "IP:127.0.0.1".into(),
-        format!("IP:{SERVICE_IP}"),
+        format!("IP:{}", service_ip(service)),
         "DNS:localhost".into(),
         "DNS:kubernetes".into(),
         "DNS:kubernetes.default".into(),
@@ -321,9 +355,9 @@ fn etcd_args(lab: &LabLayout) -> Vec<String> {
     ]
 }
 
-fn apiserver_args(lab: &LabLayout) -> Vec<String> {
+fn apiserver_args(lab: &LabLayout) -> Result<Vec<String>> {
     let pki = pki(lab);
-    vec![
+    Ok(vec![
         format!("--advertise-address={}", lab.control_plane_ip()),
         "--bind-address=0.0.0.0".into(),
         format!("--secure-port={}", lab.api_addr().port()),
@@ -336,7 +370,7 @@ fn apiserver_args(lab: &LabLayout) -> Vec<String> {
         format!("--service-account-signing-key-file={}", p(pki.sa_key())),
         "--authorization-mode=Node,RBAC".into(),
         "--enable-admission-plugins=NodeRestriction".into(),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        format!("--service-cluster-ip-range={}", service_cidr(lab)?),
         "--allow-privileged=true".into(),
         format!(
             "--cert-dir={}",
@@ -344,10 +378,10 @@ fn apiserver_args(lab: &LabLayout) -> Vec<String> {
         ),
         "--profiling=false".into(),
         "--event-ttl=1h".into(),
-    ]
+    ])
 }
 
-fn controller_manager_args(lab: &LabLayout) -> Vec<String> {
+fn controller_manager_args(lab: &LabLayout) -> Result<Vec<String>> {
     let pki = pki(lab);
     let kubeconfig = p(component_kubeconfig(lab, "kube-controller-manager"));
     let mut controllers = CONTROLLERS.to_vec();
@@ -369,7 +403,7 @@ fn controller_manager_args(lab: &LabLayout) -> Vec<String> {
         "--use-service-account-credentials=true".into(),
         format!("--service-account-private-key-file={}", p(pki.sa_key())),
         format!("--root-ca-file={}", p(pki.ca_cert())),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        format!("--service-cluster-ip-range={}", service_cidr(lab)?),
         format!("--allocate-node-cidrs={assigned}"),
     ];
     if assigned {
@@ -379,7 +413,7 @@ fn controller_manager_args(lab: &LabLayout) -> Vec<String> {
             lab.spec.node_cidr_prefix
         ));
     }
-    args
+    Ok(args)
 }
 
 fn scheduler_args(lab: &LabLayout) -> Vec<String> {
@@ -398,7 +432,7 @@ pub fn start_apiserver(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> Resul
     let bin = bin_dir()?;
     for (role, args) in [
         ("etcd", etcd_args(lab)),
-        ("kube-apiserver", apiserver_args(lab)),
+        ("kube-apiserver", apiserver_args(lab)?),
     ] {
         start(lab, &bin, role, args, pid_dir, log_dir)?;
     }
@@ -409,7 +443,7 @@ pub fn start_apiserver(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> Resul
 pub fn start_controllers(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> Result<()> {
     let bin = bin_dir()?;
     for (role, args) in [
-        ("kube-controller-manager", controller_manager_args(lab)),
+        ("kube-controller-manager", controller_manager_args(lab)?),
         ("kube-scheduler", scheduler_args(lab)),
     ] {
         start(lab, &bin, role, args, pid_dir, log_dir)?;
