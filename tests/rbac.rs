@@ -3,7 +3,7 @@
 //!
 //! The source scan is best effort, by design simple enough to read in one sitting. It looks at
 //! every `.rs` file under `src/` (the product crate; the lab is its own crate, `tests/lab`), with
-//! `#[cfg(test)]` code and comments removed, and finds:
+//! `#[cfg(test)]` items and comments removed, and finds:
 //! - `Api<Kind>` bindings (`let x: Api<K>`, parameters `x: &Api<K>`, `let x = Api::<K>::…`) and
 //!   kube `Api` methods called on them (`x.get_opt(`, `x.replace(`, `x.patch_status(` …);
 //! - methods called directly on `Api::<K>::all(…)` / `Api::<K>::namespaced(…)`;
@@ -160,14 +160,29 @@ fn plural(kind: &str) -> String {
     }
 }
 
-/// Drops `#[cfg(test)]` code (from the first occurrence to the end of the file: test modules
-/// come last in this code base), comments, and whitespace next to punctuation, so that
+/// Removes `#[cfg(test)]` items: a one-line item (`mod fakes;`, `use …;`) alone, so the code after
+/// it is still scanned; a block item (`mod tests { … }`) to the end of the file (test modules come
+/// last in this code base).
+fn without_test_code(source: &str) -> String {
+    const ATTR: &str = "#[cfg(test)]";
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(i) = rest.find(ATTR) {
+        out.push_str(&rest[..i]);
+        let item = &rest[i + ATTR.len()..];
+        match (item.find(';'), item.find('{')) {
+            (Some(semi), brace) if brace.is_none_or(|b| semi < b) => rest = &item[semi + 1..],
+            _ => return out,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Drops `#[cfg(test)]` code, comments, and whitespace next to punctuation, so that
 /// `nodes\n    .list(` reads `nodes.list(`.
 fn normalise(source: &str) -> String {
-    let source = match source.find("#[cfg(test)]") {
-        Some(i) => &source[..i],
-        None => source,
-    };
+    let source = &without_test_code(source);
     // Comments go, and string and char literals are emptied, so neither can look like a call.
     let mut no_comments = String::with_capacity(source.len());
     let chars: Vec<char> = source.chars().collect();
@@ -519,6 +534,8 @@ fn scan_finds_bound_direct_and_reflected_calls() {
     let src = r#"
         use k8s_openapi::api::core::v1::{ConfigMap, Node};
         use k8s_openapi::api::networking::v1::NetworkPolicy as Np;
+        #[cfg(test)]
+        mod fakes; // a one-line test item: the code after it is still scanned
         async fn f(api: &Api<ConfigMap>, client: Client) {
             api.get_opt("x").await; // api.delete("x") in a comment is ignored
             let nodes: Api<Node> = Api::all(client.clone());

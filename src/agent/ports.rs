@@ -8,8 +8,8 @@ use std::future::Future;
 
 use super::events::{EventSink, EventType};
 use crate::cluster::publish::{self, AnnotationChanges, PublishError};
-use crate::kernel::nft::NftError;
 use crate::kernel::wire::{self, WireRules};
+use crate::netfilter::{counters, NetfilterError};
 
 /// Writes to the cluster on this node's behalf.
 pub trait Publisher: Send + Sync {
@@ -54,9 +54,9 @@ impl Publisher for KubePublisher {
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("wire rules: {0}")]
-    Nft(#[from] NftError),
-    #[error("reading the wire table's counters: {message}")]
-    Counters { message: String },
+    Nft(#[from] NetfilterError),
+    #[error("reading the wire table's counters: {0}")]
+    Counters(NetfilterError),
     #[error("wire rules: the blocking task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -81,12 +81,9 @@ impl WireTable for NftWireTable {
     }
 
     async fn drops(&mut self) -> Result<BTreeMap<String, u64>, WireError> {
-        let counters =
-            tokio::task::spawn_blocking(|| crate::policy::counters::read_counters_of(wire::TABLE))
-                .await?
-                .map_err(|e| WireError::Counters {
-                    message: e.to_string(),
-                })?;
+        let counters = tokio::task::spawn_blocking(|| counters::read_counters_of(wire::TABLE))
+            .await?
+            .map_err(WireError::Counters)?;
         Ok(counters.into_iter().map(|c| (c.name, c.packets)).collect())
     }
 }

@@ -24,7 +24,6 @@ pub mod apply;
 pub mod fake;
 pub mod mtu;
 pub mod netlink;
-pub mod nft;
 pub mod sysctl;
 pub mod wire;
 

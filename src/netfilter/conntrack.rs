@@ -68,6 +68,25 @@ pub struct CtEntry {
     pub zone: u16,
 }
 
+#[cfg(test)]
+impl CtEntry {
+    /// A TCP entry and its reply tuple (tests build dumps from these).
+    pub(crate) fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> CtEntry {
+        let tuple = |src, src_port, dst, dst_port| CtTuple {
+            src,
+            dst,
+            proto: IPPROTO_TCP,
+            src_port,
+            dst_port,
+        };
+        CtEntry {
+            orig: tuple(src, sport, dst, dport),
+            reply: Some(tuple(dst, dport, src, sport)),
+            zone: 0,
+        }
+    }
+}
+
 impl CtEntry {
     /// The connection as the forward hook saw its first packet: original source and port,
     /// destination and port after DNAT.
@@ -329,27 +348,6 @@ mod tests {
         tuple
     }
 
-    fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> CtEntry {
-        let orig = CtTuple {
-            src,
-            dst,
-            proto: IPPROTO_TCP,
-            src_port: sport,
-            dst_port: dport,
-        };
-        CtEntry {
-            orig,
-            reply: Some(CtTuple {
-                src: dst,
-                dst: src,
-                proto: IPPROTO_TCP,
-                src_port: dport,
-                dst_port: sport,
-            }),
-            zone: 0,
-        }
-    }
-
     /// A dump reply as the kernel frames it (nested flags set, ports big-endian).
     fn entry_message(e: &CtEntry, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
         let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
@@ -365,8 +363,8 @@ mod tests {
 
     #[test]
     fn parses_a_dump_and_its_end() {
-        let a = tcp(ip("10.244.0.11"), 40000, ip("10.244.0.10"), 80);
-        let mut b = tcp(
+        let a = CtEntry::tcp(ip("10.244.0.11"), 40000, ip("10.244.0.10"), 80);
+        let mut b = CtEntry::tcp(
             "fd00::1".parse().unwrap(),
             5000,
             "fd00::2".parse().unwrap(),
@@ -398,7 +396,7 @@ mod tests {
         assert_eq!(u16_at(&dump, 6).unwrap(), NLM_F_REQUEST | 0x300);
         assert_eq!(dump[NLMSG_HDRLEN], 0); // AF_UNSPEC: every family
 
-        let e = tcp(ip("10.244.0.12"), 0x9c40, ip("10.244.0.10"), 80);
+        let e = CtEntry::tcp(ip("10.244.0.12"), 0x9c40, ip("10.244.0.10"), 80);
         let del = delete_request(10, &e);
         assert_eq!(u32_at(&del, 0).unwrap() as usize, del.len());
         assert_eq!(u16_at(&del, 4).unwrap(), (1 << 8) | 2);
@@ -432,7 +430,7 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let a = tcp(ip("10.244.0.11"), 40000, ip("10.244.0.10"), 80);
+        let a = CtEntry::tcp(ip("10.244.0.11"), 40000, ip("10.244.0.10"), 80);
         let valid = entry_message(&a, &[]);
         let mut inputs: Vec<Vec<u8>> = vec![vec![], vec![0xff; 3], vec![0xff; 64], vec![0; 64]];
         for cut in 0..valid.len() {

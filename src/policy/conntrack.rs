@@ -110,27 +110,6 @@ mod tests {
     use serde_json::json;
     use std::net::IpAddr;
 
-    fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> CtEntry {
-        let orig = CtTuple {
-            src,
-            dst,
-            proto: IPPROTO_TCP,
-            src_port: sport,
-            dst_port: dport,
-        };
-        CtEntry {
-            orig,
-            reply: Some(CtTuple {
-                src: dst,
-                dst: src,
-                proto: IPPROTO_TCP,
-                src_port: dport,
-                dst_port: sport,
-            }),
-            zone: 0,
-        }
-    }
-
     /// x/a (node n1) admits ingress only from x/b on TCP 80; y/a (n1) may send only to port 81.
     fn model() -> CompiledPolicy {
         let state = e2e_state(vec![
@@ -165,20 +144,20 @@ mod tests {
         let node: IpAddr = "172.30.0.11".parse().unwrap();
         let outside: IpAddr = "192.0.2.9".parse().unwrap();
         let denied = [
-            tcp(xc, 40000, xa, 80), // ingress of x/a: wrong peer
-            tcp(xb, 40001, xa, 81), // ingress of x/a: wrong port
-            tcp(ya, 40002, yb, 80), // egress of y/a: wrong port
-            tcp(ya, 40003, outside, 443),
+            CtEntry::tcp(xc, 40000, xa, 80), // ingress of x/a: wrong peer
+            CtEntry::tcp(xb, 40001, xa, 81), // ingress of x/a: wrong port
+            CtEntry::tcp(ya, 40002, yb, 80), // egress of y/a: wrong port
+            CtEntry::tcp(ya, 40003, outside, 443),
         ];
         let kept = [
-            tcp(xb, 40004, xa, 80),      // allowed
-            tcp(ya, 40005, yb, 81),      // allowed egress
-            tcp(node, 40006, xa, 81),    // from the node: accepted before any policy
-            tcp(ya, 40007, node, 10250), // to the node: input path, unfiltered
-            tcp(xb, 40008, yb, 80),      // no local pod isolated on either side (b is on n2)
-            tcp(xa, 40009, outside, 53), // x/a is not isolated for egress
+            CtEntry::tcp(xb, 40004, xa, 80),      // allowed
+            CtEntry::tcp(ya, 40005, yb, 81),      // allowed egress
+            CtEntry::tcp(node, 40006, xa, 81),    // from the node: accepted before any policy
+            CtEntry::tcp(ya, 40007, node, 10250), // to the node: input path, unfiltered
+            CtEntry::tcp(xb, 40008, yb, 80), // no local pod isolated on either side (b is on n2)
+            CtEntry::tcp(xa, 40009, outside, 53), // x/a is not isolated for egress
         ];
-        let mut icmp = tcp(xc, 0, xa, 0);
+        let mut icmp = CtEntry::tcp(xc, 0, xa, 0);
         icmp.orig.proto = 1;
         let mut all: Vec<CtEntry> = denied.to_vec();
         all.extend(kept);
@@ -194,7 +173,7 @@ mod tests {
         let m = model();
         // x/c → a Service address, DNATed to x/a:80: denied by x/a's ingress.
         let vip: IpAddr = "10.96.0.10".parse().unwrap();
-        let mut e = tcp(ip_of("x", "c"), 40000, vip, 8080);
+        let mut e = CtEntry::tcp(ip_of("x", "c"), 40000, vip, 8080);
         e.reply = Some(CtTuple {
             src: ip_of("x", "a"),
             dst: ip_of("x", "c"),
@@ -204,7 +183,7 @@ mod tests {
         });
         assert!(denies(&m, &e));
         // x/b → the same Service: allowed.
-        let mut e = tcp(ip_of("x", "b"), 40000, vip, 8080);
+        let mut e = CtEntry::tcp(ip_of("x", "b"), 40000, vip, 8080);
         e.reply.as_mut().unwrap().src = ip_of("x", "a");
         e.reply.as_mut().unwrap().src_port = 80;
         assert!(!denies(&m, &e));

@@ -77,9 +77,6 @@ mod apply;
 pub mod cli;
 mod compile;
 pub mod conntrack;
-/// The counter reader's old path, kept for `agent::reconcile` (the wire table's counters) until
-/// it imports [`crate::netfilter::counters`] directly.
-pub use crate::netfilter::counters;
 mod diff;
 mod explain;
 pub mod flow;
