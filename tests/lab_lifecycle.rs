@@ -42,8 +42,14 @@ fn up_status_down_leaves_nothing_behind() {
 
     // A second `up` with the same spec keeps the first (same API server process).
     let st1 = lab.status_json();
+    // The stand-in's pid file, or kube-apiserver's on the real control plane.
     let apiserver_pid = |name: &str| {
-        std::fs::read_to_string(format!("/var/lib/veilnet-lab/{name}/pids/apiserver.pid")).unwrap()
+        ["apiserver", "kube-apiserver"]
+            .iter()
+            .find_map(|role| {
+                std::fs::read_to_string(format!("/var/lib/veilnet-lab/{name}/pids/{role}.pid")).ok()
+            })
+            .expect("the lab's API server has a pid file")
     };
     let pid1 = apiserver_pid(&lab.name);
     ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "3"]));
