@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::runtime::reflector::{self, Store};
@@ -46,7 +47,9 @@ where
     let (store, writer) = reflector::store();
     let kind = K::kind(&Default::default()).to_string();
     let task = tokio::spawn(async move {
-        let stream = watcher(api, config).default_backoff().reflect(writer);
+        let stream = watcher(api, config)
+            .backoff(retry_backoff())
+            .reflect(writer);
         futures::pin_mut!(stream);
         // Object name → what the planners last saw of it.
         let mut seen: HashMap<String, String> = HashMap::new();
@@ -76,6 +79,23 @@ where
     (store, task)
 }
 
+/// How long a failed watch waits before it retries: 250 ms doubling to 5 s, plus a random jitter of
+/// up to as much again (so 5–10 s at the cap), back to 250 ms after any event. kube-rs's default (client-go's: up to 30 s, kept there for 2 minutes
+/// after the last error) left the agent up to a minute behind after an API server restart: the
+/// reconnect waits out the grown delay, the watch then expires (410: the new server's cache
+/// starts after our resourceVersion), and the re-list waits again, while the CNI refuses pods
+/// the agent has not seen yet. 5 s keeps a whole cluster's agents (five watches each, jittered)
+/// from hammering a recovering server.
+pub fn retry_backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
 /// What the planners read of a Node: its labels and annotations, spec (pod CIDRs), recorded
 /// addresses and creation time. Heartbeats (conditions, `lastHeartbeatTime`, images, capacity)
 /// change none of it, so another node's heartbeat wakes no reconcile pass.
@@ -95,6 +115,25 @@ pub fn node_view(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_watch_retries_within_seconds_and_starts_over_after_an_event() {
+        use kube::runtime::utils::Backoff;
+        let mut backoff = retry_backoff();
+        let delays: Vec<Duration> = (0..40).map(|_| backoff.next().unwrap()).collect();
+        // Jitter adds up to the delay itself on top.
+        assert!(delays[0] <= Duration::from_millis(500), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(10)),
+            "{delays:?}"
+        );
+        assert!(
+            delays[39] >= Duration::from_secs(5),
+            "it grows to the cap: {delays:?}"
+        );
+        backoff.reset();
+        assert!(backoff.next().unwrap() <= Duration::from_millis(500));
+    }
 
     fn node(extra: serde_json::Value) -> k8s_openapi::api::core::v1::Node {
         let mut base = serde_json::json!({
