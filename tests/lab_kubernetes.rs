@@ -12,6 +12,7 @@
 mod common;
 mod manifest_docs;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -467,4 +468,368 @@ fn kube_apiserver_down_for_60s_changes_nothing_in_the_dataplane_and_the_agents_r
         lab.connect("default/a", &format!("{c_ip}:80"), "tcp", "3s"),
         Some(0)
     );
+}
+
+/// [`dataplane`] plus each node's static and permanent forwarding entries (the VXLAN device's
+/// per-peer entries and the bridge's own; learned entries age on their own).
+fn full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
+    dataplane(lab, nodes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut state)| {
+            let fdb =
+                ok(Command::new("bridge").args(["-n", &lab.node_netns(i + 1), "fdb", "show"]));
+            for line in fdb
+                .lines()
+                .filter(|l| l.contains("permanent") || l.contains("static"))
+            {
+                state.push('\n');
+                state.push_str(line);
+            }
+            state
+        })
+        .collect()
+}
+
+/// [`full_dataplane`] once it has settled (the same twice, two seconds apart).
+fn settled_full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
+    settled_dataplane(lab, nodes);
+    let mut last = full_dataplane(lab, nodes);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = full_dataplane(lab, nodes);
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the dataplane never settled");
+        last = now;
+    }
+}
+
+/// An agent's log as written so far.
+fn agent_log(lab: &Lab, node: &str) -> String {
+    let path = std::path::Path::new("/var/lib/veilnet-lab")
+        .join(&lab.name)
+        .join("logs")
+        .join(format!("agent-{node}.log"));
+    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // Without the terminal colours: `kind=Node`, not `kind\x1b[0m\x1b[2m=\x1b[0mNode`.
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// The lines an agent logged after byte `from` of its log that satisfy `want`.
+fn agent_lines_since(
+    lab: &Lab,
+    node: &str,
+    from: usize,
+    want: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let log = agent_log(lab, node);
+    log.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| want(l))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Two nodes with a serving pod each (`a` on node-1, `b` on node-2) that reach each other.
+fn two_pods(lab: &Lab) -> (String, String) {
+    for (name, node) in [("a", "node-1"), ("b", "node-2")] {
+        lab.apply(&pod_manifest(
+            "default",
+            name,
+            node,
+            &[("app", name)],
+            SERVE,
+        ));
+    }
+    let a_ip = lab.wait_pod_ip("default/a", Duration::from_secs(90));
+    let b_ip = lab.wait_pod_ip("default/b", Duration::from_secs(90));
+    assert_eq!(
+        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "3s"),
+        Some(0)
+    );
+    (a_ip, b_ip)
+}
+
+/// Pod `c` on `node`, networked, reached from `a`.
+fn new_pod_is_reachable(lab: &Lab, node: &str) {
+    lab.apply(&pod_manifest("default", "c", node, &[], SERVE));
+    let c_ip = lab.wait_pod_ip("default/c", Duration::from_secs(90));
+    eventually(Duration::from_secs(30), "a reaches the new pod c", || {
+        lab.connect("default/a", &format!("{c_ip}:80"), "tcp", "2s") == Some(0)
+    });
+}
+
+#[test]
+fn losing_an_rbac_rule_is_logged_as_forbidden_tears_nothing_down_and_recovers_when_restored() {
+    veilnet_test_support::require_root!();
+    require_kubernetes!();
+    let started = Instant::now();
+    let lab = Lab::up_on(ControlPlane::Kubernetes, "k8srbac", &["--nodes", "2"]);
+    let (_, b_ip) = two_pods(&lab);
+    let before = settled_full_dataplane(&lab, 2);
+    let a_netns = lab.pod_netns("default/a");
+
+    // Take `patch nodes/status` (how the agent publishes its annotations) out of its ClusterRole,
+    // as an operator's bad edit would: a JSON patch that tests the rule it removes.
+    let role = lab.kubectl_json(&["get", "clusterrole", "veilnet"]);
+    let rules = role["rules"].as_array().expect("rules");
+    let at = rules
+        .iter()
+        .position(|r| r["resources"] == serde_json::json!(["nodes/status"]))
+        .unwrap_or_else(|| panic!("no nodes/status rule in {role}"));
+    let rule = rules[at].clone();
+    let node1 = lab.kubectl_json(&["get", "node", "node-1"]);
+    let claimed = node1["metadata"]["annotations"]["veilnet.io/pod-cidrs"].clone();
+    assert_eq!(claimed, node1["spec"]["podCIDR"], "{node1}");
+    let path = format!("/rules/{at}");
+    lab.kubectl_ok(&[
+        "patch",
+        "clusterrole",
+        "veilnet",
+        "--type=json",
+        "-p",
+        &serde_json::json!([
+            {"op": "test", "path": path, "value": rule},
+            {"op": "remove", "path": path},
+        ])
+        .to_string(),
+    ]);
+    let (ns, sa) = agent_identity();
+    let user = format!("system:serviceaccount:{ns}:{sa}");
+    let patch_status = AGENT_API_CALLS
+        .iter()
+        .find(|c| c.resource == "nodes" && c.subresource == Some("status"))
+        .unwrap();
+    eventually(Duration::from_secs(10), "the authorizer denies it", || {
+        !can_i(&lab, patch_status, &ns, &user)
+    });
+
+    // Make the agent need the call: an operator drops node-1's informational pod-cidrs
+    // annotation (routing never reads it), which its agent then republishes.
+    let from = agent_log(&lab, "node-1").len();
+    lab.kubectl_ok(&["annotate", "node", "node-1", "veilnet.io/pod-cidrs-"]);
+    let forbidden = |l: &str| l.to_lowercase().contains("forbidden") && l.contains("nodes/status");
+    eventually(
+        Duration::from_secs(20),
+        "the agent logs the refusal",
+        || !agent_lines_since(&lab, "node-1", from, forbidden).is_empty(),
+    );
+    eprintln!(
+        "refused: {}",
+        agent_lines_since(&lab, "node-1", from, forbidden)[0]
+    );
+    // It keeps retrying (and failing) for a while; nothing it built is torn down meanwhile, and
+    // the pods keep talking.
+    let refused_since = Instant::now();
+    while refused_since.elapsed() < Duration::from_secs(12) {
+        assert_eq!(
+            probe_in(&a_netns, &format!("{b_ip}:80"), "tcp", "3s"),
+            Some(0),
+            "a->b while the agent is refused ({:?} in)",
+            refused_since.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        agent_lines_since(&lab, "node-1", from, forbidden).len() >= 2,
+        "the agent gave up retrying"
+    );
+    let node1 = lab.kubectl_json(&["get", "node", "node-1"]);
+    assert!(
+        node1["metadata"]["annotations"]["veilnet.io/pod-cidrs"].is_null(),
+        "the agent published without the permission: {node1}"
+    );
+    assert_eq!(
+        full_dataplane(&lab, 2),
+        before,
+        "losing the rule changed a node's dataplane"
+    );
+    assert_wire(&lab, "default/a", "default/b", "encrypted");
+
+    // Restore the rule: the agent's next retry publishes, and the refusals stop.
+    lab.kubectl_ok(&[
+        "patch",
+        "clusterrole",
+        "veilnet",
+        "--type=json",
+        "-p",
+        &serde_json::json!([{"op": "add", "path": path, "value": rule}]).to_string(),
+    ]);
+    // Within the agent's longest retry backoff (5 s) and RBAC's propagation, not at the next
+    // periodic resync.
+    eventually(
+        Duration::from_secs(10),
+        "the agent republishes its pod-cidrs annotation",
+        || {
+            let node1 = lab.kubectl_json(&["get", "node", "node-1"]);
+            node1["metadata"]["annotations"]["veilnet.io/pod-cidrs"] == claimed
+        },
+    );
+    let recovered = agent_log(&lab, "node-1").len();
+    // Longer than the agent's longest retry backoff (5 s).
+    std::thread::sleep(Duration::from_secs(7));
+    let again = agent_lines_since(&lab, "node-1", recovered, forbidden);
+    assert!(
+        again.is_empty(),
+        "still refused after the restore: {again:?}"
+    );
+    assert_eq!(
+        full_dataplane(&lab, 2),
+        before,
+        "the recovery changed a node's dataplane"
+    );
+    // And a change made after the restore takes effect.
+    new_pod_is_reachable(&lab, "node-1");
+    eprintln!("rbac fault test: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// etcd's v3 JSON gateway in the control plane's namespace (the lab's etcd listens there only).
+fn etcd(lab: &Lab, call: &str, body: &serde_json::Value) -> serde_json::Value {
+    let out = ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        &format!("{}.cp", lab.name),
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:2379/v3/{call}"),
+        "-d",
+        &body.to_string(),
+    ]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd {call}: {e}: {out}"))
+}
+
+#[test]
+fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
+    veilnet_test_support::require_root!();
+    require_kubernetes!();
+    let started = Instant::now();
+    let lab = Lab::up_on(ControlPlane::Kubernetes, "k8sgone", &["--nodes", "2"]);
+    let (_, b_ip) = two_pods(&lab);
+    let before = settled_full_dataplane(&lab, 2);
+    let from: Vec<usize> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| agent_log(&lab, n).len())
+        .collect();
+
+    // Writes the agents' watches do not see move etcd's revision past what they last saw; then,
+    // with the API server down, etcd compacts its history up to now. The resourceVersions the
+    // agents resume their watches from are gone: the restarted API server answers 410 Gone.
+    for i in 0..5 {
+        lab.kubectl_ok(&["create", "configmap", &format!("bump-{i}")]);
+    }
+    lab.kill_daemon("kube-apiserver");
+    let revision = etcd(&lab, "kv/range", &serde_json::json!({"key": "AA=="}))["header"]
+        ["revision"]
+        .as_str()
+        .expect("etcd revision")
+        .to_string();
+    etcd(
+        &lab,
+        "kv/compaction",
+        &serde_json::json!({"revision": revision, "physical": true}),
+    );
+    let old: i64 = revision.parse::<i64>().unwrap() - 1;
+    let compacted = etcd(
+        &lab,
+        "kv/range",
+        &serde_json::json!({"key": "AA==", "revision": old.to_string()}),
+    );
+    assert!(
+        compacted.to_string().contains("compacted"),
+        "etcd did not compact revision {old}: {compacted}"
+    );
+    ok(veilnet().args([
+        "lab",
+        "up",
+        "--name",
+        &lab.name,
+        "--nodes",
+        "2",
+        "--control-plane",
+        "kubernetes",
+    ]));
+
+    // Each agent's watches expire, and it lists each expired kind afresh.
+    let gone = |l: &str| {
+        l.contains("watch failed")
+            && l.contains("too old resource version")
+            && l.contains("Expired")
+    };
+    for (node, from) in ["node-1", "node-2"].iter().zip(&from) {
+        eventually(
+            Duration::from_secs(60),
+            "the agent's watch expires (410)",
+            || !agent_lines_since(&lab, node, *from, gone).is_empty(),
+        );
+        let log = agent_log(&lab, node);
+        let mut at = *from;
+        let mut expired = Vec::new();
+        for line in log[*from..].lines() {
+            at += line.len() + 1;
+            if gone(line) {
+                let kind = line
+                    .split(" kind=")
+                    .nth(1)
+                    .and_then(|k| k.split(' ').next());
+                expired.push((kind.expect("kind").to_string(), at));
+            }
+        }
+        for (kind, after) in &expired {
+            let relisted =
+                |l: &str| l.contains("listed; watching") && l.contains(&format!("kind={kind}"));
+            eventually(Duration::from_secs(30), "the agent re-lists", || {
+                !agent_lines_since(&lab, node, *after, relisted).is_empty()
+            });
+            eprintln!(
+                "{node}: {kind} expired, then {}",
+                agent_lines_since(&lab, node, *after, relisted)[0]
+            );
+        }
+    }
+    // The re-list reconciled against the same cluster: nothing changed, and pods talk.
+    assert_eq!(
+        settled_full_dataplane(&lab, 2),
+        before,
+        "the re-list changed a node's dataplane"
+    );
+    assert_eq!(
+        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "3s"),
+        Some(0)
+    );
+    // Changes after it still apply: a new pod is networked, and a NetworkPolicy is enforced.
+    new_pod_is_reachable(&lab, "node-2");
+    lab.apply(
+        &serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "isolate-b", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
+        })
+        .to_string(),
+    );
+    eventually(Duration::from_secs(30), "the policy isolates b", || {
+        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "2s") == Some(1)
+    });
+    eprintln!("410 test: {:.1}s", started.elapsed().as_secs_f64());
 }

@@ -293,6 +293,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut status_ticker = tokio::time::interval(Duration::from_secs(2));
     status_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures: u32 = 0;
+    // When to retry a failed pass. Fixed when the pass fails, not re-armed each turn: the 2 s
+    // status tick would otherwise win every race against a longer backoff and starve the retry.
+    let mut retry_at = tokio::time::Instant::now();
     let mut pending = true;
     loop {
         health.beat();
@@ -300,6 +303,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             let started = std::time::Instant::now();
             if let Err(e) = rec.reconcile().await {
                 failures += 1;
+                // After a failure, retry soon (bounded backoff) even without a cluster change.
+                retry_at = tokio::time::Instant::now()
+                    + Duration::from_millis(200 * u64::from(failures.min(25)));
                 health.metrics.reconcile_errors.inc();
                 tracing::error!(error = %e, failures, "reconcile failed; retrying");
             } else {
@@ -321,8 +327,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 .unwrap_or_else(|p| p.into_inner()) = Some(st);
         }
         pending = true;
-        // After a failure, retry soon (bounded backoff) even without a cluster change.
-        let retry = Duration::from_millis(200 * u64::from(failures.min(25)));
         tokio::select! {
             _ = notify.notified() => {
                 // Coalesce a burst of watch events into one pass.
@@ -333,7 +337,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 // Refresh the counters in the status file and metrics; no reconcile needed.
                 pending = false;
             }
-            _ = tokio::time::sleep(retry), if failures > 0 => {}
+            _ = tokio::time::sleep_until(retry_at), if failures > 0 => {}
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

@@ -70,6 +70,12 @@ where
                     seen.remove(&obj.meta().name.clone().unwrap_or_default());
                     notify.notify_one();
                 }
+                // A (re-)list is complete: at start, and after a watch expired (410 Gone) or
+                // could not resume, so an operator sees the watch recover, not only fail.
+                Ok(watcher::Event::InitDone) => {
+                    tracing::info!(kind = %kind, "listed; watching");
+                    notify.notify_one();
+                }
                 Ok(_) => notify.notify_one(),
                 // The backoff retries; the store keeps the last good state meanwhile.
                 Err(e) => tracing::warn!(kind = %kind, error = %e, "watch failed; retrying"),
