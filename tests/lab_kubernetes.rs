@@ -199,12 +199,22 @@ fn the_lab_runs_on_the_real_control_plane_with_the_agent_under_real_rbac() {
     let st = lab.status_json();
     assert_eq!(st["controlPlane"], "kubernetes", "{st}");
     assert_eq!(st["serverVersion"], pinned_version(), "{st}");
-    // kube-controller-manager's node IPAM gave every node a pod CIDR from the cluster CIDR, the
-    // one the stand-in pre-assigns (node-N: subnet N; subnet 0 holds the Service range).
-    for (i, n) in st["nodes"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(n["podCidr"], format!("10.244.{}.0/24", i + 1), "{n}");
-        assert_eq!(n["ready"], true, "{n}");
-    }
+    // kube-controller-manager's node IPAM gave every node its own /24 of the cluster CIDR, never
+    // subnet 0 (the Service range). Which node gets which follows registration order, so the
+    // nodes together hold subnets 1..=N, each once.
+    let nodes = st["nodes"].as_array().unwrap();
+    let mut subnets: Vec<String> = nodes
+        .iter()
+        .map(|n| {
+            assert_eq!(n["ready"], true, "{n}");
+            n["podCidr"].as_str().unwrap_or_default().to_string()
+        })
+        .collect();
+    subnets.sort();
+    let expected: Vec<String> = (1..=nodes.len())
+        .map(|i| format!("10.244.{i}.0/24"))
+        .collect();
+    assert_eq!(subnets, expected, "{st}");
     let svc = lab.kubectl_json(&["get", "service", "kubernetes"]);
     assert_eq!(svc["spec"]["clusterIP"], "10.244.0.1", "{svc}");
     let rss: u64 = [

@@ -85,13 +85,14 @@ where
     (store, task)
 }
 
-/// How long a failed watch waits before it retries: 250 ms doubling to 5 s, plus a random jitter of
-/// up to as much again (so 5–10 s at the cap), back to 250 ms after any event. kube-rs's default (client-go's: up to 30 s, kept there for 2 minutes
-/// after the last error) left the agent up to a minute behind after an API server restart: the
-/// reconnect waits out the grown delay, the watch then expires (410: the new server's cache
-/// starts after our resourceVersion), and the re-list waits again, while the CNI refuses pods
-/// the agent has not seen yet. 5 s keeps a whole cluster's agents (five watches each, jittered)
-/// from hammering a recovering server.
+/// How long a failed watch waits before it retries: 250 ms doubling to 5 s, plus a random jitter
+/// of up to as much again (so 5–10 s at the cap), back to 250 ms after any event. kube-rs's
+/// default (client-go's: up to 30 s, kept there for 2 minutes after the last error) left the
+/// agent up to a minute behind after an API server restart: the reconnect waits out the grown
+/// delay, the watch then expires (410: the new server's cache starts after our resourceVersion),
+/// and the re-list waits again, while the CNI refuses pods the agent has not seen yet. The cap
+/// keeps a whole cluster's agents (five watches each, jittered) from hammering a recovering
+/// server.
 pub fn retry_backoff() -> watcher::ExponentialBackoff {
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
