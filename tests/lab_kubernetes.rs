@@ -20,21 +20,6 @@ use veilnet::install::{ApiCall, Scope, AGENT_API_CALLS};
 use veilnet_lab::control_plane::kubernetes::pinned_version;
 use veilnet_lab::rbac::{self, grants_for};
 
-/// The agent's namespace and ServiceAccount, as the manifest's DaemonSet runs it.
-fn agent_identity() -> (String, String) {
-    let ds = manifest_docs::daemonset();
-    let ns = ds.metadata.namespace.clone().unwrap();
-    let sa = ds
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .service_account_name
-        .unwrap();
-    (ns, sa)
-}
-
 const fn denied(
     group: &'static str,
     resource: &'static str,
@@ -296,7 +281,7 @@ fn the_lab_runs_on_the_real_control_plane_with_the_agent_under_real_rbac() {
 
     // The real RBAC authorizer allows every call the agent makes and denies the rest, and the
     // lab's evaluator agrees with it on each one.
-    let (ns, sa) = agent_identity();
+    let (ns, sa) = manifest_docs::agent_identity();
     let user = format!("system:serviceaccount:{ns}:{sa}");
     let grants = grants_for(&manifest_docs::rbac_objects(), &ns, &sa).unwrap();
     let mut wrong = Vec::new();
@@ -621,7 +606,7 @@ fn losing_an_rbac_rule_is_logged_as_forbidden_tears_nothing_down_and_recovers_wh
         ])
         .to_string(),
     ]);
-    let (ns, sa) = agent_identity();
+    let (ns, sa) = manifest_docs::agent_identity();
     let user = format!("system:serviceaccount:{ns}:{sa}");
     let patch_status = AGENT_API_CALLS
         .iter()

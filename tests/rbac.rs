@@ -23,24 +23,9 @@ use std::path::{Path, PathBuf};
 use veilnet::install::AGENT_API_CALLS;
 use veilnet_lab::rbac::{self, grants_for};
 
-/// The agent's ServiceAccount and namespace, as the DaemonSet runs it.
-fn agent_identity() -> (String, String) {
-    let ds = manifest_docs::daemonset();
-    let ns = ds.metadata.namespace.clone().unwrap();
-    let sa = ds
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .service_account_name
-        .unwrap();
-    (ns, sa)
-}
-
 #[test]
 fn the_manifest_grants_exactly_the_agents_api_calls() {
-    let (ns, sa) = agent_identity();
+    let (ns, sa) = manifest_docs::agent_identity();
     let grants = grants_for(&manifest_docs::rbac_objects(), &ns, &sa).unwrap();
     assert!(!grants.is_empty(), "nothing is bound to {ns}/{sa}");
     let report = rbac::check(&grants, AGENT_API_CALLS, &ns);
@@ -67,7 +52,7 @@ fn the_manifest_grants_exactly_the_agents_api_calls() {
 fn nothing_else_is_bound_to_the_agent_and_no_other_subject_is_bound() {
     // Every binding in the manifest binds exactly veilnet's ServiceAccount, so the manifest gives
     // no other identity any permission.
-    let (ns, sa) = agent_identity();
+    let (ns, sa) = manifest_docs::agent_identity();
     let objects = manifest_docs::rbac_objects();
     let subjects = objects
         .cluster_role_bindings

@@ -104,3 +104,18 @@ pub fn rbac_objects() -> RbacObjects {
         role_bindings: of_kind("RoleBinding").iter().map(typed).collect(),
     }
 }
+
+/// The agent's namespace and ServiceAccount, as the manifest's DaemonSet runs it.
+pub fn agent_identity() -> (String, String) {
+    let ds = daemonset();
+    let ns = ds.metadata.namespace.clone().unwrap();
+    let sa = ds
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .service_account_name
+        .unwrap();
+    (ns, sa)
+}
