@@ -357,14 +357,13 @@ fn dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
         .collect()
 }
 
-/// The dataplane once it has settled (the same twice, two seconds apart): a new pod's link and
-/// the bridge take a moment after the pod is Running.
-fn settled_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
-    let mut last = dataplane(lab, nodes);
+/// `snapshot` once it has settled (the same twice, two seconds apart, within 30 s).
+fn settled(lab: &Lab, nodes: usize, snapshot: fn(&Lab, usize) -> Vec<String>) -> Vec<String> {
+    let mut last = snapshot(lab, nodes);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         std::thread::sleep(Duration::from_secs(2));
-        let now = dataplane(lab, nodes);
+        let now = snapshot(lab, nodes);
         if now == last {
             return now;
         }
@@ -373,42 +372,61 @@ fn settled_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
     }
 }
 
+/// The dataplane once it has settled: a new pod's link and the bridge take a moment after the
+/// pod is Running.
+fn settled_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
+    settled(lab, nodes, dataplane)
+}
+
+/// Pods keep talking: `netns` reaches `target` over TCP every `every` for `span`.
+fn keeps_talking(netns: &str, target: &str, span: Duration, every: Duration, during: &str) {
+    let since = Instant::now();
+    while since.elapsed() < span {
+        assert_eq!(
+            probe_in(netns, target, "tcp", "3s"),
+            Some(0),
+            "{target} from {netns} {during} ({:?} in)",
+            since.elapsed()
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// A NetworkPolicy isolating `b` for ingress takes effect: `a` no longer reaches it.
+fn isolating_b_is_enforced(lab: &Lab, b_ip: &str) {
+    lab.apply(
+        &serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "isolate-b", "namespace": "default"},
+            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
+        })
+        .to_string(),
+    );
+    eventually(Duration::from_secs(30), "the policy isolates b", || {
+        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "2s") == Some(1)
+    });
+}
+
 #[test]
 fn kube_apiserver_down_for_60s_changes_nothing_in_the_dataplane_and_the_agents_resync() {
     veilnet_test_support::require_root!();
     require_kubernetes!();
     let lab = Lab::up_on(ControlPlane::Kubernetes, "k8sapi", &["--nodes", "2"]);
-    for (name, node) in [("a", "node-1"), ("b", "node-2")] {
-        lab.apply(&pod_manifest(
-            "default",
-            name,
-            node,
-            &[("app", name)],
-            SERVE,
-        ));
-    }
-    let b_ip = lab.wait_pod_ip("default/b", Duration::from_secs(90));
-    lab.wait_pod_ip("default/a", Duration::from_secs(90));
-    assert_eq!(
-        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "3s"),
-        Some(0)
-    );
+    let (_, b_ip) = two_pods(&lab);
     let before = settled_dataplane(&lab, 2);
     // Probed from the pod's namespace directly: `lab exec` asks the API where the pod is.
     let a_netns = lab.pod_netns("default/a");
 
     lab.kill_daemon("kube-apiserver");
-    let down_since = Instant::now();
-    while down_since.elapsed() < Duration::from_secs(60) {
-        // Pods keep talking, encrypted, while no API server answers.
-        assert_eq!(
-            probe_in(&a_netns, &format!("{b_ip}:80"), "tcp", "3s"),
-            Some(0),
-            "a->b during the outage ({:?} in)",
-            down_since.elapsed()
-        );
-        std::thread::sleep(Duration::from_secs(5));
-    }
+    // Pods keep talking, encrypted, while no API server answers.
+    keeps_talking(
+        &a_netns,
+        &format!("{b_ip}:80"),
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+        "during the outage",
+    );
     assert_eq!(
         dataplane(&lab, 2),
         before,
@@ -441,24 +459,9 @@ fn kube_apiserver_down_for_60s_changes_nothing_in_the_dataplane_and_the_agents_r
     );
     assert_wire(&lab, "default/a", "default/b", "encrypted");
     // The kubelets' watches resumed: a new pod starts and is networked.
-    lab.apply(&pod_manifest("default", "c", "node-2", &[], SERVE));
-    let c_ip = lab.wait_pod_ip("default/c", Duration::from_secs(90));
-    eventually(Duration::from_secs(30), "a reaches the new pod c", || {
-        lab.connect("default/a", &format!("{c_ip}:80"), "tcp", "2s") == Some(0)
-    });
+    let c_ip = new_pod_is_reachable(&lab, "node-2");
     // The agents' watches resumed: a NetworkPolicy made after the outage is enforced.
-    lab.apply(
-        &serde_json::json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "isolate-b", "namespace": "default"},
-            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
-        })
-        .to_string(),
-    );
-    eventually(Duration::from_secs(30), "the policy isolates b", || {
-        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "2s") == Some(1)
-    });
+    isolating_b_is_enforced(&lab, &b_ip);
     assert_eq!(
         lab.connect("default/a", &format!("{c_ip}:80"), "tcp", "3s"),
         Some(0)
@@ -486,20 +489,10 @@ fn full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
         .collect()
 }
 
-/// [`full_dataplane`] once it has settled (the same twice, two seconds apart).
+/// [`full_dataplane`] once it has settled (the links and routes first, then the FDB).
 fn settled_full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
     settled_dataplane(lab, nodes);
-    let mut last = full_dataplane(lab, nodes);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        std::thread::sleep(Duration::from_secs(2));
-        let now = full_dataplane(lab, nodes);
-        if now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "the dataplane never settled");
-        last = now;
-    }
+    settled(lab, nodes, full_dataplane)
 }
 
 /// An agent's log as written so far.
@@ -562,13 +555,14 @@ fn two_pods(lab: &Lab) -> (String, String) {
     (a_ip, b_ip)
 }
 
-/// Pod `c` on `node`, networked, reached from `a`.
-fn new_pod_is_reachable(lab: &Lab, node: &str) {
+/// Pod `c` on `node`, networked, reached from `a`; its IP.
+fn new_pod_is_reachable(lab: &Lab, node: &str) -> String {
     lab.apply(&pod_manifest("default", "c", node, &[], SERVE));
     let c_ip = lab.wait_pod_ip("default/c", Duration::from_secs(90));
     eventually(Duration::from_secs(30), "a reaches the new pod c", || {
         lab.connect("default/a", &format!("{c_ip}:80"), "tcp", "2s") == Some(0)
     });
+    c_ip
 }
 
 #[test]
@@ -632,16 +626,13 @@ fn losing_an_rbac_rule_is_logged_as_forbidden_tears_nothing_down_and_recovers_wh
     );
     // It keeps retrying (and failing) for a while; nothing it built is torn down meanwhile, and
     // the pods keep talking.
-    let refused_since = Instant::now();
-    while refused_since.elapsed() < Duration::from_secs(12) {
-        assert_eq!(
-            probe_in(&a_netns, &format!("{b_ip}:80"), "tcp", "3s"),
-            Some(0),
-            "a->b while the agent is refused ({:?} in)",
-            refused_since.elapsed()
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    keeps_talking(
+        &a_netns,
+        &format!("{b_ip}:80"),
+        Duration::from_secs(12),
+        Duration::from_secs(2),
+        "while the agent is refused",
+    );
     assert!(
         agent_lines_since(&lab, "node-1", from, forbidden).len() >= 2,
         "the agent gave up retrying"
@@ -814,17 +805,6 @@ fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
     );
     // Changes after it still apply: a new pod is networked, and a NetworkPolicy is enforced.
     new_pod_is_reachable(&lab, "node-2");
-    lab.apply(
-        &serde_json::json!({
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "isolate-b", "namespace": "default"},
-            "spec": {"podSelector": {"matchLabels": {"app": "b"}}, "policyTypes": ["Ingress"]},
-        })
-        .to_string(),
-    );
-    eventually(Duration::from_secs(30), "the policy isolates b", || {
-        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "2s") == Some(1)
-    });
+    isolating_b_is_enforced(&lab, &b_ip);
     eprintln!("410 test: {:.1}s", started.elapsed().as_secs_f64());
 }
