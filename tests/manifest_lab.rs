@@ -2,8 +2,11 @@
 //! on a cluster: every object is created, reads back as written, and a second apply changes
 //! nothing. Needs root (the lab lives in network namespaces); the lab is torn down by a guard.
 //!
-//! The lab has no DaemonSet controller, so no agent pod is started here: this proves the
-//! manifest is accepted by an API server (types, validation, RBAC shapes), not that it runs.
+//! Control planes: both. On the stand-in (no DaemonSet controller) no agent pod is created; on
+//! the real one the DaemonSet controller creates one pod per node and the lab kubelet refuses
+//! them, because they mount host volumes it cannot give them. Either way this proves the manifest
+//! is accepted by an API server (types, validation, RBAC shapes), not that it runs: real kubelets
+//! and containerd running it is the nodes issue's work.
 
 mod common;
 
@@ -17,21 +20,36 @@ fn manifest() -> String {
 fn the_install_manifest_applies_to_the_lab_api() {
     veilnet_test_support::require_root!();
     let lab = Lab::up("man", &["--nodes", "1"]);
+    let plane = lab.control_plane();
     let out = lab.kubectl_ok(&["apply", "-f", &manifest()]);
-    // The lab creates veilnet-system itself (its agents' namespace), so apply adopts it.
+    // On the real control plane the lab has already applied the manifest's Namespace,
+    // ServiceAccount and RBAC (its agents run as that ServiceAccount), so kubectl finds them
+    // unchanged: proof that the lab applied exactly these objects. The stand-in's lab creates
+    // only the namespace (its agents' namespace), which apply adopts.
+    let rbac = match plane {
+        ControlPlane::StandIn => "created",
+        ControlPlane::Kubernetes => "unchanged",
+    };
     assert!(
         out.contains("namespace/veilnet-system created")
-            || out.contains("namespace/veilnet-system configured"),
+            || out.contains("namespace/veilnet-system configured")
+            || (plane == ControlPlane::Kubernetes
+                && out.contains("namespace/veilnet-system unchanged")),
         "{out}"
     );
+    for object in [
+        "serviceaccount/veilnet",
+        "clusterrole.rbac.authorization.k8s.io/veilnet",
+        "clusterrolebinding.rbac.authorization.k8s.io/veilnet",
+        "role.rbac.authorization.k8s.io/veilnet",
+        "rolebinding.rbac.authorization.k8s.io/veilnet",
+        "role.rbac.authorization.k8s.io/veilnet-events",
+        "rolebinding.rbac.authorization.k8s.io/veilnet-events",
+    ] {
+        let line = format!("{object} {rbac}");
+        assert!(out.contains(&line), "missing {line:?} in:\n{out}");
+    }
     for line in [
-        "serviceaccount/veilnet created",
-        "clusterrole.rbac.authorization.k8s.io/veilnet created",
-        "clusterrolebinding.rbac.authorization.k8s.io/veilnet created",
-        "role.rbac.authorization.k8s.io/veilnet created",
-        "rolebinding.rbac.authorization.k8s.io/veilnet created",
-        "role.rbac.authorization.k8s.io/veilnet-events created",
-        "rolebinding.rbac.authorization.k8s.io/veilnet-events created",
         "configmap/veilnet-config created",
         "daemonset.apps/veilnet created",
         "daemonset.apps/veilnet-datapath created",
@@ -102,9 +120,61 @@ fn the_install_manifest_applies_to_the_lab_api() {
             "second apply changed something:\n{again}"
         );
     }
+    // The spec is untouched (the real DaemonSet controller does write status, so the
+    // resourceVersion may move there).
     let ds2 = lab.kubectl_json(&["get", "daemonset", "-n", "veilnet-system", "veilnet"]);
-    assert_eq!(
-        ds2["metadata"]["resourceVersion"],
-        ds["metadata"]["resourceVersion"]
-    );
+    assert_eq!(ds2["metadata"]["generation"], 1, "{ds2:#}");
+    if plane == ControlPlane::StandIn {
+        assert_eq!(
+            ds2["metadata"]["resourceVersion"],
+            ds["metadata"]["resourceVersion"]
+        );
+    } else {
+        daemon_pods_are_created_and_refused_by_the_lab_kubelet(&lab);
+    }
+}
+
+/// On the real control plane: each DaemonSet gets its pod on the lab's node, and the lab kubelet
+/// refuses it (it mounts host volumes, which a host-process container would write to this
+/// machine's own files) with a reason on the pod, never starting its containers.
+fn daemon_pods_are_created_and_refused_by_the_lab_kubelet(lab: &Lab) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let pods = lab.kubectl_json(&["get", "pods", "-n", "veilnet-system"]);
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let refused = |pod: &serde_json::Value| {
+            let statuses = pod["status"]["initContainerStatuses"]
+                .as_array()
+                .or_else(|| pod["status"]["containerStatuses"].as_array())
+                .cloned()
+                .unwrap_or_default();
+            statuses.first().is_some_and(|c| {
+                let waiting = &c["state"]["waiting"];
+                waiting["reason"] == "CreateContainerConfigError"
+                    && waiting["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("mounts volumes"))
+                    && c["restartCount"] == 0
+            })
+        };
+        let owners: Vec<&str> = items
+            .iter()
+            .filter(|p| p["spec"]["nodeName"] == "node-1" && refused(p))
+            .filter_map(|p| p["metadata"]["ownerReferences"][0]["name"].as_str())
+            .collect();
+        if owners.contains(&"veilnet") && owners.contains(&"veilnet-datapath") {
+            assert_eq!(
+                items.len(),
+                2,
+                "one pod per DaemonSet on one node: {pods:#}"
+            );
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the DaemonSets' pods were not created and refused in 60 s:\n{pods:#}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }

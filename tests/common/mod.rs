@@ -176,6 +176,15 @@ impl Lab {
         serde_json::from_str(&out).expect("status json")
     }
 
+    /// The control plane this lab runs (`lab status`'s `controlPlane`).
+    pub fn control_plane(&self) -> ControlPlane {
+        match self.status_json()["controlPlane"].as_str() {
+            Some("kubernetes") => ControlPlane::Kubernetes,
+            Some("stand-in") => ControlPlane::StandIn,
+            other => panic!("lab status has an unknown controlPlane {other:?}"),
+        }
+    }
+
     /// Waits until the pod is Running with an IP; returns the IP.
     pub fn wait_pod_ip(&self, ns_name: &str, timeout: Duration) -> String {
         let (ns, name) = ns_name.split_once('/').unwrap_or(("default", ns_name));

@@ -30,6 +30,15 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 pub enum ContainerError {
     #[error("container {container:?} has no command: the lab runs no images, set `command`")]
     NoCommand { container: String },
+    /// The lab has no mount namespace: a container's `/host/...` would be this machine's own
+    /// files, so a pod that mounts volumes (the install manifest's `install-cni`, for one) is
+    /// refused rather than run against the host's filesystem.
+    #[error(
+        "container {container:?} mounts volumes ({mounts}): the lab runs containers as host \
+         processes without a mount namespace, so it refuses them instead of letting them write \
+         to this machine's files"
+    )]
+    VolumeMounts { container: String, mounts: String },
     #[error("container {container:?}: executable {program:?} not found in $PATH ({path})")]
     NotFound {
         container: String,
@@ -142,6 +151,17 @@ pub fn plan_launch(
     container: &Container,
     ctx: &EnvContext,
 ) -> Result<(Launch, Vec<String>), ContainerError> {
+    if let Some(mounts) = container.volume_mounts.as_ref().filter(|m| !m.is_empty()) {
+        let mounts = mounts
+            .iter()
+            .map(|m| format!("{} at {}", m.name, m.mount_path))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ContainerError::VolumeMounts {
+            container: container.name.clone(),
+            mounts,
+        });
+    }
     let mut words: Vec<String> = container.command.clone().unwrap_or_default();
     if words.is_empty() {
         return Err(ContainerError::NoCommand {
@@ -465,6 +485,38 @@ mod tests {
             plan_launch(&pod_with(c.clone()), &c, &ctx),
             Err(ContainerError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn a_container_that_mounts_volumes_is_refused_before_it_can_touch_the_host() {
+        // The install manifest's install-cni: `cp ... /host/opt/cni/bin/` would write to this
+        // machine's /host if it ran as a plain host process.
+        let c = Container {
+            name: "install-cni".into(),
+            command: Some(vec!["/bin/sh".into(), "-c".into(), "true".into()]),
+            volume_mounts: Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+                name: "cni-bin".into(),
+                mount_path: "/host/opt/cni/bin".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let ctx = EnvContext {
+            path: "/usr/bin:/bin".into(),
+            ..Default::default()
+        };
+        let err = plan_launch(&pod_with(c.clone()), &c, &ctx).unwrap_err();
+        assert!(matches!(err, ContainerError::VolumeMounts { .. }), "{err}");
+        assert!(
+            err.to_string().contains("cni-bin at /host/opt/cni/bin"),
+            "{err}"
+        );
+        // No mounts (an empty list too) runs as before.
+        let c = Container {
+            volume_mounts: Some(vec![]),
+            ..c
+        };
+        assert!(plan_launch(&pod_with(c.clone()), &c, &ctx).is_ok());
     }
 
     #[test]
