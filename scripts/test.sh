@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Runs every veilnet test: unit tests and the netns integration tests (needs root).
-# Usage: ./scripts/test.sh [extra cargo test args]
-# Builds the real Kubernetes control plane first (scripts/build-kubernetes.sh: ~11 min the first
-# time on 2 cores, seconds after), so tests/lab_kubernetes.rs runs on it; needs Go.
+# Usage: ./scripts/test.sh [extra cargo test args, passed to both passes]
+# 1. builds the real Kubernetes control plane (scripts/build-kubernetes.sh: ~11 min the first
+#    time on 2 cores, seconds after; needs Go);
+# 2. runs `cargo test --workspace`: every test, with the lab on its default control plane, the
+#    stand-in (tests/lab_kubernetes.rs brings up the real one itself);
+# 3. runs the lab test files tagged `//! Control planes: both` again on the real control plane
+#    (VEILNET_LAB_CONTROL_PLANE=kubernetes). tests/control_plane_tags.rs checks every lab file
+#    has that tag or says why it runs on one control plane only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -10,9 +15,25 @@ need_root
 ensure_packages
 ensure_rust
 
+phase_start=$SECONDS
+took() { echo "==> $1 took $((SECONDS - phase_start)) s"; phase_start=$SECONDS; }
+
 echo "==> the real Kubernetes control plane (scripts/build-kubernetes.sh)"
 ./scripts/build-kubernetes.sh
+took "the Kubernetes build"
 echo "==> cargo build (debug, all targets)"
 cargo build --workspace --all-targets --locked
-echo "==> cargo test"
+took "the cargo build"
+echo "==> cargo test (the lab on the stand-in)"
 cargo test --workspace --locked "$@"
+took "cargo test"
+
+both=()
+for f in tests/*.rs; do
+	grep -q '^//! Control planes: both' "$f" && both+=(--test "$(basename "$f" .rs)")
+done
+[ ${#both[@]} -gt 0 ] || die "no test file is tagged '//! Control planes: both'"
+echo "==> the lab tests again, on the real control plane: ${both[*]}"
+VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked "${both[@]}" "$@"
+took "the real-control-plane pass"
+echo "==> all tests passed in $SECONDS s"

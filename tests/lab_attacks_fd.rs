@@ -1,5 +1,7 @@
 //! Issue 23 part 3: a pod that opens ~20,000 idle connections to its node's agent ports must not
 //! stop NetworkPolicy enforcement, pod admission or the agent's readiness. Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

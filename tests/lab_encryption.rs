@@ -2,6 +2,8 @@
 //! strict mode that never downgrades (also while the agent restarts), rogue nodes that attract
 //! nothing, keys that survive restarts and rotate on demand. The wire is checked with
 //! scripts/verify-ciphertext.sh (tcpdump on the underlay). Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

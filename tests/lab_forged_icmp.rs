@@ -2,6 +2,8 @@
 //! another pod's UDP connection. Related packets are accepted only from the connection's own ends
 //! (and from non-pod addresses: routers, nodes, outside), so the victim's socket never sees the
 //! forged error, while a real one from the connection's peer still arrives. Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

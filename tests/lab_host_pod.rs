@@ -6,6 +6,8 @@
 //!
 //! Pods reaching the lab's API server: the lab's control plane is not a node, so that path is
 //! pod → non-node address (egress), which the real-control-plane and egress issues cover.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

@@ -5,9 +5,9 @@
 //! manifest's `veilnet` ServiceAccount. Needs root, and skips (saying why) when the binaries are
 //! not built.
 //!
-//! The other lab tests run here too with `VEILNET_LAB_CONTROL_PLANE=kubernetes`; these two are
-//! about what only the real control plane has: real authentication, authorization, scheduling and
-//! node IPAM, and a real API server to lose.
+//! Control plane: kubernetes only, because these tests are about what only the real control
+//! plane has: real authentication, authorization, scheduling and node IPAM, and a real API
+//! server to stop and a real etcd to compact. Every other lab test file runs on both.
 
 mod common;
 mod manifest_docs;

@@ -1,5 +1,7 @@
 //! The lab's lifecycle, as a user drives it: up, idempotent up, status, kubectl, down, down again.
 //! Needs root; every lab has a unique name and is torn down by a guard, also on failure.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

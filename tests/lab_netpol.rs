@@ -9,6 +9,8 @@
 //!
 //! The tests of this file run one after another (each builds a lab; two cores are not enough for
 //! several labs with one-second probe timeouts).
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

@@ -6,6 +6,8 @@
 //!
 //! Server `x/server` on node-1; client `y/good` on node-2 (routed over the overlay), client
 //! `y/bad` on node-1 (bridged, through br_netfilter). The tests run one after another.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

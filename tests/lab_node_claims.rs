@@ -3,6 +3,8 @@
 //! status is forged, its kubelet) is stopped and its Node object is edited as its credentials
 //! allow. The honest pair node-1 ↔ node-2 must lose no probe, the newcomer is refused, and the
 //! logs and Events stay bounded. Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

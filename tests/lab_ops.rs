@@ -1,5 +1,7 @@
 //! Operating veilnet in the lab: each agent's health, readiness, metrics and status endpoint, with
 //! live values. Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! encryption has its own tests in lab_encryption.rs), as a user checks it: pods on every node reach each other, the
 //! agent allocates distinct CIDRs, survives restarts without touching the dataplane, forgets deleted
 //! nodes, ignores malformed peers, and sizes the MTU right. Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

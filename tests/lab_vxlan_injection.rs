@@ -4,6 +4,8 @@
 //! node-1 unless it comes from a VXLAN-path peer's recorded address with that peer's own source.
 //! Every refusal is counted (`vxlan_rejected`) and logged once (`vxlan-rejected` flow-log line
 //! naming the outer sender). Needs root.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 

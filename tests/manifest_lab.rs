@@ -2,11 +2,13 @@
 //! on a cluster: every object is created, reads back as written, and a second apply changes
 //! nothing. Needs root (the lab lives in network namespaces); the lab is torn down by a guard.
 //!
-//! Control planes: both. On the stand-in (no DaemonSet controller) no agent pod is created; on
+//! On the stand-in (no DaemonSet controller) no agent pod is created; on
 //! the real one the DaemonSet controller creates one pod per node and the lab kubelet refuses
 //! them, because they mount host volumes it cannot give them. Either way this proves the manifest
 //! is accepted by an API server (types, validation, RBAC shapes), not that it runs: real kubelets
 //! and containerd running it is the nodes issue's work.
+//!
+//! Control planes: both (`./scripts/test.sh` runs this file on the stand-in, then on the real one).
 
 mod common;
 
