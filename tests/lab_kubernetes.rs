@@ -495,30 +495,6 @@ fn settled_full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
     settled(lab, nodes, full_dataplane)
 }
 
-/// An agent's log as written so far.
-fn agent_log(lab: &Lab, node: &str) -> String {
-    let path = std::path::Path::new("/var/lib/veilnet-lab")
-        .join(&lab.name)
-        .join("logs")
-        .join(format!("agent-{node}.log"));
-    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // Without the terminal colours: `kind=Node`, not `kind\x1b[0m\x1b[2m=\x1b[0mNode`.
-    let mut plain = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
 /// The lines an agent logged after byte `from` of its log that satisfy `want`.
 fn agent_lines_since(
     lab: &Lab,
@@ -526,7 +502,7 @@ fn agent_lines_since(
     from: usize,
     want: impl Fn(&str) -> bool,
 ) -> Vec<String> {
-    let log = agent_log(lab, node);
+    let log = lab.agent_log(node);
     log.get(from..)
         .unwrap_or_default()
         .lines()
@@ -612,7 +588,7 @@ fn losing_an_rbac_rule_is_logged_as_forbidden_tears_nothing_down_and_recovers_wh
 
     // Make the agent need the call: an operator drops node-1's informational pod-cidrs
     // annotation (routing never reads it), which its agent then republishes.
-    let from = agent_log(&lab, "node-1").len();
+    let from = lab.agent_log("node-1").len();
     lab.kubectl_ok(&["annotate", "node", "node-1", "veilnet.io/pod-cidrs-"]);
     let forbidden = |l: &str| l.to_lowercase().contains("forbidden") && l.contains("nodes/status");
     eventually(
@@ -668,7 +644,7 @@ fn losing_an_rbac_rule_is_logged_as_forbidden_tears_nothing_down_and_recovers_wh
             node1["metadata"]["annotations"]["veilnet.io/pod-cidrs"] == claimed
         },
     );
-    let recovered = agent_log(&lab, "node-1").len();
+    let recovered = lab.agent_log("node-1").len();
     // Longer than the agent's longest retry backoff (5 s).
     std::thread::sleep(Duration::from_secs(7));
     let again = agent_lines_since(&lab, "node-1", recovered, forbidden);
@@ -715,7 +691,7 @@ fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
     let before = settled_full_dataplane(&lab, 2);
     let from: Vec<usize> = ["node-1", "node-2"]
         .iter()
-        .map(|n| agent_log(&lab, n).len())
+        .map(|n| lab.agent_log(n).len())
         .collect();
 
     // Writes the agents' watches do not see move etcd's revision past what they last saw; then,
@@ -768,7 +744,7 @@ fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
             "the agent's watch expires (410)",
             || !agent_lines_since(&lab, node, *from, gone).is_empty(),
         );
-        let log = agent_log(&lab, node);
+        let log = lab.agent_log(node);
         let mut at = *from;
         let mut expired = Vec::new();
         for line in log[*from..].lines() {

@@ -204,7 +204,7 @@ fn strict_mode_cuts_denied_connections_and_keeps_allowed_ones() {
         status["connectionsCut"].as_u64().unwrap_or(0) >= 1,
         "node-1 reports no cut: {status}"
     );
-    let log = strip_ansi(&agent_log(&s.lab, "node-1"));
+    let log = s.lab.agent_log("node-1");
     let line = log
         .lines()
         .find(|l| l.contains("strict mode: established connections") && !l.contains("cut=0"))
@@ -214,39 +214,4 @@ fn strict_mode_cuts_denied_connections_and_keeps_allowed_ones() {
         "no strict-mode line with a cut in node-1's agent log"
     );
     eprintln!("agent: {}", line.unwrap());
-}
-
-/// The whole log of a node's agent.
-fn agent_log(lab: &Lab, node: &str) -> String {
-    let dir = std::path::Path::new("/var/lib/veilnet-lab")
-        .join(&lab.name)
-        .join("logs");
-    std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.contains("agent") && n.contains(node)
-        })
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect()
-}
-
-/// Log text without its colour escapes (`ESC [ ... m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -473,10 +473,36 @@ fn full_size_packets_cross_at_the_computed_pod_mtu() {
             "mtu",
             &["--nodes", "2", "--underlay-mtu", &underlay.to_string()],
         );
+        // The bridge is planned at the pods' MTU before any pod joins, so a joining pod (whose
+        // veth the kernel would otherwise lower it to) changes nothing.
+        let bridge_mtu = || {
+            let link = lab.ip(1, &["link", "show", "veilbr0"]);
+            assert!(link.contains(&format!("mtu {pod_mtu} ")), "{link}");
+        };
+        eventually(Duration::from_secs(10), "node-1's bridge exists", || {
+            lab.ip(1, &["-o", "link", "show"]).contains("veilbr0")
+        });
+        bridge_mtu();
         lab.apply(&pod_manifest("default", "a", "node-1", &[], SERVE));
         lab.apply(&pod_manifest("default", "b", "node-2", &[], SERVE));
         let ip = lab.wait_pod_ip("default/a", Duration::from_secs(60));
         lab.wait_pod_ip("default/b", Duration::from_secs(60));
+        // Host -> local pod at the full pod MTU, DF set: nothing is dropped at the pod's port.
+        let host_ping = ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &lab.node_netns(1),
+            "ping",
+            "-c2",
+            "-W2",
+            "-M",
+            "do",
+            "-s",
+            &(pod_mtu - 28).to_string(),
+            &ip,
+        ]));
+        assert!(host_ping.contains(" 0% packet loss"), "{host_ping}");
+        bridge_mtu();
         let link = String::from_utf8_lossy(
             &lab.exec("default/b", &["ip", "link", "show", "eth0"])
                 .stdout,

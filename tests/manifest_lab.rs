@@ -4,7 +4,7 @@
 //!
 //! On the stand-in (no DaemonSet controller) no agent pod is created; on
 //! the real one the DaemonSet controller creates one pod per node and the lab kubelet refuses
-//! them, because they mount host volumes it cannot give them. Either way this proves the manifest
+//! them, because they mount hostPath volumes it cannot give them. Either way this proves the manifest
 //! is accepted by an API server (types, validation, RBAC shapes), not that it runs: real kubelets
 //! and containerd running it is the nodes issue's work.
 //!
@@ -155,7 +155,7 @@ fn daemon_pods_are_created_and_refused_by_the_lab_kubelet(lab: &Lab) {
                 waiting["reason"] == "CreateContainerConfigError"
                     && waiting["message"]
                         .as_str()
-                        .is_some_and(|m| m.contains("mounts volumes"))
+                        .is_some_and(|m| m.contains("mounts hostPath volumes"))
                     && c["restartCount"] == 0
             })
         };

@@ -233,12 +233,17 @@ pub fn plan_node(input: &PlanInput<'_>) -> Result<NodePlan, OverlayError> {
         agent_conns_per_source: wire::AGENT_CONNS_PER_SOURCE,
     }
     .with_peers(&peers.peers, &paths);
-    let overlay = peers.into_desired(routing.routes, routing.rules, [TUN_NAME.to_string()].into());
+    let mut overlay =
+        peers.into_desired(routing.routes, routing.rules, [TUN_NAME.to_string()].into());
 
     // Pods get the WireGuard MTU whatever the current paths: a live mode toggle must not leave
     // running pods with packets too large for the new path.
     let wg_mtu = me.underlay.mtu.saturating_sub(OVERHEAD_IPV4);
     let mtu = cfg.mtu.unwrap_or(overlay.pod_mtu.min(wg_mtu));
+    // The bridge gets the pods' MTU too. Above it, the kernel lowers the bridge to its smallest
+    // port as the first pod joins (and the next pass would raise it back: a link change), and the
+    // node's own packets between the two sizes (UDP, ICMP) are dropped at the pod's port.
+    overlay.bridge.mtu = mtu;
     let cni = cni_config::node_state(&cfg.node_name, &me.pod_cidrs, &overlay, Some(mtu));
     let matrix = path_matrix(
         own.map(|o| &o.record).into_iter().chain(&cluster.peers),
@@ -455,6 +460,9 @@ mod tests {
         assert_eq!(p.cni.mtu, 1500 - OVERHEAD_IPV4);
         assert_eq!(p.cni.mtu, 1440);
         assert_eq!(p.cni.bridge, "veilbr0");
+        // The bridge has the pods' MTU (not VXLAN's 1450), so a joining pod never changes it.
+        assert_eq!(p.overlay.bridge.mtu, p.cni.mtu);
+        assert_eq!(p.overlay.vxlan.link.mtu, 1450);
         // The matrix: the peers that publish a mode (n1 publishes nothing yet).
         assert_eq!(p.matrix.keys().collect::<Vec<_>>(), ["n2", "n3", "n4"]);
         assert_eq!(p.matrix["n2"]["n3"], "vxlan");

@@ -377,6 +377,23 @@ impl Lab {
         }
     }
 
+    /// A node's agent log as written so far (`logs/agent-<node>.log`). It must be plain text:
+    /// the daemons colour their logs only on a terminal, so grepping `kind=Node` works.
+    pub fn agent_log(&self, node: &str) -> String {
+        let path = std::path::Path::new("/var/lib/veilnet-lab")
+            .join(&self.name)
+            .join("logs")
+            .join(format!("agent-{node}.log"));
+        let log =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            !log.contains('\x1b'),
+            "{} has terminal colour escapes",
+            path.display()
+        );
+        log
+    }
+
     pub fn node_netns(&self, index: usize) -> String {
         format!("{}.n{index}", self.name)
     }

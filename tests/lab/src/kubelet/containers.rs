@@ -30,15 +30,15 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 pub enum ContainerError {
     #[error("container {container:?} has no command: the lab runs no images, set `command`")]
     NoCommand { container: String },
-    /// The lab has no mount namespace: a container's `/host/...` would be this machine's own
-    /// files, so a pod that mounts volumes (the install manifest's `install-cni`, for one) is
-    /// refused rather than run against the host's filesystem.
+    /// The lab has no mount namespace: a hostPath mount such as the install manifest's
+    /// `/host/opt/cni/bin` would be a path of this machine's own, so such a container is refused
+    /// rather than run against the host's filesystem.
     #[error(
-        "container {container:?} mounts volumes ({mounts}): the lab runs containers as host \
-         processes without a mount namespace, so it refuses them instead of letting them write \
-         to this machine's files"
+        "container {container:?} mounts hostPath volumes ({mounts}): the lab runs containers as \
+         host processes without a mount namespace, so it refuses them instead of letting them \
+         write to this machine's files"
     )]
-    VolumeMounts { container: String, mounts: String },
+    HostPathMounts { container: String, mounts: String },
     #[error("container {container:?}: executable {program:?} not found in $PATH ({path})")]
     NotFound {
         container: String,
@@ -151,15 +151,23 @@ pub fn plan_launch(
     container: &Container,
     ctx: &EnvContext,
 ) -> Result<(Launch, Vec<String>), ContainerError> {
-    if let Some(mounts) = container.volume_mounts.as_ref().filter(|m| !m.is_empty()) {
-        let mounts = mounts
-            .iter()
-            .map(|m| format!("{} at {}", m.name, m.mount_path))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(ContainerError::VolumeMounts {
+    // Other volumes (the ServiceAccount token the real API server injects, emptyDir,
+    // configMap) are simply absent: the process finds nothing at their paths.
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    let host_paths: Vec<String> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let volume = volumes?.iter().find(|v| v.name == m.name)?;
+            let host = volume.host_path.as_ref()?;
+            Some(format!("{} ({}) at {}", m.name, host.path, m.mount_path))
+        })
+        .collect();
+    if !host_paths.is_empty() {
+        return Err(ContainerError::HostPathMounts {
             container: container.name.clone(),
-            mounts,
+            mounts: host_paths.join(", "),
         });
     }
     let mut words: Vec<String> = container.command.clone().unwrap_or_default();
@@ -488,35 +496,68 @@ mod tests {
     }
 
     #[test]
-    fn a_container_that_mounts_volumes_is_refused_before_it_can_touch_the_host() {
+    fn a_container_that_mounts_a_host_path_is_refused_before_it_can_touch_the_host() {
+        use k8s_openapi::api::core::v1::{HostPathVolumeSource, Volume, VolumeMount};
         // The install manifest's install-cni: `cp ... /host/opt/cni/bin/` would write to this
         // machine's /host if it ran as a plain host process.
+        let mount = |name: &str, path: &str| VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            ..Default::default()
+        };
         let c = Container {
             name: "install-cni".into(),
             command: Some(vec!["/bin/sh".into(), "-c".into(), "true".into()]),
-            volume_mounts: Some(vec![k8s_openapi::api::core::v1::VolumeMount {
-                name: "cni-bin".into(),
-                mount_path: "/host/opt/cni/bin".into(),
-                ..Default::default()
-            }]),
+            volume_mounts: Some(vec![
+                mount(
+                    "kube-api-access-x",
+                    "/var/run/secrets/kubernetes.io/serviceaccount",
+                ),
+                mount("cni-bin", "/host/opt/cni/bin"),
+            ]),
             ..Default::default()
         };
+        let mut pod = pod_with(c.clone());
+        pod.spec.as_mut().unwrap().volumes = Some(vec![
+            Volume {
+                name: "kube-api-access-x".into(),
+                projected: Some(Default::default()),
+                ..Default::default()
+            },
+            Volume {
+                name: "cni-bin".into(),
+                host_path: Some(HostPathVolumeSource {
+                    path: "/opt/cni/bin".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ]);
         let ctx = EnvContext {
             path: "/usr/bin:/bin".into(),
             ..Default::default()
         };
-        let err = plan_launch(&pod_with(c.clone()), &c, &ctx).unwrap_err();
-        assert!(matches!(err, ContainerError::VolumeMounts { .. }), "{err}");
+        let err = plan_launch(&pod, &c, &ctx).unwrap_err();
         assert!(
-            err.to_string().contains("cni-bin at /host/opt/cni/bin"),
+            matches!(err, ContainerError::HostPathMounts { .. }),
             "{err}"
         );
-        // No mounts (an empty list too) runs as before.
+        let msg = err.to_string();
+        assert!(
+            msg.contains("cni-bin (/opt/cni/bin) at /host/opt/cni/bin"),
+            "{msg}"
+        );
+        assert!(!msg.contains("kube-api-access"), "{msg}");
+        // The ServiceAccount token volume the real API server adds to every pod is no reason to
+        // refuse one.
         let c = Container {
-            volume_mounts: Some(vec![]),
+            volume_mounts: Some(vec![mount(
+                "kube-api-access-x",
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+            )]),
             ..c
         };
-        assert!(plan_launch(&pod_with(c.clone()), &c, &ctx).is_ok());
+        assert!(plan_launch(&pod, &c, &ctx).is_ok());
     }
 
     #[test]
