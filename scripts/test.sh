@@ -25,7 +25,7 @@ echo "==> cargo build (debug, all targets)"
 cargo build --workspace --all-targets --locked
 took "the cargo build"
 echo "==> cargo test (the lab on the stand-in)"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"
 took "cargo test"
 
 both=()
@@ -34,6 +34,6 @@ for f in tests/*.rs; do
 done
 [ ${#both[@]} -gt 0 ] || die "no test file is tagged '//! Control planes: both'"
 echo "==> the lab tests again, on the real control plane: ${both[*]}"
-VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked "${both[@]}" "$@"
+VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked --no-fail-fast "${both[@]}" "$@"
 took "the real-control-plane pass"
 echo "==> all tests passed in $SECONDS s"

@@ -65,6 +65,13 @@ pub struct CompileOptions {
     /// of the *server* could otherwise start a new entry in the reverse direction, which its
     /// policies allow, and the client's segments would pass as replies.
     pub tcp_new_needs_syn: bool,
+    /// This node's pod CIDRs. With them, a packet forwarded to an address in them that is not an
+    /// admitted pod's (in `anti_spoof`) is dropped before conntrack can accept it: packets sent to
+    /// an address before its pod's chains exist would otherwise wait in the neighbour queue, reach
+    /// the pod once it answers ARP, and its reply would make the flow `established`, past its
+    /// policy; and an established flow of an earlier pod with the same address would reach the
+    /// new one. Empty (the default): no such rule.
+    pub local_pod_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl Default for CompileOptions {
@@ -76,6 +83,7 @@ impl Default for CompileOptions {
             log_burst: 20,
             drop_unknown_pod_ports: false,
             tcp_new_needs_syn: false,
+            local_pod_cidrs: Vec::new(),
         }
     }
 }

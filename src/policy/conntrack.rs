@@ -16,6 +16,8 @@
 //! does not filter). Only TCP, UDP and SCTP entries are evaluated: policies match ports, and ICMP
 //! entries expire within seconds.
 
+use std::net::IpAddr;
+
 use super::compile::{CompiledPolicy, Direction};
 use super::explain::Decision;
 use super::model::Protocol;
@@ -77,9 +79,31 @@ pub struct CutReport {
 /// Dumps, keeps what `model` denies ([`denies`], as [`connections_to_cut`] does), and deletes
 /// it once the dump is over.
 pub fn cut(socket: &mut ConntrackSocket, model: &CompiledPolicy) -> Result<CutReport> {
+    delete_matching(socket, |e| denies(model, e))
+}
+
+/// Deletes every entry with one of `ips` at either end, in either direction: run when a new
+/// pod's address is admitted, so that no flow recorded before that pod's chains existed (packets
+/// held for it in the neighbour queue, or an earlier pod's connection at the same address) passes
+/// as `established`. `denied` counts the matching entries.
+pub fn forget_addresses(socket: &mut ConntrackSocket, ips: &[IpAddr]) -> Result<CutReport> {
+    delete_matching(socket, |e| touches(e, ips))
+}
+
+/// Whether `entry` has one of `ips` as a source or destination of either tuple.
+pub fn touches(entry: &CtEntry, ips: &[IpAddr]) -> bool {
+    std::iter::once(&entry.orig)
+        .chain(entry.reply.as_ref())
+        .any(|t| ips.contains(&t.src) || ips.contains(&t.dst))
+}
+
+fn delete_matching(
+    socket: &mut ConntrackSocket,
+    mut matches: impl FnMut(&CtEntry) -> bool,
+) -> Result<CutReport> {
     let mut denied = Vec::new();
     let examined = socket.dump_each(|e| {
-        if denies(model, &e) {
+        if matches(&e) {
             denied.push(e);
         }
     })?;
@@ -106,6 +130,25 @@ mod tests {
     use super::super::compile::compile;
     use super::super::testutil::{e2e_state, ip_of, np};
     use super::*;
+
+    #[test]
+    fn touches_either_end_of_either_tuple() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let e = CtEntry::tcp(ip("10.244.2.2"), 40000, ip("10.244.1.3"), 80);
+        assert!(touches(&e, &[ip("10.244.1.3")]));
+        assert!(touches(&e, &[ip("10.244.2.2")]));
+        assert!(!touches(&e, &[ip("10.244.1.4")]));
+        assert!(!touches(&e, &[]));
+        // DNAT: the pod appears only in the reply tuple.
+        let mut nat = CtEntry::tcp(ip("10.244.2.2"), 40000, ip("10.96.0.10"), 53);
+        nat.reply.as_mut().unwrap().src = ip("10.244.1.3");
+        assert!(touches(&nat, &[ip("10.244.1.3")]));
+        let unreplied = CtEntry {
+            reply: None,
+            ..CtEntry::tcp(ip("10.244.2.2"), 40000, ip("10.244.1.3"), 81)
+        };
+        assert!(touches(&unreplied, &[ip("10.244.1.3")]));
+    }
     use crate::netfilter::conntrack::CtTuple;
     use serde_json::json;
     use std::net::IpAddr;

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use super::addrset::AddrSet;
 use super::compile::{AntiSpoofPort, CompiledPolicy, CompiledRule, Direction, PodChain, RuleMatch};
 use super::logprefix::{allow_prefix, deny_prefix, spoof_prefix};
@@ -328,22 +330,57 @@ impl Renderer<'_> {
             ));
         }
         objects.push(counter("forged_related", None));
-        let mut forward: Vec<String> = [
-            "ct state established accept",
-            // Related packets (ICMP errors) from a router, a node or outside the cluster, or
-            // from an end of the connection they refer to. A pod's forged error about another
-            // pod's connection matches none of these.
-            "ct state related ip saddr . ip saddr != @pod_self_v4 accept",
-            "ct state related ip saddr . ct original ip saddr @pod_self_v4 accept",
-            "ct state related ip saddr . ct original ip daddr @pod_self_v4 accept",
-            "ct state related ip6 saddr . ip6 saddr != @pod_self_v6 accept",
-            "ct state related ip6 saddr . ct original ip6 saddr @pod_self_v6 accept",
-            "ct state related ip6 saddr . ct original ip6 daddr @pod_self_v6 accept",
-            "ct state related counter name forged_related drop",
-            "ct state invalid drop",
-        ]
-        .map(String::from)
-        .to_vec();
+        // Addresses of admitted local pods: in the node's pod CIDRs, only these are forwarded to.
+        let mut forward: Vec<String> = Vec::new();
+        for v6 in [false, true] {
+            let (f, ty) = fam(v6);
+            let cidrs: Vec<String> = p
+                .options
+                .local_pod_cidrs
+                .iter()
+                .filter(|c| matches!(c, IpNet::V6(_)) == v6)
+                .map(|c| c.trunc().to_string())
+                .collect();
+            if cidrs.is_empty() {
+                continue;
+            }
+            let mut admitted: Vec<IpAddr> = p
+                .anti_spoof
+                .iter()
+                .flat_map(|port| port.ips.iter().copied())
+                .filter(|ip| ip.is_ipv6() == v6)
+                .collect();
+            admitted.sort();
+            admitted.dedup();
+            objects.push(set(
+                format!("local_pods_{f}"),
+                ty,
+                false,
+                admitted.iter().map(|ip| ip.to_string()).collect(),
+            ));
+            let ip = if v6 { "ip6" } else { "ip" };
+            forward.push(format!(
+                "{ip} daddr {{ {} }} {ip} daddr != @local_pods_{f} counter name \"{DENY_INGRESS_COUNTER}\" drop",
+                cidrs.join(", ")
+            ));
+        }
+        forward.extend(
+            [
+                "ct state established accept",
+                // Related packets (ICMP errors) from a router, a node or outside the cluster, or
+                // from an end of the connection they refer to. A pod's forged error about another
+                // pod's connection matches none of these.
+                "ct state related ip saddr . ip saddr != @pod_self_v4 accept",
+                "ct state related ip saddr . ct original ip saddr @pod_self_v4 accept",
+                "ct state related ip saddr . ct original ip daddr @pod_self_v4 accept",
+                "ct state related ip6 saddr . ip6 saddr != @pod_self_v6 accept",
+                "ct state related ip6 saddr . ct original ip6 saddr @pod_self_v6 accept",
+                "ct state related ip6 saddr . ct original ip6 daddr @pod_self_v6 accept",
+                "ct state related counter name forged_related drop",
+                "ct state invalid drop",
+            ]
+            .map(String::from),
+        );
         if p.options.tcp_new_needs_syn {
             // Only new (or untracked) packets get here.
             forward.push("tcp flags & (fin | syn | rst | ack) != syn drop".into());

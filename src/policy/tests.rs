@@ -580,6 +580,10 @@ fn golden_small_script() {
         &CompileOptions {
             log_allowed: true,
             drop_unknown_pod_ports: true,
+            local_pod_cidrs: vec![
+                "10.244.0.0/24".parse().unwrap(),
+                "fd00::/64".parse().unwrap(),
+            ],
             ..Default::default()
         },
     );
@@ -609,6 +613,50 @@ fn strict_mode_drops_tcp_picked_up_mid_stream_after_the_established_accept() {
     };
     assert!(at("ct state invalid drop") < at(rule));
     assert!(at(rule) < at("ip saddr @node_v4 accept"));
+}
+
+#[test]
+fn only_admitted_pods_addresses_in_the_local_pod_cidr_are_forwarded_to_before_conntrack() {
+    let s = e2e_state(vec![]);
+    let plain = compile_with(&s, "n1", &[], &CompileOptions::default());
+    let admitted: Vec<IpAddr> = plain
+        .anti_spoof
+        .iter()
+        .flat_map(|p| p.ips.clone())
+        .filter(|ip| ip.is_ipv4())
+        .collect();
+    assert!(!admitted.is_empty());
+    // Without the node's pod CIDRs: no such rule.
+    assert!(!render_nft(&plain).contains("@local_pods_v4"));
+    let cidr: ipnet::IpNet = format!("{}/24", admitted[0]).parse().unwrap();
+    let opts = CompileOptions {
+        local_pod_cidrs: vec![cidr],
+        ..Default::default()
+    };
+    let script = render_nft(&compile_with(&s, "n1", &[], &opts));
+    let rule = format!(
+        "ip daddr {{ {} }} ip daddr != @local_pods_v4 counter name \"deny_ingress\" drop",
+        cidr.trunc()
+    );
+    let at = |needle: &str| {
+        script
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {script}"))
+    };
+    // Before `ct state established accept`: an entry made before the pod was admitted, or by
+    // an earlier pod at the same address, must not carry packets to it.
+    assert!(at(&rule) < at("ct state established accept"));
+    let set_start = at("set local_pods_v4 {");
+    let set_block = &script[set_start..];
+    let set_block = &set_block[..set_block.find('}').unwrap()];
+    for ip in &admitted {
+        assert!(
+            set_block.contains(&format!(" {ip},")) || set_block.contains(&format!(" {ip} ")),
+            "{ip} not admitted in {set_block}"
+        );
+    }
+    // No IPv6 CIDR, no IPv6 rule.
+    assert!(!script.contains("@local_pods_v6"));
 }
 
 #[test]

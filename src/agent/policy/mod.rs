@@ -71,7 +71,7 @@ pub const ATTACHMENTS_DIR: &str = "attachments";
 /// Coalesces a burst of watch events into one sync.
 const DEBOUNCE: Duration = Duration::from_millis(10);
 /// Bounds each receive of the strict mode's conntrack dump.
-const CONNTRACK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const CONNTRACK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Counters, status file and attachment pruning.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
@@ -107,6 +107,9 @@ pub struct PolicyOptions {
     /// `policyStrictMode`: after each ruleset change, cut the established connections the new
     /// policy denies (their conntrack entries are deleted, see `crate::policy::conntrack`).
     pub strict_mode: bool,
+    /// This node's pod CIDRs: only admitted pods' addresses in them are forwarded to
+    /// (`CompileOptions::local_pod_cidrs`).
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 /// At most this many CNI ADDs wait on the admission socket at once (a node runs at most ~110
@@ -138,6 +141,7 @@ impl PolicyOptions {
             log_allowed: args.flow_log_allowed,
             admission_cap: crate::listen::ConnLimit::new("admission", ADMISSION_MAX_CONNECTIONS),
             strict_mode: cfg.policy_strict_mode,
+            pod_cidrs: pod_cidrs.to_vec(),
         }
     }
 
@@ -146,6 +150,7 @@ impl PolicyOptions {
             log_allowed: self.log_allowed,
             drop_unknown_pod_ports: true,
             tcp_new_needs_syn: self.strict_mode,
+            local_pod_cidrs: self.pod_cidrs.clone(),
             ..CompileOptions::default()
         }
     }

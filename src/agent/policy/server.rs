@@ -116,13 +116,15 @@ pub async fn admit(shared: &Arc<Shared>, a: PodAttachment, budget: Duration) -> 
     let mut applied = shared.applied.subscribe();
     let deadline = tokio::time::Instant::now() + budget;
     loop {
-        {
+        let programmed = {
             let now = applied.borrow_and_update();
-            if want.iter().all(|k| now.ports.contains(k)) {
-                return Response::Admitted {
-                    generation: now.generation,
-                };
-            }
+            want.iter()
+                .all(|k| now.ports.contains(k))
+                .then_some(now.generation)
+        };
+        if let Some(generation) = programmed {
+            forget_flows_of(&pod, a.ips.clone()).await;
+            return Response::Admitted { generation };
         }
         tokio::select! {
             changed = applied.changed() => {
@@ -138,6 +140,29 @@ pub async fn admit(shared: &Arc<Shared>, a: PodAttachment, budget: Duration) -> 
     shared.wake.notify_one();
     Response::Refused {
         reason: refusal_reason(shared, &a),
+    }
+}
+
+/// Deletes the conntrack entries of a newly admitted pod's addresses before its link comes up
+/// (`crate::policy::conntrack::forget_addresses`): none of them can be the pod's own, and one
+/// that predates its chains would let packets past its policy as `established`. Best effort: a
+/// failure is logged, and the ruleset's drop of unadmitted addresses still held until now.
+async fn forget_flows_of(pod: &str, ips: Vec<std::net::IpAddr>) {
+    let result = tokio::task::spawn_blocking(move || {
+        crate::netfilter::conntrack::ConntrackSocket::open(super::CONNTRACK_TIMEOUT)
+            .and_then(|mut s| crate::policy::conntrack::forget_addresses(&mut s, &ips))
+    })
+    .await;
+    match result {
+        Ok(Ok(r)) if r.denied > 0 => tracing::info!(
+            pod,
+            forgotten = r.cut,
+            failed = r.failed,
+            "flows recorded for a new pod's address before it was admitted forgotten"
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(pod, error = %e, "cannot clear a new pod's conntrack entries"),
+        Err(e) => tracing::warn!(pod, error = %e, "conntrack task failed"),
     }
 }
 

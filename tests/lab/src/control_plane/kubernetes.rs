@@ -378,6 +378,16 @@ fn apiserver_args(lab: &LabLayout) -> Result<Vec<String>> {
         ),
         "--profiling=false".into(),
         "--event-ttl=1h".into(),
+        // The front-proxy (request-header) settings kubeadm gives every cluster. Without them
+        // the extension-apiserver-authentication ConfigMap has no request-header CA, and
+        // kube-controller-manager and kube-scheduler log an error about it every few seconds.
+        // Only a certificate named front-proxy-client may assert identities in headers, and the
+        // lab issues none.
+        format!("--requestheader-client-ca-file={}", p(pki.ca_cert())),
+        "--requestheader-allowed-names=front-proxy-client".into(),
+        "--requestheader-username-headers=X-Remote-User".into(),
+        "--requestheader-group-headers=X-Remote-Group".into(),
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-".into(),
     ])
 }
 
