@@ -23,6 +23,7 @@ use super::lifecycle::{self, DeleteOptions, DeleteOutcome};
 use super::meta;
 use super::openapi;
 use super::patch::PatchType;
+use super::protobuf;
 use super::resources::{def, find, ResourceDef, ResourceId};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::state::ApiState;
@@ -357,7 +358,8 @@ fn list_options(d: &ResourceDef, params: &Params) -> Result<ListOptions, ApiErro
     })
 }
 
-/// Parses a create/update body: JSON, also when labelled YAML (kubectl and kube-rs send JSON).
+/// Parses a create/update body: JSON, also when labelled YAML (kubectl and kube-rs send JSON),
+/// or protobuf for the kinds kubectl's typed client creates (`kubectl create namespace …`).
 fn parse_object_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -369,6 +371,15 @@ fn parse_object_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiErro
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    if essence == protobuf::MEDIA_TYPE {
+        return protobuf::object(body).map_err(|why| {
+            if why.contains("only as JSON") {
+                ApiError::unsupported_media_type(&format!("{content_type} ({why})"))
+            } else {
+                ApiError::bad_request(format!("error decoding request body: {why}"))
+            }
+        });
+    }
     let json_like = matches!(
         essence.as_str(),
         "" | "application/json" | "*/*" | "application/yaml" | "text/plain"
