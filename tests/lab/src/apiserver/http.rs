@@ -239,10 +239,10 @@ fn handle(
     let is_get = method == Method::GET;
     match segs.as_slice() {
         ["version"] if is_get => ok(&discovery::version()),
-        [probe, ..] if is_get && matches!(*probe, "healthz" | "readyz" | "livez") => Ok((
+        [probe, rest @ ..] if is_get && matches!(*probe, "healthz" | "readyz" | "livez") => Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "ok",
+            probe_body(probe, rest, params.contains_key("verbose")),
         )
             .into_response()),
         ["api"] if is_get => ok(&discovery::api_versions()),
@@ -300,6 +300,15 @@ fn handle(
         }
         _ => Err(ApiError::no_such_path()),
     }
+}
+
+/// The health probes' body: `ok`, or with `?verbose` one `[+]check ok` line per check the
+/// stand-in has (no etcd, no post-start hooks) and `<probe> check passed`, as the real server.
+fn probe_body(probe: &str, rest: &[&str], verbose: bool) -> String {
+    if !verbose || !rest.is_empty() {
+        return "ok".into();
+    }
+    format!("[+]ping ok\n[+]log ok\n{probe} check passed\n")
 }
 
 fn flag(params: &Params, key: &str) -> bool {
@@ -645,6 +654,16 @@ mod tests {
                 .unwrap_err()
                 .code,
             406
+        );
+    }
+
+    #[test]
+    fn probes_list_their_checks_when_verbose() {
+        assert_eq!(probe_body("readyz", &[], false), "ok");
+        assert_eq!(probe_body("livez", &["ping"], true), "ok");
+        assert_eq!(
+            probe_body("readyz", &[], true),
+            "[+]ping ok\n[+]log ok\nreadyz check passed\n"
         );
     }
 
