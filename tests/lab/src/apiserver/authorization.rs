@@ -97,73 +97,13 @@ pub fn self_subject_rules_review(body: &[u8], encoding: Encoding) -> Result<Valu
     Ok(review)
 }
 
-/// Just enough of protobuf's wire format to read a review (field numbers from
-/// `k8s.io/api/authorization/v1/generated.proto` and apimachinery's `runtime.Unknown`).
+/// Reads a review in protobuf (field numbers from `k8s.io/api/authorization/v1/generated.proto`)
+/// with the shared wire reader.
 mod protobuf {
     use super::*;
+    use crate::apiserver::protobuf::{bytes_of, fields, Field};
 
-    /// Kubernetes' protobuf envelope prefix.
-    pub const MAGIC: &[u8] = b"k8s\0";
-
-    enum Field<'a> {
-        Varint,
-        Bytes(&'a [u8]),
-        Fixed,
-    }
-
-    fn varint(buf: &[u8], pos: &mut usize) -> Result<u64, String> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = *buf.get(*pos).ok_or("truncated varint")?;
-            *pos += 1;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err("varint too long".into())
-    }
-
-    fn fields(buf: &[u8]) -> Result<Vec<(u64, Field<'_>)>, String> {
-        let mut out = Vec::new();
-        let mut pos = 0;
-        while pos < buf.len() {
-            let key = varint(buf, &mut pos)?;
-            let field = match key & 7 {
-                0 => {
-                    varint(buf, &mut pos)?;
-                    Field::Varint
-                }
-                1 | 5 => {
-                    pos += if key & 7 == 1 { 8 } else { 4 };
-                    Field::Fixed
-                }
-                2 => {
-                    let len = usize::try_from(varint(buf, &mut pos)?).map_err(|e| e.to_string())?;
-                    let end = pos
-                        .checked_add(len)
-                        .filter(|e| *e <= buf.len())
-                        .ok_or("truncated field")?;
-                    let bytes = &buf[pos..end];
-                    pos = end;
-                    Field::Bytes(bytes)
-                }
-                w => return Err(format!("unsupported wire type {w}")),
-            };
-            out.push((key >> 3, field));
-        }
-        if pos > buf.len() {
-            return Err("truncated field".into());
-        }
-        Ok(out)
-    }
-
-    fn bytes_of(buf: &[u8], tag: u64) -> Result<Option<&[u8]>, String> {
-        Ok(fields(buf)?.into_iter().rev().find_map(|(t, f)| match f {
-            Field::Bytes(b) if t == tag => Some(b),
-            _ => None,
-        }))
-    }
+    pub use crate::apiserver::protobuf::MAGIC;
 
     /// The string fields `names[i]` = field number `i + 1` of a message, as a JSON object.
     fn strings(buf: &[u8], names: &[&str]) -> Result<Value, String> {
@@ -214,11 +154,7 @@ mod protobuf {
     }
 
     #[cfg(test)]
-    pub fn field(tag: u64, bytes: &[u8]) -> Vec<u8> {
-        let mut out = vec![((tag << 3) | 2) as u8, bytes.len() as u8];
-        out.extend_from_slice(bytes);
-        out
-    }
+    pub use crate::apiserver::protobuf::encode::field;
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use super::lifecycle::{self, DeleteOptions, DeleteOutcome};
 use super::meta;
 use super::openapi;
 use super::patch::PatchType;
+use super::protobuf;
 use super::resources::{def, find, ResourceDef, ResourceId};
 use super::selectors::{FieldSelector, LabelSelector};
 use super::state::ApiState;
@@ -238,10 +239,10 @@ fn handle(
     let is_get = method == Method::GET;
     match segs.as_slice() {
         ["version"] if is_get => ok(&discovery::version()),
-        [probe, ..] if is_get && matches!(*probe, "healthz" | "readyz" | "livez") => Ok((
+        [probe, rest @ ..] if is_get && matches!(*probe, "healthz" | "readyz" | "livez") => Ok((
             StatusCode::OK,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "ok",
+            probe_body(probe, rest, params.contains_key("verbose")),
         )
             .into_response()),
         ["api"] if is_get => ok(&discovery::api_versions()),
@@ -301,6 +302,15 @@ fn handle(
     }
 }
 
+/// The health probes' body: `ok`, or with `?verbose` one `[+]check ok` line per check the
+/// stand-in has (no etcd, no post-start hooks) and `<probe> check passed`, as the real server.
+fn probe_body(probe: &str, rest: &[&str], verbose: bool) -> String {
+    if !verbose || !rest.is_empty() {
+        return "ok".into();
+    }
+    format!("[+]ping ok\n[+]log ok\n{probe} check passed\n")
+}
+
 fn flag(params: &Params, key: &str) -> bool {
     params.get(key).is_some_and(|v| v == "true" || v == "1")
 }
@@ -357,7 +367,8 @@ fn list_options(d: &ResourceDef, params: &Params) -> Result<ListOptions, ApiErro
     })
 }
 
-/// Parses a create/update body: JSON, also when labelled YAML (kubectl and kube-rs send JSON).
+/// Parses a create/update body: JSON, also when labelled YAML (kubectl and kube-rs send JSON),
+/// or protobuf for the kinds kubectl's typed client creates (`kubectl create namespace …`).
 fn parse_object_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -369,6 +380,15 @@ fn parse_object_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiErro
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    if essence == protobuf::MEDIA_TYPE {
+        return protobuf::object(body).map_err(|why| {
+            if why.contains("only as JSON") {
+                ApiError::unsupported_media_type(&format!("{content_type} ({why})"))
+            } else {
+                ApiError::bad_request(format!("error decoding request body: {why}"))
+            }
+        });
+    }
     let json_like = matches!(
         essence.as_str(),
         "" | "application/json" | "*/*" | "application/yaml" | "text/plain"
@@ -634,6 +654,16 @@ mod tests {
                 .unwrap_err()
                 .code,
             406
+        );
+    }
+
+    #[test]
+    fn probes_list_their_checks_when_verbose() {
+        assert_eq!(probe_body("readyz", &[], false), "ok");
+        assert_eq!(probe_body("livez", &["ping"], true), "ok");
+        assert_eq!(
+            probe_body("readyz", &[], true),
+            "[+]ping ok\n[+]log ok\nreadyz check passed\n"
         );
     }
 

@@ -793,6 +793,47 @@ fn default_pod_spec(spec: &mut Map<String, Value>, is_pod: bool) {
     default_containers(spec.get_mut("initContainers"));
 }
 
+/// The taints a pod tolerates for 5 minutes unless it says otherwise (the real server's
+/// DefaultTolerationSeconds admission plugin).
+const DEFAULT_TOLERATED_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
+/// What the real server's admission plugins add to a new pod that the lab can honour:
+/// `ServiceAccount` names the namespace's `default` account (without the token volume it would
+/// also mount: the lab kubelet refuses volumes), `DefaultTolerationSeconds` adds the two
+/// NoExecute tolerations of 300 s.
+fn admit_pod(spec: &mut Map<String, Value>) {
+    let account = spec
+        .get("serviceAccountName")
+        .or_else(|| spec.get("serviceAccount"))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+        .to_string();
+    spec.insert("serviceAccountName".into(), json!(account));
+    spec.insert("serviceAccount".into(), json!(account));
+    let tolerations = spec.entry("tolerations").or_insert_with(|| json!([]));
+    let Some(list) = tolerations.as_array_mut() else {
+        return;
+    };
+    for taint in DEFAULT_TOLERATED_TAINTS {
+        let tolerated = list.iter().any(|t| {
+            let key = t.get("key").and_then(Value::as_str).unwrap_or("");
+            let exists = t.get("operator").and_then(Value::as_str) == Some("Exists");
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            (key == taint || key.is_empty() && exists) && matches!(effect, "" | "NoExecute")
+        });
+        if !tolerated {
+            list.push(
+                json!({ "key": taint, "operator": "Exists", "effect": "NoExecute",
+                              "tolerationSeconds": 300 }),
+            );
+        }
+    }
+}
+
 /// What create does to `status` (the real strategies' PrepareForCreate): pods and services start
 /// from a fresh status, namespaces start Active with the `kubernetes` finalizer; nodes keep the
 /// status the kubelet registers them with.
@@ -807,9 +848,16 @@ pub fn prepare_for_create(def: &ResourceDef, obj: &mut Value) {
                 "status".into(),
                 json!({ "phase": "Pending", "qosClass": qos }),
             );
+            admit_pod(meta::object_field_mut(obj, "spec"));
         }
         Kind::Service => {
             map.insert("status".into(), json!({ "loadBalancer": {} }));
+            let spec = meta::object_field_mut(obj, "spec");
+            // The real server's IP family defaults (a single-stack IPv4 cluster, as the lab's).
+            if spec.get("type").and_then(Value::as_str) != Some("ExternalName") {
+                set_default(spec, "ipFamilies", json!(["IPv4"]));
+                set_default(spec, "ipFamilyPolicy", json!("SingleStack"));
+            }
         }
         Kind::DaemonSet => {
             // Nothing runs it yet: the controller (absent in the lab) would fill these in.
@@ -924,6 +972,17 @@ mod tests {
         let s = &p["spec"];
         assert_eq!(s["restartPolicy"], "Always");
         assert_eq!(s["terminationGracePeriodSeconds"], 30);
+        // Admission (create only), as on the real server: the default ServiceAccount, the two
+        // NoExecute tolerations of 300 s.
+        assert_eq!(s["serviceAccountName"], "default");
+        assert_eq!(s["serviceAccount"], "default");
+        assert_eq!(
+            s["tolerations"],
+            json!([
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+            ])
+        );
         assert_eq!(s["dnsPolicy"], "ClusterFirst");
         assert_eq!(s["schedulerName"], "default-scheduler");
         assert_eq!(s["containers"][0]["imagePullPolicy"], "Always");

@@ -428,3 +428,94 @@ fn kubectl_applies_a_list_and_answers_auth_can_i() {
     assert_eq!(created["status"]["allowed"], true, "{created}");
     assert_eq!(created["status"]["reason"], super::authorization::REASON);
 }
+
+/// kubectl's `create` generators go through the typed client, which POSTs protobuf: the stand-in
+/// answered 415 to `kubectl create namespace` until it read that encoding
+/// (tests/lab/STAND-IN.md). Each object reads back as the real server stores it.
+#[test]
+fn kubectl_create_generators_send_protobuf() {
+    if !can_run() {
+        return;
+    }
+    let api = LabApi::start();
+    assert_eq!(
+        api.ok(&["create", "namespace", "cmp"]).trim(),
+        "namespace/cmp created"
+    );
+    let (code, _, err) = api.kubectl(&["create", "namespace", "cmp"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "Error from server (AlreadyExists): namespaces \"cmp\" already exists"
+    );
+    let (code, _, err) = api.kubectl(&["create", "configmap", "x", "-n", "nope"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim(),
+        "error: failed to create configmap: namespaces \"nope\" not found"
+    );
+    api.ok(&[
+        "create",
+        "configmap",
+        "cm",
+        "-n",
+        "cmp",
+        "--from-literal=k=v",
+    ]);
+    assert_eq!(
+        api.ok(&["get", "cm", "cm", "-n", "cmp", "-o", "jsonpath={.data}"]),
+        r#"{"k":"v"}"#
+    );
+    api.ok(&["create", "serviceaccount", "agent", "-n", "cmp"]);
+    api.ok(&[
+        "create",
+        "service",
+        "clusterip",
+        "web",
+        "--tcp=80:8080",
+        "-n",
+        "cmp",
+    ]);
+    let svc: serde_json::Value =
+        serde_json::from_str(&api.ok(&["get", "svc", "web", "-n", "cmp", "-o", "json"])).unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80, "{svc}");
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 8080, "{svc}");
+    assert_eq!(svc["spec"]["selector"]["app"], "web", "{svc}");
+    api.ok(&[
+        "create",
+        "role",
+        "reader",
+        "--verb=get,list",
+        "--resource=pods",
+        "-n",
+        "cmp",
+    ]);
+    api.ok(&[
+        "create",
+        "rolebinding",
+        "reader",
+        "--role=reader",
+        "--serviceaccount=cmp:agent",
+        "-n",
+        "cmp",
+    ]);
+    let rb: serde_json::Value =
+        serde_json::from_str(&api.ok(&["get", "rolebinding", "reader", "-n", "cmp", "-o", "json"]))
+            .unwrap();
+    assert_eq!(rb["roleRef"]["name"], "reader", "{rb}");
+    assert_eq!(rb["subjects"][0]["name"], "agent", "{rb}");
+    api.ok(&[
+        "create",
+        "clusterrole",
+        "nodes",
+        "--verb=get",
+        "--resource=nodes",
+    ]);
+    api.ok(&[
+        "create",
+        "clusterrolebinding",
+        "nodes",
+        "--clusterrole=nodes",
+        "--serviceaccount=cmp:agent",
+    ]);
+}

@@ -8,7 +8,8 @@
 //! - `patch`: merge, JSON, strategic merge and server-side apply patches.
 //! - `selectors`, `watch`, `tables`, `discovery`, `openapi`: the read side.
 //! - `authorization`: the self-reviews of `kubectl auth can-i` (everything is allowed).
-//! - `http`: URL grammar, content negotiation and the axum router; `errors`: `metav1.Status`.
+//! - `http`: URL grammar, content negotiation and the axum router; `errors`: `metav1.Status`;
+//!   `protobuf`: the protobuf bodies of kubectl's typed client (`kubectl create namespace …`).
 
 mod authorization;
 mod crud;
@@ -20,6 +21,7 @@ mod lifecycle;
 mod meta;
 mod openapi;
 mod patch;
+mod protobuf;
 mod resources;
 mod selectors;
 mod state;

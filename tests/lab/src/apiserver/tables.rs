@@ -115,7 +115,16 @@ fn columns(kind: Kind) -> Vec<Column> {
             col("Count", "string", 1, "The number of times this event has occurred."),
             NAME_P1,
         ],
-        Kind::Service | Kind::Event => vec![NAME, AGE],
+        Kind::Service => vec![
+            NAME,
+            col("Type", "string", 0, "type determines how the Service is exposed. Defaults to ClusterIP."),
+            col("Cluster-IP", "string", 0, "clusterIP is the IP address of the service and is usually assigned randomly."),
+            col("External-IP", "string", 0, "externalIPs is a list of IP addresses for which nodes in the cluster will also accept traffic for this service."),
+            col("Port(s)", "string", 0, "The list of ports that are exposed by this service."),
+            AGE,
+            col("Selector", "string", 1, "Route service traffic to pods with label keys and values matching this selector."),
+        ],
+        Kind::Event => vec![NAME, AGE],
         Kind::ServiceAccount => vec![
             NAME,
             col("Secrets", "string", 0, "Secrets is a list of the secrets in the same namespace that pods running using this ServiceAccount are allowed to use."),
@@ -490,7 +499,8 @@ fn cells(kind: Kind, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
             json!(age(obj, now)),
         ],
         Kind::CoreEvent => event_cells(obj, now),
-        Kind::Service | Kind::Event => {
+        Kind::Service => service_cells(obj, now),
+        Kind::Event => {
             vec![json!(meta::name(obj)), json!(age(obj, now))]
         }
         Kind::ServiceAccount => vec![
@@ -505,6 +515,95 @@ fn cells(kind: Kind, obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
         ],
         Kind::ClusterRoleBinding | Kind::RoleBinding => binding_cells(obj, now),
     }
+}
+
+/// kubectl's printService: `<none>` where a field is empty, `<pending>` for a LoadBalancer
+/// without ingress, ports as `80/TCP` or `80:30080/TCP`.
+fn service_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
+    let spec = obj.get("spec");
+    let text = |f: &str| {
+        spec.and_then(|s| s.get(f))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        list(v)
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect()
+    };
+    let kind = text("type");
+    let cluster_ip = strings(spec.and_then(|s| s.get("clusterIPs")))
+        .into_iter()
+        .next()
+        .or_else(|| Some(text("clusterIP").to_string()).filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "<none>".into());
+    let external_ips = strings(spec.and_then(|s| s.get("externalIPs")));
+    let external = match kind {
+        "ExternalName" => text("externalName").to_string(),
+        "LoadBalancer" => {
+            let mut ips: Vec<String> =
+                list(meta::value_at(obj, &["status", "loadBalancer", "ingress"]))
+                    .iter()
+                    .filter_map(|i| {
+                        i.get("ip")
+                            .or_else(|| i.get("hostname"))
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    })
+                    .collect();
+            ips.extend(external_ips);
+            if ips.is_empty() {
+                "<pending>".into()
+            } else {
+                ips.join(",")
+            }
+        }
+        _ if external_ips.is_empty() => "<none>".into(),
+        _ => external_ips.join(","),
+    };
+    let ports: Vec<String> = list(spec.and_then(|s| s.get("ports")))
+        .iter()
+        .map(|p| {
+            let port = p.get("port").and_then(Value::as_i64).unwrap_or(0);
+            let proto = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            match p
+                .get("nodePort")
+                .and_then(Value::as_i64)
+                .filter(|n| *n != 0)
+            {
+                Some(node) => format!("{port}:{node}/{proto}"),
+                None => format!("{port}/{proto}"),
+            }
+        })
+        .collect();
+    let mut selector: Vec<String> = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect()
+        })
+        .unwrap_or_default();
+    selector.sort();
+    vec![
+        json!(meta::name(obj)),
+        json!(kind),
+        json!(cluster_ip),
+        json!(external),
+        json!(if ports.is_empty() {
+            "<none>".to_string()
+        } else {
+            ports.join(",")
+        }),
+        json!(age(obj, now)),
+        json!(if selector.is_empty() {
+            "<none>".to_string()
+        } else {
+            selector.join(",")
+        }),
+    ]
 }
 
 fn daemonset_cells(obj: &Value, now: jiff::Timestamp) -> Vec<Value> {
@@ -673,6 +772,53 @@ mod tests {
         let pod = json!({ "metadata": { "name": "p", "deletionTimestamp": "2024-01-01T00:00:00Z" },
             "spec": { "containers": [{ "name": "a" }] }, "status": { "phase": "Running" } });
         assert_eq!(pod_cells(&pod, jiff::Timestamp::now())[2], "Terminating");
+    }
+
+    /// As `kubectl get svc -o wide` prints them on the real server (columns and cells).
+    #[test]
+    fn service_rows() {
+        let svc = json!({ "metadata": { "name": "web" },
+            "spec": { "type": "NodePort", "clusterIPs": ["10.96.0.10"], "selector": { "b": "2", "a": "1" },
+                "ports": [{ "port": 80, "protocol": "TCP", "nodePort": 30080 }, { "port": 53, "protocol": "UDP" }] } });
+        let t = to_table(
+            def(id_of(Kind::Service)),
+            [&svc],
+            IncludeObject::None,
+            json!({}),
+        );
+        let names: Vec<_> = list(Some(&t["columnDefinitions"]))
+            .iter()
+            .map(|c| c["name"].clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Name",
+                "Type",
+                "Cluster-IP",
+                "External-IP",
+                "Port(s)",
+                "Age",
+                "Selector"
+            ]
+        );
+        let c = &t["rows"][0]["cells"];
+        assert_eq!(c[1], "NodePort");
+        assert_eq!(c[2], "10.96.0.10");
+        assert_eq!(c[3], "<none>");
+        assert_eq!(c[4], "80:30080/TCP,53/UDP");
+        assert_eq!(c[6], "a=1,b=2");
+        let lb = json!({ "metadata": { "name": "lb" }, "spec": { "type": "LoadBalancer" } });
+        let c = service_cells(&lb, jiff::Timestamp::now());
+        assert_eq!(
+            (&c[2], &c[3], &c[4], &c[6]),
+            (
+                &json!("<none>"),
+                &json!("<pending>"),
+                &json!("<none>"),
+                &json!("<none>")
+            )
+        );
     }
 
     #[test]

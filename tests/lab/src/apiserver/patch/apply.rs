@@ -19,6 +19,40 @@ use crate::apiserver::errors::ApiError;
 use crate::apiserver::meta;
 use crate::apiserver::resources::Kind;
 
+/// The real server's 409 for apply conflicts (structured-merge-diff's `Conflicts.Error()`): one
+/// conflict on one line; several grouped by manager (sorted), one `- path` line each.
+fn conflict_error(mut conflicts: Vec<(String, String)>) -> ApiError {
+    let n = conflicts.len();
+    let text = if n == 1 {
+        format!("conflict with {:?}: {}", conflicts[0].0, conflicts[0].1)
+    } else {
+        conflicts.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut lines = Vec::new();
+        for (i, (manager, path)) in conflicts.iter().enumerate() {
+            if i == 0 || conflicts[i - 1].0 != *manager {
+                lines.push(format!("conflicts with {manager:?}:"));
+            }
+            lines.push(format!("- {path}"));
+        }
+        lines.join("\n")
+    };
+    ApiError {
+        code: 409,
+        reason: "Conflict",
+        message: format!(
+            "Apply failed with {n} conflict{}: {text}",
+            if n == 1 { "" } else { "s" }
+        ),
+        details: Some(json!({
+            "causes": conflicts.iter().map(|(manager, path)| json!({
+                "reason": "FieldManagerConflict",
+                "message": format!("conflict with {manager:?}"),
+                "field": path,
+            })).collect::<Vec<_>>(),
+        })),
+    }
+}
+
 /// One field path: elements `f:<field>`, `k:<json key map>` (list item by merge key) or
 /// `v:<json value>` (set member).
 type FieldPath = Vec<String>;
@@ -306,25 +340,13 @@ pub fn server_side_apply(
                 if force {
                     set.remove(path);
                 } else {
-                    conflicts.push(format!("conflict with \"{other}\": {}", display_path(path)));
+                    conflicts.push((other.to_string(), display_path(path)));
                 }
             }
         }
     }
     if !conflicts.is_empty() {
-        let n = conflicts.len();
-        return Err(ApiError {
-            code: 409,
-            reason: "Conflict",
-            message: format!(
-                "Apply failed with {n} conflict{}: {}",
-                if n == 1 { "" } else { "s" },
-                conflicts.join("\n")
-            ),
-            details: Some(json!({
-                "causes": conflicts.iter().map(|c| json!({ "reason": "FieldManagerConflict", "message": c })).collect::<Vec<_>>(),
-            })),
-        });
+        return Err(conflict_error(conflicts));
     }
 
     let mut obj = current.clone();
@@ -483,6 +505,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(forced["metadata"]["annotations"]["b"], "changed");
+        // Several conflicts read as the real server writes them (kubectl prints this verbatim).
+        let e = server_side_apply(
+            Kind::Node,
+            Some(&three),
+            &node_apply(json!({ "a": "x", "b": "y" })),
+            "m3",
+            false,
+            "v1",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "Apply failed with 2 conflicts: conflicts with \"m2\":\n- .metadata.annotations.a\n- .metadata.annotations.b"
+        );
+        assert_eq!(
+            e.details.unwrap()["causes"][0],
+            json!({"reason": "FieldManagerConflict", "message": "conflict with \"m2\"", "field": ".metadata.annotations.a"})
+        );
     }
 
     #[test]
