@@ -928,11 +928,11 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
 fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
     need_root()?;
     let lab = load(name)?;
-    // The installed kubectl talks to the stand-in; the real control plane comes with the kubectl
-    // of its own release, built beside it.
+    // The installed kubectl talks to the stand-in (else the one scripts/build-kubernetes.sh
+    // built); the real control plane comes with the kubectl of its own release, built beside it.
     let mut cmd = match lab.spec.control_plane {
         ControlPlane::StandIn => {
-            let mut cmd = Command::new("kubectl");
+            let mut cmd = Command::new(stand_in_kubectl()?);
             cmd.env("KUBECONFIG", lab.kubeconfig());
             netns::command_in(&lab.control_plane_netns(), &mut cmd)?;
             cmd
@@ -946,6 +946,26 @@ fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
     cmd.args(args);
     let err = cmd.exec();
     bail!("failed to run kubectl: {err}")
+}
+
+/// `kubectl` on PATH, else the one built with the real control plane; else an error that says
+/// how to get one (Debian 12's own kubectl is far too old).
+fn stand_in_kubectl() -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let on_path = std::env::split_paths(&path)
+        .map(|dir| dir.join("kubectl"))
+        .find(|p| p.is_file());
+    if let Some(p) = on_path {
+        return Ok(p);
+    }
+    match kubernetes::bin_dir() {
+        Ok(dir) => Ok(dir.join("kubectl")),
+        Err(_) => bail!(
+            "kubectl not found: install kubectl >= 1.30 on PATH, or run ./scripts/build-kubernetes.sh \
+             (it builds kubectl {} beside the real control plane)",
+            kubernetes::pinned_version()
+        ),
+    }
 }
 
 /// PATH with the directory of this veilnet binary first, so that `veilnet …` runs this build.
