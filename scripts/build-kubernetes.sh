@@ -4,7 +4,7 @@
 # proxy through the module in tests/kubernetes/ (its go.mod pins the release), into
 # target/kubernetes/<version>/bin. Does nothing when those binaries are already built.
 # Usage: ./scripts/build-kubernetes.sh [--force]
-# Needs Go (the version in tests/kubernetes/go.mod or newer). The first build takes ~11 minutes
+# Needs Go (the version in tests/kubernetes/go.mod or newer). The first build takes ~6 minutes
 # on 2 cores; later ones reuse Go's module and build caches.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every veilnet test: unit tests and the netns integration tests (needs root).
 # Usage: ./scripts/test.sh [extra cargo test args, passed to both passes]
-# 1. builds the real Kubernetes control plane (scripts/build-kubernetes.sh: ~11 min the first
+# 1. builds the real Kubernetes control plane (scripts/build-kubernetes.sh: ~6 min the first
 #    time on 2 cores, seconds after; needs Go);
 # 2. runs `cargo test --workspace`: every test, with the lab on its default control plane, the
 #    stand-in (tests/lab_kubernetes.rs brings up the real one itself);
