@@ -2,7 +2,8 @@
 
 # System packages veilnet's lab, tests and demo need, from Debian's archive.
 # openssl makes the certificates of a lab on the real Kubernetes control plane.
-VEILNET_APT_PACKAGES=(iproute2 iputils-ping nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod openssl)
+# prometheus gives promtool (rule unit tests) and the Prometheus that tests/lab_prometheus.rs runs.
+VEILNET_APT_PACKAGES=(iproute2 iputils-ping nftables tcpdump iperf3 containernetworking-plugins procps psmisc kmod openssl prometheus)
 
 die() { echo "error: $*" >&2; exit 1; }
 

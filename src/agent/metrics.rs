@@ -367,6 +367,80 @@ fn encode_policy(
     )
 }
 
+/// Every sample name the agent's `/metrics` can export (`veilnet_…_total`, `…_bucket` and so on,
+/// as a scrape shows them), found by encoding a [`Metrics`] whose sources are all filled: the names
+/// come from the encoder itself, not from a list kept by hand. The dashboard and alert rules tests
+/// check their queries against it (`tests/dashboards.rs`).
+pub fn exported_names() -> std::collections::BTreeSet<String> {
+    use super::status::{DatapathStatus, PeerStatus};
+    use crate::agent::policy::status::PolicyCounter;
+    let m = Metrics::new();
+    m.reconcile_errors.inc();
+    m.reconcile_duration.observe(0.001);
+    let peer = PeerStatus {
+        node: "node-2".into(),
+        mode: None,
+        path: "wireguard".into(),
+        reason: None,
+        endpoint: None,
+        last_handshake_seconds: Some(1),
+        rx_bytes: 1,
+        tx_bytes: 1,
+    };
+    *m.sources.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(NodeStatus {
+        node: "node-1".into(),
+        mode: crate::model::encryption::Mode::On,
+        wire_drops: std::collections::BTreeMap::from([("raw_pod_traffic".to_string(), 1)]),
+        pod_cidrs: vec![],
+        underlay_ip: String::new(),
+        underlay_dev: String::new(),
+        pod_mtu: 1440,
+        public_key: String::new(),
+        key_fingerprint: String::new(),
+        peers: vec![peer],
+        rejected: std::collections::BTreeMap::new(),
+        matrix: std::collections::BTreeMap::new(),
+        datapath: Some(DatapathStatus {
+            pid: None,
+            version: None,
+            started_at: Some(1),
+            offloads: None,
+            error: None,
+        }),
+        updated_at: String::new(),
+    });
+    // A store that cannot exist (nothing is created under /proc): the usage reads as 0, and both
+    // IPAM families are still encoded.
+    *m.sources.ipam.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+        PathBuf::from("/proc/veilnet-metric-names"),
+        "veilnet".into(),
+        "10.244.1.0/24".parse().expect("a CIDR"),
+        std::net::Ipv4Addr::new(10, 244, 1, 1),
+    ));
+    let mut ps = PolicyStatus::default();
+    ps.counters.policies.push(PolicyCounter {
+        namespace: "default".into(),
+        name: "p".into(),
+        packets: 1,
+        bytes: 1,
+    });
+    let (_tx, rx) = watch::channel(ps);
+    *m.sources
+        .policy_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(rx);
+    *m.sources
+        .listeners
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = vec![crate::listen::ConnLimit::new("metrics", 1)];
+    m.encode()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -478,5 +552,30 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn exported_names_cover_every_family() {
+        let names = exported_names();
+        for name in [
+            "veilnet_datapath_up",
+            "veilnet_datapath_start_time_seconds",
+            "veilnet_reconcile_errors_total",
+            "veilnet_reconcile_duration_seconds_bucket",
+            "veilnet_wireguard_handshake_age_seconds",
+            "veilnet_peer_path",
+            "veilnet_node_info",
+            "veilnet_ipam_addresses_used",
+            "veilnet_ipam_addresses_free",
+            "veilnet_policy_allowed_packets_total",
+            "veilnet_policy_denied_packets_total",
+            "veilnet_spoofed_packets_total",
+            "veilnet_wire_dropped_packets_total",
+            "veilnet_connections_rejected_total",
+        ] {
+            assert!(names.contains(name), "{name} missing from {names:?}");
+        }
+        assert!(!names.contains("veilnet_reconcile_errors"), "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("veilnet_")), "{names:?}");
     }
 }
