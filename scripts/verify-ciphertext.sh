@@ -16,9 +16,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+usage() {
+	cat >&2 <<-'USAGE'
+		usage: scripts/verify-ciphertext.sh [--lab NAME] FROM TO encrypted|plaintext|blocked
+		  FROM, TO   NS/POD, or node:NODE for a node's host network
+		  encrypted  the marker never crosses; WireGuard carries both probes, which are answered
+		  plaintext  the marker appears inside VXLAN frames (UDP 8472); both probes are answered
+		  blocked    nothing crosses in plaintext and both probes fail
+		  --lab NAME the lab (default veilnet)
+		Environment: VEILNET (the veilnet binary; default ./target/release/veilnet, else ./target/debug)
+	USAGE
+	exit 2
+}
 LAB=veilnet
-if [ "${1:-}" = --lab ]; then LAB=$2; shift 2; fi
-[ $# -eq 3 ] || { sed -n '2,18p' "$0"; exit 2; }
+if [ "${1:-}" = --lab ]; then
+	[ $# -ge 2 ] || usage
+	LAB=$2
+	shift 2
+fi
+case "${1:-}" in -h | --help) usage ;; esac
+[ $# -eq 3 ] || usage
 FROM=$1 TO=$2 EXPECT=$3
 case "$EXPECT" in encrypted | plaintext | blocked) ;; *) echo "unknown expectation: $EXPECT" >&2; exit 2 ;; esac
 

@@ -23,6 +23,7 @@ pub mod duration;
 pub mod fsutil;
 pub mod install;
 pub mod kernel;
+pub mod kubectl_plugin;
 pub mod lab_paths;
 pub mod listen;
 pub mod logging;

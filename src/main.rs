@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use veilnet::agent;
 use veilnet::logging::{self, LogFormat};
 
@@ -55,11 +55,67 @@ enum Command {
     /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
     #[command(subcommand)]
     Policy(veilnet::policy::cli::PolicyCommand),
+    /// Print a shell completion script (`veilnet completions bash > /etc/bash_completion.d/veilnet`).
+    Completions {
+        /// The shell.
+        shell: CompletionShell,
+    },
+    /// `kubectl veilnet …`: what the binary does when run as `kubectl-veilnet`
+    /// (`veilnet kubectl-plugin --help`).
+    #[command(disable_help_flag = true)]
+    KubectlPlugin {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+}
+
+/// The command line, with the agent's defaults in its help.
+fn cli_command() -> clap::Command {
+    Cli::command().mut_subcommand("agent", agent::config::show_defaults)
+}
+
+/// `kubectl veilnet ARGS…`; `args` without the program name.
+fn kubectl_plugin(args: impl IntoIterator<Item = OsString>) -> ! {
+    use veilnet::kubectl_plugin::{run, PluginCli};
+    let cli = PluginCli::parse_from(std::iter::once(OsString::from("kubectl veilnet")).chain(args));
+    logging::init(LogFormat::default(), "warn,kube_client=off");
+    match run(cli) {
+        Ok(out) => {
+            println!("{out}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(e.exit_code())
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut argv = std::env::args_os();
+    if argv
+        .next()
+        .is_some_and(|a| veilnet::kubectl_plugin::invoked_as_plugin(&a))
+    {
+        kubectl_plugin(argv);
+    }
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
+        Command::KubectlPlugin { args } => kubectl_plugin(args),
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            };
+            clap_complete::generate(shell, &mut cli_command(), "veilnet", &mut std::io::stdout());
+            Ok(())
+        }
         // `veilnet lab up` is `veilnet-lab up`, shown as `veilnet lab` in its help and errors.
         Command::Lab { args } => hand_off("veilnet lab", &[], args, cli.log_format),
         Command::Bench { args } => hand_off("veilnet", &["bench"], args, cli.log_format),
@@ -91,7 +147,10 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
             .build()?
             .block_on(agent::run(*args))
             .map_err(Into::into),
-        Command::Lab { .. } | Command::Bench { .. } => unreachable!("handed off in main"),
+        Command::Lab { .. }
+        | Command::Bench { .. }
+        | Command::Completions { .. }
+        | Command::KubectlPlugin { .. } => unreachable!("handled in main"),
     }
 }
 

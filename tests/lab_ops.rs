@@ -124,3 +124,47 @@ fn agents_serve_health_readiness_and_live_metrics() {
     assert_eq!(st["peers"][0]["node"], "node-1");
     assert_eq!(st["peers"][0]["path"], "wireguard");
 }
+
+/// `kubectl veilnet status` (the binary linked as `kubectl-veilnet`) through a lab's kubeconfig:
+/// one row per Node with what its agent published; `explain` names a missing pod.
+#[test]
+fn kubectl_plugin_status_reads_the_nodes_from_the_api() {
+    veilnet_test_support::require_root!();
+    let lab = Lab::up("kplug", &["--nodes", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("kubectl-veilnet");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_veilnet"), &plugin).unwrap();
+    let kubeconfig = format!("/var/lib/veilnet-lab/{}/kubeconfig", lab.name);
+    let cp = format!("{}.cp", lab.name);
+    let plugin_cmd = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &cp])
+            .arg(&plugin)
+            .args(["--kubeconfig", &kubeconfig])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The agent publishes its annotations shortly after the node is Ready.
+    let mut rows = serde_json::Value::Null;
+    eventually(Duration::from_secs(30), "node-1's annotations", || {
+        let out = plugin_cmd(&["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out));
+        rows = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0]["encryptionMode"].is_string()
+    });
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["node"], "node-1");
+    assert_eq!(rows[0]["underlayIp"], "172.30.0.11");
+    assert_eq!(rows[0]["encryptionMode"], "on");
+    assert!(rows[0]["podCidrs"].as_str().unwrap().starts_with("10.244."));
+    let out = plugin_cmd(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("NODE") && table.contains("node-1"),
+        "{table}"
+    );
+    let out = plugin_cmd(&["explain", "default/nope", "default/nope2", "80/tcp"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no pod default/nope"), "{}", text(&out));
+}

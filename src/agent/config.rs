@@ -169,9 +169,61 @@ pub const DEFAULT_CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:9891";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9892";
+pub const DEFAULT_NODE_CIDR_PREFIX: u8 = 24;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/veilnet";
+pub const DEFAULT_RUN_DIR: &str = "/run/veilnet";
+pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
+pub const DEFAULT_VXLAN_VNI: u32 = 1;
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
+pub const DEFAULT_ENCRYPTION: Mode = Mode::On;
 /// A deny is a deny, for connections opened before it too (kube-network-policies' default; the
 /// NetworkPolicy API leaves it open). README: "NetworkPolicy", strict mode.
 pub const DEFAULT_POLICY_STRICT_MODE: bool = true;
+
+/// Each flag's default as `veilnet agent --help` shows it: the values [`AgentConfig::resolve`]
+/// falls back to. (The flags carry no clap default, which would hide the config file's value.)
+pub fn flag_defaults() -> Vec<(&'static str, String)> {
+    let encryption = clap::ValueEnum::to_possible_value(&DEFAULT_ENCRYPTION)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    vec![
+        ("namespace", DEFAULT_NAMESPACE.to_string()),
+        ("cluster_cidr", DEFAULT_CLUSTER_CIDR.to_string()),
+        ("node_cidr_prefix", DEFAULT_NODE_CIDR_PREFIX.to_string()),
+        ("state_dir", DEFAULT_STATE_DIR.to_string()),
+        ("run_dir", DEFAULT_RUN_DIR.to_string()),
+        ("cni_conf_dir", DEFAULT_CNI_CONF_DIR.to_string()),
+        ("cni_bin_dir", DEFAULT_CNI_BIN_DIR.to_string()),
+        ("vxlan_vni", DEFAULT_VXLAN_VNI.to_string()),
+        ("vxlan_port", DEFAULT_VXLAN_PORT.to_string()),
+        ("resync", format!("{}s", DEFAULT_RESYNC.as_secs())),
+        ("health_addr", DEFAULT_HEALTH_ADDR.to_string()),
+        ("metrics_addr", DEFAULT_METRICS_ADDR.to_string()),
+        ("encryption", encryption),
+        ("wireguard_port", DEFAULT_WG_PORT.to_string()),
+        ("policy_strict_mode", DEFAULT_POLICY_STRICT_MODE.to_string()),
+    ]
+}
+
+/// Appends `[default: …]` to the help of each `veilnet agent` flag that has a default.
+pub fn show_defaults(mut cmd: clap::Command) -> clap::Command {
+    for (id, default) in flag_defaults() {
+        cmd = cmd.mut_arg(id, |arg| {
+            let with = |h: Option<&clap::builder::StyledStr>| {
+                let h = h.map(|h| h.to_string()).unwrap_or_default();
+                format!("{h} [default: {default}]")
+            };
+            let long = arg.get_long_help().map(|h| with(Some(h)));
+            let arg = arg.clone().help(with(arg.get_help()));
+            match long {
+                Some(l) => arg.long_help(l),
+                None => arg,
+            }
+        });
+    }
+    cmd
+}
 
 impl AgentConfig {
     pub fn resolve(args: &AgentArgs) -> Result<Self, ConfigError> {
@@ -198,28 +250,31 @@ impl AgentConfig {
             node_cidr_prefix: args
                 .node_cidr_prefix
                 .or(file.node_cidr_prefix)
-                .unwrap_or(24),
+                .unwrap_or(DEFAULT_NODE_CIDR_PREFIX),
             state_dir: args
                 .state_dir
                 .clone()
                 .or(file.state_dir)
-                .unwrap_or_else(|| "/var/lib/veilnet".into()),
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             run_dir: args
                 .run_dir
                 .clone()
                 .or(file.run_dir)
-                .unwrap_or_else(|| "/run/veilnet".into()),
+                .unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             cni_conf_dir: args
                 .cni_conf_dir
                 .clone()
                 .or(file.cni_conf_dir)
-                .unwrap_or_else(|| "/etc/cni/net.d".into()),
+                .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
             cni_bin_dir: args
                 .cni_bin_dir
                 .clone()
                 .or(file.cni_bin_dir)
-                .unwrap_or_else(|| "/opt/cni/bin".into()),
-            vxlan_vni: args.vxlan_vni.or(file.vxlan_vni).unwrap_or(1),
+                .unwrap_or_else(|| DEFAULT_CNI_BIN_DIR.into()),
+            vxlan_vni: args
+                .vxlan_vni
+                .or(file.vxlan_vni)
+                .unwrap_or(DEFAULT_VXLAN_VNI),
             vxlan_port: args
                 .vxlan_port
                 .or(file.vxlan_port)
@@ -229,7 +284,7 @@ impl AgentConfig {
             resync: args
                 .resync
                 .or(file.resync_seconds.map(Duration::from_secs))
-                .unwrap_or(Duration::from_secs(30)),
+                .unwrap_or(DEFAULT_RESYNC),
             health_addr: args
                 .health_addr
                 .or(file.health_addr)
@@ -238,7 +293,10 @@ impl AgentConfig {
                 .metrics_addr
                 .or(file.metrics_addr)
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default address")),
-            encryption: args.encryption.or(file.encryption).unwrap_or(Mode::On),
+            encryption: args
+                .encryption
+                .or(file.encryption)
+                .unwrap_or(DEFAULT_ENCRYPTION),
             wireguard_port: args
                 .wireguard_port
                 .or(file.wireguard_port)

@@ -23,6 +23,10 @@ const NFULA_CFG_MODE: u16 = 2;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PACKET_HDR: u16 = 1;
+/// `struct nfulnl_msg_packet_timestamp { __be64 sec; __be64 usec; }`: the packet's receive time,
+/// sent only when the skb carries one (`skb->tstamp` set, i.e. receive timestamping enabled on
+/// the host and not cleared on the way, as IP and bridge forwarding do).
+const NFULA_TIMESTAMP: u16 = 3;
 const NFULA_IFINDEX_INDEV: u16 = 4;
 const NFULA_IFINDEX_OUTDEV: u16 = 5;
 const NFULA_IFINDEX_PHYSINDEV: u16 = 6;
@@ -52,6 +56,9 @@ pub struct LoggedPacket {
     pub payload: Vec<u8>,
     /// The link-layer header (`NFULA_HWHEADER`): for Ethernet, destination, source, ethertype.
     pub hw_header: Vec<u8>,
+    /// The kernel's timestamp of the packet (`NFULA_TIMESTAMP`), since the Unix epoch; absent
+    /// when the skb has none.
+    pub timestamp: Option<std::time::Duration>,
 }
 
 impl LoggedPacket {
@@ -74,6 +81,16 @@ pub fn parse_messages(buf: &[u8]) -> Vec<LoggedPacket> {
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// `NFULA_TIMESTAMP`'s value; none when malformed or zero.
+fn timestamp(v: &[u8]) -> Option<std::time::Duration> {
+    let (sec, usec) = (u64_at(v, 0)?, u64_at(v, 8)?);
+    (sec != 0 && usec < 1_000_000).then(|| std::time::Duration::new(sec, (usec * 1000) as u32))
 }
 
 fn parse_packet(family: u8, attrs: &[u8]) -> LoggedPacket {
@@ -102,6 +119,7 @@ fn parse_packet(family: u8, attrs: &[u8]) -> LoggedPacket {
             NFULA_IFINDEX_PHYSOUTDEV => p.physoutdev = ifindex(value),
             NFULA_PAYLOAD => p.payload = value.to_vec(),
             NFULA_HWHEADER => p.hw_header = value.to_vec(),
+            NFULA_TIMESTAMP => p.timestamp = timestamp(value),
             _ => {}
         }
     }
@@ -243,6 +261,28 @@ mod tests {
     }
 
     const NLMSG_DONE_TYPE: u16 = 3;
+
+    #[test]
+    fn reads_the_kernel_timestamp_when_present() {
+        let plain = packet_message(2, 0x0800, "veilnet:x", &[0x45]);
+        assert_eq!(parse_messages(&plain)[0].timestamp, None);
+        // The same packet with NFULA_TIMESTAMP appended (and the length fixed up).
+        let mut ts = 1_748_779_200u64.to_be_bytes().to_vec();
+        ts.extend_from_slice(&123_456u64.to_be_bytes());
+        let mut with = plain.clone();
+        let mut tail = Vec::new();
+        push_attr(&mut tail, NFULA_TIMESTAMP, &ts);
+        with.extend(&tail);
+        let len = with.len() as u32;
+        with[..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(
+            parse_messages(&with)[0].timestamp,
+            Some(std::time::Duration::new(1_748_779_200, 123_456_000))
+        );
+        // A zero or malformed one is no timestamp.
+        assert_eq!(timestamp(&[0; 16]), None);
+        assert_eq!(timestamp(&[1; 4]), None);
+    }
 
     #[test]
     fn garbage_never_panics() {

@@ -58,6 +58,9 @@ pub struct ExplainArgs {
     /// Kubeconfig of the cluster (default: $KUBECONFIG, then in-cluster).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, conflicts_with = "lab")]
+    pub context: Option<String>,
     /// Read the cluster of the `veilnet lab` with this name instead.
     #[arg(long, conflicts_with = "kubeconfig")]
     pub lab: Option<String>,
@@ -131,15 +134,27 @@ async fn fetch(client: kube::Client) -> Result<(ClusterState, Vec<IpAddr>), Poli
     ))
 }
 
-async fn kube_client(path: Option<&PathBuf>) -> Result<kube::Client, PolicyCliError> {
+/// A client for the kubeconfig at `path` (else `$KUBECONFIG`, `~/.kube/config`, in-cluster), with
+/// `context` instead of its current context, as kubectl picks one.
+pub async fn kube_client(
+    path: Option<&PathBuf>,
+    context: Option<&str>,
+) -> Result<kube::Client, PolicyCliError> {
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..Default::default()
+    };
     let config = match path {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
                 .map_err(|e| PolicyCliError::Kubeconfig(format!("{}: {e}", p.display())))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            kube::Config::from_custom_kubeconfig(kc, &options)
                 .await
                 .map_err(|e| PolicyCliError::Kubeconfig(e.to_string()))?
         }
+        None if context.is_some() => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| PolicyCliError::Kubeconfig(e.to_string()))?,
         None => kube::Config::infer()
             .await
             .map_err(|e| PolicyCliError::Kubeconfig(e.to_string()))?,
@@ -150,12 +165,13 @@ async fn kube_client(path: Option<&PathBuf>) -> Result<kube::Client, PolicyCliEr
 /// Reads the cluster with a kubeconfig (`None`: inferred), on a runtime of its own.
 fn read_cluster(
     kubeconfig: Option<&PathBuf>,
+    context: Option<&str>,
 ) -> Result<(ClusterState, Vec<IpAddr>), PolicyCliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(PolicyCliError::Runtime)?
-        .block_on(async { fetch(kube_client(kubeconfig).await?).await })
+        .block_on(async { fetch(kube_client(kubeconfig, context).await?).await })
 }
 
 /// Runs the command and returns what to print.
@@ -174,10 +190,10 @@ pub fn run(cmd: PolicyCommand) -> Result<String, PolicyCliError> {
             }
             // The lab's API listens inside its control plane's namespace: read it from there.
             crate::netns::run_in(&lab.control_plane_netns(), move || {
-                read_cluster(Some(&kubeconfig))
+                read_cluster(Some(&kubeconfig), None)
             })??
         }
-        None => read_cluster(args.kubeconfig.as_ref())?,
+        None => read_cluster(args.kubeconfig.as_ref(), args.context.as_deref())?,
     };
     let from = resolve(&state, &args.from)?;
     let to = resolve(&state, &args.to)?;

@@ -122,6 +122,17 @@ fn vxlan_inner(payload: &[u8]) -> Option<InnerAddresses> {
 
 /// Turns one logged packet into a record (pure). `None` for packets veilnet did not log or
 /// cannot read.
+/// A line's `time`: the kernel's timestamp of the packet when NFLOG carries one, else `read`
+/// (when the batch was read; the kernel sends none for an skb without a receive timestamp, which
+/// is the common case for forwarded pod traffic: IP and bridge forwarding clear it).
+pub fn packet_time(packet: &LoggedPacket, read: jiff::Timestamp) -> String {
+    packet
+        .timestamp
+        .and_then(|d| jiff::Timestamp::new(d.as_secs() as i64, d.subsec_nanos() as i32).ok())
+        .unwrap_or(read)
+        .to_string()
+}
+
 pub fn record(
     packet: &LoggedPacket,
     index: &IpIndex,
@@ -246,10 +257,10 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf) -> Result<FlowLogHandle, FlowLo
                     .read()
                     .map(|i| i.clone())
                     .unwrap_or_else(|e| e.into_inner().clone());
-                let now = jiff::Timestamp::now().to_string();
+                let now = jiff::Timestamp::now();
                 let mut lines = Vec::new();
                 for p in &packets {
-                    if let Some(r) = record(p, &index, &shared.options.node, now.clone()) {
+                    if let Some(r) = record(p, &index, &shared.options.node, packet_time(p, now)) {
                         if let Ok(mut l) = serde_json::to_vec(&r) {
                             l.push(b'\n');
                             lines.extend(l);
@@ -352,6 +363,15 @@ mod tests {
                 "dst": {"ip": "10.244.1.7", "port": 80, "namespace": "x", "pod": "a", "node": "node-1"},
             })
         );
+    }
+
+    #[test]
+    fn packet_time_prefers_the_kernel_timestamp() {
+        let read: jiff::Timestamp = "2025-06-01T12:00:05Z".parse().unwrap();
+        let mut p = LoggedPacket::default();
+        assert_eq!(packet_time(&p, read), "2025-06-01T12:00:05Z");
+        p.timestamp = Some(std::time::Duration::new(1_748_779_200, 250_000_000));
+        assert_eq!(packet_time(&p, read), "2025-06-01T12:00:00.25Z");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use clap::ValueEnum;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, ObjectMeta, PostParams};
@@ -55,6 +56,8 @@ pub enum LabCommand {
         name: NameArg,
         /// NAMESPACE/POD (or POD in namespace `default`).
         pod: String,
+        /// The command and its arguments, run in the pod's network namespace (after `--` when
+        /// they start with `-`); `veilnet` on its PATH is this build.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         cmd: Vec<String>,
     },
@@ -708,6 +711,20 @@ fn down(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first line of `lab status`: the modes spelled as on the command line and in the JSON.
+fn headline(st: &LabStatus) -> String {
+    let name = |v: Option<clap::builder::PossibleValue>| {
+        v.map(|v| v.get_name().to_string()).unwrap_or_default()
+    };
+    format!(
+        "lab {}: {} nodes, CNI {}, pod CIDRs {}",
+        st.name,
+        st.nodes.len(),
+        name(st.cni.to_possible_value()),
+        name(st.pod_cidrs.to_possible_value())
+    )
+}
+
 /// `lab status --json` output. Field names are part of the CLI's contract (see the README).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -844,13 +861,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&st)?);
         return Ok(());
     }
-    println!(
-        "lab {}: {} nodes, CNI {:?}, pod CIDRs {:?}",
-        st.name,
-        st.nodes.len(),
-        st.cni,
-        st.pod_cidrs
-    );
+    println!("{}", headline(&st));
     let plane = match st.control_plane {
         ControlPlane::StandIn => "API stand-in",
         ControlPlane::Kubernetes => "Kubernetes",
@@ -1015,4 +1026,53 @@ fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<()> {
     netns::command_in(&pod_ns, &mut c)?;
     let err = c.exec();
     bail!("failed to run {program}: {err}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(cni: CniMode, pod_cidrs: PodCidrMode) -> LabStatus {
+        LabStatus {
+            name: "t".into(),
+            api_url: String::new(),
+            api_reachable: false,
+            control_plane_netns: String::new(),
+            control_plane: ControlPlane::StandIn,
+            server_version: None,
+            underlay_netns: String::new(),
+            underlay_cidr: String::new(),
+            underlay_mtu: 1500,
+            cni,
+            pod_cidrs,
+            kubeconfig: String::new(),
+            nodes: vec![],
+            pods: vec![],
+        }
+    }
+
+    /// The text spells the modes as the flags and the JSON do.
+    #[test]
+    fn status_headline_uses_cli_spelling() {
+        for (cni, pods) in [
+            (CniMode::Veilnet, PodCidrMode::Assigned),
+            (CniMode::Reference, PodCidrMode::Agent),
+        ] {
+            let st = status(cni, pods);
+            let json = serde_json::to_value(&st).unwrap();
+            let line = headline(&st);
+            assert_eq!(
+                line,
+                format!(
+                    "lab t: 0 nodes, CNI {}, pod CIDRs {}",
+                    json["cni"].as_str().unwrap(),
+                    json["podCidrs"].as_str().unwrap()
+                )
+            );
+            assert!(
+                !line.contains("Veilnet") && !line.contains("Assigned"),
+                "{line}"
+            );
+        }
+    }
 }

@@ -1,0 +1,274 @@
+//! `kubectl veilnet …`: the `veilnet` binary run as `kubectl-veilnet` (a symlink or copy on PATH,
+//! which is how kubectl finds plugins), or as `veilnet kubectl-plugin …`.
+//!
+//! kubectl hands a plugin its arguments as typed, so `--kubeconfig` and `--context` are parsed
+//! here, and the cluster is the one kubectl would use: `--kubeconfig`, else `$KUBECONFIG`, else
+//! `~/.kube/config`, with its current context unless `--context` names another.
+//!
+//! What works through the API: `status` (every Node's veilnet annotations: what its agent
+//! published) and `explain` (`veilnet policy explain`). An agent's live detail — handshakes, byte
+//! counters, the datapath — lives in the node's status file, which only `veilnet status` on that
+//! node reads; `status` says so. `doctor` and `observe` are not in this version and say so.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::ListParams;
+use kube::Api;
+
+use crate::model::annotations;
+use crate::policy::cli::{ExplainArgs, PolicyCliError, PolicyCommand};
+
+/// Exit code of a command this version does not have (sysexits' EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+
+/// The name kubectl runs the plugin by.
+pub const PLUGIN_BINARY: &str = "kubectl-veilnet";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("`kubectl veilnet {0}` is not available in this version of veilnet")]
+    Unavailable(&'static str),
+    #[error(transparent)]
+    Cluster(#[from] PolicyCliError),
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl PluginError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PluginError::Unavailable(_) => EXIT_UNAVAILABLE,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl veilnet",
+    bin_name = "kubectl veilnet",
+    version,
+    about = "veilnet from kubectl: the cluster of the current kubeconfig context"
+)]
+pub struct PluginCli {
+    /// Kubeconfig (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context (default: the current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    #[command(subcommand)]
+    pub command: PluginCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Every node's veilnet state as its agent published it on the Node: pod CIDR, underlay
+    /// address, encryption mode, WireGuard key. (Handshakes and counters: `veilnet status` on
+    /// the node.)
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain whether FROM may connect to TO on PORT/PROTO (`veilnet policy explain`).
+    Explain {
+        /// Source: NAMESPACE/POD or an IP address.
+        from: String,
+        /// Destination: NAMESPACE/POD or an IP address.
+        to: String,
+        /// PORT/PROTO, e.g. 80/tcp, 53/udp (PORT alone means TCP).
+        port: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Not available in this version (exits 69).
+    Doctor,
+    /// Not available in this version (exits 69).
+    Observe,
+}
+
+/// One row of `kubectl veilnet status`.
+#[derive(Debug, serde::Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRow {
+    pub node: String,
+    pub pod_cidrs: Option<String>,
+    pub underlay_ip: Option<String>,
+    /// The mode the agent applies (`veilnet.io/encryption-mode`); none: no agent published yet.
+    pub encryption_mode: Option<String>,
+    /// The operator's label `veilnet.io/encryption`, if set.
+    pub encryption_label: Option<String>,
+    pub wg_public_key: Option<String>,
+}
+
+impl NodeRow {
+    pub fn from_node(node: &Node) -> Self {
+        let ann = |k: &str| {
+            node.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .cloned()
+        };
+        let label = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(annotations::ENCRYPTION_LABEL))
+            .cloned();
+        let spec_cidrs = node.spec.as_ref().and_then(|s| {
+            s.pod_cidrs
+                .as_ref()
+                .filter(|c| !c.is_empty())
+                .map(|c| c.join(","))
+                .or_else(|| s.pod_cidr.clone())
+        });
+        NodeRow {
+            node: node.metadata.name.clone().unwrap_or_default(),
+            pod_cidrs: spec_cidrs.or_else(|| ann(annotations::POD_CIDRS)),
+            underlay_ip: ann(annotations::UNDERLAY_IP),
+            encryption_mode: ann(annotations::ENCRYPTION_MODE),
+            encryption_label: label,
+            wg_public_key: ann(annotations::WG_PUBLIC_KEY),
+        }
+    }
+}
+
+/// The table `kubectl veilnet status` prints.
+pub fn render_status(rows: &[NodeRow]) -> String {
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut out = format!(
+        "{:<20} {:<18} {:<16} {:<11} {:<6} {}\n",
+        "NODE", "POD CIDR", "UNDERLAY", "ENCRYPTION", "LABEL", "WG KEY"
+    );
+    for r in rows {
+        let key = r
+            .wg_public_key
+            .as_deref()
+            .map(|k| format!("{}…", &k[..k.len().min(8)]))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<20} {:<18} {:<16} {:<11} {:<6} {}\n",
+            r.node,
+            dash(&r.pod_cidrs),
+            dash(&r.underlay_ip),
+            dash(&r.encryption_mode),
+            dash(&r.encryption_label),
+            key
+        ));
+    }
+    let unpublished = rows.iter().filter(|r| r.encryption_mode.is_none()).count();
+    if unpublished > 0 {
+        out.push_str(&format!(
+            "{unpublished} node(s) without a veilnet agent's annotations (agent not running there yet?)\n"
+        ));
+    }
+    out.push_str(
+        "peers, handshakes and counters: `veilnet status` on the node (e.g. kubectl exec into its \
+         veilnet-agent pod)\n",
+    );
+    out
+}
+
+/// Runs `kubectl veilnet ARGS…` (`args[0]` is the program name) and returns what to print.
+pub fn run(cli: PluginCli) -> Result<String, PluginError> {
+    match cli.command {
+        PluginCommand::Doctor => Err(PluginError::Unavailable("doctor")),
+        PluginCommand::Observe => Err(PluginError::Unavailable("observe")),
+        PluginCommand::Explain {
+            from,
+            to,
+            port,
+            json,
+        } => Ok(crate::policy::cli::run(PolicyCommand::Explain(
+            ExplainArgs {
+                from,
+                to,
+                port,
+                kubeconfig: cli.kubeconfig,
+                context: cli.context,
+                lab: None,
+                json,
+            },
+        ))?),
+        PluginCommand::Status { json } => {
+            let nodes = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(PluginError::Runtime)?
+                .block_on(async {
+                    let client = crate::policy::cli::kube_client(
+                        cli.kubeconfig.as_ref(),
+                        cli.context.as_deref(),
+                    )
+                    .await?;
+                    Ok::<_, PluginError>(
+                        Api::<Node>::all(client)
+                            .list(&ListParams::default())
+                            .await?,
+                    )
+                })?;
+            let mut rows: Vec<NodeRow> = nodes.items.iter().map(NodeRow::from_node).collect();
+            rows.sort_by(|a, b| a.node.cmp(&b.node));
+            Ok(if json {
+                serde_json::to_string_pretty(&rows)?
+            } else {
+                render_status(&rows).trim_end().to_string()
+            })
+        }
+    }
+}
+
+/// Whether the program was started under the plugin's name (argv\[0\]'s file name).
+pub fn invoked_as_plugin(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == PLUGIN_BINARY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_read_spec_and_annotations() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-1",
+                "labels": {"veilnet.io/encryption": "strict"},
+                "annotations": {"veilnet.io/underlay-ip": "172.30.0.11",
+                    "veilnet.io/encryption-mode": "strict",
+                    "veilnet.io/wg-public-key": "axTZ/yEbAAAAAAAA"}},
+            "spec": {"podCIDR": "10.244.1.0/24"}
+        }))
+        .unwrap();
+        let bare: Node =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "node-2"}})).unwrap();
+        let rows = vec![NodeRow::from_node(&node), NodeRow::from_node(&bare)];
+        assert_eq!(rows[0].pod_cidrs.as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(rows[0].encryption_mode.as_deref(), Some("strict"));
+        assert_eq!(rows[1].underlay_ip, None);
+        let text = render_status(&rows);
+        assert!(text.contains("node-1"), "{text}");
+        assert!(text.contains("axTZ/yEb…"), "{text}");
+        assert!(
+            text.contains("1 node(s) without a veilnet agent's annotations"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn plugin_name_is_the_file_name() {
+        assert!(invoked_as_plugin("/usr/local/bin/kubectl-veilnet".as_ref()));
+        assert!(invoked_as_plugin("kubectl-veilnet".as_ref()));
+        assert!(!invoked_as_plugin("/usr/bin/veilnet".as_ref()));
+    }
+}
