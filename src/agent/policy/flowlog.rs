@@ -120,8 +120,6 @@ fn vxlan_inner(payload: &[u8]) -> Option<InnerAddresses> {
     })
 }
 
-/// Turns one logged packet into a record (pure). `None` for packets veilnet did not log or
-/// cannot read.
 /// A line's `time`: the kernel's timestamp of the packet when NFLOG carries one, else `read`
 /// (when the batch was read; the kernel sends none for an skb without a receive timestamp, which
 /// is the common case for forwarded pod traffic: IP and bridge forwarding clear it).
@@ -133,6 +131,8 @@ pub fn packet_time(packet: &LoggedPacket, read: jiff::Timestamp) -> String {
         .to_string()
 }
 
+/// Turns one logged packet into a record (pure). `None` for packets veilnet did not log or
+/// cannot read.
 pub fn record(
     packet: &LoggedPacket,
     index: &IpIndex,
