@@ -122,7 +122,7 @@ fn strict_against_off_is_blocked_even_while_the_agent_restarts() {
     lab.kill_daemon("agent-node-1");
     assert_wire(&lab, "default/b", "default/a", "blocked");
     assert_wire(&lab, "default/a", "default/b", "blocked");
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
 
     // Back to encryption on both: traffic flows again, encrypted.
     set_mode(&lab, "node-2", "on");
@@ -312,7 +312,7 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
     );
 
     lab.kill_daemon("agent-node-1");
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     let ip_a = lab.wait_pod_ip("default/a", Duration::from_secs(5));
     eventually(Duration::from_secs(10), "traffic after the restart", || {
         lab.connect("default/b", &format!("{ip_a}:80"), "tcp", "1s") == Some(0)
@@ -347,7 +347,7 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
     // The same request is handled once: another restart keeps the rotated key.
     let rotated = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
     lab.kill_daemon("agent-node-1");
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         annotation(&lab, "node-1", "veilnet.io/wg-public-key"),

@@ -157,7 +157,7 @@ fn host_traffic_to_a_remote_pod_survives_the_peers_agent_restart_and_a_key_rotat
         std::thread::sleep(Duration::from_secs(1));
         lab.kill_daemon("agent-node-2");
         std::thread::sleep(Duration::from_secs(2));
-        ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+        lab.up_again();
         std::thread::sleep(Duration::from_secs(1));
     });
     assert!(answered > 10, "only {answered} probes answered");

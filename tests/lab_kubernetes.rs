@@ -439,16 +439,7 @@ fn kube_apiserver_down_for_60s_changes_nothing_in_the_dataplane_and_the_agents_r
         lab.daemon_pid("agent-node-1"),
         lab.daemon_pid("agent-node-2"),
     );
-    ok(veilnet().args([
-        "lab",
-        "up",
-        "--name",
-        &lab.name,
-        "--nodes",
-        "2",
-        "--control-plane",
-        "kubernetes",
-    ]));
+    lab.up_again();
     assert_eq!(
         (
             lab.daemon_pid("agent-node-1"),
@@ -667,7 +658,7 @@ fn etcd(lab: &Lab, call: &str, body: &serde_json::Value) -> serde_json::Value {
     let out = ok(Command::new("ip").args([
         "netns",
         "exec",
-        &format!("{}.cp", lab.name),
+        &lab.control_plane_netns(),
         "curl",
         "-sS",
         "--max-time",
@@ -721,16 +712,7 @@ fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
         compacted.to_string().contains("compacted"),
         "etcd did not compact revision {old}: {compacted}"
     );
-    ok(veilnet().args([
-        "lab",
-        "up",
-        "--name",
-        &lab.name,
-        "--nodes",
-        "2",
-        "--control-plane",
-        "kubernetes",
-    ]));
+    lab.up_again();
 
     // Each agent's watches expire, and it lists each expired kind afresh.
     let gone = |l: &str| {

@@ -63,7 +63,7 @@ fn removing_or_garbling_a_published_mode_never_downgrades_a_pair() {
         assert_wire(&lab, "default/a", "default/b", "encrypted");
     }
     // With the agent alive, a removal is repaired and never leaks either.
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "3"]));
+    lab.up_again();
     eventually(Duration::from_secs(10), "node-2 republishes on", || {
         annotation(&lab, "node-2", "veilnet.io/encryption-mode") == "on"
     });

@@ -135,7 +135,7 @@ fn kubectl_plugin_status_reads_the_nodes_from_the_api() {
     let plugin = dir.path().join("kubectl-veilnet");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_veilnet"), &plugin).unwrap();
     let kubeconfig = format!("/var/lib/veilnet-lab/{}/kubeconfig", lab.name);
-    let cp = format!("{}.cp", lab.name);
+    let cp = lab.control_plane_netns();
     let plugin_cmd = |args: &[&str]| {
         std::process::Command::new("ip")
             .args(["netns", "exec", &cp])

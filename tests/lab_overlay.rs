@@ -199,7 +199,7 @@ fn agent_restart_keeps_links_and_flows() {
     // datapath processes keep the encrypted stream moving meanwhile.
     std::thread::sleep(Duration::from_secs(3));
     // `lab up` again restarts what is not running (and only that).
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     assert!(lab.daemon_pid("agent-node-1").is_some());
     assert_eq!(
         (
@@ -293,7 +293,7 @@ fn a_restarted_datapath_resumes_from_its_saved_state_or_from_the_agent() {
     let stream = reverse_stream(&lab, &ip, 6);
     std::thread::sleep(Duration::from_secs(2));
     lab.kill_daemon("datapath-node-1");
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     let report = stream_report(&lab, stream, "the datapath restart");
     let (longest, _) = longest_stall(&report);
     eprintln!("longest stall across the datapath restart: {longest:.2} s");
@@ -320,7 +320,7 @@ fn a_restarted_datapath_resumes_from_its_saved_state_or_from_the_agent() {
         veilnet::datapath::STATE_FILE
     );
     std::fs::remove_file(&state).unwrap();
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     eventually(
         Duration::from_secs(10),
         "traffic through the repaired datapath",

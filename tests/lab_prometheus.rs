@@ -37,7 +37,7 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     fn start(lab: &Lab) -> Prometheus {
-        let netns = format!("{}.cp", lab.name);
+        let netns = lab.control_plane_netns();
         let dir = PathBuf::from("/var/lib/veilnet-lab")
             .join(&lab.name)
             .join("prometheus");
@@ -172,7 +172,7 @@ fn prometheus_fires_datapath_down_while_a_datapath_is_dead_and_clears_it_after()
     let started = Instant::now();
     let lab = Lab::up("prom", &["--nodes", "2"]);
     // The control-plane namespace reaches every agent's metrics on its node address.
-    let cp = format!("{}.cp", lab.name);
+    let cp = lab.control_plane_netns();
     for target in NODES {
         let reached = veilnet::netns::run_in(&cp, move || {
             std::net::TcpStream::connect_timeout(&target.parse().unwrap(), Duration::from_secs(2))
@@ -247,7 +247,7 @@ fn prometheus_fires_datapath_down_while_a_datapath_is_dead_and_clears_it_after()
     );
 
     // Start it again (`lab up` restarts a daemon that died): the alert clears.
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "2"]));
+    lab.up_again();
     let restarted = Instant::now();
     wait(
         &prom,

@@ -232,7 +232,7 @@ fn forged_vxlan_never_reaches_a_pod_unless_a_vxlan_peer_sends_its_own_pods_traff
     veilnet_test_support::require_root!();
     let s = setup();
     let lab = &s.lab;
-    let cp = format!("{}.cp", lab.name);
+    let cp = lab.control_plane_netns();
     let (n2, n3) = (lab.node_netns(2), lab.node_netns(3));
     let p2_ns = lab.pod_netns("default/p2");
     let p3_ns = lab.pod_netns("default/p3");
@@ -293,7 +293,7 @@ fn forged_vxlan_never_reaches_a_pod_unless_a_vxlan_peer_sends_its_own_pods_traff
     // The rules live in the kernel: they hold while node-1's agent is down.
     lab.kill_daemon("agent-node-1");
     s.refused_while_agent_down("non-node-agent-down", &cp, node1_vxlan(), s.p2);
-    ok(veilnet().args(["lab", "up", "--name", &lab.name, "--nodes", "3"]));
+    lab.up_again();
 
     // All `off`: the pairs are VXLAN now.
     for node in ["node-1", "node-2", "node-3"] {

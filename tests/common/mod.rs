@@ -84,6 +84,8 @@ macro_rules! require_kubernetes {
 /// A lab that is torn down when the guard drops, whether the test passed or panicked.
 pub struct Lab {
     pub name: String,
+    /// The `lab up` arguments it was made with, for [`Lab::up_again`].
+    up_args: Vec<String>,
 }
 
 impl Lab {
@@ -101,6 +103,7 @@ impl Lab {
         assert_root();
         let lab = Lab {
             name: unique_name(tag),
+            up_args: args.iter().map(|a| a.to_string()).collect(),
         };
         let out = veilnet()
             .args(["lab", "up", "--name", &lab.name])
@@ -114,6 +117,14 @@ impl Lab {
             lab.logs()
         );
         lab
+    }
+
+    /// `veilnet lab up` again with the arguments the lab was made with: starts what is not
+    /// running (a killed daemon, a stopped API server) and leaves the rest alone.
+    pub fn up_again(&self) -> String {
+        ok(veilnet()
+            .args(["lab", "up", "--name", &self.name])
+            .args(&self.up_args))
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {
@@ -396,6 +407,11 @@ impl Lab {
 
     pub fn node_netns(&self, index: usize) -> String {
         format!("{}.n{index}", self.name)
+    }
+
+    /// The control plane's namespace (API server, etcd, controllers).
+    pub fn control_plane_netns(&self) -> String {
+        format!("{}.cp", self.name)
     }
 
     /// `ip -n <node netns> ARGS` output.
