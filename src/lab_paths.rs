@@ -12,6 +12,10 @@ pub const DEFAULT_LAB_ROOT: &str = "/var/lib/veilnet-lab";
 pub const LAB_ROOT_ENV: &str = "VEILNET_LAB_ROOT";
 /// A node's runtime directory inside its node directory: the agent's `--run-dir` in a lab.
 pub const NODE_RUN_DIR: &str = "run";
+/// A node's persistent state directory inside its node directory: the agent's `--state-dir`.
+pub const NODE_STATE_DIR: &str = "state";
+/// A node's CNI configuration directory inside its node directory.
+pub const NODE_CNI_CONF_DIR: &str = "cni/net.d";
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid lab name {0:?}: use 1-24 characters of a-z, 0-9 and '-', starting with a letter")]
@@ -77,6 +81,19 @@ impl LabPaths {
     pub fn node_run_dir(&self, node: &str) -> PathBuf {
         self.node_dir(node).join(NODE_RUN_DIR)
     }
+    /// One node's persistent state (its WireGuard key, IPAM): the agent's `--state-dir`.
+    pub fn node_state_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join(NODE_STATE_DIR)
+    }
+    /// The CNI configuration directory of one node: the agent's and kubelet's `--cni-conf-dir`.
+    pub fn node_cni_conf_dir(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join(NODE_CNI_CONF_DIR)
+    }
+    /// The network namespace of a node named `node-N` (`<lab>.nN`); `None` for other names.
+    pub fn node_netns(&self, node: &str) -> Option<String> {
+        let index: usize = node.strip_prefix("node-")?.parse().ok()?;
+        (index > 0 && !node.contains('+')).then(|| format!("{}.n{index}", self.name))
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +120,13 @@ mod tests {
             lab.root().join("nodes/node-2/run")
         );
         assert_eq!(lab.control_plane_netns(), "demo.cp");
+        assert_eq!(lab.node_netns("node-3").as_deref(), Some("demo.n3"));
+        for bad in ["node-0", "node-", "node-x", "n1", "node-+1"] {
+            assert_eq!(lab.node_netns(bad), None, "{bad}");
+        }
+        assert_eq!(
+            lab.node_state_dir("node-1"),
+            lab.root().join("nodes/node-1/state")
+        );
     }
 }

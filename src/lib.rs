@@ -7,6 +7,7 @@
 //! - `wg`: the userspace WireGuard datapath (boringtun over TUN).
 //! - `cluster`: the Kubernetes side (pod CIDR ownership, publishing this node's annotations).
 //! - `agent`: the per-node daemon wiring it together.
+//! - `doctor`: `veilnet doctor`, the node's preflight and health checks.
 //! - `install`: what the install manifest must grant (the agent's API calls).
 //! - `netns`: namespace helpers; `logging`: the tracing setup shared by every daemon;
 //!   `duration`: duration flags; `lab_paths`: where a lab keeps the files `veilnet status --lab`
@@ -19,6 +20,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod datapath;
+pub mod doctor;
 pub mod duration;
 pub mod fsutil;
 pub mod install;

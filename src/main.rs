@@ -35,6 +35,9 @@ struct Cli {
 enum Command {
     /// Show this node's agent: mode, peers, paths, handshakes, bytes, the path matrix.
     Status(veilnet::status_cmd::StatusArgs),
+    /// Check this node (kernel, CNI config, MTU, sysctls, agent and datapath, nftables, ports):
+    /// one line per check with OK / WARN / FAIL and the fix; exit status 1 on any FAIL.
+    Doctor(veilnet::doctor::DoctorArgs),
     /// Run the per-node agent (as the DaemonSet does, or inside a lab node).
     Agent(Box<agent::AgentArgs>),
     /// The WireGuard datapath: owns the TUN and sessions, configured by the agent over a socket.
@@ -137,6 +140,7 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     logging::init(format.unwrap_or_default(), default_level);
     match command {
         Command::Status(args) => veilnet::status_cmd::run(args),
+        Command::Doctor(args) => std::process::exit(veilnet::doctor::run(args)?),
         Command::Policy(cmd) => {
             println!("{}", veilnet::policy::cli::run(cmd)?);
             Ok(())

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use veilnet::lab_paths::{InvalidLabName, LabPaths, NODE_RUN_DIR};
+use veilnet::lab_paths::{
+    InvalidLabName, LabPaths, NODE_CNI_CONF_DIR, NODE_RUN_DIR, NODE_STATE_DIR,
+};
 use veilnet::model::encryption::Mode;
 
 pub use veilnet::lab_paths::{labs_root, validate_name, DEFAULT_LAB_ROOT, LAB_ROOT_ENV};
@@ -134,14 +136,14 @@ pub struct NodeLayout {
 
 impl NodeLayout {
     pub fn cni_conf_dir(&self) -> PathBuf {
-        self.dir.join("cni/net.d")
+        self.dir.join(NODE_CNI_CONF_DIR)
     }
     pub fn cni_bin_dir(&self) -> PathBuf {
         self.dir.join("cni/bin")
     }
     /// Persistent state (keys, IPAM); on a real node this is under /var/lib.
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
+        self.dir.join(NODE_STATE_DIR)
     }
     /// Runtime files (sockets, the MTU/state file for the CNI plugin); /run on a real node.
     pub fn run_dir(&self) -> PathBuf {
@@ -299,6 +301,14 @@ mod tests {
             "10.244.2.0/24"
         );
         assert!(n2.pod_netns_prefix().starts_with(&lab.netns_prefix()));
+        // `veilnet doctor --lab` and `status --lab` find the node by the shared convention.
+        let paths = LabPaths::new("veilnet").unwrap();
+        assert_eq!(
+            paths.node_netns(&n2.name).as_deref(),
+            Some(n2.netns.as_str())
+        );
+        assert_eq!(paths.node_state_dir(&n2.name), n2.state_dir());
+        assert_eq!(paths.node_cni_conf_dir(&n2.name), n2.cni_conf_dir());
     }
 
     #[test]

@@ -1,0 +1,327 @@
+//! `veilnet doctor`: preflight and health checks for one node, each one line with a verdict
+//! (OK / WARN / FAIL), the evidence, and the fix.
+//!
+//! Split as everywhere else: each concern's file has a `gather` (reads the node: files, sysctls,
+//! sockets; the only impure part) and a `check` (a pure function from what was gathered to
+//! [`Check`]s, unit-tested without root). [`run_checks`] calls them in order.
+//!
+//! Where a check runs: on the node itself (the defaults are the agent's), in a lab node
+//! (`--lab NAME --node N`: the node's namespace and directories), or for every node through the
+//! API (`--kubeconfig`: each agent serves its own report on its metrics port, `/doctor`).
+
+pub mod agent;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::config;
+use crate::lab_paths::{InvalidLabName, LabPaths};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DoctorError {
+    #[error(transparent)]
+    LabName(#[from] InvalidLabName),
+    #[error("{node} is not a lab node name (node-1, node-2, …)")]
+    LabNode { node: String },
+    #[error("failed to encode the report: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// How bad one finding is. Ordered: the worst of a report is its maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "OK",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+        }
+    }
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Check {
+    /// Stable, dotted name (`kernel.vxlan`, `cni.conflict`, `agent.up`): what scripts match on.
+    pub name: String,
+    pub verdict: Verdict,
+    /// What was found, in one line: the evidence.
+    pub evidence: String,
+    /// What to do about it (absent when OK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(name: &str, evidence: impl Into<String>) -> Check {
+        Check {
+            name: name.to_string(),
+            verdict: Verdict::Ok,
+            evidence: evidence.into(),
+            fix: None,
+        }
+    }
+    pub fn warn(name: &str, evidence: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.to_string(),
+            verdict: Verdict::Warn,
+            evidence: evidence.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    pub fn fail(name: &str, evidence: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name: name.to_string(),
+            verdict: Verdict::Fail,
+            evidence: evidence.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// Every finding for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub node: String,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn worst(&self) -> Verdict {
+        self.checks
+            .iter()
+            .map(|c| c.verdict)
+            .max()
+            .unwrap_or(Verdict::Ok)
+    }
+}
+
+/// Exit status for a set of reports: 0 when nothing failed, 1 on any FAIL (warnings pass).
+pub fn exit_code(reports: &[Report]) -> i32 {
+    i32::from(reports.iter().any(|r| r.worst() == Verdict::Fail))
+}
+
+/// The text rendering: one line per check, the fix indented under anything not OK.
+pub fn render(reports: &[Report]) -> String {
+    let mut s = String::new();
+    for r in reports {
+        let _ = writeln!(s, "node {}", r.node);
+        let width = r.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        for c in &r.checks {
+            let _ = writeln!(
+                s,
+                "  {:<4}  {:<width$}  {}",
+                c.verdict.as_str(),
+                c.name,
+                c.evidence
+            );
+            if let Some(fix) = &c.fix {
+                let _ = writeln!(s, "        {:<width$}  fix: {fix}", "");
+            }
+        }
+        let count = |v| r.checks.iter().filter(|c| c.verdict == v).count();
+        let _ = writeln!(
+            s,
+            "  {} OK, {} WARN, {} FAIL",
+            count(Verdict::Ok),
+            count(Verdict::Warn),
+            count(Verdict::Fail)
+        );
+    }
+    s
+}
+
+/// Where the node's files and sockets are: the agent's own settings.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub node: String,
+    /// The node's network namespace when it is not the caller's (a lab node).
+    pub netns: Option<String>,
+    pub run_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub vxlan_port: u16,
+    pub wireguard_port: u16,
+    pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// For the checks against the API (clock skew); none when absent.
+    pub kubeconfig: Option<PathBuf>,
+    /// Send DF probes to each peer at the pod MTU's wire size (`--no-probe` turns it off).
+    pub probe_mtu: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    /// The agent's run directory (status file, datapath socket).
+    #[arg(long, env = "VEILNET_RUN_DIR", default_value = config::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// The agent's state directory (its WireGuard key).
+    #[arg(long, default_value = config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The CNI configuration directory the container runtime reads.
+    #[arg(long, default_value = config::DEFAULT_CNI_CONF_DIR)]
+    pub cni_conf_dir: PathBuf,
+    /// The VXLAN UDP port the agent uses.
+    #[arg(long, default_value_t = config::DEFAULT_VXLAN_PORT)]
+    pub vxlan_port: u16,
+    /// The WireGuard UDP port the datapath listens on.
+    #[arg(long, default_value_t = crate::model::encryption::DEFAULT_WG_PORT)]
+    pub wireguard_port: u16,
+    /// The agent's health address.
+    #[arg(long, default_value = config::DEFAULT_HEALTH_ADDR)]
+    pub health_addr: SocketAddr,
+    /// The agent's metrics address.
+    #[arg(long, default_value = config::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// This node's name (for the report; the status file's name when omitted).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// A kubeconfig for the checks against the API (clock skew).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// In a lab: the lab's name (use with --node).
+    #[arg(long, requires = "node")]
+    pub lab: Option<String>,
+    /// In a lab: the node, e.g. node-1.
+    #[arg(long, requires = "lab")]
+    pub node: Option<String>,
+    /// Skip the DF path probes to peers.
+    #[arg(long)]
+    pub no_probe: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DoctorArgs {
+    pub fn context(&self) -> Result<Context, DoctorError> {
+        let mut ctx = Context {
+            node: self.node_name.clone().unwrap_or_default(),
+            netns: None,
+            run_dir: self.run_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            vxlan_port: self.vxlan_port,
+            wireguard_port: self.wireguard_port,
+            health_addr: self.health_addr,
+            metrics_addr: self.metrics_addr,
+            kubeconfig: self.kubeconfig.clone(),
+            probe_mtu: !self.no_probe,
+        };
+        if let (Some(lab), Some(node)) = (&self.lab, &self.node) {
+            let paths = LabPaths::new(lab)?;
+            ctx.netns = Some(
+                paths
+                    .node_netns(node)
+                    .ok_or_else(|| DoctorError::LabNode { node: node.clone() })?,
+            );
+            ctx.node = node.clone();
+            ctx.run_dir = paths.node_run_dir(node);
+            ctx.state_dir = paths.node_state_dir(node);
+            ctx.cni_conf_dir = paths.node_cni_conf_dir(node);
+            // The lab's agents serve metrics on the node's address (any address matches there).
+            if ctx.kubeconfig.is_none() {
+                ctx.kubeconfig = Some(paths.kubeconfig());
+            }
+        }
+        Ok(ctx)
+    }
+}
+
+/// Every check for the node `ctx` describes, in a fixed order.
+pub fn run_checks(ctx: &Context) -> Report {
+    let mut checks = Vec::new();
+    let agent = agent::gather(ctx);
+    checks.extend(agent::check(&agent, jiff::Timestamp::now()));
+    let node = if ctx.node.is_empty() {
+        agent
+            .status
+            .as_ref()
+            .map(|s| s.node.clone())
+            .unwrap_or_else(|| "(unknown)".to_string())
+    } else {
+        ctx.node.clone()
+    };
+    Report { node, checks }
+}
+
+/// `veilnet doctor`: prints the report and returns the exit status.
+pub fn run(args: DoctorArgs) -> Result<i32, DoctorError> {
+    let ctx = args.context()?;
+    let reports = vec![run_checks(&ctx)];
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", render(&reports));
+    }
+    Ok(exit_code(&reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_fail_fails_and_warnings_pass() {
+        let report = |checks| Report {
+            node: "n".into(),
+            checks,
+        };
+        let ok = report(vec![Check::ok("a", "fine")]);
+        let warn = report(vec![
+            Check::ok("a", "fine"),
+            Check::warn("b", "meh", "do x"),
+        ]);
+        let fail = report(vec![Check::fail("c", "broken", "do y"), Check::ok("a", "")]);
+        assert_eq!(exit_code(&[ok.clone(), warn.clone()]), 0);
+        assert_eq!(exit_code(&[ok, fail.clone()]), 1);
+        assert_eq!(warn.worst(), Verdict::Warn);
+        assert_eq!(fail.worst(), Verdict::Fail);
+    }
+
+    #[test]
+    fn render_puts_the_fix_under_the_finding() {
+        let r = Report {
+            node: "node-1".into(),
+            checks: vec![
+                Check::ok("agent.up", "status written 3s ago"),
+                Check::fail("cni.conflict", "05-other.conf sorts first", "remove it"),
+            ],
+        };
+        let text = render(&[r]);
+        assert!(
+            text.contains("  OK    agent.up      status written 3s ago\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  FAIL  cni.conflict  05-other.conf sorts first\n"),
+            "{text}"
+        );
+        assert!(text.contains("fix: remove it"), "{text}");
+        assert!(text.contains("1 OK, 0 WARN, 1 FAIL"), "{text}");
+    }
+
+    #[test]
+    fn json_verdicts_are_upper_case() {
+        let c = Check::warn("x", "e", "f");
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["verdict"], "WARN");
+        assert_eq!(v["fix"], "f");
+        assert!(serde_json::to_value(Check::ok("x", "e"))
+            .unwrap()
+            .get("fix")
+            .is_none());
+    }
+}
