@@ -34,4 +34,5 @@ pub mod netfilter;
 pub mod netns;
 pub mod policy;
 pub mod status_cmd;
+pub mod stdout;
 pub mod wg;

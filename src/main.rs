@@ -90,8 +90,8 @@ fn kubectl_plugin(args: impl IntoIterator<Item = OsString>) -> ! {
     logging::init(LogFormat::default(), "warn,kube_client=off");
     match run(cli) {
         Ok(out) => {
-            println!("{out}");
-            std::process::exit(0)
+            let code = i32::from(veilnet::stdout::println(&out).is_err());
+            std::process::exit(code)
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -116,7 +116,10 @@ fn main() -> anyhow::Result<()> {
                 CompletionShell::Bash => clap_complete::Shell::Bash,
                 CompletionShell::Zsh => clap_complete::Shell::Zsh,
             };
-            clap_complete::generate(shell, &mut cli_command(), "veilnet", &mut std::io::stdout());
+            // Rendered first: clap_complete panics on a failed write (`… | head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cli_command(), "veilnet", &mut script);
+            veilnet::stdout::print(&String::from_utf8_lossy(&script))?;
             Ok(())
         }
         // `veilnet lab up` is `veilnet-lab up`, shown as `veilnet lab` in its help and errors.
@@ -142,7 +145,7 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
         Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Doctor(args) => std::process::exit(veilnet::doctor::run(args)?),
         Command::Policy(cmd) => {
-            println!("{}", veilnet::policy::cli::run(cmd)?);
+            veilnet::stdout::println(&veilnet::policy::cli::run(cmd)?)?;
             Ok(())
         }
         Command::Datapath(args) => Ok(veilnet::datapath::run(args)?),

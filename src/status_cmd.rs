@@ -42,15 +42,17 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     if args.json {
         let mut v = serde_json::to_value(&st)?;
         v["policy"] = policy.unwrap_or(serde_json::Value::Null);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::stdout::println(&serde_json::to_string_pretty(&v)?)?;
     } else {
-        print!("{}", status::render(&st));
+        let mut text = status::render(&st);
         if let Some(p) = policy {
-            println!(
+            text += &format!(
                 "policy: {} NetworkPolicies ({} select pods here), {} local pods, ruleset generation {}, last sync {:.1} ms",
                 p["policiesTotal"], p["policiesLocal"], p["localPods"], p["generation"], p["lastSyncMs"].as_f64().unwrap_or(0.0)
             );
+            text.push('\n');
         }
+        crate::stdout::print(&text)?;
     }
     Ok(())
 }

@@ -235,3 +235,28 @@ fn verify_ciphertext_usage() {
         assert!(!err.contains("set -euo") && !err.contains("#"), "{err}");
     }
 }
+
+/// Output into a pipe whose reader is already gone (`veilnet … | head -1`): no panic, no
+/// "broken pipe" noise; the command's own exit status.
+fn run_into_closed_pipe(program: &str, args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().display().to_string();
+    // doctor with no agent: its report, then exit 1 for the FAIL, not 101 for a panic.
+    let out = run_into_closed_pipe(VEILNET, &["doctor", "--run-dir", &run_dir, "--no-probe"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    let out = run_into_closed_pipe(VEILNET, &["completions", "bash"]);
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}

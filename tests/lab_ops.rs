@@ -167,4 +167,14 @@ fn kubectl_plugin_status_reads_the_nodes_from_the_api() {
     let out = plugin_cmd(&["explain", "default/nope", "default/nope2", "80/tcp"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("no pod default/nope"), "{}", text(&out));
+    // `veilnet lab status | head -1`: the reader left before the table came; no panic.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = veilnet()
+        .args(["lab", "status", &lab.name])
+        .stdout(std::process::Stdio::from(writer))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
 }

@@ -28,6 +28,8 @@ pub enum DoctorError {
     LabNode { node: String },
     #[error("failed to encode the report: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("failed to write the report: {0}")]
+    Write(#[from] std::io::Error),
 }
 
 /// How bad one finding is. Ordered: the worst of a report is its maximum.
@@ -262,9 +264,9 @@ pub fn run(args: DoctorArgs) -> Result<i32, DoctorError> {
     let ctx = args.context()?;
     let reports = vec![run_checks(&ctx)];
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        crate::stdout::println(&serde_json::to_string_pretty(&reports)?)?;
     } else {
-        print!("{}", render(&reports));
+        crate::stdout::print(&render(&reports))?;
     }
     Ok(exit_code(&reports))
 }

@@ -858,15 +858,24 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
     let lab = load(&args.name.name)?;
     let st = collect_status(&lab)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        veilnet::stdout::println(&serde_json::to_string_pretty(&st)?)?;
         return Ok(());
     }
-    println!("{}", headline(&st));
+    veilnet::stdout::print(&render_status(&st))?;
+    Ok(())
+}
+
+/// `lab status` as text: the headline, control plane, underlay, nodes and pods.
+fn render_status(st: &LabStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", headline(st));
     let plane = match st.control_plane {
         ControlPlane::StandIn => "API stand-in",
         ControlPlane::Kubernetes => "Kubernetes",
     };
-    println!(
+    let _ = writeln!(
+        out,
         "control plane: {plane} {}, netns {}, API {} ({})",
         st.server_version.as_deref().unwrap_or("(version unknown)"),
         st.control_plane_netns,
@@ -877,14 +886,16 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             "NOT reachable"
         }
     );
-    println!(
+    let _ = writeln!(
+        out,
         "underlay:      netns {}, {} MTU {}",
         st.underlay_netns, st.underlay_cidr, st.underlay_mtu
     );
-    println!();
+    let _ = writeln!(out);
     let veilnet = st.cni == CniMode::Veilnet;
     let state = |running: bool| if running { "running" } else { "stopped" };
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
         "NODE",
         "NETNS",
@@ -895,7 +906,8 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
         if veilnet { "AGENT     DATAPATH" } else { "" }
     );
     for n in &st.nodes {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<10} {:<16} {:<15} {:<18} {:<6} {:<9} {}",
             n.name,
             n.netns,
@@ -914,16 +926,18 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             },
         );
     }
-    println!();
+    let _ = writeln!(out);
     if st.pods.is_empty() {
-        println!("no pods");
+        let _ = writeln!(out, "no pods");
     } else {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<32} {:<10} {:<15} {:<10} NETNS",
             "POD", "NODE", "IP", "PHASE"
         );
         for p in &st.pods {
-            println!(
+            let _ = writeln!(
+                out,
                 "{:<32} {:<10} {:<15} {:<10} {}",
                 format!("{}/{}", p.namespace, p.name),
                 p.node.as_deref().unwrap_or("<none>"),
@@ -933,7 +947,7 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    out
 }
 
 fn kubectl(name: &str, args: &[String]) -> anyhow::Result<()> {
