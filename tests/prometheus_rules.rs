@@ -42,6 +42,7 @@ fn the_prometheus_rule_and_the_rules_file_hold_the_same_groups() {
         "VeilnetIpamNearlyExhausted",
         "VeilnetSpoofedPackets",
         "VeilnetAgentRestarted",
+        "VeilnetPolicySyncFailing",
     ] {
         assert!(alerts.contains(&want), "{want} missing from {alerts:?}");
     }

@@ -340,6 +340,18 @@ fn encode_policy(
     )?;
     family(
         encoder,
+        "policy_sync_errors",
+        "Policy syncs (compile and apply of the node's ruleset) that failed",
+        vec![(vec![], ConstCounter::new(ps.sync_errors))],
+    )?;
+    family(
+        encoder,
+        "policy_sync_failing",
+        "1 while the last policy sync failed: the node enforces an older ruleset",
+        vec![(vec![], ConstGauge::new(i64::from(ps.last_error.is_some())))],
+    )?;
+    family(
+        encoder,
         "spoofed_packets",
         "Frames dropped because a pod sent with an IP or MAC that is not its own",
         vec![(vec![], ConstCounter::new(c.spoofed.packets))],
@@ -543,9 +555,13 @@ mod tests {
             s.connections_cut = 3;
             s.policies_total = 2;
             s.counters.spoofed.packets = 5;
+            s.sync_errors = 2;
+            s.last_error = Some("nft: No such file or directory".into());
         });
         let text = m.encode();
         for line in [
+            "veilnet_policy_sync_errors_total 2",
+            "veilnet_policy_sync_failing 1",
             "veilnet_policy_connections_cut_total 3",
             r#"veilnet_policies{scope="cluster"} 2"#,
             "veilnet_spoofed_packets_total 5",
@@ -570,6 +586,8 @@ mod tests {
             "veilnet_policy_allowed_packets_total",
             "veilnet_policy_denied_packets_total",
             "veilnet_spoofed_packets_total",
+            "veilnet_policy_sync_errors_total",
+            "veilnet_policy_sync_failing",
             "veilnet_wire_dropped_packets_total",
             "veilnet_connections_rejected_total",
         ] {

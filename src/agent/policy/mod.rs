@@ -347,7 +347,10 @@ async fn run_loop(shared: Arc<Shared>) {
                     failures += 1;
                     tracing::error!(error = %e, failures, "policy sync failed; retrying");
                     let error = e.to_string();
-                    shared.status.send_modify(|s| s.last_error = Some(error));
+                    shared.status.send_modify(|s| {
+                        s.last_error = Some(error);
+                        s.sync_errors = s.sync_errors.saturating_add(1);
+                    });
                 }
             }
         }

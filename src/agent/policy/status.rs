@@ -132,7 +132,11 @@ pub struct PolicyStatus {
     /// Duration of the last sync (build, compile, render, apply), in milliseconds.
     pub last_sync_ms: f64,
     pub warnings: Vec<String>,
+    /// Why the last sync failed; `None` once one succeeds.
     pub last_error: Option<String>,
+    /// Syncs that failed since the agent started (the metric `veilnet_policy_sync_errors_total`).
+    #[serde(default)]
+    pub sync_errors: u64,
     pub counters: CounterSnapshot,
     /// Strict mode: established connections cut because a ruleset change denied them, since
     /// the agent started.
