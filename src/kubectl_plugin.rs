@@ -6,9 +6,10 @@
 //! `~/.kube/config`, with its current context unless `--context` names another.
 //!
 //! What works through the API: `status` (every Node's veilnet annotations: what its agent
-//! published) and `explain` (`veilnet policy explain`). An agent's live detail — handshakes, byte
-//! counters, the datapath — lives in the node's status file, which only `veilnet status` on that
-//! node reads; `status` says so. `doctor` and `observe` are not in this version and say so.
+//! published), `explain` (`veilnet policy explain`) and `doctor` (every node's checks, which each
+//! agent serves on its metrics port: `veilnet doctor --all-nodes`). An agent's live detail —
+//! handshakes, byte counters — lives in the node's status file, which only `veilnet status` on
+//! that node reads; `status` says so. `observe` is not in this version and says so.
 
 use std::path::PathBuf;
 
@@ -38,6 +39,8 @@ pub enum PluginError {
     Runtime(std::io::Error),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Doctor(#[from] crate::doctor::DoctorError),
 }
 
 impl PluginError {
@@ -90,8 +93,19 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Not available in this version (exits 69).
-    Doctor,
+    /// Every node's `veilnet doctor` report (each agent's `/doctor` on its metrics port, at the
+    /// Node's InternalIP): exit status 1 if any check FAILs.
+    Doctor {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// The agents' metrics port.
+        #[arg(long, default_value_t = 9892)]
+        metrics_port: u16,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Not available in this version (exits 69).
     Observe,
 }
@@ -179,18 +193,30 @@ pub fn render_status(rows: &[NodeRow]) -> String {
     out
 }
 
-/// Runs `kubectl veilnet ARGS…` (`args[0]` is the program name) and returns what to print.
-pub fn run(cli: PluginCli) -> Result<String, PluginError> {
+/// Runs `kubectl veilnet ARGS…` and returns what to print and the exit status.
+pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
     match cli.command {
-        PluginCommand::Doctor => Err(PluginError::Unavailable("doctor")),
+        PluginCommand::Doctor {
+            node,
+            metrics_port,
+            json,
+        } => doctor(
+            crate::doctor::remote::Remote {
+                kubeconfig: cli.kubeconfig,
+                context: cli.context,
+                metrics_port,
+                node,
+            },
+            json,
+        ),
         PluginCommand::Observe => Err(PluginError::Unavailable("observe")),
         PluginCommand::Explain {
             from,
             to,
             port,
             json,
-        } => Ok(crate::policy::cli::run(PolicyCommand::Explain(
-            ExplainArgs {
+        } => Ok((
+            crate::policy::cli::run(PolicyCommand::Explain(ExplainArgs {
                 from,
                 to,
                 port,
@@ -198,8 +224,9 @@ pub fn run(cli: PluginCli) -> Result<String, PluginError> {
                 context: cli.context,
                 lab: None,
                 json,
-            },
-        ))?),
+            }))?,
+            0,
+        )),
         PluginCommand::Status { json } => {
             let nodes = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -219,13 +246,26 @@ pub fn run(cli: PluginCli) -> Result<String, PluginError> {
                 })?;
             let mut rows: Vec<NodeRow> = nodes.items.iter().map(NodeRow::from_node).collect();
             rows.sort_by(|a, b| a.node.cmp(&b.node));
-            Ok(if json {
+            let text = if json {
                 serde_json::to_string_pretty(&rows)?
             } else {
                 render_status(&rows).trim_end().to_string()
-            })
+            };
+            Ok((text, 0))
         }
     }
+}
+
+/// `kubectl veilnet doctor`: every node's report; exit status 1 if any check FAILs.
+fn doctor(remote: crate::doctor::remote::Remote, json: bool) -> Result<(String, i32), PluginError> {
+    use crate::doctor;
+    let reports = doctor::fetch_all(remote, None)?;
+    let text = if json {
+        serde_json::to_string_pretty(&reports)?
+    } else {
+        doctor::render(&reports).trim_end().to_string()
+    };
+    Ok((text, doctor::exit_code(&reports)))
 }
 
 /// Whether the program was started under the plugin's name (argv\[0\]'s file name).

@@ -89,9 +89,9 @@ fn kubectl_plugin(args: impl IntoIterator<Item = OsString>) -> ! {
     let cli = PluginCli::parse_from(std::iter::once(OsString::from("kubectl veilnet")).chain(args));
     logging::init(LogFormat::default(), "warn,kube_client=off");
     match run(cli) {
-        Ok(out) => {
-            let code = i32::from(veilnet::stdout::println(&out).is_err());
-            std::process::exit(code)
+        Ok((out, code)) => {
+            let written = veilnet::stdout::println(&out);
+            std::process::exit(if written.is_err() { 1 } else { code })
         }
         Err(e) => {
             eprintln!("error: {e}");

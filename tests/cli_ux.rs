@@ -155,9 +155,9 @@ fn kubectl_plugin_dispatches_on_its_name() {
 }
 
 #[test]
-fn kubectl_plugin_doctor_and_observe_are_unavailable() {
+fn kubectl_plugin_observe_is_unavailable() {
     let (_dir, kubectl_veilnet) = plugin();
-    for sub in ["doctor", "observe"] {
+    for sub in ["observe"] {
         let out = run(&kubectl_veilnet, &[sub]);
         assert_eq!(out.status.code(), Some(69), "{sub}: {}", stderr(&out));
         assert!(

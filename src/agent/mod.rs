@@ -209,9 +209,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         crate::listen::ConnLimit::new("admission", policy::ADMISSION_MAX_CONNECTIONS);
     let mut http_tasks = Vec::new();
     let mut listeners = vec![admission_cap.clone()];
+    // `veilnet doctor --all-nodes` reads this node's report here, beside its metrics.
+    let doctor_router = crate::doctor::endpoint::router(crate::doctor::Context::of_agent(&cfg));
     if cfg.health_addr == cfg.metrics_addr {
-        let router =
-            health::health_router(health.clone()).merge(health::metrics_router(health.clone()));
+        let router = health::health_router(health.clone())
+            .merge(health::metrics_router(health.clone()))
+            .merge(doctor_router.clone());
         http_tasks.push(
             health::serve(
                 cfg.health_addr,
@@ -236,7 +239,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         http_tasks.push(
             health::serve(
                 cfg.metrics_addr,
-                health::metrics_router(health.clone()),
+                health::metrics_router(health.clone()).merge(doctor_router.clone()),
                 health::Limits::METRICS,
                 metrics_cap.clone(),
             )

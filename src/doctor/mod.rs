@@ -5,11 +5,15 @@
 //! sockets; the only impure part) and a `check` (a pure function from what was gathered to
 //! [`Check`]s, unit-tested without root). [`run_checks`] calls them in order.
 //!
-//! Where a check runs: on the node itself (the defaults are the agent's), in a lab node
+//! Where the checks run: on the node itself (the defaults are the agent's), in a lab node
 //! (`--lab NAME --node N`: the node's namespace and directories), or for every node through the
-//! API (`--kubeconfig`: each agent serves its own report on its metrics port, `/doctor`).
+//! API (`--all-nodes`, `kubectl veilnet doctor`, and `--lab NAME` without `--node`): each agent
+//! serves its own report on its metrics port (`GET /doctor`, [`endpoint`]), [`remote`] fetches
+//! them.
 
 pub mod agent;
+pub mod endpoint;
+pub mod remote;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -26,6 +30,16 @@ pub enum DoctorError {
     LabName(#[from] InvalidLabName),
     #[error("{node} is not a lab node name (node-1, node-2, …)")]
     LabNode { node: String },
+    #[error("--node names a lab node (with --lab) or one node of --all-nodes")]
+    NodeWithoutScope,
+    #[error("kubernetes API: {0}")]
+    Api(String),
+    #[error("no Node named {node} in the cluster")]
+    NoSuchNode { node: String },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("failed to encode the report: {0}")]
     Encode(#[from] serde_json::Error),
     #[error("failed to write the report: {0}")]
@@ -190,14 +204,22 @@ pub struct DoctorArgs {
     /// This node's name (for the report; the status file's name when omitted).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// A kubeconfig for the checks against the API (clock skew).
+    /// A kubeconfig: for the checks against the API (clock skew), and for --all-nodes.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// In a lab: the lab's name (use with --node).
-    #[arg(long, requires = "node")]
+    /// The kubeconfig context for --all-nodes (default: the current one).
+    #[arg(long)]
+    pub context: Option<String>,
+    /// Every node's report, through the API: the Nodes' InternalIPs, each agent's `/doctor` on
+    /// its metrics port (--metrics-addr's port).
+    #[arg(long, conflicts_with = "lab")]
+    pub all_nodes: bool,
+    /// In a lab: the lab's name; with --node that node's checks, run here, else every node's
+    /// report through the lab's API.
+    #[arg(long)]
     pub lab: Option<String>,
-    /// In a lab: the node, e.g. node-1.
-    #[arg(long, requires = "lab")]
+    /// The node: a lab node (with --lab, e.g. node-1), or the one node of --all-nodes.
+    #[arg(long)]
     pub node: Option<String>,
     /// Skip the DF path probes to peers.
     #[arg(long)]
@@ -207,7 +229,62 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
+/// Where the checks of one invocation run.
+#[derive(Debug)]
+pub enum Scope {
+    /// Here, on this node (or in a lab node's namespace and directories).
+    Local(Box<Context>),
+    /// Every node's agent, through the API; from inside `netns` when set (a lab's API).
+    AllNodes {
+        remote: remote::Remote,
+        netns: Option<String>,
+    },
+}
+
+impl Context {
+    /// The agent's own settings: what its `/doctor` endpoint checks.
+    pub fn of_agent(cfg: &crate::agent::config::AgentConfig) -> Context {
+        Context {
+            node: cfg.node_name.clone(),
+            netns: None,
+            run_dir: cfg.run_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            cni_conf_dir: cfg.cni_conf_dir.clone(),
+            vxlan_port: cfg.vxlan_port,
+            wireguard_port: cfg.wireguard_port,
+            health_addr: cfg.health_addr,
+            metrics_addr: cfg.metrics_addr,
+            kubeconfig: cfg.kubeconfig.clone(),
+            probe_mtu: true,
+        }
+    }
+}
+
 impl DoctorArgs {
+    pub fn scope(&self) -> Result<Scope, DoctorError> {
+        let remote = |kubeconfig: Option<PathBuf>, node: Option<String>| remote::Remote {
+            kubeconfig,
+            context: self.context.clone(),
+            metrics_port: self.metrics_addr.port(),
+            node,
+        };
+        match (&self.lab, self.all_nodes) {
+            (Some(lab), _) if self.node.is_none() => {
+                let paths = LabPaths::new(lab)?;
+                Ok(Scope::AllNodes {
+                    remote: remote(Some(paths.kubeconfig()), None),
+                    netns: Some(paths.control_plane_netns()),
+                })
+            }
+            (_, true) => Ok(Scope::AllNodes {
+                remote: remote(self.kubeconfig.clone(), self.node.clone()),
+                netns: None,
+            }),
+            (None, false) if self.node.is_some() => Err(DoctorError::NodeWithoutScope),
+            _ => Ok(Scope::Local(Box::new(self.context()?))),
+        }
+    }
+
     pub fn context(&self) -> Result<Context, DoctorError> {
         let mut ctx = Context {
             node: self.node_name.clone().unwrap_or_default(),
@@ -259,10 +336,30 @@ pub fn run_checks(ctx: &Context) -> Report {
     Report { node, checks }
 }
 
-/// `veilnet doctor`: prints the report and returns the exit status.
+/// Every node's report through the API (blocking; from inside `netns` when set).
+pub fn fetch_all(
+    remote: remote::Remote,
+    netns: Option<String>,
+) -> Result<Vec<Report>, DoctorError> {
+    let work = move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DoctorError::Runtime)?
+            .block_on(remote::reports(&remote))
+    };
+    match netns {
+        Some(ns) => crate::netns::run_in(&ns, work)?,
+        None => work(),
+    }
+}
+
+/// `veilnet doctor`: prints the report(s) and returns the exit status.
 pub fn run(args: DoctorArgs) -> Result<i32, DoctorError> {
-    let ctx = args.context()?;
-    let reports = vec![run_checks(&ctx)];
+    let reports = match args.scope()? {
+        Scope::Local(ctx) => vec![run_checks(&ctx)],
+        Scope::AllNodes { remote, netns } => fetch_all(remote, netns)?,
+    };
     if args.json {
         crate::stdout::println(&serde_json::to_string_pretty(&reports)?)?;
     } else {
