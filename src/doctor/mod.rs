@@ -10,6 +10,11 @@
 //! API (`--kubeconfig`: each agent serves its own report on its metrics port, `/doctor`).
 
 pub mod agent;
+pub mod clock;
+pub mod datapath;
+pub mod keys;
+pub mod mtu;
+pub mod nftables;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -158,6 +163,8 @@ pub struct Context {
     pub metrics_addr: SocketAddr,
     /// For the checks against the API (clock skew); none when absent.
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace the API is reached from when not the caller's (a lab's control plane).
+    pub api_netns: Option<String>,
     /// Send DF probes to each peer at the pod MTU's wire size (`--no-probe` turns it off).
     pub probe_mtu: bool,
 }
@@ -218,6 +225,7 @@ impl DoctorArgs {
             health_addr: self.health_addr,
             metrics_addr: self.metrics_addr,
             kubeconfig: self.kubeconfig.clone(),
+            api_netns: None,
             probe_mtu: !self.no_probe,
         };
         if let (Some(lab), Some(node)) = (&self.lab, &self.node) {
@@ -235,6 +243,8 @@ impl DoctorArgs {
             if ctx.kubeconfig.is_none() {
                 ctx.kubeconfig = Some(paths.kubeconfig());
             }
+            // The lab's API listens inside its control plane's namespace.
+            ctx.api_netns = Some(paths.control_plane_netns());
         }
         Ok(ctx)
     }
@@ -245,6 +255,12 @@ pub fn run_checks(ctx: &Context) -> Report {
     let mut checks = Vec::new();
     let agent = agent::gather(ctx);
     checks.extend(agent::check(&agent, jiff::Timestamp::now()));
+    let status = agent.status.as_ref();
+    checks.extend(datapath::check(&datapath::gather(ctx), status));
+    checks.extend(keys::check(&keys::gather(ctx), status));
+    checks.extend(nftables::check(&nftables::gather(ctx), status));
+    checks.extend(mtu::check(&mtu::gather(ctx, status), status));
+    checks.extend(clock::check(&clock::gather(ctx)));
     let node = if ctx.node.is_empty() {
         agent
             .status
