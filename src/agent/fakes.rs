@@ -231,6 +231,14 @@ impl WireTable for FakeWire {
     }
 
     async fn drops(&mut self) -> Result<BTreeMap<String, u64>, WireError> {
-        Ok(BTreeMap::new())
+        // Like the kernel: the named counters exist once the table is loaded.
+        Ok(if self.loads.is_empty() {
+            BTreeMap::new()
+        } else {
+            crate::kernel::wire::COUNTERS
+                .iter()
+                .map(|c| (c.to_string(), 0))
+                .collect()
+        })
     }
 }

@@ -277,12 +277,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let me = snapshot::SelfInfo::new(&cfg.node_name, underlay, pod_cidrs, allocated);
     let events = events::EventSink::new(client.clone(), COMPONENT, &cfg.node_name);
     let resync = cfg.resync;
+    let wire_run_dir = cfg.run_dir.clone();
     let publisher = ports::KubePublisher::new(client.clone(), events);
     let mut rec = reconcile::Reconciler::new(
         cfg,
         kernel,
         publisher,
-        ports::NftWireTable,
+        ports::NftWireTable {
+            run_dir: wire_run_dir,
+        },
         nodes,
         records,
         me,

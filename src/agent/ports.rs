@@ -71,13 +71,23 @@ pub trait WireTable: Send {
 
 /// The kernel's table, through `nft` and the netfilter counter dump (blocking: run off the
 /// runtime's workers).
+/// After each load it records the table as the kernel holds it in `run_dir`
+/// ([`crate::netfilter::applied`], for `veilnet doctor`'s drift check).
 #[derive(Debug, Default)]
-pub struct NftWireTable;
+pub struct NftWireTable {
+    pub run_dir: std::path::PathBuf,
+}
 
 impl WireTable for NftWireTable {
     async fn load(&mut self, rules: &WireRules) -> Result<bool, WireError> {
         let rules = rules.clone();
-        Ok(tokio::task::spawn_blocking(move || wire::load(&rules)).await??)
+        let run_dir = self.run_dir.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let replaced = wire::load(&rules)?;
+            crate::netfilter::applied::record_here(&run_dir, "inet", wire::TABLE);
+            Ok::<_, NetfilterError>(replaced)
+        })
+        .await??)
     }
 
     async fn drops(&mut self) -> Result<BTreeMap<String, u64>, WireError> {

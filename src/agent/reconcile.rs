@@ -340,6 +340,23 @@ where
     /// reconcile failure.
     pub async fn refresh_datapath(&mut self) {
         match self.wire.drops().await {
+            Ok(drops) if drops.is_empty() => {
+                self.wire_drops = drops;
+                // The table's named counters are gone: someone deleted the table (or flushed
+                // the ruleset). Put it back now rather than at the next change.
+                if let Some(rules) = self.wire_loaded.clone() {
+                    match self.wire.load(&rules).await {
+                        Ok(_) => tracing::warn!(
+                            table = crate::kernel::wire::TABLE,
+                            "the wire table was gone; restored"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the wire table is gone and could not be restored; the next pass retries");
+                            self.wire_loaded = None;
+                        }
+                    }
+                }
+            }
             Ok(drops) => self.wire_drops = drops,
             Err(e) => tracing::debug!(error = %e, "could not read the wire table's counters"),
         }

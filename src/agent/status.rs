@@ -75,6 +75,9 @@ pub struct NodeStatus {
     /// `vxlan_rejected`, `wireguard_rejected`).
     #[serde(default)]
     pub wire_drops: BTreeMap<String, u64>,
+    /// The agent binary's version (absent in status files of older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
     pub updated_at: String,
 }
 
@@ -99,6 +102,10 @@ pub struct PeerStatus {
     pub path: String,
     pub reason: Option<String>,
     pub endpoint: Option<String>,
+    /// The peer's underlay address as the overlay accepted it (absent for a rejected peer and in
+    /// status files of older agents): what `veilnet doctor` probes the path MTU to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<String>,
     pub last_handshake_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -130,6 +137,10 @@ pub fn build<D>(
                 path: p.path.name().to_string(),
                 reason,
                 endpoint: wg_stats.map(|s| s.endpoint.to_string()),
+                underlay_ip: last
+                    .bindings
+                    .get(&p.node)
+                    .map(|b| b.underlay_ip.to_string()),
                 last_handshake_seconds: wg_stats
                     .and_then(|s| s.last_handshake_age)
                     .map(|d| d.as_secs()),
@@ -152,6 +163,7 @@ pub fn build<D>(
         matrix: last.matrix.clone(),
         datapath: Some(datapath_status(wg)),
         wire_drops: wire_drops.clone(),
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         updated_at: jiff::Timestamp::now().to_string(),
     }
 }
@@ -308,12 +320,14 @@ mod tests {
                 path: "wireguard".into(),
                 reason: None,
                 endpoint: Some("172.30.0.12:51820".into()),
+                underlay_ip: Some("172.30.0.12".into()),
                 last_handshake_seconds: Some(3),
                 rx_bytes: 10,
                 tx_bytes: 20,
             }],
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
+            agent_version: None,
             matrix: BTreeMap::from([
                 (
                     "a".to_string(),

@@ -12,7 +12,12 @@
 //! them.
 
 pub mod agent;
+pub mod clock;
+pub mod datapath;
 pub mod endpoint;
+pub mod keys;
+pub mod mtu;
+pub mod nftables;
 pub mod remote;
 
 use std::fmt::Write as _;
@@ -174,6 +179,8 @@ pub struct Context {
     pub metrics_addr: SocketAddr,
     /// For the checks against the API (clock skew); none when absent.
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace the API is reached from when not the caller's (a lab's control plane).
+    pub api_netns: Option<String>,
     /// Send DF probes to each peer at the pod MTU's wire size (`--no-probe` turns it off).
     pub probe_mtu: bool,
 }
@@ -255,6 +262,7 @@ impl Context {
             health_addr: cfg.health_addr,
             metrics_addr: cfg.metrics_addr,
             kubeconfig: cfg.kubeconfig.clone(),
+            api_netns: None,
             probe_mtu: true,
         }
     }
@@ -297,6 +305,7 @@ impl DoctorArgs {
             health_addr: self.health_addr,
             metrics_addr: self.metrics_addr,
             kubeconfig: self.kubeconfig.clone(),
+            api_netns: None,
             probe_mtu: !self.no_probe,
         };
         if let (Some(lab), Some(node)) = (&self.lab, &self.node) {
@@ -314,6 +323,8 @@ impl DoctorArgs {
             if ctx.kubeconfig.is_none() {
                 ctx.kubeconfig = Some(paths.kubeconfig());
             }
+            // The lab's API listens inside its control plane's namespace.
+            ctx.api_netns = Some(paths.control_plane_netns());
         }
         Ok(ctx)
     }
@@ -324,6 +335,12 @@ pub fn run_checks(ctx: &Context) -> Report {
     let mut checks = Vec::new();
     let agent = agent::gather(ctx);
     checks.extend(agent::check(&agent, jiff::Timestamp::now()));
+    let status = agent.status.as_ref();
+    checks.extend(datapath::check(&datapath::gather(ctx), status));
+    checks.extend(keys::check(&keys::gather(ctx), status));
+    checks.extend(nftables::check(&nftables::gather(ctx), status));
+    checks.extend(mtu::check(&mtu::gather(ctx, status), status));
+    checks.extend(clock::check(&clock::gather(ctx)));
     let node = if ctx.node.is_empty() {
         agent
             .status

@@ -19,6 +19,7 @@
 //! This module knows nothing about policies or wire rules: callers name the table, the NFLOG
 //! group, and judge conntrack entries themselves.
 
+pub mod applied;
 pub mod conntrack;
 pub mod counters;
 pub mod nflog;

@@ -315,6 +315,9 @@ pub async fn disable(run_dir: &Path) -> Result<(), PolicyAgentError> {
     tokio::task::spawn_blocking(|| NftApplier::new(None).remove())
         .await
         .map_err(|e| PolicyError::Json(format!("nft task: {e}")))??;
+    for family in ["inet", "bridge"] {
+        crate::netfilter::applied::forget(run_dir, family, crate::policy::TABLE);
+    }
     Ok(())
 }
 
@@ -405,6 +408,7 @@ async fn sync(
             .collect::<Vec<_>>(),
     );
     let kernel = kernel.clone();
+    let run_dir = opts.run_dir.clone();
     let (changed, model) = tokio::task::spawn_blocking(move || {
         let mut k = lock(&kernel);
         let Kernel { applier, bank } = &mut *k;
@@ -421,6 +425,12 @@ async fn sync(
                 tracing::debug!(operations, "policy ruleset updated")
             }
             ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
+        }
+        if outcome != ApplyOutcome::Unchanged {
+            // For `veilnet doctor`'s drift check: what the kernel holds right after the load.
+            for family in ["inet", "bridge"] {
+                crate::netfilter::applied::record_here(&run_dir, family, crate::policy::TABLE);
+            }
         }
         Ok::<_, PolicyError>((outcome != ApplyOutcome::Unchanged, model))
     })
