@@ -10,6 +10,10 @@
 //! API (`--kubeconfig`: each agent serves its own report on its metrics port, `/doctor`).
 
 pub mod agent;
+pub mod cni;
+pub mod kernel;
+pub mod ports;
+pub mod sysctl;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -245,6 +249,16 @@ pub fn run_checks(ctx: &Context) -> Report {
     let mut checks = Vec::new();
     let agent = agent::gather(ctx);
     checks.extend(agent::check(&agent, jiff::Timestamp::now()));
+    let agent_up = cni::agent_up(&agent, jiff::Timestamp::now());
+    let datapath_offloads = agent
+        .status
+        .as_ref()
+        .and_then(|s| s.datapath.as_ref())
+        .and_then(|d| d.offloads.clone());
+    checks.extend(kernel::check(&kernel::gather(ctx, datapath_offloads)));
+    checks.extend(cni::check(&cni::gather(ctx), agent_up));
+    checks.extend(sysctl::check(&sysctl::gather(ctx)));
+    checks.extend(ports::check(&ports::gather(ctx), agent_up));
     let node = if ctx.node.is_empty() {
         agent
             .status
