@@ -129,8 +129,11 @@ fn decode_addr(hex: &str) -> Option<String> {
 
 const TCP_LISTEN: u8 = 0x0A;
 
+/// A socket table row: (table, local address, port, state, inode).
+type Row = (String, String, u16, u8, u64);
+
 /// Reads the socket tables and veilvx devices of the current thread's namespace.
-fn read_tables() -> (Vec<(String, String, u16, u8, u64)>, Vec<String>) {
+fn read_tables() -> (Vec<Row>, Vec<String>) {
     let mut rows = Vec::new();
     for table in ["udp", "udp6", "tcp", "tcp6"] {
         let text =

@@ -35,12 +35,8 @@ pub struct SysctlFacts {
     pub devices: Vec<(String, Option<String>)>,
 }
 
-fn read_all() -> (
-    Result<String, String>,
-    Option<Vec<(String, Option<String>)>>,
-    Option<String>,
-    Vec<(String, Option<String>)>,
-) {
+/// Reads everything in the current thread's namespace (`namespace` left empty).
+fn read_all() -> SysctlFacts {
     let read = |key: &str| sysctl::read(None, key).ok();
     let ip_forward = sysctl::read(None, sysctl::IPV4_FORWARD).map_err(|e| e.to_string());
     let bridge = std::path::Path::new("/proc/sys/net/bridge")
@@ -69,12 +65,13 @@ fn read_all() -> (
             (d, v)
         })
         .collect();
-    (
+    SysctlFacts {
+        namespace: String::new(),
         ip_forward,
         bridge,
-        read("net.ipv4.conf.all.rp_filter"),
+        rp_filter_all: read("net.ipv4.conf.all.rp_filter"),
         devices,
-    )
+    }
 }
 
 pub fn gather(ctx: &Context) -> SysctlFacts {
@@ -86,13 +83,7 @@ pub fn gather(ctx: &Context) -> SysctlFacts {
         None => ("this namespace".to_string(), Ok(read_all())),
     };
     match found {
-        Ok((ip_forward, bridge, rp_filter_all, devices)) => SysctlFacts {
-            namespace,
-            ip_forward,
-            bridge,
-            rp_filter_all,
-            devices,
-        },
+        Ok(facts) => SysctlFacts { namespace, ..facts },
         Err(e) => SysctlFacts {
             namespace,
             ip_forward: Err(e),
