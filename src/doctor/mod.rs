@@ -13,12 +13,16 @@
 
 pub mod agent;
 pub mod clock;
+pub mod cni;
 pub mod datapath;
 pub mod endpoint;
+pub mod kernel;
 pub mod keys;
 pub mod mtu;
 pub mod nftables;
+pub mod ports;
 pub mod remote;
+pub mod sysctl;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -336,9 +340,17 @@ pub fn run_checks(ctx: &Context) -> Report {
     let agent = agent::gather(ctx);
     checks.extend(agent::check(&agent, jiff::Timestamp::now()));
     let status = agent.status.as_ref();
+    let agent_up = cni::agent_up(&agent, jiff::Timestamp::now());
     checks.extend(datapath::check(&datapath::gather(ctx), status));
     checks.extend(keys::check(&keys::gather(ctx), status));
+    let datapath_offloads = status
+        .and_then(|s| s.datapath.as_ref())
+        .and_then(|d| d.offloads.clone());
+    checks.extend(kernel::check(&kernel::gather(ctx, datapath_offloads)));
+    checks.extend(cni::check(&cni::gather(ctx), agent_up));
+    checks.extend(sysctl::check(&sysctl::gather(ctx)));
     checks.extend(nftables::check(&nftables::gather(ctx), status));
+    checks.extend(ports::check(&ports::gather(ctx), agent_up));
     checks.extend(mtu::check(&mtu::gather(ctx, status), status));
     checks.extend(clock::check(&clock::gather(ctx)));
     let node = if ctx.node.is_empty() {
