@@ -167,14 +167,59 @@ fn kubectl_plugin_status_reads_the_nodes_from_the_api() {
     let out = plugin_cmd(&["explain", "default/nope", "default/nope2", "80/tcp"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("no pod default/nope"), "{}", text(&out));
+    // `kubectl veilnet doctor`: node-1's agent serves its report on the metrics port.
+    let out = plugin_cmd(&["doctor", "--json"]);
+    let reports: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(reports.as_array().map(Vec::len), Some(1), "{reports}");
+    assert_eq!(reports[0]["node"], "node-1");
+    let checks = reports[0]["checks"].as_array().unwrap();
+    let verdict = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["verdict"].clone())
+            .unwrap_or_else(|| panic!("no {name} in {reports}"))
+    };
+    for name in [
+        "agent.up",
+        "datapath.up",
+        "cni.config",
+        "nftables.inet.veilnet_wire",
+    ] {
+        assert_eq!(verdict(name), "OK", "{name}: {reports}");
+    }
+    let failed: Vec<_> = checks.iter().filter(|c| c["verdict"] == "FAIL").collect();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(!failed.is_empty())),
+        "{failed:?}"
+    );
+    assert!(failed.is_empty(), "a healthy 1-node lab: {failed:?}");
+    let out = plugin_cmd(&["doctor", "--node", "node-7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("no Node named node-7"),
+        "{}",
+        text(&out)
+    );
     // `veilnet lab status | head -1`: the reader left before the table came; no panic.
     let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
     let out = veilnet()
-        .args(["lab", "status", &lab.name])
+        .args(["lab", "status", "--name", &lab.name])
         .stdout(std::process::Stdio::from(writer))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("panicked"), "{}", text(&out));
+    // An agent that is gone is the finding, not an error: FAIL agent.reachable, exit status 1.
+    lab.kill_daemon("agent-node-1");
+    let out = plugin_cmd(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("FAIL  agent.reachable") && report.contains("172.30.0.11:9892/doctor"),
+        "{report}"
+    );
 }

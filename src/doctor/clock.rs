@@ -27,10 +27,27 @@ pub enum ClockFacts {
 }
 
 pub fn gather(ctx: &Context) -> ClockFacts {
-    let Some(kubeconfig) = ctx.kubeconfig.clone() else {
-        return ClockFacts::NoApi;
+    let server = match (&ctx.kubeconfig, ctx.in_cluster_api) {
+        (Some(kubeconfig), _) => server_of(kubeconfig),
+        (None, true) => "the in-cluster API".to_string(),
+        (None, false) => return ClockFacts::NoApi,
     };
-    let server = kube::config::Kubeconfig::read_from(&kubeconfig)
+    let kubeconfig = ctx.kubeconfig.clone();
+    let run = move || measure(kubeconfig.as_deref());
+    // The API may be reachable from another namespace only (a lab's control plane).
+    let result = match ctx.api_netns.as_deref().or(ctx.netns.as_deref()) {
+        None => run(),
+        Some(ns) => crate::netns::run_in(ns, run).unwrap_or_else(|e| Err(e.to_string())),
+    };
+    match result {
+        Ok(skew_ms) => ClockFacts::Skew { server, skew_ms },
+        Err(error) => ClockFacts::Unreachable { server, error },
+    }
+}
+
+/// The API server's URL in the kubeconfig's current context (its path when unreadable).
+fn server_of(kubeconfig: &std::path::Path) -> String {
+    kube::config::Kubeconfig::read_from(kubeconfig)
         .ok()
         .and_then(|kc| {
             let current = kc.current_context.clone()?;
@@ -50,29 +67,25 @@ pub fn gather(ctx: &Context) -> ClockFacts {
                 .server
                 .clone()
         })
-        .unwrap_or_else(|| kubeconfig.display().to_string());
-    let run = move || measure(&kubeconfig);
-    // The API may be reachable from another namespace only (a lab's control plane).
-    let result = match ctx.api_netns.as_deref().or(ctx.netns.as_deref()) {
-        None => run(),
-        Some(ns) => crate::netns::run_in(ns, run).unwrap_or_else(|e| Err(e.to_string())),
-    };
-    match result {
-        Ok(skew_ms) => ClockFacts::Skew { server, skew_ms },
-        Err(error) => ClockFacts::Unreachable { server, error },
-    }
+        .unwrap_or_else(|| kubeconfig.display().to_string())
 }
 
-fn measure(kubeconfig: &std::path::Path) -> Result<i64, String> {
+/// Milliseconds the API server's clock is ahead of ours; `None`: in-cluster configuration.
+fn measure(kubeconfig: Option<&std::path::Path>) -> Result<i64, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let kc = kube::config::Kubeconfig::read_from(kubeconfig).map_err(|e| e.to_string())?;
-        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-            .await
-            .map_err(|e| e.to_string())?;
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
+                kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            None => kube::Config::incluster().map_err(|e| e.to_string())?,
+        };
         let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
         let request = http::Request::get("/version")
             .body(kube::client::Body::empty())

@@ -183,6 +183,9 @@ pub struct Context {
     pub metrics_addr: SocketAddr,
     /// For the checks against the API (clock skew); none when absent.
     pub kubeconfig: Option<PathBuf>,
+    /// Without a kubeconfig, reach the API as a pod does (the in-cluster service account): the
+    /// agent's own `/doctor` in a DaemonSet. Off for the command, where no API is no check.
+    pub in_cluster_api: bool,
     /// The namespace the API is reached from when not the caller's (a lab's control plane).
     pub api_netns: Option<String>,
     /// Send DF probes to each peer at the pod MTU's wire size (`--no-probe` turns it off).
@@ -266,6 +269,7 @@ impl Context {
             health_addr: cfg.health_addr,
             metrics_addr: cfg.metrics_addr,
             kubeconfig: cfg.kubeconfig.clone(),
+            in_cluster_api: cfg.kubeconfig.is_none(),
             api_netns: None,
             probe_mtu: true,
         }
@@ -309,6 +313,7 @@ impl DoctorArgs {
             health_addr: self.health_addr,
             metrics_addr: self.metrics_addr,
             kubeconfig: self.kubeconfig.clone(),
+            in_cluster_api: false,
             api_netns: None,
             probe_mtu: !self.no_probe,
         };
