@@ -184,6 +184,27 @@ fn doctor_finds_each_broken_thing_and_clears_when_restored() {
         Duration::from_secs(20),
     );
 
+    // (c2) The policy tables deleted while the agent runs: it loads them again within its
+    // 5 s housekeeping (before, enforcement stayed off until the agent restarted).
+    for family in ["inet", "bridge"] {
+        ok(Command::new("ip").args([
+            "netns", "exec", &ns, "nft", "delete", "table", family, "veilnet",
+        ]));
+    }
+    for family in ["inet", "bridge"] {
+        wait_verdict(
+            &lab,
+            &format!("nftables.{family}.veilnet"),
+            "OK",
+            Duration::from_secs(20),
+        );
+    }
+    let log = lab.agent_log("node-1");
+    assert!(
+        log.contains("the policy table is gone from the kernel; loading it again"),
+        "{log}"
+    );
+
     // (d) Drift: a rule someone added to one of veilnet's chains.
     ok(Command::new("ip").args([
         "netns",

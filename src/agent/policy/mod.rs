@@ -426,12 +426,6 @@ async fn sync(
             }
             ApplyOutcome::Applied | ApplyOutcome::Unchanged => {}
         }
-        if outcome != ApplyOutcome::Unchanged {
-            // For `veilnet doctor`'s drift check: what the kernel holds right after the load.
-            for family in ["inet", "bridge"] {
-                crate::netfilter::applied::record_here(&run_dir, family, crate::policy::TABLE);
-            }
-        }
         Ok::<_, PolicyError>((outcome != ApplyOutcome::Unchanged, model))
     })
     .await
@@ -440,6 +434,16 @@ async fn sync(
     *shared.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(IpIndex::new(state));
     let generation = shared.applied.borrow().generation + 1;
     shared.applied.send_replace(Applied { generation, ports });
+    if changed {
+        // For `veilnet doctor`'s drift check: the tables as the kernel holds them after this
+        // load. After the generation is out, so that no ADD waits for the listing.
+        let _ = tokio::task::spawn_blocking(move || {
+            for family in ["inet", "bridge"] {
+                crate::netfilter::applied::record_here(&run_dir, family, crate::policy::TABLE);
+            }
+        })
+        .await;
+    }
     let elapsed = start.elapsed();
     // Strict mode, after the generation is published (an ADD waiting for it does not wait for
     // the conntrack pass): the new ruleset is in place, so what is cut now comes back as a new
@@ -575,17 +579,33 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
                 .collect(),
             Err(_) => Vec::new(),
         };
-        let k = lock(&kernel);
+        let mut k = lock(&kernel);
+        let mut tables_gone = Vec::new();
         let counters = match (k.applier.current(), k.applier.counters()) {
-            (Some(ruleset), Ok(c)) => Some(k.bank.snapshot(ruleset, &c)),
+            (Some(ruleset), Ok(c)) => {
+                tables_gone = tables_without_counters(&c);
+                Some(k.bank.snapshot(ruleset, &c))
+            }
             _ => None,
         };
-        (gone, counters)
+        if !tables_gone.is_empty() {
+            // Someone deleted a table (`nft delete table`, a flush of the whole ruleset): the
+            // applier's memory no longer matches the kernel. Forget it so the next sync loads
+            // both tables whole, instead of enforcing nothing until the agent restarts.
+            k.applier.forget();
+        }
+        (gone, counters, tables_gone)
     })
     .await;
-    let Ok((gone, counters)) = result else {
+    let Ok((gone, counters, tables_gone)) = result else {
         return false;
     };
+    for family in &tables_gone {
+        tracing::warn!(
+            table = %format!("{family} {}", crate::policy::TABLE),
+            "the policy table is gone from the kernel; loading it again"
+        );
+    }
     let removed = if gone.is_empty() {
         Vec::new()
     } else {
@@ -600,5 +620,44 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
         }
     });
     write_status(&shared.options.run_dir, &status);
-    !removed.is_empty()
+    !removed.is_empty() || !tables_gone.is_empty()
+}
+
+/// The families of veilnet's policy tables that hold none of their named counters: each table
+/// always holds one (`deny_ingress` in inet, `spoofed` in bridge), so a family without any has
+/// lost its table.
+fn tables_without_counters(counters: &[crate::netfilter::CounterValue]) -> Vec<&'static str> {
+    ["inet", "bridge"]
+        .into_iter()
+        .filter(|family| !counters.iter().any(|c| c.family == *family))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::CounterValue;
+
+    fn counter(family: &str, name: &str) -> CounterValue {
+        CounterValue {
+            family: family.into(),
+            name: name.into(),
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_family_without_its_counters_has_lost_its_table() {
+        let both = [
+            counter("inet", "deny_ingress"),
+            counter("bridge", "spoofed"),
+        ];
+        assert!(tables_without_counters(&both).is_empty());
+        assert_eq!(
+            tables_without_counters(&[counter("inet", "deny_ingress")]),
+            ["bridge"]
+        );
+        assert_eq!(tables_without_counters(&[]), ["inet", "bridge"]);
+    }
 }
