@@ -346,7 +346,8 @@ pub fn run_checks(ctx: &Context) -> Report {
     checks.extend(agent::check(&agent, jiff::Timestamp::now()));
     let status = agent.status.as_ref();
     let agent_up = cni::agent_up(&agent, jiff::Timestamp::now());
-    checks.extend(datapath::check(&datapath::gather(ctx), status));
+    let datapath = datapath::gather(ctx);
+    checks.extend(datapath::check(&datapath, status));
     checks.extend(keys::check(&keys::gather(ctx), status));
     let datapath_offloads = status
         .and_then(|s| s.datapath.as_ref())
@@ -355,7 +356,13 @@ pub fn run_checks(ctx: &Context) -> Report {
     checks.extend(cni::check(&cni::gather(ctx), agent_up));
     checks.extend(sysctl::check(&sysctl::gather(ctx)));
     checks.extend(nftables::check(&nftables::gather(ctx), status));
-    checks.extend(ports::check(&ports::gather(ctx), agent_up));
+    let datapath_port = datapath
+        .info
+        .as_ref()
+        .ok()
+        .and_then(|i| i.device.as_ref())
+        .map(|d| d.listen_port);
+    checks.extend(ports::check(&ports::gather(ctx), agent_up, datapath_port));
     checks.extend(mtu::check(&mtu::gather(ctx, status), status));
     checks.extend(clock::check(&clock::gather(ctx)));
     let node = if ctx.node.is_empty() {

@@ -240,8 +240,15 @@ pub fn gather(ctx: &Context) -> PortsFacts {
 }
 
 /// `agent_up`: the agent's status is fresh (`agent.up` OK).
-pub fn check(f: &PortsFacts, agent_up: bool) -> Vec<Check> {
-    f.ports.iter().map(|p| check_port(f, p, agent_up)).collect()
+/// `datapath_port`: the UDP port the datapath says its device listens on (it answered its
+/// control socket). A socket without a visible owner on that port is the datapath's when doctor
+/// runs in another PID namespace than the datapath (the agent's container serving `/doctor`,
+/// `kubectl exec` into it): the socket tables are the node's, the processes only the container's.
+pub fn check(f: &PortsFacts, agent_up: bool, datapath_port: Option<u16>) -> Vec<Check> {
+    f.ports
+        .iter()
+        .map(|p| check_port(f, p, agent_up, datapath_port))
+        .collect()
 }
 
 fn proto_name(p: Proto) -> &'static str {
@@ -251,7 +258,7 @@ fn proto_name(p: Proto) -> &'static str {
     }
 }
 
-fn check_port(f: &PortsFacts, p: &Port, agent_up: bool) -> Check {
+fn check_port(f: &PortsFacts, p: &Port, agent_up: bool, datapath_port: Option<u16>) -> Check {
     let label = format!("{}/{}", p.port, proto_name(p.proto));
     if let Some(e) = &f.error {
         return Check::fail(
@@ -271,9 +278,14 @@ fn check_port(f: &PortsFacts, p: &Port, agent_up: bool) -> Check {
                     s.local,
                     f.vxlan_devices.join(",")
                 ));
+            } else if p.check == "ports.wireguard" && datapath_port == Some(p.port) {
+                ours.push(format!(
+                    "{} {} (the datapath, which listens there; its process is outside this PID namespace)",
+                    s.table, s.local
+                ));
             } else {
                 foreign.push(format!(
-                    "{} {} held by the kernel, no process (inode {}; another tunnel device?)",
+                    "{} {} held by the kernel or a process outside this PID namespace (inode {}; another tunnel device?)",
                     s.table, s.local, s.inode
                 ));
             }
@@ -412,7 +424,7 @@ mod tests {
             ],
             &["veilvx1"],
         );
-        let c = check(&f, true);
+        let c = check(&f, true, None);
         assert!(c.iter().all(|c| c.verdict == Verdict::Ok), "{c:?}");
         assert!(
             c[0].evidence.contains("pid 100 veilnet"),
@@ -438,7 +450,7 @@ mod tests {
             &[],
         );
         for up in [true, false] {
-            let c = &check(&f, up)[0];
+            let c = &check(&f, up, None)[0];
             assert_eq!(c.verdict, Verdict::Fail);
             assert!(
                 c.evidence.contains("held by pid 4711 (python3)"),
@@ -461,18 +473,41 @@ mod tests {
             )],
             &[],
         );
-        let c = &check(&f, false)[0];
+        let c = &check(&f, false, None)[0];
         assert_eq!(c.verdict, Verdict::Fail);
-        assert!(c.evidence.contains("no process"), "{}", c.evidence);
+        assert!(
+            c.evidence
+                .contains("held by the kernel or a process outside"),
+            "{}",
+            c.evidence
+        );
+    }
+
+    #[test]
+    fn an_ownerless_wireguard_socket_is_the_datapath_only_where_it_listens() {
+        let f = facts(
+            vec![port(
+                "ports.wireguard",
+                Proto::Udp,
+                51820,
+                vec![sock("udp", "0.0.0.0:51820", &[])],
+            )],
+            &[],
+        );
+        let c = &check(&f, true, Some(51820))[0];
+        assert_eq!(c.verdict, Verdict::Ok, "{c:?}");
+        assert!(c.evidence.contains("the datapath"), "{}", c.evidence);
+        assert_eq!(check(&f, true, Some(51821))[0].verdict, Verdict::Fail);
+        assert_eq!(check(&f, true, None)[0].verdict, Verdict::Fail);
     }
 
     #[test]
     fn a_free_port_is_ok_only_with_the_agent_down() {
         let f = facts(vec![port("ports.health", Proto::Tcp, 9891, vec![])], &[]);
-        assert_eq!(check(&f, false)[0].verdict, Verdict::Ok);
-        assert!(check(&f, false)[0]
+        assert_eq!(check(&f, false, None)[0].verdict, Verdict::Ok);
+        assert!(check(&f, false, None)[0]
             .evidence
             .contains("free, the agent can start"));
-        assert_eq!(check(&f, true)[0].verdict, Verdict::Fail);
+        assert_eq!(check(&f, true, None)[0].verdict, Verdict::Fail);
     }
 }
