@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use ipnet::{IpNet, Ipv4Net};
 use serde_json::{Map, Value};
 
+use crate::capabilities::{self, RuntimeConfig};
 use crate::env::{validate_ifname, Attachment};
 use crate::node_state::first_host;
 use crate::spec::{CniVersion, Dns, SuccessResult};
@@ -37,6 +38,10 @@ pub struct NetConf {
     pub prev_result: Option<SuccessResult>,
     /// Only on GC.
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// The capabilities this plugin entry declares (`"capabilities": {"ips": true}`).
+    pub capabilities: std::collections::BTreeSet<String>,
+    /// `runtimeConfig` values of declared capabilities (undeclared keys are ignored).
+    pub runtime: RuntimeConfig,
 }
 
 /// Where the node's pod network comes from.
@@ -169,6 +174,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
         None | Some(Value::Null) => None,
         Some(v) => Some(attachments(v)?),
     };
+    let declared = capabilities::declared(&obj)?;
+    let runtime = capabilities::parse(&obj, &declared)?;
 
     Ok(NetConf {
         cni_version,
@@ -179,6 +186,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
         dns,
         prev_result,
         valid_attachments,
+        capabilities: declared,
+        runtime,
     })
 }
 

@@ -43,6 +43,12 @@ pub enum IpamError {
     PoolTooSmall { subnet: Ipv4Net, gateway: Ipv4Addr },
     #[error("pod network {subnet} is larger than /{MIN_PREFIX_LEN}")]
     PoolTooLarge { subnet: Ipv4Net },
+    /// The `ips` capability asked for an address no pod may hold here.
+    #[error("requested address {ip} cannot be given to a pod: {reason}")]
+    RequestedInvalid { ip: Ipv4Addr, reason: String },
+    /// The `ips` capability asked for an address another attachment holds.
+    #[error("requested address {ip} is already taken by container {holder}")]
+    RequestedTaken { ip: Ipv4Addr, holder: String },
 }
 
 type Result<T> = std::result::Result<T, IpamError>;
@@ -91,6 +97,24 @@ impl Pool {
             u32::from(self.subnet.network()) + 1,
             u32::from(self.subnet.broadcast()) - 1,
         ))
+    }
+
+    /// Why `ip` cannot be requested by a pod, if it cannot (the `ips` capability).
+    pub fn refuse_request(&self, ip: Ipv4Addr) -> Option<String> {
+        let subnet = self.subnet;
+        if !subnet.contains(&ip) {
+            Some(format!("outside this node's pod CIDR {subnet}"))
+        } else if ip == subnet.network() {
+            Some(format!("it is the network address of {subnet}"))
+        } else if ip == subnet.broadcast() {
+            Some(format!("it is the broadcast address of {subnet}"))
+        } else if ip == self.gateway {
+            Some(format!("it is the gateway of {subnet}"))
+        } else if !self.is_assignable(ip) {
+            Some(format!("not a host address of {subnet}"))
+        } else {
+            None
+        }
     }
 
     /// True for addresses a pod may hold.
@@ -267,6 +291,55 @@ impl IpamStore {
         if let Err(e) = locked.write_last_reserved(ip) {
             eprintln!("veilnet-cni: warning: {e}");
         }
+        Ok(Allocation {
+            ip,
+            existing: false,
+        })
+    }
+
+    /// Gives `attachment` exactly `ip` (the `ips` capability), under the same lock and in the
+    /// same record format as [`IpamStore::allocate`], so requested and dynamic addresses never
+    /// collide. A repeated ADD that already holds `ip` gets it again; an address another
+    /// attachment holds (or a corrupt record keeps reserved) is refused.
+    pub fn allocate_requested(
+        &self,
+        pool: &Pool,
+        attachment: &Attachment,
+        ip: Ipv4Addr,
+    ) -> Result<Allocation> {
+        if let Some(reason) = pool.refuse_request(ip) {
+            return Err(IpamError::RequestedInvalid { ip, reason });
+        }
+        let locked = self.lock()?;
+        let scan = locked.scan()?;
+        match scan.find(attachment) {
+            Some(held) if held == ip => return Ok(Allocation { ip, existing: true }),
+            Some(held) => {
+                return Err(IpamError::RequestedInvalid {
+                    ip,
+                    reason: format!(
+                        "this attachment already holds {held}; delete it before asking for another address"
+                    ),
+                })
+            }
+            None => {}
+        }
+        if let Some(record) = scan.records.iter().find(|r| r.ip == ip) {
+            return Err(IpamError::RequestedTaken {
+                ip,
+                holder: format!(
+                    "{} ({})",
+                    record.attachment.container_id, record.attachment.ifname
+                ),
+            });
+        }
+        if scan.corrupt.iter().any(|(c, _)| *c == ip) {
+            return Err(IpamError::RequestedTaken {
+                ip,
+                holder: "unknown (unreadable IPAM record, freed by the next GC)".into(),
+            });
+        }
+        locked.write_record(ip, attachment)?;
         Ok(Allocation {
             ip,
             existing: false,
@@ -723,6 +796,67 @@ mod tests {
         let ips: HashSet<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(ips.len(), 32);
         assert!(ips.iter().all(|ip| p.is_assignable(*ip)));
+    }
+
+    #[test]
+    fn requested_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IpamStore::new(dir.path(), "net");
+        let p = pool("10.0.0.0/24", "10.0.0.1");
+        let got = store
+            .allocate_requested(&p, &att("a"), ip("10.0.0.7"))
+            .unwrap();
+        assert_eq!(
+            got,
+            Allocation {
+                ip: ip("10.0.0.7"),
+                existing: false
+            }
+        );
+        // Idempotent for its holder.
+        assert!(
+            store
+                .allocate_requested(&p, &att("a"), ip("10.0.0.7"))
+                .unwrap()
+                .existing
+        );
+        // Taken: refused, naming the holder; nothing written for "b".
+        let e = store
+            .allocate_requested(&p, &att("b"), ip("10.0.0.7"))
+            .unwrap_err();
+        assert!(matches!(e, IpamError::RequestedTaken { .. }), "{e}");
+        assert!(e.to_string().contains("10.0.0.7") && e.to_string().contains("a (eth0)"));
+        assert_eq!(store.lookup(&att("b")).unwrap(), None);
+        // Dynamic allocation skips a requested address.
+        fs::write(store.dir().join(LAST_RESERVED_FILE), b"10.0.0.6").unwrap();
+        assert_eq!(store.allocate(&p, &att("c")).unwrap().ip, ip("10.0.0.8"));
+        // Out of range and special addresses, each with its reason.
+        for (bad, why) in [
+            ("10.0.1.5", "outside"),
+            ("10.0.0.0", "network address"),
+            ("10.0.0.255", "broadcast"),
+            ("10.0.0.1", "gateway"),
+        ] {
+            let e = store
+                .allocate_requested(&p, &att("d"), ip(bad))
+                .unwrap_err();
+            assert!(matches!(e, IpamError::RequestedInvalid { .. }), "{e}");
+            assert!(
+                e.to_string().contains(why) && e.to_string().contains(bad),
+                "{e}"
+            );
+        }
+        // Asking for another address while holding one: refused.
+        assert!(store
+            .allocate_requested(&p, &att("a"), ip("10.0.0.9"))
+            .is_err());
+        // A corrupt record keeps its address reserved.
+        fs::write(store.dir().join("10.0.0.20"), b"").unwrap();
+        assert!(matches!(
+            store.allocate_requested(&p, &att("e"), ip("10.0.0.20")),
+            Err(IpamError::RequestedTaken { .. })
+        ));
+        assert_eq!(store.records().unwrap().len(), 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_protocol;
+pub mod capabilities;
 pub mod config;
 pub mod env;
 pub mod fsutil;
@@ -16,6 +17,7 @@ pub mod node_state;
 pub mod plugin;
 pub mod sandbox;
 pub mod spec;
+pub mod tc;
 
 pub use node_state::{NodeState, NodeStateError, NODE_STATE_FILE, NODE_STATE_VERSION};
 pub use plugin::{host_veth_name, run, Outcome, PluginError, HOST_VETH_PREFIX};

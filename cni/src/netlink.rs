@@ -204,6 +204,8 @@ pub struct VethSpec<'a> {
     pub peer_netns_fd: RawFd,
     /// Bridge to attach the host end to.
     pub controller: Option<u32>,
+    /// The peer's MAC (the `mac` capability); `None`: the kernel picks a random one.
+    pub peer_mac: Option<[u8; 6]>,
     /// Create the host end up. Down keeps the pair without carrier (no frame either way) until
     /// the caller brings it up, e.g. once the pod's policy is in place.
     pub host_up: bool,
@@ -370,6 +372,9 @@ impl Netlink {
         peer.attributes.push(LinkAttribute::Mtu(spec.mtu));
         peer.attributes
             .push(LinkAttribute::NetNsFd(spec.peer_netns_fd));
+        if let Some(mac) = spec.peer_mac {
+            peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        }
 
         let mut m = LinkMessage::default();
         if spec.host_up {

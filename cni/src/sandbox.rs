@@ -66,6 +66,18 @@ impl PodNetns {
 
     /// A netlink socket inside this namespace.
     pub fn netlink(&self) -> Result<Netlink, SandboxError> {
+        let path = self.path.clone();
+        self.run_in(move || {
+            Netlink::open().map_err(|source| SandboxError::Netlink {
+                path: path.clone(),
+                source,
+            })
+        })?
+    }
+
+    /// Runs `f` on a thread inside this namespace (a child process it spawns starts there too:
+    /// a new process takes the calling thread's namespaces).
+    pub fn run_in<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, SandboxError> {
         let path = &self.path;
         std::thread::scope(|scope| {
             let worker = std::thread::Builder::new()
@@ -77,10 +89,7 @@ impl PodNetns {
                             source,
                         }
                     })?;
-                    Netlink::open().map_err(|source| SandboxError::Netlink {
-                        path: path.clone(),
-                        source,
-                    })
+                    Ok(f())
                 })
                 .map_err(|e| SandboxError::Thread {
                     path: path.clone(),

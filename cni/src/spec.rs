@@ -85,6 +85,8 @@ pub enum ErrorCode {
     InterfaceExists,
     /// CHECK found the pod's networking different from `prevResult`.
     CheckFailed,
+    /// The address the `ips` capability asked for is held by another attachment.
+    AddressInUse,
     /// A bug: the plugin panicked. Never expected.
     Internal,
 }
@@ -106,6 +108,7 @@ impl ErrorCode {
             ErrorCode::AddressesExhausted => 101,
             ErrorCode::InterfaceExists => 102,
             ErrorCode::CheckFailed => 103,
+            ErrorCode::AddressInUse => 104,
             ErrorCode::Internal => 999,
         }
     }

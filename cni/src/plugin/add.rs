@@ -41,9 +41,24 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
         });
     }
 
+    // The bandwidth request is judged before anything is created (it needs the MTU).
+    let bandwidth = conf.runtime.bandwidth.unwrap_or_default();
+    let tbf = |limit: Option<crate::capabilities::Limit>, dir: &str| {
+        limit
+            .map(|l| l.tbf(prepared.mtu))
+            .transpose()
+            .map_err(|e| PluginError::Capability(format!("bandwidth: {dir}: {e}")))
+    };
+    let ingress_tbf = tbf(bandwidth.ingress, "ingress")?;
+    let egress_tbf = tbf(bandwidth.egress, "egress")?;
+
     let store = IpamStore::new(&conf.state_dir, &conf.name);
     let pool = Pool::new(params.subnet, params.gateway)?;
-    let allocation = store.allocate(&pool, &target.attachment)?;
+    // The `ips` capability: exactly that address, through the same locked store.
+    let allocation = match conf.runtime.ip {
+        Some(ip) => store.allocate_requested(&pool, &target.attachment, ip)?,
+        None => store.allocate(&pool, &target.attachment)?,
+    };
     let lease = LeaseGuard::new(&store, &target.attachment);
 
     let host_name = host_veth_name(&target.attachment);
@@ -53,6 +68,7 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
         mtu: prepared.mtu,
         peer_netns_fd: pod_ns.fd(),
         controller: Some(prepared.bridge.index),
+        peer_mac: conf.runtime.mac,
         host_up: admission.is_none(),
     };
     match host.create_veth(&spec) {
@@ -79,6 +95,17 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     let pod_link = pod
         .link_by_name(ifname)?
         .ok_or_else(|| vanished(format!("{ifname} in {}", target.netns.display())))?;
+    // The `mac` capability: the pod end carries the requested MAC, so the static FDB entry
+    // below and the agent's anti-spoofing rules (from `PodAttachment::mac`) use it.
+    if let Some(mac) = conf.runtime.mac {
+        if pod_link.mac != mac {
+            return Err(PluginError::Capability(format!(
+                "mac: asked for {} but {ifname} has {}",
+                crate::netlink::format_mac(&mac),
+                pod_link.mac_string()
+            )));
+        }
+    }
     // The port never learns: the pod's MAC is a static FDB entry on it, so no frame a pod sends
     // (link-local or not) can move another MAC on the bridge or grow the FDB. Done before the pod
     // end is up, so no frame has crossed the port yet.
@@ -90,6 +117,16 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     let address = with_prefix(allocation.ip, params.subnet);
     pod.add_address(pod_link.index, address)?;
     pod.add_route_v4(Ipv4Net::default(), Some(params.gateway), pod_link.index)?;
+
+    // The `bandwidth` capability (see `crate::tc` for why both are TBFs): traffic to the pod is
+    // shaped leaving the host veth, traffic from the pod leaving its own interface. Both qdiscs
+    // go away with the veth, so the rollback guard and DEL need nothing more.
+    if let Some(tbf) = &ingress_tbf {
+        crate::tc::set_tbf(&host_name, tbf)?;
+    }
+    if let Some(tbf) = &egress_tbf {
+        pod_ns.run_in(|| crate::tc::set_tbf(ifname, tbf))??;
+    }
 
     if let (Some(config), Some(k8s_pod)) = (&admission, &target.k8s_pod) {
         let attachment = PodAttachment {

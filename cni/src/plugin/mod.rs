@@ -64,6 +64,11 @@ pub enum PluginError {
     /// ADD in a node that enforces NetworkPolicy: the agent did not admit the pod (fail closed).
     #[error(transparent)]
     Admission(#[from] AdmissionError),
+    /// A capability's request cannot be honoured on this node (e.g. a burst below one packet).
+    #[error("{0}")]
+    Capability(String),
+    #[error("bandwidth: {0}")]
+    Tc(#[from] crate::tc::TcError),
     /// DEL and GC keep going after a failure and report all of them.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<PluginError>),
@@ -98,6 +103,10 @@ impl PluginError {
                 ErrorCode::InvalidConfig
             }
             PluginError::Ipam(IpamError::Io { .. }) => ErrorCode::Io,
+            PluginError::Ipam(IpamError::RequestedInvalid { .. }) => ErrorCode::InvalidConfig,
+            PluginError::Ipam(IpamError::RequestedTaken { .. }) => ErrorCode::AddressInUse,
+            PluginError::Capability(_) => ErrorCode::InvalidConfig,
+            PluginError::Tc(_) => ErrorCode::Kernel,
             PluginError::InterfaceExists { .. } => ErrorCode::InterfaceExists,
             PluginError::MissingPrevResult => ErrorCode::InvalidConfig,
             PluginError::CheckFailed(_) => ErrorCode::CheckFailed,
@@ -130,6 +139,14 @@ impl PluginError {
             PluginError::Several(errors) => {
                 errors.first().map(PluginError::summary).unwrap_or_default()
             }
+            PluginError::Ipam(IpamError::RequestedInvalid { ip, .. }) => {
+                format!("requested IP address {ip} refused")
+            }
+            PluginError::Ipam(IpamError::RequestedTaken { ip, .. }) => {
+                format!("requested IP address {ip} is already in use")
+            }
+            PluginError::Capability(_) => "capability request refused".into(),
+            PluginError::Tc(_) => "applying the bandwidth limit failed".into(),
             other => match other.code() {
                 ErrorCode::UnknownContainer => "container network namespace not found".into(),
                 ErrorCode::TryAgainLater => "node network not ready, try again later".into(),

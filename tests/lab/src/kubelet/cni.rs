@@ -885,8 +885,16 @@ impl CniRuntime {
     }
 }
 
+/// Lab-only pod annotation: the `ips` capability's value (comma-separated addresses). containerd
+/// has no such annotation (its `ips` come from CRI callers such as Multus); the lab offers it so
+/// tests can ask for a static pod address end to end.
+pub const LAB_IPS_ANNOTATION: &str = "veilnet.io/lab-ips";
+/// Lab-only pod annotation: the `mac` capability's value.
+pub const LAB_MAC_ANNOTATION: &str = "veilnet.io/lab-mac";
+
 /// `runtimeConfig` values the lab runtime offers, as containerd does: `portMappings` from
-/// `hostPort`s and `bandwidth` from the `kubernetes.io/{ingress,egress}-bandwidth` annotations.
+/// `hostPort`s and `bandwidth` from the `kubernetes.io/{ingress,egress}-bandwidth` annotations;
+/// and, lab only, `ips` and `mac` from [`LAB_IPS_ANNOTATION`] and [`LAB_MAC_ANNOTATION`].
 pub fn capability_args_for_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Map<String, Value> {
     let mut caps = Map::new();
     let mut mappings = Vec::new();
@@ -920,6 +928,18 @@ pub fn capability_args_for_pod(pod: &k8s_openapi::api::core::v1::Pod) -> Map<Str
             bw.insert("egressBurst".into(), (u32::MAX as u64).into());
         }
         caps.insert("bandwidth".into(), Value::Object(bw));
+    }
+    if let Some(ips) = annotations.get(LAB_IPS_ANNOTATION) {
+        let ips: Vec<Value> = ips
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(Value::from)
+            .collect();
+        caps.insert("ips".into(), Value::Array(ips));
+    }
+    if let Some(mac) = annotations.get(LAB_MAC_ANNOTATION) {
+        caps.insert("mac".into(), Value::from(mac.trim()));
     }
     caps
 }
@@ -1179,5 +1199,15 @@ mod tests {
         assert!(caps["bandwidth"].get("egressRate").is_none());
         assert_eq!(parse_bits_quantity("1Gi"), Some(1 << 30));
         assert_eq!(parse_bits_quantity("1.5M"), None);
+        assert!(caps.get("ips").is_none() && caps.get("mac").is_none());
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "annotations": {
+                LAB_IPS_ANNOTATION: "10.244.1.7, 10.244.1.8/24", LAB_MAC_ANNOTATION: "c2:11:22:33:44:55"}},
+            "spec": {"containers": [{"name": "c"}]}
+        }))
+        .unwrap();
+        let caps = capability_args_for_pod(&pod);
+        assert_eq!(caps["ips"], json!(["10.244.1.7", "10.244.1.8/24"]));
+        assert_eq!(caps["mac"], "c2:11:22:33:44:55");
     }
 }
