@@ -104,6 +104,15 @@ pub struct AgentArgs {
     #[arg(long, env = "VEILNET_POLICY_STRICT_MODE", num_args = 0..=1,
           default_missing_value = "true", require_equals = true)]
     pub policy_strict_mode: Option<bool>,
+    /// SNAT pod traffic to destinations outside the cluster CIDR and `--non-masquerade-cidrs` to
+    /// the node's address; `--masquerade=false` opts this node out. Default: on.
+    #[arg(long, env = "VEILNET_MASQUERADE", num_args = 0..=1,
+          default_missing_value = "true", require_equals = true)]
+    pub masquerade: Option<bool>,
+    /// Destinations that pods reach with their own address (routed networks that know the pod
+    /// CIDRs), comma-separated CIDRs; replaces the config file's list.
+    #[arg(long, env = "VEILNET_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
+    pub non_masquerade_cidrs: Option<Vec<Ipv4Net>>,
 }
 
 /// The config file's shape; every key optional.
@@ -128,6 +137,8 @@ pub struct FileConfig {
     /// `text` or `json`; `--log-format` / `VEILNET_LOG_FORMAT` win over it.
     pub log_format: Option<LogFormat>,
     pub policy_strict_mode: Option<bool>,
+    pub masquerade: Option<bool>,
+    pub non_masquerade_cidrs: Option<Vec<Ipv4Net>>,
 }
 
 impl AgentArgs {
@@ -161,6 +172,10 @@ pub struct AgentConfig {
     pub wireguard_port: u16,
     /// Established connections a policy change denies are cut ([`DEFAULT_POLICY_STRICT_MODE`]).
     pub policy_strict_mode: bool,
+    /// Pod egress is masqueraded ([`DEFAULT_MASQUERADE`]; README: "Egress (masquerade)").
+    pub masquerade: bool,
+    /// Destinations outside the cluster CIDR that are not masqueraded.
+    pub non_masquerade_cidrs: Vec<Ipv4Net>,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
@@ -180,6 +195,8 @@ pub const DEFAULT_ENCRYPTION: Mode = Mode::On;
 /// A deny is a deny, for connections opened before it too (kube-network-policies' default; the
 /// NetworkPolicy API leaves it open). README: "NetworkPolicy", strict mode.
 pub const DEFAULT_POLICY_STRICT_MODE: bool = true;
+/// Pods reach the world outside the cluster through the node's address (every CNI's default).
+pub const DEFAULT_MASQUERADE: bool = true;
 
 /// Each flag's default as `veilnet agent --help` shows it: the values [`AgentConfig::resolve`]
 /// falls back to. (The flags carry no clap default, which would hide the config file's value.)
@@ -203,6 +220,8 @@ pub fn flag_defaults() -> Vec<(&'static str, String)> {
         ("encryption", encryption),
         ("wireguard_port", DEFAULT_WG_PORT.to_string()),
         ("policy_strict_mode", DEFAULT_POLICY_STRICT_MODE.to_string()),
+        ("masquerade", DEFAULT_MASQUERADE.to_string()),
+        ("non_masquerade_cidrs", "none".to_string()),
     ]
 }
 
@@ -305,6 +324,18 @@ impl AgentConfig {
                 .policy_strict_mode
                 .or(file.policy_strict_mode)
                 .unwrap_or(DEFAULT_POLICY_STRICT_MODE),
+            masquerade: args
+                .masquerade
+                .or(file.masquerade)
+                .unwrap_or(DEFAULT_MASQUERADE),
+            non_masquerade_cidrs: args
+                .non_masquerade_cidrs
+                .clone()
+                .or(file.non_masquerade_cidrs)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.trunc())
+                .collect(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -423,6 +454,59 @@ mod tests {
         // The flag wins over the file.
         a.policy_strict_mode = Some(true);
         assert!(AgentConfig::resolve(&a).unwrap().policy_strict_mode);
+    }
+
+    #[test]
+    fn masquerade_and_non_masquerade_cidrs_from_flag_and_file() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["agent", "--node-name", "n"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| c.agent)
+        };
+        let c = AgentConfig::resolve(&parse(&[]).unwrap()).unwrap();
+        assert!(c.masquerade);
+        assert!(c.non_masquerade_cidrs.is_empty());
+        let a = parse(&[
+            "--masquerade=false",
+            "--non-masquerade-cidrs",
+            "192.168.0.0/16,172.30.0.254/32",
+        ])
+        .unwrap();
+        let c = AgentConfig::resolve(&a).unwrap();
+        assert!(!c.masquerade);
+        assert_eq!(
+            c.non_masquerade_cidrs,
+            vec![
+                "192.168.0.0/16".parse::<Ipv4Net>().unwrap(),
+                "172.30.0.254/32".parse().unwrap()
+            ]
+        );
+        assert!(parse(&["--non-masquerade-cidrs", "nonsense"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"masquerade": false, "nonMasqueradeCidrs": ["10.1.2.3/8"]}"#,
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(path);
+        let c = AgentConfig::resolve(&a).unwrap();
+        assert!(!c.masquerade);
+        // Host bits are dropped, as the kernel's set would.
+        assert_eq!(c.non_masquerade_cidrs, vec!["10.0.0.0/8".parse().unwrap()]);
+        // The flag wins over the file.
+        a.masquerade = Some(true);
+        a.non_masquerade_cidrs = Some(vec![]);
+        let c = AgentConfig::resolve(&a).unwrap();
+        assert!(c.masquerade && c.non_masquerade_cidrs.is_empty());
     }
 
     #[test]

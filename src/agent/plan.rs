@@ -23,6 +23,7 @@ use super::config::AgentConfig;
 use super::snapshot::{ClusterSnapshot, SelfInfo};
 use super::wireguard::{self, TUN_NAME};
 use crate::cluster::publish::{self, AnnotationChanges};
+use crate::kernel::masquerade;
 use crate::kernel::wire::{self, WireRules};
 use crate::model::annotations;
 use crate::model::encryption::{own_mode, plan_paths, InvalidMode, Mode, PeerCrypto, PeerPath};
@@ -231,6 +232,16 @@ pub fn plan_node(input: &PlanInput<'_>) -> Result<NodePlan, OverlayError> {
         peer_nodes: Default::default(),
         agent_ports: agent_ports(cfg),
         agent_conns_per_source: wire::AGENT_CONNS_PER_SOURCE,
+        masquerade: masquerade::plan(
+            cfg.masquerade,
+            &me.pod_cidrs,
+            &cfg.non_masquerade_cidrs
+                .iter()
+                .copied()
+                .map(IpNet::V4)
+                .collect::<Vec<_>>(),
+            &[peers.vxlan.link.name.as_str(), TUN_NAME],
+        ),
     }
     .with_peers(&peers.peers, &paths);
     let mut overlay =

@@ -22,6 +22,7 @@ use crate::netns::NetnsError;
 pub mod apply;
 #[cfg(test)]
 pub mod fake;
+pub mod masquerade;
 pub mod mtu;
 pub mod netlink;
 pub mod sysctl;

@@ -26,6 +26,10 @@
 //!   before they reach the agent and counted in `agent_conn_limited`. With the agent's own
 //!   connection caps, one pod cannot take the endpoints from the others.
 //! - Strict mode: no VXLAN at all, in or out, so no pod packet crosses the wire in plaintext.
+//! - Traffic between a pod and an address outside the cluster (neither a pod nor a peer node)
+//!   is not pod-to-pod: none of the rules above match it, in strict mode neither. Unless the node
+//!   opts out it is masqueraded to the node's address on the way out (the `postrouting` nat
+//!   chain, [`super::masquerade`]).
 //!
 //! What this does not do: a plaintext VXLAN pair is not authenticated. A host that can forge the
 //! peer's underlay source address can still inject traffic claiming that peer's pods; only
@@ -41,6 +45,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use super::masquerade::{self, Masquerade};
 use crate::model::encryption::{Path, PeerPath};
 use crate::model::overlay::AcceptedPeer;
 use crate::model::routing::host_net;
@@ -103,6 +108,8 @@ pub struct WireRules {
     /// The agent's TCP ports reachable on the node's addresses (health, metrics).
     pub agent_ports: Vec<u16>,
     pub agent_conns_per_source: u32,
+    /// Pod egress masquerade (the `postrouting` nat chain); `None`: this node opts out.
+    pub masquerade: Option<Masquerade>,
 }
 
 impl WireRules {
@@ -172,6 +179,7 @@ fn declarations(r: &WireRules) -> String {
             "\tchain {chain} {{ type filter hook {hook} priority -150; policy accept; }}\n"
         ));
     }
+    s.push_str(&masquerade::declarations(r.masquerade.as_ref()));
     s.push_str("\tchain vxlan_in {}\n}\n");
     s
 }
@@ -249,8 +257,17 @@ fn contents(r: &WireRules) -> String {
     s.push_str(&format!(
         "\t\t{uf} saddr != @vxlan_peers limit rate 10/second burst 20 packets log prefix \"{VXLAN_REJECTED_PREFIX}:{REJECT_NOT_A_PEER}\" group {LOG_GROUP}\n\
          \t\t{uf} saddr @vxlan_peers limit rate 10/second burst 20 packets log prefix \"{VXLAN_REJECTED_PREFIX}:{REJECT_INNER_SOURCE}\" group {LOG_GROUP}\n\
-         \t\tcounter name vxlan_rejected drop\n\t}}\n}}\n"
+         \t\tcounter name vxlan_rejected drop\n\t}}\n"
     ));
+    let masquerade_elements = match &r.masquerade {
+        Some(m) => {
+            let (chain, elements) = masquerade::rules(m, c);
+            s.push_str(&chain);
+            elements
+        }
+        None => String::new(),
+    };
+    s.push_str("}\n");
     let sources: Vec<String> = r
         .vxlan_peers
         .iter()
@@ -280,6 +297,7 @@ fn contents(r: &WireRules) -> String {
     s.push_str(&elements("vxlan_peers", &peers));
     let nodes: Vec<String> = r.peer_nodes.iter().map(IpAddr::to_string).collect();
     s.push_str(&elements("peer_nodes", &nodes));
+    s.push_str(&masquerade_elements);
     s
 }
 
@@ -288,8 +306,11 @@ const SETS: [&str; 3] = ["vxlan_sources", "vxlan_peers", "peer_nodes"];
 
 /// The table as one transaction that keeps its counters (pure).
 pub fn render(r: &WireRules) -> String {
+    let masquerade_set = r.masquerade.as_ref().map(|_| masquerade::SET);
     let flush_sets: String = SETS
         .iter()
+        .copied()
+        .chain(masquerade_set)
         .map(|set| format!("flush set inet {TABLE} {set}\n"))
         .collect();
     format!(
@@ -345,6 +366,7 @@ mod tests {
             peer_nodes: BTreeSet::new(),
             agent_ports: vec![9891, 9892],
             agent_conns_per_source: 8,
+            masquerade: None,
         }
     }
 

@@ -69,6 +69,11 @@ pub struct ServeArgs {
     /// Name put in every answer (defaults to $POD_NAME, then $HOSTNAME).
     #[arg(long)]
     pub name: Option<String>,
+    /// Add the source address each request arrived from to the answer (`NAME from IP`) and print
+    /// it on stdout (`tcp|udp from IP:PORT`), like agnhost's `/clientip`: shows masquerade, or
+    /// its absence, from the receiving side.
+    #[arg(long)]
+    pub report_client: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -187,13 +192,16 @@ pub fn serve(args: ServeArgs) -> Result<(), AgnhostError> {
         })?;
         udp.push(s);
     }
+    let report = args.report_client;
     for listener in tcp {
         let name = name.clone();
-        threads.push(std::thread::spawn(move || serve_tcp(listener, name)));
+        threads.push(std::thread::spawn(move || {
+            serve_tcp(listener, name, report)
+        }));
     }
     for socket in udp {
         let name = name.clone();
-        threads.push(std::thread::spawn(move || serve_udp(socket, name)));
+        threads.push(std::thread::spawn(move || serve_udp(socket, name, report)));
     }
     for t in threads {
         let _ = t.join();
@@ -201,10 +209,23 @@ pub fn serve(args: ServeArgs) -> Result<(), AgnhostError> {
     Ok(())
 }
 
-fn serve_tcp(listener: TcpListener, name: String) {
+/// The name an answer carries: with `--report-client`, the client's address too (and a line on
+/// stdout saying where the request came from).
+fn answering_name(name: &str, report: bool, proto: &str, from: Option<SocketAddr>) -> String {
+    match (report, from) {
+        (true, Some(from)) => {
+            // Best effort: a closed stdout must not stop the server.
+            let _ = writeln!(std::io::stdout(), "{proto} from {from}");
+            format!("{name} from {}", from.ip())
+        }
+        _ => name.to_string(),
+    }
+}
+
+fn serve_tcp(listener: TcpListener, name: String, report: bool) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let name = name.clone();
+        let name = answering_name(&name, report, "tcp", stream.peer_addr().ok());
         std::thread::spawn(move || {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
             let mut writer = match stream.try_clone() {
@@ -229,12 +250,13 @@ fn serve_tcp(listener: TcpListener, name: String) {
     }
 }
 
-fn serve_udp(socket: UdpSocket, name: String) {
+fn serve_udp(socket: UdpSocket, name: String, report: bool) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf) else {
             continue;
         };
+        let name = answering_name(&name, report, "udp", Some(from));
         if let Some(reply) = answer(&buf[..n], &name) {
             let _ = socket.send_to(&reply, from);
         }

@@ -115,6 +115,11 @@ pub struct UpArgs {
     /// etcd, kube-controller-manager and kube-scheduler (built by scripts/build-kubernetes.sh).
     #[arg(long, value_enum, env = CONTROL_PLANE_ENV, default_value_t = ControlPlane::StandIn)]
     pub control_plane: ControlPlane,
+    /// Add an external host on the underlay (netns NAME.ext, the underlay's last address, e.g.
+    /// 172.30.0.254): not a node, no route to the pods; it answers TCP and UDP on port 8080 with
+    /// the source address it sees (egress and masquerade tests).
+    #[arg(long)]
+    pub external_host: bool,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
     pub timeout: Duration,
@@ -196,6 +201,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         encryption: args.encryption,
         policy_strict_mode: args.policy_strict_mode,
         control_plane: args.control_plane,
+        external_host: args.external_host,
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
@@ -243,6 +249,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(lab.root())?;
     topology::up(&lab)?;
     write_json(&lab.spec_file(), &lab.spec)?;
+    if lab.spec.external_host {
+        start_external_host(&lab, &pid_dir, &log_dir)?;
+    }
 
     match lab.spec.control_plane {
         ControlPlane::StandIn => {
@@ -333,6 +342,36 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         name_flag(lab.name()),
         name_flag(lab.name())
     );
+    Ok(())
+}
+
+/// Role (pid and log file name) of the external host's server.
+pub const EXTERNAL_ROLE: &str = "external";
+
+/// The external host's server: agnhost answering with the client's address, TCP and UDP.
+fn start_external_host(lab: &LabLayout, pid_dir: &Path, log_dir: &Path) -> anyhow::Result<()> {
+    let port = layout::EXTERNAL_PORT.to_string();
+    Daemon {
+        role: EXTERNAL_ROLE.into(),
+        program: lab_binary()?,
+        netns: lab.external_netns(),
+        args: [
+            "agnhost",
+            "serve",
+            "--tcp",
+            &port,
+            "--udp",
+            &port,
+            "--name",
+            "external",
+            "--report-client",
+        ]
+        .map(String::from)
+        .to_vec(),
+        pid_dir,
+        log_dir,
+    }
+    .ensure_started()?;
     Ok(())
 }
 
@@ -743,8 +782,21 @@ pub struct LabStatus {
     pub cni: CniMode,
     pub pod_cidrs: PodCidrMode,
     pub kubeconfig: String,
+    /// With `--external-host`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_host: Option<ExternalHostStatus>,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalHostStatus {
+    pub netns: String,
+    pub ip: String,
+    /// TCP and UDP port of the server that answers with the source address it sees.
+    pub port: u16,
+    pub running: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -844,6 +896,12 @@ pub fn collect_status(lab: &LabLayout) -> anyhow::Result<LabStatus> {
         cni: lab.spec.cni,
         pod_cidrs: lab.spec.pod_cidrs,
         kubeconfig: lab.kubeconfig().display().to_string(),
+        external_host: lab.spec.external_host.then(|| ExternalHostStatus {
+            netns: lab.external_netns(),
+            ip: lab.external_ip().to_string(),
+            port: layout::EXTERNAL_PORT,
+            running: running_pid(&pid_dir, EXTERNAL_ROLE).is_some(),
+        }),
         nodes,
         pods,
     })
@@ -891,6 +949,16 @@ fn render_status(st: &LabStatus) -> String {
         "underlay:      netns {}, {} MTU {}",
         st.underlay_netns, st.underlay_cidr, st.underlay_mtu
     );
+    if let Some(ext) = &st.external_host {
+        let _ = writeln!(
+            out,
+            "external host: netns {}, {} tcp+udp port {} (answers with the source address it sees), {}",
+            ext.netns,
+            ext.ip,
+            ext.port,
+            if ext.running { "running" } else { "stopped" }
+        );
+    }
     let _ = writeln!(out);
     let veilnet = st.cni == CniMode::Veilnet;
     let state = |running: bool| if running { "running" } else { "stopped" };
@@ -1060,9 +1128,32 @@ mod tests {
             cni,
             pod_cidrs,
             kubeconfig: String::new(),
+            external_host: None,
             nodes: vec![],
             pods: vec![],
         }
+    }
+
+    #[test]
+    fn status_shows_the_external_host_only_when_there_is_one() {
+        let mut st = status(CniMode::Veilnet, PodCidrMode::Assigned);
+        assert!(serde_json::to_value(&st)
+            .unwrap()
+            .get("externalHost")
+            .is_none());
+        assert!(!render_status(&st).contains("external host"));
+        st.external_host = Some(ExternalHostStatus {
+            netns: "t.ext".into(),
+            ip: "172.30.0.254".into(),
+            port: 8080,
+            running: true,
+        });
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["externalHost"]["ip"], "172.30.0.254");
+        assert_eq!(json["externalHost"]["port"], 8080);
+        assert!(render_status(&st).contains(
+            "external host: netns t.ext, 172.30.0.254 tcp+udp port 8080 (answers with the source address it sees), running"
+        ));
     }
 
     /// The text spells the modes as the flags and the JSON do.

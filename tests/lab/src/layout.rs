@@ -18,6 +18,8 @@ pub use veilnet::lab_paths::{labs_root, validate_name, DEFAULT_LAB_ROOT, LAB_ROO
 pub const API_PORT: u16 = 6443;
 /// Interface name of every node's and the control plane's link onto the underlay.
 pub const UNDERLAY_IFNAME: &str = "eth0";
+/// TCP and UDP port of the external host's server (it answers with the source address it sees).
+pub const EXTERNAL_PORT: u16 = 8080;
 /// Name of the bridge inside the underlay namespace.
 pub const UNDERLAY_BRIDGE: &str = "br0";
 
@@ -83,6 +85,10 @@ pub struct LabSpec {
     /// Who serves the API (absent in labs made before the option: the stand-in).
     #[serde(default)]
     pub control_plane: ControlPlane,
+    /// An external host on the underlay (`<lab>.ext`, not a node) that reports the source
+    /// address it sees (absent in labs made before the option: none).
+    #[serde(default)]
+    pub external_host: bool,
 }
 
 fn default_encryption() -> Mode {
@@ -100,9 +106,9 @@ impl LabSpec {
                 max: Self::MAX_NODES,
             });
         }
-        // .1 is the control plane, nodes start at .11.
+        // .1 is the control plane, nodes start at .11, the external host is the last address.
         let hosts = self.underlay_cidr.hosts().count();
-        if hosts < 10 + self.nodes {
+        if hosts < 10 + self.nodes + usize::from(self.external_host) {
             return Err(LayoutError::UnderlayTooSmall {
                 cidr: self.underlay_cidr,
                 nodes: self.nodes,
@@ -201,6 +207,15 @@ impl LabLayout {
     pub fn control_plane_ip(&self) -> Ipv4Addr {
         nth_host(self.spec.underlay_cidr, 1)
     }
+    /// The external host's namespace (with `--external-host`).
+    pub fn external_netns(&self) -> String {
+        format!("{}.ext", self.spec.name)
+    }
+    /// The external host's underlay address: the underlay's last host address, which no node
+    /// uses (nodes count up from .11) and which is outside the cluster CIDR.
+    pub fn external_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.spec.underlay_cidr.broadcast()) - 1)
+    }
     pub fn api_addr(&self) -> SocketAddr {
         SocketAddr::from((self.control_plane_ip(), API_PORT))
     }
@@ -284,6 +299,7 @@ mod tests {
             encryption: Mode::On,
             policy_strict_mode: None,
             control_plane: ControlPlane::StandIn,
+            external_host: false,
         }
     }
 
@@ -309,6 +325,29 @@ mod tests {
         );
         assert_eq!(paths.node_state_dir(&n2.name), n2.state_dir());
         assert_eq!(paths.node_cni_conf_dir(&n2.name), n2.cni_conf_dir());
+    }
+
+    #[test]
+    fn the_external_host_is_the_last_underlay_address() {
+        let mut s = spec("lab", 3);
+        s.external_host = true;
+        let lab = LabLayout::new(s).unwrap();
+        assert_eq!(lab.external_netns(), "lab.ext");
+        assert_eq!(
+            lab.external_ip(),
+            "172.30.0.254".parse::<Ipv4Addr>().unwrap()
+        );
+        assert!(lab.nodes().iter().all(|n| n.ip != lab.external_ip()));
+        assert!(!lab.spec.cluster_cidr.contains(&lab.external_ip()));
+    }
+
+    #[test]
+    fn specs_of_older_labs_still_load() {
+        let old = r#"{"name":"old","nodes":2,"underlay_mtu":1500,"underlay_cidr":"172.30.0.0/24",
+            "cluster_cidr":"10.244.0.0/16","node_cidr_prefix":24,"cni":"veilnet","pod_cidrs":"assigned"}"#;
+        let s: LabSpec = serde_json::from_str(old).unwrap();
+        assert!(!s.external_host);
+        assert_eq!(s.control_plane, ControlPlane::StandIn);
     }
 
     #[test]

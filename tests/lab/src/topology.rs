@@ -57,6 +57,12 @@ pub fn up(lab: &LabLayout) -> Result<()> {
     for node in lab.nodes() {
         attach(lab, &node.netns, &node.underlay_port, node.ip, prefix)?;
     }
+    if lab.spec.external_host {
+        // On the underlay subnet, so every node reaches it directly; no route to the pod CIDRs,
+        // as a host outside the cluster has none.
+        attach(lab, &lab.external_netns(), "ext", lab.external_ip(), prefix)?;
+        ip(&lab.external_netns(), &["link", "set", "lo", "up"])?;
+    }
     Ok(())
 }
 
