@@ -54,6 +54,11 @@ pub fn wire_size(pod_mtu: u32, path: &str, ip: IpAddr) -> u32 {
     pod_mtu + encapsulation.overhead(UnderlayFamily::of(ip))
 }
 
+/// Peers probed at once: an unreachable peer costs [`TRIES`] × [`TRY_TIMEOUT`] twice, so one
+/// after another a partitioned cluster would take minutes (and the agent's `/doctor` answers
+/// within 12 s).
+const PARALLEL_PROBES: usize = 32;
+
 pub fn gather(ctx: &Context, status: Option<&NodeStatus>) -> MtuFacts {
     let Some(st) = status else {
         return MtuFacts::default();
@@ -62,6 +67,7 @@ pub fn gather(ctx: &Context, status: Option<&NodeStatus>) -> MtuFacts {
         pod_mtu: st.pod_mtu,
         ..MtuFacts::default()
     };
+    let mut targets = Vec::new();
     for p in &st.peers {
         if p.path != "wireguard" && p.path != "vxlan" {
             continue;
@@ -76,36 +82,59 @@ pub fn gather(ctx: &Context, status: Option<&NodeStatus>) -> MtuFacts {
                     .and_then(|e| e.parse::<std::net::SocketAddr>().ok())
                     .map(|a| a.ip())
             });
-        let Some(ip) = ip else {
-            facts.unknown.push(p.node.clone());
-            continue;
-        };
-        let size = wire_size(st.pod_mtu, &p.path, ip);
-        let probe_mtu = ctx.probe_mtu;
-        let work = move || {
-            let route = route_to(ip);
-            let probe = match ip {
-                IpAddr::V4(v4) if probe_mtu => Some(
-                    echo(v4, size).and_then(|big| echo(v4, SMALL_PROBE).map(|small| (big, small))),
-                ),
-                _ => None,
-            };
-            (route, probe)
-        };
-        let (route, probe) = match &ctx.netns {
-            None => work(),
-            Some(ns) => {
-                crate::netns::run_in(ns, work).unwrap_or_else(|e| (Err(e.to_string()), None))
-            }
-        };
-        facts.peers.push(PeerFacts {
-            node: p.node.clone(),
-            ip,
-            path: p.path.clone(),
-            wire_size: size,
-            route,
-            probe,
+        match ip {
+            Some(ip) => targets.push((p.node.clone(), ip, p.path.clone())),
+            None => facts.unknown.push(p.node.clone()),
+        }
+    }
+    for chunk in targets.chunks(PARALLEL_PROBES) {
+        let found: Vec<PeerFacts> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(node, ip, path)| {
+                    let (ip, size) = (*ip, wire_size(st.pod_mtu, path, *ip));
+                    let probe_mtu = ctx.probe_mtu;
+                    let netns = ctx.netns.clone();
+                    let handle = scope.spawn(move || {
+                        let work = move || {
+                            let route = route_to(ip);
+                            let probe = match ip {
+                                IpAddr::V4(v4) if probe_mtu => {
+                                    Some(echo(v4, size).and_then(|big| {
+                                        echo(v4, SMALL_PROBE).map(|small| (big, small))
+                                    }))
+                                }
+                                _ => None,
+                            };
+                            (route, probe)
+                        };
+                        match netns {
+                            None => work(),
+                            Some(ns) => crate::netns::run_in(&ns, work)
+                                .unwrap_or_else(|e| (Err(e.to_string()), None)),
+                        }
+                    });
+                    (node, ip, path, size, handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(node, ip, path, size, handle)| {
+                    let (route, probe) = handle
+                        .join()
+                        .unwrap_or_else(|_| (Err("the probe panicked".to_string()), None));
+                    PeerFacts {
+                        node: node.clone(),
+                        ip,
+                        path: path.clone(),
+                        wire_size: size,
+                        route,
+                        probe,
+                    }
+                })
+                .collect()
         });
+        facts.peers.extend(found);
     }
     facts
 }
