@@ -224,6 +224,20 @@ fn pods_reach_the_external_host_masqueraded_and_each_other_with_their_own_addres
         "masqueraded",
     ]));
     assert!(!nft.contains("packets 0 "), "{nft}");
+    // `veilnet status` reports it as masqueraded connections, not as a wire drop.
+    eventually(
+        Duration::from_secs(10),
+        "node-1's status counts masquerading",
+        || {
+            let out = veilnet()
+                .args(["status", "--lab", &lab.name, "--node", "node-1", "--json"])
+                .output()
+                .unwrap();
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            assert!(st["wireDrops"].get("masqueraded").is_none(), "{st}");
+            st["masqueraded"].as_u64().unwrap_or(0) > 0
+        },
+    );
 }
 
 #[test]

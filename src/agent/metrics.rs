@@ -241,6 +241,12 @@ impl Collector for SnapshotCollector {
             )?;
             family(
                 &mut encoder,
+                "masqueraded_connections",
+                "Connections from pods to outside the cluster masqueraded to the node's address",
+                vec![(vec![], ConstCounter::new(st.masqueraded))],
+            )?;
+            family(
+                &mut encoder,
                 "wire_dropped_packets",
                 "Packets the wire table dropped on the underlay, by reason (raw_pod_traffic, plaintext_vxlan, vxlan_rejected, wireguard_rejected)",
                 st.wire_drops
@@ -404,6 +410,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
         node: "node-1".into(),
         mode: crate::model::encryption::Mode::On,
         wire_drops: std::collections::BTreeMap::from([("raw_pod_traffic".to_string(), 1)]),
+        masqueraded: 1,
         agent_version: None,
         pod_cidrs: vec![],
         underlay_ip: String::new(),
@@ -472,6 +479,7 @@ mod tests {
             node: "node-1".into(),
             mode: Mode::On,
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 3)]),
+            masqueraded: 9,
             agent_version: None,
             pod_cidrs: vec![],
             underlay_ip: "172.30.0.11".into(),
@@ -537,6 +545,7 @@ mod tests {
             "veilnet_datapath_up 1",
             "veilnet_datapath_start_time_seconds 1700000000",
             r#"veilnet_wire_dropped_packets_total{reason="vxlan_rejected"} 3"#,
+            "veilnet_masqueraded_connections_total 9",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
@@ -594,6 +603,7 @@ mod tests {
             "veilnet_policy_sync_errors_total",
             "veilnet_policy_sync_failing",
             "veilnet_wire_dropped_packets_total",
+            "veilnet_masqueraded_connections_total",
             "veilnet_connections_rejected_total",
         ] {
             assert!(names.contains(name), "{name} missing from {names:?}");

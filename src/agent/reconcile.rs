@@ -110,6 +110,8 @@ pub struct Reconciler<
     pub last: Option<status::Snapshot>,
     /// The wire table's drop counters as of the last refresh.
     wire_drops: BTreeMap<String, u64>,
+    /// Connections masqueraded to the node's address (the wire table's `masqueraded` counter).
+    masqueraded: u64,
     pub dataplane_ready: bool,
 }
 
@@ -162,6 +164,7 @@ where
             wire_loaded: None,
             last: None,
             wire_drops: BTreeMap::new(),
+            masqueraded: 0,
             dataplane_ready: false,
         }
     }
@@ -357,7 +360,13 @@ where
                     }
                 }
             }
-            Ok(drops) => self.wire_drops = drops,
+            Ok(mut counters) => {
+                // The table also counts what it masquerades: not a drop.
+                self.masqueraded = counters
+                    .remove(crate::kernel::masquerade::COUNTER)
+                    .unwrap_or(0);
+                self.wire_drops = counters;
+            }
             Err(e) => tracing::debug!(error = %e, "could not read the wire table's counters"),
         }
         let was_down = self.wg.datapath().error.is_some();
@@ -375,7 +384,14 @@ where
     /// returns it for the metrics endpoint.
     pub fn write_status(&self) -> Option<status::NodeStatus> {
         let last = self.last.as_ref()?;
-        let st = status::build(&self.cfg, &self.me, &self.wg, last, &self.wire_drops);
+        let st = status::build(
+            &self.cfg,
+            &self.me,
+            &self.wg,
+            last,
+            &self.wire_drops,
+            self.masqueraded,
+        );
         if let Err(e) = status::write(&self.cfg.run_dir, &st) {
             tracing::warn!(error = %e, "could not write the status file");
         }

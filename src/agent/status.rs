@@ -75,6 +75,10 @@ pub struct NodeStatus {
     /// `vxlan_rejected`, `wireguard_rejected`).
     #[serde(default)]
     pub wire_drops: BTreeMap<String, u64>,
+    /// Connections from pods masqueraded to the node's address (egress), since the wire table
+    /// was loaded.
+    #[serde(default)]
+    pub masqueraded: u64,
     /// The agent binary's version (absent in status files of older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
@@ -117,6 +121,7 @@ pub fn build<D>(
     wg: &WireGuard<D>,
     last: &Snapshot,
     wire_drops: &BTreeMap<String, u64>,
+    masqueraded: u64,
 ) -> NodeStatus {
     let stats = wg.stats();
     let peers = last
@@ -163,6 +168,7 @@ pub fn build<D>(
         matrix: last.matrix.clone(),
         datapath: Some(datapath_status(wg)),
         wire_drops: wire_drops.clone(),
+        masqueraded,
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         updated_at: jiff::Timestamp::now().to_string(),
     }
@@ -270,6 +276,13 @@ pub fn render(st: &NodeStatus) -> String {
     if !drops.is_empty() {
         let _ = writeln!(s, "\nwire drops: {}", drops.join(", "));
     }
+    if st.masqueraded > 0 {
+        let _ = writeln!(
+            s,
+            "egress: {} connections masqueraded to {}",
+            st.masqueraded, st.underlay_ip
+        );
+    }
     let _ = writeln!(s, "\nupdated {}", st.updated_at);
     s
 }
@@ -327,6 +340,7 @@ mod tests {
             }],
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
+            masqueraded: 0,
             agent_version: None,
             matrix: BTreeMap::from([
                 (
