@@ -137,6 +137,14 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     // end is up, so no frame has crossed the port yet.
     host.set_bridge_port(host_link.index, &BridgePortFlags::pod_port())?;
     host.replace_static_fdb(host_link.index, &pod_link.mac)?;
+    // hostPort hairpin: br_netfilter DNATs the pod's frame to the node's address in the bridge
+    // path and, the new destination being behind the same bridge, bridges it straight back to
+    // the pod's own port, which a bridge only does in hairpin mode (the reference bridge
+    // plugin's `hairpinMode`). Only ports of pods with mappings get it; a frame a pod sends to
+    // its own MAC is all it adds.
+    if !conf.runtime.port_mappings.is_empty() {
+        host.set_bridge_port_hairpin(host_link.index, true)?;
+    }
     if !pod_link.up {
         pod.set_up(pod_link.index)?;
     }
