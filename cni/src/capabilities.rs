@@ -1,4 +1,5 @@
-//! The CNI capabilities veilnet-cni declares (CONVENTIONS.md): `ips`, `mac` and `bandwidth`.
+//! The CNI capabilities veilnet-cni declares (CONVENTIONS.md): `ips`, `mac`, `bandwidth` and
+//! `portMappings` (hostPort, see [`crate::hostport`]).
 //!
 //! A conflist entry declares `"capabilities": {"ips": true, ...}`; the runtime then injects
 //! `runtimeConfig` with values for the declared ones only. The spec says a plugin must ignore
@@ -6,8 +7,8 @@
 //! declared `true` in the same configuration. Every value is validated here, before ADD touches
 //! the kernel or the IPAM store, so a bad request leaves nothing behind.
 //!
-//! More capabilities (`portMappings`) slot in as another field of [`RuntimeConfig`] and another
-//! arm in [`parse`].
+//! More capabilities slot in as another field of [`RuntimeConfig`], another arm in [`parse`] and
+//! an entry in [`SUPPORTED`].
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -15,17 +16,20 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde_json::{Map, Value};
 
 use crate::config::ConfigError;
+use crate::hostport::{PortMapping, Protocol};
 use crate::netlink::{format_mac, parse_mac};
 
 pub const CAP_IPS: &str = "ips";
 pub const CAP_MAC: &str = "mac";
 pub const CAP_BANDWIDTH: &str = "bandwidth";
+pub const CAP_PORT_MAPPINGS: &str = "portMappings";
 /// What this plugin honours; the agent's conflist declares exactly these.
-pub const SUPPORTED: [&str; 3] = [CAP_IPS, CAP_MAC, CAP_BANDWIDTH];
+pub const SUPPORTED: [&str; 4] = [CAP_IPS, CAP_MAC, CAP_BANDWIDTH, CAP_PORT_MAPPINGS];
 
 const KEY_IPS: &str = "runtimeConfig.ips";
 const KEY_MAC: &str = "runtimeConfig.mac";
 const KEY_BANDWIDTH: &str = "runtimeConfig.bandwidth";
+const KEY_PORT_MAPPINGS: &str = "runtimeConfig.portMappings";
 
 /// The largest burst TBF can hold: its limit and bucket are 32-bit byte counts.
 pub const MAX_BURST_BITS: u64 = (u32::MAX as u64) * 8;
@@ -50,6 +54,8 @@ pub struct RuntimeConfig {
     pub mac: Option<[u8; 6]>,
     /// `bandwidth`: limits to apply with tc.
     pub bandwidth: Option<Bandwidth>,
+    /// `portMappings`: hostPorts to DNAT to the pod (empty: none).
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// One direction's limit, in bits per second and bits, as the runtime passes them.
@@ -152,7 +158,119 @@ pub fn parse(
             .map(parse_bandwidth)
             .transpose()?
             .filter(|b| b.ingress.is_some() || b.egress.is_some()),
+        port_mappings: get(CAP_PORT_MAPPINGS)
+            .map(parse_port_mappings)
+            .transpose()?
+            .unwrap_or_default(),
     })
+}
+
+/// `[{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}]`: ports
+/// 1-65535, `tcp` or `udp` (any case; absent or empty is `tcp`, as the reference plugin reads
+/// it), `hostIP` an IPv4 address or empty/`0.0.0.0`/absent for every address of the node. The
+/// same host side twice in one request is refused.
+fn parse_port_mappings(v: &Value) -> Result<Vec<PortMapping>, ConfigError> {
+    let items = v.as_array().ok_or_else(|| ConfigError::WrongType {
+        key: KEY_PORT_MAPPINGS,
+        expected: "an array of {hostPort, containerPort, protocol, hostIP}",
+        found: v.to_string(),
+    })?;
+    let mut out: Vec<PortMapping> = Vec::new();
+    for item in items {
+        let obj = item.as_object().ok_or_else(|| {
+            invalid(
+                KEY_PORT_MAPPINGS,
+                item,
+                "each mapping must be an object with hostPort and containerPort",
+            )
+        })?;
+        let port = |name: &str| -> Result<u16, ConfigError> {
+            match obj.get(name) {
+                None | Some(Value::Null) => Err(invalid(
+                    KEY_PORT_MAPPINGS,
+                    item,
+                    format!("{name} is missing"),
+                )),
+                Some(n) => n
+                    .as_u64()
+                    .filter(|p| (1..=65535).contains(p))
+                    .map(|p| p as u16)
+                    .ok_or_else(|| {
+                        invalid(
+                            KEY_PORT_MAPPINGS,
+                            item,
+                            format!("{name} {n} is not a port (1-65535)"),
+                        )
+                    }),
+            }
+        };
+        let host_port = port("hostPort")?;
+        let container_port = port("containerPort")?;
+        let protocol = match obj.get("protocol") {
+            None | Some(Value::Null) => Protocol::Tcp,
+            Some(Value::String(p)) => match p.to_ascii_lowercase().as_str() {
+                "" | "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "sctp" => {
+                    return Err(ConfigError::Unsupported {
+                        key: KEY_PORT_MAPPINGS,
+                        value: item.to_string(),
+                        reason: "SCTP hostPorts are not supported (veilnet maps tcp and udp)",
+                    })
+                }
+                _ => {
+                    return Err(invalid(
+                        KEY_PORT_MAPPINGS,
+                        item,
+                        "protocol must be tcp or udp",
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(invalid(
+                    KEY_PORT_MAPPINGS,
+                    item,
+                    "protocol must be a string (tcp or udp)",
+                ))
+            }
+        };
+        let host_ip = match obj.get("hostIP") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => match s.parse::<IpAddr>() {
+                Ok(IpAddr::V4(ip)) if ip.is_unspecified() => None,
+                Ok(IpAddr::V4(ip)) => Some(ip),
+                Ok(IpAddr::V6(_)) => {
+                    return Err(ConfigError::Unsupported {
+                        key: KEY_PORT_MAPPINGS,
+                        value: item.to_string(),
+                        reason: "veilnet pods have IPv4 addresses only: hostIP must be IPv4",
+                    })
+                }
+                Err(_) => return Err(invalid(KEY_PORT_MAPPINGS, item, "hostIP is not an address")),
+            },
+            Some(_) => return Err(invalid(KEY_PORT_MAPPINGS, item, "hostIP must be a string")),
+        };
+        let mapping = PortMapping {
+            host_port,
+            container_port,
+            protocol,
+            host_ip,
+        };
+        if let Some(twin) = out.iter().find(|m| m.overlaps(&mapping)) {
+            return Err(invalid(
+                KEY_PORT_MAPPINGS,
+                v,
+                format!(
+                    "hostPort {} is asked for twice (also as {})",
+                    mapping.host_side(),
+                    twin.host_side()
+                ),
+            ));
+        }
+        out.push(mapping);
+    }
+    Ok(out)
 }
 
 fn invalid(key: &'static str, value: &Value, reason: impl Into<String>) -> ConfigError {
@@ -303,7 +421,7 @@ mod tests {
     }
 
     fn all_caps(runtime: Value) -> Value {
-        json!({"capabilities": {"ips": true, "mac": true, "bandwidth": true},
+        json!({"capabilities": {"ips": true, "mac": true, "bandwidth": true, "portMappings": true},
                "runtimeConfig": runtime})
     }
 
@@ -475,5 +593,139 @@ mod tests {
             .tbf(1500)
             .unwrap_err()
             .contains("smaller than one packet"));
+    }
+
+    #[test]
+    fn port_mappings() {
+        let pm = |v: Value| rc(all_caps(json!({ "portMappings": v }))).map(|r| r.port_mappings);
+        let got = pm(json!([
+            {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+            {"hostPort": 53, "containerPort": 5353, "protocol": "UDP"},
+            {"hostPort": 8443, "containerPort": 443, "hostIP": "192.0.2.1"},
+            {"hostPort": 9000, "containerPort": 9000, "protocol": "", "hostIP": "0.0.0.0"}
+        ]))
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                    host_ip: None
+                },
+                PortMapping {
+                    host_port: 53,
+                    container_port: 5353,
+                    protocol: Protocol::Udp,
+                    host_ip: None
+                },
+                PortMapping {
+                    host_port: 8443,
+                    container_port: 443,
+                    protocol: Protocol::Tcp,
+                    host_ip: Some(Ipv4Addr::new(192, 0, 2, 1))
+                },
+                PortMapping {
+                    host_port: 9000,
+                    container_port: 9000,
+                    protocol: Protocol::Tcp,
+                    host_ip: None
+                },
+            ]
+        );
+        assert_eq!(pm(json!([])).unwrap(), vec![]);
+        // Undeclared: ignored, even garbage.
+        assert_eq!(
+            rc(json!({"capabilities": {"ips": true},
+                      "runtimeConfig": {"portMappings": "garbage"}}))
+            .unwrap()
+            .port_mappings,
+            vec![]
+        );
+    }
+
+    #[test]
+    fn bad_port_mappings() {
+        for (v, kind, why) in [
+            (json!({"hostPort": 80}), "type", "an array"),
+            (json!([5]), "invalid", "must be an object"),
+            (
+                json!([{"containerPort": 80}]),
+                "invalid",
+                "hostPort is missing",
+            ),
+            (
+                json!([{"hostPort": 80}]),
+                "invalid",
+                "containerPort is missing",
+            ),
+            (
+                json!([{"hostPort": 0, "containerPort": 80}]),
+                "invalid",
+                "hostPort 0 is not a port",
+            ),
+            (
+                json!([{"hostPort": 65536, "containerPort": 80}]),
+                "invalid",
+                "hostPort 65536",
+            ),
+            (
+                json!([{"hostPort": -1, "containerPort": 80}]),
+                "invalid",
+                "hostPort -1",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 0}]),
+                "invalid",
+                "containerPort 0",
+            ),
+            (
+                json!([{"hostPort": "80", "containerPort": 80}]),
+                "invalid",
+                "not a port",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "protocol": "icmp"}]),
+                "invalid",
+                "tcp or udp",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "protocol": 6}]),
+                "invalid",
+                "must be a string",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "protocol": "SCTP"}]),
+                "unsupported",
+                "SCTP",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "hostIP": "fd00::1"}]),
+                "unsupported",
+                "IPv4",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "hostIP": "banana"}]),
+                "invalid",
+                "not an address",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80},
+                    {"hostPort": 80, "containerPort": 81, "hostIP": "192.0.2.1"}]),
+                "invalid",
+                "asked for twice",
+            ),
+        ] {
+            let e = err(json!({ "portMappings": v }));
+            assert_eq!(e.key(), Some(KEY_PORT_MAPPINGS), "{e}");
+            let ok = match kind {
+                "type" => matches!(e, ConfigError::WrongType { .. }),
+                "invalid" => matches!(e, ConfigError::Invalid { .. }),
+                _ => matches!(e, ConfigError::Unsupported { .. }),
+            };
+            assert!(ok, "{v}: {e:?}");
+            assert!(e.to_string().contains(why), "{v}: {e}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod capabilities;
 pub mod config;
 pub mod env;
 pub mod fsutil;
+pub mod hostport;
 pub mod ipam;
 pub mod netlink;
 pub mod node_state;

@@ -457,6 +457,26 @@ impl Netlink {
         .map(drop)
     }
 
+    /// `ip link set dev X type bridge_slave hairpin on|off`: whether the bridge may send a frame
+    /// back out the port it came in on (hostPort hairpin, see `crate::hostport`). Only this flag
+    /// is sent, so the port's other settings stay as they are.
+    pub fn set_bridge_port_hairpin(&mut self, index: u32, on: bool) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(
+                on,
+            )])),
+        ]));
+        self.request(
+            &format!("set hairpin mode of link #{index}"),
+            RouteNetlinkMessage::NewLink(m),
+            0,
+        )
+        .map(drop)
+    }
+
     /// `bridge fdb replace MAC dev <port> master static`: the bridge forwards `mac` to the port
     /// and never moves it elsewhere (static entries are not learned over). Idempotent; an entry
     /// for `mac` on another port is moved here.

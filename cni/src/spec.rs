@@ -87,6 +87,8 @@ pub enum ErrorCode {
     CheckFailed,
     /// The address the `ips` capability asked for is held by another attachment.
     AddressInUse,
+    /// A hostPort (`portMappings`) another attachment on this node holds.
+    PortInUse,
     /// A bug: the plugin panicked. Never expected.
     Internal,
 }
@@ -109,6 +111,7 @@ impl ErrorCode {
             ErrorCode::InterfaceExists => 102,
             ErrorCode::CheckFailed => 103,
             ErrorCode::AddressInUse => 104,
+            ErrorCode::PortInUse => 105,
             ErrorCode::Internal => 999,
         }
     }

@@ -45,8 +45,8 @@ pub fn node_state(
 }
 
 /// The conflist (pure). It declares every capability the plugin honours
-/// ([`veilnet_cni::capabilities::SUPPORTED`]: `ips`, `mac`, `bandwidth`), so the runtime passes
-/// their `runtimeConfig` values.
+/// ([`veilnet_cni::capabilities::SUPPORTED`]: `ips`, `mac`, `bandwidth`, `portMappings`), so the
+/// runtime passes their `runtimeConfig` values.
 pub fn conflist(run_dir: &Path, state_dir: &Path) -> serde_json::Value {
     let capabilities: serde_json::Map<String, serde_json::Value> =
         veilnet_cni::capabilities::SUPPORTED
@@ -109,10 +109,8 @@ mod tests {
     fn conflist_declares_the_capabilities() {
         let list = conflist(Path::new("/run/veilnet"), Path::new("/var/lib/veilnet"));
         let caps = &list["plugins"][0]["capabilities"];
-        for cap in ["ips", "mac", "bandwidth"] {
+        for cap in ["ips", "mac", "bandwidth", "portMappings"] {
             assert_eq!(caps[cap], true, "{list}");
         }
-        // Not yet honoured: must not be declared (the runtime would send it for nothing).
-        assert!(caps.get("portMappings").is_none());
     }
 }

@@ -19,6 +19,10 @@
 //!   grow with the number of peers. The inner header is read at fixed offsets from the outer UDP
 //!   header (8 bytes UDP + 8 VXLAN + 14 Ethernet: inner ethertype at byte 28, inner IPv4 source
 //!   at byte 42); a datagram too short to hold them fails the lookup and is dropped.
+//!   One exception: a hostPort connection from another node's address (`ct status dnat`, DNATed
+//!   by this node's `ip veilnet_hostport` table from a packet addressed to the node itself) may
+//!   reach the local pod raw; from anywhere outside the cluster such traffic is not pod-to-pod
+//!   and no rule here concerns it.
 //! - Always: the WireGuard port takes no datagram that arrives through a tunnel or from a pod.
 //! - Always: TCP MSS is clamped to the route MTU on the WireGuard device.
 //! - Always: each pod address holds at most [`WireRules::agent_conns_per_source`] connections to
@@ -205,10 +209,14 @@ fn contents(r: &WireRules) -> String {
          \t\tiifname \"{ul}\" {cf} saddr {c} {cf} daddr {c} counter name raw_pod_traffic drop\n"
     ));
     if same_family {
-        // Pods and other nodes' host networks talk inside the pair's path, never raw.
+        // Pods and other nodes' host networks talk inside the pair's path, never raw. Except a
+        // hostPort connection (`ct status dnat`): the peer node addressed *this node*, and this
+        // node's own NAT (the CNI plugin's `ip veilnet_hostport` table) sent it on to the pod;
+        // that is neither a leak nor an injected pod-addressed packet. The reply leaves through
+        // the pod-to-node path of the pair (the pod's source is un-DNATed on the way out).
         s.push_str(&format!(
             "\t\toifname \"{ul}\" {cf} saddr {c} {cf} daddr @peer_nodes counter name raw_pod_traffic drop\n\
-             \t\tiifname \"{ul}\" {cf} saddr @peer_nodes {cf} daddr {c} counter name raw_pod_traffic drop\n"
+             \t\tiifname \"{ul}\" ct status ! dnat {cf} saddr @peer_nodes {cf} daddr {c} counter name raw_pod_traffic drop\n"
         ));
     }
     s.push_str(&format!(
@@ -395,7 +403,9 @@ mod tests {
         assert!(on.contains("oifname \"eth0\" ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 counter name raw_pod_traffic drop"));
         assert!(on.contains("iifname \"eth0\" ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16"));
         assert!(on.contains("oifname \"eth0\" ip saddr 10.244.0.0/16 ip daddr @peer_nodes"));
-        assert!(on.contains("iifname \"eth0\" ip saddr @peer_nodes ip daddr 10.244.0.0/16"));
+        assert!(on.contains(
+            "iifname \"eth0\" ct status ! dnat ip saddr @peer_nodes ip daddr 10.244.0.0/16"
+        ));
         assert!(on.contains("maxseg size set rt mtu"));
         assert!(!on.contains("plaintext_vxlan drop"));
         assert!(on.contains(

@@ -8,12 +8,13 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::guard::{LeaseGuard, LinkGuard};
+use super::guard::{HostPortGuard, LeaseGuard, LinkGuard};
 use super::network::{self, with_prefix};
 use super::{host_veth_name, PluginError, Result};
 use crate::agent_protocol::{self, AdmissionConfig, AdmissionError, PodAttachment};
 use crate::config::{Mode, NetConf};
 use crate::env::Target;
+use crate::hostport::{self, HostPortStore};
 use crate::ipam::{IpamStore, Pool};
 use crate::netlink::{BridgePortFlags, Netlink, VethSpec};
 use crate::sandbox::PodNetns;
@@ -60,6 +61,31 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
         None => store.allocate(&pool, &target.attachment)?,
     };
     let lease = LeaseGuard::new(&store, &target.attachment);
+
+    // The `portMappings` capability: reserved (or refused, naming the holder) and its DNAT
+    // rules loaded before any link exists, so a conflict costs no veth. DNAT to an address
+    // without a pod yet only loses packets for the moments until the pod is up.
+    let hostports = HostPortStore::new(&conf.state_dir);
+    let hostport_guard = if conf.runtime.port_mappings.is_empty() {
+        None
+    } else {
+        hostports.add(hostport::Entry {
+            network: conf.name.clone(),
+            container_id: target.attachment.container_id.clone(),
+            ifname: ifname.clone(),
+            pod: target
+                .k8s_pod
+                .as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name)),
+            pod_ip: allocation.ip,
+            mappings: conf.runtime.port_mappings.clone(),
+        })?;
+        Some(HostPortGuard::new(
+            &hostports,
+            &conf.name,
+            &target.attachment,
+        ))
+    };
 
     let host_name = host_veth_name(&target.attachment);
     let spec = VethSpec {
@@ -111,6 +137,14 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     // end is up, so no frame has crossed the port yet.
     host.set_bridge_port(host_link.index, &BridgePortFlags::pod_port())?;
     host.replace_static_fdb(host_link.index, &pod_link.mac)?;
+    // hostPort hairpin: br_netfilter DNATs the pod's frame to the node's address in the bridge
+    // path and, the new destination being behind the same bridge, bridges it straight back to
+    // the pod's own port, which a bridge only does in hairpin mode (the reference bridge
+    // plugin's `hairpinMode`). Only ports of pods with mappings get it; a frame a pod sends to
+    // its own MAC is all it adds.
+    if !conf.runtime.port_mappings.is_empty() {
+        host.set_bridge_port_hairpin(host_link.index, true)?;
+    }
     if !pod_link.up {
         pod.set_up(pod_link.index)?;
     }
@@ -145,6 +179,9 @@ pub fn add(conf: &NetConf, target: &Target) -> Result<SuccessResult> {
     }
 
     veth.commit();
+    if let Some(guard) = hostport_guard {
+        guard.commit();
+    }
     lease.commit();
 
     let attached = Attached {

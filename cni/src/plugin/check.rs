@@ -1,5 +1,6 @@
 //! CHECK: the pod still has what `prevResult` says we gave it: the host veth on the bridge, the
-//! pod interface (up, same MAC and MTU), its address, our routes, and the IPAM reservation.
+//! pod interface (up, same MAC and MTU), its address, our routes, the IPAM reservation, and its
+//! hostPort DNAT rules.
 
 use std::net::IpAddr;
 
@@ -9,6 +10,7 @@ use super::network;
 use super::{host_veth_name, PluginError, Result};
 use crate::config::NetConf;
 use crate::env::Target;
+use crate::hostport::{self, HostPortStore};
 use crate::ipam::IpamStore;
 use crate::netlink::{pod_port_drift, Netlink};
 use crate::sandbox::PodNetns;
@@ -143,6 +145,41 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
                 .unwrap_or_else(|| "nothing".into()),
             address.addr()
         )));
+    }
+
+    // hostPort: what the runtime asks for is recorded for this attachment, and in the kernel.
+    let recorded = HostPortStore::new(&conf.state_dir).lookup(&conf.name, &target.attachment)?;
+    let wanted = &conf.runtime.port_mappings;
+    match recorded {
+        None if wanted.is_empty() => {}
+        None => {
+            return Err(failed(format!(
+                "no hostPort mappings are recorded for this attachment, the runtime asks for {}",
+                wanted.len()
+            )))
+        }
+        Some(entry) => {
+            let sorted = |v: &[hostport::PortMapping]| {
+                let mut v = v.to_vec();
+                v.sort();
+                v
+            };
+            if !wanted.is_empty() && sorted(wanted) != sorted(&entry.mappings) {
+                return Err(failed(
+                    "the recorded hostPort mappings differ from the runtime's portMappings".into(),
+                ));
+            }
+            if entry.pod_ip != address.addr() {
+                return Err(failed(format!(
+                    "hostPort mappings point at {}, the pod has {}",
+                    entry.pod_ip,
+                    address.addr()
+                )));
+            }
+            if let Some(why) = hostport::missing_in(hostport::list_table()?.as_deref(), &entry) {
+                return Err(failed(why));
+            }
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! (`?`) leaves nothing behind. Locals drop in reverse order, which is the right undo order.
 
 use crate::env::Attachment;
+use crate::hostport::HostPortStore;
 use crate::ipam::IpamStore;
 use crate::netlink::Netlink;
 
@@ -60,6 +61,45 @@ impl Drop for LeaseGuard<'_> {
         if let Err(e) = self.store.release(attachment) {
             eprintln!(
                 "veilnet-cni: rollback: cannot release the address of {}/{}: {e}",
+                attachment.container_id, attachment.ifname
+            );
+        }
+    }
+}
+
+/// Drops an attachment's hostPort mappings (and their DNAT rules).
+pub struct HostPortGuard<'a> {
+    store: &'a HostPortStore,
+    network: &'a str,
+    attachment: Option<&'a Attachment>,
+}
+
+impl<'a> HostPortGuard<'a> {
+    pub fn new(
+        store: &'a HostPortStore,
+        network: &'a str,
+        attachment: &'a Attachment,
+    ) -> HostPortGuard<'a> {
+        HostPortGuard {
+            store,
+            network,
+            attachment: Some(attachment),
+        }
+    }
+
+    pub fn commit(mut self) {
+        self.attachment = None;
+    }
+}
+
+impl Drop for HostPortGuard<'_> {
+    fn drop(&mut self) {
+        let Some(attachment) = self.attachment.take() else {
+            return;
+        };
+        if let Err(e) = self.store.remove(self.network, attachment) {
+            eprintln!(
+                "veilnet-cni: rollback: cannot remove the hostPort mappings of {}/{}: {e}",
                 attachment.container_id, attachment.ifname
             );
         }

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use crate::agent_protocol::AdmissionError;
 use crate::config::{self, ConfigError, NetConf};
 use crate::env::{self, Attachment, EnvError, Invocation};
+use crate::hostport::HostPortError;
 use crate::ipam::IpamError;
 use crate::netlink::NetlinkError;
 use crate::node_state::NodeStateError;
@@ -69,6 +70,8 @@ pub enum PluginError {
     Capability(String),
     #[error("bandwidth: {0}")]
     Tc(#[from] crate::tc::TcError),
+    #[error("portMappings: {0}")]
+    HostPort(#[from] HostPortError),
     /// DEL and GC keep going after a failure and report all of them.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Several(Vec<PluginError>),
@@ -107,6 +110,13 @@ impl PluginError {
             PluginError::Ipam(IpamError::RequestedTaken { .. }) => ErrorCode::AddressInUse,
             PluginError::Capability(_) => ErrorCode::InvalidConfig,
             PluginError::Tc(_) => ErrorCode::Kernel,
+            PluginError::HostPort(HostPortError::Taken(_)) => ErrorCode::PortInUse,
+            PluginError::HostPort(HostPortError::Io { .. } | HostPortError::Corrupt { .. }) => {
+                ErrorCode::Io
+            }
+            PluginError::HostPort(HostPortError::Nft { .. } | HostPortError::NftMissing) => {
+                ErrorCode::Kernel
+            }
             PluginError::InterfaceExists { .. } => ErrorCode::InterfaceExists,
             PluginError::MissingPrevResult => ErrorCode::InvalidConfig,
             PluginError::CheckFailed(_) => ErrorCode::CheckFailed,
@@ -147,6 +157,9 @@ impl PluginError {
             }
             PluginError::Capability(_) => "capability request refused".into(),
             PluginError::Tc(_) => "applying the bandwidth limit failed".into(),
+            // The whole sentence: it names the port and its holder, and runtimes show `msg`.
+            PluginError::HostPort(e @ HostPortError::Taken(_)) => e.to_string(),
+            PluginError::HostPort(_) => "setting up the hostPort mappings failed".into(),
             other => match other.code() {
                 ErrorCode::UnknownContainer => "container network namespace not found".into(),
                 ErrorCode::TryAgainLater => "node network not ready, try again later".into(),
