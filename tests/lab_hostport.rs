@@ -1,8 +1,8 @@
 //! hostPort end to end in the lab: the lab kubelet passes `portMappings` from the pod's
 //! `containers[].ports[].hostPort` (as kubelet/containerd do), the agent's conflist declares the
 //! capability, and veilnet-cni DNATs `node-ip:hostPort` to the pod in `table ip
-//! veilnet_hostport`. Reached from the control plane's namespace (on the underlay, outside the
-//! cluster's pod network: the path an external client takes) and from another node's host
+//! veilnet_hostport`. Reached from the lab's external host (`lab up --external-host`) and the
+//! control plane's namespace (both on the underlay, outside the cluster) and from another node's host
 //! namespace (through the wire table's hostPort exception), TCP and UDP; hairpin from the pod
 //! itself; a second pod asking for the same hostPort fails its sandbox with the holder named;
 //! deleting the pods removes the rules. Needs root.
@@ -60,7 +60,7 @@ fn node_ip(lab: &Lab, node: &str) -> String {
 #[test]
 fn host_ports_reach_the_pod_conflicts_fail_and_delete_cleans_up() {
     veilnet_test_support::require_root!();
-    let lab = Lab::up("hostport", &["--nodes", "2"]);
+    let lab = Lab::up("hostport", &["--nodes", "2", "--external-host"]);
     lab.apply(&pod_with_ports(
         "web",
         serde_json::json!([
@@ -81,7 +81,9 @@ fn host_ports_reach_the_pod_conflicts_fail_and_delete_cleans_up() {
 
     let tcp = format!("{ip1}:8080");
     let udp = format!("{ip1}:8053");
+    let external = format!("{}.ext", lab.name);
     for (from, what) in [
+        (external, "the lab's external host"),
         (lab.control_plane_netns(), "the control plane's namespace"),
         (lab.node_netns(2), "node-2's host namespace"),
         // The node itself, to its own address (the output hook).
