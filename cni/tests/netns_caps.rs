@@ -197,6 +197,27 @@ fn bandwidth_qdiscs_present_and_gone_after_del() {
             egress.contains("tbf") && egress.contains("rate 10Mbit"),
             "{egress}"
         );
+        // CHECK (0.4.0 on) agrees, and names a shaping that went away.
+        let mut check = conf.clone();
+        check["prevResult"] = result.clone();
+        if version != "0.3.1" {
+            Call::new(&node, "CHECK", &check)
+                .attachment("c1", "eth0", &pod.path_str())
+                .run()
+                .ok();
+        }
+        if version == "1.1.0" {
+            assert!(pod
+                .exec("tc", &["qdisc", "del", "dev", "eth0", "root"])
+                .status
+                .success());
+            let err = Call::new(&node, "CHECK", &check)
+                .attachment("c1", "eth0", &pod.path_str())
+                .run()
+                .err(103)
+                .to_string();
+            assert!(err.contains("egress-bandwidth is asked for"), "{err}");
+        }
         Call::new(&node, "DEL", &conf)
             .attachment("c1", "eth0", &pod.path_str())
             .run()

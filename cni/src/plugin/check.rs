@@ -147,6 +147,27 @@ pub fn check(conf: &NetConf, target: &Target) -> Result<()> {
         )));
     }
 
+    // bandwidth: the shaping ADD installed is still the root qdisc on each side.
+    let bandwidth = conf.runtime.bandwidth.unwrap_or_default();
+    if bandwidth.ingress.is_some() {
+        let kind = crate::tc::root_qdisc(&host_name)?;
+        if kind.as_deref() != Some("tbf") {
+            return Err(failed(format!(
+                "ingress-bandwidth is asked for, but the root qdisc of {host_name} is {}",
+                kind.as_deref().unwrap_or("none")
+            )));
+        }
+    }
+    if bandwidth.egress.is_some() {
+        let kind = pod_ns.run_in(|| crate::tc::root_qdisc(ifname))??;
+        if kind.as_deref() != Some("tbf") {
+            return Err(failed(format!(
+                "egress-bandwidth is asked for, but the root qdisc of the pod's {ifname} is {}",
+                kind.as_deref().unwrap_or("none")
+            )));
+        }
+    }
+
     // hostPort: what the runtime asks for is recorded for this attachment, and in the kernel.
     let recorded = HostPortStore::new(&conf.state_dir).lookup(&conf.name, &target.attachment)?;
     let wanted = &conf.runtime.port_mappings;
