@@ -143,6 +143,8 @@ fn check_handshakes(st: &NodeStatus) -> Check {
     let stale: Vec<String> = wg
         .iter()
         .filter_map(|p| match p.last_handshake_seconds {
+            // Nothing sent to it yet: no session is needed (WireGuard handshakes on demand).
+            None if p.tx_bytes == 0 => None,
             None => Some(format!("{}: no handshake yet", p.node)),
             Some(s) if s > HANDSHAKE_STALE_AFTER.as_secs() => {
                 Some(format!("{}: last handshake {s} s ago", p.node))
@@ -154,7 +156,7 @@ fn check_handshakes(st: &NodeStatus) -> Check {
         return Check::ok(
             NAME,
             format!(
-                "{} WireGuard peer(s), every handshake within {} s",
+                "{} WireGuard peer(s), every handshake within {} s (or nothing sent to it yet)",
                 wg.len(),
                 HANDSHAKE_STALE_AFTER.as_secs()
             ),
@@ -303,6 +305,11 @@ mod tests {
             "endpoint": null, "lastHandshakeSeconds": handshake, "rxBytes": 0, "txBytes": 0})
     }
 
+    fn sent_to(mut peer: serde_json::Value) -> serde_json::Value {
+        peer["txBytes"] = 500.into();
+        peer
+    }
+
     fn with(mode: &str, peers: Vec<serde_json::Value>) -> NodeStatus {
         let mut st = status_at("2026-12-02T10:00:28Z");
         let mut v = serde_json::to_value(&st).unwrap();
@@ -375,13 +382,25 @@ mod tests {
             "on",
             vec![
                 peer("node-2", "on", "wireguard", Some(181)),
-                peer("node-3", "on", "wireguard", None),
+                sent_to(peer("node-3", "on", "wireguard", None)),
                 peer("node-4", "off", "vxlan", None),
+                // Never sent to: idle, no session needed.
+                peer("node-5", "on", "wireguard", None),
             ],
         );
         let c = check_handshakes(&stale);
         assert_eq!(c.verdict, Verdict::Warn);
-        assert!(c.evidence.contains("2 of 2"), "{}", c.evidence);
+        assert!(c.evidence.contains("2 of 3"), "{}", c.evidence);
+        assert!(!c.evidence.contains("node-5"), "{}", c.evidence);
+        let idle = with("on", vec![peer("node-5", "on", "wireguard", None)]);
+        assert_eq!(check_handshakes(&idle).verdict, Verdict::Ok);
+        // A peer's WARN does not make the agent down (cni.installed and ports judge by that).
+        let facts = AgentFacts {
+            status: Some(stale),
+            ..AgentFacts::default()
+        };
+        let now: jiff::Timestamp = "2026-12-02T10:00:30Z".parse().unwrap();
+        assert!(super::super::cni::agent_up(&facts, now));
         assert!(
             c.evidence.contains("node-2: last handshake 181 s ago"),
             "{}",

@@ -217,9 +217,11 @@ fn installed(dir: &str, ours: Option<&ConfFile>, agent_up: bool) -> Check {
 
 /// Whether the agent counts as up for the checks that depend on it: `agent.up` is OK.
 pub fn agent_up(agent: &super::agent::AgentFacts, now: jiff::Timestamp) -> bool {
+    // Only `agent.up`: a WARN about a peer (an idle handshake) says nothing about the agent.
     super::agent::check(agent, now)
         .iter()
-        .all(|c| c.verdict == super::Verdict::Ok)
+        .find(|c| c.name == "agent.up")
+        .is_some_and(|c| c.verdict == super::Verdict::Ok)
 }
 
 #[cfg(test)]
