@@ -117,6 +117,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8], opts: WriteOptions) -> std::io::R
     result
 }
 
+/// Creates `dir` and takes an exclusive `flock` on `dir/name` (created if missing; a symlink
+/// planted there is refused, not followed): the lock of a store that concurrent plugin
+/// invocations share (IPAM, hostPort mappings). Held until the returned lock is dropped. On
+/// failure: the operation, the path and the error, for the caller's own error type.
+pub fn lock_exclusive(
+    dir: &Path,
+    name: &str,
+) -> Result<nix::fcntl::Flock<File>, (&'static str, PathBuf, std::io::Error)> {
+    std::fs::create_dir_all(dir).map_err(|e| ("create directory", dir.to_path_buf(), e))?;
+    let path = dir.join(name);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| ("open lock file", path.clone(), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| ("flock", path, errno.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;

@@ -29,14 +29,13 @@
 //! `127.0.0.1:hostPort` is not mapped (that would need `route_localnet` and SNAT of loopback).
 
 use std::collections::BTreeSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use serde::{Deserialize, Serialize};
 
 use crate::env::Attachment;
@@ -384,22 +383,8 @@ impl HostPortStore {
     }
 
     fn lock(&self) -> Result<Locked<'_>> {
-        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
-        let path = self.dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_err("open lock file", &path))?;
-        let lock =
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| HostPortError::Io {
-                op: "flock",
-                path: path.clone(),
-                source: errno.into(),
-            })?;
+        let lock = crate::fsutil::lock_exclusive(&self.dir, LOCK_FILE)
+            .map_err(|(op, path, source)| HostPortError::Io { op, path, source })?;
         Ok(Locked {
             file: self.dir.join(MAPPINGS_FILE),
             _lock: lock,

@@ -13,13 +13,12 @@
 //! The allocation choice itself ([`Pool::next_free`]) is pure and unit-tested without a disk.
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use crate::env::Attachment;
 
@@ -250,23 +249,8 @@ impl IpamStore {
     }
 
     fn lock(&self) -> Result<Locked<'_>> {
-        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
-        let path = self.dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            // A symlink planted as the lock file is refused, not followed (and created).
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_err("open lock file", &path))?;
-        let lock =
-            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| IpamError::Io {
-                op: "flock",
-                path: path.clone(),
-                source: errno.into(),
-            })?;
+        let lock = crate::fsutil::lock_exclusive(&self.dir, LOCK_FILE)
+            .map_err(|(op, path, source)| IpamError::Io { op, path, source })?;
         Ok(Locked {
             dir: &self.dir,
             _lock: lock,
