@@ -139,6 +139,20 @@ pub fn lock_exclusive(
         .map_err(|(_, errno)| ("flock", path, errno.into()))
 }
 
+/// An iproute2/nftables program by name: the usual sbin/bin directories first (a runtime may
+/// call the plugin with a short `PATH`), then `PATH`.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let fixed = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(|d| Path::new(d).join(name));
+    let from_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    fixed.into_iter().chain(from_path).find(|p| p.is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::symlink;

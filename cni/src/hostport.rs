@@ -248,19 +248,7 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostP
 }
 
 fn nft_binary() -> Result<PathBuf> {
-    let fixed = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft", "/bin/nft"].map(PathBuf::from);
-    let from_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("nft"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    fixed
-        .into_iter()
-        .chain(from_path)
-        .find(|p| p.is_file())
-        .ok_or(HostPortError::NftMissing)
+    crate::fsutil::find_program("nft").ok_or(HostPortError::NftMissing)
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {

@@ -28,19 +28,7 @@ pub enum TcError {
 }
 
 fn binary() -> Result<PathBuf, TcError> {
-    let fixed = ["/usr/sbin/tc", "/sbin/tc", "/usr/bin/tc", "/bin/tc"].map(PathBuf::from);
-    let from_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("tc"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    fixed
-        .into_iter()
-        .chain(from_path)
-        .find(|p| p.is_file())
-        .ok_or(TcError::Missing)
+    crate::fsutil::find_program("tc").ok_or(TcError::Missing)
 }
 
 fn run(args: &[String]) -> Result<String, TcError> {
