@@ -53,20 +53,7 @@ fn node_ip(lab: &Lab, node: usize) -> String {
 
 /// One probe from `pod`: the exit code and the source address the server reported.
 fn ask(lab: &Lab, pod: &str, target: &str, proto: &str, timeout: &str) -> (Option<i32>, String) {
-    let out = lab.exec(
-        pod,
-        &[
-            "veilnet",
-            "lab",
-            "agnhost",
-            "connect",
-            target,
-            "--protocol",
-            proto,
-            "--timeout",
-            timeout,
-        ],
-    );
+    let out = lab.connect_output(pod, target, proto, timeout);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let seen = stdout
         .trim()

@@ -407,6 +407,19 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 mod tests {
     use super::*;
 
+    /// `veilnet agent --node-name n EXTRA…` as clap parses it.
+    fn parse_flags(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let mut argv = vec!["agent", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.agent)
+    }
+
     fn args() -> AgentArgs {
         AgentArgs {
             node_name: Some("node-1".into()),
@@ -429,17 +442,7 @@ mod tests {
 
     #[test]
     fn policy_strict_mode_from_flag_env_and_file() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            agent: AgentArgs,
-        }
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["agent", "--node-name", "n"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).map(|c| c.agent.policy_strict_mode)
-        };
+        let parse = |extra: &[&str]| parse_flags(extra).map(|a| a.policy_strict_mode);
         assert_eq!(parse(&[]).unwrap(), None);
         assert_eq!(parse(&["--policy-strict-mode"]).unwrap(), Some(true));
         assert_eq!(parse(&["--policy-strict-mode=false"]).unwrap(), Some(false));
@@ -458,17 +461,7 @@ mod tests {
 
     #[test]
     fn masquerade_and_non_masquerade_cidrs_from_flag_and_file() {
-        use clap::Parser;
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            agent: AgentArgs,
-        }
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["agent", "--node-name", "n"];
-            argv.extend_from_slice(extra);
-            Cli::try_parse_from(argv).map(|c| c.agent)
-        };
+        let parse = parse_flags;
         let c = AgentConfig::resolve(&parse(&[]).unwrap()).unwrap();
         assert!(c.masquerade);
         assert!(c.non_masquerade_cidrs.is_empty());

@@ -335,6 +335,13 @@ pub const SERVE: &[&str] = &[
 impl Lab {
     /// Probes `target` from `pod` with agnhost connect; returns the exit code.
     pub fn connect(&self, pod: &str, target: &str, proto: &str, timeout: &str) -> Option<i32> {
+        self.connect_output(pod, target, proto, timeout)
+            .status
+            .code()
+    }
+
+    /// [`Lab::connect`] with the whole output (agnhost prints the server's answer).
+    pub fn connect_output(&self, pod: &str, target: &str, proto: &str, timeout: &str) -> Output {
         self.exec(
             pod,
             &[
@@ -349,8 +356,6 @@ impl Lab {
                 timeout,
             ],
         )
-        .status
-        .code()
     }
 
     /// The pid of one of the lab's daemons (`apiserver`, `kubelet-node-1`, `agent-node-2` …).
