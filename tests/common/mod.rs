@@ -383,11 +383,7 @@ impl Lab {
             nix::sys::signal::Signal::SIGKILL,
         );
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
-            && std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| !c.is_empty())
-                .unwrap_or(false)
-        {
+        while !exited(pid) {
             assert!(Instant::now() < deadline, "{role} did not die");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -610,4 +606,22 @@ pub fn inet_checksum(header: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Whether `pid` has finished exiting, sockets closed. An empty cmdline is not enough: the kernel
+/// drops the memory map (and so the cmdline) before it closes the files, and a multi-threaded
+/// leader turns zombie while its other threads still hold the descriptors. Gone, or a zombie
+/// with no thread left but itself, is.
+fn exited(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state follows the parenthesised command name, which may itself hold spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    matches!(state, Some("Z") | Some("X") | None) && threads <= 1
 }
