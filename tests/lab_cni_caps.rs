@@ -19,20 +19,6 @@ fn annotated_pod(name: &str, annotations: serde_json::Value, command: &[&str]) -
     pod.to_string()
 }
 
-/// Client → server throughput in Mbit/s, as the server received it.
-fn throughput(lab: &Lab, client: &str, server_ip: &str) -> f64 {
-    let out = lab.exec(
-        client,
-        &["iperf3", "-c", server_ip, "-t", "4", "-O", "1", "--json"],
-    );
-    assert!(out.status.success(), "iperf3: {}", text(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("bits_per_second")
-        / 1e6
-}
-
 #[test]
 fn bandwidth_ips_and_mac_are_honoured_end_to_end() {
     veilnet_test_support::require_root!();
@@ -83,8 +69,8 @@ fn bandwidth_ips_and_mac_are_honoured_end_to_end() {
     }
 
     // bandwidth: 10 Mbit/s egress from "limited"; "free" is not limited.
-    let free = throughput(&lab, "default/free", &server_ip);
-    let limited = throughput(&lab, "default/limited", &server_ip);
+    let free = lab.iperf3_mbps("default/free", &server_ip);
+    let limited = lab.iperf3_mbps("default/limited", &server_ip);
     eprintln!("throughput to the server on node-1: free {free:.1} Mbit/s, limited (egress 10M) {limited:.1} Mbit/s");
     assert!(
         (7.0..=12.0).contains(&limited),

@@ -333,6 +333,21 @@ pub const SERVE: &[&str] = &[
 ];
 
 impl Lab {
+    /// `client` → `server_ip`:5201 TCP throughput in Mbit/s over 4 s (the first second omitted),
+    /// as the server received it. Panics if iperf3 fails.
+    pub fn iperf3_mbps(&self, client: &str, server_ip: &str) -> f64 {
+        let out = self.exec(
+            client,
+            &["iperf3", "-c", server_ip, "-t", "4", "-O", "1", "--json"],
+        );
+        assert!(out.status.success(), "iperf3: {}", text(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
+        report["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .expect("bits_per_second")
+            / 1e6
+    }
+
     /// Probes `target` from `pod` with agnhost connect; returns the exit code.
     pub fn connect(&self, pod: &str, target: &str, proto: &str, timeout: &str) -> Option<i32> {
         self.connect_output(pod, target, proto, timeout)
