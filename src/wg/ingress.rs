@@ -11,6 +11,7 @@
 //! coalesced TUN writes out).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -217,21 +218,43 @@ fn lookup_index(
     peer
 }
 
-/// Data for a session index we do not know, from a peer's endpoint, while we have no session with
-/// that peer: typically we restarted and the peer is still sending on the session it had with our
-/// previous incarnation. A handshake from us moves it to a new session at once; waiting for our
-/// own first packet could take long when we only receive (a TCP receiver whose peer backs off).
-/// Unauthenticated, so it only ever starts the handshake the next packet would start anyway, at
-/// most one per handshake timeout (the `Tunn` refuses a second one while one is in flight).
+/// Data for a session index we do not know, from a peer's endpoint: typically we restarted and the
+/// peer is still sending on the session it had with our previous incarnation. Waiting for our own
+/// next packet could take long when we only receive (a TCP receiver whose peer backs off), and
+/// the peer's own timer re-handshakes only after 15 s of silence.
+/// - With no session, a handshake from us moves the peer to a new one at once.
+/// - With a session (we initiated it, but the keepalive that confirms it to the responder was
+///   lost), the peer keeps its old session current until data arrives on the new one: a keepalive
+///   on ours switches it.
+///
+/// Unauthenticated, so it only ever sends what the next packet would anyway: at most one
+/// handshake per handshake timeout (the `Tunn` refuses a second one while one is in flight) and
+/// one keepalive per second of silence towards that peer.
 fn stale_session_hint(state: &State, table: &super::peers::PeerTable, from: SocketAddr) {
     let Some(peer) = table.by_key.values().find(|p| p.endpoint() == from) else {
         return;
     };
+    let fingerprint = super::keys::fingerprint(&peer.public_key);
     if peer.tunn().time_since_last_handshake().is_none() {
-        tracing::debug!(peer = %super::keys::fingerprint(&peer.public_key), "data for an unknown session, initiating a handshake");
+        tracing::debug!(peer = %fingerprint, "data for an unknown session, initiating a handshake");
         state.request_handshake(peer);
+        return;
+    }
+    let now = state.now_ms();
+    let last = peer.last_tx_ms.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= KEEPALIVE_HINT_MS
+        && peer
+            .last_tx_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::debug!(peer = %fingerprint, "data for an unknown session, confirming ours with a keepalive");
+        state.request_keepalive(peer);
     }
 }
+
+/// Silence towards a peer after which a stale-session hint sends it a keepalive.
+const KEEPALIVE_HINT_MS: u64 = 1000;
 
 /// Bookkeeping for a datagram that authenticated as coming from `peer`: transfer counters, and
 /// roaming (the peer's endpoint follows its authenticated source address, as in WireGuard).

@@ -87,6 +87,9 @@ pub(crate) struct Peer {
     pub counters: PeerCounters,
     /// Set to have the timer loop initiate a handshake right away (see `State::request_handshake`).
     pub wants_handshake: AtomicBool,
+    /// Set to have the timer loop send a keepalive on the current session right away (see
+    /// `State::request_keepalive`).
+    pub wants_keepalive: AtomicBool,
 }
 
 impl std::fmt::Debug for Peer {
@@ -112,6 +115,7 @@ impl Peer {
             last_tx_ms: AtomicU64::new(0),
             counters: PeerCounters::default(),
             wants_handshake: AtomicBool::new(false),
+            wants_keepalive: AtomicBool::new(false),
         }
     }
 

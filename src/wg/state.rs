@@ -47,8 +47,8 @@ pub(crate) struct State {
     pub counters: DeviceCounters,
     /// Reference point for the per-peer millisecond clocks.
     pub epoch: Instant,
-    /// Set when some peer's `Peer::wants_handshake` is: the datapath thread sends those
-    /// handshakes on its next turn rather than at the next timer tick.
+    /// Set when some peer's `Peer::wants_handshake` or `Peer::wants_keepalive` is: the datapath
+    /// thread sends those on its next turn rather than at the next timer tick.
     pub handshakes_wanted: AtomicBool,
     /// Wakes the datapath thread out of `poll` (set once the thread exists).
     pub waker: OnceLock<Arc<Waker>>,
@@ -81,6 +81,15 @@ impl State {
     /// Asks the datapath to initiate a handshake with `peer` now (no-op while one is running).
     pub(crate) fn request_handshake(&self, peer: &Peer) {
         peer.wants_handshake.store(true, Ordering::Relaxed);
+        self.handshakes_wanted.store(true, Ordering::Release);
+        if let Some(w) = self.waker.get() {
+            w.wake();
+        }
+    }
+
+    /// Asks the datapath to send `peer` a keepalive on the current session now.
+    pub(crate) fn request_keepalive(&self, peer: &Peer) {
+        peer.wants_keepalive.store(true, Ordering::Relaxed);
         self.handshakes_wanted.store(true, Ordering::Release);
         if let Some(w) = self.waker.get() {
             w.wake();

@@ -143,6 +143,18 @@ impl Net {
         drops
     }
 
+    /// Node `i` sends the handshakes and keepalives it was asked for (what its timer loop does).
+    fn send_requested(&mut self, i: usize) {
+        let mut out = vec![0u8; 256];
+        let mut sends = Vec::new();
+        super::timers::for_each_requested(&self.nodes[i], &mut out, |peer, d| {
+            sends.push((peer.endpoint(), d.to_vec()))
+        });
+        for (to, d) in sends {
+            self.put_on_wire(i, to, &d);
+        }
+    }
+
     fn stats(&self, i: usize) -> PeerStats {
         let s = self.nodes[i].stats();
         assert_eq!(s.len(), 1);
@@ -528,4 +540,41 @@ fn a_too_small_output_buffer_drops_the_datagram_and_counts_it() {
         Step::ToNetwork { .. }
     ));
     assert_eq!(net.nodes[1].device_stats().dropped_internal, 2);
+}
+
+#[test]
+fn a_peer_left_on_a_stale_session_is_moved_over_by_a_keepalive() {
+    let mut net = Net::new();
+    net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+    net.run();
+    // A restarts (same key, no session) and handshakes again, but the keepalive and the queued
+    // packet that would confirm the new session to B (the responder) are lost.
+    net.nodes[0] = State::new(net.keys[0].clone());
+    let (pb, ab) = (net.public(1), net.addrs[1]);
+    net.nodes[0]
+        .set_peers(&[peer_cfg(pb, ab, node_net(1))])
+        .unwrap();
+    net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+    let (dst, from, init) = net.wire.pop_front().unwrap();
+    assert_eq!(net.receive(dst, from, &init), None);
+    let (dst, from, response) = net.wire.pop_front().unwrap();
+    assert_eq!(net.receive(dst, from, &response), None);
+    assert!(!net.wire.is_empty(), "A confirms with a keepalive");
+    net.wire.clear();
+    // After a second of A's silence B still sends on its old session, which A cannot read: A
+    // answers with a keepalive on the new one, which moves B over.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
+    assert_eq!(net.run(), vec![IngressDrop::UnknownPeer]);
+    net.send_requested(0);
+    assert_eq!(net.wire.len(), 1, "one keepalive");
+    assert_eq!(net.run(), vec![]);
+    net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
+    assert_eq!(net.run(), vec![]);
+    assert_eq!(
+        net.tun_out[0].len(),
+        1,
+        "B's packet arrives on the new session"
+    );
+    assert_no_plaintext(&net);
 }

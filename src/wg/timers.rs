@@ -73,23 +73,48 @@ pub(crate) fn tick_peer<'a>(
     }
 }
 
-/// Initiates the handshakes asked for with `State::request_handshake`.
+/// Sends the handshakes and keepalives asked for with `State::request_handshake` and
+/// `State::request_keepalive`.
 pub(crate) fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u8]) {
+    for_each_requested(state, out, |peer, datagram| {
+        let result = udp.send_to(datagram, peer.endpoint());
+        egress::account_send(state, peer, datagram.len(), &result);
+    });
+}
+
+/// The datagrams of the requested handshakes and keepalives, each passed to `send` (`out` ≥ 148
+/// bytes). Apart from the socket, what [`send_requested_handshakes`] does.
+pub(crate) fn for_each_requested(
+    state: &State,
+    out: &mut [u8],
+    mut send: impl FnMut(&Peer, &[u8]),
+) {
     if !state.handshakes_wanted.swap(false, Ordering::Acquire) {
         return;
     }
     let table = state.table();
     for peer in table.by_key.values() {
-        if !peer.wants_handshake.swap(false, Ordering::Relaxed) {
-            continue;
+        if peer.wants_handshake.swap(false, Ordering::Relaxed) {
+            if let TunnResult::WriteToNetwork(d) =
+                peer.tunn().format_handshake_initiation(out, false)
+            {
+                let len = d.len();
+                bump(&peer.counters.handshakes_sent);
+                send(peer, &out[..len]);
+            } // else one is in flight already
         }
-        let datagram = match peer.tunn().format_handshake_initiation(out, false) {
-            TunnResult::WriteToNetwork(d) => d.len(),
-            _ => continue, // one is in flight already
-        };
-        bump(&peer.counters.handshakes_sent);
-        let result = udp.send_to(&out[..datagram], peer.endpoint());
-        egress::account_send(state, peer, datagram, &result);
+        if peer.wants_keepalive.swap(false, Ordering::Relaxed) {
+            // With no session (it expired meanwhile) this queues the keepalive and starts a
+            // handshake instead, which serves the same end.
+            let len = match peer.tunn().encapsulate(&[], out) {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => continue,
+            };
+            if message_type(&out[..len]) == Some(MESSAGE_HANDSHAKE_INIT) {
+                bump(&peer.counters.handshakes_sent);
+            }
+            send(peer, &out[..len]);
+        }
     }
 }
 
