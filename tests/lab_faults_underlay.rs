@@ -84,27 +84,34 @@ fn encrypted_tcp_survives_a_lossy_underlay_and_handshakes_recover() {
         Duration::from_secs(30),
     );
 
-    let mut figures = vec![(0, lab.iperf3_mbps("default/a", &server))];
+    let loss_free = lab.iperf3_mbps("default/a", &server);
+    let mut figures = vec![(0, Ok(loss_free))];
     for percent in [1, 5, 20] {
         set_loss(&lab, percent);
         let before = dropped(&lab);
-        let mbps = lab.iperf3_mbps("default/a", &server);
+        let result = lab.try_iperf3_mbps("default/a", &server);
         let lost = dropped(&lab) - before;
-        // At 20 % TCP spends seconds in exponential retransmission backoff, so a 3 s sample
-        // may carry nothing; iperf3 must still finish (its control connection survives).
-        assert!(
-            mbps > 0.0 || percent >= 20,
-            "no throughput at {percent} % loss"
-        );
         assert!(lost > 0, "the {percent} % rule dropped nothing");
-        figures.push((percent, mbps));
+        // At 20 % TCP spends seconds in exponential retransmission backoff, and iperf3's own
+        // control connection may give up: the figure is reported, not asserted. That TCP still
+        // gets through at 20 % is asserted below, by connects after a datapath restart.
+        if percent < 20 {
+            let mbps = result
+                .as_ref()
+                .unwrap_or_else(|e| panic!("at {percent} % loss: {e}"));
+            assert!(*mbps > 0.0, "no throughput at {percent} % loss");
+        }
+        figures.push((percent, result));
     }
     eprintln!("encrypted pod → pod TCP over a lossy underlay (iperf3, 3 s each, same run):");
-    for (percent, mbps) in &figures {
-        eprintln!(
-            "  {percent:>2} % loss: {mbps:>9.1} Mbit/s ({:.3} × loss-free)",
-            mbps / figures[0].1
-        );
+    for (percent, result) in &figures {
+        match result {
+            Ok(mbps) => eprintln!(
+                "  {percent:>2} % loss: {mbps:>9.1} Mbit/s ({:.3} × loss-free)",
+                mbps / loss_free
+            ),
+            Err(e) => eprintln!("  {percent:>2} % loss: {e}"),
+        }
     }
 
     // Loss never makes the datapath fall back to plaintext.

@@ -336,16 +336,29 @@ impl Lab {
     /// `client` → `server_ip`:5201 TCP throughput in Mbit/s over 4 s (the first second omitted),
     /// as the server received it. Panics if iperf3 fails.
     pub fn iperf3_mbps(&self, client: &str, server_ip: &str) -> f64 {
+        self.try_iperf3_mbps(client, server_ip)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Lab::iperf3_mbps`], with iperf3's failure (it can exit 0 with an `error` in its JSON and
+    /// no totals) as an error.
+    pub fn try_iperf3_mbps(&self, client: &str, server_ip: &str) -> Result<f64, String> {
         let out = self.exec(
             client,
             &["iperf3", "-c", server_ip, "-t", "4", "-O", "1", "--json"],
         );
-        assert!(out.status.success(), "iperf3: {}", text(&out));
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 json");
-        report["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .expect("bits_per_second")
-            / 1e6
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", text(&out)))?;
+        match report["end"]["sum_received"]["bits_per_second"].as_f64() {
+            Some(bps) if out.status.success() => Ok(bps / 1e6),
+            _ => Err(format!(
+                "iperf3 failed ({}): {}",
+                out.status,
+                report["error"]
+                    .as_str()
+                    .unwrap_or("no totals in its report")
+            )),
+        }
     }
 
     /// Probes `target` from `pod` with agnhost connect; returns the exit code.
