@@ -49,7 +49,7 @@ pub(crate) struct State {
     pub epoch: Instant,
     /// Set when some peer's `Peer::wants_handshake` or `Peer::wants_keepalive` is: the datapath
     /// thread sends those on its next turn rather than at the next timer tick.
-    pub handshakes_wanted: AtomicBool,
+    pub sends_wanted: AtomicBool,
     /// Wakes the datapath thread out of `poll` (set once the thread exists).
     pub waker: OnceLock<Arc<Waker>>,
     /// Initiate a handshake with every added peer at once instead of on its first packet. A
@@ -71,7 +71,7 @@ impl State {
             writer: Mutex::new(rand::random::<u32>() & peers::MAX_INDEX),
             counters: DeviceCounters::default(),
             epoch: Instant::now(),
-            handshakes_wanted: AtomicBool::new(false),
+            sends_wanted: AtomicBool::new(false),
             waker: OnceLock::new(),
             eager_handshakes: AtomicBool::new(false),
             last_turn_ms: AtomicU64::new(0),
@@ -80,17 +80,18 @@ impl State {
 
     /// Asks the datapath to initiate a handshake with `peer` now (no-op while one is running).
     pub(crate) fn request_handshake(&self, peer: &Peer) {
-        peer.wants_handshake.store(true, Ordering::Relaxed);
-        self.handshakes_wanted.store(true, Ordering::Release);
-        if let Some(w) = self.waker.get() {
-            w.wake();
-        }
+        self.request(&peer.wants_handshake);
     }
 
     /// Asks the datapath to send `peer` a keepalive on the current session now.
     pub(crate) fn request_keepalive(&self, peer: &Peer) {
-        peer.wants_keepalive.store(true, Ordering::Relaxed);
-        self.handshakes_wanted.store(true, Ordering::Release);
+        self.request(&peer.wants_keepalive);
+    }
+
+    /// Sets one of a peer's `wants_*` flags and wakes the datapath thread to act on it.
+    fn request(&self, peer_flag: &AtomicBool) {
+        peer_flag.store(true, Ordering::Relaxed);
+        self.sends_wanted.store(true, Ordering::Release);
         if let Some(w) = self.waker.get() {
             w.wake();
         }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::TunnResult;
+use boringtun::noise::{Tunn, TunnResult};
 
 use super::egress;
 use super::peers::Peer;
@@ -60,14 +60,18 @@ pub(crate) fn tick_peer<'a>(
     }
     // Count it as sent now, so a failed send does not retry every tick.
     peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
-    let result = tunn.encapsulate(&[], out);
-    drop(tunn);
-    match result {
+    keepalive(peer, &mut tunn, out).map(|datagram| (peer.endpoint(), datagram))
+}
+
+/// An empty data packet on the current session. With no session this queues it and returns the
+/// handshake initiation it starts instead (counted as one), which serves the same end.
+fn keepalive<'a>(peer: &Peer, tunn: &mut Tunn, out: &'a mut [u8]) -> Option<&'a [u8]> {
+    match tunn.encapsulate(&[], out) {
         TunnResult::WriteToNetwork(datagram) => {
             if message_type(datagram) == Some(MESSAGE_HANDSHAKE_INIT) {
                 bump(&peer.counters.handshakes_sent);
             }
-            Some((peer.endpoint(), &*datagram))
+            Some(datagram)
         }
         _ => None,
     }
@@ -75,7 +79,7 @@ pub(crate) fn tick_peer<'a>(
 
 /// Sends the handshakes and keepalives asked for with `State::request_handshake` and
 /// `State::request_keepalive`.
-pub(crate) fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &mut [u8]) {
+pub(crate) fn send_requested(state: &State, udp: &UdpSockets, out: &mut [u8]) {
     for_each_requested(state, out, |peer, datagram| {
         let result = udp.send_to(datagram, peer.endpoint());
         egress::account_send(state, peer, datagram.len(), &result);
@@ -83,37 +87,33 @@ pub(crate) fn send_requested_handshakes(state: &State, udp: &UdpSockets, out: &m
 }
 
 /// The datagrams of the requested handshakes and keepalives, each passed to `send` (`out` ≥ 148
-/// bytes). Apart from the socket, what [`send_requested_handshakes`] does.
+/// bytes). Apart from the socket, what [`send_requested`] does.
 pub(crate) fn for_each_requested(
     state: &State,
     out: &mut [u8],
     mut send: impl FnMut(&Peer, &[u8]),
 ) {
-    if !state.handshakes_wanted.swap(false, Ordering::Acquire) {
+    if !state.sends_wanted.swap(false, Ordering::Acquire) {
         return;
     }
     let table = state.table();
     for peer in table.by_key.values() {
+        // Each `let` drops the `Tunn` guard at its end: `send` does I/O, never under the lock.
         if peer.wants_handshake.swap(false, Ordering::Relaxed) {
-            if let TunnResult::WriteToNetwork(d) =
-                peer.tunn().format_handshake_initiation(out, false)
-            {
-                let len = d.len();
+            let len = match peer.tunn().format_handshake_initiation(out, false) {
+                TunnResult::WriteToNetwork(d) => Some(d.len()),
+                _ => None, // one is in flight already
+            };
+            if let Some(len) = len {
                 bump(&peer.counters.handshakes_sent);
                 send(peer, &out[..len]);
-            } // else one is in flight already
+            }
         }
         if peer.wants_keepalive.swap(false, Ordering::Relaxed) {
-            // With no session (it expired meanwhile) this queues the keepalive and starts a
-            // handshake instead, which serves the same end.
-            let len = match peer.tunn().encapsulate(&[], out) {
-                TunnResult::WriteToNetwork(d) => d.len(),
-                _ => continue,
-            };
-            if message_type(&out[..len]) == Some(MESSAGE_HANDSHAKE_INIT) {
-                bump(&peer.counters.handshakes_sent);
+            let datagram = keepalive(peer, &mut peer.tunn(), out);
+            if let Some(datagram) = datagram {
+                send(peer, datagram);
             }
-            send(peer, &out[..len]);
         }
     }
 }
@@ -142,7 +142,7 @@ impl Timers {
 
     /// Sends requested handshakes, and runs the tick if it is due.
     pub(crate) fn run_due(&mut self, state: &State, udp: &UdpSockets, now: Instant) {
-        send_requested_handshakes(state, udp, &mut self.out);
+        send_requested(state, udp, &mut self.out);
         if now < self.next_tick {
             return;
         }
