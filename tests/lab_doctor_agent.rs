@@ -267,7 +267,7 @@ fn doctor_finds_each_broken_thing_and_clears_when_restored() {
     );
 
     // (e) node-2's port on the underlay switch with a small MTU: big DF packets are dropped.
-    let ul = format!("{}.ul", lab.name);
+    let ul = lab.underlay_netns();
     let before = ok(Command::new("ip").args(["-n", &ul, "-j", "link", "show", "dev", "n2"]));
     let mtu: serde_json::Value = serde_json::from_str(&before).unwrap();
     let mtu = mtu[0]["mtu"].as_u64().expect("n2's mtu").to_string();

@@ -12,17 +12,16 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use veilnet::netfilter::{nft, Flags};
 
 const TABLE: &str = "veilnet_faults";
 
 /// Drops `percent` % of the UDP datagrams to the WireGuard port crossing the underlay bridge, in
 /// both directions (every node listens on 51820). `0` removes the rule. Idempotent.
 fn set_loss(lab: &Lab, percent: u32) {
-    let ul = format!("{}.ul", lab.name);
     let mut ruleset = format!(
         "table bridge {TABLE}\ndelete table bridge {TABLE}\n\
          table bridge {TABLE} {{\n chain forward {{\n  type filter hook forward priority 0; policy accept;\n"
@@ -33,27 +32,24 @@ fn set_loss(lab: &Lab, percent: u32) {
         ));
     }
     ruleset.push_str(" }\n}\n");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ul, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn nft");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(ruleset.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "nft -f:\n{ruleset}");
+    nft::run(
+        Some(&lab.underlay_netns()),
+        &ruleset,
+        Flags::default(),
+        "loss rule",
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{ruleset}"));
 }
 
 /// Datagrams the loss rule has dropped so far.
 fn dropped(lab: &Lab) -> u64 {
-    let ul = format!("{}.ul", lab.name);
-    let listing = ok(Command::new("ip").args([
-        "netns", "exec", &ul, "nft", "list", "table", "bridge", TABLE,
-    ]));
+    let listing = nft::run(
+        Some(&lab.underlay_netns()),
+        &format!("list table bridge {TABLE}"),
+        Flags::default(),
+        "list the loss rule",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     listing
         .split("counter packets ")
         .nth(1)

@@ -443,6 +443,11 @@ impl Lab {
         format!("{}.cp", self.name)
     }
 
+    /// The underlay's namespace: the switch (bridge `br0`) every node's `eth0` is plugged into.
+    pub fn underlay_netns(&self) -> String {
+        format!("{}.ul", self.name)
+    }
+
     /// `ip -n <node netns> ARGS` output.
     pub fn ip(&self, node: usize, args: &[&str]) -> String {
         let ns = self.node_netns(node);
