@@ -126,7 +126,8 @@ pub(crate) fn encapsulate_segments<'a>(
         tracing::trace!(%dst, "no peer for destination, dropped");
         return Err(EgressDrop::NoPeer);
     };
-    let peer = peer.clone();
+    // During a key rotation, possibly the old tunnel (make before break).
+    let peer = table.sender(peer).clone();
     drop(table);
     let batch = batches.for_peer(&peer);
     let mut dropped = 0;

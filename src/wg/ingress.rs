@@ -235,7 +235,7 @@ fn stale_session_hint(state: &State, table: &super::peers::PeerTable, from: Sock
         return;
     };
     let fingerprint = super::keys::fingerprint(&peer.public_key);
-    if peer.tunn().time_since_last_handshake().is_none() {
+    if !table.sender(peer).has_session() {
         tracing::debug!(peer = %fingerprint, "data for an unknown session, initiating a handshake");
         state.request_handshake(peer);
         return;

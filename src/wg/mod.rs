@@ -19,6 +19,7 @@ pub mod keys;
 mod offload;
 mod peers;
 pub mod readiness;
+mod rotation;
 mod state;
 mod stats;
 mod timers;

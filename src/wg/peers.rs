@@ -16,6 +16,7 @@ use ipnet::IpNet;
 
 use super::allowed_ips::AllowedIps;
 use super::keys::{self, PublicKey};
+use super::rotation::Retired;
 use super::stats::PeerCounters;
 use super::WgError;
 
@@ -84,7 +85,9 @@ pub(crate) struct Peer {
     pub keepalive_secs: AtomicU32,
     /// Milliseconds since the device epoch when anything was last sent to this peer.
     pub last_tx_ms: AtomicU64,
-    pub counters: PeerCounters,
+    /// Shared with the tunnel this one replaced when our own key rotated: the peer is the same,
+    /// so its counters go on.
+    pub counters: Arc<PeerCounters>,
     /// Set to have the timer loop initiate a handshake right away (see `State::request_handshake`).
     pub wants_handshake: AtomicBool,
     /// Set to have the timer loop send a keepalive on the current session right away (see
@@ -113,10 +116,37 @@ impl Peer {
             }),
             keepalive_secs: AtomicU32::new(u32::from(cfg.persistent_keepalive.unwrap_or(0))),
             last_tx_ms: AtomicU64::new(0),
-            counters: PeerCounters::default(),
+            counters: Arc::default(),
             wants_handshake: AtomicBool::new(false),
             wants_keepalive: AtomicBool::new(false),
         }
+    }
+
+    /// The same peer over a new tunnel (`tunn`, under a fresh `index`), after our key rotated:
+    /// endpoint (roamed or not), keepalive, transmit clock and counters carry over.
+    pub(crate) fn successor(&self, index: u32, tunn: Tunn) -> Peer {
+        let endpoint = *self.endpoint.lock().unwrap_or_else(|p| p.into_inner());
+        Peer {
+            public_key: self.public_key,
+            index,
+            tunn: Mutex::new(tunn),
+            endpoint: Mutex::new(endpoint),
+            keepalive_secs: AtomicU32::new(self.keepalive_secs.load(Ordering::Relaxed)),
+            last_tx_ms: AtomicU64::new(self.last_tx_ms.load(Ordering::Relaxed)),
+            counters: self.counters.clone(),
+            wants_handshake: AtomicBool::new(false),
+            wants_keepalive: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the tunnel has a current session (`encapsulate` encrypts instead of queueing).
+    pub(crate) fn has_session(&self) -> bool {
+        self.session_age().is_some()
+    }
+
+    /// Time since the current session's handshake; `None` without a current session.
+    pub(crate) fn session_age(&self) -> Option<std::time::Duration> {
+        self.tunn().time_since_last_handshake()
     }
 
     /// Locks the tunnel. A poisoned lock (a panic while it was held) still holds a consistent
@@ -156,13 +186,17 @@ impl Peer {
 }
 
 /// An immutable snapshot of the peer set and its lookup tables.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct PeerTable {
     pub by_key: HashMap<KeyBytes, Arc<Peer>>,
+    /// Every tunnel's index, retired ones included: a retired tunnel still receives.
     pub by_index: HashMap<u32, Arc<Peer>>,
     pub allowed_ips: AllowedIps<Arc<Peer>>,
     /// The configuration each peer was last given, for diffing and reporting.
     pub configs: HashMap<KeyBytes, PeerConfig>,
+    /// Tunnels replaced by a key change and still carrying traffic, by their successor's key
+    /// (see `rotation`). Empty outside a rotation.
+    pub retired: HashMap<KeyBytes, Arc<Retired>>,
 }
 
 impl PeerTable {
@@ -172,10 +206,42 @@ impl PeerTable {
     }
 
     /// Cryptokey routing on the way in: `peer` may send from `src` only if `src` routes back to
-    /// that very peer.
+    /// that very peer, or to the peer whose retired tunnel `peer` is.
     pub(crate) fn source_allowed(&self, peer: &Peer, src: std::net::IpAddr) -> bool {
-        self.route(src)
-            .is_some_and(|owner| std::ptr::eq(Arc::as_ptr(owner), peer))
+        self.route(src).is_some_and(|owner| {
+            std::ptr::eq(Arc::as_ptr(owner), peer)
+                || self
+                    .retired
+                    .get(owner.public_key.as_bytes())
+                    .is_some_and(|r| std::ptr::eq(Arc::as_ptr(&r.peer), peer))
+        })
+    }
+
+    /// The tunnel to encrypt for `peer` with: its own, unless it has no session yet while the
+    /// tunnel it replaces still has one (make before break).
+    pub(crate) fn sender<'a>(&'a self, peer: &'a Arc<Peer>) -> &'a Arc<Peer> {
+        if self.retired.is_empty() {
+            return peer;
+        }
+        match self.retired.get(peer.public_key.as_bytes()) {
+            Some(r) if !peer.has_session() && r.peer.has_session() => &r.peer,
+            _ => peer,
+        }
+    }
+
+    /// Retires `retired` behind the peer keyed `successor`: it keeps receiving by its index.
+    pub(crate) fn retire(&mut self, successor: KeyBytes, retired: Arc<Retired>) {
+        self.by_index.insert(retired.peer.index, retired.peer.clone());
+        if let Some(previous) = self.retired.insert(successor, retired) {
+            self.by_index.remove(&previous.peer.index);
+        }
+    }
+
+    /// Ends the retirement behind `successor`, if any.
+    pub(crate) fn unretire(&mut self, successor: &KeyBytes) {
+        if let Some(r) = self.retired.remove(successor) {
+            self.by_index.remove(&r.peer.index);
+        }
     }
 }
 
@@ -249,7 +315,7 @@ pub(crate) fn normalized(cfg: &PeerConfig) -> PeerConfig {
 /// Builds the table for `desired`, reusing the `Arc<Peer>` of every key present in `old` and
 /// creating the others with `new_peer(cfg, index)`. Indexes are unique within the new table and
 /// never collide with `old` either, so a straggling packet for a removed peer cannot be taken
-/// for a new peer's session.
+/// for a new peer's session. The retired tunnels of surviving keys carry over.
 pub(crate) fn build_table(
     old: &PeerTable,
     desired: &[PeerConfig],
@@ -277,13 +343,16 @@ pub(crate) fn build_table(
         }
         table.by_index.insert(peer.index, peer.clone());
         table.by_key.insert(key, peer);
+        if let Some(r) = old.retired.get(&key) {
+            table.retire(key, r.clone());
+        }
         table.configs.insert(key, cfg);
     }
     table
 }
 
 /// Next free 24-bit index after `*next`, skipping those `in_use`.
-fn allocate_index(next: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
+pub(crate) fn allocate_index(next: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
     loop {
         let candidate = *next & MAX_INDEX;
         *next = candidate.wrapping_add(1) & MAX_INDEX;

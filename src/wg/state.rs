@@ -11,6 +11,7 @@ use boringtun::noise::Tunn;
 use super::keys::{self, PublicKey, StaticSecret};
 use super::peers::{self, Peer, PeerChanges, PeerConfig, PeerTable};
 use super::readiness::Waker;
+use super::rotation::{self, Retired};
 use super::stats::{DeviceCounters, DeviceStats, PeerStats};
 use super::WgError;
 
@@ -126,25 +127,35 @@ impl State {
         if changes.is_empty() {
             return Ok(changes);
         }
-        let new = peers::build_table(&old, desired, &mut next_index, |cfg, index| {
-            let tunn = Tunn::new(
-                id.private.clone(),
-                cfg.public_key,
-                None,
-                // Persistent keepalive is driven by our timer loop (so it can change without a
-                // new session); the tunnel's own is off.
-                None,
-                index,
-                Some(id.rate_limiter.clone()),
-            );
+        let mut new = peers::build_table(&old, desired, &mut next_index, |cfg, index| {
+            let tunn = new_tunn(&id, cfg.public_key, index);
             Peer::new(cfg, index, tunn)
         });
+        // A peer that rotated its key: its old tunnel carries traffic until the new one is up.
+        let now_ms = self.now_ms();
+        let mut rotated = Vec::new();
+        for (removed, added) in rotation::links(&changes, &old.configs, desired) {
+            let Some(before) = old.by_key.get(&removed) else {
+                continue;
+            };
+            if let Some(active) = rotation::active(before, old.retired.get(&removed)) {
+                new.retire(added, Retired::new(active, now_ms));
+            }
+            rotated.push(added);
+        }
         let new = Arc::new(new);
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         let eager = self.eager_handshakes.load(Ordering::Relaxed);
         for k in &changes.added {
-            tracing::info!(peer = %keys::fingerprint(k), "wireguard peer added");
-            if let Some(peer) = new.by_key.get(k.as_bytes()).filter(|_| eager) {
+            let linked = rotated.contains(k.as_bytes());
+            if linked {
+                tracing::info!(peer = %keys::fingerprint(k), "wireguard peer rotated its key; the old session carries traffic until the new one is up");
+            } else {
+                tracing::info!(peer = %keys::fingerprint(k), "wireguard peer added");
+            }
+            // The handshake with a rotated key starts at once: the switch should not wait for
+            // the old session to end.
+            if let Some(peer) = new.by_key.get(k.as_bytes()).filter(|_| eager || linked) {
                 self.request_handshake(peer);
             }
         }
@@ -157,19 +168,88 @@ impl State {
         Ok(changes)
     }
 
-    /// Switches to a new private key: every session is dropped and re-established on demand.
+    /// Switches to a new private key, make before break: every peer gets a new tunnel under
+    /// the new key, and its old tunnel keeps carrying traffic on the session it has until the
+    /// peer (told the new key by its agent) handshakes on the new one (see `rotation`).
     pub(crate) fn set_private_key(&self, private: StaticSecret) {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next_index = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let id = Arc::new(Identity::new(private));
-        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = id.clone();
-        for peer in self.table().by_key.values() {
-            peer.tunn().set_static_private(
-                id.private.clone(),
-                id.public,
-                Some(id.rate_limiter.clone()),
-            );
+        let old = self.table();
+        let mut new = PeerTable {
+            configs: old.configs.clone(),
+            ..PeerTable::default()
+        };
+        let now_ms = self.now_ms();
+        let mut kept = 0usize;
+        for (key, before) in &old.by_key {
+            let index = peers::allocate_index(&mut next_index, |i| {
+                old.by_index.contains_key(&i) || new.by_index.contains_key(&i)
+            });
+            let peer = Arc::new(before.successor(index, new_tunn(&id, before.public_key, index)));
+            if let Some(cfg) = old.configs.get(key) {
+                for net in &cfg.allowed_ips {
+                    new.allowed_ips.insert(*net, peer.clone());
+                }
+            }
+            new.by_index.insert(index, peer.clone());
+            new.by_key.insert(*key, peer);
+            if let Some(active) = rotation::active(before, old.retired.get(key)) {
+                new.retire(*key, Retired::new(active, now_ms));
+                kept += 1;
+            }
         }
-        tracing::info!(public_key = %keys::fingerprint(&id.public), "wireguard private key rotated");
+        // Between the two swaps an initiation to the new key meets an old tunnel, fails and is
+        // retried by its sender: no peer of ours knows the new key yet anyway.
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = id.clone();
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        tracing::info!(
+            public_key = %keys::fingerprint(&id.public),
+            sessions_kept = kept,
+            "wireguard private key rotated; old sessions carry traffic until peers handshake with the new key"
+        );
+    }
+
+    /// Notes the peers that switched to their new session and ends the retirements that are
+    /// over at `now_ms` (`rotation::is_over`). Called from the timer tick.
+    pub(crate) fn end_retirements(&self, now_ms: u64) {
+        if self.table().retired.is_empty() {
+            return;
+        }
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.table();
+        let mut over = Vec::new();
+        for (key, r) in &old.retired {
+            let successor_age = old.by_key.get(key).and_then(|p| p.session_age());
+            let retired_for = Duration::from_millis(now_ms.saturating_sub(r.since_ms));
+            if let Some(age) = successor_age {
+                if !r.switched.swap(true, Ordering::Relaxed) {
+                    // The handshake's time, give or take a tick.
+                    let after = retired_for.saturating_sub(age);
+                    tracing::info!(
+                        peer = %keys::fingerprint(&PublicKey::from(*key)),
+                        after_ms = after.as_millis() as u64,
+                        "wireguard key rotation: switched to the new session"
+                    );
+                }
+            }
+            if rotation::is_over(retired_for, r.peer.session_age(), successor_age) {
+                tracing::info!(
+                    peer = %keys::fingerprint(&PublicKey::from(*key)),
+                    after_ms = retired_for.as_millis() as u64,
+                    switched = successor_age.is_some(),
+                    "wireguard key rotation: old session retired"
+                );
+                over.push(*key);
+            }
+        }
+        if over.is_empty() {
+            return;
+        }
+        let mut new = PeerTable::clone(&old);
+        for key in &over {
+            new.unretire(key);
+        }
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
     }
 
     pub(crate) fn stats(&self) -> Vec<PeerStats> {
@@ -179,7 +259,8 @@ impl State {
             .by_key
             .iter()
             .map(|(key, peer)| {
-                let age: Option<Duration> = peer.tunn().time_since_last_handshake();
+                // During a rotation, the session that carries the traffic.
+                let age: Option<Duration> = table.sender(peer).session_age();
                 let cfg = table.configs.get(key);
                 let mut s = PeerStats {
                     public_key: peer.public_key,
@@ -209,4 +290,18 @@ impl State {
     pub(crate) fn device_stats(&self) -> DeviceStats {
         self.counters.snapshot()
     }
+}
+
+/// A tunnel to `peer` under our identity `id`, with local index `index`.
+fn new_tunn(id: &Identity, peer: PublicKey, index: u32) -> Tunn {
+    Tunn::new(
+        id.private.clone(),
+        peer,
+        None,
+        // Persistent keepalive is driven by our timer loop (so it can change without a new
+        // session); the tunnel's own is off.
+        None,
+        index,
+        Some(id.rate_limiter.clone()),
+    )
 }

@@ -9,6 +9,7 @@ use super::ingress::{self, IngressDrop, Step};
 use super::keys::{self, PublicKey, StaticSecret};
 use super::state::State;
 use super::*;
+use super::rotation;
 
 const MARKER: &[u8] = b"VEILNET-PLAINTEXT-MARKER";
 
@@ -319,35 +320,228 @@ fn removed_peer_gets_nothing_and_readding_works() {
     assert_eq!(net.tun_out[1].len(), 2);
 }
 
+impl Net {
+    /// Node `i` rotates its private key.
+    fn rotate(&mut self, i: usize) {
+        let new_key = keys::generate();
+        self.nodes[i].set_private_key(new_key.clone());
+        self.keys[i] = new_key;
+        assert_eq!(self.nodes[i].public_key(), self.public(i));
+    }
+
+    /// Node `i` is told the other node's current key (what its agent does on the annotation).
+    fn learn_key(&mut self, i: usize) -> PeerChanges {
+        let j = 1 - i;
+        self.nodes[i]
+            .set_peers(&[peer_cfg(self.public(j), self.addrs[j], node_net(j))])
+            .unwrap()
+    }
+
+    /// One packet each way, both left on the wire; returns how many were sent.
+    fn both_ways(&mut self) -> usize {
+        self.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+        self.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
+        2
+    }
+
+    fn delivered(&self) -> usize {
+        self.tun_out[0].len() + self.tun_out[1].len()
+    }
+
+    /// Whether node `i`'s current tunnel to the other node has its own session.
+    fn has_own_session(&self, i: usize) -> bool {
+        let table = self.nodes[i].table();
+        table.by_key.values().next().unwrap().has_session()
+    }
+
+    fn retired(&self, i: usize) -> usize {
+        self.nodes[i].table().retired.len()
+    }
+}
+
+/// The receiver index a data message is addressed to (our local index << 8 | session).
+fn receiver_index(datagram: &[u8]) -> u32 {
+    u32::from_le_bytes(datagram[4..8].try_into().unwrap())
+}
+
 #[test]
-fn key_rotation_recovers_once_the_peer_learns_the_new_key() {
+fn a_key_rotation_loses_no_packet_in_either_direction() {
     let mut net = Net::new();
     net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+    assert!(net.run().is_empty());
+    let mut sent = 1 + net.both_ways();
+    let old_index_at_b = receiver_index(&net.wire[0].2) >> 8;
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+    // A rotates. B does not know the new key yet: both keep using the old session.
+    net.rotate(0);
+    assert_eq!(net.retired(0), 1);
+    sent += net.both_ways();
+    assert!(
+        net.log.iter().rev().take(2).all(|d| d[0] == MESSAGE_DATA),
+        "data, not a handshake B could not answer"
+    );
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+    // B learns A's new key: the old tunnel is kept behind the new one, which handshakes at
+    // once. Traffic sent before that handshake completes still rides the old session.
+    let ch = net.learn_key(1);
+    assert_eq!((ch.added.len(), ch.removed.len()), (1, 1));
+    assert_eq!(net.retired(1), 1);
+    net.send_requested(1);
+    assert_eq!(net.wire.back().unwrap().2[0], MESSAGE_HANDSHAKE_INIT);
+    sent += net.both_ways();
+    assert!(net.run().is_empty(), "nothing dropped during the switch");
+    assert_eq!(net.delivered(), sent);
+    // The handshake is done (B's confirming keepalive reached A): both send on the new session.
+    assert!(net.has_own_session(0) && net.has_own_session(1));
+    sent += net.both_ways();
+    let to_b = net.log.iter().rev().nth(1).unwrap().clone();
+    assert_ne!(
+        receiver_index(&to_b) >> 8,
+        old_index_at_b,
+        "A sends to B's new tunnel"
+    );
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+    assert_eq!(net.stats(0).public_key, net.public(1));
+    assert!(net.stats(0).last_handshake.is_some());
+    assert_no_plaintext(&net);
+}
+
+#[test]
+fn a_retired_tunnel_still_receives_what_was_sent_before_the_switch() {
+    let mut net = Net::new();
+    net.both_ways();
     net.run();
-    // A rotates: its sessions are gone; B does not know the new key yet.
-    let new_key = keys::generate();
-    net.nodes[0].set_private_key(new_key.clone());
-    net.keys[0] = new_key;
-    assert_eq!(net.nodes[0].public_key(), net.public(0));
+    net.rotate(0);
+    // A sends on the old session; the datagram is delayed past the whole switch.
+    net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
+    let late = net.wire.pop_back().unwrap();
+    net.learn_key(1);
+    net.send_requested(1);
+    assert!(net.run().is_empty());
+    assert!(net.has_own_session(0) && net.has_own_session(1));
+    net.wire.push_back(late);
+    assert!(net.run().is_empty());
+    assert_eq!(net.tun_out[1].len(), 2, "the late packet was accepted");
+}
+
+#[test]
+fn the_old_key_gets_no_new_session_after_a_rotation() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    net.rotate(0);
+    // B, not yet told, initiates to A's old key (its rekey timer would): A refuses it.
+    let mut out = vec![0u8; 256];
+    let peer = net.nodes[1].table().by_key.values().next().unwrap().clone();
+    let init = match peer.tunn().format_handshake_initiation(&mut out, true) {
+        boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let before = net.nodes[0].device_stats().rx_invalid;
+    assert_eq!(
+        net.receive(0, net.addrs[1], &init),
+        Some(IngressDrop::Invalid)
+    );
+    assert_eq!(net.nodes[0].device_stats().rx_invalid, before + 1);
+    assert!(net.wire.is_empty(), "no response");
+    // The old session itself still works.
+    let sent = net.delivered() + net.both_ways();
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+}
+
+#[test]
+fn a_lost_handshake_with_the_new_key_leaves_traffic_on_the_old_session() {
+    let mut net = Net::new();
+    let mut sent = net.both_ways();
+    net.run();
+    net.rotate(0);
+    net.learn_key(1);
+    net.send_requested(1);
+    net.wire.clear(); // the initiation is lost
+    for _ in 0..3 {
+        sent += net.both_ways();
+        assert!(net.run().is_empty());
+    }
+    assert_eq!(net.delivered(), sent);
+    assert!(!net.has_own_session(0) && !net.has_own_session(1));
+}
+
+#[test]
+fn both_nodes_rotating_at_once_lose_nothing() {
+    let mut net = Net::new();
+    let mut sent = net.both_ways();
+    net.run();
+    net.rotate(0);
+    net.rotate(1);
+    sent += net.both_ways();
+    assert!(net.run().is_empty());
+    // B learns first: its initiation (from its new key to A's new one) is refused by A, which
+    // does not know B's new key yet; the old session carries on.
+    net.learn_key(1);
+    net.send_requested(1);
+    sent += net.both_ways();
+    net.run();
+    assert_eq!(net.delivered(), sent);
+    // Then A learns: its handshake goes through and both switch.
+    net.learn_key(0);
+    net.send_requested(0);
+    sent += net.both_ways();
+    assert!(net.run().is_empty());
+    assert!(net.has_own_session(0) && net.has_own_session(1));
+    sent += net.both_ways();
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+    assert_no_plaintext(&net);
+}
+
+#[test]
+fn a_retirement_ends_and_its_index_is_forgotten() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    net.rotate(0);
+    let retired_index = net.nodes[0].table().retired.values().next().unwrap().peer.index;
+    // Not over yet: no session on the successor, the old one young.
+    let now = net.nodes[0].now_ms();
+    net.nodes[0].end_retirements(now);
+    assert_eq!(net.retired(0), 1);
+    // Past the longest retirement.
+    let late = now + rotation::MAX_RETIREMENT.as_millis() as u64;
+    net.nodes[0].end_retirements(late);
+    assert_eq!(net.retired(0), 0);
+    assert!(!net.nodes[0].table().by_index.contains_key(&retired_index));
+    // B, still on the old session, is no longer heard (break after make: B learns the key
+    // and handshakes).
+    net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
+    assert_eq!(net.run(), vec![IngressDrop::UnknownPeer]);
+    net.learn_key(1);
+    net.send_requested(1);
+    assert!(net.run().is_empty());
+    let sent = net.delivered() + net.both_ways();
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+}
+
+#[test]
+fn a_rotation_without_a_session_retires_nothing() {
+    let mut net = Net::new();
+    net.rotate(0);
+    assert_eq!(net.retired(0), 0);
+    // The first packet handshakes with the new key, which B does not know yet.
     net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
     assert_eq!(net.log.last().unwrap()[0], MESSAGE_HANDSHAKE_INIT);
     assert_eq!(net.run(), vec![IngressDrop::UnknownPeer]);
-    assert_eq!(net.tun_out[1].len(), 1);
-    // B learns A's new key: the old tunnel is replaced, B's next packet handshakes afresh.
-    let ch = net.nodes[1]
-        .set_peers(&[peer_cfg(net.public(0), net.addrs[0], node_net(0))])
-        .unwrap();
-    assert_eq!(ch.added.len(), 1);
-    assert_eq!(ch.removed.len(), 1);
+    // Once B knows it, traffic flows (A's queued packet goes with B's handshake).
+    net.learn_key(1);
+    assert_eq!(net.retired(1), 0, "B had no session with the old key either");
     net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
-    net.run();
+    assert!(net.run().is_empty());
     assert_eq!(net.tun_out[0].len(), 1);
-    net.tun_read(0, &ipv4("10.1.0.5", "10.2.0.7", 10)).unwrap();
-    net.run();
-    assert!(
-        net.tun_out[1].len() >= 2,
-        "A's traffic flows with the new key"
-    );
+    assert_eq!(net.tun_out[1].len(), 1, "A's held packet was released");
     assert_no_plaintext(&net);
 }
 
@@ -396,12 +590,12 @@ fn timers_send_keepalives_and_nothing_for_idle_peers() {
     let mut out = vec![0u8; 256];
     let peer = net.nodes[0].table().by_key.values().next().unwrap().clone();
     // Idle peer without keepalive: nothing to send.
-    assert!(super::timers::tick_peer(&peer, now, &mut out).is_none());
+    assert!(super::timers::tick_peer(&peer, &peer, now, &mut out).is_none());
     // With a persistent keepalive and no traffic yet, the tick starts a handshake.
     let mut cfg = peer_cfg(net.public(1), net.addrs[1], node_net(1));
     cfg.persistent_keepalive = Some(1);
     net.nodes[0].set_peers(&[cfg]).unwrap();
-    let (to, d) = super::timers::tick_peer(&peer, now + 1500, &mut out).unwrap();
+    let (to, d) = super::timers::tick_peer(&peer, &peer, now + 1500, &mut out).unwrap();
     assert_eq!(to, net.addrs[1]);
     assert_eq!(d[0], MESSAGE_HANDSHAKE_INIT);
     let d = d.to_vec();
@@ -409,7 +603,7 @@ fn timers_send_keepalives_and_nothing_for_idle_peers() {
     net.run();
     assert!(net.stats(0).last_handshake.is_some());
     // Just sent: not again within the interval.
-    assert!(super::timers::tick_peer(&peer, now + 1500, &mut out).is_none());
+    assert!(super::timers::tick_peer(&peer, &peer, now + 1500, &mut out).is_none());
 }
 
 /// Random bytes, well-formed-looking headers and mutated real messages into the UDP path:

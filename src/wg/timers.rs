@@ -1,5 +1,6 @@
 //! The periodic tick: WireGuard's timers (handshake retries, rekeying, keepalives, session
-//! expiry) for every peer, our persistent keepalives, and the handshake rate limiter's reset.
+//! expiry) for every peer, our persistent keepalives, the end of key-rotation grace periods, and
+//! the handshake rate limiter's reset.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -18,9 +19,12 @@ use super::{message_type, MESSAGE_HANDSHAKE_INIT};
 /// How often timers run; WireGuard's timer granularity is coarser than this.
 pub(crate) const TICK: Duration = Duration::from_millis(250);
 
-/// Runs one peer's timers; returns a datagram to send, if any (`out` ≥ 148 bytes).
+/// Runs one peer's timers; returns a datagram to send, if any (`out` ≥ 148 bytes). `sender` is
+/// the tunnel that carries the peer's traffic (`PeerTable::sender`): `peer` itself, or during a
+/// key rotation the one it replaces, which gets the persistent keepalives but runs no timers.
 pub(crate) fn tick_peer<'a>(
     peer: &Peer,
+    sender: &Peer,
     now_ms: u64,
     out: &'a mut [u8],
 ) -> Option<(SocketAddr, &'a [u8])> {
@@ -54,13 +58,17 @@ pub(crate) fn tick_peer<'a>(
     // Persistent keepalive: keep NAT/conntrack state warm when we have been quiet. With no
     // session this queues the (empty) keepalive and starts a handshake, which is the point.
     let every_ms = u64::from(peer.keepalive_secs.load(Ordering::Relaxed)) * 1000;
-    let last = peer.last_tx_ms.load(Ordering::Relaxed);
+    let last = sender.last_tx_ms.load(Ordering::Relaxed);
     if every_ms == 0 || now_ms.saturating_sub(last) < every_ms {
         return None;
     }
     // Count it as sent now, so a failed send does not retry every tick.
-    peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
-    keepalive(peer, &mut tunn, out).map(|datagram| (peer.endpoint(), datagram))
+    sender.last_tx_ms.store(now_ms, Ordering::Relaxed);
+    if !std::ptr::eq(peer, sender) {
+        drop(tunn);
+        tunn = sender.tunn();
+    }
+    keepalive(sender, &mut tunn, out).map(|datagram| (sender.endpoint(), datagram))
 }
 
 /// An empty data packet on the current session. With no session this queues it and returns the
@@ -78,7 +86,8 @@ fn keepalive<'a>(peer: &Peer, tunn: &mut Tunn, out: &'a mut [u8]) -> Option<&'a 
 }
 
 /// Sends the handshakes and keepalives asked for with `State::request_handshake` and
-/// `State::request_keepalive`.
+/// `State::request_keepalive` (a keepalive goes on the session that carries the traffic, see
+/// `PeerTable::sender`).
 pub(crate) fn send_requested(state: &State, udp: &UdpSockets, out: &mut [u8]) {
     for_each_requested(state, out, |peer, datagram| {
         let result = udp.send_to(datagram, peer.endpoint());
@@ -110,9 +119,10 @@ pub(crate) fn for_each_requested(
             }
         }
         if peer.wants_keepalive.swap(false, Ordering::Relaxed) {
-            let datagram = keepalive(peer, &mut peer.tunn(), out);
+            let sender = table.sender(peer);
+            let datagram = keepalive(sender, &mut sender.tunn(), out);
             if let Some(datagram) = datagram {
-                send(peer, datagram);
+                send(sender, datagram);
             }
         }
     }
@@ -154,9 +164,11 @@ impl Timers {
             state.identity().rate_limiter.reset_count();
             self.last_reset_ms = now_ms;
         }
+        state.end_retirements(now_ms);
         let table = state.table();
         for peer in table.by_key.values() {
-            if let Some((to, datagram)) = tick_peer(peer, now_ms, &mut self.out) {
+            let sender = table.sender(peer);
+            if let Some((to, datagram)) = tick_peer(peer, sender, now_ms, &mut self.out) {
                 let len = datagram.len();
                 let result = udp.send_to(datagram, to);
                 egress::account_send(state, peer, len, &result);
