@@ -136,20 +136,12 @@ fn strict_against_off_is_blocked_even_while_the_agent_restarts() {
     assert_wire(&lab, "default/a", "default/b", "encrypted");
 }
 
-fn annotation(lab: &Lab, node: &str, key: &str) -> String {
-    let n = lab.kubectl_json(&["get", "node", node]);
-    n["metadata"]["annotations"][key]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
 #[test]
 fn rogue_nodes_attract_none_of_a_nodes_traffic() {
     veilnet_test_support::require_root!();
     let lab = Lab::up("rog", &["--nodes", "2"]);
     two_pods(&lab, 2);
-    let key1 = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
+    let key1 = lab.annotation("node-1", "veilnet.io/wg-public-key");
     assert_eq!(key1.len(), 44);
     let rogue = |name: &str, cidr: &str, anns: serde_json::Value| {
         serde_json::json!({"apiVersion": "v1", "kind": "Node",
@@ -300,7 +292,7 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
     veilnet_test_support::require_root!();
     let lab = Lab::up("key", &["--nodes", "2"]);
     two_pods(&lab, 2);
-    let key = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
+    let key = lab.annotation("node-1", "veilnet.io/wg-public-key");
     let key_file = format!(
         "/var/lib/veilnet-lab/{}/nodes/node-1/state/wireguard/private.key",
         lab.name
@@ -318,7 +310,7 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
         lab.connect("default/b", &format!("{ip_a}:80"), "tcp", "1s") == Some(0)
     });
     assert_eq!(
-        annotation(&lab, "node-1", "veilnet.io/wg-public-key"),
+        lab.annotation("node-1", "veilnet.io/wg-public-key"),
         key,
         "the key changed across a restart"
     );
@@ -333,7 +325,7 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
         "--overwrite",
     ]);
     eventually(Duration::from_secs(5), "a new public key", || {
-        annotation(&lab, "node-1", "veilnet.io/wg-public-key") != key
+        lab.annotation("node-1", "veilnet.io/wg-public-key") != key
     });
     eventually(Duration::from_secs(5), "traffic with the new key", || {
         lab.connect("default/b", &format!("{ip_a}:80"), "tcp", "1s") == Some(0)
@@ -345,12 +337,12 @@ fn the_key_survives_restarts_and_rotation_restores_traffic_within_five_seconds()
     assert!(started.elapsed() < Duration::from_secs(5) + Duration::from_secs(1));
     assert_wire(&lab, "default/b", "default/a", "encrypted");
     // The same request is handled once: another restart keeps the rotated key.
-    let rotated = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
+    let rotated = lab.annotation("node-1", "veilnet.io/wg-public-key");
     lab.kill_daemon("agent-node-1");
     lab.up_again();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
-        annotation(&lab, "node-1", "veilnet.io/wg-public-key"),
+        lab.annotation("node-1", "veilnet.io/wg-public-key"),
         rotated
     );
 }

@@ -17,13 +17,6 @@ fn annotate(lab: &Lab, node: &str, kv: &str) {
     lab.kubectl_ok(&["annotate", "node", node, kv, "--overwrite"]);
 }
 
-fn annotation(lab: &Lab, node: &str, key: &str) -> String {
-    lab.kubectl_json(&["get", "node", node])["metadata"]["annotations"][key]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn three_nodes() -> Lab {
     let lab = Lab::up("nc", &["--nodes", "3"]);
     for (name, node) in [("a", "node-1"), ("b", "node-2"), ("c", "node-3")] {
@@ -65,7 +58,7 @@ fn removing_or_garbling_a_published_mode_never_downgrades_a_pair() {
     // With the agent alive, a removal is repaired and never leaks either.
     lab.up_again();
     eventually(Duration::from_secs(10), "node-2 republishes on", || {
-        annotation(&lab, "node-2", "veilnet.io/encryption-mode") == "on"
+        lab.annotation("node-2", "veilnet.io/encryption-mode") == "on"
     });
     lab.kubectl_ok(&["annotate", "node", "node-2", "veilnet.io/encryption-mode-"]);
     assert_wire(&lab, "default/a", "default/b", "encrypted");
@@ -138,9 +131,9 @@ fn events_about(lab: &Lab, node: &str) -> Vec<serde_json::Value> {
 fn a_compromised_node_cannot_cut_honest_nodes_off() {
     veilnet_test_support::require_root!();
     let lab = three_nodes();
-    let key1 = annotation(&lab, "node-1", "veilnet.io/wg-public-key");
-    let key2 = annotation(&lab, "node-2", "veilnet.io/wg-public-key");
-    let mac2 = annotation(&lab, "node-2", "veilnet.io/vtep-mac");
+    let key1 = lab.annotation("node-1", "veilnet.io/wg-public-key");
+    let key2 = lab.annotation("node-2", "veilnet.io/wg-public-key");
+    let mac2 = lab.annotation("node-2", "veilnet.io/vtep-mac");
     lab.kill_daemon("agent-node-3");
 
     // node-3 claims node-1's key, then node-2's: the senior holders keep theirs.

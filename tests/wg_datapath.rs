@@ -461,11 +461,23 @@ fn wireguard_between_two_node_namespaces() {
         t0.elapsed().max(took)
     );
 
-    // 8. A wrong peer key never passes traffic, in either direction.
-    let unknown_before = b.dev().device_stats().rx_unknown_peer;
+    // 8. A wrong peer key never passes traffic, in either direction. Given in place of a's
+    // real key (same endpoint and ranges: it looks like a rotation), it gets no session while
+    // the old one carries on for a bounded time (see `wg::rotation`); given afresh, nothing.
     let mut wrong = a.peer_config();
     wrong.public_key = keys::public_key(&keys::generate());
+    b.dev().set_peers(vec![wrong.clone()]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let st = &b.dev().stats()[0];
+    assert!(st.on_previous_key, "the old session carries on: {st:?}");
+    assert!(
+        st.last_handshake.is_none(),
+        "a session with the wrong key: {st:?}"
+    );
+    b.dev().set_peers(vec![]).unwrap();
+    let unknown_before = b.dev().device_stats().rx_unknown_peer;
     b.dev().set_peers(vec![wrong]).unwrap();
+    assert!(!b.dev().stats()[0].on_previous_key);
     assert!(
         !ping(&u.ns[0], "10.99.2.1", 3),
         "a→b passed with a wrong key"

@@ -405,6 +405,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
         last_handshake_seconds: Some(1),
         rx_bytes: 1,
         tx_bytes: 1,
+        key_rotation: false,
     };
     *m.sources.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(NodeStatus {
         node: "node-1".into(),
@@ -498,6 +499,7 @@ mod tests {
                     last_handshake_seconds: Some(7),
                     rx_bytes: 1234,
                     tx_bytes: 5678,
+                    key_rotation: false,
                 },
                 PeerStatus {
                     node: "node-3".into(),
@@ -509,6 +511,7 @@ mod tests {
                     last_handshake_seconds: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    key_rotation: false,
                 },
             ],
             rejected: BTreeMap::new(),

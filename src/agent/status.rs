@@ -113,6 +113,11 @@ pub struct PeerStatus {
     pub last_handshake_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// A WireGuard key rotation (ours or the peer's) is under way: traffic rides the previous
+    /// key's session until the handshake under the new keys completes (`lastHandshakeSeconds` is
+    /// that new session's). Absent when false, and from older agents.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key_rotation: bool,
 }
 
 pub fn build<D>(
@@ -151,6 +156,7 @@ pub fn build<D>(
                     .map(|d| d.as_secs()),
                 rx_bytes: wg_stats.map_or(0, |s| s.rx_bytes),
                 tx_bytes: wg_stats.map_or(0, |s| s.tx_bytes),
+                key_rotation: wg_stats.is_some_and(|s| s.on_previous_key),
             }
         })
         .collect();
@@ -239,9 +245,11 @@ pub fn render(st: &NodeStatus) -> String {
                 .map_or("-".to_string(), |s| format!("{s}s ago")),
             p.rx_bytes,
             p.tx_bytes,
-            p.reason
-                .as_ref()
-                .map_or(String::new(), |r| format!("  ({r})")),
+            match (&p.reason, p.key_rotation) {
+                (Some(r), _) => format!("  ({r})"),
+                (None, true) => "  (key rotation: on the previous key's session)".to_string(),
+                (None, false) => String::new(),
+            },
         );
     }
     for (node, reason) in &st.rejected {
@@ -337,6 +345,7 @@ mod tests {
                 last_handshake_seconds: Some(3),
                 rx_bytes: 10,
                 tx_bytes: 20,
+                key_rotation: false,
             }],
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
@@ -369,6 +378,18 @@ mod tests {
         );
         assert!(text.contains("path matrix"), "{text}");
         assert!(text.contains("wire drops: vxlan_rejected 4"), "{text}");
+        assert!(!text.contains("key rotation"), "{text}");
+        let json = serde_json::to_value(&st).unwrap();
+        assert!(json["peers"][0].get("keyRotation").is_none(), "{json}");
+        let mut rotating = st.clone();
+        rotating.peers[0].key_rotation = true;
+        let text = render(&rotating);
+        assert!(
+            text.contains("(key rotation: on the previous key's session)"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&rotating).unwrap();
+        assert_eq!(json["peers"][0]["keyRotation"], true, "{json}");
     }
 
     #[test]

@@ -231,7 +231,8 @@ impl PeerTable {
 
     /// Retires `retired` behind the peer keyed `successor`: it keeps receiving by its index.
     pub(crate) fn retire(&mut self, successor: KeyBytes, retired: Arc<Retired>) {
-        self.by_index.insert(retired.peer.index, retired.peer.clone());
+        self.by_index
+            .insert(retired.peer.index, retired.peer.clone());
         if let Some(previous) = self.retired.insert(successor, retired) {
             self.by_index.remove(&previous.peer.index);
         }

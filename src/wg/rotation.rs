@@ -26,9 +26,15 @@ use super::peers::{normalized, KeyBytes, Peer, PeerChanges, PeerConfig};
 /// the old session before it switched are still in flight (or queued in some buffer) for a while.
 pub(crate) const GRACE: Duration = Duration::from_secs(10);
 
-/// The longest a retired tunnel lives, whatever happens: a peer that never learns our new key
+/// The longest a tunnel retired by our own rotation lives: a peer that never learns our new key
 /// (its agent is down) falls back to the break-then-make of a plain key change after this.
-pub(crate) const MAX_RETIREMENT: Duration = Duration::from_secs(120);
+pub(crate) const OWN_KEY_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The longest a tunnel retired by a peer's new key lives without the new key answering: a peer
+/// that really rotated knows its new key before anyone is told it, so it answers the first
+/// handshake; this allows for two lost ones (retries come every 5 s). A wrong key (a bad
+/// annotation) thus keeps the old session for this long, never more.
+pub(crate) const PEER_KEY_PATIENCE: Duration = Duration::from_secs(15);
 
 /// WireGuard's `Reject-After-Time`: no session is used longer than this after its handshake.
 /// The retired tunnel runs no timers, so nothing else would enforce it.
@@ -41,15 +47,18 @@ pub(crate) struct Retired {
     pub peer: Arc<Peer>,
     /// `State::now_ms` when it was retired.
     pub since_ms: u64,
+    /// How long it may live ([`OWN_KEY_PATIENCE`] or [`PEER_KEY_PATIENCE`]).
+    pub patience: Duration,
     /// Set once the successor was seen with its own session (and the switch logged).
     pub switched: AtomicBool,
 }
 
 impl Retired {
-    pub(crate) fn new(peer: Arc<Peer>, since_ms: u64) -> Arc<Retired> {
+    pub(crate) fn new(peer: Arc<Peer>, since_ms: u64, patience: Duration) -> Arc<Retired> {
         Arc::new(Retired {
             peer,
             since_ms,
+            patience,
             switched: AtomicBool::new(false),
         })
     }
@@ -86,15 +95,16 @@ pub(crate) fn links(
     pairs
 }
 
-/// Whether a retirement has ended: the retired tunnel has no usable session any more, it is
-/// older than [`MAX_RETIREMENT`], or its successor has had its own session for [`GRACE`] (pure;
-/// the ages are `Tunn::time_since_last_handshake`, `None` meaning no current session).
+/// Whether a retirement has ended: the retired tunnel has no usable session any more, it was
+/// retired longer than its `patience`, or its successor has had its own session for [`GRACE`]
+/// (pure; the ages are `Tunn::time_since_last_handshake`, `None` meaning no current session).
 pub(crate) fn is_over(
     retired_for: Duration,
+    patience: Duration,
     retired_session_age: Option<Duration>,
     successor_session_age: Option<Duration>,
 ) -> bool {
-    retired_for >= MAX_RETIREMENT
+    retired_for >= patience
         || retired_session_age.is_none_or(|age| age >= REJECT_AFTER)
         || successor_session_age.is_some_and(|age| age >= GRACE)
 }
@@ -180,15 +190,23 @@ mod tests {
     #[test]
     fn a_retirement_ends_on_the_first_of_its_three_limits() {
         let s = Duration::from_secs;
+        let p = OWN_KEY_PATIENCE;
         // Still needed: young, the old session live, the successor without one or just up.
-        assert!(!is_over(s(1), Some(s(30)), None));
-        assert!(!is_over(s(1), Some(s(30)), Some(s(2))));
+        assert!(!is_over(s(1), p, Some(s(30)), None));
+        assert!(!is_over(s(1), p, Some(s(30)), Some(s(2))));
         // The successor has been up for the grace period.
-        assert!(is_over(s(15), Some(s(30)), Some(GRACE)));
+        assert!(is_over(s(15), p, Some(s(30)), Some(GRACE)));
         // The retired tunnel lost or outlived its session.
-        assert!(is_over(s(1), None, None));
-        assert!(is_over(s(1), Some(REJECT_AFTER), None));
-        // Bounded however the rest goes.
-        assert!(is_over(MAX_RETIREMENT, Some(s(30)), None));
+        assert!(is_over(s(1), p, None, None));
+        assert!(is_over(s(1), p, Some(REJECT_AFTER), None));
+        // Bounded however the rest goes, the peer's key sooner than ours.
+        assert!(is_over(OWN_KEY_PATIENCE, p, Some(s(30)), None));
+        assert!(!is_over(s(14), PEER_KEY_PATIENCE, Some(s(30)), None));
+        assert!(is_over(
+            PEER_KEY_PATIENCE,
+            PEER_KEY_PATIENCE,
+            Some(s(30)),
+            None
+        ));
     }
 }

@@ -139,7 +139,10 @@ impl State {
                 continue;
             };
             if let Some(active) = rotation::active(before, old.retired.get(&removed)) {
-                new.retire(added, Retired::new(active, now_ms));
+                new.retire(
+                    added,
+                    Retired::new(active, now_ms, rotation::PEER_KEY_PATIENCE),
+                );
             }
             rotated.push(added);
         }
@@ -194,7 +197,10 @@ impl State {
             new.by_index.insert(index, peer.clone());
             new.by_key.insert(*key, peer);
             if let Some(active) = rotation::active(before, old.retired.get(key)) {
-                new.retire(*key, Retired::new(active, now_ms));
+                new.retire(
+                    *key,
+                    Retired::new(active, now_ms, rotation::OWN_KEY_PATIENCE),
+                );
                 kept += 1;
             }
         }
@@ -232,7 +238,7 @@ impl State {
                     );
                 }
             }
-            if rotation::is_over(retired_for, r.peer.session_age(), successor_age) {
+            if rotation::is_over(retired_for, r.patience, r.peer.session_age(), successor_age) {
                 tracing::info!(
                     peer = %keys::fingerprint(&PublicKey::from(*key)),
                     after_ms = retired_for.as_millis() as u64,
@@ -259,8 +265,7 @@ impl State {
             .by_key
             .iter()
             .map(|(key, peer)| {
-                // During a rotation, the session that carries the traffic.
-                let age: Option<Duration> = table.sender(peer).session_age();
+                let age: Option<Duration> = peer.session_age();
                 let cfg = table.configs.get(key);
                 let mut s = PeerStats {
                     public_key: peer.public_key,
@@ -278,6 +283,7 @@ impl State {
                     dropped_not_allowed: 0,
                     rx_errors: 0,
                     tx_errors: 0,
+                    on_previous_key: !Arc::ptr_eq(table.sender(peer), peer),
                 };
                 peer.counters.fill(&mut s);
                 s

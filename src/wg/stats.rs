@@ -82,6 +82,11 @@ pub struct PeerStats {
     pub rx_errors: u64,
     /// Encryption or UDP send failures towards this peer.
     pub tx_errors: u64,
+    /// Traffic still rides a session made under a previous key (ours or the peer's) while the
+    /// one under the current keys is set up: a key rotation in progress (`last_handshake` is the
+    /// current keys' session only). Absent from an older datapath's reply, hence the default.
+    #[serde(default)]
+    pub on_previous_key: bool,
 }
 
 /// Counters that belong to no peer.

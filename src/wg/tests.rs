@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use super::egress::{self, EgressDrop, TxBatches};
 use super::ingress::{self, IngressDrop, Step};
 use super::keys::{self, PublicKey, StaticSecret};
+use super::rotation;
 use super::state::State;
 use super::*;
-use super::rotation;
 
 const MARKER: &[u8] = b"VEILNET-PLAINTEXT-MARKER";
 
@@ -388,6 +388,7 @@ fn a_key_rotation_loses_no_packet_in_either_direction() {
     let ch = net.learn_key(1);
     assert_eq!((ch.added.len(), ch.removed.len()), (1, 1));
     assert_eq!(net.retired(1), 1);
+    assert!(net.stats(0).on_previous_key && net.stats(1).on_previous_key);
     net.send_requested(1);
     assert_eq!(net.wire.back().unwrap().2[0], MESSAGE_HANDSHAKE_INIT);
     sent += net.both_ways();
@@ -406,6 +407,7 @@ fn a_key_rotation_loses_no_packet_in_either_direction() {
     assert_eq!(net.delivered(), sent);
     assert_eq!(net.stats(0).public_key, net.public(1));
     assert!(net.stats(0).last_handshake.is_some());
+    assert!(!net.stats(0).on_previous_key && !net.stats(1).on_previous_key);
     assert_no_plaintext(&net);
 }
 
@@ -504,13 +506,20 @@ fn a_retirement_ends_and_its_index_is_forgotten() {
     net.both_ways();
     net.run();
     net.rotate(0);
-    let retired_index = net.nodes[0].table().retired.values().next().unwrap().peer.index;
+    let retired_index = net.nodes[0]
+        .table()
+        .retired
+        .values()
+        .next()
+        .unwrap()
+        .peer
+        .index;
     // Not over yet: no session on the successor, the old one young.
     let now = net.nodes[0].now_ms();
     net.nodes[0].end_retirements(now);
     assert_eq!(net.retired(0), 1);
     // Past the longest retirement.
-    let late = now + rotation::MAX_RETIREMENT.as_millis() as u64;
+    let late = now + rotation::OWN_KEY_PATIENCE.as_millis() as u64;
     net.nodes[0].end_retirements(late);
     assert_eq!(net.retired(0), 0);
     assert!(!net.nodes[0].table().by_index.contains_key(&retired_index));
@@ -527,6 +536,48 @@ fn a_retirement_ends_and_its_index_is_forgotten() {
 }
 
 #[test]
+fn a_wrong_new_key_gets_no_session_and_the_old_one_ends_after_its_patience() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    // B is told a key for A that nobody holds (a bad annotation), with A's endpoint and range.
+    let wrong = keys::public_key(&keys::generate());
+    net.nodes[1]
+        .set_peers(&[peer_cfg(wrong, net.addrs[0], node_net(0))])
+        .unwrap();
+    net.send_requested(1);
+    assert_eq!(
+        net.run(),
+        vec![IngressDrop::Invalid],
+        "A refuses the handshake"
+    );
+    // Traffic still goes to the node that holds the old key, and is reported as such.
+    let sent = net.delivered() + net.both_ways();
+    assert!(net.run().is_empty());
+    assert_eq!(net.delivered(), sent);
+    let st = net.stats(1);
+    assert!(st.on_previous_key && st.last_handshake.is_none(), "{st:?}");
+    // Not for longer than the patience for a peer's key.
+    let now = net.nodes[1].now_ms();
+    net.nodes[1].end_retirements(now + rotation::PEER_KEY_PATIENCE.as_millis() as u64 - 1000);
+    assert_eq!(net.retired(1), 1);
+    net.nodes[1].end_retirements(now + rotation::PEER_KEY_PATIENCE.as_millis() as u64);
+    assert_eq!(net.retired(1), 0);
+    assert!(!net.stats(1).on_previous_key);
+    let (before, logged) = (net.delivered(), net.log.len());
+    net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
+    assert!(
+        net.log[logged..]
+            .iter()
+            .all(|d| d[0] == MESSAGE_HANDSHAKE_INIT),
+        "no data to the old key"
+    );
+    net.run();
+    assert_eq!(net.delivered(), before);
+    assert_no_plaintext(&net);
+}
+
+#[test]
 fn a_rotation_without_a_session_retires_nothing() {
     let mut net = Net::new();
     net.rotate(0);
@@ -537,7 +588,11 @@ fn a_rotation_without_a_session_retires_nothing() {
     assert_eq!(net.run(), vec![IngressDrop::UnknownPeer]);
     // Once B knows it, traffic flows (A's queued packet goes with B's handshake).
     net.learn_key(1);
-    assert_eq!(net.retired(1), 0, "B had no session with the old key either");
+    assert_eq!(
+        net.retired(1),
+        0,
+        "B had no session with the old key either"
+    );
     net.tun_read(1, &ipv4("10.2.0.7", "10.1.0.5", 10)).unwrap();
     assert!(net.run().is_empty());
     assert_eq!(net.tun_out[0].len(), 1);

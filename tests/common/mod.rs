@@ -420,10 +420,16 @@ impl Lab {
     /// A node's agent log as written so far (`logs/agent-<node>.log`). It must be plain text:
     /// the daemons colour their logs only on a terminal, so grepping `kind=Node` works.
     pub fn agent_log(&self, node: &str) -> String {
+        self.daemon_log(&format!("agent-{node}"))
+    }
+
+    /// One daemon's log as written so far (`logs/<role>.log`: `agent-node-1`, `datapath-node-2`
+    /// …), checked to be plain text like [`Lab::agent_log`].
+    pub fn daemon_log(&self, role: &str) -> String {
         let path = std::path::Path::new("/var/lib/veilnet-lab")
             .join(&self.name)
             .join("logs")
-            .join(format!("agent-{node}.log"));
+            .join(format!("{role}.log"));
         let log =
             std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
@@ -432,6 +438,14 @@ impl Lab {
             path.display()
         );
         log
+    }
+
+    /// One annotation of a Node ("" when absent).
+    pub fn annotation(&self, node: &str, key: &str) -> String {
+        self.kubectl_json(&["get", "node", node])["metadata"]["annotations"][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     pub fn node_netns(&self, index: usize) -> String {
