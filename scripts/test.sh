@@ -7,7 +7,9 @@
 #    stand-in (tests/lab_kubernetes.rs brings up the real one itself);
 # 3. runs the lab test files tagged `//! Control planes: both` again on the real control plane
 #    (VEILNET_LAB_CONTROL_PLANE=kubernetes). tests/control_plane_tags.rs checks every lab file
-#    has that tag or says why it runs on one control plane only.
+#    has that tag or says why it runs on one control plane only;
+# 4. fuzzes every target in fuzz/ for 20 s (scripts/fuzz.sh; needs nightly Rust, else skipped:
+#    tests/fuzz_corpus.rs replays the corpus on stable in step 2 either way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -36,4 +38,14 @@ done
 echo "==> the lab tests again, on the real control plane: ${both[*]}"
 VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked --no-fail-fast "${both[@]}" "$@"
 took "the real-control-plane pass"
+# Coverage-guided fuzzing, short (every target 20 s; scripts/fuzz.sh alone runs 600 s each).
+# It needs nightly Rust; without it, tests/fuzz_corpus.rs (in cargo test above) replayed the
+# corpus and its mutations on stable.
+if cargo +nightly --version >/dev/null 2>&1; then
+	echo "==> fuzzing, short (scripts/fuzz.sh --seconds ${VEILNET_FUZZ_SECONDS:-20})"
+	./scripts/fuzz.sh --seconds "${VEILNET_FUZZ_SECONDS:-20}"
+	took "fuzzing"
+else
+	echo "==> fuzzing skipped: no nightly Rust toolchain (the corpus replay ran on stable)"
+fi
 echo "==> all tests passed in $SECONDS s"

@@ -23,6 +23,8 @@ pub mod datapath;
 pub mod doctor;
 pub mod duration;
 pub mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod install;
 pub mod kernel;
 pub mod kubectl_plugin;

@@ -14,6 +14,8 @@
 
 mod allowed_ips;
 mod egress;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ingress;
 pub mod keys;
 mod offload;

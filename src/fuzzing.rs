@@ -1,0 +1,200 @@
+//! Entry points for fuzzers: one function per input surface that cluster data, a pod, a local
+//! client or the underlay can reach. Each takes arbitrary bytes and panics only when one of
+//! veilnet's own invariants breaks (never on bad input, which must come back as an error). Each
+//! returns whether its first parser accepted the input, so that a seed that no longer parses
+//! (a renamed field) is noticed instead of silently fuzzing nothing.
+//!
+//! The coverage-guided targets in `fuzz/` (cargo-fuzz, `scripts/fuzz.sh`) call these, and
+//! `tests/fuzz_corpus.rs` replays the committed corpus through them on stable Rust in
+//! `./scripts/test.sh`, so every input a fuzzer ever broke veilnet with stays a regression test.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::agent::config::{AgentArgs, AgentConfig};
+use crate::agent::plan::{plan_node, PlanInput};
+use crate::agent::snapshot::{ClusterSnapshot, SelfInfo};
+use crate::agent::underlay::UnderlayDevice;
+use crate::cluster::podcidr::AllocationRecord;
+use crate::model::encryption::Path;
+use crate::policy::{self, ClusterState, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use crate::wg::keys::PublicKey;
+
+/// UDP datagrams into the WireGuard port (see `wg::fuzzing`).
+pub fn wg_datagrams(data: &[u8]) -> bool {
+    crate::wg::fuzzing::datagrams(data);
+    true
+}
+
+/// Node objects (a JSON array of them, annotations and labels as any writer of Nodes may set
+/// them) through the snapshot and the node planner. The planner may refuse this node's own
+/// settings with an error; it must not panic, and every CIDR it routes to a peer must be one the
+/// cluster (not the peer) assigned to that peer.
+pub fn node_objects(data: &[u8]) -> bool {
+    let Ok(nodes) = serde_json::from_slice::<Vec<Node>>(data) else {
+        return false;
+    };
+    let nodes: Vec<Arc<Node>> = nodes.into_iter().map(Arc::new).collect();
+    let cluster = ClusterSnapshot::take("n1", &nodes, &AllocationRecord::default());
+    let cfg = AgentConfig::resolve(&AgentArgs {
+        node_name: Some("n1".into()),
+        ..Default::default()
+    })
+    .expect("the default agent configuration resolves");
+    let me = SelfInfo::new(
+        "n1",
+        UnderlayDevice {
+            ip: "172.30.0.11".parse().expect("literal"),
+            dev: "eth0".into(),
+            mtu: 1500,
+        },
+        vec!["10.244.1.0/24".parse().expect("literal")],
+        false,
+    );
+    let Ok(plan) = plan_node(&PlanInput {
+        cfg: &cfg,
+        me: &me,
+        cluster: &cluster,
+        wg_key: &PublicKey::from([1u8; 32]),
+        incumbents: &BTreeMap::new(),
+        key_bindings: &BTreeMap::new(),
+    }) else {
+        return true;
+    };
+    // Every WireGuard allowed IP (what the datapath routes to and accepts from a peer) is in
+    // the peer's cluster-assigned pod CIDRs or is one of its recorded node addresses.
+    for path in &plan.paths {
+        let Path::Wireguard { public_key, .. } = &path.path else {
+            continue;
+        };
+        let record = cluster
+            .peers
+            .iter()
+            .find(|p| p.name == path.node)
+            .expect("a path leads to a known peer");
+        let wg = plan
+            .wg_peers
+            .iter()
+            .find(|c| c.public_key.as_bytes() == public_key)
+            .expect("a WireGuard path has a datapath peer");
+        for net in &wg.allowed_ips {
+            let owned = record.pod_cidrs.iter().any(|c| c.contains(net))
+                || (net.prefix_len() == net.max_prefix_len()
+                    && record.node_addresses.contains(&net.addr()));
+            assert!(
+                owned,
+                "{net} routed to {}, which the cluster gave {:?} and {:?}",
+                path.node, record.pod_cidrs, record.node_addresses
+            );
+        }
+    }
+    true
+}
+
+/// A line on the datapath's control socket: a request decodes, or is refused; a decoded one
+/// encodes back to the same request.
+pub fn datapath_request(data: &[u8]) -> bool {
+    use crate::datapath::protocol::{encode, Request};
+    let Ok(request) = serde_json::from_slice::<Request>(data) else {
+        return false;
+    };
+    let line = encode(&request).expect("a decoded request encodes");
+    let again: Request = serde_json::from_slice(&line).expect("an encoded request decodes");
+    assert_eq!(again, request);
+    true
+}
+
+/// A line on the agent's admission socket (what the CNI plugin sends), both directions.
+pub fn admission_line(data: &[u8]) -> bool {
+    use veilnet_cni::agent_protocol::{decode_line, encode_line, Request, Response};
+    let mut accepted = false;
+    if let Ok(request) = decode_line::<Request>(data) {
+        assert_eq!(
+            decode_line::<Request>(&encode_line(&request)).ok(),
+            Some(request)
+        );
+        accepted = true;
+    }
+    if let Ok(response) = decode_line::<Response>(data) {
+        assert_eq!(
+            decode_line::<Response>(&encode_line(&response)).ok(),
+            Some(response)
+        );
+        accepted = true;
+    }
+    accepted
+}
+
+/// The CNI plugin's inputs: the network configuration on stdin, and (the same bytes read as
+/// `KEY=VALUE` lines) its environment.
+pub fn cni_input(data: &[u8]) -> bool {
+    let config = veilnet_cni::config::parse(data).is_ok();
+    let text = String::from_utf8_lossy(data);
+    let env: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let env = veilnet_cni::env::parse(|k| env.get(k).map(|v| v.to_string())).is_ok();
+    config || env
+}
+
+/// Netlink buffers as the kernel would hand them over: NFLOG packets (and the flows parsed from
+/// them), a conntrack dump, an nftables counter dump.
+pub fn netlink_dumps(data: &[u8]) -> bool {
+    let packets = crate::netfilter::nflog::parse_messages(data);
+    let mut flows = 0;
+    for packet in &packets {
+        flows += usize::from(policy::flow::parse_flow(packet).is_some());
+        let _ = packet.ether_addrs();
+    }
+    let _ = crate::netfilter::conntrack::parse_dump(data);
+    let _ = crate::netfilter::counters::parse_dump(data, policy::TABLE);
+    flows > 0
+}
+
+/// NetworkPolicy objects (a JSON array) compiled for node `n1` of a small cluster and rendered:
+/// returns the nft script, which `tests/fuzz_corpus.rs` also has `nft -c` check.
+pub fn network_policies(data: &[u8]) -> Option<String> {
+    let policies = serde_json::from_slice::<Vec<NetworkPolicy>>(data).ok()?;
+    let state = small_cluster(policies);
+    let node_addrs: Vec<IpAddr> = vec!["172.30.0.11".parse().expect("literal")];
+    let compiled = policy::compile(&state, "n1", &node_addrs);
+    Some(policy::render_nft(&compiled))
+}
+
+/// Two namespaces with two pods each, one pair on `n1`, with labels and named ports for the
+/// policies to select.
+fn small_cluster(policies: Vec<NetworkPolicy>) -> ClusterState {
+    let mut pods = Vec::new();
+    for (n, ns) in ["default", "other"].into_iter().enumerate() {
+        for (m, name) in ["a", "b"].into_iter().enumerate() {
+            pods.push(PodInfo {
+                namespace: ns.into(),
+                name: name.into(),
+                labels: [("app".to_string(), name.to_string())].into(),
+                ips: vec![IpAddr::from([10, 244, 1 + m as u8, 10 + n as u8])],
+                node: format!("n{}", m + 1),
+                named_ports: vec![NamedPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                }],
+                host_network: false,
+                host_veth: Some(format!("veil{n}{m}")),
+                mac: Some(policy::MacAddr([0x0a, 0x58, 0, 0, n as u8, m as u8])),
+            });
+        }
+    }
+    ClusterState {
+        pods,
+        namespaces: ["default", "other"]
+            .into_iter()
+            .map(|ns| NamespaceInfo {
+                name: ns.into(),
+                labels: [(policy::NAMESPACE_NAME_LABEL.to_string(), ns.to_string())].into(),
+            })
+            .collect(),
+        policies,
+    }
+}
