@@ -139,11 +139,13 @@ pub(crate) fn handle<'a>(
                 }
             }
         }
-        Packet::HandshakeResponse(p) => match lookup_index(state, &table, p.receiver_idx) {
+        // A retired tunnel (see `rotation`) takes data only: a handshake it had in flight must
+        // not complete, or its old key would get a new session.
+        Packet::HandshakeResponse(p) => match lookup_current_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
             None => return Step::Dropped(IngressDrop::UnknownPeer),
         },
-        Packet::PacketCookieReply(p) => match lookup_index(state, &table, p.receiver_idx) {
+        Packet::PacketCookieReply(p) => match lookup_current_index(state, &table, p.receiver_idx) {
             Some(peer) => peer,
             None => return Step::Dropped(IngressDrop::UnknownPeer),
         },
@@ -216,6 +218,21 @@ fn lookup_index(
         bump(&state.counters.rx_unknown_peer);
     }
     peer
+}
+
+/// [`lookup_index`] without the retired tunnels.
+fn lookup_current_index(
+    state: &State,
+    table: &super::peers::PeerTable,
+    receiver_idx: u32,
+) -> Option<Arc<Peer>> {
+    lookup_index(state, table, receiver_idx).filter(|peer| {
+        let retired = table.is_retired(peer);
+        if retired {
+            bump(&state.counters.rx_unknown_peer);
+        }
+        !retired
+    })
 }
 
 /// Data for a session index we do not know, from a peer's endpoint: typically we restarted and the

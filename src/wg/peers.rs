@@ -229,6 +229,15 @@ impl PeerTable {
         }
     }
 
+    /// Whether `peer` is a retired tunnel (not a current one) of this table.
+    pub(crate) fn is_retired(&self, peer: &Peer) -> bool {
+        !self.retired.is_empty()
+            && self
+                .retired
+                .values()
+                .any(|r| std::ptr::eq(Arc::as_ptr(&r.peer), peer))
+    }
+
     /// Retires `retired` behind the peer keyed `successor`: it keeps receiving by its index.
     pub(crate) fn retire(&mut self, successor: KeyBytes, retired: Arc<Retired>) {
         self.by_index
@@ -345,6 +354,8 @@ pub(crate) fn build_table(
         table.by_index.insert(peer.index, peer.clone());
         table.by_key.insert(key, peer);
         if let Some(r) = old.retired.get(&key) {
+            // It sends for the peer still: to where the peer is now.
+            r.peer.reconfigure(&cfg);
             table.retire(key, r.clone());
         }
         table.configs.insert(key, cfg);
@@ -364,15 +375,15 @@ pub(crate) fn allocate_index(next: &mut u32, in_use: impl Fn(u32) -> bool) -> u3
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wg::keys;
 
-    fn key() -> PublicKey {
+    pub(crate) fn key() -> PublicKey {
         keys::public_key(&keys::generate())
     }
 
-    fn cfg(k: PublicKey, ep: &str, nets: &[&str]) -> PeerConfig {
+    pub(crate) fn cfg(k: PublicKey, ep: &str, nets: &[&str]) -> PeerConfig {
         PeerConfig {
             public_key: k,
             endpoint: ep.parse().unwrap(),

@@ -54,6 +54,23 @@ pub(crate) struct Retired {
 }
 
 impl Retired {
+    /// Retires `active` (what `active()` returned) at `now_ms`. When that is the tunnel
+    /// `previous` had retired already (both ends rotating, or one twice), its retirement goes
+    /// on: same start, the longer patience, so that neither change cuts the other's short.
+    pub(crate) fn carried(
+        active: Arc<Peer>,
+        previous: Option<&Arc<Retired>>,
+        now_ms: u64,
+        patience: Duration,
+    ) -> Arc<Retired> {
+        match previous {
+            Some(p) if Arc::ptr_eq(&p.peer, &active) => {
+                Retired::new(active, p.since_ms, p.patience.max(patience))
+            }
+            _ => Retired::new(active, now_ms, patience),
+        }
+    }
+
     pub(crate) fn new(peer: Arc<Peer>, since_ms: u64, patience: Duration) -> Arc<Retired> {
         Arc::new(Retired {
             peer,
@@ -125,20 +142,7 @@ pub(crate) fn active(peer: &Arc<Peer>, retired: Option<&Arc<Retired>>) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wg::keys::{self, PublicKey};
-
-    fn key() -> PublicKey {
-        keys::public_key(&keys::generate())
-    }
-
-    fn cfg(k: PublicKey, ep: &str, nets: &[&str]) -> PeerConfig {
-        PeerConfig {
-            public_key: k,
-            endpoint: ep.parse().unwrap(),
-            allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
-            persistent_keepalive: None,
-        }
-    }
+    use crate::wg::peers::tests::{cfg, key};
 
     #[test]
     fn a_new_key_for_the_same_endpoint_and_ranges_is_linked_to_the_old_one() {

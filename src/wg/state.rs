@@ -138,10 +138,11 @@ impl State {
             let Some(before) = old.by_key.get(&removed) else {
                 continue;
             };
-            if let Some(active) = rotation::active(before, old.retired.get(&removed)) {
+            let previous = old.retired.get(&removed);
+            if let Some(active) = rotation::active(before, previous) {
                 new.retire(
                     added,
-                    Retired::new(active, now_ms, rotation::PEER_KEY_PATIENCE),
+                    Retired::carried(active, previous, now_ms, rotation::PEER_KEY_PATIENCE),
                 );
             }
             rotated.push(added);
@@ -196,10 +197,11 @@ impl State {
             }
             new.by_index.insert(index, peer.clone());
             new.by_key.insert(*key, peer);
-            if let Some(active) = rotation::active(before, old.retired.get(key)) {
+            let previous = old.retired.get(key);
+            if let Some(active) = rotation::active(before, previous) {
                 new.retire(
                     *key,
-                    Retired::new(active, now_ms, rotation::OWN_KEY_PATIENCE),
+                    Retired::carried(active, previous, now_ms, rotation::OWN_KEY_PATIENCE),
                 );
                 kept += 1;
             }
@@ -221,7 +223,13 @@ impl State {
         if self.table().retired.is_empty() {
             return;
         }
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        // The datapath thread calls this: it never waits for a writer building tunnels (a
+        // rotation with thousands of peers takes a while); the next tick tries again.
+        let _writer = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         let old = self.table();
         let mut over = Vec::new();
         for (key, r) in &old.retired {

@@ -10,6 +10,7 @@ use super::keys::{self, PublicKey, StaticSecret};
 use super::rotation;
 use super::state::State;
 use super::*;
+use std::sync::Arc;
 
 const MARKER: &[u8] = b"VEILNET-PLAINTEXT-MARKER";
 
@@ -575,6 +576,79 @@ fn a_wrong_new_key_gets_no_session_and_the_old_one_ends_after_its_patience() {
     net.run();
     assert_eq!(net.delivered(), before);
     assert_no_plaintext(&net);
+}
+
+#[test]
+fn a_retired_tunnel_completes_no_handshake_it_had_in_flight() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    // A's tunnel to B has an initiation out (a rekey) when A is told B's new key; the holder
+    // of B's old key answers it.
+    let peer = net.nodes[0].table().by_key.values().next().unwrap().clone();
+    let init = match peer
+        .tunn()
+        .format_handshake_initiation(&mut [0u8; 256], true)
+    {
+        boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    net.receive(1, net.addrs[0], &init);
+    let (_, _, response) = net.wire.pop_back().unwrap();
+    assert_eq!(response[0], 2, "a handshake response");
+    let rotated = keys::public_key(&keys::generate());
+    net.nodes[0]
+        .set_peers(&[peer_cfg(rotated, net.addrs[1], node_net(1))])
+        .unwrap();
+    net.wire.clear();
+    let unknown = net.nodes[0].device_stats().rx_unknown_peer;
+    assert_eq!(
+        net.receive(0, net.addrs[1], &response),
+        Some(IngressDrop::UnknownPeer),
+        "the retired tunnel took a handshake response"
+    );
+    assert_eq!(net.nodes[0].device_stats().rx_unknown_peer, unknown + 1);
+    assert!(net.wire.is_empty(), "nothing confirms a new session");
+}
+
+#[test]
+fn a_retirement_carried_by_a_second_key_change_keeps_its_start_and_longer_patience() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    net.rotate(0);
+    let first = net.nodes[0]
+        .table()
+        .retired
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    // Then A is told B's new key too, before B knows A's: the old session still carries all.
+    net.rotate(1);
+    net.learn_key(0);
+    let table = net.nodes[0].table();
+    let carried = table.retired.values().next().unwrap();
+    assert!(Arc::ptr_eq(&carried.peer, &first.peer));
+    assert_eq!(carried.since_ms, first.since_ms);
+    assert_eq!(carried.patience, rotation::OWN_KEY_PATIENCE);
+}
+
+#[test]
+fn a_retired_tunnel_follows_its_peers_new_endpoint() {
+    let mut net = Net::new();
+    net.both_ways();
+    net.run();
+    net.rotate(0);
+    let moved: SocketAddr = "192.0.2.22:51820".parse().unwrap();
+    net.nodes[0]
+        .set_peers(&[peer_cfg(net.public(1), moved, node_net(1))])
+        .unwrap();
+    let table = net.nodes[0].table();
+    assert_eq!(
+        table.retired.values().next().unwrap().peer.endpoint(),
+        moved
+    );
 }
 
 #[test]

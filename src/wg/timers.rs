@@ -14,7 +14,7 @@ use super::peers::Peer;
 use super::state::State;
 use super::stats::bump;
 use super::udp::UdpSockets;
-use super::{message_type, MESSAGE_HANDSHAKE_INIT};
+use super::{message_type, MESSAGE_DATA, MESSAGE_HANDSHAKE_INIT};
 
 /// How often timers run; WireGuard's timer granularity is coarser than this.
 pub(crate) const TICK: Duration = Duration::from_millis(250);
@@ -69,6 +69,17 @@ pub(crate) fn tick_peer<'a>(
         tunn = sender.tunn();
     }
     keepalive(sender, &mut tunn, out).map(|datagram| (sender.endpoint(), datagram))
+}
+
+/// Runs a retired tunnel's timers (see `rotation`): they expire its sessions one by one and time
+/// out a handshake it had in flight. Only a keepalive they produce is returned; a handshake
+/// initiation is dropped, since a retired key must not get a new session.
+pub(crate) fn tick_retired<'a>(peer: &Peer, out: &'a mut [u8]) -> Option<(SocketAddr, &'a [u8])> {
+    let len = match peer.tunn().update_timers(out) {
+        TunnResult::WriteToNetwork(d) if message_type(d) == Some(MESSAGE_DATA) => d.len(),
+        _ => return None,
+    };
+    Some((peer.endpoint(), &out[..len]))
 }
 
 /// An empty data packet on the current session. With no session this queues it and returns the
@@ -172,6 +183,13 @@ impl Timers {
                 let len = datagram.len();
                 let result = udp.send_to(datagram, to);
                 egress::account_send(state, peer, len, &result);
+            }
+        }
+        for retired in table.retired.values() {
+            if let Some((to, datagram)) = tick_retired(&retired.peer, &mut self.out) {
+                let len = datagram.len();
+                let result = udp.send_to(datagram, to);
+                egress::account_send(state, &retired.peer, len, &result);
             }
         }
     }
