@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -40,24 +40,10 @@ pub fn node_objects(data: &[u8]) -> bool {
     };
     let nodes: Vec<Arc<Node>> = nodes.into_iter().map(Arc::new).collect();
     let cluster = ClusterSnapshot::take("n1", &nodes, &AllocationRecord::default());
-    let cfg = AgentConfig::resolve(&AgentArgs {
-        node_name: Some("n1".into()),
-        ..Default::default()
-    })
-    .expect("the default agent configuration resolves");
-    let me = SelfInfo::new(
-        "n1",
-        UnderlayDevice {
-            ip: "172.30.0.11".parse().expect("literal"),
-            dev: "eth0".into(),
-            mtu: 1500,
-        },
-        vec!["10.244.1.0/24".parse().expect("literal")],
-        false,
-    );
+    let (cfg, me) = planned_node();
     let Ok(plan) = plan_node(&PlanInput {
-        cfg: &cfg,
-        me: &me,
+        cfg,
+        me,
         cluster: &cluster,
         wg_key: &PublicKey::from([1u8; 32]),
         incumbents: &BTreeMap::new(),
@@ -93,6 +79,29 @@ pub fn node_objects(data: &[u8]) -> bool {
         }
     }
     true
+}
+
+/// The agent settings and self-knowledge of node `n1`, the same for every input (built once).
+fn planned_node() -> &'static (AgentConfig, SelfInfo) {
+    static NODE: OnceLock<(AgentConfig, SelfInfo)> = OnceLock::new();
+    NODE.get_or_init(|| {
+        let cfg = AgentConfig::resolve(&AgentArgs {
+            node_name: Some("n1".into()),
+            ..Default::default()
+        })
+        .expect("the default agent configuration resolves");
+        let me = SelfInfo::new(
+            "n1",
+            UnderlayDevice {
+                ip: "172.30.0.11".parse().expect("literal"),
+                dev: "eth0".into(),
+                mtu: 1500,
+            },
+            vec!["10.244.1.0/24".parse().expect("literal")],
+            false,
+        );
+        (cfg, me)
+    })
 }
 
 /// A line on the datapath's control socket: a request decodes, or is refused; a decoded one

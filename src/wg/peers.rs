@@ -231,11 +231,21 @@ impl PeerTable {
 
     /// Whether `peer` is a retired tunnel (not a current one) of this table.
     pub(crate) fn is_retired(&self, peer: &Peer) -> bool {
-        !self.retired.is_empty()
-            && self
-                .retired
-                .values()
-                .any(|r| std::ptr::eq(Arc::as_ptr(&r.peer), peer))
+        self.retired
+            .values()
+            .any(|r| std::ptr::eq(Arc::as_ptr(&r.peer), peer))
+    }
+
+    /// Adds `peer` (a current tunnel) with its normalised configuration: routed by its allowed
+    /// IPs, found by its key and its index.
+    pub(crate) fn insert(&mut self, peer: Arc<Peer>, cfg: PeerConfig) {
+        for net in &cfg.allowed_ips {
+            self.allowed_ips.insert(*net, peer.clone());
+        }
+        let key = *peer.public_key.as_bytes();
+        self.by_index.insert(peer.index, peer.clone());
+        self.by_key.insert(key, peer);
+        self.configs.insert(key, cfg);
     }
 
     /// Retires `retired` behind the peer keyed `successor`: it keeps receiving by its index.
@@ -348,17 +358,12 @@ pub(crate) fn build_table(
                 Arc::new(new_peer(&cfg, index))
             }
         };
-        for net in &cfg.allowed_ips {
-            table.allowed_ips.insert(*net, peer.clone());
-        }
-        table.by_index.insert(peer.index, peer.clone());
-        table.by_key.insert(key, peer);
         if let Some(r) = old.retired.get(&key) {
             // It sends for the peer still: to where the peer is now.
             r.peer.reconfigure(&cfg);
             table.retire(key, r.clone());
         }
-        table.configs.insert(key, cfg);
+        table.insert(peer, cfg);
     }
     table
 }

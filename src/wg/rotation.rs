@@ -10,10 +10,14 @@
 //!   the added one, and a handshake with the new key starts at once.
 //!
 //! While it lasts, the successor sends through the retired tunnel as long as it has no session
-//! of its own (`PeerTable::sender`), and the retired tunnel still receives by its index. A
-//! retired tunnel never runs timers, never starts a handshake and never answers one: handshake
-//! initiations are only ever matched against current keys, so a leaked old key wins nothing
-//! new. It carries only the sessions it already had, and for a bounded time ([`is_over`]).
+//! of its own (`PeerTable::sender`), and the retired tunnel still receives data by its index.
+//! Nothing else reaches it: handshake initiations are only ever matched against current keys,
+//! and handshake responses and cookies only against current tunnels, so a leaked old key wins
+//! nothing new. Its timers run (they expire its sessions and time out a handshake it had in
+//! flight), but of what they send only keepalives go out, never a handshake. It carries only
+//! the sessions it already had, and for a bounded time ([`is_over`]): traffic keeps going to
+//! the node that held the old key, which a wrong new key (a bad annotation) cannot prolong
+//! beyond [`PEER_KEY_PATIENCE`].
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -37,7 +41,7 @@ pub(crate) const OWN_KEY_PATIENCE: Duration = Duration::from_secs(120);
 pub(crate) const PEER_KEY_PATIENCE: Duration = Duration::from_secs(15);
 
 /// WireGuard's `Reject-After-Time`: no session is used longer than this after its handshake.
-/// The retired tunnel runs no timers, so nothing else would enforce it.
+/// The retired tunnel's own timers expire its sessions too; this ends the retirement itself.
 pub(crate) const REJECT_AFTER: Duration = Duration::from_secs(180);
 
 /// A tunnel that was replaced, kept while its successor has no session (shared by the table

@@ -179,24 +179,19 @@ impl State {
         let mut next_index = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let id = Arc::new(Identity::new(private));
         let old = self.table();
-        let mut new = PeerTable {
-            configs: old.configs.clone(),
-            ..PeerTable::default()
-        };
+        let mut new = PeerTable::default();
         let now_ms = self.now_ms();
         let mut kept = 0usize;
         for (key, before) in &old.by_key {
+            // `PeerTable::insert` is the only way into `by_key`, so every key has its config.
+            let Some(cfg) = old.configs.get(key) else {
+                continue;
+            };
             let index = peers::allocate_index(&mut next_index, |i| {
                 old.by_index.contains_key(&i) || new.by_index.contains_key(&i)
             });
             let peer = Arc::new(before.successor(index, new_tunn(&id, before.public_key, index)));
-            if let Some(cfg) = old.configs.get(key) {
-                for net in &cfg.allowed_ips {
-                    new.allowed_ips.insert(*net, peer.clone());
-                }
-            }
-            new.by_index.insert(index, peer.clone());
-            new.by_key.insert(*key, peer);
+            new.insert(peer, cfg.clone());
             let previous = old.retired.get(key);
             if let Some(active) = rotation::active(before, previous) {
                 new.retire(

@@ -21,7 +21,8 @@ pub(crate) const TICK: Duration = Duration::from_millis(250);
 
 /// Runs one peer's timers; returns a datagram to send, if any (`out` ≥ 148 bytes). `sender` is
 /// the tunnel that carries the peer's traffic (`PeerTable::sender`): `peer` itself, or during a
-/// key rotation the one it replaces, which gets the persistent keepalives but runs no timers.
+/// key rotation the one it replaces, which gets the persistent keepalives (its own timers are
+/// [`tick_retired`]'s).
 pub(crate) fn tick_peer<'a>(
     peer: &Peer,
     sender: &Peer,
