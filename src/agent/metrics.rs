@@ -183,6 +183,21 @@ impl Collector for SnapshotCollector {
                     "1 while the WireGuard datapath process answers the agent, else 0",
                     vec![(vec![], ConstGauge::new(i64::from(dp.error.is_none())))],
                 )?;
+                family(
+                    &mut encoder,
+                    "wireguard_dropped_datagrams",
+                    "Datagrams on the WireGuard port no peer took, by reason (invalid, unknown_peer, rate_limited)",
+                    dp.drops
+                        .iter()
+                        .map(|(reason, n)| (vec![("reason", reason.clone())], ConstCounter::new(*n)))
+                        .collect(),
+                )?;
+                family(
+                    &mut encoder,
+                    "wireguard_cookie_replies",
+                    "Cookie replies sent because handshake initiations came faster than the device's limit",
+                    vec![(vec![], ConstCounter::new(dp.cookie_replies))],
+                )?;
                 if let Some(started) = dp.started_at {
                     family(
                         &mut encoder,
@@ -428,6 +443,8 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
             started_at: Some(1),
             offloads: None,
             error: None,
+            drops: std::collections::BTreeMap::from([("invalid".to_string(), 1)]),
+            cookie_replies: 1,
         }),
         updated_at: String::new(),
     });
@@ -522,6 +539,12 @@ mod tests {
                 started_at: Some(1_700_000_000),
                 offloads: None,
                 error: None,
+                drops: crate::agent::status::wireguard_drops(&crate::wg::DeviceStats {
+                    rx_invalid: 41,
+                    rx_rate_limited: 7,
+                    ..Default::default()
+                }),
+                cookie_replies: 3,
             }),
             updated_at: String::new(),
         });
@@ -548,6 +571,10 @@ mod tests {
             "veilnet_datapath_up 1",
             "veilnet_datapath_start_time_seconds 1700000000",
             r#"veilnet_wire_dropped_packets_total{reason="vxlan_rejected"} 3"#,
+            r#"veilnet_wireguard_dropped_datagrams_total{reason="invalid"} 41"#,
+            r#"veilnet_wireguard_dropped_datagrams_total{reason="rate_limited"} 7"#,
+            r#"veilnet_wireguard_dropped_datagrams_total{reason="unknown_peer"} 0"#,
+            r#"veilnet_wireguard_cookie_replies_total 3"#,
             "veilnet_masqueraded_connections_total 9",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
@@ -606,6 +633,8 @@ mod tests {
             "veilnet_policy_sync_errors_total",
             "veilnet_policy_sync_failing",
             "veilnet_wire_dropped_packets_total",
+            "veilnet_wireguard_dropped_datagrams_total",
+            "veilnet_wireguard_cookie_replies_total",
             "veilnet_masqueraded_connections_total",
             "veilnet_connections_rejected_total",
         ] {

@@ -95,6 +95,14 @@ pub struct DatapathStatus {
     pub offloads: Option<String>,
     /// Why the last call to it failed; `None` while it answers.
     pub error: Option<String>,
+    /// Datagrams on the WireGuard port dropped before any peer took them, by reason
+    /// (`invalid`: not WireGuard or a bad MAC; `unknown_peer`: no current key or session index;
+    /// `rate_limited`: a source's initiations past 20 a second). What a flood shows up as.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drops: BTreeMap<String, u64>,
+    /// Cookie replies sent because handshakes came faster than the device's limit.
+    #[serde(default)]
+    pub cookie_replies: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -191,7 +199,21 @@ fn datapath_status<D>(wg: &WireGuard<D>) -> DatapathStatus {
             .and_then(|i| i.device.as_ref())
             .map(|d| d.offloads.clone()),
         error: view.error.clone(),
+        drops: wireguard_drops(wg.device_stats()),
+        cookie_replies: wg.device_stats().cookies_sent,
     }
+}
+
+/// [`DatapathStatus::drops`] from the datapath's device counters.
+pub fn wireguard_drops(d: &crate::wg::DeviceStats) -> BTreeMap<String, u64> {
+    [
+        ("invalid", d.rx_invalid),
+        ("unknown_peer", d.rx_unknown_peer),
+        ("rate_limited", d.rx_rate_limited),
+    ]
+    .into_iter()
+    .map(|(reason, n)| (reason.to_string(), n))
+    .collect()
 }
 
 pub fn path(run_dir: &FsPath) -> PathBuf {
@@ -284,6 +306,9 @@ pub fn render(st: &NodeStatus) -> String {
     if !drops.is_empty() {
         let _ = writeln!(s, "\nwire drops: {}", drops.join(", "));
     }
+    if let Some(line) = st.datapath.as_ref().and_then(render_wireguard_drops) {
+        let _ = writeln!(s, "{line}");
+    }
     if st.masqueraded > 0 {
         let _ = writeln!(
             s,
@@ -293,6 +318,25 @@ pub fn render(st: &NodeStatus) -> String {
     }
     let _ = writeln!(s, "\nupdated {}", st.updated_at);
     s
+}
+
+/// What the WireGuard port refused, e.g. `wireguard drops: invalid 41, rate_limited 7 (cookie
+/// replies 3)`; `None` while nothing was.
+fn render_wireguard_drops(dp: &DatapathStatus) -> Option<String> {
+    let drops: Vec<String> = dp
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| format!("{reason} {n}"))
+        .collect();
+    if drops.is_empty() && dp.cookie_replies == 0 {
+        return None;
+    }
+    let mut line = format!("wireguard drops: {}", drops.join(", "));
+    if dp.cookie_replies > 0 {
+        line.push_str(&format!(" (cookie replies {})", dp.cookie_replies));
+    }
+    Some(line)
 }
 
 /// One line about the datapath process, e.g. `datapath pid 812 (0.1.0), up 3h12m, offloads …`.
@@ -367,6 +411,12 @@ mod tests {
                 started_at: Some(0),
                 offloads: None,
                 error: None,
+                drops: wireguard_drops(&crate::wg::DeviceStats {
+                    rx_invalid: 41,
+                    rx_rate_limited: 7,
+                    ..Default::default()
+                }),
+                cookie_replies: 3,
             }),
             updated_at: "now".into(),
         };
@@ -378,6 +428,10 @@ mod tests {
         );
         assert!(text.contains("path matrix"), "{text}");
         assert!(text.contains("wire drops: vxlan_rejected 4"), "{text}");
+        assert!(
+            text.contains("wireguard drops: invalid 41, rate_limited 7 (cookie replies 3)"),
+            "{text}"
+        );
         assert!(!text.contains("key rotation"), "{text}");
         let json = serde_json::to_value(&st).unwrap();
         assert!(json["peers"][0].get("keyRotation").is_none(), "{json}");
@@ -401,6 +455,8 @@ mod tests {
             started_at: Some((now.as_second() - 3 * 3600 - 12 * 60) as u64),
             offloads: Some("tun:csum,tso4 udp:gso,gro".into()),
             error: None,
+            drops: BTreeMap::new(),
+            cookie_replies: 0,
         };
         assert_eq!(
             render_datapath(&dp, now),

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use crate::datapath::client::{ClientError, Datapath, DatapathClient};
 use crate::datapath::protocol::{DeviceSpec, Info, Outcome, Reply, Request};
 use crate::model::encryption::{Path as PeerPathKind, PeerPath};
-use crate::wg::{keys, PeerChanges, PeerConfig, PeerStats, PublicKey};
+use crate::wg::{keys, DeviceStats, PeerChanges, PeerConfig, PeerStats, PublicKey};
 
 /// Name of the WireGuard TUN device on every node.
 pub const TUN_NAME: &str = "veilwg0";
@@ -60,6 +60,7 @@ pub struct WireGuard<D = DatapathClient> {
     /// The peer set the datapath last took: an unchanged set is not sent again.
     sent: Option<Vec<PeerConfig>>,
     stats: Vec<PeerStats>,
+    device_stats: DeviceStats,
     view: DatapathView,
 }
 
@@ -119,6 +120,7 @@ impl<D: Datapath> WireGuard<D> {
             peers: None,
             sent: None,
             stats: Vec::new(),
+            device_stats: DeviceStats::default(),
             view: DatapathView::default(),
         })
     }
@@ -137,6 +139,10 @@ impl<D> WireGuard<D> {
     /// Per-peer statistics as of the last [`WireGuard::refresh`].
     pub fn stats(&self) -> &[PeerStats] {
         &self.stats
+    }
+    /// The datapath's device-wide counters as of the last [`WireGuard::refresh`].
+    pub fn device_stats(&self) -> &DeviceStats {
+        &self.device_stats
     }
     pub fn datapath(&self) -> &DatapathView {
         &self.view
@@ -177,8 +183,9 @@ impl<D: Datapath> WireGuard<D> {
     /// Reads the datapath's counters (and so notices a restart of it, and reconfigures it).
     pub async fn refresh(&mut self) -> Result<(), WireGuardError> {
         match self.request("statistics", Request::Stats).await? {
-            Reply::Stats { peers, .. } => {
+            Reply::Stats { peers, device } => {
                 self.stats = peers;
+                self.device_stats = device;
                 Ok(())
             }
             _ => Err(WireGuardError::UnexpectedReply { what: "statistics" }),

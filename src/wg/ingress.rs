@@ -52,6 +52,8 @@ pub(crate) enum IngressDrop {
     Invalid,
     /// No current peer has that key or index.
     UnknownPeer,
+    /// A handshake initiation from a source past its rate (`source_limit`).
+    RateLimited,
     /// The peer's tunnel rejected it (authentication, replay, no session, …).
     Rejected,
     /// Authenticated, but the inner source is not in the peer's allowed IPs.
@@ -122,6 +124,13 @@ pub(crate) fn handle<'a>(
                     return Step::Dropped(IngressDrop::Invalid);
                 }
             };
+            // Under load, a source that echoes cookies from its real address passes the check
+            // above at any rate, and each initiation past here costs a Diffie-Hellman: its share
+            // is limited (see `source_limit`). Not otherwise: a source's share could then be
+            // spent by packets forging its address.
+            if id.passed_under_load() && !state.proven_initiation_allowed(from.ip()) {
+                return Step::Dropped(IngressDrop::RateLimited);
+            }
             let half = match parse_handshake_anon(&id.private, &id.public, &init) {
                 Ok(h) => h,
                 Err(e) => {

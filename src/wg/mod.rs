@@ -22,6 +22,7 @@ mod offload;
 mod peers;
 pub mod readiness;
 mod rotation;
+mod source_limit;
 mod state;
 mod stats;
 mod timers;

@@ -1,6 +1,7 @@
 //! The datapath's shared state, free of I/O: our identity, the peer table snapshot and the
 //! device counters. The I/O tasks and the control API both work on one `Arc<State>`.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +13,8 @@ use super::keys::{self, PublicKey, StaticSecret};
 use super::peers::{self, Peer, PeerChanges, PeerConfig, PeerTable};
 use super::readiness::Waker;
 use super::rotation::{self, Retired};
-use super::stats::{DeviceCounters, DeviceStats, PeerStats};
+use super::source_limit::SourceLimiter;
+use super::stats::{bump, DeviceCounters, DeviceStats, PeerStats};
 use super::WgError;
 
 /// Handshake messages per second the device accepts before it demands cookies (WireGuard's
@@ -27,6 +29,11 @@ pub(crate) struct Identity {
     pub private: StaticSecret,
     pub public: PublicKey,
     pub rate_limiter: Arc<RateLimiter>,
+    /// Initiations that passed `rate_limiter`'s MAC1 check from our own call this second.
+    /// boringtun counts those and more (its second pass inside `Tunn`, handshake responses) and
+    /// both are reset together, so once this reaches [`RATE_LIMIT`] `rate_limiter` is under load
+    /// too, and an initiation it passed carried a valid MAC2: its source address is proven.
+    initiations: AtomicU64,
 }
 
 impl Identity {
@@ -36,7 +43,19 @@ impl Identity {
             rate_limiter: Arc::new(RateLimiter::new(&public, RATE_LIMIT)),
             private,
             public,
+            initiations: AtomicU64::new(0),
         }
+    }
+
+    /// Counts an initiation `rate_limiter` passed; true when the device was under load for it.
+    pub(crate) fn passed_under_load(&self) -> bool {
+        self.initiations.fetch_add(1, Ordering::Relaxed) >= RATE_LIMIT
+    }
+
+    /// The second's reset of both load counts (from the tick).
+    pub(crate) fn reset_load(&self) {
+        self.rate_limiter.reset_count();
+        self.initiations.store(0, Ordering::Relaxed);
     }
 }
 
@@ -60,6 +79,9 @@ pub(crate) struct State {
     /// `now_ms` at the datapath thread's last loop turn (it turns at least every timer tick):
     /// how a liveness probe tells a stuck thread from an idle one.
     pub last_turn_ms: AtomicU64,
+    /// Initiations each source may still send (see `source_limit`); taken by the datapath
+    /// thread only, after a valid MAC1, and expired by its tick.
+    source_limit: Mutex<SourceLimiter>,
 }
 
 impl State {
@@ -76,7 +98,32 @@ impl State {
             waker: OnceLock::new(),
             eager_handshakes: AtomicBool::new(false),
             last_turn_ms: AtomicU64::new(0),
+            source_limit: Mutex::new(SourceLimiter::default()),
         }
+    }
+
+    /// Whether a handshake initiation from `from`, whose address a valid MAC2 proved, may cost
+    /// us a Diffie-Hellman now (counted in `rx_rate_limited` when not).
+    pub(crate) fn proven_initiation_allowed(&self, from: IpAddr) -> bool {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        let allowed = self
+            .source_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(from, now_ns);
+        if !allowed {
+            bump(&self.counters.rx_rate_limited);
+        }
+        allowed
+    }
+
+    /// Forgets the sources whose initiation budget is whole again (from the tick).
+    pub(crate) fn expire_sources(&self) {
+        let now_ns = self.epoch.elapsed().as_nanos() as u64;
+        self.source_limit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .expire(now_ns);
     }
 
     /// Asks the datapath to initiate a handshake with `peer` now (no-op while one is running).

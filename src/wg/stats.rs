@@ -33,6 +33,7 @@ pub(crate) struct DeviceCounters {
     pub rx_unknown_peer: AtomicU64,
     pub rx_invalid: AtomicU64,
     pub cookies_sent: AtomicU64,
+    pub rx_rate_limited: AtomicU64,
     pub tun_write_errors: AtomicU64,
     pub dropped_internal: AtomicU64,
 }
@@ -103,6 +104,10 @@ pub struct DeviceStats {
     pub rx_invalid: u64,
     /// Cookie replies sent because the handshake rate limit was hit.
     pub cookies_sent: u64,
+    /// Handshake initiations refused because their source sent more than its share (20 a
+    /// second, a burst of 5; see `source_limit`). Absent from an older datapath's reply.
+    #[serde(default)]
+    pub rx_rate_limited: u64,
     pub tun_write_errors: u64,
     /// Packets dropped because an invariant of the datapath did not hold (a bug): the packet is
     /// dropped and counted here rather than stopping the datapath thread. Zero unless something
@@ -133,6 +138,7 @@ impl DeviceCounters {
             rx_unknown_peer: get(&self.rx_unknown_peer),
             rx_invalid: get(&self.rx_invalid),
             cookies_sent: get(&self.cookies_sent),
+            rx_rate_limited: get(&self.rx_rate_limited),
             tun_write_errors: get(&self.tun_write_errors),
             dropped_internal: get(&self.dropped_internal),
         }

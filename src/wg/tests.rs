@@ -72,15 +72,14 @@ impl Net {
         keys::public_key(&self.keys[i])
     }
 
-    fn node_at(&self, addr: SocketAddr) -> usize {
-        self.addrs.iter().position(|a| *a == addr).unwrap()
-    }
-
+    /// Queues a datagram for its node; one to an address that is no node (a test's flooder)
+    /// is only logged.
     fn put_on_wire(&mut self, from: usize, to: SocketAddr, datagram: &[u8]) {
         self.log.push(datagram.to_vec());
-        let dst = self.node_at(to);
-        self.wire
-            .push_back((dst, self.addrs[from], datagram.to_vec()));
+        if let Some(dst) = self.addrs.iter().position(|a| *a == to) {
+            self.wire
+                .push_back((dst, self.addrs[from], datagram.to_vec()));
+        }
     }
 
     /// Node `i` reads `packet` from its TUN.
@@ -900,4 +899,80 @@ fn a_peer_left_on_a_stale_session_is_moved_over_by_a_keepalive() {
         "B's packet arrives on the new session"
     );
     assert_no_plaintext(&net);
+}
+
+/// A handshake initiation with a valid MAC1 for `responder` and nothing else valid: what anyone
+/// who reads a Node's public key can make, and what costs the responder one Diffie-Hellman.
+fn forged_initiation(responder: &PublicKey, sender_index: u32) -> Vec<u8> {
+    use blake2::digest::{consts::U16, Mac};
+    use blake2::{Blake2s256, Blake2sMac, Digest};
+    let mut msg = vec![1, 0, 0, 0];
+    msg.extend(sender_index.to_le_bytes());
+    msg.extend((0..108).map(|i| (i as u8).wrapping_mul(37) ^ sender_index as u8));
+    let key = Blake2s256::new()
+        .chain_update(b"mac1----")
+        .chain_update(responder.as_bytes())
+        .finalize();
+    let mut mac = Blake2sMac::<U16>::new_from_slice(&key).unwrap();
+    mac.update(&msg);
+    msg.extend(mac.finalize().into_bytes());
+    msg.extend([0u8; 16]);
+    msg
+}
+
+#[test]
+fn under_load_a_source_echoing_cookies_gets_five_initiations_then_twenty_a_second() {
+    let mut net = Net::new();
+    let a = net.public(0);
+    let flooder: SocketAddr = "10.99.0.1:40000".parse().unwrap();
+    // Below the device's load limit nothing is charged to a source: forged initiations cost a
+    // DH each and are refused as not for our key, none as rate-limited.
+    for i in 0..state::RATE_LIMIT as u32 {
+        assert_eq!(
+            net.receive(0, flooder, &forged_initiation(&a, i)),
+            Some(IngressDrop::Invalid)
+        );
+    }
+    assert_eq!(net.nodes[0].device_stats().rx_rate_limited, 0);
+    // Now under load: an initiation without MAC2 gets a cookie (the flooder's too: it answers
+    // from its real address), and B's tunnel takes it and puts MAC2 on its next initiations.
+    let peer = net.nodes[1].table().by_key.values().next().unwrap().clone();
+    let mut out = vec![0u8; 256];
+    let mut initiation = || match peer.tunn().format_handshake_initiation(&mut out, true) {
+        boringtun::noise::TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("no initiation"),
+    };
+    let from = net.addrs[1];
+    let cookies = net.nodes[0].device_stats().cookies_sent;
+    let init = initiation();
+    assert_eq!(net.receive(0, from, &init), None);
+    assert_eq!(net.nodes[0].device_stats().cookies_sent, cookies + 1);
+    assert!(net.run().is_empty(), "B takes the cookie");
+    // With MAC2 its address is proven, and its share is charged: a burst of five, then none
+    // until the bucket refills (20 a second).
+    for i in 0..5 {
+        let init = initiation();
+        assert_eq!(
+            net.receive(0, from, &init),
+            None,
+            "initiation {i} of the burst"
+        );
+        net.wire.clear();
+    }
+    let init = initiation();
+    assert_eq!(net.receive(0, from, &init), Some(IngressDrop::RateLimited));
+    assert_eq!(net.nodes[0].device_stats().rx_rate_limited, 1);
+    // Another proven source's share is its own, and forged packets never spend anyone's: the
+    // flooder, without MAC2, only gets cookies.
+    let cookies = net.nodes[0].device_stats().cookies_sent;
+    assert_eq!(net.receive(0, flooder, &forged_initiation(&a, 9999)), None);
+    assert_eq!(net.nodes[0].device_stats().cookies_sent, cookies + 1);
+    assert_eq!(net.nodes[0].device_stats().rx_rate_limited, 1);
+    // One more after 50 ms, and the handshake completes.
+    std::thread::sleep(Duration::from_millis(60));
+    let init = initiation();
+    assert_eq!(net.receive(0, from, &init), None);
+    assert!(net.run().is_empty());
+    assert!(net.both_ways() > 0);
+    assert!(net.run().is_empty());
 }

@@ -1,6 +1,6 @@
 //! The periodic tick: WireGuard's timers (handshake retries, rekeying, keepalives, session
 //! expiry) for every peer, our persistent keepalives, the end of key-rotation grace periods, and
-//! the handshake rate limiter's reset.
+//! the handshake rate limiters' reset.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -173,7 +173,8 @@ impl Timers {
         let now_ms = state.now_ms();
         if now_ms.saturating_sub(self.last_reset_ms) >= 1000 {
             // Shared limiters are not reset by the tunnels themselves.
-            state.identity().rate_limiter.reset_count();
+            state.identity().reset_load();
+            state.expire_sources();
             self.last_reset_ms = now_ms;
         }
         state.end_retirements(now_ms);
