@@ -43,6 +43,7 @@ fn the_prometheus_rule_and_the_rules_file_hold_the_same_groups() {
         "VeilnetSpoofedPackets",
         "VeilnetAgentRestarted",
         "VeilnetPolicySyncFailing",
+        "VeilnetWireguardFlood",
     ] {
         assert!(alerts.contains(&want), "{want} missing from {alerts:?}");
     }

@@ -96,7 +96,7 @@ pub struct DatapathStatus {
     /// Why the last call to it failed; `None` while it answers.
     pub error: Option<String>,
     /// Datagrams on the WireGuard port dropped before any peer took them, by reason
-    /// (`invalid`: not WireGuard or a bad MAC; `unknown_peer`: no current key or session index;
+    /// (`invalid`: not WireGuard, a bad MAC, or an initiation for no key of ours; `unknown_peer`: no current key or session index;
     /// `rate_limited`: a source's initiations past 20 a second). What a flood shows up as.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub drops: BTreeMap<String, u64>,
@@ -332,7 +332,12 @@ fn render_wireguard_drops(dp: &DatapathStatus) -> Option<String> {
     if drops.is_empty() && dp.cookie_replies == 0 {
         return None;
     }
-    let mut line = format!("wireguard drops: {}", drops.join(", "));
+    let drops = if drops.is_empty() {
+        "none".to_string()
+    } else {
+        drops.join(", ")
+    };
+    let mut line = format!("wireguard drops: {drops}");
     if dp.cookie_replies > 0 {
         line.push_str(&format!(" (cookie replies {})", dp.cookie_replies));
     }

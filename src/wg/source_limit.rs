@@ -23,17 +23,21 @@ const BURST: u64 = 5;
 /// The cost of one initiation in the bucket's units (nanoseconds of refill).
 const COST_NS: u64 = 1_000_000_000 / PER_SECOND;
 const BUCKET_NS: u64 = COST_NS * BURST;
-/// Sources tracked at most. A source only enters after a valid MAC1 (and under load a valid
-/// MAC2, which needs its real address), so filling this takes many real addresses; when it is
-/// full a new source is refused until `expire` frees room (within a second).
+/// Sources tracked at most. A source only enters with a valid MAC2 under load, which needs its
+/// real address, so filling this takes many real addresses (an IPv6 host with a /48 has them:
+/// 65,536 /64s); when it is full a new source is refused until `expire` frees room, within a
+/// second of each entry's last charge. Linux WireGuard's table is bounded the same way. An
+/// on-path attacker replaying a peer's initiations (their MAC2 stays valid for two minutes)
+/// spends that peer's share, as in Linux too.
 pub(crate) const MAX_SOURCES: usize = 16_384;
 
 /// The key a source is charged under: IPv4 addresses one by one, IPv6 by /64 (one host usually
 /// holds a whole /64, so per-address buckets would be free to multiply).
 fn source_key(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => (u128::from(v6) >> 64 << 64) | 1,
+        // As its v4-mapped form (low 64 bits set), which no /64 key (low 64 bits clear) is.
+        IpAddr::V4(v4) => (0xffff << 32) | u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6) >> 64 << 64,
     }
 }
 
