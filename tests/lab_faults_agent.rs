@@ -175,17 +175,6 @@ fn move_to(lab: &Lab, to: ClusterState) {
     other_writes(lab, to);
 }
 
-/// A small deterministic generator for the kill points (xorshift).
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[test]
 fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
     veilnet_test_support::require_root!();
@@ -247,7 +236,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
                 | 1
         });
     eprintln!("kill points drawn from VEILNET_KILL_SEED={seed}");
-    let mut rng = Rng(seed);
+    let mut rng = XorShift(seed);
     let mut state = ClusterState::A;
     let mut converged = Vec::new();
     for round in 1..=20 {

@@ -61,20 +61,6 @@ struct Sent {
     cookies_received: u64,
 }
 
-/// A tiny deterministic generator (xorshift): flood contents need no quality, only variety.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 fn hash(parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Blake2s256::new();
     for p in parts {
@@ -92,7 +78,7 @@ fn mac16(key: &[u8], msg: &[u8]) -> [u8; 16] {
 /// The datagrams a flood cycles through (the valid-MAC flood's one initiation gets its MAC2 once
 /// a cookie arrives).
 fn datagrams(kind: Flood, responder: &[u8; 32]) -> Vec<Vec<u8>> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     match kind {
         Flood::ClosedPort | Flood::Invalid => (0..256)
             .map(|i| {

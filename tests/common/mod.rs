@@ -672,3 +672,25 @@ fn exited(pid: i32) -> bool {
         .unwrap_or(0);
     matches!(state, Some("Z") | Some("X") | None) && threads <= 1
 }
+
+/// A tiny deterministic generator (xorshift64) for tests that draw kill points or flood
+/// contents: reproducible from its seed, no quality needed. `seed` must not be 0.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
