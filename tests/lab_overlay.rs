@@ -535,3 +535,57 @@ fn full_size_packets_cross_at_the_computed_pod_mtu() {
         assert!(!too_big.status.success());
     }
 }
+
+/// The datapath SIGKILLed 20 times, every 2 s, under one encrypted TCP stream (the container
+/// restarting as a kubelet would restart it, here `lab up`): the stream survives all of them.
+#[test]
+fn a_stream_survives_twenty_datapath_kills() {
+    veilnet_test_support::require_root!();
+    let lab = Lab::up("dpkill20", &["--nodes", "2"]);
+    let ip = iperf_server_and_client(&lab);
+    wait_path(
+        &lab,
+        "node-2",
+        "node-1",
+        "wireguard",
+        Duration::from_secs(30),
+    );
+    const KILLS: u32 = 20;
+    let stream = reverse_stream(&lab, &ip, KILLS * 2 + 6);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut pids = BTreeSet::new();
+    for _ in 0..KILLS {
+        pids.insert(
+            lab.daemon_pid("datapath-node-1")
+                .expect("the datapath runs"),
+        );
+        lab.kill_daemon("datapath-node-1");
+        lab.up_again();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert_eq!(
+        pids.len(),
+        KILLS as usize,
+        "not every kill hit a new process"
+    );
+    let report = stream_report(&lab, stream, "twenty datapath restarts");
+    let (longest, intervals) = longest_stall(&report);
+    let stalled = report["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["sum"]["bytes"].as_f64().unwrap_or(0.0) == 0.0)
+        .count();
+    let mbps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
+    eprintln!(
+        "{KILLS} datapath kills under one stream: it survived; longest stall {longest:.2} s, \
+         {stalled} of {intervals} 0.2 s intervals empty, {mbps:.1} Mbit/s on average (50 offered)"
+    );
+    assert!(
+        longest <= 3.0,
+        "the stream stalled {longest:.2} s across a datapath restart"
+    );
+}
