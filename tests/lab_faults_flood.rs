@@ -208,15 +208,7 @@ fn iperf3(lab: &Lab, client: &str, server: &str) -> Result<f64, String> {
             "5000",
         ],
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", text(&out)))?;
-    match report["end"]["sum_received"]["bits_per_second"].as_f64() {
-        Some(bps) if out.status.success() => Ok(bps / 1e6),
-        _ => Err(format!(
-            "iperf3 failed ({}): {}",
-            out.status, report["error"]
-        )),
-    }
+    iperf3_received_mbps(&out)
 }
 
 /// CPU seconds (user + system) `pid` has used.

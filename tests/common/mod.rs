@@ -347,18 +347,7 @@ impl Lab {
             client,
             &["iperf3", "-c", server_ip, "-t", "4", "-O", "1", "--json"],
         );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", text(&out)))?;
-        match report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            Some(bps) if out.status.success() => Ok(bps / 1e6),
-            _ => Err(format!(
-                "iperf3 failed ({}): {}",
-                out.status,
-                report["error"]
-                    .as_str()
-                    .unwrap_or("no totals in its report")
-            )),
-        }
+        iperf3_received_mbps(&out)
     }
 
     /// Probes `target` from `pod` with agnhost connect; returns the exit code.
@@ -692,5 +681,22 @@ impl XorShift {
 
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Mbit/s received, from the output of `iperf3 … --json`; iperf3's failure (it can exit 0 with
+/// an `error` in its JSON and no totals) is an error.
+pub fn iperf3_received_mbps(out: &Output) -> Result<f64, String> {
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", text(out)))?;
+    match report["end"]["sum_received"]["bits_per_second"].as_f64() {
+        Some(bps) if out.status.success() => Ok(bps / 1e6),
+        _ => Err(format!(
+            "iperf3 failed ({}): {}",
+            out.status,
+            report["error"]
+                .as_str()
+                .unwrap_or("no totals in its report")
+        )),
     }
 }
