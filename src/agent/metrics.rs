@@ -250,6 +250,19 @@ impl Collector for SnapshotCollector {
             )?;
             family(
                 &mut encoder,
+                "wireguard_rejected_datagrams",
+                "Datagrams from the peer's address its tunnel rejected (replayed or duplicated counter, failed authentication, handshake out of turn)",
+                wg.iter()
+                    .map(|p| {
+                        (
+                            vec![("peer", p.node.clone())],
+                            ConstCounter::new(p.rx_rejected),
+                        )
+                    })
+                    .collect(),
+            )?;
+            family(
+                &mut encoder,
                 "peers_rejected",
                 "Peers the overlay refuses (malformed or conflicting data)",
                 vec![(vec![], ConstGauge::new(st.rejected.len() as i64))],
@@ -420,6 +433,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
         last_handshake_seconds: Some(1),
         rx_bytes: 1,
         tx_bytes: 1,
+        rx_rejected: 0,
         key_rotation: false,
     };
     *m.sources.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(NodeStatus {
@@ -516,6 +530,7 @@ mod tests {
                     last_handshake_seconds: Some(7),
                     rx_bytes: 1234,
                     tx_bytes: 5678,
+                    rx_rejected: 12,
                     key_rotation: false,
                 },
                 PeerStatus {
@@ -528,6 +543,7 @@ mod tests {
                     last_handshake_seconds: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
+                    rx_rejected: 0,
                     key_rotation: false,
                 },
             ],
@@ -568,6 +584,7 @@ mod tests {
             r#"veilnet_wireguard_handshake_age_seconds{peer="node-2"} 7"#,
             r#"veilnet_wireguard_received_bytes_total{peer="node-2"} 1234"#,
             r#"veilnet_wireguard_sent_bytes_total{peer="node-2"} 5678"#,
+            r#"veilnet_wireguard_rejected_datagrams_total{peer="node-2"} 12"#,
             "veilnet_datapath_up 1",
             "veilnet_datapath_start_time_seconds 1700000000",
             r#"veilnet_wire_dropped_packets_total{reason="vxlan_rejected"} 3"#,
@@ -635,6 +652,7 @@ mod tests {
             "veilnet_wire_dropped_packets_total",
             "veilnet_wireguard_dropped_datagrams_total",
             "veilnet_wireguard_cookie_replies_total",
+            "veilnet_wireguard_rejected_datagrams_total",
             "veilnet_masqueraded_connections_total",
             "veilnet_connections_rejected_total",
         ] {

@@ -121,11 +121,27 @@ pub struct PeerStatus {
     pub last_handshake_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Datagrams from the peer's address that its tunnel rejected: a failed authentication, a
+    /// replayed counter (a duplicated or very late datagram), a handshake message out of turn.
+    /// A few around a handshake are normal; a steady climb is a hostile or broken underlay.
+    /// Absent from older agents' status files, hence the default.
+    #[serde(default)]
+    pub rx_rejected: u64,
     /// A WireGuard key rotation (ours or the peer's) is under way: traffic rides the previous
     /// key's session until the handshake under the new keys completes (`lastHandshakeSeconds` is
     /// that new session's). Absent when false, and from older agents.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub key_rotation: bool,
+}
+
+/// The peer row's note on datagrams its tunnel rejected (duplicates, replays, failed
+/// authentication): nothing when there are none.
+fn rejected_note(rejected: u64) -> String {
+    match rejected {
+        0 => String::new(),
+        1 => "  (1 datagram rejected)".to_string(),
+        n => format!("  ({n} datagrams rejected)"),
+    }
 }
 
 pub fn build<D>(
@@ -164,6 +180,7 @@ pub fn build<D>(
                     .map(|d| d.as_secs()),
                 rx_bytes: wg_stats.map_or(0, |s| s.rx_bytes),
                 tx_bytes: wg_stats.map_or(0, |s| s.tx_bytes),
+                rx_rejected: wg_stats.map_or(0, |s| s.rx_errors),
                 key_rotation: wg_stats.is_some_and(|s| s.on_previous_key),
             }
         })
@@ -271,7 +288,7 @@ pub fn render(st: &NodeStatus) -> String {
                 (Some(r), _) => format!("  ({r})"),
                 (None, true) => "  (key rotation: on the previous key's session)".to_string(),
                 (None, false) => String::new(),
-            },
+            } + &rejected_note(p.rx_rejected),
         );
     }
     for (node, reason) in &st.rejected {
@@ -394,6 +411,7 @@ mod tests {
                 last_handshake_seconds: Some(3),
                 rx_bytes: 10,
                 tx_bytes: 20,
+                rx_rejected: 5,
                 key_rotation: false,
             }],
             rejected: BTreeMap::new(),
@@ -427,6 +445,7 @@ mod tests {
         };
         let text = render(&st);
         assert!(text.contains("datapath pid 812 (0.1.0)"), "{text}");
+        assert!(text.contains("(5 datagrams rejected)"), "{text}");
         assert!(
             text.contains("wireguard") && text.contains("3s ago"),
             "{text}"
