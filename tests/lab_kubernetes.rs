@@ -13,6 +13,8 @@ mod common;
 mod manifest_docs;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -765,4 +767,237 @@ fn an_expired_watch_410_gone_is_relisted_without_touching_the_dataplane() {
     new_pod_is_reachable(&lab, "node-2");
     isolating_b_is_enforced(&lab, &b_ip);
     eprintln!("410 test: {:.1}s", started.elapsed().as_secs_f64());
+}
+
+/// The port the slow API proxy listens on, beside the API server on the control plane's address.
+const SLOW_API_PORT: u16 = 16443;
+const SLOW_API_TABLE: &str = "veilnet_test_slow_api";
+
+/// A slow API server, as one node sees it: every byte its clients send to the API server's
+/// address is held `delay` before it is passed on (responses and watch events are not held), so
+/// every request, and every new connection's TLS handshake round, takes that much longer. A TCP
+/// proxy in the control plane's namespace does the holding; a DNAT rule in the node's namespace
+/// sends new connections to it, and the node's open connections to the API server are reset so
+/// that its clients (agent and kubelet) reconnect through it. Dropping it removes the rules and
+/// closes the proxied connections: the clients reconnect directly.
+struct SlowApi {
+    node_netns: String,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+fn ipv4_of(netns: &str) -> String {
+    let out = ok(Command::new("ip").args(["-n", netns, "-4", "-j", "addr", "show", "eth0"]));
+    let addrs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    addrs[0]["addr_info"][0]["local"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IPv4 address on eth0 in {netns}: {out}"))
+        .to_string()
+}
+
+impl SlowApi {
+    fn start(lab: &Lab, node: usize, delay: Duration) -> SlowApi {
+        let cp_netns = lab.control_plane_netns();
+        let api_ip: std::net::Ipv4Addr = ipv4_of(&cp_netns).parse().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let acceptor = {
+            let (stop, accepted, conns) = (stop.clone(), accepted.clone(), conns.clone());
+            std::thread::spawn(move || {
+                // Every socket this thread opens, the upstream connections included, is the
+                // control plane's: the node's rules never see the proxy's own traffic.
+                veilnet::netns::enter_current_thread(&cp_netns).expect("enter the control plane");
+                let listener = std::net::TcpListener::bind((api_ip, SLOW_API_PORT));
+                let listener = match listener {
+                    Ok(l) => {
+                        bound_tx.send(Ok(())).unwrap();
+                        l
+                    }
+                    Err(e) => return bound_tx.send(Err(e)).unwrap(),
+                };
+                listener.set_nonblocking(true).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    client.set_nonblocking(false).unwrap();
+                    let Ok(upstream) = std::net::TcpStream::connect((api_ip, 6443)) else {
+                        continue; // the client sees its connection closed, as with a dead LB
+                    };
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    let mut held = conns.lock().unwrap();
+                    held.push(client.try_clone().unwrap());
+                    held.push(upstream.try_clone().unwrap());
+                    drop(held);
+                    proxy_delayed(client, upstream, delay);
+                }
+            })
+        };
+        bound_rx
+            .recv()
+            .unwrap()
+            .expect("the slow API proxy's listener");
+
+        let node_netns = lab.node_netns(node);
+        let ruleset = format!(
+            "table ip {SLOW_API_TABLE} {{\n\
+             \x20chain out_nat {{ type nat hook output priority -100; policy accept;\n\
+             \x20 ip daddr {api_ip} tcp dport 6443 dnat to {api_ip}:{SLOW_API_PORT}\n }}\n\
+             \x20chain out {{ type filter hook output priority 0; policy accept;\n\
+             \x20 ip daddr {api_ip} tcp dport 6443 counter reject with tcp reset\n }}\n}}\n"
+        );
+        veilnet::netfilter::nft::run(
+            Some(&node_netns),
+            &ruleset,
+            veilnet::netfilter::Flags::default(),
+            "slow API rules",
+        )
+        .unwrap_or_else(|e| panic!("{e}:\n{ruleset}"));
+        SlowApi {
+            node_netns,
+            stop,
+            accepted,
+            conns,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Connections the proxy has carried to the API server so far.
+    fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+/// Copies `client` → `upstream` with every chunk held `delay` (order kept, chunks pipelined),
+/// and `upstream` → `client` as it comes, each direction on its own threads.
+fn proxy_delayed(client: std::net::TcpStream, upstream: std::net::TcpStream, delay: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let mut from_client = client.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut from_client, &mut buf) {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut to_upstream = upstream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if std::io::Write::write_all(&mut to_upstream, &chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to_upstream.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut from_upstream, mut to_client) = (upstream, client);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_upstream, &mut to_client);
+        let _ = to_client.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+impl Drop for SlowApi {
+    fn drop(&mut self) {
+        let _ = veilnet::netfilter::nft::run(
+            Some(&self.node_netns),
+            &format!("delete table ip {SLOW_API_TABLE}"),
+            veilnet::netfilter::Flags::default(),
+            "remove the slow API rules",
+        );
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        for conn in self.conns.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_slow_api_2s_a_call_tears_nothing_down_and_changes_still_converge() {
+    veilnet_test_support::require_root!();
+    require_kubernetes!();
+    let lab = Lab::up_on(ControlPlane::Kubernetes, "k8sslow", &["--nodes", "2"]);
+    let (_, b_ip) = two_pods(&lab);
+    let before = settled_dataplane(&lab, 2);
+    let a_netns = lab.pod_netns("default/a");
+    let agent = lab.daemon_pid("agent-node-2");
+    let log_from = lab.agent_log("node-2").len();
+
+    // node-2's agent and kubelet lose their connections and come back through the slow proxy.
+    let slow = SlowApi::start(&lab, 2, Duration::from_secs(2));
+    eventually(
+        Duration::from_secs(60),
+        "node-2's clients reconnect through the slow API",
+        || slow.connections() >= 2,
+    );
+    keeps_talking(
+        &a_netns,
+        &format!("{b_ip}:80"),
+        Duration::from_secs(20),
+        Duration::from_secs(4),
+        "while node-2's API calls take 2 s",
+    );
+    assert_eq!(
+        dataplane(&lab, 2),
+        before,
+        "a slow API changed a node's dataplane"
+    );
+
+    // Changes still reach node-2: a NetworkPolicy for its pod (its agent's watch), a new pod on
+    // it (its kubelet's, then the CNI ADD through its agent).
+    let started = Instant::now();
+    isolating_b_is_enforced(&lab, &b_ip);
+    let policy_took = started.elapsed();
+    let started = Instant::now();
+    new_pod_is_reachable(&lab, "node-2");
+    let pod_took = started.elapsed();
+    assert_eq!(
+        lab.daemon_pid("agent-node-2"),
+        agent,
+        "the agent must ride out a slow API, not be restarted"
+    );
+    let through_proxy = slow.connections();
+
+    // Back to a fast API: the agent reconnects directly and keeps up.
+    drop(slow);
+    lab.kubectl_ok(&["delete", "networkpolicy", "isolate-b"]);
+    let started = Instant::now();
+    eventually(Duration::from_secs(30), "a reaches b again", || {
+        lab.connect("default/a", &format!("{b_ip}:80"), "tcp", "2s") == Some(0)
+    });
+    let unpolicy_took = started.elapsed();
+    // kube-client logs each request a cut connection broke (at the reset that sent node-2
+    // through the proxy, and at the proxy's end): a handful, not one per slow call. Anything
+    // else at ERROR is the agent's own, and a slow API is no reason for one.
+    let cut = |l: &str| l.contains("kube_client::client::builder") && l.contains("SendRequest");
+    let errors = agent_lines_since(&lab, "node-2", log_from, |l| {
+        l.contains("panicked") || l.contains("ERROR")
+    });
+    let (cuts, own): (Vec<_>, Vec<_>) = errors.into_iter().partition(|l| cut(l));
+    assert!(
+        own.is_empty(),
+        "node-2's agent under a slow API:\n{}",
+        own.join("\n")
+    );
+    assert!(cuts.len() <= 6, "requests broken:\n{}", cuts.join("\n"));
+    eprintln!(
+        "slow API (every request from node-2 held 2 s, {through_proxy} connections): a policy \
+         for node-2's pod enforced after {:.1} s, a new pod on node-2 reachable after {:.1} s; \
+         with the API fast again, the policy's removal took {:.1} s",
+        policy_took.as_secs_f64(),
+        pod_took.as_secs_f64(),
+        unpolicy_took.as_secs_f64()
+    );
 }
