@@ -73,16 +73,26 @@ WG_PORT=51820 VXLAN_PORT=8472
 
 MARKER="VEILNET-MARKER-$(date +%s%N)-$$"
 PCAP=$(mktemp /tmp/veilnet-capture.XXXXXX.pcap)
+TCPDUMP_LOG=$(mktemp /tmp/veilnet-capture.XXXXXX.log)
 cleanup() {
 	[ -n "${TCPDUMP_PID:-}" ] && kill "$TCPDUMP_PID" 2>/dev/null || true
 	[ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
-	rm -f "$PCAP"
+	rm -f "$PCAP" "$TCPDUMP_LOG"
 }
 trap cleanup EXIT
 
-ip netns exec "$UNDERLAY_NS" tcpdump -i br0 -nn -U -s 0 -w "$PCAP" udp or "net $CLUSTER_CIDR" 2>/dev/null &
+# --immediate-mode: without it libpcap hands packets over a block at a time (TPACKET_V3, a block
+# retires after 1 s), and the packets of a block still open when tcpdump is stopped are lost: a
+# short capture would look empty. tcpdump says "listening on" once its capture is open; a fixed
+# sleep races it on a busy machine.
+ip netns exec "$UNDERLAY_NS" tcpdump --immediate-mode -i br0 -nn -U -s 0 -w "$PCAP" udp or "net $CLUSTER_CIDR" 2>"$TCPDUMP_LOG" &
 TCPDUMP_PID=$!
-sleep 0.5
+for _ in $(seq 200); do
+	grep -q 'listening on' "$TCPDUMP_LOG" && break
+	kill -0 "$TCPDUMP_PID" 2>/dev/null || { echo "tcpdump failed: $(cat "$TCPDUMP_LOG")" >&2; exit 2; }
+	sleep 0.05
+done
+grep -q 'listening on' "$TCPDUMP_LOG" || { echo "tcpdump did not start capturing within 10 s" >&2; exit 2; }
 
 probe() { # proto port → exit code of agnhost connect
 	local rc=0
