@@ -16,118 +16,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Everything of node-1's dataplane the agent owns, as the kernel holds it. The bridge's MTU
-/// follows its first pod port until the agent's periodic pass sets it (see `lab_kubernetes`),
-/// and nft counters count traffic: both are left out.
-fn node1_state(lab: &Lab) -> String {
-    let netns = lab.node_netns(1);
-    let ip = |args: &[&str]| {
-        lab.ip(1, args)
-            .lines()
-            .map(|l| match l.find(": veilbr0: ") {
-                Some(_) => l.split(" mtu ").next().unwrap_or(l).to_string(),
-                None => without_timers(l),
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let bridge_fdb = text(
-        &std::process::Command::new("ip")
-            .args(["netns", "exec", &netns, "bridge", "fdb", "show"])
-            .output()
-            .expect("bridge fdb"),
-    );
-    // Learned entries come and go with traffic; the agent writes the static and permanent ones.
-    let fdb: Vec<&str> = bridge_fdb
-        .lines()
-        .filter(|l| (l.contains("permanent") || l.contains("static")) && !l.contains(" master "))
-        .collect();
-    let nft = text(
-        &std::process::Command::new("ip")
-            .args(["netns", "exec", &netns, "nft", "-s", "list", "ruleset"])
-            .output()
-            .expect("nft"),
-    );
-    // Tables, and the chains, sets and counters in them, are listed in creation order: an agent
-    // that replaced a table whole (in one transaction) lists them in another order than one that
-    // added them one by one. Rules keep their order (it is their meaning); blocks are sorted.
-    let nft = sorted_blocks(&nft, "table ", "}")
-        .iter()
-        .map(|table| {
-            let mut lines = table.lines();
-            let head = lines.next().unwrap_or_default();
-            let body: Vec<&str> = lines.collect();
-            let body = body.join("\n");
-            format!("{head}\n{}", sorted_blocks(&body, "\t", "\t}").concat())
-        })
-        .collect::<String>();
-    [
-        ip(&["-d", "link"]),
-        ip(&["-4", "addr"]),
-        // Every table: the agent also keeps routes in its pod-to-node table, chosen by a rule.
-        ip(&["route", "show", "table", "all"]),
-        ip(&["rule"]),
-        ip(&["neigh", "show", "nud", "permanent"]),
-        fdb.join("\n"),
-        nft,
-    ]
-    .join("\n---\n")
-}
-
-/// `text` cut into blocks, each from a line that starts with `open` (and is not `close`) to the
-/// next line equal to `close`, sorted; lines outside blocks are blocks of their own.
-fn sorted_blocks(text: &str, open: &str, close: &str) -> Vec<String> {
-    let mut blocks = Vec::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        match current.as_mut() {
-            Some(block) => {
-                block.push_str(line);
-                block.push('\n');
-                if line == close {
-                    blocks.push(current.take().unwrap());
-                }
-            }
-            None if line.starts_with(open) && line != close && line.ends_with('{') => {
-                current = Some(format!("{line}\n"));
-            }
-            None => blocks.push(format!("{line}\n")),
-        }
-    }
-    blocks.extend(current);
-    blocks.sort();
-    blocks
-}
-
-/// `line` without the bridge's running timers (`-d` prints `gc_timer  292.11` and the like).
-fn without_timers(line: &str) -> String {
-    let mut out = Vec::new();
-    let mut words = line.split_whitespace();
-    while let Some(w) = words.next() {
-        if w.ends_with("_timer") {
-            words.next();
-        } else {
-            out.push(w);
-        }
-    }
-    out.join(" ")
-}
-
-/// `node1_state` once it holds still (the same twice, a second apart), within 60 s.
-fn settled(lab: &Lab) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = node1_state(lab);
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = node1_state(lab);
-        if now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "node-1 never settled");
-        last = now;
-    }
-}
-
 /// The two cluster states the test moves between.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum ClusterState {
@@ -201,7 +89,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
 
     // The references: A as the lab's clean start left it, B as an unkilled agent reaches it, and
     // A again, which must equal the first (the test itself would be meaningless otherwise).
-    let clean_a = settled(&lab);
+    let clean_a = settled_kernel_state(&lab, 1);
     move_to(&lab, ClusterState::B);
     wait_path(&lab, "node-1", "node-2", "vxlan", Duration::from_secs(30));
     eventually(
@@ -209,7 +97,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
         "the policy isolates a from b",
         || lab.connect("default/b", &format!("{a_ip}:80"), "tcp", "2s") == Some(1),
     );
-    let clean_b = settled(&lab);
+    let clean_b = settled_kernel_state(&lab, 1);
     assert_ne!(clean_a, clean_b, "the two cluster states look the same");
     move_to(&lab, ClusterState::A);
     wait_path(
@@ -220,7 +108,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
         Duration::from_secs(30),
     );
     assert_eq!(
-        settled(&lab),
+        settled_kernel_state(&lab, 1),
         clean_a,
         "an unkilled agent did not come back to the clean state"
     );
@@ -276,7 +164,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let now = settled(&lab);
+            let now = settled_kernel_state(&lab, 1);
             if &now == want {
                 break;
             }
@@ -284,7 +172,7 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
                 Instant::now() < deadline,
                 "round {round} (seed {seed}, to {state:?}, killed after {kill_after:?}, again \
                  after {again_after:?}): node-1's dataplane differs from a clean start's:\n{}",
-                diff(want, &now)
+                kernel_state_diff(want, &now)
             );
         }
         converged.push(restarted.elapsed());
@@ -307,22 +195,4 @@ fn an_agent_killed_at_random_points_converges_to_the_state_of_a_clean_start() {
         longest.as_secs_f64()
     );
     lab.down();
-}
-
-/// `diff -u` of the two states (order matters: nft rules run in order).
-fn diff(want: &str, got: &str) -> String {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (w, g) = (
-        dir.path().join("clean-start"),
-        dir.path().join("after-kill"),
-    );
-    std::fs::write(&w, want).unwrap();
-    std::fs::write(&g, got).unwrap();
-    text(
-        &std::process::Command::new("diff")
-            .arg("-u")
-            .args([&w, &g])
-            .output()
-            .expect("diff"),
-    )
 }

@@ -700,3 +700,132 @@ pub fn iperf3_received_mbps(out: &Output) -> Result<f64, String> {
         )),
     }
 }
+
+// ---- Kernel state snapshots (tests/lab_faults_agent.rs, tests/lab_soak.rs) ----
+
+/// Everything of a node's dataplane the agent owns, as the kernel holds it. The bridge's MTU
+/// follows its first pod port until the agent's periodic pass sets it (see `lab_kubernetes`),
+/// and nft counters count traffic: both are left out.
+pub fn node_kernel_state(lab: &Lab, node: usize) -> String {
+    let netns = lab.node_netns(node);
+    let ip = |args: &[&str]| {
+        lab.ip(node, args)
+            .lines()
+            .map(|l| match l.find(": veilbr0: ") {
+                Some(_) => l.split(" mtu ").next().unwrap_or(l).to_string(),
+                None => without_timers(l),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let bridge_fdb = text(
+        &std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "bridge", "fdb", "show"])
+            .output()
+            .expect("bridge fdb"),
+    );
+    // Learned entries come and go with traffic; the agent writes the static and permanent ones.
+    let fdb: Vec<&str> = bridge_fdb
+        .lines()
+        .filter(|l| (l.contains("permanent") || l.contains("static")) && !l.contains(" master "))
+        .collect();
+    let nft = text(
+        &std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "nft", "-s", "list", "ruleset"])
+            .output()
+            .expect("nft"),
+    );
+    // Tables, and the chains, sets and counters in them, are listed in creation order: an agent
+    // that replaced a table whole (in one transaction) lists them in another order than one that
+    // added them one by one. Rules keep their order (it is their meaning); blocks are sorted.
+    let nft = sorted_blocks(&nft, "table ", "}")
+        .iter()
+        .map(|table| {
+            let mut lines = table.lines();
+            let head = lines.next().unwrap_or_default();
+            let body: Vec<&str> = lines.collect();
+            let body = body.join("\n");
+            format!("{head}\n{}", sorted_blocks(&body, "\t", "\t}").concat())
+        })
+        .collect::<String>();
+    [
+        ip(&["-d", "link"]),
+        ip(&["-4", "addr"]),
+        // Every table: the agent also keeps routes in its pod-to-node table, chosen by a rule.
+        ip(&["route", "show", "table", "all"]),
+        ip(&["rule"]),
+        ip(&["neigh", "show", "nud", "permanent"]),
+        fdb.join("\n"),
+        nft,
+    ]
+    .join("\n---\n")
+}
+
+/// `text` cut into blocks, each from a line that starts with `open` (and is not `close`) to the
+/// next line equal to `close`, sorted; lines outside blocks are blocks of their own.
+pub fn sorted_blocks(text: &str, open: &str, close: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match current.as_mut() {
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+                if line == close {
+                    blocks.push(current.take().unwrap());
+                }
+            }
+            None if line.starts_with(open) && line != close && line.ends_with('{') => {
+                current = Some(format!("{line}\n"));
+            }
+            None => blocks.push(format!("{line}\n")),
+        }
+    }
+    blocks.extend(current);
+    blocks.sort();
+    blocks
+}
+
+/// `line` without the bridge's running timers (`-d` prints `gc_timer  292.11` and the like).
+pub fn without_timers(line: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w.ends_with("_timer") {
+            words.next();
+        } else {
+            out.push(w);
+        }
+    }
+    out.join(" ")
+}
+
+/// [`node_kernel_state`] once it holds still (the same twice, a second apart), within 60 s.
+pub fn settled_kernel_state(lab: &Lab, node: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = node_kernel_state(lab, node);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = node_kernel_state(lab, node);
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "node-{node} never settled");
+        last = now;
+    }
+}
+
+/// `diff -u` of the two states (order matters: nft rules run in order).
+pub fn kernel_state_diff(want: &str, got: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, g) = (dir.path().join("want"), dir.path().join("got"));
+    std::fs::write(&w, want).unwrap();
+    std::fs::write(&g, got).unwrap();
+    text(
+        &std::process::Command::new("diff")
+            .arg("-u")
+            .args([&w, &g])
+            .output()
+            .expect("diff"),
+    )
+}
