@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of veilnet's input surfaces: the targets in fuzz/ (cargo-fuzz and
 # libFuzzer, which need a nightly Rust toolchain), each a thin wrapper around veilnet::fuzzing.
-# Usage: ./scripts/fuzz.sh [--seconds N] [TARGET...]   (default: every target, 600 s each)
+# Usage: ./scripts/fuzz.sh [--seconds N] [--dev] [TARGET...]   (default: every target, 600 s each)
+#   --dev  an unoptimised instrumented build (a shorter build, slower runs): for the
+#          short run in ./scripts/test.sh, where building is most of the cost.
 #
 # Each target starts from its committed seeds (fuzz/corpus/<target>/, read only) and a work corpus
 # of its own under target/fuzz-corpus/<target>/ that grows across runs. A crash, a panic, an input
@@ -18,11 +20,13 @@ ensure_rust
 
 CARGO_FUZZ_VERSION=0.13.2
 seconds=600
+profile=-O
 targets=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--seconds) seconds=${2:?--seconds needs a value}; shift 2 ;;
-	-h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+	--dev) profile=--dev; shift ;;
+	-h | --help) sed -n '2,16p' "$0"; exit 0 ;;
 	-*) die "unknown option $1 (see --help)" ;;
 	*) targets+=("$1"); shift ;;
 	esac
@@ -47,8 +51,8 @@ if ! "$tools/bin/cargo-fuzz" --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSI
 fi
 export PATH="$tools/bin:$PATH" CARGO_TARGET_DIR="$PWD/target/fuzz"
 
-echo "==> building the fuzz targets (nightly, instrumented)"
-(cd fuzz && cargo +nightly fuzz build -O)
+echo "==> building the fuzz targets (nightly, instrumented, $([ "$profile" = -O ] && echo optimised || echo unoptimised))"
+(cd fuzz && cargo +nightly fuzz build "$profile")
 
 failed=()
 for t in "${targets[@]}"; do
@@ -57,7 +61,7 @@ for t in "${targets[@]}"; do
 	log="target/fuzz-corpus/$t.log"
 	echo "==> $t: ${seconds} s"
 	set +e
-	(cd fuzz && cargo +nightly fuzz run -O "$t" "../$work" "corpus/$t" -- \
+	(cd fuzz && cargo +nightly fuzz run "$profile" "$t" "../$work" "corpus/$t" -- \
 		-max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
 		-artifact_prefix="../$artifacts/") >"$log" 2>&1
 	rc=$?

@@ -8,8 +8,11 @@
 # 3. runs the lab test files tagged `//! Control planes: both` again on the real control plane
 #    (VEILNET_LAB_CONTROL_PLANE=kubernetes). tests/control_plane_tags.rs checks every lab file
 #    has that tag or says why it runs on one control plane only;
-# 4. fuzzes every target in fuzz/ for 20 s (scripts/fuzz.sh; needs nightly Rust, else skipped:
-#    tests/fuzz_corpus.rs replays the corpus on stable in step 2 either way).
+#    Step 2 includes the soak (tests/lab_soak.rs) for $VEILNET_SOAK_MINUTES minutes, 5 by default
+#    (scripts/soak.sh runs it for longer);
+# 4. fuzzes every target in fuzz/ for 20 s, from an unoptimised instrumented build
+#    (scripts/fuzz.sh --dev; needs nightly Rust, else skipped: tests/fuzz_corpus.rs replays the
+#    corpus on stable in step 2 either way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -38,12 +41,13 @@ done
 echo "==> the lab tests again, on the real control plane: ${both[*]}"
 VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked --no-fail-fast "${both[@]}" "$@"
 took "the real-control-plane pass"
-# Coverage-guided fuzzing, short (every target 20 s; scripts/fuzz.sh alone runs 600 s each).
+# Coverage-guided fuzzing, short (every target 20 s, unoptimised: the build is most of the cost
+# here; scripts/fuzz.sh alone runs 600 s each from an optimised build).
 # It needs nightly Rust; without it, tests/fuzz_corpus.rs (in cargo test above) replayed the
 # corpus and its mutations on stable.
 if cargo +nightly --version >/dev/null 2>&1; then
-	echo "==> fuzzing, short (scripts/fuzz.sh --seconds ${VEILNET_FUZZ_SECONDS:-20})"
-	./scripts/fuzz.sh --seconds "${VEILNET_FUZZ_SECONDS:-20}"
+	echo "==> fuzzing, short (scripts/fuzz.sh --dev --seconds ${VEILNET_FUZZ_SECONDS:-20})"
+	./scripts/fuzz.sh --dev --seconds "${VEILNET_FUZZ_SECONDS:-20}"
 	took "fuzzing"
 else
 	echo "==> fuzzing skipped: no nightly Rust toolchain (the corpus replay ran on stable)"
