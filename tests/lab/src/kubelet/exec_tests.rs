@@ -454,6 +454,81 @@ fn reference_plugins_sandbox_add_check_del() {
     assert!(sandboxes.cni.cached_attachments().is_empty());
 }
 
+/// A CNI GC waits for the ADDs in flight, and lists their attachments as valid: a GC that ran
+/// beside a burst of ADDs used to tell the plugin that their attachments were stale.
+#[test]
+fn a_gc_waits_for_the_adds_in_flight_and_keeps_their_attachments() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("skipped: needs root (a sandbox's network namespace)");
+        return;
+    }
+    let node = NodeNs::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bin, rec) = (tmp.path().join("bin"), tmp.path().join("rec"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&rec).unwrap();
+    // ADD takes a second and marks its end; GC notes whether the ADD had ended when it began.
+    write_script(
+        &bin.join("slow"),
+        &format!(
+            r#"#!/bin/sh
+rec={rec}
+case "$CNI_COMMAND" in
+ADD) cat >/dev/null; sleep 1; touch "$rec/add-done"
+  printf '{{"cniVersion":"1.1.0","interfaces":[{{"name":"eth0"}}],"ips":[{{"address":"10.9.0.5/24"}}]}}' ;;
+GC) if [ -e "$rec/add-done" ]; then echo after > "$rec/gc-began"; else echo during > "$rec/gc-began"; fi
+  cat > "$rec/gc.json" ;;
+*) cat >/dev/null ;;
+esac
+exit 0
+"#,
+            rec = rec.display()
+        ),
+    );
+    let list = cni::parse_conflist(
+        br#"{"cniVersion":"1.1.0","name":"gcnet","plugins":[{"type":"slow"}]}"#,
+        "t",
+    )
+    .unwrap();
+    let sandboxes = Sandboxes::new(
+        CniRuntime::new(vec![bin.clone()], tmp.path().join("cache")),
+        node.pod_prefix.clone(),
+        tmp.path().join("kubelet"),
+    );
+    let pod = key("7a1f0c2a-2222-4333-8444-555566667777", "burst-0");
+    let record = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let (sb, l, pk) = (sandboxes.clone(), list.clone(), pod.clone());
+            let add = tokio::spawn(async move { sb.create(&pk, &l, Map::new()).await });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sandboxes.gc(&list).await.unwrap();
+            let record = add.await.unwrap().unwrap();
+            sandboxes.teardown(&record, Some(&list)).await.unwrap();
+            record
+        });
+    assert_eq!(
+        std::fs::read_to_string(rec.join("gc-began"))
+            .unwrap()
+            .trim(),
+        "after",
+        "GC ran while an ADD was in flight"
+    );
+    let gc: Value =
+        serde_json::from_str(&std::fs::read_to_string(rec.join("gc.json")).unwrap()).unwrap();
+    let valid = gc["cni.dev/valid-attachments"].as_array().unwrap();
+    assert!(
+        valid
+            .iter()
+            .any(|a| a["containerID"] == record.sandbox_id.as_str() && a["ifname"] == "eth0"),
+        "the new attachment is valid: {gc}"
+    );
+    assert!(!netns::exists(&record.netns));
+}
+
 #[test]
 fn reference_plugin_failure_is_reported_and_undone() {
     if !can_run_root_tests() {

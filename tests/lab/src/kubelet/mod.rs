@@ -56,7 +56,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use veilnet::duration::parse_duration;
 
-use self::cni::{Attachment, CniRuntime};
+use self::cni::CniRuntime;
 use self::network::NetworkState;
 use self::node::NodeAgent;
 use self::pods::{EventRecord, NodeContext, PodApi, PodApiError, PodWorker, WorkerExit};
@@ -398,15 +398,7 @@ impl<A: PodApi> PodManager<A> {
         }
         let config = self.ctx.network.borrow().config.clone();
         if let Some(list) = config.filter(|l| l.supports_gc()) {
-            let valid: Vec<Attachment> = records
-                .iter()
-                .filter(|r| r.network.as_deref() == Some(list.name.as_str()))
-                .map(|r| Attachment {
-                    container_id: r.sandbox_id.clone(),
-                    ifname: r.ifname.clone(),
-                })
-                .collect();
-            if let Err(e) = self.ctx.sandboxes.cni.gc(&list, &valid).await {
+            if let Err(e) = self.ctx.sandboxes.gc(&list).await {
                 tracing::warn!(error = %e, "CNI GC failed");
             }
         }

@@ -195,6 +195,12 @@ pub struct Sandboxes {
     pub cni: CniRuntime,
     pub netns_prefix: String,
     pub kubelet_dir: PathBuf,
+    /// Sandbox setups hold it shared, a CNI GC exclusively, so GC's list of valid attachments
+    /// is read while no ADD is in flight and names every attachment an ADD made. Without it a
+    /// GC racing a burst of ADDs told the plugin that their attachments were stale, and the
+    /// plugin rightly deleted their veths and released their addresses (containerd serialises
+    /// its CNI GC with sandbox setup the same way).
+    setup: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -211,6 +217,7 @@ impl Sandboxes {
             cni,
             netns_prefix,
             kubelet_dir,
+            setup: std::sync::Arc::default(),
         }
     }
 
@@ -277,6 +284,7 @@ impl Sandboxes {
         list: &NetworkConfigList,
         capability_args: Map<String, Value>,
     ) -> Result<SandboxRecord, SandboxError> {
+        let _no_gc = self.setup.read().await;
         let mut record = self.plan(key);
         self.write_record(&record)?;
         let ns = record.netns.clone();
@@ -322,6 +330,22 @@ impl Sandboxes {
                 })
             }
         }
+    }
+
+    /// CNI GC of `list`: every attachment a sandbox record names is valid (a record is written
+    /// before its ADD and removed only once its attachment is undone), read while no ADD runs.
+    pub async fn gc(&self, list: &NetworkConfigList) -> Result<(), CniError> {
+        let _no_setup = self.setup.write().await;
+        let valid: Vec<cni::Attachment> = self
+            .discover()
+            .into_iter()
+            .filter(|r| !r.host_network)
+            .map(|r| cni::Attachment {
+                container_id: r.sandbox_id,
+                ifname: r.ifname,
+            })
+            .collect();
+        self.cni.gc(list, &valid).await
     }
 
     /// CHECK an existing attachment (used when adopting a sandbox after a restart).
