@@ -263,6 +263,15 @@ impl Collector for SnapshotCollector {
             )?;
             family(
                 &mut encoder,
+                "key_rotation_failing",
+                "1 while a requested WireGuard key rotation fails (the state dir read-only or full): the node keeps its current key and retries",
+                vec![(
+                    vec![],
+                    ConstGauge::new(i64::from(st.key_rotation_error.is_some())),
+                )],
+            )?;
+            family(
+                &mut encoder,
                 "peers_rejected",
                 "Peers the overlay refuses (malformed or conflicting data)",
                 vec![(vec![], ConstGauge::new(st.rejected.len() as i64))],
@@ -441,6 +450,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
         mode: crate::model::encryption::Mode::On,
         wire_drops: std::collections::BTreeMap::from([("raw_pod_traffic".to_string(), 1)]),
         masqueraded: 1,
+        key_rotation_error: None,
         agent_version: None,
         pod_cidrs: vec![],
         underlay_ip: String::new(),
@@ -512,6 +522,7 @@ mod tests {
             mode: Mode::On,
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 3)]),
             masqueraded: 9,
+            key_rotation_error: None,
             agent_version: None,
             pod_cidrs: vec![],
             underlay_ip: "172.30.0.11".into(),

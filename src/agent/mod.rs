@@ -307,15 +307,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         health.beat();
         if pending {
             let started = std::time::Instant::now();
-            if let Err(e) = rec.reconcile().await {
-                failures += 1;
-                // After a failure, retry soon (bounded backoff) even without a cluster change.
-                retry_at = tokio::time::Instant::now()
-                    + Duration::from_millis(200 * u64::from(failures.min(25)));
-                health.metrics.reconcile_errors.inc();
-                tracing::error!(error = %e, failures, "reconcile failed; retrying");
-            } else {
-                failures = 0;
+            match rec.reconcile().await {
+                Err(e) => {
+                    failures += 1;
+                    // After a failure, retry soon (bounded backoff) even without a cluster change.
+                    retry_at = tokio::time::Instant::now()
+                        + Duration::from_millis(200 * u64::from(failures.min(25)));
+                    health.metrics.reconcile_errors.inc();
+                    tracing::error!(error = %e, failures, "reconcile failed; retrying");
+                }
+                // The pass was applied but left a part to retry (a key rotation the disk
+                // refused): the same backoff, without counting or logging a failed pass.
+                Ok(_) if rec.retry_wanted() => {
+                    failures += 1;
+                    retry_at = tokio::time::Instant::now()
+                        + Duration::from_millis(200 * u64::from(failures.min(25)));
+                }
+                Ok(_) => failures = 0,
             }
             health
                 .metrics

@@ -113,6 +113,8 @@ pub struct Reconciler<
     /// Connections masqueraded to the node's address (the wire table's `masqueraded` counter).
     masqueraded: u64,
     pub dataplane_ready: bool,
+    /// The key rotation failure last reported (each distinct one once, not on every retry).
+    rotation_reported: Option<String>,
 }
 
 /// What the apply steps wrote, by target.
@@ -166,6 +168,7 @@ where
             wire_drops: BTreeMap::new(),
             masqueraded: 0,
             dataplane_ready: false,
+            rotation_reported: None,
         }
     }
 
@@ -190,7 +193,7 @@ where
             ClusterSnapshot::take(&self.cfg.node_name, &self.nodes.state(), &self.record());
         // The key is an input of the plan (published, and refused to peers), so a requested
         // rotation happens first.
-        self.rotate_if_requested(&cluster).await?;
+        self.rotate_if_requested(&cluster).await;
         let (incumbents, key_bindings) = self.history();
         let plan = plan_node(&PlanInput {
             cfg: &self.cfg,
@@ -241,27 +244,59 @@ where
         (last.bindings.clone(), keys)
     }
 
-    async fn rotate_if_requested(
-        &mut self,
-        cluster: &ClusterSnapshot,
-    ) -> Result<(), ReconcileError> {
+    /// A pass succeeded but left work to retry soon (a key rotation the disk refused), without
+    /// counting as a failed pass.
+    pub fn retry_wanted(&self) -> bool {
+        self.wg.rotation_pending()
+    }
+
+    /// Rotates the key when asked. A rotation that fails (the state dir full or read-only, the
+    /// datapath away) keeps the current key and does not fail the pass: the rest of it (peers'
+    /// new keys and endpoints, routes, the CNI hand-off) must not wait for this node's disk.
+    async fn rotate_if_requested(&mut self, cluster: &ClusterSnapshot) {
         let request = cluster
             .own
             .as_ref()
             .and_then(|o| o.rotate_request.as_deref());
-        if self.wg.rotate_if_requested(request).await? {
-            tracing::info!(fingerprint = %self.wg.fingerprint(), "WireGuard key rotated");
-            let msg = format!("WireGuard key rotated; new key {}", self.wg.fingerprint());
-            self.publisher
-                .node_event(
-                    &self.cfg.node_name,
-                    EventType::Normal,
-                    "VeilnetKeyRotated",
-                    &msg,
-                )
-                .await;
+        match self.wg.rotate_if_requested(request).await {
+            Ok(true) => {
+                self.rotation_reported = None;
+                tracing::info!(fingerprint = %self.wg.fingerprint(), "WireGuard key rotated");
+                let msg = format!("WireGuard key rotated; new key {}", self.wg.fingerprint());
+                self.publisher
+                    .node_event(
+                        &self.cfg.node_name,
+                        EventType::Normal,
+                        "VeilnetKeyRotated",
+                        &msg,
+                    )
+                    .await;
+            }
+            Ok(false) => self.rotation_reported = None,
+            Err(e) => {
+                let error = e.to_string();
+                if self.rotation_reported.as_deref() == Some(error.as_str()) {
+                    tracing::debug!(%error, "WireGuard key rotation still failing; retrying");
+                    return;
+                }
+                tracing::warn!(%error, fingerprint = %self.wg.fingerprint(), "WireGuard key rotation failed; keeping the current key and retrying");
+                let msg = format!(
+                    "WireGuard key rotation ({}={}) failed: {error}; keeping key {} and retrying",
+                    crate::model::annotations::ROTATE_KEY,
+                    request.unwrap_or_default(),
+                    self.wg.fingerprint()
+                );
+                self.publisher
+                    .node_event(
+                        &self.cfg.node_name,
+                        EventType::Warning,
+                        "VeilnetKeyRotationFailed",
+                        &msg,
+                    )
+                    .await;
+                self.rotation_reported = Some(error);
+            }
         }
-        Ok(())
     }
 
     /// Logs and Events for what the plan refuses or changes (rate-limited per peer).
@@ -829,6 +864,99 @@ mod tests {
             n1.datapath.state().peers[0].endpoint.to_string(),
             "172.30.0.12:51820"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_the_disk_refuses_keeps_the_key_and_the_rest_of_the_pass_goes_on() {
+        let mut n1 = Node1::new(None);
+        n1.api().put(peer(2, "on", 2));
+        n1.converge().await;
+        let before = n1.rec.wg.public_key_b64();
+        let key_path = wireguard::key_path(&n1.rec.cfg.state_dir);
+        let saved = std::fs::read(&key_path).unwrap();
+        // A directory in the key file's place: the rename of the new key fails (root ignores
+        // permission bits, so a read-only mode would not stop the write in CI).
+        std::fs::remove_file(&key_path).unwrap();
+        std::fs::create_dir(&key_path).unwrap();
+        n1.api()
+            .edit("n1", |n| set_annotation(n, annotations::ROTATE_KEY, "r1"));
+        // The peer rotates at the same time: its new key must still be taken.
+        n1.api().edit("n2", |n| {
+            set_annotation(
+                n,
+                annotations::WG_PUBLIC_KEY,
+                &keys::encode_public(&key(22)),
+            )
+        });
+        let writes = n1
+            .rec
+            .pass()
+            .await
+            .expect("a refused rotation fails no pass");
+        assert!(writes.wireguard, "{writes:?}");
+        assert_eq!(
+            n1.datapath_keys(),
+            [key(22)],
+            "the peer's new key is applied"
+        );
+        assert_eq!(n1.rec.wg.public_key_b64(), before, "the key stays");
+        let own = n1.api().get("n1").unwrap().metadata.annotations.unwrap();
+        assert_eq!(
+            own[annotations::WG_PUBLIC_KEY],
+            before,
+            "nothing new published"
+        );
+        let error = n1
+            .rec
+            .wg
+            .rotation_error()
+            .expect("the failure is kept")
+            .to_string();
+        assert!(error.contains("private.key"), "{error}");
+        assert!(n1.rec.retry_wanted());
+        // Reported once, not on every retry.
+        n1.rec.pass().await.unwrap();
+        let failed: Vec<_> = n1
+            .api()
+            .events()
+            .into_iter()
+            .filter(|e| e.reason == "VeilnetKeyRotationFailed")
+            .collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0].warning && failed[0].message.contains("keeping key"),
+            "{failed:?}"
+        );
+        let st = status::build(
+            &n1.rec.cfg,
+            &n1.rec.me,
+            &n1.rec.wg,
+            n1.rec.last.as_ref().unwrap(),
+            &BTreeMap::new(),
+            0,
+        );
+        assert_eq!(st.key_rotation_error.as_deref(), Some(error.as_str()));
+        assert!(status::render(&st).contains("key rotation FAILED"));
+
+        // Space again: the next pass rotates, publishes and clears the error.
+        std::fs::remove_dir(&key_path).unwrap();
+        std::fs::write(&key_path, &saved).unwrap();
+        n1.converge().await;
+        let after = n1.rec.wg.public_key_b64();
+        assert_ne!(after, before);
+        let own = n1.api().get("n1").unwrap().metadata.annotations.unwrap();
+        assert_eq!(own[annotations::WG_PUBLIC_KEY], after);
+        assert_ne!(
+            std::fs::read(&key_path).unwrap(),
+            saved,
+            "the new key is on disk"
+        );
+        assert!(n1.rec.wg.rotation_error().is_none() && !n1.rec.retry_wanted());
+        assert!(n1
+            .api()
+            .events()
+            .iter()
+            .any(|e| e.reason == "VeilnetKeyRotated"));
     }
 
     #[tokio::test]

@@ -79,6 +79,10 @@ pub struct NodeStatus {
     /// was loaded.
     #[serde(default)]
     pub masqueraded: u64,
+    /// Why the requested WireGuard key rotation (`veilnet.io/rotate-key`) has not happened yet
+    /// (e.g. the state dir is read-only or full): the node keeps its current key and retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_rotation_error: Option<String>,
     /// The agent binary's version (absent in status files of older agents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
@@ -200,6 +204,7 @@ pub fn build<D>(
         datapath: Some(datapath_status(wg)),
         wire_drops: wire_drops.clone(),
         masqueraded,
+        key_rotation_error: wg.rotation_error().map(str::to_string),
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         updated_at: jiff::Timestamp::now().to_string(),
     }
@@ -264,6 +269,13 @@ pub fn render(st: &NodeStatus) -> String {
         "underlay {} on {}; WireGuard key {}",
         st.underlay_ip, st.underlay_dev, st.key_fingerprint
     );
+    if let Some(e) = &st.key_rotation_error {
+        let _ = writeln!(
+            s,
+            "key rotation FAILED, keeping key {} and retrying: {e}",
+            st.key_fingerprint
+        );
+    }
     if let Some(dp) = &st.datapath {
         let _ = writeln!(s, "{}", render_datapath(dp, jiff::Timestamp::now()));
     }
@@ -417,6 +429,7 @@ mod tests {
             rejected: BTreeMap::new(),
             wire_drops: BTreeMap::from([("vxlan_rejected".to_string(), 4)]),
             masqueraded: 0,
+            key_rotation_error: None,
             agent_version: None,
             matrix: BTreeMap::from([
                 (

@@ -62,6 +62,12 @@ pub struct WireGuard<D = DatapathClient> {
     stats: Vec<PeerStats>,
     device_stats: DeviceStats,
     view: DatapathView,
+    /// Why the last requested rotation failed (the node keeps its current key), until a
+    /// rotation succeeds or the request is withdrawn.
+    rotation_error: Option<String>,
+    /// A request this key already rotated for whose marker the disk refused: remembered here so
+    /// the key is not rotated again on every pass, and the marker written once the disk allows.
+    handled_unsaved: Option<String>,
 }
 
 /// `<state dir>/wireguard/private.key`: persistent (not tmpfs), so a reboot keeps the key.
@@ -122,6 +128,8 @@ impl<D: Datapath> WireGuard<D> {
             stats: Vec::new(),
             device_stats: DeviceStats::default(),
             view: DatapathView::default(),
+            rotation_error: None,
+            handled_unsaved: None,
         })
     }
 }
@@ -146,6 +154,14 @@ impl<D> WireGuard<D> {
     }
     pub fn datapath(&self) -> &DatapathView {
         &self.view
+    }
+    /// Why the requested key rotation has not happened (see [`WireGuard::rotate_if_requested`]).
+    pub fn rotation_error(&self) -> Option<&str> {
+        self.rotation_error.as_deref()
+    }
+    /// A requested rotation (or its marker) is still to be done: worth another try soon.
+    pub fn rotation_pending(&self) -> bool {
+        self.rotation_error.is_some() || self.handled_unsaved.is_some()
     }
 }
 
@@ -193,19 +209,38 @@ impl<D: Datapath> WireGuard<D> {
     }
 
     /// Rotates the key when `request` (the value of the rotation annotation) was not handled yet.
-    /// Returns true when the key changed.
+    /// Returns true when the key changed. On failure (the state dir full or read-only, the
+    /// datapath away) the error is also kept for `veilnet status` until a rotation succeeds; the
+    /// request stays unhandled, so the next call tries again.
     pub async fn rotate_if_requested(
         &mut self,
         request: Option<&str>,
     ) -> Result<bool, WireGuardError> {
-        let Some(request) = request else {
+        let result = self.rotate_inner(request).await;
+        self.rotation_error = result.as_ref().err().map(ToString::to_string);
+        result
+    }
+
+    async fn rotate_inner(&mut self, request: Option<&str>) -> Result<bool, WireGuardError> {
+        let Some(request) = request.map(str::trim) else {
             return Ok(false);
         };
+        if let Some(unsaved) = self.handled_unsaved.take() {
+            if unsaved == request {
+                if let Err(e) = self.save_marker(request) {
+                    self.handled_unsaved = Some(unsaved);
+                    return Err(e);
+                }
+                return Ok(false);
+            }
+        }
         let handled = std::fs::read_to_string(&self.rotation_marker).unwrap_or_default();
-        if handled.trim() == request.trim() {
+        if handled.trim() == request {
             return Ok(false);
         }
         let private = keys::generate();
+        // The new key reaches the disk before anything uses it: a key the disk refused is never
+        // published, so a restart cannot bring back a key the peers no longer know.
         keys::write_atomic(&self.key_path, &private).map_err(|source| WireGuardError::Key {
             path: self.key_path.clone(),
             source,
@@ -213,13 +248,21 @@ impl<D: Datapath> WireGuard<D> {
         self.public = keys::public_key(&private);
         self.spec = DeviceSpec::new(TUN_NAME, self.spec.listen_port, self.spec.mtu, &private);
         self.request("the new key", Request::Hello).await?;
-        crate::fsutil::write_atomic(&self.rotation_marker, request.trim().as_bytes()).map_err(
-            |source| WireGuardError::Marker {
+        if let Err(e) = self.save_marker(request) {
+            // The key did rotate; only the record of it is missing (retried on the next call).
+            tracing::warn!(error = %e, "the WireGuard key rotated, but its marker could not be written");
+            self.handled_unsaved = Some(request.to_string());
+        }
+        Ok(true)
+    }
+
+    fn save_marker(&self, request: &str) -> Result<(), WireGuardError> {
+        crate::fsutil::write_atomic(&self.rotation_marker, request.as_bytes()).map_err(|source| {
+            WireGuardError::Marker {
                 path: self.rotation_marker.clone(),
                 source,
-            },
-        )?;
-        Ok(true)
+            }
+        })
     }
 
     /// Sends `req`, first bringing the datapath up to date when its answer shows it lacks our
