@@ -558,10 +558,18 @@ enum Owner {
     Peer(usize),
 }
 
-/// Finds every overlapping pair of CIDRs among ours and the candidates' and rejects each peer
-/// involved. CIDRs are nested or disjoint, so a sweep in address order with a stack of the
-/// enclosing CIDRs finds every overlap in O(n log n).
-fn reject_overlaps(candidates: &mut [Candidate<'_>], ours: &[IpNet]) {
+/// Finds every overlapping pair of CIDRs among ours and the candidates' and rejects, of each
+/// pair, the peer overlapping ours, or else the junior of the two ([`Seniority`]: the peer that
+/// held its CIDR in the previous pass, then the older Node object, then the name). So a Node
+/// object claiming another's pod CIDR is refused and the holder keeps its routes: a forged
+/// claim cannot cut an honest node off, and no two accepted peers ever overlap (every
+/// overlapping pair loses its junior). CIDRs are nested or disjoint, so a sweep in address order
+/// with a stack of the enclosing CIDRs finds every overlap in O(n log n).
+fn reject_overlaps(
+    candidates: &mut [Candidate<'_>],
+    ours: &[IpNet],
+    incumbents: &BTreeMap<String, AcceptedPeer>,
+) {
     let mut claims: Vec<(IpNet, Owner)> = ours.iter().map(|c| (*c, Owner::Us)).collect();
     for (i, c) in candidates.iter().enumerate() {
         claims.extend(c.cidrs.iter().map(|cidr| (*cidr, Owner::Peer(i))));
@@ -591,24 +599,39 @@ fn reject_overlaps(candidates: &mut [Candidate<'_>], ours: &[IpNet]) {
         }
         stack.push((cidr, owner));
     }
+    let seniority = |c: &Candidate<'_>, cidr: IpNet| {
+        let held = incumbents
+            .get(&c.peer.name)
+            .is_some_and(|b| b.pod_cidrs.contains(&cidr));
+        Seniority::new(held, c.peer.created, &c.peer.name)
+    };
     // Report the first conflict per peer: with ours before any peer's, then in address order.
     conflicts.sort_by_key(|(a, oa, b, ob)| (*oa != Owner::Us && *ob != Owner::Us, *a, *b));
     for (a, oa, b, ob) in conflicts {
-        for ((cidr, owner), (other_cidr, other_owner)) in [((a, oa), (b, ob)), ((b, ob), (a, oa))] {
-            let Owner::Peer(i) = owner else { continue };
-            let reason = match other_owner {
-                Owner::Us => RejectReason::OverlapsOurPodCidr {
-                    cidr,
-                    ours: other_cidr,
-                },
-                Owner::Peer(j) => RejectReason::OverlapsPeer {
-                    cidr,
-                    other_node: candidates[j].peer.name.clone(),
-                    other_cidr,
-                },
-            };
-            candidates[i].reject(reason);
-        }
+        let (junior, junior_cidr, other, other_cidr) = match (oa, ob) {
+            (Owner::Us, Owner::Peer(i)) => (i, b, Owner::Us, a),
+            (Owner::Peer(i), Owner::Us) => (i, a, Owner::Us, b),
+            (Owner::Peer(i), Owner::Peer(j)) => {
+                if seniority(&candidates[i], a) <= seniority(&candidates[j], b) {
+                    (j, b, Owner::Peer(i), a)
+                } else {
+                    (i, a, Owner::Peer(j), b)
+                }
+            }
+            (Owner::Us, Owner::Us) => continue,
+        };
+        let reason = match other {
+            Owner::Us => RejectReason::OverlapsOurPodCidr {
+                cidr: junior_cidr,
+                ours: other_cidr,
+            },
+            Owner::Peer(j) => RejectReason::OverlapsPeer {
+                cidr: junior_cidr,
+                other_node: candidates[j].peer.name.clone(),
+                other_cidr,
+            },
+        };
+        candidates[junior].reject(reason);
     }
 }
 
@@ -785,7 +808,7 @@ pub fn plan_peers(input: &OverlayInput) -> Result<PeerPlan, OverlayError> {
     for (i, _, holder) in newcomers(&candidates, &input.incumbents, |c| c.mac, |b| b.vtep_mac) {
         candidates[i].mac_held_by = Some(holder);
     }
-    reject_overlaps(&mut candidates, &node.pod_cidrs);
+    reject_overlaps(&mut candidates, &node.pod_cidrs, &input.incumbents);
     reject_underlay_capture(&mut candidates, node.underlay_ip);
 
     let mut neighbours = BTreeSet::new();
@@ -1223,7 +1246,7 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_peers_are_both_rejected_in_any_order() {
+    fn of_overlapping_peers_the_junior_is_rejected_in_any_order() {
         let b = peer(
             "node-b",
             "192.168.50.2",
@@ -1242,18 +1265,11 @@ mod tests {
             "02:00:00:00:00:0d",
             &["10.244.4.0/24"],
         );
+        // No history, no creation times: the lower name holds.
         let forward = plan(vec![b.clone(), c.clone(), d_ok.clone()]);
         let backward = plan(vec![d_ok, c, b]);
         assert_eq!(forward, backward);
-        assert_eq!(forward.accepted, vec!["node-d".to_string()]);
-        assert_eq!(
-            reason_of(&forward, "node-b"),
-            RejectReason::OverlapsPeer {
-                cidr: net("10.244.2.0/24"),
-                other_node: "node-c".into(),
-                other_cidr: net("10.244.2.0/23"),
-            }
-        );
+        assert_eq!(forward.accepted, vec!["node-b", "node-d"]);
         assert_eq!(
             reason_of(&forward, "node-c"),
             RejectReason::OverlapsPeer {
@@ -1262,34 +1278,99 @@ mod tests {
                 other_cidr: net("10.244.2.0/24"),
             }
         );
-        assert!(forward.routes.iter().all(|r| r.dst == net("10.244.4.0/24")));
+        assert!(!forward.routes.iter().any(|r| r.dst == net("10.244.2.0/23")));
+        assert!(forward.routes.iter().any(|r| r.dst == net("10.244.2.0/24")));
     }
 
     #[test]
-    fn nested_overlaps_reject_every_party() {
-        // A /16 enclosing two disjoint /24s: all three conflict, even though the /24s don't
+    fn a_node_claiming_a_held_pod_cidr_is_refused_and_the_holder_keeps_it() {
+        // The victim holds its CIDR (the previous pass accepted it); the claimant is older and
+        // has the lower name, and still loses: what this agent already routes does not move.
+        let mut victim = peer(
+            "node-v",
+            "192.168.50.2",
+            "02:00:00:00:00:0b",
+            &["10.244.2.0/24"],
+        );
+        victim.created = Some(2000);
+        let mut claimant = peer(
+            "node-c",
+            "192.168.50.3",
+            "02:00:00:00:00:0c",
+            &["10.244.2.0/24"],
+        );
+        claimant.created = Some(1000);
+        let mut i = input(vec![victim.clone(), claimant.clone()]);
+        i.incumbents = plan(vec![victim.clone()])
+            .peers
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect();
+        let d = plan_overlay(&i).unwrap();
+        assert_eq!(d.accepted, vec!["node-v"]);
+        assert_eq!(
+            reason_of(&d, "node-c"),
+            RejectReason::OverlapsPeer {
+                cidr: net("10.244.2.0/24"),
+                other_node: "node-v".into(),
+                other_cidr: net("10.244.2.0/24"),
+            }
+        );
+        // After an agent restart (no history) the older Node object holds.
+        let d = plan(vec![victim.clone(), claimant.clone()]);
+        assert_eq!(d.accepted, vec!["node-c"]);
+        // A wider claim by a newer Node cuts no one off either.
+        let mut wide = peer(
+            "node-0",
+            "192.168.50.4",
+            "02:00:00:00:00:0d",
+            &["10.244.2.0/23"],
+        );
+        wide.created = Some(3000);
+        let d = plan(vec![victim, wide]);
+        assert_eq!(d.accepted, vec!["node-v"]);
+        assert!(matches!(
+            reason_of(&d, "node-0"),
+            RejectReason::OverlapsPeer { ref other_node, .. } if other_node == "node-v"
+        ));
+    }
+
+    #[test]
+    fn nested_overlaps_leave_no_two_accepted_peers_overlapping() {
+        // A /16 enclosing two disjoint /24s: it conflicts with both, even though the /24s don't
         // overlap each other (a naive neighbour-only sweep would miss one of them).
-        let big = peer(
+        let mut big = peer(
             "node-b",
             "192.168.50.2",
             "02:00:00:00:00:0b",
             &["10.10.0.0/16"],
         );
-        let s1 = peer(
+        let mut s1 = peer(
             "node-c",
             "192.168.50.3",
             "02:00:00:00:00:0c",
             &["10.10.1.0/24"],
         );
-        let s2 = peer(
+        let mut s2 = peer(
             "node-d",
             "192.168.50.4",
             "02:00:00:00:00:0d",
             &["10.10.2.0/24"],
         );
+        // The /16 is the senior: both /24s are refused.
+        let d = plan(vec![big.clone(), s1.clone(), s2.clone()]);
+        assert_eq!(d.accepted, vec!["node-b"]);
+        assert_eq!(d.rejected.len(), 2);
+        // The /16 is the newest: it alone is refused.
+        big.created = Some(3000);
+        s1.created = Some(1000);
+        s2.created = Some(2000);
         let d = plan(vec![big, s1, s2]);
-        assert!(d.accepted.is_empty(), "{:?}", d.accepted);
-        assert_eq!(d.rejected.len(), 3);
+        assert_eq!(d.accepted, vec!["node-c", "node-d"]);
+        assert!(matches!(
+            reason_of(&d, "node-b"),
+            RejectReason::OverlapsPeer { .. }
+        ));
     }
 
     #[test]
@@ -1313,14 +1394,11 @@ mod tests {
             &["fd00::/64"],
         );
         let d = plan(vec![b, c, v6]);
-        assert_eq!(d.accepted, vec!["node-d".to_string()]);
-        assert!(matches!(
-            reason_of(&d, "node-b"),
-            RejectReason::OverlapsPeer { .. }
-        ));
+        // The same CIDR twice: the junior (by name here) is refused; another family is no clash.
+        assert_eq!(d.accepted, vec!["node-b", "node-d"]);
         assert!(matches!(
             reason_of(&d, "node-c"),
-            RejectReason::OverlapsPeer { .. }
+            RejectReason::OverlapsPeer { ref other_node, .. } if other_node == "node-b"
         ));
     }
 
@@ -1598,11 +1676,9 @@ mod tests {
         let mut reversed = peers;
         reversed.reverse();
         assert_eq!(plan(reversed), reference);
-        // node-e's underlay address is node-b's (senior by name); node-c and node-d overlap.
-        assert_eq!(
-            reference.accepted,
-            vec!["node-b".to_string(), "node-f".to_string()]
-        );
+        // node-e's underlay address is node-b's (senior by name); node-c and node-d overlap, and
+        // node-c is the senior by name.
+        assert_eq!(reference.accepted, vec!["node-b", "node-c", "node-f"]);
     }
 
     #[test]
