@@ -448,64 +448,11 @@ fn udp_frame(
 
 /// Counts packets from `src` seen on the server pod's eth0 while `send` runs.
 fn captured_from(server_netns: &str, src: Ipv4Addr, send: impl FnOnce()) -> usize {
-    captured(
+    tcpdump_count(
         server_netns,
         &["-c", "1", "src", "host", &src.to_string()],
         send,
     )
-}
-
-/// Counts packets matching tcpdump `args` (options, then a filter) on eth0 of `netns` while
-/// `send` runs.
-fn captured(netns: &str, args: &[&str], send: impl FnOnce()) -> usize {
-    let mut cmd = Command::new("tcpdump");
-    // --immediate-mode: else packets wait in a capture block that is lost when tcpdump stops.
-    cmd.args(["--immediate-mode", "-ni", "eth0", "-w", "/dev/null"])
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    veilnet::netns::command_in(netns, &mut cmd).unwrap();
-    let mut child = cmd.spawn().unwrap();
-    // tcpdump says "listening on" once its capture is open; a fixed sleep would race it on a
-    // busy machine (and a count of 0 would then prove nothing).
-    let stderr = child.stderr.take().unwrap();
-    let (listening_tx, listening_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut said = Vec::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("listening on") {
-                let _ = listening_tx.send(());
-            }
-            said.push(line);
-        }
-        said.join("\n")
-    });
-    let opened = listening_rx.recv_timeout(Duration::from_secs(10)).is_ok();
-    if opened {
-        send();
-        std::thread::sleep(Duration::from_millis(1500));
-    }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    child.wait().unwrap();
-    let text = reader.join().unwrap();
-    assert!(
-        opened,
-        "tcpdump did not start capturing within 10 s: {text}"
-    );
-    text.lines()
-        .find_map(|l| {
-            l.strip_suffix(" packets captured")
-                .or(l.strip_suffix(" packet captured"))
-        })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("tcpdump said: {text}"))
 }
 
 #[test]
@@ -801,7 +748,7 @@ fn mac_theft_by_any_frame_never_moves_the_victims_mac() {
     let mut moved_during = Vec::new();
     let mut answered = (0, 0);
     let victim_ip = t.victim.to_string();
-    let stolen = captured(
+    let stolen = tcpdump_count(
         &t.attacker_ns,
         &["ip", "and", "dst", "host", &victim_ip],
         || {

@@ -104,7 +104,8 @@ fn lost_while(lab: &Lab, attack: impl FnOnce()) -> usize {
         std::thread::sleep(Duration::from_secs(3));
         stop.store(true, Ordering::Relaxed);
     });
-    assert!(sent.into_inner() > 10, "too few probes");
+    let sent = sent.into_inner();
+    assert!(sent > 10, "too few probes: {sent}");
     lost.into_inner()
 }
 
@@ -259,4 +260,218 @@ fn a_compromised_node_cannot_cut_honest_nodes_off() {
     assert!(new_events <= 12, "{new_events} new Events about node-3");
     let lost = lost_while(&lab, || {});
     assert_eq!(lost, 0);
+}
+
+/// Creates the Node object `name` with the given spec CIDR, recorded address and annotations
+/// (what its agent would publish; here the test writes them as the rogue's credentials allow).
+fn apply_rogue(lab: &Lab, name: &str, cidr: &str, address: &str, anns: serde_json::Value) {
+    lab.apply(
+        &serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": anns},
+            "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        })
+        .to_string(),
+    );
+    record_address(lab, name, address);
+}
+
+/// Deletes the rogue's Node object and waits until the honest agents have forgotten it (no peer
+/// entry, so no handshake retry of an earlier variant is counted against the next).
+fn remove_rogue(lab: &Lab, name: &str) {
+    lab.kubectl_ok(&["delete", "node", name]);
+    for node in ["node-1", "node-2"] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{node} forgets the rogue"),
+            || rogue_seen_by(lab, node, name).is_empty(),
+        );
+    }
+}
+
+/// What a well-behaved node at `ip` would publish, with `key` as its WireGuard key.
+fn rogue_annotations(ip: &str, key: &str) -> serde_json::Value {
+    serde_json::json!({
+        "veilnet.io/underlay-ip": ip,
+        "veilnet.io/vtep-mac": "06:00:00:00:00:99",
+        "veilnet.io/vxlan-vni": "1",
+        "veilnet.io/encryption-mode": "on",
+        "veilnet.io/wg-public-key": key,
+        "veilnet.io/wg-endpoint": format!("{ip}:51820"),
+    })
+}
+
+/// Whether an Event about the rogue's Node object says `what`.
+fn rogue_event_says(lab: &Lab, name: &str, what: &str) -> bool {
+    events_about(lab, name)
+        .iter()
+        .any(|e| e["message"].as_str().is_some_and(|m| m.contains(what)))
+}
+
+/// node-1's view of the rogue: `blocked: reason`, `ignored: reason`, or its path.
+fn rogue_seen_by(lab: &Lab, node: &str, name: &str) -> String {
+    let st = node_status(lab, node);
+    if let Some(r) = st["rejected"][name].as_str() {
+        return format!("ignored: {r}");
+    }
+    st["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["node"] == name)
+        .map(|p| match p["reason"].as_str() {
+            Some(r) => format!("blocked: {r}"),
+            None => p["path"].as_str().unwrap_or_default().to_string(),
+        })
+        .unwrap_or_default()
+}
+
+/// Every claim a rogue Node object can make (another node's pod CIDR, WireGuard key or underlay
+/// address, or garbage) attracts no packet: tcpdump on the rogue's own address (a secondary
+/// address of node-3's underlay interface, where the honest nodes would send what it attracts)
+/// counts 0 while a ↔ b probe each other, and 0 are lost; each honest agent refuses the claim
+/// and an Event on the rogue's Node names it. A well-behaved rogue first proves the capture
+/// sees what an accepted peer gets.
+#[test]
+fn no_claim_of_a_rogue_node_attracts_a_packet() {
+    veilnet_test_support::require_root!();
+    let lab = three_nodes();
+    let rogue_ip = "172.30.0.99";
+    lab.ip(
+        3,
+        &["addr", "add", &format!("{rogue_ip}/24"), "dev", "eth0"],
+    );
+    let n3 = lab.node_netns(3);
+    let key_2 = lab.annotation("node-2", "veilnet.io/wg-public-key");
+    let cidr_2 = lab.kubectl_json(&["get", "node", "node-2"])["spec"]["podCIDR"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a_ns = lab.pod_netns("default/a");
+    let b_ip = lab.wait_pod_ip("default/b", Duration::from_secs(5));
+    let to_rogue = ["dst", "host", rogue_ip];
+    // A fresh key of the rogue's own.
+    let own_key = "mZ8rP1Z3bWq1d0vCk8o0i2uX9FhJ5yq6v7s8t9u0w1E=";
+
+    // Control: a well-behaved newcomer is a peer, and what the honest nodes send it (a
+    // handshake as soon as it is a peer, then traffic for its pods) reaches its address.
+    let seen = tcpdump_count(&n3, &to_rogue, || {
+        apply_rogue(
+            &lab,
+            "rogue-control",
+            "10.244.99.0/24",
+            rogue_ip,
+            rogue_annotations(rogue_ip, own_key),
+        );
+        wait_path(
+            &lab,
+            "node-1",
+            "rogue-control",
+            "wireguard",
+            Duration::from_secs(15),
+        );
+        probe_in(&a_ns, "10.244.99.5:80", "udp", "1s");
+    });
+    assert!(seen > 0, "the capture saw nothing sent to an accepted peer");
+    eprintln!("rogue claims: control (an accepted newcomer): {seen} packets to its address");
+    remove_rogue(&lab, "rogue-control");
+
+    // (claim, Node name, spec CIDR, recorded address, annotations, what the refusal says)
+    let variants: Vec<(&str, &str, String, String, serde_json::Value, &str)> = vec![
+        (
+            "node-2's pod CIDR",
+            "rogue-cidr",
+            cidr_2.clone(),
+            rogue_ip.to_string(),
+            rogue_annotations(rogue_ip, own_key),
+            "overlaps",
+        ),
+        (
+            "node-2's WireGuard key",
+            "rogue-key",
+            "10.244.98.0/24".into(),
+            rogue_ip.to_string(),
+            rogue_annotations(rogue_ip, &key_2),
+            "held by node-2",
+        ),
+        (
+            "node-2's underlay address",
+            "rogue-underlay",
+            "10.244.97.0/24".into(),
+            "172.30.0.12".into(),
+            rogue_annotations("172.30.0.12", own_key),
+            "held by node node-2",
+        ),
+        (
+            "garbage in every field",
+            "rogue-garbage",
+            "10.244.96.0/24".into(),
+            rogue_ip.to_string(),
+            serde_json::json!({
+                "veilnet.io/underlay-ip": "172.30.0.999",
+                "veilnet.io/vtep-mac": "zz:zz",
+                "veilnet.io/vxlan-vni": "-1",
+                "veilnet.io/encryption-mode": "sideways",
+                "veilnet.io/wg-public-key": "not-a-key",
+                "veilnet.io/wg-endpoint": "nowhere",
+            }),
+            "bad annotation",
+        ),
+    ];
+    for (claim, name, cidr, address, anns, says) in variants {
+        // The capture runs from before the claim exists: a moment of acceptance would count.
+        let mut lost = 0;
+        let attracted = tcpdump_count(&n3, &to_rogue, || {
+            apply_rogue(&lab, name, &cidr, &address, anns);
+            for node in ["node-1", "node-2"] {
+                eventually(
+                    Duration::from_secs(10),
+                    &format!("{node} refuses the rogue claiming {claim} ({says:?})"),
+                    || {
+                        // node-1 names the holder; node-2 sees its own value claimed.
+                        let seen = rogue_seen_by(&lab, node, name);
+                        (seen.starts_with("ignored") || seen.starts_with("blocked"))
+                            && (node == "node-2" || seen.contains(says))
+                    },
+                );
+            }
+            lost = lost_while(&lab, || {
+                // Traffic for what is claimed: b's pods, and the rogue's own CIDR.
+                for _ in 0..5 {
+                    probe_in(&a_ns, &format!("{b_ip}:80"), "udp", "1s");
+                    probe_in(&a_ns, &format!("{}:80", cidr_host(&cidr)), "udp", "1s");
+                }
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !rogue_event_says(&lab, name, says) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no Event on {name} says {says:?}: {:#?}",
+                events_about(&lab, name)
+                    .iter()
+                    .map(|e| e["message"].clone())
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!(
+            "rogue claims: {claim}: node-1 sees it as {:?}, node-2 as {:?}; {attracted} packets to the rogue, {lost} honest probes lost",
+            rogue_seen_by(&lab, "node-1", name),
+            rogue_seen_by(&lab, "node-2", name)
+        );
+        assert_eq!(attracted, 0, "the rogue claiming {claim} attracted packets");
+        assert_eq!(
+            lost, 0,
+            "honest probes lost while the rogue claimed {claim}"
+        );
+        remove_rogue(&lab, name);
+    }
+    assert_wire(&lab, "default/a", "default/b", "encrypted");
+}
+
+/// A host address inside `cidr` (its network address + 5).
+fn cidr_host(cidr: &str) -> String {
+    let net: ipnet::Ipv4Net = cidr.parse().unwrap();
+    std::net::Ipv4Addr::from(u32::from(net.network()) + 5).to_string()
 }

@@ -12,7 +12,7 @@
 //! entries, the nft ruleset with its set elements) equals the start's, each node's IPAM store
 //! holds exactly its live pods' addresses, no pod network namespace is left, no agent or datapath
 //! was restarted, their RSS is flat (start and end printed), and no log of veilnet's own daemons
-//! has a panic or an ERROR line. Needs root.
+//! has a panic, an ERROR line or a failed sandbox setup. Needs root.
 //!
 //! Control plane: kubernetes only, because the soak churns the API server operators run and one
 //! run is its budget in test.sh (`VEILNET_SOAK_CONTROL_PLANE=stand-in`, or `soak.sh
@@ -229,8 +229,9 @@ fn wait_gone(lab: &Lab, selector: &str, within: Duration) -> Duration {
     }
 }
 
-/// The lines of veilnet's own daemons' logs (agents, datapaths, kubelets) that report a panic or
-/// an error.
+/// The lines of veilnet's own daemons' logs (agents, datapaths, kubelets) that report a panic,
+/// an error, or a failed sandbox setup (every ADD of a healthy node succeeds the first time: a
+/// retried one hides a fault, such as a GC that deleted the veths of ADDs in flight).
 fn bad_log_lines(lab: &Lab) -> Vec<String> {
     let dir = std::path::Path::new("/var/lib/veilnet-lab")
         .join(&lab.name)
@@ -248,7 +249,10 @@ fn bad_log_lines(lab: &Lab) -> Vec<String> {
             .unwrap_or_default()
             .lines()
         {
-            if line.contains(" ERROR ") || line.contains("panicked") {
+            if line.contains(" ERROR ")
+                || line.contains("panicked")
+                || line.contains("sandbox creation failed")
+            {
                 bad.push(format!("{file}: {line}"));
             }
         }

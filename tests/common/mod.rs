@@ -829,3 +829,58 @@ pub fn kernel_state_diff(want: &str, got: &str) -> String {
             .expect("diff"),
     )
 }
+
+// ---- Packet capture ----
+
+/// Counts packets matching tcpdump `args` (options, then a filter) on eth0 of `netns` while
+/// `send` runs.
+pub fn tcpdump_count(netns: &str, args: &[&str], send: impl FnOnce()) -> usize {
+    let mut cmd = Command::new("tcpdump");
+    // --immediate-mode: else packets wait in a capture block that is lost when tcpdump stops.
+    cmd.args(["--immediate-mode", "-ni", "eth0", "-w", "/dev/null"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    veilnet::netns::command_in(netns, &mut cmd).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    // tcpdump says "listening on" once its capture is open; a fixed sleep would race it on a
+    // busy machine (and a count of 0 would then prove nothing).
+    let stderr = child.stderr.take().unwrap();
+    let (listening_tx, listening_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut said = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("listening on") {
+                let _ = listening_tx.send(());
+            }
+            said.push(line);
+        }
+        said.join("\n")
+    });
+    let opened = listening_rx.recv_timeout(Duration::from_secs(10)).is_ok();
+    if opened {
+        send();
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert!(
+        opened,
+        "tcpdump did not start capturing within 10 s: {text}"
+    );
+    text.lines()
+        .find_map(|l| {
+            l.strip_suffix(" packets captured")
+                .or(l.strip_suffix(" packet captured"))
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("tcpdump said: {text}"))
+}
