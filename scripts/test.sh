@@ -10,7 +10,7 @@
 #    has that tag or says why it runs on one control plane only;
 #    Step 2 includes the soak (tests/lab_soak.rs) for $VEILNET_SOAK_MINUTES minutes, 5 by default
 #    (scripts/soak.sh runs it for longer);
-# 4. fuzzes every target in fuzz/ for 20 s, from an unoptimised instrumented build
+# 4. fuzzes every target in fuzz/ for 10 s, from an unoptimised instrumented build
 #    (scripts/fuzz.sh --dev; needs nightly Rust, else skipped: tests/fuzz_corpus.rs replays the
 #    corpus on stable in step 2 either way).
 set -euo pipefail
@@ -41,13 +41,13 @@ done
 echo "==> the lab tests again, on the real control plane: ${both[*]}"
 VEILNET_LAB_CONTROL_PLANE=kubernetes cargo test --locked --no-fail-fast "${both[@]}" "$@"
 took "the real-control-plane pass"
-# Coverage-guided fuzzing, short (every target 20 s, unoptimised: the build is most of the cost
+# Coverage-guided fuzzing, short (every target 10 s, unoptimised: the build is most of the cost
 # here; scripts/fuzz.sh alone runs 600 s each from an optimised build).
 # It needs nightly Rust; without it, tests/fuzz_corpus.rs (in cargo test above) replayed the
 # corpus and its mutations on stable.
 if cargo +nightly --version >/dev/null 2>&1; then
-	echo "==> fuzzing, short (scripts/fuzz.sh --dev --seconds ${VEILNET_FUZZ_SECONDS:-20})"
-	./scripts/fuzz.sh --dev --seconds "${VEILNET_FUZZ_SECONDS:-20}"
+	echo "==> fuzzing, short (scripts/fuzz.sh --dev --seconds ${VEILNET_FUZZ_SECONDS:-10})"
+	./scripts/fuzz.sh --dev --seconds "${VEILNET_FUZZ_SECONDS:-10}"
 	took "fuzzing"
 else
 	echo "==> fuzzing skipped: no nightly Rust toolchain (the corpus replay ran on stable)"
