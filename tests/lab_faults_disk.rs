@@ -223,12 +223,6 @@ fn talks(lab: &Lab, from: &str, ip: &str) -> bool {
     lab.connect(from, &format!("{ip}:80"), "tcp", "2s") == Some(0)
 }
 
-fn switches(lab: &Lab, node: &str) -> usize {
-    lab.daemon_log(&format!("datapath-{node}"))
-        .matches("wireguard key rotation: switched to the new session")
-        .count()
-}
-
 #[test]
 fn a_full_or_read_only_state_dir_fails_clearly_loses_nothing_and_recovers() {
     veilnet_test_support::require_root!();
@@ -372,7 +366,10 @@ fn a_full_or_read_only_state_dir_fails_clearly_loses_nothing_and_recovers() {
     let shown = st["keyRotationError"].as_str().unwrap_or_default();
     assert!(shown.contains("Read-only file system"), "{st:#}");
     // Node-2 rotates meanwhile: node-1 must take its new key, or node-2's session never moves.
-    let switched = (switches(&lab, "node-1"), switches(&lab, "node-2"));
+    let switched = (
+        rotation_switches(&lab, "node-1"),
+        rotation_switches(&lab, "node-2"),
+    );
     lab.kubectl_ok(&[
         "annotate",
         "node",
@@ -388,7 +385,10 @@ fn a_full_or_read_only_state_dir_fails_clearly_loses_nothing_and_recovers() {
     eventually(
         Duration::from_secs(20),
         "both datapaths on node-2's new session",
-        || switches(&lab, "node-1") > switched.0 && switches(&lab, "node-2") > switched.1,
+        || {
+            rotation_switches(&lab, "node-1") > switched.0
+                && rotation_switches(&lab, "node-2") > switched.1
+        },
     );
     assert!(talks(&lab, "default/a", &ip_b) && talks(&lab, "default/b", &ip_a));
     assert_eq!(lab.annotation("node-1", "veilnet.io/wg-public-key"), key_1);

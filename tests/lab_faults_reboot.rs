@@ -39,32 +39,6 @@ fn pod_netns_now(lab: &Lab, ns_name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The addresses node-1's IPAM store holds (files named by address under some `ipam/<network>`
-/// of the node's directory), found by walking it.
-fn ipam_addresses(lab: &Lab) -> Vec<String> {
-    fn walk(dir: &std::path::Path, under_ipam: bool, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if path.is_dir() {
-                walk(&path, under_ipam || name == "ipam", out);
-            } else if under_ipam && name.parse::<std::net::IpAddr>().is_ok() {
-                out.push(name);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(
-        &std::path::Path::new("/var/lib/veilnet-lab")
-            .join(&lab.name)
-            .join("nodes/node-1"),
-        false,
-        &mut out,
-    );
-    out.sort();
-    out
-}
-
 /// What node-1's agent published and the cluster gave it: key, pod CIDRs.
 fn identity(lab: &Lab) -> (String, String, String) {
     let node = lab.kubectl_json(&["get", "node", "node-1"]);
@@ -97,7 +71,7 @@ fn a_rebooted_node_comes_back_with_its_key_and_cidr_and_talks_again() {
     let before = identity(&lab);
     assert!(!before.0.is_empty() && !before.1.is_empty(), "{before:?}");
     let a_netns = lab.pod_netns("default/a");
-    assert_eq!(ipam_addresses(&lab), vec![a_before.clone()]);
+    assert_eq!(ipam_addresses(&lab, 1), [a_before.parse().unwrap()].into());
 
     // Power off: the node's daemons, its pod's processes, then every namespace of the node.
     for role in ["kubelet-node-1", "agent-node-1", "datapath-node-1"] {
@@ -171,7 +145,7 @@ fn a_rebooted_node_comes_back_with_its_key_and_cidr_and_talks_again() {
         "pod a's new address {ip} is outside {cidr}"
     );
     // The old sandbox's address went back to the pool: nothing leaked by the reboot.
-    assert_eq!(ipam_addresses(&lab), vec![a_after.clone()]);
+    assert_eq!(ipam_addresses(&lab, 1), [a_after.parse().unwrap()].into());
     assert_eq!(path_to(&lab, "node-1", "node-2"), "wireguard");
     assert_wire(&lab, "default/b", "default/a", "encrypted");
     assert_wire(&lab, "default/a", "default/b", "encrypted");

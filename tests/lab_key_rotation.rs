@@ -124,13 +124,6 @@ fn tcp_attempt(to: SocketAddr) -> impl Fn() -> Result<(), String> {
     }
 }
 
-/// Lines of the datapath's log saying that it switched to a rotated key's new session.
-fn switches(lab: &Lab, node: &str) -> usize {
-    lab.daemon_log(&format!("datapath-{node}"))
-        .matches("wireguard key rotation: switched to the new session")
-        .count()
-}
-
 #[test]
 fn ten_key_rotations_lose_no_request_and_time_out_no_connect() {
     veilnet_test_support::require_root!();
@@ -187,7 +180,10 @@ fn ten_key_rotations_lose_no_request_and_time_out_no_connect() {
     for round in 1..=ROTATIONS {
         let node = if round % 2 == 1 { "node-1" } else { "node-2" };
         let before = lab.annotation(node, "veilnet.io/wg-public-key");
-        let switched_before = (switches(&lab, "node-1"), switches(&lab, "node-2"));
+        let switched_before = (
+            rotation_switches(&lab, "node-1"),
+            rotation_switches(&lab, "node-2"),
+        );
         let started = Instant::now();
         lab.kubectl_ok(&[
             "annotate",
@@ -203,8 +199,8 @@ fn ten_key_rotations_lose_no_request_and_time_out_no_connect() {
             Duration::from_secs(20),
             "both datapaths on the new session",
             || {
-                switches(&lab, "node-1") > switched_before.0
-                    && switches(&lab, "node-2") > switched_before.1
+                rotation_switches(&lab, "node-1") > switched_before.0
+                    && rotation_switches(&lab, "node-2") > switched_before.1
             },
         );
         took.push(started.elapsed());

@@ -360,24 +360,23 @@ fn dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
 }
 
 /// `snapshot` once it has settled (the same twice, two seconds apart, within 30 s).
-fn settled(lab: &Lab, nodes: usize, snapshot: fn(&Lab, usize) -> Vec<String>) -> Vec<String> {
-    let mut last = snapshot(lab, nodes);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        std::thread::sleep(Duration::from_secs(2));
-        let now = snapshot(lab, nodes);
-        if now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "the dataplane never settled");
-        last = now;
-    }
+fn settled_snapshot(
+    lab: &Lab,
+    nodes: usize,
+    snapshot: fn(&Lab, usize) -> Vec<String>,
+) -> Vec<String> {
+    settled(
+        "the dataplane",
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+        || snapshot(lab, nodes),
+    )
 }
 
 /// The dataplane once it has settled: a new pod's link and the bridge take a moment after the
 /// pod is Running.
 fn settled_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
-    settled(lab, nodes, dataplane)
+    settled_snapshot(lab, nodes, dataplane)
 }
 
 /// Pods keep talking: `netns` reaches `target` over TCP every `every` for `span`.
@@ -485,7 +484,7 @@ fn full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
 /// [`full_dataplane`] once it has settled (the links and routes first, then the FDB).
 fn settled_full_dataplane(lab: &Lab, nodes: usize) -> Vec<String> {
     settled_dataplane(lab, nodes);
-    settled(lab, nodes, full_dataplane)
+    settled_snapshot(lab, nodes, full_dataplane)
 }
 
 /// The lines an agent logged after byte `from` of its log that satisfy `want`.

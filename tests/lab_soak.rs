@@ -141,31 +141,6 @@ fn assert_unique_addresses(lab: &Lab, cidrs: &BTreeMap<String, ipnet::IpNet>, wh
     }
 }
 
-/// The addresses node `node`'s IPAM store holds (files named by address under some `ipam/`
-/// directory of the node's state).
-fn ipam_addresses(lab: &Lab, node: usize) -> BTreeSet<IpAddr> {
-    fn walk(dir: &std::path::Path, under_ipam: bool, out: &mut BTreeSet<IpAddr>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if path.is_dir() {
-                walk(&path, under_ipam || name == "ipam", out);
-            } else if let (true, Ok(ip)) = (under_ipam, name.parse()) {
-                out.insert(ip);
-            }
-        }
-    }
-    let mut out = BTreeSet::new();
-    walk(
-        &std::path::Path::new("/var/lib/veilnet-lab")
-            .join(&lab.name)
-            .join(format!("nodes/node-{node}")),
-        false,
-        &mut out,
-    );
-    out
-}
-
 /// Pod network namespaces of this lab that exist now.
 fn pod_netns(lab: &Lab) -> Vec<String> {
     lab_netns(&lab.name)

@@ -800,19 +800,34 @@ pub fn without_timers(line: &str) -> String {
     out.join(" ")
 }
 
-/// [`node_kernel_state`] once it holds still (the same twice, a second apart), within 60 s.
-pub fn settled_kernel_state(lab: &Lab, node: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = node_kernel_state(lab, node);
+/// `snapshot()` once it holds still: the same twice, `every` apart, within `within`.
+pub fn settled<T: PartialEq>(
+    what: &str,
+    every: Duration,
+    within: Duration,
+    mut snapshot: impl FnMut() -> T,
+) -> T {
+    let deadline = Instant::now() + within;
+    let mut last = snapshot();
     loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let now = node_kernel_state(lab, node);
+        std::thread::sleep(every);
+        let now = snapshot();
         if now == last {
             return now;
         }
-        assert!(Instant::now() < deadline, "node-{node} never settled");
+        assert!(Instant::now() < deadline, "{what} never settled");
         last = now;
     }
+}
+
+/// [`node_kernel_state`] once it holds still (the same twice, a second apart), within 60 s.
+pub fn settled_kernel_state(lab: &Lab, node: usize) -> String {
+    settled(
+        &format!("node-{node}'s kernel state"),
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+        || node_kernel_state(lab, node),
+    )
 }
 
 /// `diff -u` of the two states (order matters: nft rules run in order).
@@ -883,4 +898,42 @@ pub fn tcpdump_count(netns: &str, args: &[&str], send: impl FnOnce()) -> usize {
         })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("tcpdump said: {text}"))
+}
+
+// ---- Node state on disk, and the datapath's rotation log ----
+
+/// The addresses node `node`'s IPAM store holds (files named by address under some `ipam/`
+/// directory of the node's state).
+pub fn ipam_addresses(lab: &Lab, node: usize) -> std::collections::BTreeSet<std::net::IpAddr> {
+    fn walk(
+        dir: &std::path::Path,
+        under_ipam: bool,
+        out: &mut std::collections::BTreeSet<std::net::IpAddr>,
+    ) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                walk(&path, under_ipam || name == "ipam", out);
+            } else if let (true, Ok(ip)) = (under_ipam, name.parse()) {
+                out.insert(ip);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(
+        &std::path::Path::new("/var/lib/veilnet-lab")
+            .join(&lab.name)
+            .join(format!("nodes/node-{node}")),
+        false,
+        &mut out,
+    );
+    out
+}
+
+/// How many times node `node`'s datapath has moved a peer to the session of a new key.
+pub fn rotation_switches(lab: &Lab, node: &str) -> usize {
+    lab.daemon_log(&format!("datapath-{node}"))
+        .matches("wireguard key rotation: switched to the new session")
+        .count()
 }
