@@ -206,12 +206,15 @@ fn wait_gone(lab: &Lab, selector: &str, within: Duration) -> Duration {
 
 /// The lines of veilnet's own daemons' logs (agents, datapaths, kubelets) that report a panic,
 /// an error, or a failed sandbox setup (every ADD of a healthy node succeeds the first time: a
-/// retried one hides a fault, such as a GC that deleted the veths of ADDs in flight).
-fn bad_log_lines(lab: &Lab) -> Vec<String> {
+/// retried one hides a fault, such as a GC that deleted the veths of ADDs in flight); and apart,
+/// the lab kubelets' API client's transport errors on a pooled connection the API server had
+/// just closed (`SendRequest`: kube-rs logs each at ERROR, the kubelet retries the call; about
+/// one in half an hour of soak). The agents get no such allowance.
+fn bad_log_lines(lab: &Lab) -> (Vec<String>, Vec<String>) {
     let dir = std::path::Path::new("/var/lib/veilnet-lab")
         .join(&lab.name)
         .join("logs");
-    let mut bad = Vec::new();
+    let (mut bad, mut transport) = (Vec::new(), Vec::new());
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
         if !["agent-", "datapath-", "kubelet-"]
@@ -224,7 +227,12 @@ fn bad_log_lines(lab: &Lab) -> Vec<String> {
             .unwrap_or_default()
             .lines()
         {
-            if line.contains(" ERROR ")
+            if file.starts_with("kubelet-")
+                && line.contains(" ERROR kube_client::client::builder: ")
+                && line.ends_with("client error (SendRequest)")
+            {
+                transport.push(format!("{file}: {line}"));
+            } else if line.contains(" ERROR ")
                 || line.contains("panicked")
                 || line.contains("sandbox creation failed")
             {
@@ -232,7 +240,7 @@ fn bad_log_lines(lab: &Lab) -> Vec<String> {
             }
         }
     }
-    bad
+    (bad, transport)
 }
 
 #[test]
@@ -393,11 +401,22 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
         lab.kubectl_ok(&["delete", "pods", "-l", &selector, "--wait=false"]);
         gone_times.push(wait_gone(&lab, &selector, Duration::from_secs(180)));
         assert_unique_addresses(&lab, &cidrs, &format!("round {round}, batch deleted"));
+        // RSS on every line, so a soak that fails late still leaves its memory curve.
+        let mib = |prefix: &str| {
+            WATCHED
+                .iter()
+                .filter(|r| r.starts_with(prefix))
+                .map(|r| format!("{:.1}", *rss[r].last().unwrap() as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
         eprintln!(
-            "round {round}: {count} pods up in {:.1} s, gone in {:.1} s; node-3 {}; {rotated}'s key rotated",
+            "round {round}: {count} pods up in {:.1} s, gone in {:.1} s; node-3 {}; {rotated}'s key rotated; RSS MiB agents {}, datapaths {}",
             ready_times.last().unwrap().as_secs_f64(),
             gone_times.last().unwrap().as_secs_f64(),
             if node3_plain { "plaintext" } else { "encrypted" },
+            mib("agent-"),
+            mib("datapath-"),
         );
         round += 1;
     }
@@ -443,9 +462,6 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
             "{role} was restarted during the soak"
         );
     }
-    let bad = bad_log_lines(&lab);
-    assert!(bad.is_empty(), "errors in the logs:\n{}", bad.join("\n"));
-
     // Memory: the first sample (after round 0's 50 pods, once allocators have warmed up) against
     // the last.
     eprintln!(
@@ -473,6 +489,18 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
             *max as f64 / 1024.0,
             curve.join(" ")
         );
+    }
+    let (bad, transport) = bad_log_lines(&lab);
+    if !transport.is_empty() {
+        eprintln!(
+            "  the lab kubelets' API client reported {} failed request(s) on a pooled connection (retried by the kubelet): {}",
+            transport.len(),
+            transport.join("; ")
+        );
+    }
+    assert!(bad.is_empty(), "errors in the logs:\n{}", bad.join("\n"));
+    for (role, samples) in &rss {
+        let (first, last) = (samples[0], *samples.last().unwrap());
         assert!(
             last <= first + first / 2 + 8 * 1024,
             "{role}'s RSS grew from {first} KiB to {last} KiB: {samples:?}"
