@@ -725,10 +725,19 @@ pub fn node_kernel_state(lab: &Lab, node: usize) -> String {
             .expect("bridge fdb"),
     );
     // Learned entries come and go with traffic; the agent writes the static and permanent ones.
-    let fdb: Vec<&str> = bridge_fdb
+    let mut fdb: Vec<&str> = bridge_fdb
         .lines()
         .filter(|l| (l.contains("permanent") || l.contains("static")) && !l.contains(" master "))
         .collect();
+    // Neighbour and FDB entries are sets the kernel lists in hash order, which a resize of the
+    // table (many pods' ARP entries at once) changes: a 60-minute soak listed node-2's two
+    // permanent neighbours in the other order at its end. Compare them sorted.
+    fdb.sort_unstable();
+    let mut neighbours: Vec<String> = ip(&["neigh", "show", "nud", "permanent"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    neighbours.sort_unstable();
     let nft = text(
         &std::process::Command::new("ip")
             .args(["netns", "exec", &netns, "nft", "-s", "list", "ruleset"])
@@ -754,7 +763,7 @@ pub fn node_kernel_state(lab: &Lab, node: usize) -> String {
         // Every table: the agent also keeps routes in its pod-to-node table, chosen by a rule.
         ip(&["route", "show", "table", "all"]),
         ip(&["rule"]),
-        ip(&["neigh", "show", "nud", "permanent"]),
+        neighbours.join("\n"),
         fdb.join("\n"),
         nft,
     ]
