@@ -31,6 +31,7 @@ pub mod kubectl_plugin;
 pub mod lab_paths;
 pub mod listen;
 pub mod logging;
+pub mod memory;
 pub mod model;
 pub mod netfilter;
 pub mod netns;

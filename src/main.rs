@@ -12,6 +12,8 @@ use veilnet::logging::{self, LogFormat};
 
 /// The lab's binary, built from `tests/lab` beside this one.
 const LAB_BINARY: &str = "veilnet-lab";
+/// glibc malloc arenas the agent may use (see veilnet::memory): its threads share two.
+const AGENT_MALLOC_ARENAS: i32 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,11 +151,15 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Datapath(args) => Ok(veilnet::datapath::run(args)?),
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(agent::run(*args))
-            .map_err(Into::into),
+        Command::Agent(args) => {
+            // Before the runtime's threads exist, so that none of them gets an arena of its own.
+            veilnet::memory::limit_arenas(AGENT_MALLOC_ARENAS);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(agent::run(*args))
+                .map_err(Into::into)
+        }
         Command::Lab { .. }
         | Command::Bench { .. }
         | Command::Completions { .. }

@@ -346,7 +346,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 // Coalesce a burst of watch events into one pass.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            _ = ticker.tick() => reconcile::release_deleted(client.clone(), &rec.cfg, &rec.me).await,
+            _ = ticker.tick() => {
+                reconcile::release_deleted(client.clone(), &rec.cfg, &rec.me).await;
+                // Give back what the last bursts freed (see crate::memory).
+                crate::memory::trim();
+            }
             _ = status_ticker.tick() => {
                 // Refresh the counters in the status file and metrics; no reconcile needed.
                 pending = false;
