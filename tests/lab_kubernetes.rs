@@ -149,20 +149,6 @@ fn can_i(lab: &Lab, call: &ApiCall, own_ns: &str, user: &str) -> bool {
     }
 }
 
-/// Resident memory (KiB) of a lab daemon, from its pid file.
-fn rss_kib(lab: &Lab, role: &str) -> u64 {
-    let pid = lab
-        .daemon_pid(role)
-        .unwrap_or_else(|| panic!("{role} is not running"));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn the_lab_runs_on_the_real_control_plane_with_the_agent_under_real_rbac() {
     veilnet_test_support::require_root!();
@@ -212,7 +198,7 @@ fn the_lab_runs_on_the_real_control_plane_with_the_agent_under_real_rbac() {
     ]
     .iter()
     .map(|r| {
-        let kib = rss_kib(&lab, r);
+        let kib = lab.daemon_memory(r).rss;
         eprintln!("  {r}: {} MiB", kib / 1024);
         kib
     })

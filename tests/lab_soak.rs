@@ -69,34 +69,6 @@ fn soak_plane() -> ControlPlane {
     }
 }
 
-/// A lab daemon's memory, KiB: VmRSS and, of it, RssAnon (heap and stacks). VmRSS also counts
-/// the binary's file pages, which grow as code paths are first run (a debug build's text is
-/// large) and are not a leak; RssAnon is what a leak would grow.
-#[derive(Debug, Clone, Copy)]
-struct Rss {
-    total: u64,
-    anon: u64,
-}
-
-fn rss_kib(lab: &Lab, role: &str) -> Rss {
-    let pid = lab
-        .daemon_pid(role)
-        .unwrap_or_else(|| panic!("{role} is not running"));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Rss {
-        total: field("VmRSS:"),
-        anon: field("RssAnon:"),
-    }
-}
-
 /// A soak's end check: `last` within half again of `first`, plus 8 MiB for allocator warm-up.
 fn flat(first: u64, last: u64) -> bool {
     last <= first + first / 2 + 8 * 1024
@@ -320,7 +292,7 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
     let guard = format!("{guard_ip}:80");
 
     let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
-    let mut rss: BTreeMap<&str, Vec<Rss>> = BTreeMap::new();
+    let mut rss: BTreeMap<&str, Vec<DaemonMemory>> = BTreeMap::new();
     let mut ready_times = Vec::new();
     let mut gone_times = Vec::new();
     let mut pods_made = 0;
@@ -415,7 +387,7 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
         }
 
         for r in WATCHED {
-            rss.entry(r).or_default().push(rss_kib(&lab, r));
+            rss.entry(r).or_default().push(lab.daemon_memory(r));
         }
         lab.kubectl_ok(&["delete", "pods", "-l", &selector, "--wait=false"]);
         gone_times.push(wait_gone(&lab, &selector, Duration::from_secs(180)));
@@ -429,7 +401,7 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
                     let m = rss[r].last().unwrap();
                     format!(
                         "{:.1} ({:.1})",
-                        m.total as f64 / 1024.0,
+                        m.rss as f64 / 1024.0,
                         m.anon as f64 / 1024.0
                     )
                 })
@@ -500,11 +472,9 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
     for (role, samples) in &rss {
         // The curve, at most 12 points of it.
         let step = samples.len().div_ceil(12);
-        for (what, of) in [
-            ("RSS", (|m: &Rss| m.total) as fn(&Rss) -> u64),
-            ("RssAnon", |m| m.anon),
-        ] {
-            let values: Vec<u64> = samples.iter().map(of).collect();
+        let resident: Vec<u64> = samples.iter().map(|m| m.rss).collect();
+        let anonymous: Vec<u64> = samples.iter().map(|m| m.anon).collect();
+        for (what, values) in [("RSS", resident), ("RssAnon", anonymous)] {
             let (first, last) = (values[0], *values.last().unwrap());
             let curve: Vec<String> = values
                 .iter()
@@ -533,7 +503,7 @@ fn a_soak_of_pod_policy_label_mode_and_key_churn_leaks_nothing() {
     for (role, samples) in &rss {
         let (first, last) = (samples[0], *samples.last().unwrap());
         assert!(
-            flat(first.total, last.total) && flat(first.anon, last.anon),
+            flat(first.rss, last.rss) && flat(first.anon, last.anon),
             "{role}'s memory grew from {first:?} KiB to {last:?} KiB: {samples:?}"
         );
     }

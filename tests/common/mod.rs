@@ -81,6 +81,15 @@ macro_rules! require_kubernetes {
     };
 }
 
+/// A lab daemon's memory, KiB: VmRSS and, of it, RssAnon (heap and stacks). VmRSS also counts
+/// the binary's file pages, which grow as code paths are first run (a debug build's text is
+/// large) and are not a leak; RssAnon is what a leak would grow.
+#[derive(Debug, Clone, Copy)]
+pub struct DaemonMemory {
+    pub rss: u64,
+    pub anon: u64,
+}
+
 /// A lab that is torn down when the guard drops, whether the test passed or panicked.
 pub struct Lab {
     pub name: String,
@@ -388,6 +397,27 @@ impl Lab {
         std::path::Path::new(&format!("/proc/{pid}"))
             .exists()
             .then_some(pid)
+    }
+
+    /// A running daemon's memory from `/proc/PID/status`, KiB.
+    pub fn daemon_memory(&self, role: &str) -> DaemonMemory {
+        let pid = self
+            .daemon_pid(role)
+            .unwrap_or_else(|| panic!("{role} is not running"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("{role} (pid {pid}): /proc status: {e}"));
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        DaemonMemory {
+            rss: field("VmRSS:"),
+            anon: field("RssAnon:"),
+        }
     }
 
     /// Kills one daemon (SIGKILL, as a crash would) and waits for it to be gone.
@@ -733,10 +763,8 @@ pub fn node_kernel_state(lab: &Lab, node: usize) -> String {
     // table (many pods' ARP entries at once) changes: a 60-minute soak listed node-2's two
     // permanent neighbours in the other order at its end. Compare them sorted.
     fdb.sort_unstable();
-    let mut neighbours: Vec<String> = ip(&["neigh", "show", "nud", "permanent"])
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let permanent_neighbours = ip(&["neigh", "show", "nud", "permanent"]);
+    let mut neighbours: Vec<&str> = permanent_neighbours.lines().collect();
     neighbours.sort_unstable();
     let nft = text(
         &std::process::Command::new("ip")
