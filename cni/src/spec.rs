@@ -119,7 +119,7 @@ impl ErrorCode {
 
 /// The error result a plugin prints on stdout before exiting non-zero.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{msg}: {details}")]
+#[error("{msg}{}{details}", if .details.is_empty() { "" } else { ": " })]
 pub struct CniError {
     pub code: ErrorCode,
     pub msg: String,

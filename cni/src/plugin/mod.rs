@@ -175,7 +175,15 @@ impl PluginError {
     }
 
     pub fn to_cni(&self) -> CniError {
-        CniError::new(self.code(), self.summary(), self.to_string())
+        let (msg, chain) = (self.summary(), self.to_string());
+        // Runtimes print `msg; details`: a chain that only prefixes the msg with its context
+        // (`portMappings: hostPort 8080/tcp is already in use by …`) would say it twice.
+        let details = if chain.ends_with(&msg) {
+            String::new()
+        } else {
+            chain
+        };
+        CniError::new(self.code(), msg, details)
     }
 
     /// `Ok` for an empty list, the single error, or all of them.
@@ -321,6 +329,30 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
     use std::collections::HashMap;
+
+    #[test]
+    fn a_taken_host_port_is_said_once() {
+        use crate::hostport::{Conflict, PortMapping, Protocol};
+        let m = PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: Protocol::Tcp,
+            host_ip: None,
+        };
+        let e = PluginError::HostPort(HostPortError::Taken(Box::new(Conflict {
+            requested: m,
+            held: m,
+            holder: "pod default/web (container c1, eth0)".into(),
+        })));
+        let cni = e.to_cni();
+        assert_eq!(
+            cni.msg,
+            "hostPort 8080/tcp is already in use by pod default/web (container c1, eth0)"
+        );
+        assert_eq!(cni.details, "", "{cni:?}");
+        // A chain that adds to the msg keeps it in details.
+        assert!(!PluginError::MissingPrevResult.to_cni().details.is_empty());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
