@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Encrypted datapath benchmark (issue 6): plaintext VXLAN vs veilnet's userspace WireGuard vs stock
+# Encrypted datapath benchmark (issues 6 and 16): plaintext VXLAN vs veilnet's userspace WireGuard
+# vs wireguard-go (the newest, with its TUN TSO/GRO and UDP GSO/GRO offloads) vs stock
 # boringtun-cli 0.7.1, side by side in one run, on the same underlay.
 #
 #   veil-bench-<pid>-ul   the underlay: a bridge br0, one veth port per node (MTU 1500)
@@ -7,16 +8,20 @@
 #       vx0      kernel VXLAN (VNI 42)          10.90.0.1/.2   MTU 1450
 #       veilwg0  veilnet WgDevice (bench wg-node) 10.91.0.1/.2 MTU 1440
 #       veilbt?  boringtun-cli 0.7.1 + wg(8)    10.92.0.1/.2   MTU 1440
+#       veilgo?  wireguard-go (pinned below) + wg(8) 10.94.0.1/.2 MTU 1440
 #       veilrl0  bench tun-relay: no crypto     10.93.0.1/.2   MTU 1440 (ping RTT only: the floor
 #                of any userspace datapath on this machine)
 #
 # Per path: ping RTT (idle, 50 probes), iperf3 TCP single stream and 4 streams (-t $SECONDS each),
 # the datapath processes' CPU (utime+stime from /proc/<pid>/stat) and the whole machine's busy CPU
-# (/proc/stat) per GB moved. Prints Gbit/s and the ratios encrypted/VXLAN, encrypted/boringtun.
+# (/proc/stat) per GB moved. Prints Gbit/s and the ratios encrypted/VXLAN, veilnet/wireguard-go,
+# veilnet/boringtun.
 #
-# Usage: scripts/bench.sh [--runs N] [--seconds S] [--skip-boringtun]
+# Usage: scripts/bench.sh [--runs N] [--seconds S] [--skip-boringtun] [--skip-wireguard-go]
 # Everything lives in namespaces named veil-bench-*; a trap removes them and every process started
-# here, also on failure. boringtun-cli is installed once under target/bench-tools (cargo install).
+# here, also on failure. The baselines are built once under target/bench-tools and are never part
+# of veilnet: boringtun-cli with cargo install, wireguard-go with go install at a pinned
+# pseudo-version (Go's checksum database verifies the module; the stamp file names the version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -24,11 +29,16 @@ cd "$(dirname "$0")/.."
 RUNS=1
 SECONDS_PER_TEST=8
 SKIP_BT=0
+SKIP_WGO=0
+# golang.zx2c4.com/wireguard at its 2025-05-21 commit: every offload of the 2023 work (TUN
+# TSO/GRO through IFF_VNET_HDR, UDP GSO/GRO, batched crypto hand-off).
+WGO_VERSION=v0.0.0-20250521234502-f333402bd9cb
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) RUNS=$2; shift 2 ;;
 	--seconds) SECONDS_PER_TEST=$2; shift 2 ;;
 	--skip-boringtun) SKIP_BT=1; shift ;;
+	--skip-wireguard-go) SKIP_WGO=1; shift ;;
 	*) die "unknown argument $1 (see the header of $0)" ;;
 	esac
 done
@@ -48,6 +58,15 @@ if [ "$SKIP_BT" = 0 ] && [ ! -x "$BT" ]; then
 	echo "==> installing boringtun-cli 0.7.1 (baseline only) into $BT_ROOT" >&2
 	cargo install -q boringtun-cli --version 0.7.1 --locked --root "$BT_ROOT"
 fi
+WGO_ROOT=$BT_ROOT/wireguard-go
+WGO=$WGO_ROOT/wireguard
+if [ "$SKIP_WGO" = 0 ] && { [ ! -x "$WGO" ] || [ "$(cat "$WGO_ROOT/stamp" 2>/dev/null)" != "$WGO_VERSION" ]; }; then
+	command -v go >/dev/null 2>&1 || die "go not found: the wireguard-go baseline needs Go (or pass --skip-wireguard-go)"
+	echo "==> installing wireguard-go $WGO_VERSION (baseline only) into $WGO_ROOT" >&2
+	mkdir -p "$WGO_ROOT"
+	GOBIN=$WGO_ROOT CGO_ENABLED=0 go install -trimpath "golang.zx2c4.com/wireguard@$WGO_VERSION"
+	echo "$WGO_VERSION" >"$WGO_ROOT/stamp"
+fi
 
 P=veil-bench-$$
 UL=$P-ul
@@ -66,6 +85,7 @@ cleanup() {
 		fi
 	done
 	rm -f /var/run/wireguard/veilbta.sock /var/run/wireguard/veilbtb.sock
+	rm -f /var/run/wireguard/veilgoa.sock /var/run/wireguard/veilgob.sock
 	rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -154,6 +174,26 @@ start_boringtun() {
 	done
 }
 
+# wireguard-go enables its offloads by itself: virtio-net headers on the TUN (TSO/GRO) and UDP
+# GSO/GRO on its socket, whenever the kernel offers them.
+WGO_PIDS=()
+start_wireguard_go() {
+	WGO_PIDS=()
+	mkdir -p /var/run/wireguard
+	local i=1 ns dev other key peer
+	for ns in "$A" "$B"; do
+		if [ $i = 1 ]; then dev=veilgoa key=a.key peer=$PUB_B other=2; else dev=veilgob key=b.key peer=$PUB_A other=1; fi
+		LOG_LEVEL=error ip netns exec "$ns" "$WGO" --foreground "$dev" >"$TMP/wgo-$i.log" 2>&1 &
+		WGO_PIDS+=($!); PIDS+=($!)
+		wait_for "$dev socket" test -S "/var/run/wireguard/$dev.sock"
+		inns "$ns" wg set "$dev" private-key "$TMP/$key" listen-port 51822 \
+			peer "$peer" endpoint "192.168.90.$other:51822" allowed-ips "10.94.0.$other/32"
+		ip -n "$ns" link set "$dev" mtu 1440 up
+		ip -n "$ns" addr add "10.94.0.$i/24" dev "$dev"
+		i=$((i + 1))
+	done
+}
+
 wait_for() {
 	local what=$1; shift
 	for _ in $(seq 100); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -227,6 +267,14 @@ for run in $(seq "$RUNS"); do
 	else
 		R[boringtun]="0 0 - - 0 - -"
 	fi
+	if [ "$SKIP_WGO" = 0 ]; then
+		echo "==> run $run/$RUNS: wireguard-go" >&2
+		start_wireguard_go
+		measure wireguard-go 10.94.0.2 "${WGO_PIDS[@]}"
+		stop_pids "${WGO_PIDS[@]}"
+	else
+		R[wireguard-go]="0 0 - - 0 - -"
+	fi
 	echo "==> run $run/$RUNS: userspace relay without crypto (RTT floor)" >&2
 	start_relay
 	FLOOR=$(ping_rtt 10.93.0.2)
@@ -236,18 +284,21 @@ for run in $(seq "$RUNS"); do
 	echo "run $run/$RUNS ($(uname -r), $(nproc) CPUs, iperf3 -t $SECONDS_PER_TEST)"
 	printf '%-14s %9s %9s %11s %11s %9s %11s %11s\n' path "rtt ms" "1x Gb/s" "dp cpu s/GB" "all cpu s/GB" \
 		"4x Gb/s" "dp cpu s/GB" "all cpu s/GB"
-	for k in vxlan veilnet boringtun; do
+	for k in vxlan veilnet wireguard-go boringtun; do
 		# shellcheck disable=SC2086
 		printf '%-14s %9s %9s %11s %11s %9s %11s %11s\n' "$k" ${R[$k]}
 	done
 	read -r _ v1 _ _ v4 _ _ <<<"${R[vxlan]}"
 	read -r _ e1 _ _ e4 _ _ <<<"${R[veilnet]}"
 	read -r _ b1 _ _ b4 _ _ <<<"${R[boringtun]}"
+	read -r gr g1 _ _ g4 _ _ <<<"${R[wireguard-go]}"
 	read -r vr _ <<<"${R[vxlan]}"
 	read -r er _ <<<"${R[veilnet]}"
-	awk -v v1="$v1" -v v4="$v4" -v e1="$e1" -v e4="$e4" -v b1="$b1" -v b4="$b4" -v vr="$vr" -v er="$er" -v fr="$FLOOR" 'BEGIN {
+	awk -v v1="$v1" -v v4="$v4" -v e1="$e1" -v e4="$e4" -v b1="$b1" -v b4="$b4" -v vr="$vr" -v er="$er" -v fr="$FLOOR" \
+		-v g1="$g1" -v g4="$g4" -v gr="$gr" 'BEGIN {
 		printf "encrypted/VXLAN:      1 stream %5.1f %%   4 streams %5.1f %%\n", (v1 > 0 ? 100 * e1 / v1 : 0), (v4 > 0 ? 100 * e4 / v4 : 0)
-		if (b1 > 0) printf "encrypted/boringtun:  1 stream %5.1fx    4 streams %5.1fx\n", e1 / b1, (b4 > 0 ? e4 / b4 : 0)
+		if (g1 > 0) printf "veilnet/wireguard-go: 1 stream %5.2fx    4 streams %5.2fx   RTT %.2fx\n", e1 / g1, (g4 > 0 ? e4 / g4 : 0), (gr > 0 ? er / gr : 0)
+		if (b1 > 0) printf "veilnet/boringtun:    1 stream %5.1fx    4 streams %5.1fx\n", e1 / b1, (b4 > 0 ? e4 / b4 : 0)
 		if (vr > 0) printf "RTT encrypted/VXLAN:  %.2fx\n", er / vr
 		if (vr > 0 && fr > 0) printf "RTT floor (no-crypto userspace relay): %.3f ms = %.2fx VXLAN; encrypted/floor %.2fx\n", fr, fr / vr, er / fr
 	}'
