@@ -216,9 +216,6 @@ impl WgDevice {
         let tun = tun::Tun::open(&cfg.tun_name, cfg.mtu, cfg.persistent)?;
         let udp = udp::UdpSockets::bind(cfg.listen_port, cfg.fwmark)?;
         let state = Arc::new(State::new(cfg.private_key));
-        state
-            .eager_handshakes
-            .store(cfg.persistent, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             tun = tun.name(),
             port = udp.port,

@@ -72,10 +72,6 @@ pub(crate) struct State {
     pub sends_wanted: AtomicBool,
     /// Wakes the datapath thread out of `poll` (set once the thread exists).
     pub waker: OnceLock<Arc<Waker>>,
-    /// Initiate a handshake with every added peer at once instead of on its first packet. A
-    /// restarted device (persistent TUN) uses it so that peers still sending on the old session
-    /// switch within a round trip, whichever side has data to send.
-    pub eager_handshakes: AtomicBool,
     /// `now_ms` at the datapath thread's last loop turn (it turns at least every timer tick):
     /// how a liveness probe tells a stuck thread from an idle one.
     pub last_turn_ms: AtomicU64,
@@ -96,7 +92,6 @@ impl State {
             epoch: Instant::now(),
             sends_wanted: AtomicBool::new(false),
             waker: OnceLock::new(),
-            eager_handshakes: AtomicBool::new(false),
             last_turn_ms: AtomicU64::new(0),
             source_limit: Mutex::new(SourceLimiter::default()),
         }
@@ -196,7 +191,6 @@ impl State {
         }
         let new = Arc::new(new);
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
-        let eager = self.eager_handshakes.load(Ordering::Relaxed);
         for k in &changes.added {
             let linked = rotated.contains(k.as_bytes());
             if linked {
@@ -205,8 +199,11 @@ impl State {
                 tracing::info!(peer = %keys::fingerprint(k), "wireguard peer added");
             }
             // The handshake with a rotated key starts at once: the switch should not wait for
-            // the old session to end.
-            if let Some(peer) = new.by_key.get(k.as_bytes()).filter(|_| eager || linked) {
+            // the old session to end. Every other peer handshakes lazily, on its first packet
+            // either way (ours, or its data for a session we lost: `ingress::stale_session_hint`),
+            // as kernel WireGuard does: a node joining a 1,000-node cluster, or a restarted
+            // datapath, must not start 999 handshakes (and their retries to peers nobody talks to).
+            if let Some(peer) = new.by_key.get(k.as_bytes()).filter(|_| linked) {
                 self.request_handshake(peer);
             }
         }
