@@ -306,6 +306,13 @@ pub fn render(st: &NodeStatus) -> String {
     for (node, reason) in &st.rejected {
         let _ = writeln!(s, "{node:<16} ignored: {reason}");
     }
+    if st.matrix.is_empty() && st.peers.len() >= super::plan::MATRIX_MAX_NODES {
+        let _ = writeln!(
+            s,
+            "\npath matrix: not kept above {} nodes (each node's status shows its own peers)",
+            super::plan::MATRIX_MAX_NODES
+        );
+    }
     if !st.matrix.is_empty() {
         let names: Vec<&String> = st.matrix.keys().collect();
         let _ = write!(s, "\npath matrix (row → column)\n{:<12}", "");
