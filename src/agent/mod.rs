@@ -119,6 +119,9 @@ fn internal_ip(node: &Node) -> Option<IpAddr> {
         .find(IpAddr::is_ipv4)
 }
 
+/// How long the loop waits after a watch event before its pass (see the loop).
+const WATCH_COALESCE: Duration = Duration::from_millis(10);
+
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let cfg = AgentConfig::resolve(&args)?;
     tracing::info!(node = %cfg.node_name, cluster_cidr = %cfg.cluster_cidr, "veilnet agent starting");
@@ -165,10 +168,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     };
 
     let notify = Arc::new(Notify::new());
-    let (nodes, nodes_task) =
-        watch::spawn_reflector_where(nodes_api, watcher::Config::default(), notify.clone(), |n| {
-            watch::node_view(n)
-        });
+    let (nodes, nodes_task) = watch::spawn_reflector_where(
+        nodes_api,
+        watcher::Config::default(),
+        notify.clone(),
+        watch::node_view,
+        watch::prune_node,
+    );
     let (records, records_task) = watch::spawn_reflector(
         Api::<ConfigMap>::namespaced(client.clone(), &cfg.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", podcidr::RECORD_NAME)),
@@ -343,8 +349,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         pending = true;
         tokio::select! {
             _ = notify.notified() => {
-                // Coalesce a burst of watch events into one pass.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Coalesce the events of one change (a Node written, then its status) into one
+                // pass. Longer bursts coalesce by themselves: what arrives during a pass wakes
+                // exactly one more. Kept short: it is the floor of every change's latency.
+                tokio::time::sleep(WATCH_COALESCE).await;
             }
             _ = ticker.tick() => {
                 reconcile::release_deleted(client.clone(), &rec.cfg, &rec.me).await;

@@ -28,17 +28,19 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    spawn_reflector_where(api, config, notify, |_| None)
+    spawn_reflector_where(api, config, notify, |_| None, |_| {})
 }
 
 /// Like [`spawn_reflector`], but an applied object wakes `notify` only when `relevant` (what the
 /// planners read of it) changed since that object last woke it; `None` means "always". The store
-/// itself always holds the latest object. Deletions and re-lists always wake.
+/// itself always holds the latest object, after `prune` dropped what no planner reads of it.
+/// Deletions and re-lists always wake.
 pub fn spawn_reflector_where<K>(
     api: Api<K>,
     config: watcher::Config,
     notify: Arc<Notify>,
     relevant: fn(&K) -> Option<String>,
+    prune: fn(&mut K),
 ) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -49,6 +51,7 @@ where
     let task = tokio::spawn(async move {
         let stream = watcher(api, config)
             .backoff(retry_backoff())
+            .modify(prune)
             .reflect(writer);
         futures::pin_mut!(stream);
         // Object name → what the planners last saw of it.
@@ -119,6 +122,23 @@ pub fn node_view(node: &k8s_openapi::api::core::v1::Node) -> Option<String> {
     .ok()
 }
 
+/// Drops what no planner reads of a Node before the store keeps it: managed fields, annotations
+/// that are not veilnet's, and every status field but the addresses. A real Node is about 10 KB
+/// of JSON, most of it images, conditions and managed fields; the agent keeps every Node of the
+/// cluster, so at 1,000 nodes that is the difference between a few MiB and tens.
+pub fn prune_node(node: &mut k8s_openapi::api::core::v1::Node) {
+    node.metadata.managed_fields = None;
+    if let Some(anns) = node.metadata.annotations.as_mut() {
+        anns.retain(|k, _| k.starts_with(crate::model::annotations::PREFIX));
+    }
+    if let Some(status) = node.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            addresses: status.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +190,61 @@ mod tests {
         ] {
             assert_ne!(node_view(&node(change.clone())).unwrap(), base, "{change}");
         }
+    }
+
+    #[test]
+    fn pruning_keeps_every_planner_input_and_drops_the_rest() {
+        use crate::cluster::podcidr::AllocationRecord;
+        let full = node(serde_json::json!({
+            "metadata": {
+                "annotations": {"veilnet.io/underlay-ip": "172.30.0.12",
+                    "kubectl.kubernetes.io/last-applied-configuration": "x".repeat(4000)},
+                "managedFields": [{"manager": "kubelet", "operation": "Update",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}],
+                "creationTimestamp": "2026-12-01T00:00:00Z",
+            },
+            "status": {"images": [{"names": ["registry.example.com/a:1"], "sizeBytes": 1}],
+                "capacity": {"cpu": "16"}, "nodeInfo": {"machineID": "m", "systemUUID": "s",
+                "bootID": "b", "kernelVersion": "k", "osImage": "o",
+                "containerRuntimeVersion": "c", "kubeletVersion": "v", "kubeProxyVersion": "",
+                "operatingSystem": "linux", "architecture": "amd64"}},
+        }));
+        let mut pruned = full.clone();
+        prune_node(&mut pruned);
+        // What the planners see is the same.
+        assert_eq!(node_view(&pruned), {
+            let mut only_ours = full.clone();
+            only_ours
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+            node_view(&only_ours)
+        });
+        let take = |n: &k8s_openapi::api::core::v1::Node| {
+            crate::agent::snapshot::ClusterSnapshot::take(
+                "n1",
+                &[Arc::new(n.clone())],
+                &AllocationRecord::default(),
+            )
+        };
+        assert_eq!(take(&pruned), take(&full));
+        assert!(!take(&pruned).peers.is_empty());
+        // And the bulk is gone.
+        assert!(pruned.metadata.managed_fields.is_none());
+        let status = pruned.status.as_ref().unwrap();
+        assert!(status.images.is_none() && status.conditions.is_none());
+        assert!(status.node_info.is_none() && status.capacity.is_none());
+        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
+        assert_eq!(pruned.metadata.labels, full.metadata.labels);
+        assert_eq!(pruned.spec, full.spec);
+        let size = |n: &k8s_openapi::api::core::v1::Node| serde_json::to_vec(n).unwrap().len();
+        assert!(
+            size(&pruned) * 5 < size(&full),
+            "{} vs {}",
+            size(&pruned),
+            size(&full)
+        );
     }
 }
