@@ -538,3 +538,125 @@ fn underlay_mtu_honours_route_metric_and_connect_in_works() {
         seen.1
     );
 }
+
+/// The wire table follows a peer change with element updates only, and falls back to a whole
+/// load when the kernel's sets are not what was loaded (someone edited them).
+#[test]
+fn wire_table_peer_changes_are_element_updates_and_edits_fall_back_to_a_whole_load() {
+    use std::collections::BTreeSet;
+    use veilnet::kernel::wire::{self, WireRules};
+    require_root!();
+    let ns = Netns::new("veilov", "wire");
+    let rules = |nodes: &[&str]| WireRules {
+        underlay_dev: "eth0".into(),
+        underlay_ip: "192.168.77.1".parse().unwrap(),
+        wg_dev: "veilwg0".into(),
+        vxlan_port: 8472,
+        wg_port: 51820,
+        cluster_cidr: "10.244.0.0/16".parse().unwrap(),
+        strict: false,
+        vxlan_peers: Vec::new(),
+        peer_nodes: nodes
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect::<BTreeSet<IpAddr>>(),
+        agent_ports: vec![9892],
+        agent_conns_per_source: 8,
+        masquerade: None,
+    };
+    let load = |previous: Option<WireRules>, new: WireRules| {
+        netns::run_in(ns.name(), move || wire::load(previous.as_ref(), &new))
+            .unwrap()
+            .unwrap()
+    };
+    let set = || {
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "inet",
+            wire::TABLE,
+            "peer_nodes",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut elems: Vec<String> = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o["set"]["elem"].as_array())
+            .flatten()
+            .map(|e| e.as_str().unwrap().to_string())
+            .collect();
+        elems.sort();
+        elems
+    };
+    let handle_of_first_rule = || {
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "-a",
+            "list",
+            "chain",
+            "inet",
+            wire::TABLE,
+            "forward",
+        ]);
+        out.lines()
+            .find_map(|l| l.split("# handle ").nth(1).map(str::to_string))
+            .unwrap()
+    };
+    let a = rules(&["192.168.77.2", "192.168.77.3"]);
+    assert!(!load(None, a.clone()));
+    assert_eq!(set(), ["192.168.77.2", "192.168.77.3"]);
+    let handle = handle_of_first_rule();
+    // One node leaves and another joins: only elements move, the rules stay (same handles).
+    let b = rules(&["192.168.77.3", "192.168.77.4"]);
+    assert!(wire::render_element_changes(&a, &b).is_some());
+    assert!(!load(Some(a.clone()), b.clone()));
+    assert_eq!(set(), ["192.168.77.3", "192.168.77.4"]);
+    assert_eq!(handle_of_first_rule(), handle, "the rules were reloaded");
+    // Someone deletes an element by hand; the next change deletes it too, the kernel refuses,
+    // and the whole table is loaded: the set ends as planned.
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns.name(),
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        wire::TABLE,
+        "peer_nodes",
+        "{ 192.168.77.4 }",
+    ]);
+    let c = rules(&["192.168.77.3"]);
+    assert!(!load(Some(b), c.clone()));
+    assert_eq!(set(), ["192.168.77.3"]);
+    // Anything but the peers changed: a whole load (the strict rules appear).
+    let mut strict = c.clone();
+    strict.strict = true;
+    assert!(wire::render_element_changes(&c, &strict).is_none());
+    load(Some(c), strict);
+    let chain = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns.name(),
+        "nft",
+        "list",
+        "chain",
+        "inet",
+        wire::TABLE,
+        "output",
+    ]);
+    assert!(chain.contains("plaintext_vxlan"), "{chain}");
+}

@@ -225,7 +225,11 @@ pub struct FakeWire {
 }
 
 impl WireTable for FakeWire {
-    async fn load(&mut self, rules: &WireRules) -> Result<bool, WireError> {
+    async fn load(
+        &mut self,
+        _previous: Option<&WireRules>,
+        rules: &WireRules,
+    ) -> Result<bool, WireError> {
         self.loads.push(rules.clone());
         Ok(false)
     }

@@ -63,8 +63,14 @@ pub enum WireError {
 
 /// The `veilnet_wire` table.
 pub trait WireTable: Send {
-    /// Loads `rules` (one transaction). Ok(true) when the table had to be replaced whole.
-    fn load(&mut self, rules: &WireRules) -> impl Future<Output = Result<bool, WireError>> + Send;
+    /// Loads `rules` (one transaction); `previous` is what this process loaded last, if the
+    /// kernel should still hold it (then only changed set elements are written). Ok(true) when
+    /// the table had to be replaced whole.
+    fn load(
+        &mut self,
+        previous: Option<&WireRules>,
+        rules: &WireRules,
+    ) -> impl Future<Output = Result<bool, WireError>> + Send;
     /// The table's drop counters, by name.
     fn drops(&mut self) -> impl Future<Output = Result<BTreeMap<String, u64>, WireError>> + Send;
 }
@@ -79,11 +85,15 @@ pub struct NftWireTable {
 }
 
 impl WireTable for NftWireTable {
-    async fn load(&mut self, rules: &WireRules) -> Result<bool, WireError> {
-        let rules = rules.clone();
+    async fn load(
+        &mut self,
+        previous: Option<&WireRules>,
+        rules: &WireRules,
+    ) -> Result<bool, WireError> {
+        let (previous, rules) = (previous.cloned(), rules.clone());
         let run_dir = self.run_dir.clone();
         Ok(tokio::task::spawn_blocking(move || {
-            let replaced = wire::load(&rules)?;
+            let replaced = wire::load(previous.as_ref(), &rules)?;
             crate::netfilter::applied::record_here(&run_dir, "inet", wire::TABLE);
             Ok::<_, NetfilterError>(replaced)
         })

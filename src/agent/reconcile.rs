@@ -348,7 +348,10 @@ where
         }
 
         if self.wire_loaded.as_ref() != Some(&plan.wire) {
-            let replaced = self.wire.load(&plan.wire).await?;
+            let replaced = self
+                .wire
+                .load(self.wire_loaded.as_ref(), &plan.wire)
+                .await?;
             tracing::info!(
                 strict = plan.mode == Mode::Strict,
                 vxlan_peers = plan.wire.vxlan_peers.len(),
@@ -383,7 +386,7 @@ where
                 // The table's named counters are gone: someone deleted the table (or flushed
                 // the ruleset). Put it back now rather than at the next change.
                 if let Some(rules) = self.wire_loaded.clone() {
-                    match self.wire.load(&rules).await {
+                    match self.wire.load(None, &rules).await {
                         Ok(_) => tracing::warn!(
                             table = crate::kernel::wire::TABLE,
                             "the wire table was gone; restored"

@@ -276,6 +276,23 @@ fn contents(r: &WireRules) -> String {
         None => String::new(),
     };
     s.push_str("}\n");
+    for (set, items) in set_elements(r) {
+        if !items.is_empty() {
+            s.push_str(&format!(
+                "add element inet {TABLE} {set} {{ {} }}\n",
+                items.join(", ")
+            ));
+        }
+    }
+    s.push_str(&masquerade_elements);
+    s
+}
+
+/// The sets of the table (`flush table` empties chains, not sets).
+const SETS: [&str; 3] = ["vxlan_sources", "vxlan_peers", "peer_nodes"];
+
+/// The elements of the peer-dependent sets, as `nft` writes them (pure).
+fn set_elements(r: &WireRules) -> [(&'static str, Vec<String>); 3] {
     let sources: Vec<String> = r
         .vxlan_peers
         .iter()
@@ -286,31 +303,50 @@ fn contents(r: &WireRules) -> String {
                 .map(move |range| format!("{} . {range}", p.underlay_ip))
         })
         .collect();
-    let elements = |set: &str, items: &[String]| {
-        if items.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "add element inet {TABLE} {set} {{ {} }}\n",
-                items.join(", ")
-            )
-        }
-    };
-    s.push_str(&elements("vxlan_sources", &sources));
     let peers: Vec<String> = r
         .vxlan_peers
         .iter()
         .map(|p| p.underlay_ip.to_string())
         .collect();
-    s.push_str(&elements("vxlan_peers", &peers));
     let nodes: Vec<String> = r.peer_nodes.iter().map(IpAddr::to_string).collect();
-    s.push_str(&elements("peer_nodes", &nodes));
-    s.push_str(&masquerade_elements);
-    s
+    [(SETS[0], sources), (SETS[1], peers), (SETS[2], nodes)]
 }
 
-/// The sets of the table (`flush table` empties chains, not sets).
-const SETS: [&str; 3] = ["vxlan_sources", "vxlan_peers", "peer_nodes"];
+/// When only peers changed since `old` was loaded (a node joined, left or changed its path),
+/// the element additions and deletions that turn `old`'s sets into `new`'s, as one transaction
+/// (pure); `None` when anything else changed and the table must be rendered whole. A node
+/// joining a 1,000-node cluster then costs one small transaction, not a flush and reload of
+/// every rule and the 1,000-element sets (and their counters' and the sets' lookups stay put).
+pub fn render_element_changes(old: &WireRules, new: &WireRules) -> Option<String> {
+    let peerless = |r: &WireRules| WireRules {
+        vxlan_peers: Vec::new(),
+        peer_nodes: BTreeSet::new(),
+        ..r.clone()
+    };
+    if peerless(old) != peerless(new) {
+        return None;
+    }
+    let mut script = String::new();
+    for ((set, before), (_, after)) in set_elements(old).into_iter().zip(set_elements(new)) {
+        let before: BTreeSet<String> = before.into_iter().collect();
+        let after: BTreeSet<String> = after.into_iter().collect();
+        let gone: Vec<&str> = before.difference(&after).map(String::as_str).collect();
+        let added: Vec<&str> = after.difference(&before).map(String::as_str).collect();
+        if !gone.is_empty() {
+            script.push_str(&format!(
+                "delete element inet {TABLE} {set} {{ {} }}\n",
+                gone.join(", ")
+            ));
+        }
+        if !added.is_empty() {
+            script.push_str(&format!(
+                "add element inet {TABLE} {set} {{ {} }}\n",
+                added.join(", ")
+            ));
+        }
+    }
+    Some(script)
+}
 
 /// The table as one transaction that keeps its counters (pure).
 pub fn render(r: &WireRules) -> String {
@@ -338,8 +374,22 @@ pub fn render_replace(r: &WireRules) -> String {
     )
 }
 
-/// Loads the rules: in place, else by replacing the table. Returns whether it had to replace.
-pub fn load(r: &WireRules) -> Result<bool, NetfilterError> {
+/// Loads the rules: only the set elements that changed since `previous` (what this process
+/// loaded last) when nothing else did, else the whole table in place, else by replacing the
+/// table. Returns whether it had to replace.
+pub fn load(previous: Option<&WireRules>, r: &WireRules) -> Result<bool, NetfilterError> {
+    if let Some(script) = previous.and_then(|old| render_element_changes(old, r)) {
+        if script.is_empty() {
+            return Ok(false);
+        }
+        match apply(&script) {
+            Ok(()) => return Ok(false),
+            // The kernel's sets are not what we loaded (someone edited the table): load it whole.
+            Err(e) => {
+                tracing::debug!(error = %e, "the wire table's sets differ from what was loaded; loading it whole")
+            }
+        }
+    }
     match apply(&render(r)) {
         Ok(()) => Ok(false),
         Err(NetfilterError::NftRefused { message, .. }) => {
@@ -376,6 +426,38 @@ mod tests {
             agent_conns_per_source: 8,
             masquerade: None,
         }
+    }
+
+    #[test]
+    fn a_peer_change_is_rendered_as_element_changes_only() {
+        let mut old = rules(false);
+        old.peer_nodes = ["172.30.0.12", "172.30.0.13"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut new = old.clone();
+        new.peer_nodes.remove(&"172.30.0.12".parse().unwrap());
+        new.peer_nodes.insert("172.30.0.14".parse().unwrap());
+        new.vxlan_peers.push(VxlanPeer {
+            underlay_ip: "172.30.0.14".parse().unwrap(),
+            inner_sources: vec!["10.244.4.0/24".parse().unwrap()],
+        });
+        let script = render_element_changes(&old, &new).unwrap();
+        assert_eq!(
+            script,
+            "add element inet veilnet_wire vxlan_sources { 172.30.0.14 . 0x0af40400-0x0af404ff }\n\
+             add element inet veilnet_wire vxlan_peers { 172.30.0.14 }\n\
+             delete element inet veilnet_wire peer_nodes { 172.30.0.12 }\n\
+             add element inet veilnet_wire peer_nodes { 172.30.0.14 }\n"
+        );
+        // Nothing changed: nothing to write. Anything but the peers changed: a whole load.
+        assert_eq!(render_element_changes(&new, &new).as_deref(), Some(""));
+        let mut strict = new.clone();
+        strict.strict = true;
+        assert!(render_element_changes(&new, &strict).is_none());
+        let mut ports = new.clone();
+        ports.agent_ports = vec![9892];
+        assert!(render_element_changes(&new, &ports).is_none());
     }
 
     fn peer(name: &str, ip: &str, cidr: &str) -> AcceptedPeer {
