@@ -5,6 +5,7 @@
 pub mod cni;
 pub mod policy;
 pub mod relay;
+pub mod scale;
 pub mod wg;
 
 #[derive(Debug, clap::Subcommand)]
@@ -17,6 +18,8 @@ pub enum BenchCommand {
     TunRelay(relay::RelayArgs),
     /// NetworkPolicy sync and label-change time on a synthetic cluster.
     Policy(policy::PolicyBenchArgs),
+    /// What a cluster of many Nodes costs one node: memory, convergence, one change, at rest.
+    Scale(scale::ScaleBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -25,5 +28,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::WgNode(args) => Ok(wg::run_node(args)?),
         BenchCommand::TunRelay(args) => Ok(relay::run(args)?),
         BenchCommand::Policy(args) => Ok(policy::run(args)?),
+        BenchCommand::Scale(args) => Ok(scale::run(args)?),
     }
 }
