@@ -11,7 +11,7 @@
 //! - the agent's and the datapath's memory before and after;
 //! - WireGuard handshakes sent to the synthetic peers (lazy: none, since nothing is sent to them);
 //! - one Node change, end to end (API write to kernel or datapath): a new Node, a key rotation, a
-//!   removed Node, each three times;
+//!   removed Node, each five times;
 //! - a full resync (the agent's own pass duration, `veilnet_reconcile_duration_seconds`, over the
 //!   passes at rest) and the Node watch traffic at rest (bytes the agent's API connections received,
 //!   from `ss`);
@@ -248,8 +248,12 @@ fn measure_changes(
         let (mut added, mut rotated, mut removed) = (Vec::new(), Vec::new(), Vec::new());
         let timeout = Duration::from_secs(30);
         let every = Duration::from_millis(2);
+        // Each change meets an agent at rest: the one before, and the status refresh that
+        // follows every pass, are done.
+        let settle = || std::thread::sleep(Duration::from_millis(300));
         for (extra, target) in extras.iter().zip(&targets) {
             let node = extra.node(&fresh_public_key());
+            settle();
             let t = Instant::now();
             api.create(&PostParams::default(), &node).await?;
             api.patch_status(
@@ -266,6 +270,7 @@ fn measure_changes(
             let patch = serde_json::json!(
                 {"metadata": {"annotations": {annotations::WG_PUBLIC_KEY: key}}}
             );
+            settle();
             let t = Instant::now();
             api.patch(target, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
@@ -277,6 +282,7 @@ fn measure_changes(
                 || Ok(datapath_peers(&socket)?.iter().any(|(p, _)| *p == key)),
             )?);
 
+            settle();
             let t = Instant::now();
             api.delete(&extra.name, &DeleteParams::default()).await?;
             removed.push(wait_until(
@@ -514,6 +520,9 @@ fn ping_summary(child: Child) -> Result<(usize, u64, Duration), ScaleError> {
     Ok((times.len(), last_seq, Duration::from_secs_f64(gap)))
 }
 
+/// How many times each kind of Node change is measured.
+const CHANGES: usize = 5;
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -609,11 +618,11 @@ pub fn run(args: ScaleBenchArgs) -> Result<(), ScaleError> {
     let synthetic_handshakes: u64 = peers.iter().map(|(_, h)| h).sum::<u64>();
 
     eprintln!("==> one Node change at a time");
-    let extras = (0..3)
+    let extras = (0..CHANGES)
         .map(|k| Synthetic::new(&lab, args.nodes - 2 + k, args.nodes + 1 + k))
         .collect::<Result<Vec<_>, _>>()?;
-    let targets: Vec<String> = (0..3)
-        .map(|k| synthetic[k * synthetic.len() / 3].name.clone())
+    let targets: Vec<String> = (0..CHANGES)
+        .map(|k| synthetic[k * synthetic.len() / CHANGES].name.clone())
         .collect();
     let [added, rotated, removed] =
         measure_changes(&lab, extras, targets, node1.clone(), socket.clone())?;
@@ -701,15 +710,15 @@ pub fn run(args: ScaleBenchArgs) -> Result<(), ScaleError> {
         synthetic_handshakes.to_string(),
     );
     row(
-        "one new Node (median of 3)",
+        "one new Node (median of 5)",
         format!("{:.1} ms", ms(median(added))),
     );
     row(
-        "one key rotation (median of 3)",
+        "one key rotation (median of 5)",
         format!("{:.1} ms", ms(median(rotated))),
     );
     row(
-        "one removed Node (median of 3)",
+        "one removed Node (median of 5)",
         format!("{:.1} ms", ms(median(removed))),
     );
     row(
