@@ -156,40 +156,26 @@ start_relay() {
 }
 stop_pids() { local pid; for pid in "$@"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done; }
 
-BT_PIDS=()
-start_boringtun() {
-	BT_PIDS=()
-	mkdir -p /var/run/wireguard
-	local i=1 ns dev other key peer
-	for ns in "$A" "$B"; do
-		if [ $i = 1 ]; then dev=veilbta key=a.key peer=$PUB_B other=2; else dev=veilbtb key=b.key peer=$PUB_A other=1; fi
-		WG_SUDO=1 ip netns exec "$ns" "$BT" --disable-drop-privileges --foreground "$dev" >"$TMP/bt-$i.log" 2>&1 &
-		BT_PIDS+=($!); PIDS+=($!)
-		wait_for "$dev socket" test -S "/var/run/wireguard/$dev.sock"
-		inns "$ns" wg set "$dev" private-key "$TMP/$key" listen-port 51821 \
-			peer "$peer" endpoint "192.168.90.$other:51821" allowed-ips "10.92.0.$other/32"
-		ip -n "$ns" link set "$dev" mtu 1440 up
-		ip -n "$ns" addr add "10.92.0.$i/24" dev "$dev"
-		i=$((i + 1))
-	done
-}
-
+# A userspace WireGuard driven through its UAPI socket (boringtun-cli, wireguard-go) on both
+# nodes: start_uapi_pair DEV_PREFIX PORT NET ENV=VALUE PROGRAM ARGS...; the pids land in UAPI_PIDS.
 # wireguard-go enables its offloads by itself: virtio-net headers on the TUN (TSO/GRO) and UDP
 # GSO/GRO on its socket, whenever the kernel offers them.
-WGO_PIDS=()
-start_wireguard_go() {
-	WGO_PIDS=()
+UAPI_PIDS=()
+start_uapi_pair() {
+	local prefix=$1 port=$2 net=$3 setting=$4
+	shift 4
+	UAPI_PIDS=()
 	mkdir -p /var/run/wireguard
 	local i=1 ns dev other key peer
 	for ns in "$A" "$B"; do
-		if [ $i = 1 ]; then dev=veilgoa key=a.key peer=$PUB_B other=2; else dev=veilgob key=b.key peer=$PUB_A other=1; fi
-		LOG_LEVEL=error ip netns exec "$ns" "$WGO" --foreground "$dev" >"$TMP/wgo-$i.log" 2>&1 &
-		WGO_PIDS+=($!); PIDS+=($!)
+		if [ $i = 1 ]; then dev=${prefix}a key=a.key peer=$PUB_B other=2; else dev=${prefix}b key=b.key peer=$PUB_A other=1; fi
+		env "$setting" ip netns exec "$ns" "$@" "$dev" >"$TMP/$dev.log" 2>&1 &
+		UAPI_PIDS+=($!); PIDS+=($!)
 		wait_for "$dev socket" test -S "/var/run/wireguard/$dev.sock"
-		inns "$ns" wg set "$dev" private-key "$TMP/$key" listen-port 51822 \
-			peer "$peer" endpoint "192.168.90.$other:51822" allowed-ips "10.94.0.$other/32"
+		inns "$ns" wg set "$dev" private-key "$TMP/$key" listen-port "$port" \
+			peer "$peer" endpoint "192.168.90.$other:$port" allowed-ips "$net.$other/32"
 		ip -n "$ns" link set "$dev" mtu 1440 up
-		ip -n "$ns" addr add "10.94.0.$i/24" dev "$dev"
+		ip -n "$ns" addr add "$net.$i/24" dev "$dev"
 		i=$((i + 1))
 	done
 }
@@ -261,17 +247,17 @@ for run in $(seq "$RUNS"); do
 	stop_pids "${VEIL_PIDS[@]}"
 	if [ "$SKIP_BT" = 0 ]; then
 		echo "==> run $run/$RUNS: boringtun-cli" >&2
-		start_boringtun
-		measure boringtun 10.92.0.2 "${BT_PIDS[@]}"
-		stop_pids "${BT_PIDS[@]}"
+		start_uapi_pair veilbt 51821 10.92.0 WG_SUDO=1 "$BT" --disable-drop-privileges --foreground
+		measure boringtun 10.92.0.2 "${UAPI_PIDS[@]}"
+		stop_pids "${UAPI_PIDS[@]}"
 	else
 		R[boringtun]="0 0 - - 0 - -"
 	fi
 	if [ "$SKIP_WGO" = 0 ]; then
 		echo "==> run $run/$RUNS: wireguard-go" >&2
-		start_wireguard_go
-		measure wireguard-go 10.94.0.2 "${WGO_PIDS[@]}"
-		stop_pids "${WGO_PIDS[@]}"
+		start_uapi_pair veilgo 51822 10.94.0 LOG_LEVEL=error "$WGO" --foreground
+		measure wireguard-go 10.94.0.2 "${UAPI_PIDS[@]}"
+		stop_pids "${UAPI_PIDS[@]}"
 	else
 		R[wireguard-go]="0 0 - - 0 - -"
 	fi

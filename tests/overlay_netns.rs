@@ -569,20 +569,13 @@ fn wire_table_peer_changes_are_element_updates_and_edits_fall_back_to_a_whole_lo
             .unwrap()
             .unwrap()
     };
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", ns.name(), "nft"];
+        all.extend_from_slice(args);
+        sh(&all)
+    };
     let set = || {
-        let out = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns.name(),
-            "nft",
-            "-j",
-            "list",
-            "set",
-            "inet",
-            wire::TABLE,
-            "peer_nodes",
-        ]);
+        let out = nft(&["-j", "list", "set", "inet", wire::TABLE, "peer_nodes"]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let mut elems: Vec<String> = v["nftables"]
             .as_array()
@@ -596,19 +589,7 @@ fn wire_table_peer_changes_are_element_updates_and_edits_fall_back_to_a_whole_lo
         elems
     };
     let handle_of_first_rule = || {
-        let out = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns.name(),
-            "nft",
-            "-a",
-            "list",
-            "chain",
-            "inet",
-            wire::TABLE,
-            "forward",
-        ]);
+        let out = nft(&["-a", "list", "chain", "inet", wire::TABLE, "forward"]);
         out.lines()
             .find_map(|l| l.split("# handle ").nth(1).map(str::to_string))
             .unwrap()
@@ -625,12 +606,7 @@ fn wire_table_peer_changes_are_element_updates_and_edits_fall_back_to_a_whole_lo
     assert_eq!(handle_of_first_rule(), handle, "the rules were reloaded");
     // Someone deletes an element by hand; the next change deletes it too, the kernel refuses,
     // and the whole table is loaded: the set ends as planned.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        ns.name(),
-        "nft",
+    nft(&[
         "delete",
         "element",
         "inet",
@@ -646,17 +622,6 @@ fn wire_table_peer_changes_are_element_updates_and_edits_fall_back_to_a_whole_lo
     strict.strict = true;
     assert!(wire::render_element_changes(&c, &strict).is_none());
     load(Some(c), strict);
-    let chain = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        ns.name(),
-        "nft",
-        "list",
-        "chain",
-        "inet",
-        wire::TABLE,
-        "output",
-    ]);
+    let chain = nft(&["list", "chain", "inet", wire::TABLE, "output"]);
     assert!(chain.contains("plaintext_vxlan"), "{chain}");
 }
