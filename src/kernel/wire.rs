@@ -121,10 +121,8 @@ impl WireRules {
     /// only a peer on the VXLAN path may send VXLAN, and only with its own pod CIDRs or node
     /// address as the inner source.
     pub fn with_peers(mut self, peers: &[AcceptedPeer], paths: &[PeerPath]) -> Self {
-        // By name: a linear search per peer was nodes² at 1,000 nodes.
-        let by_node: std::collections::HashMap<&str, &Path> =
-            paths.iter().map(|p| (p.node.as_str(), &p.path)).collect();
-        let path_of = |name: &str| by_node.get(name).copied();
+        let by_node = PeerPath::by_node(paths);
+        let path_of = |name: &str| by_node.get(name).map(|p| &p.path);
         self.vxlan_peers = peers
             .iter()
             .filter(|p| matches!(path_of(&p.name), Some(Path::Vxlan)))
@@ -280,12 +278,7 @@ fn contents(r: &WireRules) -> String {
     };
     s.push_str("}\n");
     for (set, items) in set_elements(r) {
-        if !items.is_empty() {
-            s.push_str(&format!(
-                "add element inet {TABLE} {set} {{ {} }}\n",
-                items.join(", ")
-            ));
-        }
+        s.push_str(&element_command("add", set, &items));
     }
     s.push_str(&masquerade_elements);
     s
@@ -335,20 +328,22 @@ pub fn render_element_changes(old: &WireRules, new: &WireRules) -> Option<String
         let after: BTreeSet<String> = after.into_iter().collect();
         let gone: Vec<&str> = before.difference(&after).map(String::as_str).collect();
         let added: Vec<&str> = after.difference(&before).map(String::as_str).collect();
-        if !gone.is_empty() {
-            script.push_str(&format!(
-                "delete element inet {TABLE} {set} {{ {} }}\n",
-                gone.join(", ")
-            ));
-        }
-        if !added.is_empty() {
-            script.push_str(&format!(
-                "add element inet {TABLE} {set} {{ {} }}\n",
-                added.join(", ")
-            ));
-        }
+        script.push_str(&element_command("delete", set, &gone));
+        script.push_str(&element_command("add", set, &added));
     }
     Some(script)
+}
+
+/// `add`/`delete element` of `items` in one of the table's sets; nothing for no items.
+fn element_command(verb: &str, set: &str, items: &[impl AsRef<str>]) -> String {
+    if items.is_empty() {
+        return String::new();
+    }
+    let items: Vec<&str> = items.iter().map(AsRef::as_ref).collect();
+    format!(
+        "{verb} element inet {TABLE} {set} {{ {} }}\n",
+        items.join(", ")
+    )
 }
 
 /// The table as one transaction that keeps its counters (pure).

@@ -74,9 +74,7 @@ pub fn plan_routing(input: &RoutingInput<'_>) -> Routing {
         table: POD_TO_NODE_TABLE,
         ..RouteSpec::main(dst, via, dev, onlink)
     };
-    // By name: a linear search per peer was nodes² at 1,000 nodes.
-    let path_of: std::collections::HashMap<&str, &PeerPath> =
-        input.paths.iter().map(|p| (p.node.as_str(), p)).collect();
+    let path_of = PeerPath::by_node(input.paths);
     for peer in input.peers {
         let Some(path) = path_of.get(peer.name.as_str()) else {
             continue;
