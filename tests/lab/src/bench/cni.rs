@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use veilnet::netns;
 
+use super::{ms, percentile};
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
@@ -106,22 +108,10 @@ fn invoke(
     Ok(took)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 #[derive(Debug, Default)]
 struct Series {
     adds: Vec<Duration>,
     dels: Vec<Duration>,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Runs one series (sequential or parallel) of ADDs then DELs for `p`, inside `node_ns`.
@@ -257,17 +247,4 @@ pub fn run(args: CniBenchArgs) -> Result<(), BenchError> {
     }
     drop(guard);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 50.0), Duration::from_millis(51));
-        assert_eq!(percentile(&v, 99.0), Duration::from_millis(99));
-        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
-    }
 }

@@ -11,7 +11,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -22,6 +22,8 @@ use veilnet::agent::policy::attachments::Attachments;
 use veilnet::agent::policy::state::{cluster_state, StateCache};
 use veilnet::agent::policy::status::CounterBank;
 use veilnet::netns;
+
+use super::ms;
 use veilnet::policy::{
     compile_with, diff, render, render_nft, ApplyOutcome, CompileOptions, NftApplier, Plan,
     PolicyError,
@@ -191,10 +193,6 @@ pub struct Phases {
     /// Bytes sent to `nft -f`.
     pub script_bytes: usize,
     pub incremental: bool,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// One pass of the agent's sync, as `agent::policy` runs it.

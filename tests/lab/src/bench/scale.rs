@@ -37,6 +37,7 @@ use veilnet::model::mac::derive_vtep_mac;
 use veilnet::netns;
 use veilnet::wg::keys;
 
+use super::{ms, percentile};
 use crate::cli;
 use crate::client::with_client;
 use crate::layout::LabLayout;
@@ -407,12 +408,14 @@ fn wait_until(
     }
 }
 
+/// A lab daemon's pid, if it runs (`lab up` records it).
+fn daemon_pid(lab: &LabLayout, role: &str) -> Option<i32> {
+    crate::daemon::running_pid(&lab.root().join("pids"), role)
+}
+
 /// A daemon's resident and anonymous memory, MiB.
 fn memory_mib(lab: &LabLayout, role: &str) -> (f64, f64) {
-    let pid = std::fs::read_to_string(lab.root().join("pids").join(format!("{role}.pid")))
-        .ok()
-        .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok());
-    let status = pid
+    let status = daemon_pid(lab, role)
         .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .unwrap_or_default();
     let field = |name: &str| {
@@ -523,13 +526,9 @@ fn ping_summary(child: Child) -> Result<(usize, u64, Duration), ScaleError> {
 /// How many times each kind of Node change is measured.
 const CHANGES: usize = 5;
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v.get(v.len() / 2).copied().unwrap_or_default()
+    percentile(&v, 50.0)
 }
 
 pub fn run(args: ScaleBenchArgs) -> Result<(), ScaleError> {
@@ -644,14 +643,12 @@ pub fn run(args: ScaleBenchArgs) -> Result<(), ScaleError> {
     let (dp1, dp1_anon) = memory_mib(&lab, "datapath-node-1");
 
     eprintln!("==> agent restart");
-    let pid = std::fs::read_to_string(lab.root().join("pids").join("agent-node-1.pid"))?;
-    let pid: i32 = pid.lines().next().unwrap_or("").trim().parse().unwrap_or(0);
-    if pid > 0 {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    let pid = daemon_pid(&lab, "agent-node-1")
+        .ok_or_else(|| ScaleError::Setup("agent-node-1 is not running".into()))?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     while Path::new(&format!("/proc/{pid}")).exists() {
         std::thread::sleep(Duration::from_millis(5));
     }
