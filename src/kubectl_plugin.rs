@@ -7,7 +7,7 @@
 //!
 //! What works through the API: `status` (every Node's veilnet annotations: what its agent
 //! published), `explain` (`veilnet policy explain`) and `doctor` (every node's checks, which each
-//! agent serves on its metrics port: `veilnet doctor --all-nodes`). An agent's live detail —
+//! agent serves on its metrics port: `veilnet doctor --all-nodes`) and `audit` (`veilnet audit`). An agent's live detail —
 //! handshakes, byte counters — lives in the node's status file, which only `veilnet status` on
 //! that node reads; `status` says so. `observe` is not in this version and says so.
 
@@ -41,6 +41,8 @@ pub enum PluginError {
     Json(#[from] serde_json::Error),
     #[error(transparent)]
     Doctor(#[from] crate::doctor::DoctorError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::cli::AuditError),
 }
 
 impl PluginError {
@@ -48,6 +50,7 @@ impl PluginError {
     pub fn exit_code(&self) -> i32 {
         match self {
             PluginError::Unavailable(_) => EXIT_UNAVAILABLE,
+            PluginError::Audit(_) => crate::audit::cli::EXIT_ERROR,
             _ => 1,
         }
     }
@@ -102,6 +105,16 @@ pub enum PluginCommand {
         /// The agents' metrics port.
         #[arg(long, default_value_t = 9892)]
         metrics_port: u16,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What weakens isolation in the cluster (`veilnet audit`): exit status 1 when anything is
+    /// found.
+    Audit {
+        /// Also audit the system namespaces.
+        #[arg(long)]
+        include_system: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -210,6 +223,16 @@ pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
             json,
         ),
         PluginCommand::Observe => Err(PluginError::Unavailable("observe")),
+        PluginCommand::Audit {
+            include_system,
+            json,
+        } => Ok(crate::audit::cli::run(crate::audit::cli::AuditArgs {
+            kubeconfig: cli.kubeconfig,
+            context: cli.context,
+            lab: None,
+            include_system,
+            json,
+        })?),
         PluginCommand::Explain {
             from,
             to,

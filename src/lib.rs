@@ -18,6 +18,7 @@
 //! `veilnet lab …` and `veilnet bench …` commands hand off to its `veilnet-lab` binary.
 
 pub mod agent;
+pub mod audit;
 pub mod cluster;
 pub mod datapath;
 pub mod doctor;

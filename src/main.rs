@@ -57,6 +57,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Find what weakens isolation: hostNetwork, privileged, hostPort and NET_RAW pods, namespaces
+    /// and pods without NetworkPolicy, unencrypted nodes. Exit status 1 when anything is found,
+    /// 0 when clean, 2 when the cluster could not be read.
+    Audit(veilnet::audit::cli::AuditArgs),
     /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
     #[command(subcommand)]
     Policy(veilnet::policy::cli::PolicyCommand),
@@ -146,6 +150,16 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
     match command {
         Command::Status(args) => veilnet::status_cmd::run(args),
         Command::Doctor(args) => std::process::exit(veilnet::doctor::run(args)?),
+        Command::Audit(args) => match veilnet::audit::cli::run(args) {
+            Ok((out, code)) => {
+                let written = veilnet::stdout::println(&out);
+                std::process::exit(if written.is_err() { 1 } else { code })
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(veilnet::audit::cli::EXIT_ERROR)
+            }
+        },
         Command::Policy(cmd) => {
             veilnet::stdout::println(&veilnet::policy::cli::run(cmd)?)?;
             Ok(())

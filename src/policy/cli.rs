@@ -162,39 +162,61 @@ pub async fn kube_client(
     Ok(kube::Client::try_from(config)?)
 }
 
-/// Reads the cluster with a kubeconfig (`None`: inferred), on a runtime of its own.
-fn read_cluster(
-    kubeconfig: Option<&PathBuf>,
-    context: Option<&str>,
-) -> Result<(ClusterState, Vec<IpAddr>), PolicyCliError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(PolicyCliError::Runtime)?
-        .block_on(async { fetch(kube_client(kubeconfig, context).await?).await })
+/// Where a one-shot command reads the cluster from: a kubeconfig (`None`: inferred) and context,
+/// or a `veilnet lab` by name.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterSource {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub lab: Option<String>,
+}
+
+impl ClusterSource {
+    /// Runs `read` with a client for this cluster, on a runtime of its own. A lab's API listens
+    /// inside its control plane's namespace, so `read` then runs from there.
+    pub fn read<T, E, F, Fut>(self, read: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<PolicyCliError> + Send + 'static,
+        F: FnOnce(kube::Client) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let on_runtime = move |kubeconfig: Option<PathBuf>, context: Option<String>| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(PolicyCliError::Runtime)?
+                .block_on(async {
+                    read(kube_client(kubeconfig.as_ref(), context.as_deref()).await?).await
+                })
+        };
+        match self.lab {
+            Some(name) => {
+                let lab = crate::lab_paths::LabPaths::new(&name).map_err(PolicyCliError::from)?;
+                let kubeconfig = lab.kubeconfig();
+                if !kubeconfig.exists() {
+                    return Err(PolicyCliError::LabNotUp { name, kubeconfig }.into());
+                }
+                crate::netns::run_in(&lab.control_plane_netns(), move || {
+                    on_runtime(Some(kubeconfig), None)
+                })
+                .map_err(PolicyCliError::from)?
+            }
+            None => on_runtime(self.kubeconfig, self.context),
+        }
+    }
 }
 
 /// Runs the command and returns what to print.
 pub fn run(cmd: PolicyCommand) -> Result<String, PolicyCliError> {
     let PolicyCommand::Explain(args) = cmd;
     let (port, protocol) = parse_port(&args.port)?;
-    let (state, node_addrs) = match &args.lab {
-        Some(name) => {
-            let lab = crate::lab_paths::LabPaths::new(name)?;
-            let kubeconfig = lab.kubeconfig();
-            if !kubeconfig.exists() {
-                return Err(PolicyCliError::LabNotUp {
-                    name: name.clone(),
-                    kubeconfig,
-                });
-            }
-            // The lab's API listens inside its control plane's namespace: read it from there.
-            crate::netns::run_in(&lab.control_plane_netns(), move || {
-                read_cluster(Some(&kubeconfig), None)
-            })??
-        }
-        None => read_cluster(args.kubeconfig.as_ref(), args.context.as_deref())?,
+    let source = ClusterSource {
+        kubeconfig: args.kubeconfig.clone(),
+        context: args.context.clone(),
+        lab: args.lab.clone(),
     };
+    let (state, node_addrs) = source.read(fetch)?;
     let from = resolve(&state, &args.from)?;
     let to = resolve(&state, &args.to)?;
     let explanation = Explainer::new(&state)

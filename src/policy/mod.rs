@@ -104,6 +104,7 @@ pub use model::{
 };
 pub use render::{render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER};
 pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset, TABLE};
+pub use selector::Selector;
 
 /// Errors of applying policy to the kernel.
 #[derive(Debug, thiserror::Error)]
