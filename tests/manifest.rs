@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use manifest_docs::{config_map, daemonset, datapath_daemonset, documents, typed};
+use manifest_docs::{config_map, daemonset, datapath_daemonset, documents, documents_in, typed};
 use veilnet::agent::config::{
     AgentArgs, AgentConfig, FileConfig, DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR,
 };
@@ -19,6 +19,62 @@ const NAMESPACE: &str = "veilnet-system";
 /// Config file keys the manifest sets ahead of the agent (the lead adds them to `FileConfig`).
 /// While `FileConfig` rejects one of them, the test skips it; once accepted, it is checked.
 const PENDING_KEYS: &[&str] = &["encryption", "wireguardPort", "logFormat"];
+
+/// `manifests/admission-policy.yaml` (its CEL runs against the real API server in
+/// tests/lab_admission_policy.rs): one policy, bound twice, Deny for `enforce` and Warn for `warn`,
+/// never in veilnet-system.
+#[test]
+fn the_admission_policy_decodes_strictly_and_binds_enforce_and_warn() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/admission-policy.yaml");
+    let docs = documents_in(&path);
+    let mut bindings = BTreeMap::new();
+    for doc in &docs {
+        match doc["kind"].as_str().unwrap_or_default() {
+            "ValidatingAdmissionPolicy" => {
+                let p: ValidatingAdmissionPolicy = typed(doc);
+                assert_eq!(
+                    p.metadata.name.as_deref(),
+                    Some("veilnet-pod-network-security")
+                );
+                assert_eq!(p.spec.unwrap().validations.unwrap().len(), 3);
+            }
+            "ValidatingAdmissionPolicyBinding" => {
+                let b: ValidatingAdmissionPolicyBinding = typed(doc);
+                let spec = b.spec.unwrap();
+                assert_eq!(
+                    spec.policy_name.as_deref(),
+                    Some("veilnet-pod-network-security")
+                );
+                let selector = spec.match_resources.unwrap().namespace_selector.unwrap();
+                let exprs = selector.match_expressions.unwrap();
+                let value = exprs
+                    .iter()
+                    .find(|e| e.key == "veilnet.io/pod-network-security")
+                    .and_then(|e| e.values.clone())
+                    .unwrap();
+                let excluded = exprs
+                    .iter()
+                    .find(|e| e.key == "kubernetes.io/metadata.name" && e.operator == "NotIn")
+                    .and_then(|e| e.values.clone())
+                    .unwrap();
+                assert!(excluded.contains(&NAMESPACE.to_string()), "{excluded:?}");
+                bindings.insert(value.join(","), spec.validation_actions.unwrap().join(","));
+            }
+            other => panic!("unexpected document {other:?}"),
+        }
+    }
+    assert_eq!(
+        bindings,
+        BTreeMap::from([
+            ("enforce".to_string(), "Deny".to_string()),
+            ("warn".to_string(), "Warn".to_string())
+        ])
+    );
+}
 
 #[test]
 fn every_document_decodes_strictly_into_its_type() {

@@ -18,7 +18,12 @@ pub fn manifest_path() -> PathBuf {
 
 /// Every non-empty document of the manifest.
 pub fn documents() -> Vec<Value> {
-    let text = std::fs::read_to_string(manifest_path()).unwrap();
+    documents_in(&manifest_path())
+}
+
+/// Every non-empty document of the YAML file at `path`.
+pub fn documents_in(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
     let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
     docs.into_iter().filter(|d| !d.is_null()).collect()
 }
