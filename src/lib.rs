@@ -21,6 +21,7 @@ pub mod agent;
 pub mod audit;
 pub mod cluster;
 pub mod datapath;
+pub mod dns;
 pub mod doctor;
 pub mod duration;
 pub mod fsutil;

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::logging::LogFormat;
@@ -113,6 +113,33 @@ pub struct AgentArgs {
     /// CIDRs), comma-separated CIDRs; replaces the config file's list.
     #[arg(long, env = "VEILNET_NON_MASQUERADE_CIDRS", value_delimiter = ',')]
     pub non_masquerade_cidrs: Option<Vec<Ipv4Net>>,
+    /// Pods' DNS to servers outside `--trusted-dns`: `off` (not checked), `monitor` (counted and
+    /// logged) or `enforce` (also dropped). A namespace's `veilnet.io/dns-mode` label overrides.
+    #[arg(long, env = "VEILNET_DNS_MODE", value_enum)]
+    pub dns_mode: Option<crate::dns::DnsMode>,
+    /// The trusted DNS servers, comma-separated addresses or CIDRs (the cluster DNS Service and
+    /// its endpoints); replaces the config file's list. Without any, the DNS guard is inactive.
+    #[arg(long, env = "VEILNET_TRUSTED_DNS", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_dns: Option<Vec<IpNet>>,
+}
+
+/// An address (a /32 or /128) or a CIDR.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a CIDR"))
+}
+
+/// `trustedDns` entries in the config file: addresses or CIDRs, as on the command line.
+fn file_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    let raw: Option<Vec<String>> = Deserialize::deserialize(d)?;
+    raw.map(|list| {
+        list.iter()
+            .map(|s| parse_net(s).map_err(serde::de::Error::custom))
+            .collect()
+    })
+    .transpose()
 }
 
 /// The config file's shape; every key optional.
@@ -139,6 +166,9 @@ pub struct FileConfig {
     pub policy_strict_mode: Option<bool>,
     pub masquerade: Option<bool>,
     pub non_masquerade_cidrs: Option<Vec<Ipv4Net>>,
+    pub dns_mode: Option<crate::dns::DnsMode>,
+    #[serde(default, deserialize_with = "file_nets")]
+    pub trusted_dns: Option<Vec<IpNet>>,
 }
 
 impl AgentArgs {
@@ -176,6 +206,8 @@ pub struct AgentConfig {
     pub masquerade: bool,
     /// Destinations outside the cluster CIDR that are not masqueraded.
     pub non_masquerade_cidrs: Vec<Ipv4Net>,
+    /// Trusted DNS ([`crate::dns`]): the mode, [`DEFAULT_DNS_MODE`], and the trusted servers.
+    pub dns: crate::dns::DnsGuard,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
@@ -197,6 +229,8 @@ pub const DEFAULT_ENCRYPTION: Mode = Mode::On;
 pub const DEFAULT_POLICY_STRICT_MODE: bool = true;
 /// Pods reach the world outside the cluster through the node's address (every CNI's default).
 pub const DEFAULT_MASQUERADE: bool = true;
+/// Untrusted DNS is counted and logged, not dropped, until an operator chooses `enforce`.
+pub const DEFAULT_DNS_MODE: crate::dns::DnsMode = crate::dns::DnsMode::Monitor;
 
 /// Each flag's default as `veilnet agent --help` shows it: the values [`AgentConfig::resolve`]
 /// falls back to. (The flags carry no clap default, which would hide the config file's value.)
@@ -222,6 +256,8 @@ pub fn flag_defaults() -> Vec<(&'static str, String)> {
         ("policy_strict_mode", DEFAULT_POLICY_STRICT_MODE.to_string()),
         ("masquerade", DEFAULT_MASQUERADE.to_string()),
         ("non_masquerade_cidrs", "none".to_string()),
+        ("dns_mode", DEFAULT_DNS_MODE.to_string()),
+        ("trusted_dns", "none".to_string()),
     ]
 }
 
@@ -336,6 +372,17 @@ impl AgentConfig {
                 .into_iter()
                 .map(|c| c.trunc())
                 .collect(),
+            dns: crate::dns::DnsGuard {
+                mode: args.dns_mode.or(file.dns_mode).unwrap_or(DEFAULT_DNS_MODE),
+                trusted: args
+                    .trusted_dns
+                    .clone()
+                    .or(file.trusted_dns)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|n| n.trunc())
+                    .collect(),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -364,6 +411,13 @@ impl AgentConfig {
         }
         if self.vxlan_port == 0 {
             return bad("VXLAN port must not be 0".into());
+        }
+        if self.dns.mode == crate::dns::DnsMode::Enforce && !self.dns.active() {
+            return bad(
+                "dnsMode enforce needs trustedDns (the cluster DNS Service and its endpoints): \
+                 without it every pod's DNS would be dropped"
+                    .into(),
+            );
         }
         if self.wireguard_port == 0 || self.wireguard_port == self.vxlan_port {
             return bad(format!(

@@ -377,6 +377,25 @@ fn encode_policy(
     )?;
     family(
         encoder,
+        "dns_queries",
+        "DNS queries of local pods (UDP datagrams and TCP connections to ports 53 and 853), by \
+         pod and whether the server is in trustedDns",
+        c.dns
+            .iter()
+            .map(|d| {
+                (
+                    vec![
+                        ("namespace", d.namespace.clone()),
+                        ("pod", d.pod.clone()),
+                        ("server", d.server.clone()),
+                    ],
+                    ConstCounter::new(d.queries),
+                )
+            })
+            .collect(),
+    )?;
+    family(
+        encoder,
         "policy_connections_cut",
         "Established connections cut because a policy change denied them (policyStrictMode)",
         vec![(vec![], ConstCounter::new(ps.connections_cut))],

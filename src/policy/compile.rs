@@ -72,6 +72,8 @@ pub struct CompileOptions {
     /// policy; and an established flow of an earlier pod with the same address would reach the
     /// new one. Empty (the default): no such rule.
     pub local_pod_cidrs: Vec<ipnet::IpNet>,
+    /// Trusted DNS: the node's mode and trusted servers (see [`crate::dns`]).
+    pub dns: crate::dns::DnsGuard,
 }
 
 impl Default for CompileOptions {
@@ -84,6 +86,7 @@ impl Default for CompileOptions {
             drop_unknown_pod_ports: false,
             tcp_new_needs_syn: false,
             local_pod_cidrs: Vec::new(),
+            dns: crate::dns::DnsGuard::default(),
         }
     }
 }
@@ -187,6 +190,14 @@ pub struct PodChain {
 }
 
 /// Anti-spoofing facts of one local pod.
+/// A local pod whose DNS queries the `dns` chain watches (its mode is not `off`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsPod {
+    pub pod: ObjectRef,
+    pub ips: Vec<IpAddr>,
+    pub mode: crate::dns::DnsMode,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AntiSpoofPort {
     pub pod: ObjectRef,
@@ -216,6 +227,8 @@ pub struct CompiledPolicy {
     pub dest_set_keys: Vec<String>,
     pub chains: Vec<PodChain>,
     pub anti_spoof: Vec<AntiSpoofPort>,
+    /// Local pods under the DNS guard (empty while it is inactive: no trusted servers).
+    pub dns_pods: Vec<DnsPod>,
     pub warnings: Vec<Warning>,
     /// Every pod address of the cluster (not host-network pods): a packet *related* to a
     /// connection (an ICMP error) from one of them is accepted only from the connection's own
@@ -274,6 +287,7 @@ pub fn compile_with(
     c.out.options = options.clone();
     c.compile_policies();
     c.compile_anti_spoof();
+    c.compile_dns();
     c.out.pod_ips = c.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
     c.out
 }
@@ -768,6 +782,44 @@ impl<'a> Compiler<'a> {
         self.out.dest_sets.push(set);
         self.out.dest_set_keys.push(key.to_string());
         id
+    }
+
+    /// The DNS mode of each local pod with an address (its namespace's label, else the node's).
+    fn compile_dns(&mut self) {
+        let guard = &self.out.options.dns;
+        if !guard.active() {
+            return;
+        }
+        let guard = guard.clone();
+        let mut bad_labels = Vec::new();
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| p.node == self.node && !p.ips.is_empty())
+        {
+            let labels = self.ns_labels.get(pod.namespace.as_str());
+            let (mode, bad) = guard.mode_for(&pod.namespace, labels.unwrap_or(&BTreeMap::new()));
+            if let Some(e) = bad {
+                bad_labels.push((pod.namespace.clone(), e));
+            }
+            if mode != crate::dns::DnsMode::Off {
+                self.out.dns_pods.push(DnsPod {
+                    pod: pod.object_ref(),
+                    ips: pod.ips.clone(),
+                    mode,
+                });
+            }
+        }
+        bad_labels.dedup();
+        for (ns, e) in bad_labels {
+            self.warn(
+                None,
+                format!(
+                    "namespace {ns}: label {}: {e}; the node's DNS mode applies",
+                    crate::dns::NAMESPACE_LABEL
+                ),
+            );
+        }
     }
 
     fn compile_anti_spoof(&mut self) {

@@ -42,6 +42,18 @@ pub struct Flow {
     pub protocol: FlowProtocol,
     pub src_port: Option<u16>,
     pub dst_port: Option<u16>,
+    /// Where the transport header starts in the payload (none for ARP and later fragments).
+    pub l4_offset: Option<usize>,
+}
+
+impl Flow {
+    /// The data of a UDP datagram (after its 8-byte header), if this is one and it was logged.
+    pub fn udp_data<'a>(&self, packet: &'a LoggedPacket) -> Option<&'a [u8]> {
+        if self.protocol != FlowProtocol::L4(Protocol::Udp) {
+            return None;
+        }
+        packet.payload.get(self.l4_offset? + 8..)
+    }
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
@@ -72,6 +84,7 @@ pub fn parse_flow(packet: &LoggedPacket) -> Option<Flow> {
                 protocol: FlowProtocol::Arp,
                 src_port: None,
                 dst_port: None,
+                l4_offset: None,
             })
         }
         ETH_P_IP if b.first()? >> 4 == 4 => {
@@ -80,12 +93,9 @@ pub fn parse_flow(packet: &LoggedPacket) -> Option<Flow> {
             let dst: [u8; 4] = b.get(16..20)?.try_into().ok()?;
             // Later fragments carry no transport header.
             let fragment_offset = u16_at(b, 6)? & 0x1fff;
-            let l4 = if fragment_offset == 0 {
-                b.get(ihl..)
-            } else {
-                None
-            };
+            let l4 = (fragment_offset == 0).then_some(ihl);
             Some(with_ports(
+                b,
                 IpAddr::V4(src.into()),
                 IpAddr::V4(dst.into()),
                 b[9],
@@ -110,6 +120,7 @@ pub fn parse_flow(packet: &LoggedPacket) -> Option<Flow> {
                         at += 8;
                         if offset != 0 {
                             return Some(with_ports(
+                                b,
                                 IpAddr::V6(Ipv6Addr::from(src)),
                                 IpAddr::V6(Ipv6Addr::from(dst)),
                                 next,
@@ -121,17 +132,21 @@ pub fn parse_flow(packet: &LoggedPacket) -> Option<Flow> {
                 }
             }
             Some(with_ports(
+                b,
                 IpAddr::V6(Ipv6Addr::from(src)),
                 IpAddr::V6(Ipv6Addr::from(dst)),
                 next,
-                b.get(at..),
+                Some(at),
             ))
         }
         _ => None,
     }
 }
 
-fn with_ports(src: IpAddr, dst: IpAddr, proto: u8, l4: Option<&[u8]>) -> Flow {
+/// `l4_offset`: where the transport header starts in `b`, if it is there to read.
+fn with_ports(b: &[u8], src: IpAddr, dst: IpAddr, proto: u8, l4_offset: Option<usize>) -> Flow {
+    let l4_offset = l4_offset.filter(|&at| at <= b.len());
+    let l4 = l4_offset.and_then(|at| b.get(at..));
     let protocol = match proto {
         6 => FlowProtocol::L4(Protocol::Tcp),
         17 => FlowProtocol::L4(Protocol::Udp),
@@ -149,6 +164,7 @@ fn with_ports(src: IpAddr, dst: IpAddr, proto: u8, l4: Option<&[u8]>) -> Flow {
         protocol,
         src_port,
         dst_port,
+        l4_offset,
     }
 }
 

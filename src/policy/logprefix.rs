@@ -14,6 +14,12 @@ use super::compile::Direction;
 use super::model::ObjectRef;
 
 pub const PREFIX_ROOT: &str = "veilnet";
+/// A query to an untrusted DNS server, dropped (`dnsMode: enforce`) or let through (`monitor`);
+/// the pod is the packet's source.
+pub const DNS_DROP_PREFIX: &str = "veilnet:dns-untrusted:drop";
+pub const DNS_MONITOR_PREFIX: &str = "veilnet:dns-untrusted:monitor";
+/// A sample of the queries to trusted servers (for the query names in the flow log).
+pub const DNS_SAMPLE_PREFIX: &str = "veilnet:dns-query:trusted";
 /// `NF_LOG_PREFIXLEN` (128) minus the terminating NUL.
 pub const MAX_PREFIX_LEN: usize = 127;
 
@@ -23,6 +29,10 @@ pub enum LogVerdict {
     Deny,
     Spoof,
     VxlanRejected,
+    /// A query to an untrusted DNS server; `reason` is `drop` or `monitor`.
+    DnsUntrusted,
+    /// A sampled query to a trusted DNS server.
+    DnsQuery,
 }
 
 /// A parsed prefix.
@@ -70,6 +80,20 @@ pub fn parse_prefix(raw: &str) -> Option<LogPrefix> {
     let s = raw.trim_end_matches(['\0', ' ']);
     let rest = s.strip_prefix(PREFIX_ROOT)?.strip_prefix(':')?;
     let (verdict, rest) = rest.split_once(':')?;
+    let dns = match (verdict, rest) {
+        ("dns-untrusted", "drop" | "monitor") => Some(LogVerdict::DnsUntrusted),
+        ("dns-query", "trusted") => Some(LogVerdict::DnsQuery),
+        _ => None,
+    };
+    if let Some(verdict) = dns {
+        return Some(LogPrefix {
+            verdict,
+            direction: Some(Direction::Egress),
+            object: None,
+            reason: Some(rest.to_string()),
+            truncated: false,
+        });
+    }
     if verdict == "vxlan-rejected" {
         let ok = !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'-');
         return ok.then(|| LogPrefix {
@@ -158,6 +182,20 @@ mod tests {
         assert_eq!(v.object, None);
         assert_eq!(parse_prefix("veilnet:vxlan-rejected:"), None);
         assert_eq!(parse_prefix("veilnet:vxlan-rejected:Bad Reason"), None);
+    }
+
+    #[test]
+    fn dns_prefixes_carry_what_happened() {
+        let d = parse_prefix(&format!("{DNS_DROP_PREFIX}\0")).unwrap();
+        assert_eq!(
+            (d.verdict, d.reason.as_deref()),
+            (LogVerdict::DnsUntrusted, Some("drop"))
+        );
+        let m = parse_prefix(DNS_MONITOR_PREFIX).unwrap();
+        assert_eq!(m.reason.as_deref(), Some("monitor"));
+        let q = parse_prefix(DNS_SAMPLE_PREFIX).unwrap();
+        assert_eq!(q.verdict, LogVerdict::DnsQuery);
+        assert_eq!(parse_prefix("veilnet:dns-untrusted:maybe"), None);
     }
 
     #[test]

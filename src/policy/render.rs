@@ -28,6 +28,9 @@ pub const SPOOF_COUNTER: &str = "spoofed";
 /// them locally, where they would teach its FDB: from pod ports they are spoofing.
 pub const LINK_LOCAL_GROUPS: &str = "01:80:c2:00:00:00/44";
 
+/// Every packet to a DNS port goes through the `dns` chain first.
+const DNS_JUMP: &str = "meta l4proto { tcp, udp } th dport { 53, 853 } jump dns";
+
 /// Renders the whole ruleset for `nft -f -` (a full replace, names numbered from 0).
 pub fn render_nft(policy: &CompiledPolicy) -> String {
     render(policy, None).script()
@@ -54,6 +57,9 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
     let (ports, port_nums) = Numbering::assign(prev.map(|n| &n.ports), &policy.port_sets);
     let (dests, dest_nums) = Numbering::assign(prev.map(|n| &n.dests), &policy.dest_set_keys);
     let (bridge_ports, bridge_nums) = Numbering::assign(prev.map(|n| &n.bridge_ports), &port_keys);
+    let dns_keys: Vec<super::model::ObjectRef> =
+        policy.dns_pods.iter().map(|d| d.pod.clone()).collect();
+    let (dns_pods, dns_nums) = Numbering::assign(prev.map(|n| &n.dns_pods), &dns_keys);
     let r = Renderer {
         p: policy,
         chain_nums,
@@ -62,7 +68,14 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
         port_nums,
         dest_nums,
         bridge_nums,
+        dns_nums,
     };
+    let mut dns_counters = BTreeMap::new();
+    for (i, d) in policy.dns_pods.iter().enumerate() {
+        for trusted in [true, false] {
+            dns_counters.insert(r.dns_counter(i, trusted), (d.pod.clone(), trusted));
+        }
+    }
     let policy_counters: BTreeMap<String, super::model::ObjectRef> = policy
         .policies
         .iter()
@@ -79,6 +92,7 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
         ),
         tables: vec![r.inet(), r.bridge()],
         policy_counters,
+        dns_counters,
         names: Names {
             chains,
             policies,
@@ -86,6 +100,7 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
             ports,
             dests,
             bridge_ports,
+            dns_pods,
         },
     }
 }
@@ -179,6 +194,7 @@ struct Renderer<'a> {
     port_nums: Vec<u32>,
     dest_nums: Vec<u32>,
     bridge_nums: Vec<u32>,
+    dns_nums: Vec<u32>,
 }
 
 impl Renderer<'_> {
@@ -206,9 +222,137 @@ impl Renderer<'_> {
         format!("dest_{}_{}", self.dest_nums[id], fam(v6).0)
     }
 
+    fn dns_counter(&self, pod: usize, trusted: bool) -> String {
+        let kind = if trusted { "dnst" } else { "dnsu" };
+        format!("{kind}_{}", self.dns_nums[pod])
+    }
+
+    /// `limit … log prefix … group …` with the ruleset's rate.
+    fn log(&self, prefix: &str, per_second: u32, burst: u32) -> String {
+        format!(
+            "limit rate {per_second}/second burst {burst} packets log prefix \"{prefix}\" group {}",
+            self.p.options.log_group
+        )
+    }
+
+    /// The DNS guard's objects (none while it is inactive): per pod a counter of queries to
+    /// trusted and to untrusted servers, the trusted servers, which pods are watched and which
+    /// enforced, and the `dns` chain that forward and input jump to for every packet to a DNS
+    /// port, before conntrack's shortcut (so every query counts, and an enforce drop also cuts a
+    /// flow opened before it). A query is a UDP datagram or a TCP SYN.
+    fn dns_objects(&self, objects: &mut Vec<NftObject>) -> bool {
+        let p = self.p;
+        if !p.options.dns.active() {
+            return false;
+        }
+        for (i, d) in p.dns_pods.iter().enumerate() {
+            for trusted in [true, false] {
+                objects.push(counter(
+                    &self.dns_counter(i, trusted),
+                    Some(quote_comment(&d.pod.to_string())),
+                ));
+            }
+        }
+        let mut trusted = AddrSet::new();
+        for net in &p.options.dns.trusted {
+            trusted.push_net(net);
+        }
+        trusted.normalize();
+        let mut rules = Vec::new();
+        let first_packet = [
+            "meta l4proto udp",
+            "tcp flags & (fin | syn | rst | ack) == syn",
+        ];
+        for v6 in [false, true] {
+            let (f, ty) = fam(v6);
+            let ip = if v6 { "ip6" } else { "ip" };
+            objects.push(set(
+                format!("dns_trusted_{f}"),
+                ty,
+                true,
+                addr_elements(&trusted, v6),
+            ));
+            let pods = |only_enforce: bool| -> Vec<String> {
+                let mut ips: Vec<IpAddr> = p
+                    .dns_pods
+                    .iter()
+                    .filter(|d| !only_enforce || d.mode == crate::dns::DnsMode::Enforce)
+                    .flat_map(|d| d.ips.iter().copied())
+                    .filter(|a| a.is_ipv6() == v6)
+                    .collect();
+                ips.sort();
+                ips.dedup();
+                ips.iter().map(|a| a.to_string()).collect()
+            };
+            objects.push(set(format!("dns_watched_{f}"), ty, false, pods(false)));
+            objects.push(set(format!("dns_enforce_{f}"), ty, false, pods(true)));
+            for is_trusted in [true, false] {
+                let mut seen = std::collections::BTreeSet::new();
+                let elements = p
+                    .dns_pods
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, d)| d.ips.iter().map(move |a| (i, *a)))
+                    .filter(|(_, a)| a.is_ipv6() == v6 && seen.insert(*a))
+                    .map(|(i, a)| format!("{a} : \"{}\"", self.dns_counter(i, is_trusted)))
+                    .collect();
+                let kind = if is_trusted { "trusted" } else { "untrusted" };
+                objects.push(NftObject {
+                    kind: ObjectKind::Map,
+                    name: format!("dns_{kind}_ctr_{f}"),
+                    decl: vec![format!("type {ty} : counter")],
+                    content: elements,
+                });
+            }
+            let sample = self.log(crate::policy::logprefix::DNS_SAMPLE_PREFIX, 2, 5);
+            for q in first_packet {
+                rules.push(format!(
+                    "{ip} daddr @dns_trusted_{f} {q} counter name {ip} saddr map @dns_trusted_ctr_{f}"
+                ));
+            }
+            rules.push(format!(
+                "{ip} daddr @dns_trusted_{f} {ip} saddr @dns_watched_{f} meta l4proto udp {sample}"
+            ));
+            rules.push(format!("{ip} daddr @dns_trusted_{f} return"));
+        }
+        let (rate, burst) = (p.options.log_rate_per_second, p.options.log_burst);
+        for v6 in [false, true] {
+            let f = fam(v6).0;
+            let ip = if v6 { "ip6" } else { "ip" };
+            for q in first_packet {
+                rules.push(format!(
+                    "{ip} saddr @dns_watched_{f} {q} counter name {ip} saddr map @dns_untrusted_ctr_{f}"
+                ));
+            }
+            let drop_log = self.log(crate::policy::logprefix::DNS_DROP_PREFIX, rate, burst);
+            let monitor_log = self.log(crate::policy::logprefix::DNS_MONITOR_PREFIX, rate, burst);
+            for q in first_packet {
+                rules.push(format!("{ip} saddr @dns_enforce_{f} {q} {drop_log}"));
+            }
+            rules.push(format!("{ip} saddr @dns_enforce_{f} drop"));
+            for q in first_packet {
+                rules.push(format!("{ip} saddr @dns_watched_{f} {q} {monitor_log}"));
+            }
+        }
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "dns".into(),
+            decl: Vec::new(),
+            content: rules,
+        });
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "input".into(),
+            decl: vec!["type filter hook input priority filter; policy accept;".into()],
+            content: vec![DNS_JUMP.to_string()],
+        });
+        true
+    }
+
     fn inet(&self) -> NftTable {
         let p = self.p;
         let mut objects = Vec::new();
+        let dns = self.dns_objects(&mut objects);
         for (id, pol) in p.policies.iter().enumerate() {
             objects.push(counter(
                 &self.counter(id),
@@ -332,6 +476,9 @@ impl Renderer<'_> {
         objects.push(counter("forged_related", None));
         // Addresses of admitted local pods: in the node's pod CIDRs, only these are forwarded to.
         let mut forward: Vec<String> = Vec::new();
+        if dns {
+            forward.push(DNS_JUMP.to_string());
+        }
         for v6 in [false, true] {
             let (f, ty) = fam(v6);
             let cidrs: Vec<String> = p

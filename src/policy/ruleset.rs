@@ -157,6 +157,8 @@ pub struct Ruleset {
     pub tables: Vec<NftTable>,
     /// Named counter → the policy it counts for.
     pub(crate) policy_counters: BTreeMap<String, ObjectRef>,
+    /// Named counter → the pod whose DNS queries it counts, and whether to trusted servers.
+    pub(crate) dns_counters: BTreeMap<String, (ObjectRef, bool)>,
     pub(crate) names: Names,
 }
 
@@ -199,6 +201,19 @@ impl Ruleset {
     /// The policy that named counter `name` counts for.
     pub fn counter_policy(&self, name: &str) -> Option<&ObjectRef> {
         self.policy_counters.get(name)
+    }
+
+    /// The pod whose DNS queries named counter `name` counts, and whether they went to a trusted
+    /// server.
+    pub fn counter_dns(&self, name: &str) -> Option<(&ObjectRef, bool)> {
+        self.dns_counters.get(name).map(|(p, t)| (p, *t))
+    }
+
+    /// Every DNS counter: name, pod, trusted.
+    pub fn dns_counters(&self) -> impl Iterator<Item = (&str, &ObjectRef, bool)> {
+        self.dns_counters
+            .iter()
+            .map(|(n, (p, t))| (n.as_str(), p, *t))
     }
 }
 
@@ -274,6 +289,8 @@ pub(crate) struct Names {
     pub dests: Numbering<String>,
     /// Anti-spoofing chains (`port_<n>` in the bridge table), by host veth and pod.
     pub bridge_ports: Numbering<(String, ObjectRef)>,
+    /// DNS query counters (`dnst_<n>` / `dnsu_<n>`), by pod.
+    pub dns_pods: Numbering<ObjectRef>,
 }
 
 // Names are bookkeeping for the next render, not part of what the kernel holds.

@@ -823,3 +823,155 @@ fn an_ip_claimed_by_two_pods_maps_once_to_the_chain_explain_uses() {
         "{script}"
     );
 }
+
+mod dns_guard {
+    use super::*;
+    use crate::dns::{DnsGuard, DnsMode, NAMESPACE_LABEL};
+
+    fn options(mode: DnsMode, trusted: &[&str]) -> CompileOptions {
+        CompileOptions {
+            dns: DnsGuard {
+                mode,
+                trusted: trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            },
+            ..CompileOptions::default()
+        }
+    }
+
+    fn table(r: &Ruleset) -> &NftTable {
+        r.tables.iter().find(|t| t.family == Family::Inet).unwrap()
+    }
+
+    fn object<'a>(r: &'a Ruleset, name: &str) -> Option<&'a NftObject> {
+        table(r).objects.iter().find(|o| o.name == name)
+    }
+
+    #[test]
+    fn without_trusted_servers_the_guard_renders_nothing() {
+        let s = e2e_state(vec![]);
+        let model = compile_with(&s, "n1", &[], &options(DnsMode::Monitor, &[]));
+        assert!(model.dns_pods.is_empty());
+        let r = render(&model, None);
+        assert!(object(&r, "dns").is_none());
+        assert!(!r.script().contains("jump dns"));
+    }
+
+    #[test]
+    fn each_local_pod_gets_counters_its_mode_and_the_jump_comes_before_conntrack() {
+        let mut s = e2e_state(vec![]);
+        // y opts into monitor, z out entirely; x follows the node (enforce).
+        for ns in s.namespaces.iter_mut() {
+            match ns.name.as_str() {
+                "y" => drop(ns.labels.insert(NAMESPACE_LABEL.into(), "monitor".into())),
+                "z" => drop(ns.labels.insert(NAMESPACE_LABEL.into(), "off".into())),
+                _ => {}
+            }
+        }
+        let model = compile_with(
+            &s,
+            "n1",
+            &[],
+            &options(DnsMode::Enforce, &["10.96.0.10/32", "10.244.0.0/28"]),
+        );
+        let modes: Vec<(String, DnsMode)> = model
+            .dns_pods
+            .iter()
+            .map(|d| (d.pod.to_string(), d.mode))
+            .collect();
+        assert_eq!(
+            modes,
+            vec![
+                ("x/a".to_string(), DnsMode::Enforce),
+                ("y/a".to_string(), DnsMode::Monitor)
+            ]
+        );
+        let r = render(&model, None);
+        let enforce = object(&r, "dns_enforce_v4").unwrap();
+        assert_eq!(enforce.content, vec![ip_of("x", "a").to_string()]);
+        let watched = object(&r, "dns_watched_v4").unwrap();
+        assert_eq!(watched.content.len(), 2);
+        let ctr = object(&r, "dns_untrusted_ctr_v4").unwrap();
+        assert_eq!(
+            ctr.content,
+            vec![
+                format!("{} : \"dnsu_0\"", ip_of("x", "a")),
+                format!("{} : \"dnsu_1\"", ip_of("y", "a"))
+            ]
+        );
+        assert_eq!(
+            object(&r, "dns_trusted_v4").unwrap().content,
+            vec!["10.96.0.10", "10.244.0.0/28"]
+        );
+        let forward = object(&r, "forward").unwrap();
+        assert!(
+            forward.content[0].ends_with("jump dns"),
+            "{:?}",
+            forward.content
+        );
+        let input = object(&r, "input").unwrap();
+        assert!(input.content[0].ends_with("jump dns"));
+        let rules = &object(&r, "dns").unwrap().content;
+        let drop = rules
+            .iter()
+            .position(|l| l == "ip saddr @dns_enforce_v4 drop");
+        let trusted_return = rules
+            .iter()
+            .position(|l| l == "ip daddr @dns_trusted_v4 return");
+        assert!(trusted_return < drop, "{rules:#?}");
+        assert_eq!(
+            r.counter_dns("dnsu_1").map(|(p, t)| (p.to_string(), t)),
+            Some(("y/a".into(), false))
+        );
+    }
+
+    #[test]
+    fn a_new_pod_adds_elements_and_counters_without_a_full_replace() {
+        let s = e2e_state(vec![]);
+        let opts = options(DnsMode::Monitor, &["10.96.0.10/32"]);
+        let first = render(&compile_with(&s, "n1", &[], &opts), None);
+        let mut more = s.clone();
+        let mut pod = more.pods[0].clone();
+        pod.name = "new".into();
+        pod.ips = vec![ip("10.244.0.99")];
+        pod.host_veth = Some("veilnew".into());
+        more.pods.push(pod);
+        let second = render(&compile_with(&more, "n1", &[], &opts), Some(&first));
+        let Plan::Incremental(delta) = diff(&first, &second) else {
+            panic!("full replace");
+        };
+        let script = delta.script();
+        assert!(
+            script.contains("add counter inet veilnet dnst_"),
+            "{script}"
+        );
+        assert!(
+            script.contains("add element inet veilnet dns_watched_v4 { 10.244.0.99 }"),
+            "{script}"
+        );
+        // Counters are declared before the map elements that name them.
+        let counter_at = script.find("add counter inet veilnet dnsu_").unwrap();
+        let element_at = script
+            .find("add element inet veilnet dns_untrusted_ctr_v4")
+            .unwrap();
+        assert!(counter_at < element_at, "{script}");
+    }
+
+    #[test]
+    fn a_bad_namespace_label_is_a_warning_and_the_node_mode_applies() {
+        let mut s = e2e_state(vec![]);
+        s.namespaces[0]
+            .labels
+            .insert(NAMESPACE_LABEL.into(), "loud".into());
+        let model = compile_with(
+            &s,
+            "n1",
+            &[],
+            &options(DnsMode::Enforce, &["10.96.0.10/32"]),
+        );
+        assert!(model
+            .warnings
+            .iter()
+            .any(|w| w.to_string().contains("label veilnet.io/dns-mode")));
+        assert_eq!(model.dns_pods[0].mode, DnsMode::Enforce);
+    }
+}

@@ -92,6 +92,27 @@ pub struct FlowRecord {
     /// The encapsulated packet's addresses (rejected VXLAN only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inner: Option<InnerAddresses>,
+    /// The query of a DNS line, when its datagram could be read (TCP's first segment, the SYN,
+    /// carries none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsQuery>,
+}
+
+/// The question of a logged DNS query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DnsQuery {
+    pub qname: String,
+    pub qtype: String,
+}
+
+impl DnsQuery {
+    fn of(data: &[u8]) -> Option<DnsQuery> {
+        let m = crate::dns::message::Message::parse(data).ok()?;
+        Some(DnsQuery {
+            qname: m.question.name,
+            qtype: crate::dns::message::qtype_name(m.question.qtype),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -154,13 +175,27 @@ pub fn record(
             node: who.map(|w| w.node.clone()),
         }
     };
-    let object = prefix.object.as_ref().map(ToString::to_string);
+    let mut object = prefix.object.as_ref().map(ToString::to_string);
     let (verdict, policy) = match prefix.verdict {
         LogVerdict::Allow => ("allow", object.clone().unwrap_or_default()),
         LogVerdict::Deny => ("deny", "default deny".to_string()),
         LogVerdict::Spoof => ("spoof", "anti-spoofing".to_string()),
         LogVerdict::VxlanRejected => ("vxlan-rejected", "vxlan source check".to_string()),
+        LogVerdict::DnsUntrusted => ("dns-untrusted", "trusted DNS".to_string()),
+        LogVerdict::DnsQuery => ("dns", "trusted DNS".to_string()),
     };
+    let dns_line = matches!(
+        prefix.verdict,
+        LogVerdict::DnsUntrusted | LogVerdict::DnsQuery
+    );
+    if dns_line {
+        // One rule logs for every watched pod: the pod is the query's source.
+        object = index.pod(&flow.src).map(|w| w.pod.to_string());
+    }
+    let dns = flow
+        .udp_data(packet)
+        .filter(|_| dns_line)
+        .and_then(DnsQuery::of);
     let inner = match prefix.verdict {
         LogVerdict::VxlanRejected => vxlan_inner(&packet.payload),
         _ => None,
@@ -177,6 +212,7 @@ pub fn record(
         src: endpoint(flow.src, flow.src_port),
         dst: endpoint(flow.dst, flow.dst_port),
         inner,
+        dns,
     })
 }
 
@@ -211,6 +247,7 @@ fn l2_record(
         src: endpoint(src),
         dst: endpoint(dst),
         inner: None,
+        dns: None,
     })
 }
 

@@ -110,6 +110,8 @@ pub struct PolicyOptions {
     /// This node's pod CIDRs: only admitted pods' addresses in them are forwarded to
     /// (`CompileOptions::local_pod_cidrs`).
     pub pod_cidrs: Vec<IpNet>,
+    /// Trusted DNS (`dnsMode`, `trustedDns`).
+    pub dns: crate::dns::DnsGuard,
 }
 
 /// At most this many CNI ADDs wait on the admission socket at once (a node runs at most ~110
@@ -142,6 +144,7 @@ impl PolicyOptions {
             admission_cap: crate::listen::ConnLimit::new("admission", ADMISSION_MAX_CONNECTIONS),
             strict_mode: cfg.policy_strict_mode,
             pod_cidrs: pod_cidrs.to_vec(),
+            dns: cfg.dns.clone(),
         }
     }
 
@@ -151,6 +154,7 @@ impl PolicyOptions {
             drop_unknown_pod_ports: true,
             tcp_new_needs_syn: self.strict_mode,
             local_pod_cidrs: self.pod_cidrs.clone(),
+            dns: self.dns.clone(),
             ..CompileOptions::default()
         }
     }
@@ -225,6 +229,15 @@ impl PolicyAgent {
             watcher::Config::default(),
             wake.clone(),
         );
+        match (options.dns.mode, options.dns.active()) {
+            (crate::dns::DnsMode::Off, _) => tracing::info!("trusted DNS: off"),
+            (mode, false) => tracing::warn!(
+                %mode,
+                "trusted DNS is inactive: no trustedDns configured, so no query can be told \
+                 trusted from untrusted (set trustedDns to the cluster DNS Service and its endpoints)"
+            ),
+            (mode, true) => tracing::info!(%mode, trusted = ?options.dns.trusted, "trusted DNS"),
+        }
         let shared = Arc::new(Shared {
             status: watch::channel(PolicyStatus {
                 node: options.node.clone(),
@@ -417,6 +430,9 @@ async fn sync(
         // reads only those its transaction destroys (usually none) and `bank` keeps them.
         let ruleset = render(&model, applier.current());
         let outcome = applier.update(ruleset, &mut |old, destroyed| bank.bank(old, destroyed))?;
+        if let Some(current) = applier.current() {
+            bank.forget_gone_pods(current);
+        }
         match &outcome {
             ApplyOutcome::Replaced { reason } => {
                 tracing::info!(%reason, "policy ruleset replaced whole")

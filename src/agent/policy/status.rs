@@ -40,6 +40,18 @@ pub struct PolicyCounter {
     pub bytes: u64,
 }
 
+/// One local pod's DNS queries to trusted or untrusted servers (UDP datagrams and TCP
+/// connections to a DNS port), since the pod came under the DNS guard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsCounter {
+    pub namespace: String,
+    pub pod: String,
+    /// `trusted` or `untrusted`.
+    pub server: String,
+    pub queries: u64,
+}
+
 /// Everything counted on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -48,6 +60,14 @@ pub struct CounterSnapshot {
     pub deny_ingress: Count,
     pub deny_egress: Count,
     pub spoofed: Count,
+    #[serde(default)]
+    pub dns: Vec<DnsCounter>,
+}
+
+/// The bank's key of a DNS counter: `dns:<trusted|untrusted>:<ns>/<pod>`.
+fn dns_key(pod: &crate::policy::ObjectRef, trusted: bool) -> String {
+    let server = if trusted { "trusted" } else { "untrusted" };
+    format!("dns:{server}:{pod}")
 }
 
 /// Banks kernel counters across ruleset changes.
@@ -61,7 +81,10 @@ pub struct CounterBank {
 fn key_of(ruleset: &Ruleset, c: &CounterValue) -> Option<String> {
     match c.name.as_str() {
         DENY_INGRESS_COUNTER | DENY_EGRESS_COUNTER | SPOOF_COUNTER => Some(c.name.clone()),
-        name => ruleset.counter_policy(name).map(|p| p.to_string()),
+        name => match ruleset.counter_dns(name) {
+            Some((pod, trusted)) => Some(dns_key(pod, trusted)),
+            None => ruleset.counter_policy(name).map(|p| p.to_string()),
+        },
     }
 }
 
@@ -79,6 +102,17 @@ impl CounterBank {
         }
     }
 
+    /// Drops the banked DNS counts of pods `current` no longer watches (deleted, or moved out of
+    /// the guard): a pod's series ends with the pod, where a policy's outlives its selection.
+    pub fn forget_gone_pods(&mut self, current: &Ruleset) {
+        let live: std::collections::HashSet<String> = current
+            .dns_counters()
+            .map(|(_, pod, trusted)| dns_key(pod, trusted))
+            .collect();
+        self.banked
+            .retain(|k, _| !k.starts_with("dns:") || live.contains(k));
+    }
+
     /// Banked + current values. Policies that select no local pod any more keep their count.
     pub fn snapshot(&self, ruleset: &Ruleset, kernel: &[CounterValue]) -> CounterSnapshot {
         let mut all = self.banked.clone();
@@ -93,8 +127,28 @@ impl CounterBank {
         for (_, p) in ruleset.policy_counters() {
             all.entry(p.to_string()).or_default();
         }
+        let mut live_dns = std::collections::HashSet::new();
+        for (_, pod, trusted) in ruleset.dns_counters() {
+            let key = dns_key(pod, trusted);
+            all.entry(key.clone()).or_default();
+            live_dns.insert(key);
+        }
         let mut out = CounterSnapshot::default();
         for (key, count) in all {
+            if let Some(rest) = key.strip_prefix("dns:") {
+                if !live_dns.contains(&key) {
+                    continue;
+                }
+                let (server, pod) = rest.split_once(':').unwrap_or((rest, ""));
+                let (namespace, pod) = pod.split_once('/').unwrap_or(("", pod));
+                out.dns.push(DnsCounter {
+                    namespace: namespace.to_string(),
+                    pod: pod.to_string(),
+                    server: server.to_string(),
+                    queries: count.packets,
+                });
+                continue;
+            }
             match key.as_str() {
                 DENY_INGRESS_COUNTER => out.deny_ingress = count,
                 DENY_EGRESS_COUNTER => out.deny_egress = count,
