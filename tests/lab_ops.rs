@@ -5,44 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-
-/// GET http://<ip>:<port><path> from inside the node's namespace; returns (status code, body).
-fn http_get(lab: &Lab, node: usize, ip: &str, port: u16, path: &str) -> (u16, String) {
-    let (ip, path) = (ip.to_string(), path.to_string());
-    veilnet::netns::run_in(&lab.node_netns(node), move || {
-        let mut s =
-            std::net::TcpStream::connect((ip.as_str(), port)).expect("connect to the agent");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).unwrap();
-        let code = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (code, body)
-    })
-    .expect("run in the node namespace")
-}
-
-fn metric(body: &str, prefix: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
 
 #[test]
 fn agents_serve_health_readiness_and_live_metrics() {
@@ -53,15 +18,15 @@ fn agents_serve_health_readiness_and_live_metrics() {
     let ip = lab.wait_pod_ip("default/a", Duration::from_secs(60));
     lab.wait_pod_ip("default/b", Duration::from_secs(60));
 
-    assert_eq!(http_get(&lab, 1, "127.0.0.1", 9891, "/healthz").0, 200);
-    assert_eq!(http_get(&lab, 1, "127.0.0.1", 9891, "/readyz").0, 200);
+    assert_eq!(lab.http_get(1, "127.0.0.1", 9891, "/healthz").0, 200);
+    assert_eq!(lab.http_get(1, "127.0.0.1", 9891, "/readyz").0, 200);
     // Health and status are on the node's loopback only; the node's address serves metrics only.
     let refused = veilnet::netns::run_in(&lab.node_netns(1), || {
         std::net::TcpStream::connect(("172.30.0.11", 9891)).is_err()
     })
     .unwrap();
     assert!(refused, "health is served on the node's address");
-    assert_eq!(http_get(&lab, 1, "172.30.0.11", 9892, "/readyz").0, 404);
+    assert_eq!(lab.http_get(1, "172.30.0.11", 9892, "/readyz").0, 404);
     assert_eq!(
         lab.connect("default/b", &format!("{ip}:80"), "tcp", "3s"),
         Some(0)
@@ -73,12 +38,12 @@ fn agents_serve_health_readiness_and_live_metrics() {
         Duration::from_secs(10),
         "a WireGuard byte counter for node-2",
         || {
-            let (_, body) = http_get(&lab, 1, "172.30.0.11", 9892, "/metrics");
+            let (_, body) = lab.http_get(1, "172.30.0.11", 9892, "/metrics");
             before = metric(&body, sent).unwrap_or(0.0);
             before > 0.0
         },
     );
-    let (_, body) = http_get(&lab, 1, "172.30.0.11", 9892, "/metrics");
+    let (_, body) = lab.http_get(1, "172.30.0.11", 9892, "/metrics");
     for name in [
         r#"veilnet_node_info{node="node-1",mode="on"} 1"#,
         r#"veilnet_peer_path{peer="node-2",path="wireguard"} 1"#,
@@ -112,13 +77,13 @@ fn agents_serve_health_readiness_and_live_metrics() {
         Duration::from_secs(10),
         "the sent-bytes counter to grow",
         || {
-            let (_, body) = http_get(&lab, 1, "172.30.0.11", 9892, "/metrics");
+            let (_, body) = lab.http_get(1, "172.30.0.11", 9892, "/metrics");
             metric(&body, sent).unwrap_or(0.0) > before
         },
     );
 
     // The status endpoint and `veilnet status` agree on the path.
-    let (code, body) = http_get(&lab, 2, "127.0.0.1", 9891, "/status");
+    let (code, body) = lab.http_get(2, "127.0.0.1", 9891, "/status");
     assert_eq!(code, 200);
     let st: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(st["peers"][0]["node"], "node-1");

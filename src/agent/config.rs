@@ -119,16 +119,8 @@ pub struct AgentArgs {
     pub dns_mode: Option<crate::dns::DnsMode>,
     /// The trusted DNS servers, comma-separated addresses or CIDRs (the cluster DNS Service and
     /// its endpoints); replaces the config file's list. Without any, the DNS guard is inactive.
-    #[arg(long, env = "VEILNET_TRUSTED_DNS", value_delimiter = ',', value_parser = parse_net)]
+    #[arg(long, env = "VEILNET_TRUSTED_DNS", value_delimiter = ',', value_parser = crate::dns::parse_net)]
     pub trusted_dns: Option<Vec<IpNet>>,
-}
-
-/// An address (a /32 or /128) or a CIDR.
-fn parse_net(s: &str) -> Result<IpNet, String> {
-    let s = s.trim();
-    s.parse::<IpNet>()
-        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("{s:?} is neither an address nor a CIDR"))
 }
 
 /// `trustedDns` entries in the config file: addresses or CIDRs, as on the command line.
@@ -136,7 +128,7 @@ fn file_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>
     let raw: Option<Vec<String>> = Deserialize::deserialize(d)?;
     raw.map(|list| {
         list.iter()
-            .map(|s| parse_net(s).map_err(serde::de::Error::custom))
+            .map(|s| crate::dns::parse_net(s).map_err(serde::de::Error::custom))
             .collect()
     })
     .transpose()

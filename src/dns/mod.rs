@@ -83,6 +83,14 @@ impl FromStr for DnsMode {
     }
 }
 
+/// A trusted server: an address (a /32 or /128) or a CIDR.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an address nor a CIDR"))
+}
+
 /// The node's DNS settings, as the compiler reads them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DnsGuard {

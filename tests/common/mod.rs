@@ -539,6 +539,35 @@ impl Lab {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// GET http://<ip>:<port><path> from inside node `node`'s namespace; (status code, body).
+    pub fn http_get(&self, node: usize, ip: &str, port: u16, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let (ip, path) = (ip.to_string(), path.to_string());
+        veilnet::netns::run_in(&self.node_netns(node), move || {
+            let mut s =
+                std::net::TcpStream::connect((ip.as_str(), port)).expect("connect to the agent");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).unwrap();
+            let code = raw
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            (code, body)
+        })
+        .expect("run in the node namespace")
+    }
+
     /// A node's flow log lines, parsed.
     pub fn flow_log(&self, node: usize) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.run_dir(node).join("flows.jsonl"))
@@ -547,6 +576,13 @@ impl Lab {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// The value of the first metric line of `body` starting with `prefix`.
+pub fn metric(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// `veilnet lab agnhost connect` run directly inside a pod's netns (cheaper than `lab exec`, same

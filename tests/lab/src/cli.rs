@@ -120,6 +120,14 @@ pub struct UpArgs {
     /// the source address it sees (egress and masquerade tests).
     #[arg(long)]
     pub external_host: bool,
+    /// The agents' `--dns-mode` (off, monitor, enforce); their default when absent.
+    #[arg(long, value_enum)]
+    pub dns_mode: Option<veilnet::dns::DnsMode>,
+    /// The agents' `--trusted-dns`: addresses or CIDRs, comma-separated (e.g. a DNS pod's
+    /// address, known once it runs: `lab up` again with the same flags plus this one restarts
+    /// nothing, so give it at first `up`).
+    #[arg(long, value_delimiter = ',', value_parser = veilnet::dns::parse_net)]
+    pub trusted_dns: Vec<ipnet::IpNet>,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
     pub timeout: Duration,
@@ -202,6 +210,8 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         policy_strict_mode: args.policy_strict_mode,
         control_plane: args.control_plane,
         external_host: args.external_host,
+        dns_mode: args.dns_mode,
+        trusted_dns: args.trusted_dns.iter().map(|n| n.trunc()).collect(),
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
         bail!("--cni reference needs --pod-cidrs assigned: without an agent nobody allocates the CIDRs");
@@ -699,6 +709,13 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
     ];
     if let Some(strict) = lab.spec.policy_strict_mode {
         args.push(format!("--policy-strict-mode={strict}"));
+    }
+    if let Some(mode) = lab.spec.dns_mode {
+        args.extend(["--dns-mode".into(), mode.to_string()]);
+    }
+    if !lab.spec.trusted_dns.is_empty() {
+        let list: Vec<String> = lab.spec.trusted_dns.iter().map(|n| n.to_string()).collect();
+        args.extend(["--trusted-dns".into(), list.join(",")]);
     }
     args
 }

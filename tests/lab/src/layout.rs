@@ -89,6 +89,12 @@ pub struct LabSpec {
     /// address it sees (absent in labs made before the option: none).
     #[serde(default)]
     pub external_host: bool,
+    /// The agents' `--dns-mode` (`None`: their default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_mode: Option<veilnet::dns::DnsMode>,
+    /// The agents' `--trusted-dns`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_dns: Vec<ipnet::IpNet>,
 }
 
 fn default_encryption() -> Mode {
@@ -300,6 +306,8 @@ mod tests {
             policy_strict_mode: None,
             control_plane: ControlPlane::StandIn,
             external_host: false,
+            dns_mode: None,
+            trusted_dns: Vec::new(),
         }
     }
 

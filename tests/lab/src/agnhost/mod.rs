@@ -1,5 +1,6 @@
 //! The built-in test workload, in the spirit of Kubernetes' agnhost: `serve` answers on TCP and UDP
-//! ports, `connect` asks once and tells whether the peer answered.
+//! ports, `connect` asks once and tells whether the peer answered; `dns-serve` and `dns-query`
+//! ([`dns`]) are a DNS server and client.
 //!
 //! Both protocols are real request/response exchanges, so a policy drop is detectable for UDP too:
 //! the client sends `veilnet-agnhost <nonce> <message>` and only counts an answer that echoes its
@@ -11,6 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use veilnet::duration::parse_duration;
+
+pub mod dns;
 
 /// Requests start with this word so that stray traffic is never mistaken for a probe.
 const MAGIC: &str = "veilnet-agnhost";
@@ -40,6 +43,10 @@ pub enum AgnhostCommand {
     /// Open many TCP connections, send a partial HTTP request on each and hold them (the
     /// descriptor-exhaustion attack of the lab tests).
     Hold(HoldArgs),
+    /// Answer DNS A queries over UDP: known names with an address, others NXDOMAIN.
+    DnsServe(dns::DnsServeArgs),
+    /// Send DNS queries to a server; exit 0 if each was answered, 1 if any timed out.
+    DnsQuery(dns::DnsQueryArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,6 +133,11 @@ pub fn run(cmd: AgnhostCommand) -> anyhow::Result<i32> {
             hold(&args)?;
             Ok(0)
         }
+        AgnhostCommand::DnsServe(args) => {
+            dns::serve(&args)?;
+            Ok(0)
+        }
+        AgnhostCommand::DnsQuery(args) => Ok(dns::query(&args)?),
         AgnhostCommand::Connect(args) => {
             let outcome = connect(&args)?;
             match &outcome {
