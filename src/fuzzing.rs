@@ -30,6 +30,36 @@ pub fn wg_datagrams(data: &[u8]) -> bool {
     true
 }
 
+/// DNS messages as pods send them and the flow log reads them: the bytes as a message, and as
+/// the IPv4 or IPv6 packet NFLOG hands over, whose UDP data is read as one. Never a panic, and a
+/// name is never longer than 255 bytes written as `\DDD` escapes. True if a message was read
+/// (from the bytes, or from the packet's UDP data).
+pub fn dns_messages(data: &[u8]) -> bool {
+    use crate::dns::message::Message;
+    let check = |m: &Message| assert!(m.question.name.len() <= 4 * 255, "{}", m.question.name);
+    let parsed = Message::parse(data);
+    if let Ok(m) = &parsed {
+        check(m);
+    }
+    let mut read = parsed.is_ok();
+    for family in [2u8, 10] {
+        let packet = crate::netfilter::nflog::LoggedPacket {
+            family,
+            payload: data.to_vec(),
+            ..Default::default()
+        };
+        if let Some(d) =
+            policy::flow::parse_flow(&packet).and_then(|flow| flow.udp_data(&packet))
+        {
+            if let Ok(m) = Message::parse(d) {
+                check(&m);
+                read = true;
+            }
+        }
+    }
+    read
+}
+
 /// Node objects (a JSON array of them, annotations and labels as any writer of Nodes may set
 /// them) through the snapshot and the node planner. The planner may refuse this node's own
 /// settings with an error; it must not panic, and every CIDR it routes to a peer must be one the

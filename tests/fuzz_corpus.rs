@@ -16,6 +16,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("admission_line", veilnet::fuzzing::admission_line),
     ("cni_input", veilnet::fuzzing::cni_input),
     ("netlink_dumps", veilnet::fuzzing::netlink_dumps),
+    ("dns_messages", veilnet::fuzzing::dns_messages),
     ("network_policies", |d| {
         veilnet::fuzzing::network_policies(d).is_some()
     }),
