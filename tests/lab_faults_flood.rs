@@ -187,30 +187,6 @@ fn start_flood(
     })
 }
 
-/// iperf3 from `client` to `server` for 4 s, Mbit/s received; bounded in time (a stream the
-/// flood starved must fail the test, not hang it: iperf3 waits forever on a lost control
-/// connection).
-fn iperf3(lab: &Lab, client: &str, server: &str) -> Result<f64, String> {
-    let out = lab.exec(
-        client,
-        &[
-            "timeout",
-            "30",
-            "iperf3",
-            "-c",
-            server,
-            "-t",
-            "4",
-            "-O",
-            "1",
-            "--json",
-            "--connect-timeout",
-            "5000",
-        ],
-    );
-    iperf3_received_mbps(&out)
-}
-
 /// CPU seconds (user + system) `pid` has used.
 fn cpu_seconds(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the datapath runs");
@@ -293,7 +269,9 @@ fn floods_at_the_wireguard_port_leave_the_stream_half_its_throughput_and_bound_t
 
     let cpu_before = cpu_seconds(datapath);
     let started = Instant::now();
-    let baseline = iperf3(&lab, "default/a", &server).expect("the flood-free stream");
+    let baseline = lab
+        .try_iperf3_mbps("default/a", &server)
+        .expect("the flood-free stream");
     let baseline_cpu = (cpu_seconds(datapath) - cpu_before) / started.elapsed().as_secs_f64();
 
     let mut figures = Vec::new();
@@ -309,7 +287,7 @@ fn floods_at_the_wireguard_port_leave_the_stream_half_its_throughput_and_bound_t
         let started = Instant::now();
         let flood = start_flood(&lab, kind, responder, stop.clone());
         std::thread::sleep(Duration::from_millis(300));
-        let mbps = iperf3(&lab, "default/a", &server);
+        let mbps = lab.try_iperf3_mbps("default/a", &server);
         stop.store(true, Ordering::Relaxed);
         let sent = flood.join().expect("the flooder");
         let seconds = started.elapsed().as_secs_f64();

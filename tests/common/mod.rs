@@ -22,6 +22,41 @@ pub fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// How long [`Lab::exec`] lets a command in a pod run.
+pub const EXEC_LIMIT: Duration = Duration::from_secs(300);
+
+/// `cmd`'s output, the process killed (SIGKILL) if it runs past `limit`; a killed one's stderr
+/// ends with a line naming the limit.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done, finished) = mpsc::channel::<()>();
+    // The main thread tells the watchdog once the child is reaped; a pid reused in between
+    // would need that microsecond window to meet the end of a limit of seconds.
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(limit).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return true;
+        }
+        false
+    });
+    let mut out = child.wait_with_output().expect("wait for the command");
+    let _ = done.send(());
+    if watchdog.join().unwrap_or(false) {
+        out.stderr.extend_from_slice(
+            format!("\n(killed: still running after {} s)\n", limit.as_secs()).as_bytes(),
+        );
+    }
+    out
+}
+
 pub fn text(out: &Output) -> String {
     format!(
         "--- stdout\n{}\n--- stderr\n{}",
@@ -183,12 +218,20 @@ impl Lab {
         assert!(out.status.success(), "apply failed:\n{}", text(&out));
     }
 
+    /// Runs `cmd` in the pod's network namespace, killed after [`EXEC_LIMIT`]: a probe that
+    /// waits forever (iperf3 on a lost control connection does) must fail its test, not hang CI.
     pub fn exec(&self, pod: &str, cmd: &[&str]) -> Output {
-        veilnet()
+        self.exec_within(pod, cmd, EXEC_LIMIT)
+    }
+
+    /// [`Lab::exec`] with its own limit. `lab exec` execs the command in place, so killing the
+    /// process kills the command. A killed command's output ends with a line saying so.
+    pub fn exec_within(&self, pod: &str, cmd: &[&str], limit: Duration) -> Output {
+        let mut command = veilnet();
+        command
             .args(["lab", "exec", "--name", &self.name, pod, "--"])
-            .args(cmd)
-            .output()
-            .expect("spawn lab exec")
+            .args(cmd);
+        output_within(&mut command, limit)
     }
 
     pub fn status_json(&self) -> serde_json::Value {
@@ -352,9 +395,23 @@ impl Lab {
     /// [`Lab::iperf3_mbps`], with iperf3's failure (it can exit 0 with an `error` in its JSON and
     /// no totals) as an error.
     pub fn try_iperf3_mbps(&self, client: &str, server_ip: &str) -> Result<f64, String> {
-        let out = self.exec(
+        let out = self.exec_within(
             client,
-            &["iperf3", "-c", server_ip, "-t", "4", "-O", "1", "--json"],
+            &[
+                "iperf3",
+                "-c",
+                server_ip,
+                "-t",
+                "4",
+                "-O",
+                "1",
+                "--json",
+                "--connect-timeout",
+                "5000",
+            ],
+            // 4 s of test; iperf3 waits forever for results on a control connection that a
+            // fault broke.
+            Duration::from_secs(30),
         );
         iperf3_received_mbps(&out)
     }
