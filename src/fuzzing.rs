@@ -48,9 +48,7 @@ pub fn dns_messages(data: &[u8]) -> bool {
             payload: data.to_vec(),
             ..Default::default()
         };
-        if let Some(d) =
-            policy::flow::parse_flow(&packet).and_then(|flow| flow.udp_data(&packet))
-        {
+        if let Some(d) = policy::flow::parse_flow(&packet).and_then(|flow| flow.udp_data(&packet)) {
             if let Ok(m) = Message::parse(d) {
                 check(&m);
                 read = true;

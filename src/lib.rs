@@ -37,6 +37,7 @@ pub mod memory;
 pub mod model;
 pub mod netfilter;
 pub mod netns;
+pub mod observe;
 pub mod policy;
 pub mod status_cmd;
 pub mod stdout;

@@ -32,6 +32,7 @@ pub struct ConnLimit {
     max: usize,
     permits: Arc<Semaphore>,
     rejected: AtomicU64,
+    refused: AtomicU64,
 }
 
 impl ConnLimit {
@@ -41,6 +42,7 @@ impl ConnLimit {
             max,
             permits: Arc::new(Semaphore::new(max)),
             rejected: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -63,6 +65,25 @@ impl ConnLimit {
                 None
             }
         }
+    }
+
+    /// Counts a connection closed at once because its source may not use this listener (the
+    /// flows endpoint refuses pods), and logs the 1st, 2nd, 4th … with the source.
+    pub fn refuse(&self, source: std::net::IpAddr) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                listener = self.name,
+                %source,
+                refused = n,
+                "connection refused: this source may not use the listener"
+            );
+        }
+    }
+
+    /// Connections closed at once because of their source, since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &'static str {

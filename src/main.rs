@@ -61,6 +61,9 @@ enum Command {
     /// and pods without NetworkPolicy, unencrypted nodes. Exit status 1 when anything is found,
     /// 0 when clean, 2 when the cluster could not be read.
     Audit(veilnet::audit::cli::AuditArgs),
+    /// Who talked to whom: every node's flow log merged, oldest first, filtered (namespace, pod,
+    /// verdict, policy, encrypted, since), as a table or JSON lines; --follow for new lines.
+    Observe(veilnet::observe::ObserveArgs),
     /// NetworkPolicy tools (`policy explain FROM TO PORT/PROTO`).
     #[command(subcommand)]
     Policy(veilnet::policy::cli::PolicyCommand),
@@ -158,6 +161,13 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(veilnet::audit::cli::EXIT_ERROR)
+            }
+        },
+        Command::Observe(args) => match veilnet::observe::run(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2)
             }
         },
         Command::Policy(cmd) => {

@@ -78,7 +78,7 @@ const DENIED: &[ApiCall] = &[
         Scope::Namespace("kube-system"),
         None,
     ),
-    denied("", "events", None, "create", Scope::OwnNamespace, None),
+    denied("", "events", None, "delete", Scope::OwnNamespace, None),
     denied(
         "",
         "serviceaccounts",

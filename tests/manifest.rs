@@ -116,16 +116,12 @@ fn every_document_decodes_strictly_into_its_type() {
 }
 
 #[test]
-fn namespaced_objects_live_in_veilnet_system_except_node_events() {
+fn namespaced_objects_live_in_veilnet_system() {
     for doc in documents() {
         let kind = doc["kind"].as_str().unwrap();
         let ns = doc["metadata"]["namespace"].as_str();
         match kind {
             "Namespace" | "ClusterRole" | "ClusterRoleBinding" => assert!(ns.is_none(), "{doc}"),
-            // Node events are posted in `default` (agent::events), so that Role lives there.
-            "Role" | "RoleBinding" if doc["metadata"]["name"] == "veilnet-events" => {
-                assert_eq!(ns, Some("default"))
-            }
             _ => assert_eq!(ns, Some(NAMESPACE), "{kind} {}", doc["metadata"]["name"]),
         }
     }
@@ -487,6 +483,10 @@ fn config_file_keys_are_the_agents_and_resolve_to_a_valid_config() {
     assert_eq!(cfg.cluster_cidr.to_string(), json["clusterCidr"]);
     assert_eq!(cfg.health_addr.to_string(), "127.0.0.1:9891");
     assert_eq!(cfg.metrics_addr.to_string(), "0.0.0.0:9892");
+    assert_eq!(
+        cfg.flows_addr.to_string(),
+        veilnet::agent::flows::DEFAULT_FLOWS_ADDR
+    );
 }
 
 /// Issue 23.3: health on the node's loopback (probed there by the kubelet), metrics on the
@@ -528,7 +528,15 @@ fn probes_use_the_loopback_health_port_and_prometheus_the_metrics_port() {
         .flatten()
         .map(|p| p.container_port)
         .collect();
-    assert_eq!(ports, [i32::from(port), i32::from(metrics.port())]);
+    let flows: std::net::SocketAddr = veilnet::agent::flows::DEFAULT_FLOWS_ADDR.parse().unwrap();
+    assert_eq!(
+        ports,
+        [
+            i32::from(port),
+            i32::from(metrics.port()),
+            i32::from(flows.port())
+        ]
+    );
     let requests = agent
         .resources
         .as_ref()

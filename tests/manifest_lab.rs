@@ -45,8 +45,6 @@ fn the_install_manifest_applies_to_the_lab_api() {
         "clusterrolebinding.rbac.authorization.k8s.io/veilnet",
         "role.rbac.authorization.k8s.io/veilnet",
         "rolebinding.rbac.authorization.k8s.io/veilnet",
-        "role.rbac.authorization.k8s.io/veilnet-events",
-        "rolebinding.rbac.authorization.k8s.io/veilnet-events",
     ] {
         let line = format!("{object} {rbac}");
         assert!(out.contains(&line), "missing {line:?} in:\n{out}");
@@ -105,7 +103,24 @@ fn the_install_manifest_applies_to_the_lab_api() {
     assert!(bindings.contains("ClusterRole/veilnet"), "{bindings}");
     assert!(bindings.contains("veilnet-system/veilnet"), "{bindings}");
     let roles = lab.kubectl_json(&["get", "roles", "-n", "veilnet-system"]);
-    assert_eq!(roles["items"].as_array().unwrap().len(), 1, "{roles:#}");
+    let mut names: Vec<&str> = roles["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["metadata"]["name"].as_str())
+        .collect();
+    names.sort();
+    // The agent's own, and the flow readers' (bound to no one by the manifest).
+    assert_eq!(names, ["veilnet", "veilnet-flow-reader"], "{roles:#}");
+    let bound = lab.kubectl_json(&["get", "rolebindings", "-n", "veilnet-system"]);
+    assert!(
+        bound["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["roleRef"]["name"] != "veilnet-flow-reader"),
+        "{bound:#}"
+    );
     let sa = lab.kubectl_ok(&["get", "serviceaccount", "-n", "veilnet-system"]);
     assert!(sa.contains("veilnet"), "{sa}");
     let cm = lab.kubectl_json(&["get", "configmap", "-n", "veilnet-system", "veilnet-config"]);

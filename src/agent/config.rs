@@ -84,6 +84,10 @@ pub struct AgentArgs {
     /// Address of the metrics endpoint (`/metrics`), where Prometheus scrapes it.
     #[arg(long, env = "VEILNET_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Address of the flows endpoint (`/flows`, the flow log for `veilnet observe`); pods are
+    /// refused whatever the address (README: "Network security").
+    #[arg(long, env = "VEILNET_FLOWS_ADDR")]
+    pub flows_addr: Option<SocketAddr>,
     /// Encryption mode of nodes without a `veilnet.io/encryption` label.
     #[arg(long, env = "VEILNET_ENCRYPTION", value_enum)]
     pub encryption: Option<Mode>,
@@ -151,6 +155,7 @@ pub struct FileConfig {
     pub resync_seconds: Option<u64>,
     pub health_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    pub flows_addr: Option<SocketAddr>,
     pub encryption: Option<Mode>,
     pub wireguard_port: Option<u16>,
     /// `text` or `json`; `--log-format` / `VEILNET_LOG_FORMAT` win over it.
@@ -161,6 +166,8 @@ pub struct FileConfig {
     pub dns_mode: Option<crate::dns::DnsMode>,
     #[serde(default, deserialize_with = "file_nets")]
     pub trusted_dns: Option<Vec<IpNet>>,
+    /// Network anomaly alerts: thresholds, or `enabled: false` (config file only).
+    pub alerts: Option<crate::agent::alerts::AlertConfig>,
 }
 
 impl AgentArgs {
@@ -190,6 +197,7 @@ pub struct AgentConfig {
     pub resync: Duration,
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub flows_addr: SocketAddr,
     pub encryption: Mode,
     pub wireguard_port: u16,
     /// Established connections a policy change denies are cut ([`DEFAULT_POLICY_STRICT_MODE`]).
@@ -200,6 +208,8 @@ pub struct AgentConfig {
     pub non_masquerade_cidrs: Vec<Ipv4Net>,
     /// Trusted DNS ([`crate::dns`]): the mode, [`DEFAULT_DNS_MODE`], and the trusted servers.
     pub dns: crate::dns::DnsGuard,
+    /// Network anomaly alerts ([`crate::agent::alerts`]).
+    pub alerts: crate::agent::alerts::AlertConfig,
 }
 
 pub const DEFAULT_NAMESPACE: &str = "veilnet-system";
@@ -243,6 +253,10 @@ pub fn flag_defaults() -> Vec<(&'static str, String)> {
         ("resync", format!("{}s", DEFAULT_RESYNC.as_secs())),
         ("health_addr", DEFAULT_HEALTH_ADDR.to_string()),
         ("metrics_addr", DEFAULT_METRICS_ADDR.to_string()),
+        (
+            "flows_addr",
+            crate::agent::flows::DEFAULT_FLOWS_ADDR.to_string(),
+        ),
         ("encryption", encryption),
         ("wireguard_port", DEFAULT_WG_PORT.to_string()),
         ("policy_strict_mode", DEFAULT_POLICY_STRICT_MODE.to_string()),
@@ -340,6 +354,11 @@ impl AgentConfig {
                 .metrics_addr
                 .or(file.metrics_addr)
                 .unwrap_or_else(|| DEFAULT_METRICS_ADDR.parse().expect("valid default address")),
+            flows_addr: args.flows_addr.or(file.flows_addr).unwrap_or_else(|| {
+                crate::agent::flows::DEFAULT_FLOWS_ADDR
+                    .parse()
+                    .expect("valid default address")
+            }),
             encryption: args
                 .encryption
                 .or(file.encryption)
@@ -375,6 +394,7 @@ impl AgentConfig {
                     .map(|n| n.trunc())
                     .collect(),
             },
+            alerts: file.alerts.unwrap_or_default(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -433,6 +453,14 @@ impl AgentConfig {
                  address (one listener) or different ports",
                 self.health_addr, self.metrics_addr
             ));
+        }
+        for other in [self.health_addr, self.metrics_addr] {
+            if self.flows_addr.port() == other.port() {
+                return bad(format!(
+                    "flows address {} shares its port with {other}: the flows endpoint needs                      a listener of its own (it refuses pods, the metrics endpoint does not)",
+                    self.flows_addr
+                ));
+            }
         }
         Ok(())
     }

@@ -159,6 +159,13 @@ impl Limits {
         header_timeout: Duration::from_secs(5),
         lifetime: Duration::from_secs(15),
     };
+    /// The flows listener: `veilnet observe` through the API server's proxy, one request per
+    /// node at a time (a full answer is tens of MiB: a longer lifetime).
+    pub const FLOWS: Limits = Limits {
+        max_connections: 16,
+        header_timeout: Duration::from_secs(5),
+        lifetime: Duration::from_secs(60),
+    };
 }
 
 /// Binds `addr` and serves `router` under `limits` (see the module documentation) until the
@@ -169,10 +176,26 @@ pub async fn serve(
     limits: Limits,
     cap: Arc<ConnLimit>,
 ) -> Result<tokio::task::JoinHandle<()>, HealthError> {
+    serve_gated(addr, router, limits, cap, None).await
+}
+
+/// Decides from a connection's source address whether it may be served at all.
+pub type SourceGate = Arc<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>;
+
+/// [`serve`], closing at once (and counting on `cap`) every connection `gate` refuses.
+pub async fn serve_gated(
+    addr: SocketAddr,
+    router: Router,
+    limits: Limits,
+    cap: Arc<ConnLimit>,
+    gate: Option<SourceGate>,
+) -> Result<tokio::task::JoinHandle<()>, HealthError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| HealthError::Bind { addr, source })?;
-    Ok(tokio::spawn(accept_loop(listener, router, limits, cap)))
+    Ok(tokio::spawn(accept_loop(
+        listener, router, limits, cap, gate,
+    )))
 }
 
 async fn accept_loop(
@@ -180,13 +203,22 @@ async fn accept_loop(
     router: Router,
     limits: Limits,
     cap: Arc<ConnLimit>,
+    gate: Option<SourceGate>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
     let mut failures: u64 = 0;
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            Ok((stream, peer)) => {
+                if gate.as_ref().is_some_and(|admits| !admits(peer.ip())) {
+                    // Closed before a byte is read: nothing is served to a refused source.
+                    drop(stream);
+                    cap.refuse(peer.ip());
+                    continue;
+                }
+                stream
+            }
             Err(e) => {
                 failures += 1;
                 if failures.is_power_of_two() {

@@ -146,6 +146,20 @@ impl Collector for SnapshotCollector {
                 })
                 .collect(),
         )?;
+        family(
+            &mut encoder,
+            "connections_refused",
+            "Connections closed at once because their source may not use the listener (pods, on the flows endpoint)",
+            listeners
+                .iter()
+                .map(|l| {
+                    (
+                        vec![("listener", l.name().to_string())],
+                        ConstCounter::new(l.refused()),
+                    )
+                })
+                .collect(),
+        )?;
         let status = self
             .0
             .status
@@ -382,6 +396,7 @@ fn encode_policy(
          pod and whether the server is in trustedDns",
         c.dns
             .iter()
+            .filter(|d| d.server != "nxdomain")
             .map(|d| {
                 (
                     vec![
@@ -390,6 +405,36 @@ fn encode_policy(
                         ("server", d.server.clone()),
                     ],
                     ConstCounter::new(d.queries),
+                )
+            })
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "dns_nxdomain_answers",
+        "NXDOMAIN answers (UDP) that local pods received, by pod",
+        c.dns
+            .iter()
+            .filter(|d| d.server == "nxdomain")
+            .map(|d| {
+                (
+                    vec![("namespace", d.namespace.clone()), ("pod", d.pod.clone())],
+                    ConstCounter::new(d.queries),
+                )
+            })
+            .collect(),
+    )?;
+    family(
+        encoder,
+        "alerts",
+        "Network anomaly alerts this node raised, by kind (each is also a Warning Event on the \
+         pod and a line in alerts.jsonl)",
+        crate::agent::alerts::AlertKind::ALL
+            .iter()
+            .map(|k| {
+                (
+                    vec![("kind", k.as_str().to_string())],
+                    ConstCounter::new(ps.alerts.get(k.as_str()).copied().unwrap_or(0)),
                 )
             })
             .collect(),
@@ -458,6 +503,7 @@ pub fn exported_names() -> std::collections::BTreeSet<String> {
         reason: None,
         endpoint: None,
         underlay_ip: None,
+        pod_cidrs: Vec::new(),
         last_handshake_seconds: Some(1),
         rx_bytes: 1,
         tx_bytes: 1,
@@ -557,6 +603,7 @@ mod tests {
                     reason: None,
                     endpoint: None,
                     underlay_ip: None,
+                    pod_cidrs: Vec::new(),
                     last_handshake_seconds: Some(7),
                     rx_bytes: 1234,
                     tx_bytes: 5678,
@@ -570,6 +617,7 @@ mod tests {
                     reason: None,
                     endpoint: None,
                     underlay_ip: None,
+                    pod_cidrs: Vec::new(),
                     last_handshake_seconds: None,
                     rx_bytes: 0,
                     tx_bytes: 0,
@@ -685,6 +733,7 @@ mod tests {
             "veilnet_wireguard_rejected_datagrams_total",
             "veilnet_masqueraded_connections_total",
             "veilnet_connections_rejected_total",
+            "veilnet_connections_refused_total",
         ] {
             assert!(names.contains(name), "{name} missing from {names:?}");
         }

@@ -13,11 +13,13 @@
 //! On SIGTERM the agent exits and leaves the dataplane in place, so pod traffic keeps flowing while
 //! it is upgraded or restarted; the next agent adopts the existing links without recreating them.
 
+pub mod alerts;
 pub mod cni_config;
 pub mod config;
 pub mod events;
 #[cfg(test)]
 mod fakes;
+pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod plan;
@@ -277,6 +279,32 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             .policy_status
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(enforcer.status_feed());
+        // The flow log, for `veilnet observe`: never to pods (see `flows`).
+        if let Some(path) = enforcer.flow_log_path() {
+            let flows_cap =
+                crate::listen::ConnLimit::new("flows", health::Limits::FLOWS.max_connections);
+            let shared = enforcer.shared();
+            let gate: health::SourceGate =
+                Arc::new(move |source| flows::admits(&shared.pairs(), source));
+            http_tasks.push(
+                health::serve_gated(
+                    cfg.flows_addr,
+                    flows::router(path),
+                    health::Limits::FLOWS,
+                    flows_cap.clone(),
+                    Some(gate),
+                )
+                .await?,
+            );
+            health
+                .metrics
+                .sources
+                .listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(flows_cap);
+            tracing::info!(addr = %cfg.flows_addr, "flows endpoint");
+        }
     }
     // ---- end NetworkPolicy
 
@@ -339,6 +367,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         rec.refresh_datapath().await;
         if let Some(st) = rec.write_status() {
+            if let Some(enforcer) = &_policy {
+                enforcer.set_pairs(policy::paths::PairPaths::of(&st));
+            }
             *health
                 .metrics
                 .sources

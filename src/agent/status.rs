@@ -122,6 +122,10 @@ pub struct PeerStatus {
     /// status files of older agents): what `veilnet doctor` probes the path MTU to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub underlay_ip: Option<String>,
+    /// The pod CIDRs the overlay accepted for the peer (absent for a rejected peer and in status
+    /// files of older agents): who is a pod, for the flow log and the flows endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
     pub last_handshake_seconds: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -181,6 +185,9 @@ pub fn build<D>(
                     .bindings
                     .get(&p.node)
                     .map(|b| b.underlay_ip.to_string()),
+                pod_cidrs: last.bindings.get(&p.node).map_or_else(Vec::new, |b| {
+                    b.pod_cidrs.iter().map(ToString::to_string).collect()
+                }),
                 last_handshake_seconds: wg_stats
                     .and_then(|s| s.last_handshake_age)
                     .map(|d| d.as_secs()),
@@ -429,6 +436,7 @@ mod tests {
                 reason: None,
                 endpoint: Some("172.30.0.12:51820".into()),
                 underlay_ip: Some("172.30.0.12".into()),
+                pod_cidrs: vec!["10.244.2.0/24".into()],
                 last_handshake_seconds: Some(3),
                 rx_bytes: 10,
                 tx_bytes: 20,

@@ -153,13 +153,15 @@ pub const AGENT_API_CALLS: &[ApiCall] = &[
         Scope::OwnNamespace,
         "cluster::podcidr: create the record (create cannot be limited by name)",
     ),
-    // Node events go to `default`, where kubelet posts its Node events.
+    // Node events go to `default`, where kubelet posts its Node events; alert Events go to the
+    // pod's namespace, which can be any.
     call(
         "",
         "events",
         "create",
-        Scope::Namespace("default"),
-        "agent::events: Events about nodes the agent refuses",
+        Scope::Cluster,
+        "agent::events: Events about nodes the agent refuses (in default); agent::alerts: \
+         Warning Events on pods that raise network anomaly alerts (in their namespace)",
     ),
     // NetworkPolicy enforcement: reflectors over what the policy compiler reads.
     call(

@@ -102,7 +102,9 @@ pub use model::{
     ClusterState, InvalidMac, MacAddr, NamedPort, NamespaceInfo, ObjectRef, PodInfo, Protocol,
     NAMESPACE_NAME_LABEL,
 };
-pub use render::{render, render_nft, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER};
+pub use render::{
+    render, render_nft, DnsCount, DENY_EGRESS_COUNTER, DENY_INGRESS_COUNTER, SPOOF_COUNTER,
+};
 pub use ruleset::{Family, NftObject, NftTable, ObjectKind, Ruleset, TABLE};
 pub use selector::Selector;
 

@@ -30,6 +30,31 @@ pub const LINK_LOCAL_GROUPS: &str = "01:80:c2:00:00:00/44";
 
 /// Every packet to a DNS port goes through the `dns` chain first.
 const DNS_JUMP: &str = "meta l4proto { tcp, udp } th dport { 53, 853 } jump dns";
+/// Every UDP answer from port 53 goes through `dns_reply`.
+const DNS_REPLY_JUMP: &str = "udp sport 53 jump dns_reply";
+
+/// What a per-pod DNS counter counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DnsCount {
+    /// Queries to trusted servers.
+    Trusted,
+    /// Queries to any other server.
+    Untrusted,
+    /// NXDOMAIN answers received (UDP).
+    Nxdomain,
+}
+
+impl DnsCount {
+    pub const ALL: [DnsCount; 3] = [DnsCount::Trusted, DnsCount::Untrusted, DnsCount::Nxdomain];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsCount::Trusted => "trusted",
+            DnsCount::Untrusted => "untrusted",
+            DnsCount::Nxdomain => "nxdomain",
+        }
+    }
+}
 
 /// Renders the whole ruleset for `nft -f -` (a full replace, names numbered from 0).
 pub fn render_nft(policy: &CompiledPolicy) -> String {
@@ -72,8 +97,8 @@ pub fn render(policy: &CompiledPolicy, previous: Option<&Ruleset>) -> Ruleset {
     };
     let mut dns_counters = BTreeMap::new();
     for (i, d) in policy.dns_pods.iter().enumerate() {
-        for trusted in [true, false] {
-            dns_counters.insert(r.dns_counter(i, trusted), (d.pod.clone(), trusted));
+        for counts in DnsCount::ALL {
+            dns_counters.insert(r.dns_counter(i, counts), (d.pod.clone(), counts));
         }
     }
     let policy_counters: BTreeMap<String, super::model::ObjectRef> = policy
@@ -222,8 +247,12 @@ impl Renderer<'_> {
         format!("dest_{}_{}", self.dest_nums[id], fam(v6).0)
     }
 
-    fn dns_counter(&self, pod: usize, trusted: bool) -> String {
-        let kind = if trusted { "dnst" } else { "dnsu" };
+    fn dns_counter(&self, pod: usize, counts: DnsCount) -> String {
+        let kind = match counts {
+            DnsCount::Trusted => "dnst",
+            DnsCount::Untrusted => "dnsu",
+            DnsCount::Nxdomain => "dnsx",
+        };
         format!("{kind}_{}", self.dns_nums[pod])
     }
 
@@ -246,9 +275,9 @@ impl Renderer<'_> {
             return false;
         }
         for (i, d) in p.dns_pods.iter().enumerate() {
-            for trusted in [true, false] {
+            for counts in DnsCount::ALL {
                 objects.push(counter(
-                    &self.dns_counter(i, trusted),
+                    &self.dns_counter(i, counts),
                     Some(quote_comment(&d.pod.to_string())),
                 ));
             }
@@ -286,7 +315,7 @@ impl Renderer<'_> {
             };
             objects.push(set(format!("dns_watched_{f}"), ty, false, pods(false)));
             objects.push(set(format!("dns_enforce_{f}"), ty, false, pods(true)));
-            for is_trusted in [true, false] {
+            for counts in DnsCount::ALL {
                 let mut seen = std::collections::BTreeSet::new();
                 let elements = p
                     .dns_pods
@@ -294,12 +323,11 @@ impl Renderer<'_> {
                     .enumerate()
                     .flat_map(|(i, d)| d.ips.iter().map(move |a| (i, *a)))
                     .filter(|(_, a)| a.is_ipv6() == v6 && seen.insert(*a))
-                    .map(|(i, a)| format!("{a} : \"{}\"", self.dns_counter(i, is_trusted)))
+                    .map(|(i, a)| format!("{a} : \"{}\"", self.dns_counter(i, counts)))
                     .collect();
-                let kind = if is_trusted { "trusted" } else { "untrusted" };
                 objects.push(NftObject {
                     kind: ObjectKind::Map,
-                    name: format!("dns_{kind}_ctr_{f}"),
+                    name: format!("dns_{}_ctr_{f}", counts.as_str()),
                     decl: vec![format!("type {ty} : counter")],
                     content: elements,
                 });
@@ -340,11 +368,34 @@ impl Renderer<'_> {
             decl: Vec::new(),
             content: rules,
         });
+        // NXDOMAIN answers to watched pods (QR set, RCODE 3 in the DNS header after UDP's 8
+        // bytes), per pod: with the query counters, the NXDOMAIN share of a pod's lookups. An
+        // answer from a server on the node itself leaves through output, any other through
+        // forward.
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "dns_reply".into(),
+            decl: Vec::new(),
+            content: [("ip", "v4"), ("ip6", "v6")]
+                .iter()
+                .map(|(ip, f)| {
+                    format!(
+                        "@th,80,1 1 @th,92,4 3 counter name {ip} daddr map @dns_nxdomain_ctr_{f}"
+                    )
+                })
+                .collect(),
+        });
         objects.push(NftObject {
             kind: ObjectKind::Chain,
             name: "input".into(),
             decl: vec!["type filter hook input priority filter; policy accept;".into()],
             content: vec![DNS_JUMP.to_string()],
+        });
+        objects.push(NftObject {
+            kind: ObjectKind::Chain,
+            name: "output".into(),
+            decl: vec!["type filter hook output priority filter; policy accept;".into()],
+            content: vec![DNS_REPLY_JUMP.to_string()],
         });
         true
     }
@@ -478,6 +529,7 @@ impl Renderer<'_> {
         let mut forward: Vec<String> = Vec::new();
         if dns {
             forward.push(DNS_JUMP.to_string());
+            forward.push(DNS_REPLY_JUMP.to_string());
         }
         for v6 in [false, true] {
             let (f, ty) = fam(v6);

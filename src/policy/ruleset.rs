@@ -157,8 +157,8 @@ pub struct Ruleset {
     pub tables: Vec<NftTable>,
     /// Named counter → the policy it counts for.
     pub(crate) policy_counters: BTreeMap<String, ObjectRef>,
-    /// Named counter → the pod whose DNS queries it counts, and whether to trusted servers.
-    pub(crate) dns_counters: BTreeMap<String, (ObjectRef, bool)>,
+    /// Named counter → the pod whose DNS it counts, and what it counts.
+    pub(crate) dns_counters: BTreeMap<String, (ObjectRef, super::render::DnsCount)>,
     pub(crate) names: Names,
 }
 
@@ -203,14 +203,15 @@ impl Ruleset {
         self.policy_counters.get(name)
     }
 
-    /// The pod whose DNS queries named counter `name` counts, and whether they went to a trusted
-    /// server.
-    pub fn counter_dns(&self, name: &str) -> Option<(&ObjectRef, bool)> {
+    /// The pod whose DNS named counter `name` counts, and what it counts.
+    pub fn counter_dns(&self, name: &str) -> Option<(&ObjectRef, super::render::DnsCount)> {
         self.dns_counters.get(name).map(|(p, t)| (p, *t))
     }
 
-    /// Every DNS counter: name, pod, trusted.
-    pub fn dns_counters(&self) -> impl Iterator<Item = (&str, &ObjectRef, bool)> {
+    /// Every DNS counter: name, pod, what it counts.
+    pub fn dns_counters(
+        &self,
+    ) -> impl Iterator<Item = (&str, &ObjectRef, super::render::DnsCount)> {
         self.dns_counters
             .iter()
             .map(|(n, (p, t))| (n.as_str(), p, *t))

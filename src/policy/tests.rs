@@ -920,7 +920,7 @@ mod dns_guard {
         assert!(trusted_return < drop, "{rules:#?}");
         assert_eq!(
             r.counter_dns("dnsu_1").map(|(p, t)| (p.to_string(), t)),
-            Some(("y/a".into(), false))
+            Some(("y/a".into(), DnsCount::Untrusted))
         );
     }
 

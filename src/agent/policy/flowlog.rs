@@ -35,11 +35,14 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::paths::PairPaths;
 use super::state::IpIndex;
 use super::Shared;
+use crate::agent::alerts::Observation;
 use crate::netfilter::nflog::{LoggedPacket, NflogSocket};
 use crate::netfilter::NetfilterError;
 use crate::policy::flow::parse_flow;
+use crate::policy::ObjectRef;
 use crate::policy::{parse_prefix, CompileOptions, LogVerdict};
 
 /// Why the flow log could not start.
@@ -77,6 +80,16 @@ pub struct FlowRecord {
     pub time: String,
     pub node: String,
     pub verdict: &'static str,
+    /// The nodes of the two ends (pods by the pod index, host-network addresses by the node
+    /// list): present when both are known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodePair>,
+    /// The pair's path as this node's plan has it: `local` (same node), `wireguard`, `vxlan`
+    /// or `blocked`; absent when an end is outside the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The packet travelled between two nodes over WireGuard.
+    pub encrypted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direction: Option<&'static str>,
     pub policy: String,
@@ -96,6 +109,13 @@ pub struct FlowRecord {
     /// carries none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsQuery>,
+}
+
+/// The nodes a flow runs between.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodePair {
+    pub src: String,
+    pub dst: String,
 }
 
 /// The question of a logged DNS query.
@@ -157,6 +177,7 @@ pub fn packet_time(packet: &LoggedPacket, read: jiff::Timestamp) -> String {
 pub fn record(
     packet: &LoggedPacket,
     index: &IpIndex,
+    pairs: &PairPaths,
     node: &str,
     time: String,
 ) -> Option<FlowRecord> {
@@ -172,8 +193,26 @@ pub fn record(
             port,
             namespace: who.map(|w| w.pod.namespace.clone()),
             pod: who.map(|w| w.pod.name.clone()),
-            node: who.map(|w| w.node.clone()),
+            node: who
+                .map(|w| w.node.clone())
+                .or_else(|| pairs.node_of(&ip).map(str::to_string)),
         }
+    };
+    let (src, dst) = (
+        endpoint(flow.src, flow.src_port),
+        endpoint(flow.dst, flow.dst_port),
+    );
+    // A rejected VXLAN datagram never reached a pair's path: its addresses are the underlay's.
+    let pair = match prefix.verdict {
+        LogVerdict::VxlanRejected => pairs.judge(None, None),
+        _ => pairs.judge(src.node.as_deref(), dst.node.as_deref()),
+    };
+    let nodes = match (&src.node, &dst.node) {
+        (Some(s), Some(d)) => Some(NodePair {
+            src: s.clone(),
+            dst: d.clone(),
+        }),
+        _ => None,
     };
     let mut object = prefix.object.as_ref().map(ToString::to_string);
     let (verdict, policy) = match prefix.verdict {
@@ -204,13 +243,16 @@ pub fn record(
         time,
         node: node.to_string(),
         verdict,
+        nodes,
+        path: pair.path,
+        encrypted: pair.encrypted,
         direction: prefix.direction.map(|d| d.as_str()),
         policy,
         pod: object,
         reason: prefix.reason.clone(),
         protocol: flow.protocol.as_str(),
-        src: endpoint(flow.src, flow.src_port),
-        dst: endpoint(flow.dst, flow.dst_port),
+        src,
+        dst,
         inner,
         dns,
     })
@@ -239,6 +281,9 @@ fn l2_record(
         time,
         node: node.to_string(),
         verdict: "spoof",
+        nodes: None,
+        path: None,
+        encrypted: false,
         direction: None,
         policy: "anti-spoofing".to_string(),
         pod: prefix.object.as_ref().map(ToString::to_string),
@@ -249,6 +294,85 @@ fn l2_record(
         inner: None,
         dns: None,
     })
+}
+
+/// What a flow-log line tells the anomaly detector (owned, so the record can be serialised after).
+pub struct RecordObservation<'a> {
+    record: &'a FlowRecord,
+    pod: ObjectRef,
+}
+
+impl RecordObservation<'_> {
+    /// An untrusted query's name is judged like any sampled query's too (tunnelling).
+    pub fn untrusted_query(&self) -> Option<Observation<'_>> {
+        let dns = self.record.dns.as_ref()?;
+        (self.record.verdict == "dns-untrusted").then_some(Observation::DnsQuery {
+            pod: &self.pod,
+            qname: &dns.qname,
+        })
+    }
+
+    pub fn as_observation(&self) -> Observation<'_> {
+        let r = self.record;
+        match r.verdict {
+            "deny" => Observation::Denied {
+                src: &self.pod,
+                dst: r.dst.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                port: r.dst.port,
+                protocol: &r.protocol,
+            },
+            "spoof" => Observation::Spoofed {
+                pod: &self.pod,
+                detail: match (&r.src.ip, &r.src.mac) {
+                    (Some(ip), _) => format!("{} from {ip}", r.protocol),
+                    (None, Some(mac)) => format!("{} from {mac}", r.protocol),
+                    _ => r.protocol.clone(),
+                },
+            },
+            "dns-untrusted" => Observation::UntrustedDns {
+                pod: &self.pod,
+                server: r.dst.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                qname: r.dns.as_ref().map(|d| d.qname.as_str()),
+                dropped: r.reason.as_deref() == Some("drop"),
+            },
+            _ => Observation::DnsQuery {
+                pod: &self.pod,
+                qname: r.dns.as_ref().map(|d| d.qname.as_str()).unwrap_or(""),
+            },
+        }
+    }
+}
+
+/// The detector's view of a line (pure): a deny by its source pod (a scan is judged by who sends,
+/// wherever its targets are), a spoofed frame or a DNS line by the pod that sent it. `None` for
+/// lines about no pod, and allows.
+pub fn observation(r: &FlowRecord) -> Option<RecordObservation<'_>> {
+    let pod = match r.verdict {
+        "deny" => ObjectRef::new(r.src.namespace.clone()?, r.src.pod.clone()?),
+        "spoof" if r.src.ip.is_some_and(is_link_local_chatter) => return None,
+        "spoof" | "dns-untrusted" => {
+            let (ns, name) = r.pod.as_deref()?.split_once('/')?;
+            ObjectRef::new(ns, name)
+        }
+        "dns" => {
+            r.dns.as_ref()?;
+            let (ns, name) = r.pod.as_deref()?.split_once('/')?;
+            ObjectRef::new(ns, name)
+        }
+        _ => return None,
+    };
+    Some(RecordObservation { record: r, pod })
+}
+
+/// A pod's kernel sends IPv6 from `::` (duplicate address detection) and from its link-local
+/// address (router and neighbour solicitations, MLD) on its own, whether or not it has an IPv6
+/// address: the ruleset drops and logs it as spoofed (pods are IPv4-only), but every pod doing it
+/// is no anomaly, and alerting on it would put a spoofing Event on every new pod.
+fn is_link_local_chatter(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_unicast_link_local(),
+        IpAddr::V4(_) => false,
+    }
 }
 
 /// Stops the reader thread when dropped or stopped.
@@ -294,10 +418,19 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf) -> Result<FlowLogHandle, FlowLo
                     .read()
                     .map(|i| i.clone())
                     .unwrap_or_else(|e| e.into_inner().clone());
+                let pairs = shared.pairs();
                 let now = jiff::Timestamp::now();
                 let mut lines = Vec::new();
                 for p in &packets {
-                    if let Some(r) = record(p, &index, &shared.options.node, packet_time(p, now)) {
+                    if let Some(r) =
+                        record(p, &index, &pairs, &shared.options.node, packet_time(p, now))
+                    {
+                        if let Some(obs) = observation(&r) {
+                            shared.observe(obs.as_observation());
+                            if let Some(query) = obs.untrusted_query() {
+                                shared.observe(query);
+                            }
+                        }
                         if let Ok(mut l) = serde_json::to_vec(&r) {
                             l.push(b'\n');
                             lines.extend(l);
@@ -381,6 +514,67 @@ mod tests {
         })
     }
 
+    fn pairs() -> PairPaths {
+        PairPaths {
+            me: "node-1".into(),
+            peers: [("node-2".to_string(), "wireguard".to_string())].into(),
+            node_by_ip: [
+                ("172.30.0.11".parse().unwrap(), "node-1".to_string()),
+                ("172.30.0.12".parse().unwrap(), "node-2".to_string()),
+            ]
+            .into(),
+            pod_cidrs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn lines_carry_the_node_pair_its_path_and_whether_it_was_encrypted() {
+        // A remote node's host network to a local pod: the node is named by its address.
+        let p = tcp_packet(
+            "veilnet:allow:ingress:x/web",
+            [172, 30, 0, 12],
+            [10, 244, 1, 7],
+            80,
+        );
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
+        assert_eq!(r.src.node.as_deref(), Some("node-2"));
+        assert_eq!(r.src.pod, None);
+        assert_eq!((r.path.as_deref(), r.encrypted), (Some("wireguard"), true));
+        // The same pair once the plan says VXLAN (a toggle to off).
+        let mut vxlan = pairs();
+        vxlan.peers.insert("node-2".into(), "vxlan".into());
+        let r = record(&p, &index(), &vxlan, "node-1", "T".into()).unwrap();
+        assert_eq!((r.path.as_deref(), r.encrypted), (Some("vxlan"), false));
+        // Same node: local, never encrypted; to the outside: no pair, no path.
+        let p = tcp_packet(
+            "veilnet:deny:ingress:x/a",
+            [172, 30, 0, 11],
+            [10, 244, 1, 7],
+            80,
+        );
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
+        assert_eq!((r.path.as_deref(), r.encrypted), (Some("local"), false));
+        let p = tcp_packet(
+            "veilnet:allow:egress:x/out",
+            [10, 244, 1, 7],
+            [8, 8, 8, 8],
+            53,
+        );
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
+        assert_eq!(
+            (r.nodes.clone(), r.path.clone(), r.encrypted),
+            (None, None, false)
+        );
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(
+            line.contains("\"encrypted\":false") && !line.contains("\"path\""),
+            "{line}"
+        );
+        // Before the agent's first pass nothing is known: nothing is claimed.
+        let r = record(&p, &index(), &PairPaths::default(), "node-1", "T".into()).unwrap();
+        assert!(!r.encrypted);
+    }
+
     #[test]
     fn deny_record_names_both_pods_and_the_default_deny() {
         let p = tcp_packet(
@@ -389,17 +583,62 @@ mod tests {
             [10, 244, 1, 7],
             80,
         );
-        let r = record(&p, &index(), "node-1", "T".into()).unwrap();
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "time": "T", "node": "node-1", "verdict": "deny", "direction": "ingress",
+                "nodes": {"src": "node-2", "dst": "node-1"}, "path": "wireguard",
+                "encrypted": true,
                 "policy": "default deny", "pod": "x/a", "protocol": "TCP",
                 "src": {"ip": "10.244.2.5", "port": 40000, "namespace": "y", "pod": "b", "node": "node-2"},
                 "dst": {"ip": "10.244.1.7", "port": 80, "namespace": "x", "pod": "a", "node": "node-1"},
             })
         );
+    }
+
+    #[test]
+    fn the_detector_sees_denies_by_their_sender_and_spoofing_but_not_link_local_chatter() {
+        let deny = tcp_packet(
+            "veilnet:deny:ingress:x/a",
+            [10, 244, 2, 5],
+            [10, 244, 1, 7],
+            80,
+        );
+        let r = record(&deny, &index(), &pairs(), "node-1", "T".into()).unwrap();
+        let obs = observation(&r).unwrap();
+        assert_eq!(
+            obs.as_observation(),
+            Observation::Denied {
+                src: &ObjectRef::new("y", "b"),
+                dst: "10.244.1.7".parse().unwrap(),
+                port: Some(80),
+                protocol: "TCP",
+            }
+        );
+        let spoof = tcp_packet("veilnet:spoof:y/b", [10, 244, 1, 7], [10, 244, 2, 1], 80);
+        let mut r = record(&spoof, &index(), &pairs(), "node-2", "T".into()).unwrap();
+        assert!(matches!(
+            observation(&r).unwrap().as_observation(),
+            Observation::Spoofed { pod, .. } if *pod == ObjectRef::new("y", "b")
+        ));
+        // Every pod's kernel sends these (DAD from ::, solicitations from fe80::/10).
+        for chatter in ["::", "fe80::a8bb:ccff:fedd:eeff"] {
+            r.src.ip = Some(chatter.parse().unwrap());
+            assert!(observation(&r).is_none(), "{chatter}");
+        }
+        // A forged global IPv6 source is still spoofing.
+        r.src.ip = Some("2001:db8::7".parse().unwrap());
+        assert!(observation(&r).is_some());
+        let allow = tcp_packet(
+            "veilnet:allow:egress:x/to-dns",
+            [10, 244, 1, 7],
+            [8, 8, 8, 8],
+            53,
+        );
+        let r = record(&allow, &index(), &pairs(), "node-1", "T".into()).unwrap();
+        assert!(observation(&r).is_none());
     }
 
     #[test]
@@ -419,14 +658,14 @@ mod tests {
             [8, 8, 8, 8],
             53,
         );
-        let r = record(&p, &index(), "node-1", "T".into()).unwrap();
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
         assert_eq!((r.verdict, r.policy.as_str()), ("allow", "x/to-dns"));
         assert_eq!(r.direction, Some("egress"));
         assert_eq!(r.dst.pod, None);
         assert!(!serde_json::to_string(&r.dst).unwrap().contains("namespace"));
         // Spoofing: no direction, the forged source is reported as it came.
         let p = tcp_packet("veilnet:spoof:y/b", [10, 244, 1, 7], [10, 244, 2, 1], 80);
-        let r = record(&p, &index(), "node-2", "T".into()).unwrap();
+        let r = record(&p, &index(), &pairs(), "node-2", "T".into()).unwrap();
         assert_eq!(
             (r.verdict, r.policy.as_str(), r.pod.as_deref()),
             ("spoof", "anti-spoofing", Some("y/b"))
@@ -436,13 +675,14 @@ mod tests {
         assert!(record(
             &tcp_packet("other", [1; 4], [2; 4], 1),
             &index(),
+            &pairs(),
             "n",
             "T".into()
         )
         .is_none());
         let mut junk = tcp_packet("veilnet:deny:ingress:x/a", [1; 4], [2; 4], 1);
         junk.payload.truncate(3);
-        assert!(record(&junk, &index(), "n", "T".into()).is_none());
+        assert!(record(&junk, &index(), &pairs(), "n", "T".into()).is_none());
     }
 
     /// An outer IPv4/UDP datagram to port 8472 carrying VXLAN, Ethernet and an inner IPv4 header.
@@ -469,7 +709,7 @@ mod tests {
     #[test]
     fn rejected_vxlan_names_the_outer_sender_the_reason_and_the_forged_inner_source() {
         let p = vxlan_packet([172, 30, 0, 99], [10, 244, 2, 5], [10, 244, 1, 7]);
-        let r = record(&p, &index(), "node-1", "T".into()).unwrap();
+        let r = record(&p, &index(), &pairs(), "node-1", "T".into()).unwrap();
         assert_eq!(r.verdict, "vxlan-rejected");
         assert_eq!(r.reason.as_deref(), Some("not-a-vxlan-peer"));
         assert_eq!(r.pod, None);
@@ -483,7 +723,7 @@ mod tests {
         // Too short to hold an inner header: the line still names the sender.
         let mut short = p.clone();
         short.payload.truncate(40);
-        let r = record(&short, &index(), "node-1", "T".into()).unwrap();
+        let r = record(&short, &index(), &pairs(), "node-1", "T".into()).unwrap();
         assert_eq!(r.inner, None);
     }
 
@@ -499,12 +739,12 @@ mod tests {
             hw_header,
             ..Default::default()
         };
-        let r = record(&lldp, &index(), "node-1", "T".into()).unwrap();
+        let r = record(&lldp, &index(), &pairs(), "node-1", "T".into()).unwrap();
         assert_eq!(
             serde_json::to_value(&r).unwrap(),
             serde_json::json!({
                 "time": "T", "node": "node-1", "verdict": "spoof", "policy": "anti-spoofing",
-                "pod": "x/a", "protocol": "ether-0x88cc",
+                "pod": "x/a", "protocol": "ether-0x88cc", "encrypted": false,
                 "src": {"mac": "0a:58:00:00:78:61"}, "dst": {"mac": "01:80:c2:00:00:0e"},
             })
         );
@@ -513,11 +753,11 @@ mod tests {
             prefix: "veilnet:deny:ingress:x/a".into(),
             ..lldp.clone()
         };
-        assert!(record(&deny, &index(), "n", "T".into()).is_none());
+        assert!(record(&deny, &index(), &pairs(), "n", "T".into()).is_none());
         let bare = LoggedPacket {
             hw_header: Vec::new(),
             ..lldp
         };
-        assert!(record(&bare, &index(), "n", "T".into()).is_none());
+        assert!(record(&bare, &index(), &pairs(), "n", "T".into()).is_none());
     }
 }

@@ -34,6 +34,7 @@
 
 pub mod attachments;
 pub mod flowlog;
+pub mod paths;
 pub mod server;
 pub mod state;
 pub mod status;
@@ -112,6 +113,8 @@ pub struct PolicyOptions {
     pub pod_cidrs: Vec<IpNet>,
     /// Trusted DNS (`dnsMode`, `trustedDns`).
     pub dns: crate::dns::DnsGuard,
+    /// Network anomaly alerts (the config file's `alerts`).
+    pub alerts: crate::agent::alerts::AlertConfig,
 }
 
 /// At most this many CNI ADDs wait on the admission socket at once (a node runs at most ~110
@@ -145,6 +148,7 @@ impl PolicyOptions {
             strict_mode: cfg.policy_strict_mode,
             pod_cidrs: pod_cidrs.to_vec(),
             dns: cfg.dns.clone(),
+            alerts: cfg.alerts.clone(),
         }
     }
 
@@ -180,6 +184,33 @@ pub struct Shared {
     pub pods: Store<Pod>,
     namespaces: Store<Namespace>,
     policies: Store<NetworkPolicy>,
+    /// Network anomaly alerts (`None`: disabled in the config).
+    pub alerts: Option<crate::agent::alerts::Alerts>,
+    /// The node agent's latest view of its pairs (the flow log's `nodes`, `path`, `encrypted`).
+    pairs: RwLock<Arc<paths::PairPaths>>,
+}
+
+impl Shared {
+    /// The latest pairs the node agent handed over (see [`PolicyAgent::set_pairs`]).
+    pub fn pairs(&self) -> Arc<paths::PairPaths> {
+        self.pairs
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Judges one observation for alerts, and counts an alert it raises in the status (the
+    /// metric `veilnet_alerts_total`).
+    pub fn observe(&self, obs: crate::agent::alerts::Observation<'_>) {
+        let Some(alerts) = &self.alerts else {
+            return;
+        };
+        if let Some(alert) = alerts.observe(obs) {
+            self.status.send_modify(|s| {
+                *s.alerts.entry(alert.kind.as_str().to_string()).or_default() += 1;
+            });
+        }
+    }
 }
 
 /// What the kernel side keeps between syncs (used from blocking threads only). The applier holds
@@ -225,10 +256,23 @@ impl PolicyAgent {
             wake.clone(),
         );
         let (policies, np_task) = crate::agent::watch::spawn_reflector(
-            Api::<NetworkPolicy>::all(client),
+            Api::<NetworkPolicy>::all(client.clone()),
             watcher::Config::default(),
             wake.clone(),
         );
+        let (alerts, alerts_task) = if options.alerts.enabled {
+            let (a, task) = crate::agent::alerts::Alerts::start(
+                options.alerts.clone(),
+                client,
+                &options.node,
+                options.run_dir.clone(),
+                pods.clone(),
+            );
+            (Some(a), Some(task))
+        } else {
+            tracing::info!("network anomaly alerts: off");
+            (None, None)
+        };
         match (options.dns.mode, options.dns.active()) {
             (crate::dns::DnsMode::Off, _) => tracing::info!("trusted DNS: off"),
             (mode, false) => tracing::warn!(
@@ -249,9 +293,11 @@ impl PolicyAgent {
             wake,
             applied: watch::channel(Applied::default()).0,
             index: RwLock::new(Arc::new(IpIndex::default())),
+            pairs: RwLock::new(Arc::new(paths::PairPaths::default())),
             pods,
             namespaces,
             policies,
+            alerts,
         });
         let listener = server::bind(&shared.options.run_dir)?;
         let config = AdmissionConfig::new(&shared.options.run_dir);
@@ -272,7 +318,7 @@ impl PolicyAgent {
             },
             None => None,
         };
-        let tasks = vec![
+        let mut tasks = vec![
             pods_task,
             ns_task,
             np_task,
@@ -284,6 +330,7 @@ impl PolicyAgent {
             )),
             tokio::spawn(run_loop(shared.clone())),
         ];
+        tasks.extend(alerts_task);
         Ok(PolicyAgent {
             shared,
             tasks,
@@ -300,6 +347,25 @@ impl PolicyAgent {
     /// The current status (what `policy-status.json` holds).
     pub fn status(&self) -> PolicyStatus {
         self.shared.status.borrow().clone()
+    }
+
+    /// Hands over the node agent's latest pairs, after each pass (cheap when nothing changed).
+    pub fn set_pairs(&self, pairs: paths::PairPaths) {
+        let mut slot = self.shared.pairs.write().unwrap_or_else(|e| e.into_inner());
+        if **slot != pairs {
+            *slot = Arc::new(pairs);
+        }
+    }
+
+    /// Where the flow log is written (`None`: off).
+    pub fn flow_log_path(&self) -> Option<PathBuf> {
+        self.flow_log.as_ref()?;
+        self.shared.options.flow_log.clone()
+    }
+
+    /// A handle on the pairs, for the flows endpoint's source check.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// The status as it changes, for the metrics endpoint in this process (no file read back).
@@ -630,6 +696,9 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
     for a in &removed {
         tracing::info!(pod = %format!("{}/{}", a.namespace, a.name), veth = %a.host_veth, "pod interface gone; attachment forgotten");
     }
+    if let Some(c) = &counters {
+        observe_dns_counters(shared, &c.dns);
+    }
     let status = update_status(shared, |s| {
         if let Some(c) = counters {
             s.counters = c;
@@ -637,6 +706,28 @@ async fn housekeep(shared: &Arc<Shared>, kernel: &Arc<Mutex<Kernel>>) -> bool {
     });
     write_status(&shared.options.run_dir, &status);
     !removed.is_empty() || !tables_gone.is_empty()
+}
+
+/// Each watched pod's DNS counters, for the NXDOMAIN-share and rate alerts.
+fn observe_dns_counters(shared: &Shared, dns: &[status::DnsCounter]) {
+    let mut per_pod: std::collections::BTreeMap<crate::policy::ObjectRef, (u64, u64)> =
+        Default::default();
+    for c in dns {
+        let entry = per_pod
+            .entry(crate::policy::ObjectRef::new(&c.namespace, &c.pod))
+            .or_default();
+        match c.server.as_str() {
+            "nxdomain" => entry.1 += c.queries,
+            _ => entry.0 += c.queries,
+        }
+    }
+    for (pod, (queries, nxdomain)) in &per_pod {
+        shared.observe(crate::agent::alerts::Observation::DnsCounters {
+            pod,
+            queries: *queries,
+            nxdomain: *nxdomain,
+        });
+    }
 }
 
 /// The families of veilnet's policy tables that hold none of their named counters: each table

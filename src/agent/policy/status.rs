@@ -40,14 +40,14 @@ pub struct PolicyCounter {
     pub bytes: u64,
 }
 
-/// One local pod's DNS queries to trusted or untrusted servers (UDP datagrams and TCP
-/// connections to a DNS port), since the pod came under the DNS guard.
+/// One local pod's DNS: queries to trusted or untrusted servers (UDP datagrams and TCP
+/// connections to a DNS port), or NXDOMAIN answers it received, since it came under the guard.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DnsCounter {
     pub namespace: String,
     pub pod: String,
-    /// `trusted` or `untrusted`.
+    /// `trusted`, `untrusted` (queries) or `nxdomain` (answers).
     pub server: String,
     pub queries: u64,
 }
@@ -64,10 +64,9 @@ pub struct CounterSnapshot {
     pub dns: Vec<DnsCounter>,
 }
 
-/// The bank's key of a DNS counter: `dns:<trusted|untrusted>:<ns>/<pod>`.
-fn dns_key(pod: &crate::policy::ObjectRef, trusted: bool) -> String {
-    let server = if trusted { "trusted" } else { "untrusted" };
-    format!("dns:{server}:{pod}")
+/// The bank's key of a DNS counter: `dns:<trusted|untrusted|nxdomain>:<ns>/<pod>`.
+fn dns_key(pod: &crate::policy::ObjectRef, counts: crate::policy::DnsCount) -> String {
+    format!("dns:{}:{pod}", counts.as_str())
 }
 
 /// Banks kernel counters across ruleset changes.
@@ -196,6 +195,9 @@ pub struct PolicyStatus {
     /// the agent started.
     #[serde(default)]
     pub connections_cut: u64,
+    /// Network anomaly alerts raised since the agent started, by kind.
+    #[serde(default)]
+    pub alerts: BTreeMap<String, u64>,
 }
 
 impl PolicyStatus {

@@ -128,6 +128,10 @@ pub struct UpArgs {
     /// nothing, so give it at first `up`).
     #[arg(long, value_delimiter = ',', value_parser = veilnet::dns::parse_net)]
     pub trusted_dns: Vec<ipnet::IpNet>,
+    /// The agents' `--flow-log-allowed`: the flow log also has the first packet of every allowed
+    /// connection (rate-limited), with the policy that allowed it (`veilnet observe`).
+    #[arg(long)]
+    pub flow_log_allowed: bool,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
     pub timeout: Duration,
@@ -211,6 +215,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         control_plane: args.control_plane,
         external_host: args.external_host,
         dns_mode: args.dns_mode,
+        flow_log_allowed: args.flow_log_allowed,
         trusted_dns: args.trusted_dns.iter().map(|n| n.trunc()).collect(),
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
@@ -706,7 +711,12 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
         "127.0.0.1:9891".into(),
         "--metrics-addr".into(),
         format!("{}:9892", node.ip),
+        "--flows-addr".into(),
+        format!("{}:9893", node.ip),
     ];
+    if lab.spec.flow_log_allowed {
+        args.push("--flow-log-allowed".into());
+    }
     if let Some(strict) = lab.spec.policy_strict_mode {
         args.push(format!("--policy-strict-mode={strict}"));
     }

@@ -95,6 +95,9 @@ pub struct LabSpec {
     /// The agents' `--trusted-dns`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_dns: Vec<ipnet::IpNet>,
+    /// The agents' `--flow-log-allowed` (absent in labs made before the option: off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flow_log_allowed: bool,
 }
 
 fn default_encryption() -> Mode {
@@ -307,6 +310,7 @@ mod tests {
             control_plane: ControlPlane::StandIn,
             external_host: false,
             dns_mode: None,
+            flow_log_allowed: false,
             trusted_dns: Vec::new(),
         }
     }

@@ -378,6 +378,9 @@ fn apiserver_args(lab: &LabLayout) -> Result<Vec<String>> {
         ),
         "--profiling=false".into(),
         "--event-ttl=1h".into(),
+        // As kubeadm sets it: the node proxy (`veilnet observe`) dials a node's InternalIP, not
+        // its hostname, which nothing in the lab resolves.
+        "--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname".into(),
         // The front-proxy (request-header) settings kubeadm gives every cluster. Without them
         // the extension-apiserver-authentication ConfigMap has no request-header CA, and
         // kube-controller-manager and kube-scheduler log an error about it every few seconds.
