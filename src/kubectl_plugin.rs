@@ -7,9 +7,10 @@
 //!
 //! What works through the API: `status` (every Node's veilnet annotations: what its agent
 //! published), `explain` (`veilnet policy explain`) and `doctor` (every node's checks, which each
-//! agent serves on its metrics port: `veilnet doctor --all-nodes`) and `audit` (`veilnet audit`). An agent's live detail —
+//! agent serves on its metrics port: `veilnet doctor --all-nodes`), `audit` (`veilnet audit`)
+//! and `observe` (`veilnet observe`, through the API server's proxy). An agent's live detail —
 //! handshakes, byte counters — lives in the node's status file, which only `veilnet status` on
-//! that node reads; `status` says so. `observe` is not in this version and says so.
+//! that node reads; `status` says so.
 
 use std::path::PathBuf;
 
@@ -21,16 +22,11 @@ use kube::Api;
 use crate::model::annotations;
 use crate::policy::cli::{ExplainArgs, PolicyCliError, PolicyCommand};
 
-/// Exit code of a command this version does not have (sysexits' EX_UNAVAILABLE).
-pub const EXIT_UNAVAILABLE: i32 = 69;
-
 /// The name kubectl runs the plugin by.
 pub const PLUGIN_BINARY: &str = "kubectl-veilnet";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
-    #[error("`kubectl veilnet {0}` is not available in this version of veilnet")]
-    Unavailable(&'static str),
     #[error(transparent)]
     Cluster(#[from] PolicyCliError),
     #[error("kubernetes API: {0}")]
@@ -43,14 +39,16 @@ pub enum PluginError {
     Doctor(#[from] crate::doctor::DoctorError),
     #[error(transparent)]
     Audit(#[from] crate::audit::cli::AuditError),
+    #[error(transparent)]
+    Observe(#[from] crate::observe::ObserveError),
 }
 
 impl PluginError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            PluginError::Unavailable(_) => EXIT_UNAVAILABLE,
             PluginError::Audit(_) => crate::audit::cli::EXIT_ERROR,
+            PluginError::Observe(_) => crate::observe::EXIT_ERROR,
             _ => 1,
         }
     }
@@ -119,8 +117,9 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Not available in this version (exits 69).
-    Observe,
+    /// Who talked to whom (`veilnet observe`): every node's flow log through the API server's
+    /// proxy, merged oldest first and filtered; --follow for new lines.
+    Observe(crate::observe::ViewArgs),
 }
 
 /// One row of `kubectl veilnet status`.
@@ -222,7 +221,16 @@ pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
             },
             json,
         ),
-        PluginCommand::Observe => Err(PluginError::Unavailable("observe")),
+        // It prints as it reads (--follow never ends), so nothing is left to print after it.
+        PluginCommand::Observe(view) => Ok((
+            String::new(),
+            crate::observe::run(crate::observe::ObserveArgs {
+                kubeconfig: cli.kubeconfig,
+                context: cli.context,
+                lab: None,
+                view,
+            })?,
+        )),
         PluginCommand::Audit {
             include_system,
             json,

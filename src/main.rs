@@ -99,7 +99,11 @@ fn kubectl_plugin(args: impl IntoIterator<Item = OsString>) -> ! {
     logging::init(LogFormat::default(), "warn,kube_client=off");
     match run(cli) {
         Ok((out, code)) => {
-            let written = veilnet::stdout::println(&out);
+            let written = if out.is_empty() {
+                Ok(())
+            } else {
+                veilnet::stdout::println(&out)
+            };
             std::process::exit(if written.is_err() { 1 } else { code })
         }
         Err(e) => {
@@ -167,7 +171,7 @@ fn run(command: Command, log_format: Option<LogFormat>) -> anyhow::Result<()> {
             Ok(code) => std::process::exit(code),
             Err(e) => {
                 eprintln!("error: {e}");
-                std::process::exit(2)
+                std::process::exit(veilnet::observe::EXIT_ERROR)
             }
         },
         Command::Policy(cmd) => {

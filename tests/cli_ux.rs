@@ -155,16 +155,29 @@ fn kubectl_plugin_dispatches_on_its_name() {
 }
 
 #[test]
-fn kubectl_plugin_observe_is_unavailable() {
-    let (_dir, kubectl_veilnet) = plugin();
-    let out = run(&kubectl_veilnet, &["observe"]);
-    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+fn kubectl_plugin_observe_checks_its_filters_before_it_reads_the_cluster() {
+    let (dir, kubectl_veilnet) = plugin();
+    let missing = dir.path().join("no-such-kubeconfig");
+    let m = missing.to_str().unwrap();
+    let out = run(
+        &kubectl_veilnet,
+        &["--kubeconfig", m, "observe", "--verdict", "maybe"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("`kubectl veilnet observe` is not available in this version"),
+        stderr(&out).contains("--verdict: \"maybe\""),
         "{}",
         stderr(&out)
     );
     assert!(stdout(&out).is_empty());
+    // A cluster that cannot be read: a clear error naming the kubeconfig, exit status 2.
+    let out = run(&kubectl_veilnet, &["--kubeconfig", m, "observe"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no-such-kubeconfig"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

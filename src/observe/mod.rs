@@ -18,6 +18,10 @@ use std::time::Duration;
 use filter::{Filter, FilterArgs, FilterError, FlowLine};
 pub use source::Source;
 
+/// Exit status when the flows could not be read at all or an option is wrong (1: some node's
+/// could not be read, the others were printed).
+pub const EXIT_ERROR: i32 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
     #[error(transparent)]
@@ -37,6 +41,13 @@ pub struct ObserveArgs {
     /// Read the flow logs of the `veilnet lab` with this name instead (its files, directly).
     #[arg(long, conflicts_with = "kubeconfig")]
     pub lab: Option<String>,
+    #[command(flatten)]
+    pub view: ViewArgs,
+}
+
+/// What to show (shared with `kubectl veilnet observe`, whose cluster options are its own).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ViewArgs {
     /// Keep printing new lines as the agents log them (until interrupted).
     #[arg(long, short)]
     pub follow: bool,
@@ -155,6 +166,12 @@ fn render(lines: &[Read], json: bool) -> String {
 
 /// Runs the command, writing to stdout; the exit status.
 pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
+    let ObserveArgs {
+        kubeconfig,
+        context,
+        lab,
+        view: args,
+    } = args;
     let filter = Filter::parse(FilterArgs {
         namespace: args.namespace.as_deref(),
         pod: args.pod.as_deref(),
@@ -170,9 +187,9 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
         .map(|s| filter::parse_since(s, now))
         .transpose()?;
     let source = Source::new(
-        args.lab.clone(),
-        args.kubeconfig.clone(),
-        args.context.clone(),
+        lab,
+        kubeconfig,
+        context,
         args.flows_port,
         args.agent_namespace.clone(),
     )?;
