@@ -273,3 +273,97 @@ fn a_scan_and_dns_tunnelling_each_raise_one_alert_and_ordinary_traffic_none() {
     );
     assert_eq!(events.len(), 2, "{events:#?}");
 }
+
+/// The external host (`lab up --external-host`): outside the cluster.
+const EXTERNAL: &str = "172.30.0.254";
+const LEARNING_SECONDS: u64 = 8;
+
+#[test]
+fn a_watched_pod_alerts_on_a_new_destination_outside_the_cluster_after_its_learning_window() {
+    veilnet_test_support::require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"alerts": {"newDestinationLearningSeconds": LEARNING_SECONDS}})
+            .to_string(),
+    )
+    .unwrap();
+    let lab = Lab::up(
+        "newd",
+        &[
+            "--nodes",
+            "2",
+            "--external-host",
+            "--agent-config",
+            config.to_str().unwrap(),
+        ],
+    );
+    lab.apply(
+        &serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "watched",
+            "labels": {"veilnet.io/alert-new-destinations": "true"}}})
+        .to_string(),
+    );
+    namespace(&lab, "plain");
+    lab.apply(&pod_manifest("watched", "w", "node-1", &[], SERVE));
+    lab.apply(&pod_manifest("plain", "p", "node-1", &[], SERVE));
+    lab.apply(&pod_manifest("plain", "peer", "node-2", &[], SERVE));
+    lab.wait_pod_ip("watched/w", Duration::from_secs(90));
+    lab.wait_pod_ip("plain/p", Duration::from_secs(60));
+    let peer = lab.wait_pod_ip("plain/peer", Duration::from_secs(60));
+    let outside = format!("{EXTERNAL}:8080");
+
+    // Learning: the first connection starts the window. In-cluster traffic is never watched.
+    for pod in ["watched/w", "plain/p"] {
+        assert_eq!(lab.connect(pod, &outside, "tcp", "2s"), Some(0), "{pod}");
+    }
+    assert_eq!(
+        lab.connect("watched/w", &format!("{peer}:80"), "tcp", "2s"),
+        Some(0)
+    );
+    let egress_lines = |pod: &str| {
+        lab.flow_log(1)
+            .into_iter()
+            .filter(|l| l["verdict"] == "egress" && l["pod"] == pod)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(10), "w's egress line", || {
+        !egress_lines("watched/w").is_empty()
+    });
+    let lines = egress_lines("watched/w");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["dst"]["ip"] == EXTERNAL && l["policy"] == "new-destination watch"),
+        "only the outside destination is watched: {lines:#?}"
+    );
+    std::thread::sleep(Duration::from_secs(LEARNING_SECONDS + 1));
+
+    // After the window: the learned destination is quiet; a new one (UDP) alerts, once.
+    for pod in ["watched/w", "plain/p"] {
+        assert_eq!(lab.connect(pod, &outside, "tcp", "2s"), Some(0), "{pod}");
+        assert_eq!(lab.connect(pod, &outside, "udp", "2s"), Some(0), "{pod}");
+    }
+    eventually(Duration::from_secs(20), "the new-destination Event", || {
+        alert_events(&lab, "watched")
+            .iter()
+            .any(|e| e["involvedObject"]["name"] == "w")
+    });
+    let events = alert_events(&lab, "watched");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let message = events[0]["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("new-destination ")
+            && message.contains(&format!("{EXTERNAL}:8080/UDP"))
+            && message.contains(&format!("{LEARNING_SECONDS}s learning window")),
+        "{message}"
+    );
+    let alerts = alert_lines(&lab, 1);
+    assert_eq!(alerts.len(), 1, "{alerts:#?}");
+    assert_eq!(alerts[0]["kind"], "new-destination", "{alerts:#?}");
+    assert_eq!(alerts_metric(&lab, 1, "new-destination"), 1.0);
+    // The unlabelled namespace: no lines, no alert.
+    assert!(egress_lines("plain/p").is_empty());
+    assert!(alert_events(&lab, "plain").is_empty());
+    lab.down();
+}

@@ -29,7 +29,7 @@ pub enum FilterError {
     NotAName { flag: &'static str, value: String },
     #[error("--verdict: {0:?} is none of {verdicts}", verdicts = VERDICTS.join(", "))]
     Verdict(String),
-    #[error("--policy: {0:?} is neither NAMESPACE/NAME nor \"default deny\", \"anti-spoofing\", \"trusted DNS\" or \"vxlan source check\"")]
+    #[error("--policy: {0:?} is neither NAMESPACE/NAME nor \"default deny\", \"anti-spoofing\", \"trusted DNS\", \"vxlan source check\" or \"new-destination watch\"")]
     Policy(String),
     #[error("--since: {0:?} is neither a duration (30s, 5m, 2h) nor an RFC 3339 time")]
     Since(String),
@@ -122,6 +122,7 @@ const NAMED_POLICIES: &[&str] = &[
     "anti-spoofing",
     "trusted DNS",
     "vxlan source check",
+    "new-destination watch",
 ];
 
 fn name(flag: &'static str, value: &str) -> Result<String, FilterError> {

@@ -57,11 +57,11 @@ pub struct ViewArgs {
     /// Only flows from or to this pod (NAME with --namespace, or NAMESPACE/NAME).
     #[arg(long)]
     pub pod: Option<String>,
-    /// Only this verdict (allow, deny, spoof, vxlan-rejected, dns-untrusted, dns).
+    /// Only this verdict (allow, deny, spoof, vxlan-rejected, dns-untrusted, dns, egress).
     #[arg(long)]
     pub verdict: Option<String>,
     /// Only flows this policy decided (NAMESPACE/NAME, or "default deny", "anti-spoofing",
-    /// "trusted DNS", "vxlan source check").
+    /// "trusted DNS", "vxlan source check", "new-destination watch").
     #[arg(long)]
     pub policy: Option<String>,
     /// Only flows whose pair was (true) or was not (false) encrypted.

@@ -74,7 +74,13 @@ pub struct CompileOptions {
     pub local_pod_cidrs: Vec<ipnet::IpNet>,
     /// Trusted DNS: the node's mode and trusted servers (see [`crate::dns`]).
     pub dns: crate::dns::DnsGuard,
+    /// Log the new connections to outside the cluster of local pods whose namespace carries
+    /// [`NEW_DESTINATION_LABEL`]`=true` (the new-destination alert; off when alerts are).
+    pub egress_watch: bool,
 }
+
+/// The namespace label that opts its pods in to the new-destination alert.
+pub const NEW_DESTINATION_LABEL: &str = "veilnet.io/alert-new-destinations";
 
 impl Default for CompileOptions {
     fn default() -> Self {
@@ -87,6 +93,7 @@ impl Default for CompileOptions {
             tcp_new_needs_syn: false,
             local_pod_cidrs: Vec::new(),
             dns: crate::dns::DnsGuard::default(),
+            egress_watch: false,
         }
     }
 }
@@ -229,6 +236,8 @@ pub struct CompiledPolicy {
     pub anti_spoof: Vec<AntiSpoofPort>,
     /// Local pods under the DNS guard (empty while it is inactive: no trusted servers).
     pub dns_pods: Vec<DnsPod>,
+    /// Local pods whose new connections to outside the cluster are logged (sorted, unique).
+    pub egress_watch: Vec<IpAddr>,
     pub warnings: Vec<Warning>,
     /// Every pod address of the cluster (not host-network pods): a packet *related* to a
     /// connection (an ICMP error) from one of them is accepted only from the connection's own
@@ -288,6 +297,7 @@ pub fn compile_with(
     c.compile_policies();
     c.compile_anti_spoof();
     c.compile_dns();
+    c.compile_egress_watch();
     c.out.pod_ips = c.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
     c.out
 }
@@ -817,6 +827,44 @@ impl<'a> Compiler<'a> {
                 format!(
                     "namespace {ns}: label {}: {e}; the node's DNS mode applies",
                     crate::dns::NAMESPACE_LABEL
+                ),
+            );
+        }
+    }
+
+    /// The addresses of local pods in namespaces labelled [`NEW_DESTINATION_LABEL`]`=true`.
+    fn compile_egress_watch(&mut self) {
+        if !self.out.options.egress_watch {
+            return;
+        }
+        let mut bad = std::collections::BTreeSet::new();
+        let mut ips = Vec::new();
+        for pod in self
+            .pods
+            .iter()
+            .filter(|p| p.node == self.node && !p.ips.is_empty())
+        {
+            let label = self
+                .ns_labels
+                .get(pod.namespace.as_str())
+                .and_then(|l| l.get(NEW_DESTINATION_LABEL));
+            match label.map(String::as_str) {
+                Some("true") => ips.extend(pod.ips.iter().copied()),
+                None | Some("false") => {}
+                Some(other) => {
+                    bad.insert((pod.namespace.clone(), other.to_string()));
+                }
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        self.out.egress_watch = ips;
+        for (ns, value) in bad {
+            self.warn(
+                None,
+                format!(
+                    "namespace {ns}: label {NEW_DESTINATION_LABEL}={value:?} is neither \"true\" \
+                     nor \"false\"; its pods are not watched"
                 ),
             );
         }

@@ -8,7 +8,9 @@
 //! - `veilnet:spoof:<pod-ns>/<pod>` — a frame from a pod's bridge port with a forged MAC/IP;
 //! - `veilnet:vxlan-rejected:<reason>` — a VXLAN datagram the wire table refused (see
 //!   `kernel::wire`): from a host that is not a VXLAN peer, through a tunnel, or with an inner
-//!   source that is not the sender's.
+//!   source that is not the sender's;
+//! - `veilnet:dns-untrusted:<drop|monitor>`, `veilnet:dns-query:trusted` — the DNS guard's;
+//! - `veilnet:egress-new:watched` — a watched pod's new connection to outside the cluster.
 
 use super::compile::Direction;
 use super::model::ObjectRef;
@@ -20,6 +22,9 @@ pub const DNS_DROP_PREFIX: &str = "veilnet:dns-untrusted:drop";
 pub const DNS_MONITOR_PREFIX: &str = "veilnet:dns-untrusted:monitor";
 /// A sample of the queries to trusted servers (for the query names in the flow log).
 pub const DNS_SAMPLE_PREFIX: &str = "veilnet:dns-query:trusted";
+/// A new connection from a pod whose namespace opted in to new-destination alerts, to an address
+/// that is no pod's and no node's (outside the cluster); the pod is the packet's source.
+pub const EGRESS_NEW_PREFIX: &str = "veilnet:egress-new:watched";
 /// `NF_LOG_PREFIXLEN` (128) minus the terminating NUL.
 pub const MAX_PREFIX_LEN: usize = 127;
 
@@ -33,6 +38,8 @@ pub enum LogVerdict {
     DnsUntrusted,
     /// A sampled query to a trusted DNS server.
     DnsQuery,
+    /// A watched pod's new connection to outside the cluster.
+    EgressNew,
 }
 
 /// A parsed prefix.
@@ -83,6 +90,7 @@ pub fn parse_prefix(raw: &str) -> Option<LogPrefix> {
     let dns = match (verdict, rest) {
         ("dns-untrusted", "drop" | "monitor") => Some(LogVerdict::DnsUntrusted),
         ("dns-query", "trusted") => Some(LogVerdict::DnsQuery),
+        ("egress-new", "watched") => Some(LogVerdict::EgressNew),
         _ => None,
     };
     if let Some(verdict) = dns {

@@ -584,6 +584,31 @@ impl Renderer<'_> {
             // Only new (or untracked) packets get here.
             forward.push("tcp flags & (fin | syn | rst | ack) != syn drop".into());
         }
+        // New connections of watched pods to addresses that are no pod's and no node's.
+        if !p.egress_watch.is_empty() {
+            let log = self.log(
+                crate::policy::logprefix::EGRESS_NEW_PREFIX,
+                p.options.log_rate_per_second,
+                p.options.log_burst,
+            );
+            for v6 in [false, true] {
+                let (f, ty) = fam(v6);
+                let ip = if v6 { "ip6" } else { "ip" };
+                objects.push(set(
+                    format!("egress_watch_{f}"),
+                    ty,
+                    false,
+                    p.egress_watch
+                        .iter()
+                        .filter(|a| a.is_ipv6() == v6)
+                        .map(ToString::to_string)
+                        .collect(),
+                ));
+                forward.push(format!(
+                    "{ip} saddr @egress_watch_{f} {ip} daddr . {ip} daddr != @pod_self_{f} {ip} daddr != @node_{f} {log}"
+                ));
+            }
+        }
         forward.extend(
             [
                 "ip saddr @node_v4 accept",

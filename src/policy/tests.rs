@@ -975,3 +975,89 @@ mod dns_guard {
         assert_eq!(model.dns_pods[0].mode, DnsMode::Enforce);
     }
 }
+
+mod egress_watch {
+    use super::*;
+    use crate::policy::compile::NEW_DESTINATION_LABEL;
+
+    fn watching() -> CompileOptions {
+        CompileOptions {
+            egress_watch: true,
+            ..CompileOptions::default()
+        }
+    }
+
+    fn forward(r: &Ruleset) -> Vec<String> {
+        r.tables
+            .iter()
+            .find(|t| t.family == Family::Inet)
+            .unwrap()
+            .objects
+            .iter()
+            .find(|o| o.name == "forward")
+            .unwrap()
+            .content
+            .clone()
+    }
+
+    #[test]
+    fn only_opted_in_namespaces_are_watched_and_the_rule_skips_pods_and_nodes() {
+        let mut s = e2e_state(vec![]);
+        // Without the label, or with alerts off, nothing is rendered.
+        let none = compile_with(&s, "n1", &[], &watching());
+        assert!(none.egress_watch.is_empty());
+        assert!(!render(&none, None).script().contains("egress_watch"));
+        s.namespaces
+            .iter_mut()
+            .find(|n| n.name == "x")
+            .unwrap()
+            .labels
+            .insert(NEW_DESTINATION_LABEL.into(), "true".into());
+        let off = compile_with(&s, "n1", &[], &CompileOptions::default());
+        assert!(off.egress_watch.is_empty());
+
+        let model = compile_with(&s, "n1", &[], &watching());
+        assert_eq!(model.egress_watch, vec![ip_of("x", "a")]);
+        let r = render(&model, None);
+        let rules = forward(&r);
+        let watch = rules
+            .iter()
+            .position(|l| l.starts_with("ip saddr @egress_watch_v4"))
+            .unwrap_or_else(|| panic!("{rules:#?}"));
+        let rule = &rules[watch];
+        for part in [
+            "ip daddr . ip daddr != @pod_self_v4",
+            "ip daddr != @node_v4",
+            "log prefix \"veilnet:egress-new:watched\"",
+            "limit rate",
+        ] {
+            assert!(rule.contains(part), "{part} in {rule}");
+        }
+        // Only new connections reach it: after conntrack's shortcut, before anything accepts.
+        let established = rules
+            .iter()
+            .position(|l| l == "ct state established accept")
+            .unwrap();
+        let node_accept = rules
+            .iter()
+            .position(|l| l == "ip saddr @node_v4 accept")
+            .unwrap();
+        assert!(established < watch && watch < node_accept, "{rules:#?}");
+        assert!(r
+            .script()
+            .contains(&format!("elements = {{ {} }}", ip_of("x", "a"))));
+    }
+
+    #[test]
+    fn a_bad_label_value_is_a_warning_and_watches_nothing() {
+        let mut s = e2e_state(vec![]);
+        s.namespaces[0]
+            .labels
+            .insert(NEW_DESTINATION_LABEL.into(), "yes".into());
+        let model = compile_with(&s, "n1", &[], &watching());
+        assert!(model.egress_watch.is_empty());
+        assert!(model.warnings.iter().any(|w| w
+            .to_string()
+            .contains("veilnet.io/alert-new-destinations=\"yes\"")));
+    }
+}

@@ -12,7 +12,11 @@
 //! - `dns-nxdomain`: at least half of a pod's queries in a window (and at least
 //!   [`AlertConfig::dns_min_queries`]) were answered NXDOMAIN;
 //! - `dns-rate`: a pod's queries in a window exceeded [`AlertConfig::dns_rate_factor`] times its
-//!   own baseline (the mean of its earlier windows) and [`AlertConfig::dns_min_queries`].
+//!   own baseline (the mean of its earlier windows) and [`AlertConfig::dns_min_queries`];
+//! - `new-destination`: a pod of a namespace that opted in (label
+//!   `veilnet.io/alert-new-destinations=true`) connected to an address outside the cluster (with
+//!   port and protocol) that it did not use during its learning window
+//!   ([`AlertConfig::new_destination_learning_seconds`], from its first such connection).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -42,6 +46,9 @@ pub struct AlertConfig {
     pub dns_rate_factor: f64,
     /// Warning Events posted per minute by this node at most (the rest are counted and logged).
     pub max_events_per_minute: u32,
+    /// How long a watched pod's destinations outside the cluster are learned, from its first
+    /// one, before a new one raises `new-destination`.
+    pub new_destination_learning_seconds: u64,
 }
 
 impl Default for AlertConfig {
@@ -55,6 +62,7 @@ impl Default for AlertConfig {
             dns_min_queries: 50,
             dns_rate_factor: 10.0,
             max_events_per_minute: 30,
+            new_destination_learning_seconds: 3600,
         }
     }
 }
@@ -77,16 +85,18 @@ pub enum AlertKind {
     DnsTunnel,
     DnsNxdomain,
     DnsRate,
+    NewDestination,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 6] = [
+    pub const ALL: [AlertKind; 7] = [
         AlertKind::Scan,
         AlertKind::Spoofing,
         AlertKind::DnsUntrusted,
         AlertKind::DnsTunnel,
         AlertKind::DnsNxdomain,
         AlertKind::DnsRate,
+        AlertKind::NewDestination,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +107,7 @@ impl AlertKind {
             AlertKind::DnsTunnel => "dns-tunnel",
             AlertKind::DnsNxdomain => "dns-nxdomain",
             AlertKind::DnsRate => "dns-rate",
+            AlertKind::NewDestination => "new-destination",
         }
     }
 }
@@ -134,6 +145,13 @@ pub enum Observation<'a> {
         pod: &'a ObjectRef,
         qname: &'a str,
     },
+    /// A watched local pod's new connection to an address outside the cluster.
+    NewEgress {
+        pod: &'a ObjectRef,
+        dst: IpAddr,
+        port: Option<u16>,
+        protocol: &'a str,
+    },
     /// A local pod's DNS counters: queries so far (trusted + untrusted) and NXDOMAIN answers.
     DnsCounters {
         pod: &'a ObjectRef,
@@ -155,6 +173,10 @@ struct PodState {
     /// Queries in each finished window (at most [`BASELINE_WINDOWS`]).
     history: VecDeque<u64>,
     last_seen: Option<Instant>,
+    /// Destinations outside the cluster it used, and when it first used one (its learning
+    /// window's start).
+    egress: std::collections::HashSet<(IpAddr, Option<u16>, String)>,
+    egress_since: Option<Instant>,
 }
 
 /// Windows a pod's rate baseline is the mean of (and the least it needs).
@@ -164,6 +186,9 @@ const MIN_BASELINE_WINDOWS: usize = 3;
 const MAX_PODS: usize = 4096;
 /// Denied destinations remembered per pod at most.
 const MAX_DENIED: usize = 1024;
+/// Destinations outside the cluster remembered per pod at most (past it, new ones still alert,
+/// once per repeat interval, but are not remembered).
+const MAX_EGRESS: usize = 1024;
 /// A label this long or longer may be random-looking.
 const RANDOM_LABEL_MIN_LEN: usize = 20;
 
@@ -285,6 +310,41 @@ impl Detector {
                 queries,
                 nxdomain,
             } => return self.judge_counters(now, pod, queries, nxdomain),
+            Observation::NewEgress {
+                pod,
+                dst,
+                port,
+                protocol,
+            } => {
+                let learning = Duration::from_secs(self.config.new_destination_learning_seconds);
+                let state = self.state(pod, now);
+                let since = *state.egress_since.get_or_insert(now);
+                let key = (dst, port, protocol.to_string());
+                if state.egress.contains(&key) {
+                    return None;
+                }
+                if state.egress.len() < MAX_EGRESS {
+                    state.egress.insert(key);
+                }
+                if now.duration_since(since) < learning {
+                    return None;
+                }
+                let known = state.egress.len().saturating_sub(1);
+                let to = match port {
+                    Some(p) if dst.is_ipv6() => format!("[{dst}]:{p}/{protocol}"),
+                    Some(p) => format!("{dst}:{p}/{protocol}"),
+                    None => format!("{dst} ({protocol})"),
+                };
+                (
+                    pod,
+                    AlertKind::NewDestination,
+                    format!(
+                        "connected to {to} outside the cluster, a destination it did not use in \
+                         its {}s learning window ({known} known)",
+                        learning.as_secs()
+                    ),
+                )
+            }
         };
         self.raise(now, pod, kind, message)
     }
@@ -434,6 +494,58 @@ mod tests {
 
     fn at(start: Instant, secs: u64) -> Instant {
         start + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_new_destination_after_the_learning_window_alerts_once_and_learned_ones_never() {
+        let mut d = Detector::new(AlertConfig {
+            new_destination_learning_seconds: 60,
+            ..Default::default()
+        });
+        let t0 = Instant::now();
+        let p = pod("web");
+        let egress = |d: &mut Detector, at: Instant, ip: &str, port: u16| {
+            d.observe(
+                at,
+                Observation::NewEgress {
+                    pod: &p,
+                    dst: ip.parse().unwrap(),
+                    port: Some(port),
+                    protocol: "TCP",
+                },
+            )
+        };
+        // Learning: the first connection starts the window; nothing alerts within it.
+        assert_eq!(egress(&mut d, at(t0, 0), "203.0.113.1", 443), None);
+        assert_eq!(egress(&mut d, at(t0, 59), "203.0.113.2", 443), None);
+        // After it: what was learned is quiet, a new address (or port) alerts.
+        assert_eq!(egress(&mut d, at(t0, 61), "203.0.113.1", 443), None);
+        let alert = egress(&mut d, at(t0, 62), "198.51.100.7", 22).unwrap();
+        assert_eq!(alert.kind, AlertKind::NewDestination);
+        assert_eq!(alert.pod, "app/web");
+        assert!(
+            alert.message.contains("198.51.100.7:22/TCP")
+                && alert.message.contains("60s learning window")
+                && alert.message.contains("(2 known)"),
+            "{}",
+            alert.message
+        );
+        // It is learned now, and a second new one within the repeat interval is not an Event.
+        assert_eq!(egress(&mut d, at(t0, 63), "198.51.100.7", 22), None);
+        assert_eq!(egress(&mut d, at(t0, 64), "198.51.100.8", 22), None);
+        assert!(egress(&mut d, at(t0, 64 + 600), "198.51.100.9", 22).is_some());
+        // Another pod has its own window.
+        let q = pod("other");
+        let first = d.observe(
+            at(t0, 700),
+            Observation::NewEgress {
+                pod: &q,
+                dst: "198.51.100.10".parse().unwrap(),
+                port: Some(22),
+                protocol: "TCP",
+            },
+        );
+        assert_eq!(first, None);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!  "dst":{"ip":"10.244.1.7","port":80,"namespace":"x","pod":"a","node":"node-1"}}
 //! ```
 //!
-//! `verdict` is `allow`, `deny`, `spoof` or `vxlan-rejected`; `policy` is the deciding
+//! `verdict` is `allow`, `deny`, `spoof`, `vxlan-rejected`, `dns-untrusted`, `dns` or `egress`
+//! (a watched pod's new connection to outside the cluster, policy `new-destination watch`); `policy` is the deciding
 //! `namespace/name` for allows, `default deny` for denies, `anti-spoofing` for spoofed frames and
 //! `vxlan source check` for rejected VXLAN; `pod` is the pod whose chain or port decided (none for
 //! VXLAN). Endpoints that are not pods have only `ip` (and `port`). A rejected VXLAN datagram's
@@ -222,13 +223,14 @@ pub fn record(
         LogVerdict::VxlanRejected => ("vxlan-rejected", "vxlan source check".to_string()),
         LogVerdict::DnsUntrusted => ("dns-untrusted", "trusted DNS".to_string()),
         LogVerdict::DnsQuery => ("dns", "trusted DNS".to_string()),
+        LogVerdict::EgressNew => ("egress", "new-destination watch".to_string()),
     };
     let dns_line = matches!(
         prefix.verdict,
         LogVerdict::DnsUntrusted | LogVerdict::DnsQuery
     );
-    if dns_line {
-        // One rule logs for every watched pod: the pod is the query's source.
+    if dns_line || prefix.verdict == LogVerdict::EgressNew {
+        // One rule logs for every watched pod: the pod is the packet's source.
         object = index.pod(&flow.src).map(|w| w.pod.to_string());
     }
     let dns = flow
@@ -329,6 +331,12 @@ impl RecordObservation<'_> {
                     _ => r.protocol.clone(),
                 },
             },
+            "egress" => Observation::NewEgress {
+                pod: &self.pod,
+                dst: r.dst.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                port: r.dst.port,
+                protocol: &r.protocol,
+            },
             "dns-untrusted" => Observation::UntrustedDns {
                 pod: &self.pod,
                 server: r.dst.ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -350,7 +358,7 @@ pub fn observation(r: &FlowRecord) -> Option<RecordObservation<'_>> {
     let pod = match r.verdict {
         "deny" => ObjectRef::new(r.src.namespace.clone()?, r.src.pod.clone()?),
         "spoof" if r.src.ip.is_some_and(is_link_local_chatter) => return None,
-        "spoof" | "dns-untrusted" => {
+        "spoof" | "dns-untrusted" | "egress" => {
             let (ns, name) = r.pod.as_deref()?.split_once('/')?;
             ObjectRef::new(ns, name)
         }

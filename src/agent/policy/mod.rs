@@ -159,6 +159,8 @@ impl PolicyOptions {
             tcp_new_needs_syn: self.strict_mode,
             local_pod_cidrs: self.pod_cidrs.clone(),
             dns: self.dns.clone(),
+            // Nothing reads the watched pods' lines without alerts (or without the flow log).
+            egress_watch: self.alerts.enabled && self.flow_log.is_some(),
             ..CompileOptions::default()
         }
     }

@@ -132,6 +132,10 @@ pub struct UpArgs {
     /// connection (rate-limited), with the policy that allowed it (`veilnet observe`).
     #[arg(long)]
     pub flow_log_allowed: bool,
+    /// Every agent's config file (`veilnet agent --config`, keys as in the manifest's
+    /// ConfigMap), e.g. `{"alerts": {"enabled": false}}`; the lab's flags win over it.
+    #[arg(long)]
+    pub agent_config: Option<std::path::PathBuf>,
     /// How long to wait for every node to become Ready.
     #[arg(long, default_value = "90s", value_parser = veilnet::duration::parse_duration)]
     pub timeout: Duration,
@@ -216,6 +220,13 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         external_host: args.external_host,
         dns_mode: args.dns_mode,
         flow_log_allowed: args.flow_log_allowed,
+        agent_config: match &args.agent_config {
+            Some(p) => Some(
+                std::fs::canonicalize(p)
+                    .with_context(|| format!("--agent-config {}", p.display()))?,
+            ),
+            None => None,
+        },
         trusted_dns: args.trusted_dns.iter().map(|n| n.trunc()).collect(),
     };
     if spec.cni == CniMode::Reference && spec.pod_cidrs == PodCidrMode::Agent {
@@ -716,6 +727,9 @@ fn agent_args(lab: &LabLayout, node: &NodeLayout) -> Vec<String> {
     ];
     if lab.spec.flow_log_allowed {
         args.push("--flow-log-allowed".into());
+    }
+    if let Some(config) = &lab.spec.agent_config {
+        args.extend(["--config".into(), path(config.clone())]);
     }
     if let Some(strict) = lab.spec.policy_strict_mode {
         args.push(format!("--policy-strict-mode={strict}"));

@@ -98,6 +98,9 @@ pub struct LabSpec {
     /// The agents' `--flow-log-allowed` (absent in labs made before the option: off).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flow_log_allowed: bool,
+    /// Every agent's `--config` file (absolute; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_config: Option<std::path::PathBuf>,
 }
 
 fn default_encryption() -> Mode {
@@ -311,6 +314,7 @@ mod tests {
             external_host: false,
             dns_mode: None,
             flow_log_allowed: false,
+            agent_config: None,
             trusted_dns: Vec::new(),
         }
     }
