@@ -4,6 +4,7 @@
 # and alerts on ("on"). Runs alternate between them (off, on, off, on, ...) so that drift on this
 # shared machine hits both. Each run measures, in that lab:
 #  - cross-node iperf3 throughput (pod on node-2 to pod on node-1);
+#  - the machine's busy CPU seconds during the iperf3 run (the kernel's work is in no process);
 #  - both agents' CPU seconds during the iperf3 run, and during an idle window before it;
 #  - a DNS burst: 300 queries from a pod to the trusted server (host network on node-1), wall
 #    time and the agents' CPU seconds during it.
@@ -97,6 +98,10 @@ agent_cpu() { # lab
 	done
 	echo "$total"
 }
+# The whole machine's busy CPU ticks (user, nice, system, irq, softirq): the kernel's share of the
+# datapath (nftables, conntrack, the DNS chain) runs in softirq, in no process. Only one lab is
+# measured at a time, so the difference between labs is theirs.
+machine_cpu() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 cpu_s() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; }
 throughput() { # lab: Mbit/s received
 	"$VEILNET" lab exec --name "$1" default/client -- \
@@ -116,19 +121,21 @@ dns_burst() { # lab: milliseconds for QUERIES queries, all answered
 
 RESULTS="$WORK/results"
 measure() { # label lab
-	local a b c d e t ms
+	local a b c d e t ms m0 m1
 	a=$(agent_cpu "$2")
 	sleep "$IDLE_SECONDS"
 	b=$(agent_cpu "$2")
+	m0=$(machine_cpu)
 	t=$(throughput "$2")
+	m1=$(machine_cpu)
 	c=$(agent_cpu "$2")
 	[ -n "$t" ] || die "$2: iperf3 gave no result"
 	d=$(agent_cpu "$2")
 	ms=$(dns_burst "$2")
 	e=$(agent_cpu "$2")
-	echo "$1 $t $(cpu_s "$b" "$c") $(cpu_s "$a" "$b") $ms $(cpu_s "$d" "$e")" >>"$RESULTS"
-	printf '    %-4s %9s Mbit/s   agents %5s CPU-s during iperf3, %5s idle %ss; %d DNS queries %6s ms, agents %5s CPU-s\n' \
-		"$1" "$t" "$(cpu_s "$b" "$c")" "$(cpu_s "$a" "$b")" "$IDLE_SECONDS" "$QUERIES" "$ms" "$(cpu_s "$d" "$e")"
+	echo "$1 $t $(cpu_s "$b" "$c") $(cpu_s "$a" "$b") $ms $(cpu_s "$d" "$e") $(cpu_s "$m0" "$m1")" >>"$RESULTS"
+	printf '    %-4s %9s Mbit/s (machine %5s CPU-s)   agents %5s CPU-s during iperf3, %5s idle %ss; %d DNS queries %6s ms, agents %5s CPU-s\n' \
+		"$1" "$t" "$(cpu_s "$m0" "$m1")" "$(cpu_s "$b" "$c")" "$(cpu_s "$a" "$b")" "$IDLE_SECONDS" "$QUERIES" "$ms" "$(cpu_s "$d" "$e")"
 }
 echo "==> $ROUNDS rounds of (off, on), ${SECONDS_PER_RUN}s iperf3 each"
 for _ in $(seq 1 "$ROUNDS"); do
@@ -146,7 +153,7 @@ median() { # label column [decimals]
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f %%", 100 * a / b; else print "n/a" }'; }
 echo
 printf '%-44s %12s %12s %10s\n' "median of $ROUNDS" "off" "on" "on/off"
-for row in "iperf3 Mbit/s:2:1" "agents' CPU-s during iperf3:3:2" "agents' CPU-s idle ${IDLE_SECONDS}s:4:2" "$QUERIES DNS queries, ms:5:0" "agents' CPU-s during the DNS burst:6:2"; do
+for row in "iperf3 Mbit/s:2:1" "machine CPU-s during iperf3:7:2" "agents' CPU-s during iperf3:3:2" "agents' CPU-s idle ${IDLE_SECONDS}s:4:2" "$QUERIES DNS queries, ms:5:0" "agents' CPU-s during the DNS burst:6:2"; do
 	IFS=: read -r name col dec <<<"$row"
 	o=$(median off "$col" "$dec")
 	n=$(median on "$col" "$dec")

@@ -225,9 +225,11 @@ pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
         PluginCommand::Observe(view) => Ok((
             String::new(),
             crate::observe::run(crate::observe::ObserveArgs {
-                kubeconfig: cli.kubeconfig,
-                context: cli.context,
-                lab: None,
+                cluster: crate::policy::cli::ClusterSource {
+                    kubeconfig: cli.kubeconfig,
+                    context: cli.context,
+                    lab: None,
+                },
                 view,
             })?,
         )),
@@ -235,9 +237,11 @@ pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
             include_system,
             json,
         } => Ok(crate::audit::cli::run(crate::audit::cli::AuditArgs {
-            kubeconfig: cli.kubeconfig,
-            context: cli.context,
-            lab: None,
+            cluster: crate::policy::cli::ClusterSource {
+                kubeconfig: cli.kubeconfig,
+                context: cli.context,
+                lab: None,
+            },
             include_system,
             json,
         })?),
@@ -251,9 +255,11 @@ pub fn run(cli: PluginCli) -> Result<(String, i32), PluginError> {
                 from,
                 to,
                 port,
-                kubeconfig: cli.kubeconfig,
-                context: cli.context,
-                lab: None,
+                cluster: crate::policy::cli::ClusterSource {
+                    kubeconfig: cli.kubeconfig,
+                    context: cli.context,
+                    lab: None,
+                },
                 json,
             }))?,
             0,

@@ -97,23 +97,7 @@ fn a_scan_and_dns_tunnelling_each_raise_one_alert_and_ordinary_traffic_none() {
     veilnet_test_support::require_root!();
     let lab = Lab::up("alrt", &["--nodes", "2", "--trusted-dns", TRUSTED]);
 
-    let mut dns: serde_json::Value = serde_json::from_str(&pod_manifest(
-        "default",
-        "node-dns",
-        "node-1",
-        &[],
-        &[
-            "veilnet",
-            "lab",
-            "agnhost",
-            "dns-serve",
-            "--listen",
-            TRUSTED,
-        ],
-    ))
-    .unwrap();
-    dns["spec"]["hostNetwork"] = true.into();
-    lab.apply(&dns.to_string());
+    lab.host_dns_server("node-1", TRUSTED);
     namespace(&lab, "targets");
     namespace(&lab, "app");
     lab.apply(

@@ -32,22 +32,7 @@ fn namespace(lab: &Lab, name: &str, labels: serde_json::Value) {
 
 /// Brings up the servers and the clients: returns the rogue server's address.
 fn workload(lab: &Lab) -> String {
-    let mut trusted: serde_json::Value = serde_json::from_str(&pod(
-        "default",
-        "node-dns",
-        "node-1",
-        &[
-            "veilnet",
-            "lab",
-            "agnhost",
-            "dns-serve",
-            "--listen",
-            TRUSTED,
-        ],
-    ))
-    .unwrap();
-    trusted["spec"]["hostNetwork"] = true.into();
-    lab.apply(&trusted.to_string());
+    lab.host_dns_server("node-1", TRUSTED);
     lab.apply(&pod(
         "default",
         "rogue",

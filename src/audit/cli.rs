@@ -2,8 +2,6 @@
 //! pods, namespaces, NetworkPolicies and Nodes, prints the findings, and exits 1 when there are
 //! any (0 when clean, 2 when the cluster could not be read).
 
-use std::path::PathBuf;
-
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
@@ -32,15 +30,8 @@ pub enum AuditError {
 
 #[derive(Debug, clap::Args)]
 pub struct AuditArgs {
-    /// Kubeconfig of the cluster (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use (default: its current context).
-    #[arg(long, conflicts_with = "lab")]
-    pub context: Option<String>,
-    /// Audit the `veilnet lab` with this name instead.
-    #[arg(long, conflicts_with = "kubeconfig")]
-    pub lab: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterSource,
     /// Also audit the system namespaces (kube-system, kube-public, kube-node-lease,
     /// veilnet-system), whose pods need host access by design.
     #[arg(long)]
@@ -83,12 +74,7 @@ async fn fetch(client: kube::Client) -> Result<Objects, AuditError> {
 
 /// Runs the audit: what to print and the exit status ([`EXIT_FOUND`] when anything is found).
 pub fn run(args: AuditArgs) -> Result<(String, i32), AuditError> {
-    let source = ClusterSource {
-        kubeconfig: args.kubeconfig,
-        context: args.context,
-        lab: args.lab,
-    };
-    let objects = source.read(fetch)?;
+    let objects = args.cluster.read(fetch)?;
     let report = audit(Inputs {
         pods: &objects.pods,
         namespaces: &objects.namespaces,

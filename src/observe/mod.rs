@@ -12,7 +12,6 @@ pub mod filter;
 mod source;
 
 use std::collections::{BTreeSet, HashSet};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use filter::{Filter, FilterArgs, FilterError, FlowLine};
@@ -32,15 +31,10 @@ pub enum ObserveError {
 
 #[derive(Debug, clap::Args)]
 pub struct ObserveArgs {
-    /// Kubeconfig of the cluster (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use (default: its current context).
-    #[arg(long, conflicts_with = "lab")]
-    pub context: Option<String>,
-    /// Read the flow logs of the `veilnet lab` with this name instead (its files, directly).
-    #[arg(long, conflicts_with = "kubeconfig")]
-    pub lab: Option<String>,
+    /// The cluster (its agents' flows through the API server), or with `--lab` a lab's node
+    /// files, read directly.
+    #[command(flatten)]
+    pub cluster: crate::policy::cli::ClusterSource,
     #[command(flatten)]
     pub view: ViewArgs,
 }
@@ -167,9 +161,12 @@ fn render(lines: &[Read], json: bool) -> String {
 /// Runs the command, writing to stdout; the exit status.
 pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
     let ObserveArgs {
-        kubeconfig,
-        context,
-        lab,
+        cluster:
+            crate::policy::cli::ClusterSource {
+                kubeconfig,
+                context,
+                lab,
+            },
         view: args,
     } = args;
     let filter = Filter::parse(FilterArgs {

@@ -55,15 +55,8 @@ pub struct ExplainArgs {
     pub to: String,
     /// PORT/PROTO, e.g. 80/tcp, 53/udp, 9000/sctp (PORT alone means TCP).
     pub port: String,
-    /// Kubeconfig of the cluster (default: $KUBECONFIG, then in-cluster).
-    #[arg(long, env = "KUBECONFIG")]
-    pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig context to use (default: its current context).
-    #[arg(long, conflicts_with = "lab")]
-    pub context: Option<String>,
-    /// Read the cluster of the `veilnet lab` with this name instead.
-    #[arg(long, conflicts_with = "kubeconfig")]
-    pub lab: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterSource,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -164,10 +157,16 @@ pub async fn kube_client(
 
 /// Where a one-shot command reads the cluster from: a kubeconfig (`None`: inferred) and context,
 /// or a `veilnet lab` by name.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct ClusterSource {
+    /// Kubeconfig of the cluster (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, conflicts_with = "lab")]
     pub context: Option<String>,
+    /// The `veilnet lab` with this name instead of a kubeconfig.
+    #[arg(long, conflicts_with = "kubeconfig")]
     pub lab: Option<String>,
 }
 
@@ -211,12 +210,7 @@ impl ClusterSource {
 pub fn run(cmd: PolicyCommand) -> Result<String, PolicyCliError> {
     let PolicyCommand::Explain(args) = cmd;
     let (port, protocol) = parse_port(&args.port)?;
-    let source = ClusterSource {
-        kubeconfig: args.kubeconfig.clone(),
-        context: args.context.clone(),
-        lab: args.lab.clone(),
-    };
-    let (state, node_addrs) = source.read(fetch)?;
+    let (state, node_addrs) = args.cluster.clone().read(fetch)?;
     let from = resolve(&state, &args.from)?;
     let to = resolve(&state, &args.to)?;
     let explanation = Explainer::new(&state)

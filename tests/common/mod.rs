@@ -248,6 +248,17 @@ impl Lab {
         }
     }
 
+    /// Runs `veilnet lab agnhost dns-serve --listen ADDR` as a hostNetwork pod `default/node-dns`
+    /// on `node` (a node-local resolver at one of the node's addresses).
+    pub fn host_dns_server(&self, node: &str, listen: &str) {
+        let command = ["veilnet", "lab", "agnhost", "dns-serve", "--listen", listen];
+        let mut dns: serde_json::Value =
+            serde_json::from_str(&pod_manifest("default", "node-dns", node, &[], &command))
+                .expect("a pod manifest");
+        dns["spec"]["hostNetwork"] = true.into();
+        self.apply(&dns.to_string());
+    }
+
     /// Waits until the pod is Running with an IP; returns the IP.
     pub fn wait_pod_ip(&self, ns_name: &str, timeout: Duration) -> String {
         let (ns, name) = ns_name.split_once('/').unwrap_or(("default", ns_name));
