@@ -59,6 +59,7 @@ fn agent_help_shows_the_defaults_the_agent_applies() {
         ("resync", format!("{}s", cfg.resync.as_secs())),
         ("health-addr", cfg.health_addr.to_string()),
         ("metrics-addr", cfg.metrics_addr.to_string()),
+        ("flows-addr", cfg.flows_addr.to_string()),
         ("encryption", "on".to_string()),
         ("wireguard-port", cfg.wireguard_port.to_string()),
         ("policy-strict-mode", cfg.policy_strict_mode.to_string()),

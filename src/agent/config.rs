@@ -607,6 +607,16 @@ mod tests {
         a.metrics_addr = Some("0.0.0.0:9891".parse().unwrap());
         let e = AgentConfig::resolve(&a).unwrap_err().to_string();
         assert!(e.contains("share a port"), "{e}");
+        // The flows endpoint refuses pods, so it never shares a listener with the others.
+        let mut a = args();
+        a.flows_addr = Some("0.0.0.0:9892".parse().unwrap());
+        let e = AgentConfig::resolve(&a).unwrap_err().to_string();
+        assert!(e.contains("flows address") && e.contains("its own"), "{e}");
+        a.flows_addr = Some("127.0.0.1:9893".parse().unwrap());
+        assert_eq!(
+            AgentConfig::resolve(&a).unwrap().flows_addr.to_string(),
+            "127.0.0.1:9893"
+        );
     }
 
     #[test]
