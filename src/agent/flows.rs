@@ -4,7 +4,7 @@
 //!
 //! Who may read it: the flow log names every pod's peers, so **no pod may**. Each connection's
 //! source is checked before a byte is read: an address in any node's pod CIDR (this node's and
-//! every accepted peer's, from the agent's plan) is closed at once and counted
+//! every accepted peer's, from the agent's plan) or in the cluster CIDR is closed at once and counted
 //! (`veilnet_connections_refused_total{listener="flows"}`). Pods cannot forge another source
 //! (anti-spoofing), and their traffic to a node's address is never masqueraded (it rides the
 //! pair's path with its own source), so the check sees the pod. Until the first plan names the
@@ -22,6 +22,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::policy::paths::PairPaths;
@@ -32,7 +33,9 @@ pub const DEFAULT_FLOWS_ADDR: &str = "0.0.0.0:9893";
 const MAX_ANSWER_BYTES: usize = 40 << 20;
 
 /// Whether a connection from `source` may read the flows (pure; see the module documentation).
-pub fn admits(pairs: &PairPaths, source: IpAddr) -> bool {
+/// `cluster_cidr` is refused too: a pod of a node whose record the plan rejected is in no accepted
+/// pod CIDR, but it is in the cluster's.
+pub fn admits(pairs: &PairPaths, cluster_cidr: &IpNet, source: IpAddr) -> bool {
     let source = match source {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(source, IpAddr::V4),
         v4 => v4,
@@ -41,7 +44,7 @@ pub fn admits(pairs: &PairPaths, source: IpAddr) -> bool {
         return true;
     }
     // No plan yet: we cannot tell pods from hosts, so refuse all but the node itself.
-    !pairs.pod_cidrs.is_empty() && !pairs.is_pod_address(&source)
+    !pairs.pod_cidrs.is_empty() && !pairs.is_pod_address(&source) && !cluster_cidr.contains(&source)
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,22 +154,32 @@ mod tests {
         }
     }
 
+    fn cluster() -> IpNet {
+        "10.244.0.0/16".parse().unwrap()
+    }
+
     #[test]
     fn pods_of_every_node_are_refused_hosts_and_loopback_admitted() {
         let p = pairs();
-        for pod in ["10.244.1.5", "10.244.2.9", "::ffff:10.244.2.9"] {
-            assert!(!admits(&p, pod.parse().unwrap()), "{pod}");
+        // 10.244.9.0/24: a node the plan rejected, still inside the cluster CIDR.
+        for pod in [
+            "10.244.1.5",
+            "10.244.2.9",
+            "::ffff:10.244.2.9",
+            "10.244.9.3",
+        ] {
+            assert!(!admits(&p, &cluster(), pod.parse().unwrap()), "{pod}");
         }
         for host in ["172.30.0.12", "127.0.0.1", "::1", "::ffff:172.30.0.1"] {
-            assert!(admits(&p, host.parse().unwrap()), "{host}");
+            assert!(admits(&p, &cluster(), host.parse().unwrap()), "{host}");
         }
     }
 
     #[test]
     fn before_the_first_plan_only_loopback_is_served() {
         let none = PairPaths::default();
-        assert!(admits(&none, "127.0.0.1".parse().unwrap()));
-        assert!(!admits(&none, "172.30.0.12".parse().unwrap()));
+        assert!(admits(&none, &cluster(), "127.0.0.1".parse().unwrap()));
+        assert!(!admits(&none, &cluster(), "172.30.0.12".parse().unwrap()));
     }
 
     #[test]

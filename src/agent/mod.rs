@@ -284,8 +284,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             let flows_cap =
                 crate::listen::ConnLimit::new("flows", health::Limits::FLOWS.max_connections);
             let shared = enforcer.shared();
+            let cluster_cidr = IpNet::V4(cfg.cluster_cidr);
             let gate: health::SourceGate =
-                Arc::new(move |source| flows::admits(&shared.pairs(), source));
+                Arc::new(move |source| flows::admits(&shared.pairs(), &cluster_cidr, source));
             http_tasks.push(
                 health::serve_gated(
                     cfg.flows_addr,
