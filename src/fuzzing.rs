@@ -58,6 +58,56 @@ pub fn dns_messages(data: &[u8]) -> bool {
     read
 }
 
+/// What `veilnet observe` reads: flow lines from the agents' endpoints and files (whatever an
+/// agent, or anything that answers in its place, sends), the table it renders from them, and the
+/// first lines again as the command line's filter values (`--namespace`, `--pod`, `--verdict`,
+/// `--policy`, `--node`, then `--since`). Never a panic: a line is a flow line or is counted as
+/// skipped, merged lines are oldest first, and a refused filter names its flag. True if a flow
+/// line was read.
+pub fn flow_lines(data: &[u8]) -> bool {
+    use crate::observe::filter::{parse_since, Filter, FilterArgs};
+    use crate::observe::{merge, parse_lines, row};
+    let text = String::from_utf8_lossy(data);
+    let mut skipped = 0;
+    let lines = parse_lines(&text, &mut skipped);
+    let non_empty = text.lines().filter(|l| !l.trim().is_empty()).count();
+    assert_eq!(
+        lines.len() + skipped,
+        non_empty,
+        "every line read or skipped"
+    );
+    for r in &lines {
+        let _ = row(r);
+    }
+    let read = !lines.is_empty();
+    let mut values = text.lines();
+    let args = FilterArgs {
+        namespace: values.next(),
+        pod: values.next(),
+        verdict: values.next(),
+        policy: values.next(),
+        encrypted: None,
+        node: values.next(),
+    };
+    match Filter::parse(args) {
+        Ok(filter) => {
+            let kept = merge(vec![lines], &filter);
+            assert!(
+                kept.windows(2).all(|w| w[0].time <= w[1].time),
+                "oldest first"
+            );
+        }
+        Err(e) => assert!(e.to_string().starts_with("--"), "{e}"),
+    }
+    if let Some(since) = values.next() {
+        let now = jiff::Timestamp::UNIX_EPOCH;
+        if let Err(e) = parse_since(since, now) {
+            assert!(e.to_string().starts_with("--since"), "{e}");
+        }
+    }
+    read
+}
+
 /// Node objects (a JSON array of them, annotations and labels as any writer of Nodes may set
 /// them) through the snapshot and the node planner. The planner may refuse this node's own
 /// settings with an error; it must not panic, and every CIDR it routes to a peer must be one the

@@ -17,6 +17,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("cni_input", veilnet::fuzzing::cni_input),
     ("netlink_dumps", veilnet::fuzzing::netlink_dumps),
     ("dns_messages", veilnet::fuzzing::dns_messages),
+    ("flow_lines", veilnet::fuzzing::flow_lines),
     ("network_policies", |d| {
         veilnet::fuzzing::network_policies(d).is_some()
     }),
