@@ -120,6 +120,18 @@ impl Collector for SnapshotCollector {
                 })
                 .collect()
         };
+        let counters =
+            |f: &dyn Fn(&crate::listen::ConnLimit) -> u64| -> Vec<(Labels, ConstCounter)> {
+                listeners
+                    .iter()
+                    .map(|l| {
+                        (
+                            vec![("listener", l.name().to_string())],
+                            ConstCounter::new(f(l)),
+                        )
+                    })
+                    .collect()
+            };
         family(
             &mut encoder,
             "connections_open",
@@ -136,29 +148,13 @@ impl Collector for SnapshotCollector {
             &mut encoder,
             "connections_rejected",
             "Connections closed at once because their listener was at its cap",
-            listeners
-                .iter()
-                .map(|l| {
-                    (
-                        vec![("listener", l.name().to_string())],
-                        ConstCounter::new(l.rejected()),
-                    )
-                })
-                .collect(),
+            counters(&|l| l.rejected()),
         )?;
         family(
             &mut encoder,
             "connections_refused",
             "Connections closed at once because their source may not use the listener (pods, on the flows endpoint)",
-            listeners
-                .iter()
-                .map(|l| {
-                    (
-                        vec![("listener", l.name().to_string())],
-                        ConstCounter::new(l.refused()),
-                    )
-                })
-                .collect(),
+            counters(&|l| l.refused()),
         )?;
         let status = self
             .0

@@ -11,7 +11,7 @@
 pub mod filter;
 mod source;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use filter::{Filter, FilterArgs, FilterError, FlowLine};
@@ -196,9 +196,8 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
     }
     let mut failed = false;
     let mut first = true;
-    // --follow: lines already printed, by text, within the overlap each poll re-reads.
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut seen_order: BTreeSet<(jiff::Timestamp, String)> = BTreeSet::new();
+    // --follow: lines already printed within the overlap each poll re-reads, oldest first.
+    let mut seen: BTreeSet<(jiff::Timestamp, String)> = BTreeSet::new();
     let mut cursor = since;
     loop {
         let fetched = source.fetch(cursor)?;
@@ -220,7 +219,7 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
         }
         let mut lines = merge(per_node, &filter);
         if args.follow {
-            lines.retain(|r| !seen.contains(&r.raw));
+            lines.retain(|r| !seen.contains(&(r.time, r.raw.clone())));
         }
         if !print(&render(&lines, args.json)) {
             return Ok(1);
@@ -233,16 +232,9 @@ pub fn run(args: ObserveArgs) -> Result<i32, ObserveError> {
         let horizon = jiff::Timestamp::now()
             .checked_sub(jiff::SignedDuration::from_secs(30))
             .unwrap_or(now);
-        for r in lines {
-            seen.insert(r.raw.clone());
-            seen_order.insert((r.time, r.raw));
-        }
-        while let Some(oldest) = seen_order.first().cloned() {
-            if oldest.0 >= horizon {
-                break;
-            }
-            seen_order.pop_first();
-            seen.remove(&oldest.1);
+        seen.extend(lines.into_iter().map(|r| (r.time, r.raw)));
+        while seen.first().is_some_and(|(t, _)| *t < horizon) {
+            seen.pop_first();
         }
         cursor = Some(match cursor {
             Some(c) if c > horizon => c,

@@ -802,11 +802,7 @@ impl<'a> Compiler<'a> {
         }
         let guard = guard.clone();
         let mut bad_labels = Vec::new();
-        for pod in self
-            .pods
-            .iter()
-            .filter(|p| p.node == self.node && !p.ips.is_empty())
-        {
+        for pod in self.local_pods() {
             let labels = self.ns_labels.get(pod.namespace.as_str());
             let (mode, bad) = guard.mode_for(&pod.namespace, labels.unwrap_or(&BTreeMap::new()));
             if let Some(e) = bad {
@@ -839,11 +835,7 @@ impl<'a> Compiler<'a> {
         }
         let mut bad = std::collections::BTreeSet::new();
         let mut ips = Vec::new();
-        for pod in self
-            .pods
-            .iter()
-            .filter(|p| p.node == self.node && !p.ips.is_empty())
-        {
+        for pod in self.local_pods() {
             let label = self
                 .ns_labels
                 .get(pod.namespace.as_str())
@@ -870,14 +862,17 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn compile_anti_spoof(&mut self) {
-        let local: Vec<&PodInfo> = self
-            .pods
+    /// This node's pods that have an address (the ones the kernel side can act on).
+    fn local_pods(&self) -> Vec<&'a PodInfo> {
+        self.pods
             .iter()
             .copied()
             .filter(|p| p.node == self.node && !p.ips.is_empty())
-            .collect();
-        for pod in local {
+            .collect()
+    }
+
+    fn compile_anti_spoof(&mut self) {
+        for pod in self.local_pods() {
             match &pod.host_veth {
                 Some(veth) if !veth.is_empty() && is_safe_ifname(veth) => {
                     self.out.anti_spoof.push(AntiSpoofPort {

@@ -358,12 +358,9 @@ pub fn observation(r: &FlowRecord) -> Option<RecordObservation<'_>> {
     let pod = match r.verdict {
         "deny" => ObjectRef::new(r.src.namespace.clone()?, r.src.pod.clone()?),
         "spoof" if r.src.ip.is_some_and(is_link_local_chatter) => return None,
-        "spoof" | "dns-untrusted" | "egress" => {
-            let (ns, name) = r.pod.as_deref()?.split_once('/')?;
-            ObjectRef::new(ns, name)
-        }
-        "dns" => {
-            r.dns.as_ref()?;
+        // A sampled query says something only with its question.
+        "dns" if r.dns.is_none() => return None,
+        "spoof" | "dns-untrusted" | "egress" | "dns" => {
             let (ns, name) = r.pod.as_deref()?.split_once('/')?;
             ObjectRef::new(ns, name)
         }
