@@ -23,13 +23,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-if [ "$PROFILE" = release ]; then
-	cargo build --release --locked --workspace -q
-else
-	cargo build --locked --workspace -q
-fi
-VEILNET="$PWD/target/$PROFILE/veilnet"
-export PATH="$PWD/target/$PROFILE:$PATH"
+build_veilnet "$PROFILE"
 
 LAB="veilbenchegr$$"
 cleanup() { "$VEILNET" lab down --name "$LAB" >/dev/null 2>&1 || true; }

@@ -28,9 +28,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-cargo build --release --locked --workspace -q
-VEILNET="$PWD/target/release/veilnet"
-export PATH="$PWD/target/release:$PATH"
+build_veilnet release
 
 echo "==> 1+2: sync and label change (veilnet bench policy)"
 SYNC_JSON=$("$VEILNET" bench policy --policies 1000 --pods 5000 --json)
@@ -68,20 +66,9 @@ SERVER_IP=$(wait_ip iperf-server)
 wait_ip iperf-client >/dev/null
 sleep 1
 
-PIDS="/var/lib/veilnet-lab/$LAB/pids"
-# CPU seconds (user + system, its reaped children such as nft included) of both agents. With
-# encryption on, the agents also carry the WireGuard datapath, so the idle window shows what the
-# policy enforcer alone costs.
-agent_cpu() {
-	local total=0 pid ticks
-	for node in node-1 node-2; do
-		pid=$(head -1 "$PIDS/agent-$node.pid")
-		ticks=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13 + $14 + $15}')
-		total=$((total + ticks))
-	done
-	echo "$total"
-}
-cpu_s() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; }
+# Both agents' CPU (scripts/common.sh). With encryption on, the agents also carry the WireGuard
+# datapath, so the idle window shows what the policy enforcer alone costs.
+agent_cpu() { lab_agent_cpu "$LAB"; }
 
 throughput() { # Mbit/s received, over SECONDS_PER_RUN
 	"$VEILNET" lab exec --name "$LAB" default/iperf-client -- \
@@ -142,10 +129,7 @@ done
 
 FULL=$(echo "$SYNC_JSON" | sed -n 's/.*"fullSync":{[^}]*"totalMs":\([0-9.]*\).*/\1/p')
 LABEL=$(echo "$SYNC_JSON" | sed -n 's/.*"labelChangeMedianMs":\([0-9.]*\).*/\1/p')
-median() { # label column [decimals]
-	awk -v l="$1" -v c="$2" '$1 == l {print $c}' "$RESULTS" | sort -n |
-		awk -v d="${3:-1}" '{v[NR] = $1} END { if (NR == 0) print "n/a"; else if (NR % 2) m = v[(NR + 1) / 2]; else m = (v[NR / 2] + v[NR / 2 + 1]) / 2; if (NR) printf "%.*f\n", d, m }'
-}
+median() { median_of "$RESULTS" "$@"; }
 NONE=$(median none 2)
 WITH=$(median 1000 2)
 RATIO=$(awk -v a="$WITH" -v b="$NONE" 'BEGIN { if (b > 0) printf "%.1f", 100 * a / b; else print "n/a" }')

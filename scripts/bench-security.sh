@@ -34,13 +34,7 @@ while [ $# -gt 0 ]; do
 	esac
 done
 
-if [ "$PROFILE" = release ]; then
-	cargo build --release --locked --workspace -q
-else
-	cargo build --locked --workspace -q
-fi
-VEILNET="$PWD/target/$PROFILE/veilnet"
-export PATH="$PWD/target/$PROFILE:$PATH"
+build_veilnet "$PROFILE"
 
 TRUSTED=172.30.0.11
 OFF="veilsecoff$$"
@@ -88,21 +82,10 @@ for lab in "$OFF" "$ON"; do
 done
 sleep 2
 
-# CPU ticks (user + system, reaped children included) of both agents of a lab.
-agent_cpu() { # lab
-	local total=0 pid ticks
-	for node in node-1 node-2; do
-		pid=$(head -1 "/var/lib/veilnet-lab/$1/pids/agent-$node.pid")
-		ticks=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13 + $14 + $15}')
-		total=$((total + ticks))
-	done
-	echo "$total"
-}
 # The whole machine's busy CPU ticks (user, nice, system, irq, softirq): the kernel's share of the
 # datapath (nftables, conntrack, the DNS chain) runs in softirq, in no process. Only one lab is
 # measured at a time, so the difference between labs is theirs.
 machine_cpu() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-cpu_s() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; }
 throughput() { # lab: Mbit/s received
 	"$VEILNET" lab exec --name "$1" default/client -- \
 		timeout $((SECONDS_PER_RUN + 30)) iperf3 -c "${SERVER_IP[$1]}" -t "$SECONDS_PER_RUN" -f m --connect-timeout 5000 2>&1 |
@@ -122,17 +105,17 @@ dns_burst() { # lab: milliseconds for QUERIES queries, all answered
 RESULTS="$WORK/results"
 measure() { # label lab
 	local a b c d e t ms m0 m1
-	a=$(agent_cpu "$2")
+	a=$(lab_agent_cpu "$2")
 	sleep "$IDLE_SECONDS"
-	b=$(agent_cpu "$2")
+	b=$(lab_agent_cpu "$2")
 	m0=$(machine_cpu)
 	t=$(throughput "$2")
 	m1=$(machine_cpu)
-	c=$(agent_cpu "$2")
+	c=$(lab_agent_cpu "$2")
 	[ -n "$t" ] || die "$2: iperf3 gave no result"
-	d=$(agent_cpu "$2")
+	d=$(lab_agent_cpu "$2")
 	ms=$(dns_burst "$2")
-	e=$(agent_cpu "$2")
+	e=$(lab_agent_cpu "$2")
 	echo "$1 $t $(cpu_s "$b" "$c") $(cpu_s "$a" "$b") $ms $(cpu_s "$d" "$e") $(cpu_s "$m0" "$m1")" >>"$RESULTS"
 	printf '    %-4s %9s Mbit/s (machine %5s CPU-s)   agents %5s CPU-s during iperf3, %5s idle %ss; %d DNS queries %6s ms, agents %5s CPU-s\n' \
 		"$1" "$t" "$(cpu_s "$m0" "$m1")" "$(cpu_s "$b" "$c")" "$(cpu_s "$a" "$b")" "$IDLE_SECONDS" "$QUERIES" "$ms" "$(cpu_s "$d" "$e")"
@@ -146,10 +129,7 @@ done
 ON_ST="/var/lib/veilnet-lab/$ON/nodes/node-2/run/policy-status.json"
 echo "    $ON node-2 policy status: $(tr -d '\n ' <"$ON_ST" | grep -o '"dns":\[[^]]*\]' | head -1)"
 
-median() { # label column [decimals]
-	awk -v l="$1" -v c="$2" '$1 == l {print $c}' "$RESULTS" | sort -n |
-		awk -v d="${3:-1}" '{v[NR] = $1} END { if (NR == 0) print "n/a"; else if (NR % 2) m = v[(NR + 1) / 2]; else m = (v[NR / 2] + v[NR / 2 + 1]) / 2; if (NR) printf "%.*f\n", d, m }'
-}
+median() { median_of "$RESULTS" "$@"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f %%", 100 * a / b; else print "n/a" }'; }
 echo
 printf '%-44s %12s %12s %10s\n' "median of $ROUNDS" "off" "on" "on/off"

@@ -37,3 +37,37 @@ ensure_rust() {
 	1.[0-7][0-9].* | 1.8[0-4].*) die "rustc $v is too old: veilnet needs >= 1.85" ;;
 	esac
 }
+
+# ---- Benchmarks (scripts/bench-*.sh) ----
+
+# Builds the workspace in PROFILE (release or debug) and points $VEILNET and PATH at it.
+build_veilnet() { # profile
+	if [ "$1" = release ]; then
+		cargo build --release --locked --workspace -q
+	else
+		cargo build --locked --workspace -q
+	fi
+	VEILNET="$PWD/target/$1/veilnet"
+	export PATH="$PWD/target/$1:$PATH"
+}
+
+# CPU ticks (user + system, its reaped children such as nft included) of both agents of a
+# 2-node lab.
+lab_agent_cpu() { # lab
+	local total=0 pid ticks node
+	for node in node-1 node-2; do
+		pid=$(head -1 "/var/lib/veilnet-lab/$1/pids/agent-$node.pid")
+		ticks=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13 + $14 + $15}')
+		total=$((total + ticks))
+	done
+	echo "$total"
+}
+
+# Seconds between two tick counts.
+cpu_s() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; }
+
+# The median of column COLUMN over the rows of FILE whose first field is LABEL ("n/a" without any).
+median_of() { # file label column [decimals]
+	awk -v l="$2" -v c="$3" '$1 == l {print $c}' "$1" | sort -n |
+		awk -v d="${4:-1}" '{v[NR] = $1} END { if (NR == 0) print "n/a"; else if (NR % 2) m = v[(NR + 1) / 2]; else m = (v[NR / 2] + v[NR / 2 + 1]) / 2; if (NR) printf "%.*f\n", d, m }'
+}
